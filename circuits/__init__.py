@@ -1,0 +1,1 @@
+"""Circuit discovery on the model's graph. Imports `workbench` and `sae` only."""

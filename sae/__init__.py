@@ -1,0 +1,1 @@
+"""Sparse dictionaries learned on cached activations (SAEs, codebooks, probes). Imports `workbench` only."""
