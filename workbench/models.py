@@ -1,0 +1,252 @@
+"""The model adapter: the only module that imports transformer_lens.
+
+`load_model(spec)` boots a TransformerLens 4 `TransformerBridge` (raw HF weights, so hook
+activations equal the HF model's hidden states) and wraps it in `Model`, a small surface the
+rest of the project speaks: token windows in, activations at named hooks out, hooks scoped by
+context managers. Activations at hooks with a head axis (`hook_z`, `hook_q`, ...) are flattened
+to [batch, pos, n_heads * d_head].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from workbench.errors import UnknownHookError, UnknownModelError, WorkbenchError
+from workbench.model_sources import BUILTIN_MODELS, ModelSource, resolve
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_EXCLUSIVE = {"use_attn_in", "use_split_qkv_input"}
+_MODES = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")
+_NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
+
+
+@dataclass
+class Model:
+    """A TransformerBridge plus what the project needs to know about it."""
+
+    source: ModelSource
+    bridge: object = field(repr=False)
+    _dims: dict[str, int] = field(default_factory=dict, repr=False)
+    _other_hooks: set[str] = field(default_factory=set, repr=False)
+    """Hooks that fire but hold no per-token activations (token ids, attention patterns)."""
+
+    # --- identity -------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        return self.source.spec
+
+    @property
+    def tokenizer(self):
+        return self.bridge.tokenizer
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.bridge.cfg.n_ctx)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.bridge.cfg.d_vocab)
+
+    @property
+    def d_resid(self) -> int:
+        """Width of the residual stream."""
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def default_hook(self) -> str:
+        """The residual stream after the middle block: the usual place to train a dictionary."""
+        return f"blocks.{max(0, self.n_layers // 2 - 1)}.hook_resid_post"
+
+    @property
+    def bos_token_id(self) -> int:
+        """The token that starts every window (CLS for BERT-style encoders)."""
+        tok = self.tokenizer
+        if not self.source.causal and tok.cls_token_id is not None:
+            return int(tok.cls_token_id)
+        for candidate in (tok.bos_token_id, tok.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        raise WorkbenchError(f"model {self.spec!r}: its tokenizer has no BOS/EOS token")
+
+    @property
+    def separator_token_ids(self) -> list[int]:
+        """Tokens put between documents of a corpus (end-of-text; [SEP] for encoders)."""
+        tok = self.tokenizer
+        sep = tok.sep_token_id if not self.source.causal else tok.eos_token_id
+        return [] if sep is None else [int(sep)]
+
+    # --- hooks ----------------------------------------------------------------------------
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook that fires on a forward pass (TransformerLens also lists some that never do)."""
+        return sorted(self.hook_widths())
+
+    def check_hooks(self, hooks: Sequence[str]) -> None:
+        """Raise UnknownHookError, naming close matches, for the first hook that does not fire."""
+        widths = self.hook_widths()
+        for hook in hooks:
+            if hook not in widths and hook not in self._other_hooks:
+                known = [*widths, *self._other_hooks]
+                close = difflib.get_close_matches(hook, sorted(known), n=4, cutoff=0.6)
+                hint = f"; close matches: {', '.join(close)}" if close else "; see `workbench models --model ...`"
+                what = "never fires for this architecture" if hook in self.bridge.hook_dict else "does not exist"
+                raise UnknownHookError(f"model {self.spec!r}: hook {hook!r} {what}{hint}")
+
+    def d_model(self, hook: str) -> int:
+        """Width of the (flattened) activation at `hook`."""
+        self.check_hooks([hook])
+        if hook not in self._dims:
+            raise UnknownHookError(f"hook {hook!r} does not hold per-token activations [batch, pos, ...]")
+        return self._dims[hook]
+
+    def hook_widths(self) -> dict[str, int]:
+        """Width of every hook that fires, probed once with a 2-token input (gated hooks too)."""
+        if not self._dims:
+            probe = torch.full((1, 2), self.bos_token_id, dtype=torch.long)
+            reasons = {h: self.bridge._gated_hook_reason(h) for h in self.bridge.hook_dict}
+            for gate in [None, *sorted({r for r in reasons.values() if r is not None})]:
+                group = [h for h, r in reasons.items() if r == gate]
+                for hook, shape in self._capture(probe, group, None, shapes_only=True).items():
+                    if len(shape) < 3 or hook.endswith(_NOT_PER_TOKEN):
+                        self._other_hooks.add(hook)
+                    else:
+                        self._dims[hook] = math.prod(shape[2:])
+        return self._dims
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = (), bwd_hooks: Sequence = ()) -> Iterator["Model"]:
+        """Attach hooks `(name, fn(activation, hook) -> activation | None)` for the block; always removed."""
+        self.check_hooks([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
+        with self._bridge_hooks(fwd_hooks, bwd_hooks):
+            yield self
+
+    def _bridge_hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = ()):
+        self._set_modes([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
+        return self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+
+    def _set_modes(self, hooks: Sequence[str]) -> None:
+        """Some hooks (per-head results, split q/k/v inputs, attn_in, mlp_in) cost extra compute,
+        so TransformerLens fires them only after `set_use_*(True)`. Switch on exactly the modes the
+        requested hooks need and switch the others off, so the rest fire as they did when probed."""
+        needed = {r for r in (self.bridge._gated_hook_reason(h) for h in hooks) if r is not None}
+        if needed >= _EXCLUSIVE:
+            pair = [h for h in hooks if self.bridge._gated_hook_reason(h) in _EXCLUSIVE]
+            raise WorkbenchError(f"hooks {', '.join(pair)} cannot be used in one pass "
+                                 f"(TransformerLens: {' and '.join(sorted(_EXCLUSIVE))} exclude each other)")
+        for mode in sorted(_MODES, key=lambda m: m in needed):  # switch off before switching on
+            if bool(getattr(self.bridge.cfg, mode)) != (mode in needed):
+                getattr(self.bridge, f"set_{mode}")(mode in needed)
+
+    # --- running --------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
+        """Token ids, padded on the right, BOS (CLS) first unless `prepend_bos` is False."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not self.source.causal:
+            return self.bridge.to_tokens(texts)
+        return self.bridge.to_tokens(texts, prepend_bos=prepend_bos, padding_side="right")
+
+    def to_string(self, tokens: Tensor) -> str | list[str]:
+        return self.bridge.to_string(tokens)
+
+    def to_str_tokens(self, tokens: Tensor) -> list[str]:
+        return [self.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
+        return self.bridge(tokens, return_type="logits")
+
+    def run_with_cache(
+        self, tokens: Int[Tensor, "batch pos"], hooks: Sequence[str], stop_early: bool = True
+    ) -> dict[str, Float[Tensor, "batch pos d"]]:
+        """Activations at `hooks` in one forward pass, stopping after the last block needed."""
+        for hook in hooks:
+            self.d_model(hook)  # refuses unknown hooks and those without per-token activations
+        stop = _stop_layer(hooks, self.n_layers) if stop_early else None
+        captured = self._capture(tokens, hooks, stop)
+        if missing := [h for h in hooks if h not in captured]:
+            raise UnknownHookError(f"model {self.spec!r}: hook {missing[0]!r} does not fire together with {', '.join(h for h in hooks if h in captured)}")
+        return captured
+
+    def _capture(self, tokens: Tensor, hooks: Sequence[str], stop: int | None, shapes_only: bool = False) -> dict:
+        captured: dict = {}
+
+        def grab(name: str):
+            def hook_fn(activation, hook):
+                captured[name] = tuple(activation.shape) if shapes_only else activation.detach().flatten(2)
+            return hook_fn
+
+        with torch.no_grad(), self._bridge_hooks([(name, grab(name)) for name in hooks]):
+            self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=stop)
+        return captured
+
+    @property
+    def unembed(self) -> Float[Tensor, "d_model vocab"]:
+        """W_U (for BERT-style encoders: the randomly initialised MLM head; meaningless)."""
+        return self.bridge.W_U.detach()
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 30, do_sample: bool = False, temperature: float = 1.0,
+        seed: int | None = 0,
+    ) -> str:
+        """Prompt + continuation as text (greedy unless `do_sample`; seeded when sampling)."""
+        if not self.source.causal:
+            raise WorkbenchError(f"model {self.spec!r} is an encoder and cannot generate text")
+        if do_sample and seed is not None:
+            torch.manual_seed(seed)
+        return self.bridge.generate(
+            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            use_past_kv_cache=True, return_type="str", verbose=False, stop_at_eos=False,
+        )
+
+
+def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
+    """One past the last block a hook lives in, or None when a hook lies after the blocks."""
+    layers = [_BLOCK.match(h) for h in hooks]
+    if not hooks or any(m is None for m in layers):
+        return None
+    last = max(int(m.group(1)) for m in layers) + 1
+    return None if last >= n_layers else last
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-file "Loading weights" bars from transformers (they would bury our one-line errors)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(spec: str = "demo", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """Load a model by spec: 'demo', a local HF folder, 'gemma-3-270m', 'minilm', or a hub name."""
+    source = resolve(spec)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        with quiet_transformers():
+            bridge = TransformerBridge.boot_transformers(source.name_or_path, device=device, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "local folder" if source.is_local else "hub name (is the hub reachable? HF_HUB_OFFLINE is " + os.environ.get("HF_HUB_OFFLINE", "unset") + ")"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        known = ", ".join(BUILTIN_MODELS)
+        raise UnknownModelError(f"cannot load model {spec!r} as a {where}: {first} (built-in: {known})") from None
+    bridge.eval()
+    return Model(source, bridge)
