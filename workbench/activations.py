@@ -1,0 +1,286 @@
+"""Build an activation cache: run a model over corpus windows and store activations at hooks.
+
+Layout (format_version 1, documented in the README):
+    OUT/manifest.json                    written last; its presence means "complete"
+    OUT/tokens.safetensors               "tokens": [n_windows, context_length] int64
+    OUT/<hook>/shard-NNNNN.safetensors   "activations": [rows, d] for windows_per_shard windows
+Row r of a hook's concatenated shards is token position r % context_length of window
+r // context_length. Every file is written to a temporary name and renamed; after each shard
+(all hooks) `progress.json` records it with its sha256, so a killed run resumes from the last
+complete shard. Shards and forward batches are aligned, so a resumed run computes exactly the
+batches an uninterrupted one would and the bytes are identical (on the same machine).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.cache_reader import FORMAT_VERSION, MANIFEST, PROGRESS, TOKENS_FILE, shard_path
+from workbench.corpus import iter_documents, token_windows
+from workbench.errors import CacheError, ConfigError
+from workbench.files import read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic
+from workbench.paths import DEFAULT_RUNS_DIR
+
+DEFAULT_CONTEXT = 128
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What to cache; saved in the manifest, and a rerun with the same config resumes."""
+
+    model: str = "demo"
+    """Model spec: demo, a local HF folder, gemma-3-270m, minilm, or a hub name."""
+    hooks: tuple[str, ...] = ()
+    """Hook points to store (several in one pass); empty means the middle residual stream."""
+    corpus: str = "default"
+    """Corpus spec: default, shakespeare, tiny-shakespeare, kjv, a .txt/.jsonl path, or hf:NAME."""
+    split: str = "train"
+    """Corpus split to cache: train or validation."""
+    tokens: int = 1_000_000
+    """Tokens to cache, rounded up to whole windows; 0 means the whole split."""
+    context_length: int = 0
+    """Tokens per window, BOS included; 0 means min(128, the model's n_ctx)."""
+    dtype: str = "float32"
+    """Storage dtype: float32, float16 or bfloat16."""
+    batch_size: int = 32
+    """Windows per forward pass."""
+    shard_tokens: int = 65_536
+    """Tokens per shard file (rounded down to whole batches of windows)."""
+    seed: int = 0
+    """Seeds which windows are taken and their order."""
+    validation_fraction: float = 0.02
+    """Fraction of the corpus held out as the validation split."""
+    out: str = ""
+    """Output folder; empty means runs/cache-<model>-<corpus>-<split>."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.split not in ("train", "validation"):
+            raise ConfigError(f"unknown split {self.split!r}; use train or validation")
+        for name in ("batch_size", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("tokens", "context_length"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def context_for(self, model) -> int:
+        """The window length for `model`: the configured one, or min(128, n_ctx) by default."""
+        context = self.context_length or min(DEFAULT_CONTEXT, model.n_ctx)
+        if context > model.n_ctx:
+            raise CacheError(f"context length {context} exceeds model {model.spec!r}'s n_ctx {model.n_ctx}")
+        if context < 2:
+            raise CacheError(f"context length must be at least 2, got {context}")
+        return context
+
+    def windows_per_shard(self, context: int) -> int:
+        batches = max(1, self.shard_tokens // (context * self.batch_size))
+        return batches * self.batch_size
+
+    def output_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        slug = "-".join(_slug(part) for part in (self.model, self.corpus, self.split))
+        return DEFAULT_RUNS_DIR / f"cache-{slug}"
+
+    def identity(self) -> dict:
+        """Everything that determines the cache's bytes (not where it is written)."""
+        fields = asdict(self)
+        fields.pop("out")
+        fields["hooks"] = list(fields["hooks"])
+        return fields
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._" else "_" for c in Path(text).name or text)[:40]
+
+
+def select_windows(config: CacheConfig, model) -> torch.Tensor:
+    """The [n, context_length] windows to cache: a seeded shuffle of the split, first n taken."""
+    context = config.context_for(model)
+    wanted = math.ceil(config.tokens / context) if config.tokens else None
+    limit = None
+    if wanted and config.corpus.startswith("hf:"):  # never stream a whole hub dataset
+        limit = math.ceil(wanted / (1 - config.validation_fraction)) + 64
+    windows = token_windows(
+        iter_documents(config.corpus), model.tokenizer, context, model.bos_token_id,
+        model.separator_token_ids, config.validation_fraction, limit, corpus_name=f"corpus {config.corpus!r}",
+    )
+    indices = windows.split(config.split)
+    if len(indices) == 0:
+        raise CacheError(f"corpus {config.corpus!r} has no {config.split} windows of {context} tokens")
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(config.seed))
+    return windows.tokens[indices[order][:wanted]].contiguous()
+
+
+def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
+    """Write (or resume, or confirm complete) the cache `config` describes; return its folder."""
+    out = config.output_dir()
+    state = _resume_state(out, config)
+    if state == "complete":
+        return out
+    if model is None:
+        from workbench.models import load_model
+
+        model = load_model(config.model)
+    hooks = list(config.hooks) or [model.default_hook]
+    model.check_hooks(hooks)
+    write_cache(out, config, model, hooks, select_windows(config, model), state, progress)
+    return out
+
+
+def write_cache(out: Path, config: CacheConfig, model, hooks: list[str], windows: torch.Tensor,
+                state: dict | None = None, progress: bool = True) -> None:
+    """Write the cache of `windows` into `out`, continuing from a progress record `state`."""
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    _write_or_check_tokens(out, windows)
+    done = state or {"config": config.identity(), "hooks": hooks, "shards": []}
+    if done["hooks"] != hooks:
+        raise CacheError(f"{out} holds a partial cache of hooks {done['hooks']}, not {hooks}; use another --out")
+    _write_shards(out, config, model, hooks, windows, done, progress)
+    _write_manifest(out, config, model, hooks, windows, done)
+    (out / PROGRESS).unlink(missing_ok=True)
+
+
+def _resume_state(out: Path, config: CacheConfig) -> dict | str | None:
+    """'complete', the progress record of a partial run with this config, or None for a new run."""
+    for name in (MANIFEST, PROGRESS):
+        path = out / name
+        if not path.exists():
+            continue
+        record = read_json(path, "cache manifest" if name == MANIFEST else "cache progress file", CacheError)
+        theirs = record.get("config", {})
+        if theirs != config.identity():
+            diff = sorted(k for k in set(theirs) | set(config.identity()) if theirs.get(k) != config.identity().get(k))
+            raise CacheError(
+                f"{out} already holds a cache with a different configuration (differs in: {', '.join(diff)}); "
+                "choose another --out or delete it"
+            )
+        return "complete" if name == MANIFEST else record
+    return None
+
+
+def _write_or_check_tokens(out: Path, windows: torch.Tensor) -> None:
+    from safetensors.torch import load_file
+
+    path = out / TOKENS_FILE
+    if path.exists():
+        try:
+            same = torch.equal(load_file(path)["tokens"], windows)
+        except Exception:
+            same = False
+        if same:
+            return
+    save_tensors_atomic(path, {"tokens": windows})
+
+
+def _write_shards(out, config, model, hooks, windows, done, progress) -> None:
+    context = windows.shape[1]
+    per_shard = config.windows_per_shard(context)
+    n_shards = math.ceil(len(windows) / per_shard)
+    start = len(done["shards"])
+    dtype = DTYPES[config.dtype]
+    bar = tqdm(total=len(windows) * context, initial=start * per_shard * context,
+               unit="tok", unit_scale=True, desc="cache", disable=not progress)
+    with _BackgroundWriter() as writer:
+        for index in range(start, n_shards):
+            shard_windows = windows[index * per_shard : (index + 1) * per_shard]
+            acts = _forward_shard(model, hooks, shard_windows, config.batch_size, dtype, first_window=index * per_shard)
+            writer.submit(lambda index=index, acts=acts: _save_shard(out, index, acts, done))
+            bar.update(shard_windows.numel())
+    bar.close()
+
+
+def _forward_shard(model, hooks, windows, batch_size, dtype, first_window) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for start in range(0, len(windows), batch_size):
+        captured = model.run_with_cache(windows[start : start + batch_size], hooks)
+        for hook in hooks:
+            parts[hook].append(captured[hook].reshape(-1, captured[hook].shape[-1]).to(dtype))
+    acts = {hook: torch.cat(chunks) for hook, chunks in parts.items()}
+    for hook, x in acts.items():
+        bad = (~torch.isfinite(x)).any(dim=1).nonzero()
+        if len(bad):
+            row = int(bad[0]) + first_window * windows.shape[1]
+            raise CacheError(
+                f"non-finite activation (NaN/Inf) at hook {hook}, window {row // windows.shape[1]}, "
+                f"position {row % windows.shape[1]}; try --dtype float32"
+            )
+    return acts
+
+
+def _save_shard(out: Path, index: int, acts: dict[str, torch.Tensor], done: dict) -> None:
+    entry = {}
+    for hook, x in acts.items():
+        sha = save_tensors_atomic(out / shard_path(hook, index), {"activations": x})
+        entry[hook] = {"file": shard_path(hook, index), "rows": x.shape[0], "sha256": sha}
+    done["shards"].append(entry)
+    write_json_atomic(out / PROGRESS, done)
+
+
+def _write_manifest(out, config, model, hooks, windows, done) -> None:
+    from workbench.files import sha256_file
+
+    n_windows, context = windows.shape
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "workbench.activation_cache",
+        "model": config.model,
+        "hooks": {h: {"d": model.d_model(h), "shards": [s[h] for s in done["shards"]]} for h in hooks},
+        "dtype": config.dtype,
+        "context_length": context,
+        "n_windows": n_windows,
+        "n_tokens": n_windows * context,
+        "windows_per_shard": config.windows_per_shard(context),
+        "bos_token_id": model.bos_token_id,
+        "tokens_file": TOKENS_FILE,
+        "tokens_sha256": sha256_file(out / TOKENS_FILE),
+        "config": config.identity(),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+class _BackgroundWriter:
+    """Runs write jobs on one thread so the next forward pass overlaps the previous shard's I/O.
+
+    At most one job waits in the queue (bounded memory); the first error is re-raised on exit.
+    """
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # surfaced in the main thread
+                    self._error = exc
+
+    def __exit__(self, *exc) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
