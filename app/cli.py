@@ -1,0 +1,184 @@
+"""The `workbench` command: one subcommand per job, flags derived from the config dataclasses.
+
+Bad input ends with `error: <one line>` on stderr and exit status 2; nothing is half-written
+(every writer stages files and renames them). Heavy imports happen inside each command, so
+`workbench --help` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from app.flags import add_config_arguments, config_from_args
+from workbench.errors import WorkbenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from workbench.activations import CacheConfig
+    from workbench.demo_model import DemoModelConfig
+
+    parser = _Parser(prog="workbench", description="Interpretability workbench: cache, train, analyze, explore.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    models = commands.add_parser("models", help="list the built-in models, or one model's hook names")
+    models.add_argument("--model", help="load this model and list its hook names and widths")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    models.set_defaults(run=cmd_models)
+
+    corpora = commands.add_parser("corpora", help="list the built-in corpora")
+    corpora.set_defaults(run=cmd_corpora)
+
+    cache = commands.add_parser("cache", help="run a model over a corpus and store activations at hooks")
+    add_config_arguments(cache, CacheConfig)
+    _quiet_and_json(cache)
+    cache.set_defaults(run=cmd_cache)
+
+    demo = commands.add_parser("demo-model", help="the built-in demo model").add_subparsers(
+        dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    train = demo.add_parser("train", help="train the demo model (tokenizer + GPT-2) from scratch, seeded")
+    add_config_arguments(train, DemoModelConfig)
+    _quiet_and_json(train)
+    train.set_defaults(run=cmd_demo_train)
+    info = demo.add_parser("info", help="print the demo model's card (size, corpus, validation loss, sample)")
+    info.set_defaults(run=cmd_demo_info)
+
+    bench = commands.add_parser("bench", help="benchmarks (ratios measured in one process)").add_subparsers(
+        dest="suite", required=True, parser_class=_Parser, metavar="SUITE")
+    bench_cache = bench.add_parser("cache", help="caching vs forward-only throughput; reader GB/s")
+    bench_cache.add_argument("--model", default="demo")
+    bench_cache.add_argument("--tokens", type=int, default=131_072, help="tokens per timed pass")
+    bench_cache.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians reported)")
+    bench_cache.add_argument("--json", action="store_true", help="one JSON object per row")
+    bench_cache.set_defaults(run=cmd_bench_cache)
+    return parser
+
+
+def _quiet_and_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_models(args) -> None:
+    from workbench.model_sources import BUILTIN_MODELS
+
+    if not args.model:
+        if args.json:
+            print(json.dumps(BUILTIN_MODELS, indent=2))
+            return
+        for name, text in BUILTIN_MODELS.items():
+            print(f"{name:14s} {text}")
+        print("also: a local HuggingFace folder, or a hub name such as gpt2 (needs the hub); "
+              "`workbench models --model NAME` lists hooks")
+        return
+    from workbench.models import load_model
+
+    model = load_model(args.model)
+    hooks = dict(sorted(model.hook_widths().items()))
+    if args.json:
+        print(json.dumps({"model": args.model, "default_hook": model.default_hook, "hooks": hooks}, indent=2))
+        return
+    print(f"{args.model}: {model.n_layers} layers, d_model {model.d_resid}, vocab {model.d_vocab}, n_ctx {model.n_ctx}")
+    if model.source.note:
+        print(f"note: {model.source.note}")
+    print(f"default hook: {model.default_hook}")
+    for hook, d in hooks.items():
+        print(f"  {hook:44s} d={d}")
+
+
+def cmd_corpora(args) -> None:
+    from workbench.corpus import BUILTIN_CORPORA
+
+    for name, text in BUILTIN_CORPORA.items():
+        print(f"{name:17s} {text}")
+    print("also: --corpus PATH (.txt files, .jsonl with a 'text' field, or a folder of them), --corpus hf:NAME[:SPLIT]")
+
+
+def cmd_cache(args) -> None:
+    from workbench.activations import CacheConfig, build_cache
+    from workbench.cache_reader import ActivationCache
+
+    config = config_from_args(CacheConfig, args)
+    started = time.time()
+    out = build_cache(config, progress=not args.quiet)
+    cache = ActivationCache(out)
+    summary = {
+        "cache": str(out),
+        "model": cache.model,
+        "hooks": {h: cache.d(h) for h in cache.hooks},
+        "tokens": cache.n_rows,
+        "windows": cache.manifest.n_windows,
+        "context_length": cache.context_length,
+        "dtype": cache.manifest.dtype,
+        "shards_per_hook": cache.n_shards(cache.hooks[0]),
+        "size_mb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1),
+        "seconds": round(time.time() - started, 1),
+    }
+    _print_summary(summary, args.json)
+
+
+def cmd_demo_train(args) -> None:
+    from workbench.demo_model import DemoModelConfig, train_demo_model
+
+    summary = train_demo_model(config_from_args(DemoModelConfig, args), progress=not args.quiet)
+    _print_summary({k: v for k, v in summary.items() if k != "validation_history"}, args.json)
+
+
+def cmd_demo_info(args) -> None:
+    from workbench.demo_model import read_training_summary
+
+    summary = read_training_summary()
+    _print_summary({k: v for k, v in summary.items() if k != "validation_history"}, False)
+
+
+def cmd_bench_cache(args) -> None:
+    from workbench.bench_cache import run_cache_benchmark
+
+    rows = run_cache_benchmark(args.model, tokens=args.tokens, reps=args.reps)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    from workbench.bench import format_table
+
+    print(format_table(rows))
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        print(f"{key:{width}s}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (`workbench cache` resumes when rerun with the same flags)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
