@@ -120,11 +120,16 @@ class Model:
             reasons = {h: self.bridge._gated_hook_reason(h) for h in self.bridge.hook_dict}
             for gate in [None, *sorted({r for r in reasons.values() if r is not None})]:
                 group = [h for h, r in reasons.items() if r == gate]
-                for hook, shape in self._capture(probe, group, None, shapes_only=True).items():
+                try:
+                    shapes = self._capture(probe, group, None, shapes_only=True)
+                except NotImplementedError:  # this architecture cannot provide the gated hooks
+                    continue
+                for hook, shape in shapes.items():
                     if len(shape) < 3 or hook.endswith(_NOT_PER_TOKEN):
                         self._other_hooks.add(hook)
                     else:
                         self._dims[hook] = math.prod(shape[2:])
+            self._set_modes([])  # back to the plain (fastest) forward pass
         return self._dims
 
     @contextlib.contextmanager
@@ -166,7 +171,15 @@ class Model:
         return [self.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
 
     def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
-        return self.bridge(tokens, return_type="logits")
+        return self.bridge(tokens, return_type="logits", attention_mask=self._padding_mask(tokens))
+
+    def _padding_mask(self, tokens: Tensor) -> Tensor | None:
+        """Encoders see padding in both directions, so mask it; causal models (right-padded, and
+        whose pad id is often a real token) need no mask for the real positions."""
+        pad = self.tokenizer.pad_token_id
+        if self.source.causal or pad is None:
+            return None
+        return (tokens != pad).long()
 
     def run_with_cache(
         self, tokens: Int[Tensor, "batch pos"], hooks: Sequence[str], stop_early: bool = True
@@ -189,7 +202,8 @@ class Model:
             return hook_fn
 
         with torch.no_grad(), self._bridge_hooks([(name, grab(name)) for name in hooks]):
-            self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=stop)
+            self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=stop,
+                                       attention_mask=self._padding_mask(tokens))
         return captured
 
     @property
