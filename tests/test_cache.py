@@ -214,3 +214,48 @@ def test_sequential_drop_last(built):
     kept = list(cache.batches(HOOKS[0], 1000, shuffle=False, drop_last=True))
     assert all(len(b.rows) == 1000 for b in kept)
     assert torch.equal(torch.cat([b.rows for b in kept]), torch.cat([b.rows for b in cache.batches(HOOKS[0], 1000, shuffle=False)])[: 1000 * len(kept)])
+
+
+def test_full_disk_is_one_line(tiny_model, tmp_path, monkeypatch):
+    import workbench.files as files
+    from workbench.errors import WorkbenchError
+
+    real_fsync = files.os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 3:  # tokens and a shard or two succeed, then the disk is full
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    out = tmp_path / "full"
+    with pytest.raises(WorkbenchError, match="No space left on device") as info:
+        build_cache(small_config(out, tokens=3000), model=tiny_model, progress=False)
+    assert "\n" not in str(info.value)
+    assert not list(out.rglob("*.tmp")) and not (out / "manifest.json").exists()
+    monkeypatch.setattr(files.os, "fsync", real_fsync)
+    build_cache(small_config(out, tokens=3000), model=tiny_model, progress=False)  # resumes
+    assert (out / "manifest.json").exists()
+
+
+def test_non_finite_activations_are_refused_when_reading(built, tmp_path):
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save
+
+    _, folder = built
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    cache = ActivationCache(copy)
+    x = cache.shard(HOOKS[0], 2).clone()
+    x[17, 5] = float("inf")
+    data = save({"activations": x})
+    (copy / HOOKS[0] / "shard-00002.safetensors").write_bytes(data)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["hooks"][HOOKS[0]]["shards"][2]["sha256"] = hashlib.sha256(data).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="shard-00002.safetensors: non-finite .* row 17"):
+        ActivationCache(copy).shard(HOOKS[0], 2)

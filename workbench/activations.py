@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from workbench.cache_reader import FORMAT_VERSION, MANIFEST, PROGRESS, TOKENS_FILE, shard_path
 from workbench.corpus import iter_documents, token_windows
 from workbench.errors import CacheError, ConfigError
-from workbench.files import read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic
+from workbench.files import (
+    first_non_finite_row, read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic,
+)
 from workbench.paths import DEFAULT_RUNS_DIR
 
 DEFAULT_CONTEXT = 128
@@ -210,9 +212,9 @@ def _forward_shard(model, hooks, windows, batch_size, dtype, first_window) -> di
             parts[hook].append(captured[hook].reshape(-1, captured[hook].shape[-1]).to(dtype))
     acts = {hook: torch.cat(chunks) for hook, chunks in parts.items()}
     for hook, x in acts.items():
-        bad = (~torch.isfinite(x)).any(dim=1).nonzero()
-        if len(bad):
-            row = int(bad[0]) + first_window * windows.shape[1]
+        bad = first_non_finite_row(x)
+        if bad is not None:
+            row = bad + first_window * windows.shape[1]
             raise CacheError(
                 f"non-finite activation (NaN/Inf) at hook {hook}, window {row // windows.shape[1]}, "
                 f"position {row % windows.shape[1]}; try --dtype float32"

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
 from workbench.errors import CacheError
-from workbench.files import read_json
+from workbench.files import first_non_finite_row, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -58,10 +58,10 @@ class Manifest:
 
     @classmethod
     def parse(cls, obj: dict, where: str) -> "Manifest":
-        version = obj.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CacheError(f"{where}: unknown format_version {version!r} (this workbench reads {FORMAT_VERSION})")
         get = _Getter(obj, where)
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise CacheError(f"{where}: unknown format_version {version!r} (this workbench reads {FORMAT_VERSION})")
         dtype = get("dtype", str)
         if dtype not in _DTYPES:
             raise CacheError(f"{where}: unknown dtype {dtype!r}")
@@ -186,9 +186,9 @@ class ActivationCache:
         if x is None or tuple(x.shape) != (info.rows, d) or x.dtype != self.dtype:
             got = None if x is None else (tuple(x.shape), str(x.dtype).replace("torch.", ""))
             raise CacheError(f"{self.path / info.file}: expected activations {(info.rows, d)} {self.manifest.dtype}, got {got}")
-        bad = (~torch.isfinite(x)).any(dim=1).nonzero()
-        if len(bad):
-            raise CacheError(f"{self.path / info.file}: non-finite activation (NaN/Inf) in row {int(bad[0])}")
+        bad = first_non_finite_row(x)
+        if bad is not None:
+            raise CacheError(f"{self.path / info.file}: non-finite activation (NaN/Inf) in row {bad}")
         return x
 
     def _read_verified(self, file: str, sha256: str) -> dict[str, Tensor]:
