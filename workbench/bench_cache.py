@@ -22,7 +22,7 @@ from workbench.bench import interleaved, median
 from workbench.cache_reader import ActivationCache
 
 
-def run_cache_benchmark(model_spec: str = "demo", tokens: int = 131_072, reps: int = 5) -> list[dict]:
+def run_cache_benchmark(model_spec: str = "demo", tokens: int = 262_144, reps: int = 5) -> list[dict]:
     from workbench.models import load_model
 
     model = load_model(model_spec)
