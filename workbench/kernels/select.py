@@ -1,0 +1,78 @@
+"""Selections on a dense pre-activation tensor [N, m] (no autograd): which (row, latent) entries
+a dictionary keeps. Each returns SparseCodes holding the selected pre-activation values."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from workbench.kernels.codes import KernelInputError, SparseCodes
+
+
+def top_k(pre: Tensor, k: int) -> SparseCodes:
+    if not 0 < k <= pre.shape[1]:
+        raise KernelInputError(f"top-k: k must be in [1, {pre.shape[1]}], got {k}")
+    values, indices = pre.topk(k, dim=1, sorted=False)
+    return SparseCodes(indices, values, pre.shape[1])
+
+
+def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
+    """Per-row top-k among the latents where `mask` [m] is true (AuxK's dead latents), as CSR:
+    k is capped at the number of such latents, and rows with none are empty."""
+    if mask.shape != (pre.shape[1],) or mask.dtype != torch.bool:
+        raise KernelInputError(f"masked top-k: mask must be bool [{pre.shape[1]}], got {mask.dtype} {tuple(mask.shape)}")
+    allowed = mask.nonzero().squeeze(1)
+    k = min(k, allowed.numel())
+    n = pre.shape[0]
+    if k == 0:
+        return SparseCodes(allowed.new_zeros(0), pre.new_zeros(0), pre.shape[1], allowed.new_zeros(n + 1))
+    values, where = pre.index_select(1, allowed).topk(k, dim=1, sorted=False)
+    offsets = torch.arange(n + 1, device=pre.device) * k
+    return SparseCodes(allowed[where].reshape(-1), values.reshape(-1), pre.shape[1], offsets)
+
+
+def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
+    """The N * k largest entries of the whole batch (BatchTopK), as CSR.
+
+    Exact, without sorting all N * m entries: each row's top c*k entries are candidates; the
+    global top N*k of the candidates is the answer unless some row had every candidate chosen
+    (then it may own more), in which case c doubles until no row is saturated.
+    """
+    n, m = pre.shape
+    total = n * k
+    if not 0 < k <= m:
+        raise KernelInputError(f"batch top-k: k must be in [1, {m}], got {k}")
+    per_row = min(m, 4 * k)
+    while True:
+        cand_values, cand_indices = pre.topk(per_row, dim=1, sorted=False)
+        chosen = cand_values.reshape(-1).topk(total, sorted=False).indices
+        rows = chosen // per_row
+        saturated = torch.bincount(rows, minlength=n) >= per_row
+        if per_row == m or not bool(saturated.any()):
+            break
+        per_row = min(m, 2 * per_row)
+    chosen = chosen.sort().values  # row-major: rows ascending
+    rows = chosen // per_row
+    counts = torch.bincount(rows, minlength=n)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return SparseCodes(cand_indices.reshape(-1)[chosen], cand_values.reshape(-1)[chosen], m, offsets)
+
+
+def above_threshold(pre: Tensor, threshold: Tensor, *, window: float = 0.0) -> SparseCodes:
+    """Entries with pre > threshold[latent] (JumpReLU, Gated), as CSR. With window > 0 the codes'
+    `extra` holds the entries with |pre - threshold| < window / 2 (the JumpReLU threshold's
+    straight-through window), whatever side of the threshold they fall on."""
+    if threshold.shape != (pre.shape[1],):
+        raise KernelInputError(f"threshold must be [{pre.shape[1]}], got {tuple(threshold.shape)}")
+    codes = _nonzero_codes(pre, pre > threshold)
+    if window > 0:
+        near = (pre - threshold).abs_() < window / 2
+        codes = SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets, _nonzero_codes(pre, near))
+    return codes
+
+
+def _nonzero_codes(pre: Tensor, mask: Tensor) -> SparseCodes:
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order
+    counts = torch.bincount(rows, minlength=pre.shape[0])
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return SparseCodes(cols, pre[rows, cols], pre.shape[1], offsets)
