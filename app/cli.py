@@ -61,6 +61,16 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_cache.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians reported)")
     bench_cache.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_cache.set_defaults(run=cmd_bench_cache)
+    bench_kernels = bench.add_parser("kernels", help="SAE training step: fused vs dense vs the limit (matmul + top-k)")
+    bench_kernels.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    bench_kernels.add_argument("--d-in", type=int, default=768, help="activation width")
+    bench_kernels.add_argument("--k", type=int, default=32, help="active latents per token")
+    bench_kernels.add_argument("--latents", type=int, nargs="+", help="dictionary widths (default: 16384 for all, 65536 for topk too)")
+    bench_kernels.add_argument("--arch", nargs="+", help="architectures (default: topk batchtopk jumprelu matryoshka codebook)")
+    bench_kernels.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians reported)")
+    bench_kernels.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench_kernels.add_argument("--json", action="store_true", help="one JSON object per row")
+    bench_kernels.set_defaults(run=cmd_bench_kernels)
     return parser
 
 
@@ -148,7 +158,30 @@ def cmd_bench_cache(args) -> None:
     from workbench.bench_cache import run_cache_benchmark
 
     rows = run_cache_benchmark(args.model, tokens=args.tokens, reps=args.reps)
-    if args.json:
+    _print_rows(rows, args.json)
+
+
+def cmd_bench_kernels(args) -> None:
+    from workbench.bench_kernels import ARCHITECTURES, DEFAULT_CASES, KernelBenchCase, run_kernel_benchmark
+
+    archs = args.arch or list(ARCHITECTURES)
+    unknown = sorted(set(archs) - set(ARCHITECTURES))
+    if unknown:
+        raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+    if args.latents:
+        cases = [KernelBenchCase(a, m) for a in archs for m in args.latents]
+    else:
+        cases = [c for c in DEFAULT_CASES if c.arch in archs]
+    if min(args.batch, args.d_in, args.k, args.reps, args.threads, *(c.n_latents for c in cases)) < 1:
+        raise WorkbenchError("--batch, --d-in, --k, --reps, --threads and --latents must be positive")
+    if any(args.k > c.n_latents // 8 for c in cases):
+        raise WorkbenchError("--k must be at most latents / 8 (Matryoshka's smallest prefix)")
+    rows = run_kernel_benchmark(cases, batch=args.batch, d_in=args.d_in, k=args.k, reps=args.reps, threads=args.threads)
+    _print_rows(rows, args.json)
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    if as_json:
         for row in rows:
             print(json.dumps(row))
         return

@@ -17,3 +17,24 @@ def test_bench_cache_reports_ratios_and_reader_throughput(capsys, tiny_model_dir
         assert rows[name]["vs_forward"] > 0 and rows[name]["tokens_per_s"] > 0
     for name in ("read_sequential", "read_shuffled"):
         assert rows[name]["gb_per_s"] > 0 and rows[name]["vs_forward"] is None
+
+
+def test_bench_kernels_reports_every_architecture(capsys):
+    args = ["bench", "kernels", "--batch", "64", "--d-in", "16", "--latents", "256", "--k", "4", "--reps", "1", "--json"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [row["name"] for row in rows]
+    for arch in ("topk", "batchtopk", "jumprelu", "matryoshka", "codebook"):
+        assert [f"{arch}-256/{path}" in names for path in ("limit", "dense", "fused")] == [True] * 3
+    for row in rows:
+        assert set(row) == {"name", "ms", "tokens_per_s", "x_limit", "x_dense", "peak_mb", "mem_budget_mb"}
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_mb"] >= 0
+        if row["name"].endswith("/limit"):
+            assert row["x_limit"] == 1.0
+        if row["name"].endswith("/dense"):
+            assert row["x_dense"] == 1.0
+
+
+def test_bench_kernels_rejects_unknown_architecture(capsys):
+    assert main(["bench", "kernels", "--arch", "topkk"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown architecture 'topkk'")

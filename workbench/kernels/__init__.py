@@ -8,11 +8,11 @@ Weights are stored one row per latent: W_enc [m, d_in], W_dec [m, d_out]. Backen
 sparse ops (CPU, and any device), Triton (CUDA), and the dense eager twin; see `backend`.
 """
 
-from workbench.kernels.backend import is_eager, kernel_mode, sparse_ops
+from workbench.kernels.backend import is_eager, kernel_mode, sparse_ops, use_kernels
 from workbench.kernels.codebook import codebook_lookup
 from workbench.kernels.codes import KernelInputError, SparseCodes
 from workbench.kernels.decode import decode, decode_prefixes
-from workbench.kernels.encode import encode_at, encode_batch_topk, encode_threshold, encode_topk
+from workbench.kernels.encode import encode_at, encode_batch_topk, encode_threshold, encode_topk, release_workspace
 
 __all__ = [
     "KernelInputError",
@@ -26,5 +26,7 @@ __all__ = [
     "encode_topk",
     "is_eager",
     "kernel_mode",
+    "release_workspace",
     "sparse_ops",
+    "use_kernels",
 ]

@@ -60,3 +60,31 @@ class PreactsAt(Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+class PrefixDecode(Function):
+    """Matryoshka: [P, N, d] nested reconstructions from a pattern over P * N rows, where row
+    g * N + n holds the entries of row n whose latents first appear in prefix g. Forward: one
+    sparse decode into the P buckets, then a running sum over buckets in place; backward: the
+    reverse running sum over the output gradient, in place, then the bucketed sparse backward."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, weight: Tensor, pattern: Pattern, n_prefixes: int, ops: ModuleType) -> Tensor:
+        ctx.save_for_backward(values, weight)
+        ctx.pattern, ctx.ops = pattern, ops
+        out = ops.decode(pattern, values.reshape(-1), weight).view(n_prefixes, -1, weight.shape[1])
+        for p in range(1, n_prefixes):
+            out[p] += out[p - 1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        values, weight = ctx.saved_tensors
+        pattern, ops = ctx.pattern, ctx.ops
+        grad = grad_out.clone()
+        for p in range(grad.shape[0] - 2, -1, -1):
+            grad[p] += grad[p + 1]
+        grad = grad.view(-1, grad.shape[-1])
+        grad_values = ops.gather_dot(pattern, grad, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
+        grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_weight, None, None, None

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from types import ModuleType
+from typing import Iterator, Optional
 
 import torch
 
@@ -19,7 +21,25 @@ from workbench.errors import ConfigError
 MODES = ("auto", "eager", "torch", "triton")
 
 
+_override: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Run a block with one kernel mode (as WORKBENCH_KERNELS would), e.g. the eager twin."""
+    global _override
+    if mode not in MODES:
+        raise ConfigError(f"kernel mode {mode!r} is not one of {', '.join(MODES)}")
+    previous, _override = _override, mode
+    try:
+        yield
+    finally:
+        _override = previous
+
+
 def kernel_mode() -> str:
+    if _override is not None:
+        return _override
     mode = os.environ.get("WORKBENCH_KERNELS", "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ConfigError(f"WORKBENCH_KERNELS={mode!r} is not one of {', '.join(MODES)}")

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from workbench.kernels.autograd import SparseDecode
+from workbench.kernels.autograd import PrefixDecode, SparseDecode
 from workbench.kernels.backend import is_eager, sparse_ops
 from workbench.kernels.codes import KernelInputError, SparseCodes
 from workbench.kernels.pattern import pattern_of
@@ -38,8 +38,7 @@ def decode_prefixes(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor], 
         boundaries = torch.tensor(ends, device=pattern.indices.device)
         group = torch.searchsorted(boundaries, pattern.indices, right=True)
         grouped, order = pattern.regrouped(group, len(ends))
-        buckets = SparseDecode.apply(codes.flat_values()[order], weight, grouped, sparse_ops(weight.device))
-        out = buckets.view(len(ends), codes.n_rows, weight.shape[1]).cumsum(0)
+        out = PrefixDecode.apply(codes.flat_values()[order], weight, grouped, len(ends), sparse_ops(weight.device))
     return out + bias if bias is not None else out
 
 

@@ -79,6 +79,12 @@ def _dense_preacts(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optio
 _WORKSPACE: dict[str, Tensor] = {}
 
 
+def release_workspace() -> int:
+    """Free the encoder's reused pre-activation buffer; returns the bytes it held."""
+    buf = _WORKSPACE.pop("pre", None)
+    return 0 if buf is None else buf.numel() * buf.element_size()
+
+
 def _workspace(n: int, m: int, like: Tensor) -> Tensor:
     """One reused [n, m] buffer for the no-grad pre-activations. A fresh 268 MB tensor per step
     costs ~25 ms of page faults on the CPU; selections copy what they keep out of it."""

@@ -61,18 +61,25 @@ def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
 def above_threshold(pre: Tensor, threshold: Tensor, *, window: float = 0.0) -> SparseCodes:
     """Entries with pre > threshold[latent] (JumpReLU, Gated), as CSR. With window > 0 the codes'
     `extra` holds the entries with |pre - threshold| < window / 2 (the JumpReLU threshold's
-    straight-through window), whatever side of the threshold they fall on."""
+    straight-through window), whatever side of the threshold they fall on.
+
+    One compare over the dense tensor (against threshold - window / 2) finds every candidate;
+    the split into active and window entries happens on the few candidates."""
     if threshold.shape != (pre.shape[1],):
         raise KernelInputError(f"threshold must be [{pre.shape[1]}], got {tuple(threshold.shape)}")
-    codes = _nonzero_codes(pre, pre > threshold)
+    lower = threshold - window / 2 if window > 0 else threshold
+    rows, cols = (pre > lower).nonzero(as_tuple=True)  # row-major order
+    values = pre[rows, cols]
+    gap = values - threshold[cols]
+    active = gap > 0
+    codes = _csr(rows[active], cols[active], values[active], pre.shape)
     if window > 0:
-        near = (pre - threshold).abs_() < window / 2
-        codes = SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets, _nonzero_codes(pre, near))
+        near = gap.abs() < window / 2
+        codes = SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets, _csr(rows[near], cols[near], values[near], pre.shape))
     return codes
 
 
-def _nonzero_codes(pre: Tensor, mask: Tensor) -> SparseCodes:
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major order
-    counts = torch.bincount(rows, minlength=pre.shape[0])
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: torch.Size) -> SparseCodes:
+    counts = torch.bincount(rows, minlength=shape[0])
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return SparseCodes(cols, pre[rows, cols], pre.shape[1], offsets)
+    return SparseCodes(cols, values, shape[1], offsets)

@@ -1,0 +1,223 @@
+"""`workbench bench kernels`: one SAE training step, fused vs dense vs the limit.
+
+For each architecture three cases run interleaved in one process (medians over `reps`):
+- limit: the dense encoder matmul (x @ W_enc.T + b_enc) and a per-row top-k, nothing else;
+- dense: the whole step with the eager twins (WORKBENCH_KERNELS=eager: dense pre-activations
+  in the autograd graph, dense decode, dense backward), as SAELens-style code does it;
+- fused: the same step on the sparse kernels.
+A step is encode -> activation -> decode -> MSE (+ the architecture's extra terms) ->
+backward -> fused Adam. JumpReLU's threshold starts where k latents per token fire on average. Peak memory is sampled from the process RSS in one more, untimed step
+per case (allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS), plus the
+persistent state (weights, Adam moments, the fused encoder's reused pre-activation buffer).
+`mem_budget_mb` = dense pre-activation buffer + weights + Adam moments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from workbench.bench import interleaved, median
+from workbench.kernels import (
+    codebook_lookup,
+    decode,
+    decode_prefixes,
+    encode_batch_topk,
+    encode_threshold,
+    encode_topk,
+    release_workspace,
+    use_kernels,
+)
+
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka", "codebook")
+
+
+@dataclass(frozen=True)
+class KernelBenchCase:
+    arch: str
+    n_latents: int
+
+    @property
+    def name(self) -> str:
+        width = f"{self.n_latents // 1024}k" if self.n_latents % 1024 == 0 else str(self.n_latents)
+        return f"{self.arch}-{width}"
+
+
+DEFAULT_CASES = (
+    KernelBenchCase("topk", 16_384),
+    KernelBenchCase("topk", 65_536),
+    KernelBenchCase("batchtopk", 16_384),
+    KernelBenchCase("jumprelu", 16_384),
+    KernelBenchCase("matryoshka", 16_384),
+    KernelBenchCase("codebook", 16_384),
+)
+
+
+class _Step:
+    """One architecture's parameters, optimizer and training step."""
+
+    def __init__(self, arch: str, x: torch.Tensor, n_latents: int, k: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        d = x.shape[1]
+        self.arch, self.x, self.k = arch, x, k
+        w = torch.randn(n_latents, d, generator=g) / d**0.5
+        if arch == "codebook":
+            self.params = {"codebook": w.requires_grad_()}
+        else:
+            self.params = {
+                "w_enc": w.clone().requires_grad_(),
+                "b_enc": torch.zeros(n_latents, requires_grad=True),
+                "w_dec": w.requires_grad_(),
+                "b_dec": torch.zeros(d, requires_grad=True),
+            }
+            if arch == "jumprelu":  # calibrated so that k latents per token fire on average
+                with torch.no_grad():
+                    cutoff = (x @ w.t()).view(-1).topk(x.shape[0] * k, sorted=False).values.min()
+                self.params["threshold"] = torch.full((n_latents,), float(cutoff), requires_grad=True)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=1e-4, fused=True)
+
+    def __call__(self) -> None:
+        loss = self.loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def loss(self) -> torch.Tensor:
+        x, p, k = self.x, self.params, self.k
+        if self.arch == "codebook":
+            out, _ = codebook_lookup(x, p["codebook"], k)
+            return (out - x).pow(2).sum(-1).mean()
+        inputs = x - p["b_dec"]
+        if self.arch == "jumprelu":
+            codes = encode_threshold(inputs, p["w_enc"], p["b_enc"], p["threshold"], window=0.01)
+            window = codes.extra
+            # the threshold's L0 pseudo-gradient lives on the near-threshold window only
+            l0 = -(p["threshold"][window.flat_indices()] / 0.01).sum() / x.shape[0]
+            return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean() + 1e-3 * l0
+        encode = encode_batch_topk if self.arch == "batchtopk" else encode_topk
+        codes = encode(inputs, p["w_enc"], p["b_enc"], k)
+        codes = codes.with_values(codes.values.relu())
+        if self.arch == "matryoshka":
+            m = codes.n_latents
+            recons = decode_prefixes(codes, p["w_dec"], p["b_dec"], [m // 8, m // 4, m // 2, m])
+            return F.mse_loss(recons, x.expand_as(recons), reduction="sum") / x.shape[0]
+        return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean()
+
+    def limit(self) -> None:
+        with torch.no_grad():
+            w = self.params.get("w_enc", self.params.get("codebook"))
+            b = self.params.get("b_enc")
+            pre = torch.addmm(b, self.x, w.t()) if b is not None else self.x @ w.t()
+            pre.topk(self.k, dim=1, sorted=False)
+
+    def persistent_bytes(self) -> int:
+        tensors = list(self.params.values())
+        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_kernel_benchmark(
+    cases=DEFAULT_CASES, batch: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0
+) -> list[dict]:
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for case in cases:
+        rows += _bench_case(case, x, k, reps, seed)
+        gc.collect()
+    return rows
+
+
+def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int) -> list[dict]:
+    dense, fused = _Step(case.arch, x, case.n_latents, k, seed), _Step(case.arch, x, case.n_latents, k, seed)
+
+    def run_dense():
+        with use_kernels("eager"):
+            dense()
+
+    def run_fused():
+        with use_kernels("auto"):
+            fused()
+
+    runs = {"limit": fused.limit, "dense": run_dense, "fused": run_fused}
+    times = {name: median(t) for name, t in interleaved(runs, reps).items()}
+    memory = {
+        "limit": _peak_bytes(fused.limit),
+        "dense": _peak_bytes(run_dense) + dense.persistent_bytes(),
+        "fused": _peak_bytes(run_fused) + fused.persistent_bytes() + release_workspace(),
+    }
+    budget = x.shape[0] * case.n_latents * x.element_size() + fused.persistent_bytes()
+    return [
+        {
+            "name": f"{case.name}/{path}",
+            "ms": times[path] * 1e3,
+            "tokens_per_s": x.shape[0] / times[path],
+            "x_limit": times[path] / times["limit"],
+            "x_dense": times[path] / times["dense"],
+            "peak_mb": memory[path] / 2**20,
+            "mem_budget_mb": budget / 2**20,
+        }
+        for path in ("limit", "dense", "fused")
+    ]
+
+
+def _peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak RSS growth over one call (sampled every 0.5 ms), with big allocations mmap'd."""
+    with _mmap_allocations():
+        gc.collect()
+        base = _rss()
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            fn()
+        finally:
+            done.set()
+            sampler.join()
+        return max(0, max(peak[0], _rss()) - base)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+_PAGE = 4096
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+class _mmap_allocations:
+    """glibc: serve allocations >= 1 MB by mmap while measuring, so frees shrink the RSS."""
+
+    def __enter__(self):
+        self.libc = _libc()
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
+        return self
+
+    def __exit__(self, *exc):
+        if self.libc is not None:
+            self.libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            self.libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
