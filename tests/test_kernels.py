@@ -60,23 +60,23 @@ def grads(mode, monkeypatch, encode, seed=0):
     return loss.detach(), [t.grad for t in tensors]
 
 
+def assert_matches_eager_twin(mode, name, monkeypatch):
+    loss, gradients = grads(mode, monkeypatch, ENCODERS[name])
+    loss_eager, gradients_eager = grads("eager", monkeypatch, ENCODERS[name])
+    torch.testing.assert_close(loss, loss_eager)
+    for fused, eager in zip(gradients, gradients_eager):
+        torch.testing.assert_close(fused, eager)
+
+
 @pytest.mark.parametrize("name", ENCODERS)
 def test_fused_forward_and_gradients_equal_eager_twin(name, monkeypatch):
-    loss_fused, grads_fused = grads("torch", monkeypatch, ENCODERS[name])
-    loss_eager, grads_eager = grads("eager", monkeypatch, ENCODERS[name])
-    torch.testing.assert_close(loss_fused, loss_eager)
-    for fused, eager in zip(grads_fused, grads_eager):
-        torch.testing.assert_close(fused, eager)
+    assert_matches_eager_twin("torch", name, monkeypatch)
 
 
 def test_triton_backend_equals_eager_twin(monkeypatch):
     need("triton", "triton")
     for name in ("topk + aux", "batch topk", "threshold + window"):
-        loss_triton, grads_triton = grads("triton", monkeypatch, ENCODERS[name])
-        loss_eager, grads_eager = grads("eager", monkeypatch, ENCODERS[name])
-        torch.testing.assert_close(loss_triton, loss_eager)
-        for a, b in zip(grads_triton, grads_eager):
-            torch.testing.assert_close(a, b)
+        assert_matches_eager_twin("triton", name, monkeypatch)
 
 
 def test_aux_selection_trains_the_encoder(monkeypatch):

@@ -6,8 +6,9 @@ For each architecture three cases run interleaved in one process (medians over `
   in the autograd graph, dense decode, dense backward), as SAELens-style code does it;
 - fused: the same step on the sparse kernels.
 A step is encode -> activation -> decode -> MSE (+ the architecture's extra terms) ->
-backward -> fused Adam. JumpReLU's threshold starts where k latents per token fire on average. Peak memory is sampled from the process RSS in one more, untimed step
-per case (allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS), plus the
+backward -> fused Adam. JumpReLU's threshold starts where k latents per token fire on
+average. Peak memory is sampled from the process RSS in one more, untimed step per case
+(allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS), plus the
 persistent state (weights, Adam moments, the fused encoder's reused pre-activation buffer).
 `mem_budget_mb` = dense pre-activation buffer + weights + Adam moments.
 """
@@ -211,6 +212,8 @@ class _mmap_allocations:
         return self
 
     def __exit__(self, *exc):
+        # glibc cannot report the previous settings: restore its defaults as fixed values (the
+        # dynamic mmap threshold stays off for the rest of this process).
         if self.libc is not None:
             self.libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
             self.libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)

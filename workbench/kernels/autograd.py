@@ -1,4 +1,4 @@
-"""The two autograd functions every dictionary is built from.
+"""The autograd functions every dictionary is built from.
 
 `SparseDecode`: out[n] = sum_j v_j * W[i_j]. Backward: grad_v = <grad_out[n], W[i_j]> and a
 weight gradient that only touches the latents in the pattern (scatter by latent).
@@ -31,12 +31,7 @@ class SparseDecode(Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        values, weight = ctx.saved_tensors
-        pattern, ops = ctx.pattern, ctx.ops
-        grad_out = grad_out.contiguous()
-        grad_values = ops.gather_dot(pattern, grad_out, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
-        grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad_out) if ctx.needs_input_grad[1] else None
-        return grad_values, grad_weight, None, None
+        return _decode_backward(ctx, grad_out.contiguous()) + (None, None)
 
 
 class PreactsAt(Function):
@@ -79,12 +74,16 @@ class PrefixDecode(Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        values, weight = ctx.saved_tensors
-        pattern, ops = ctx.pattern, ctx.ops
         grad = grad_out.clone()
         for p in range(grad.shape[0] - 2, -1, -1):
             grad[p] += grad[p + 1]
-        grad = grad.view(-1, grad.shape[-1])
-        grad_values = ops.gather_dot(pattern, grad, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
-        grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad) if ctx.needs_input_grad[1] else None
-        return grad_values, grad_weight, None, None, None
+        return _decode_backward(ctx, grad.view(-1, grad.shape[-1])) + (None, None, None)
+
+
+def _decode_backward(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of a sparse decode for its values and weight, given the output gradient."""
+    values, weight = ctx.saved_tensors
+    pattern, ops = ctx.pattern, ctx.ops
+    grad_values = ops.gather_dot(pattern, grad_out, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
+    grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad_out) if ctx.needs_input_grad[1] else None
+    return grad_values, grad_weight

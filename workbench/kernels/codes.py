@@ -21,6 +21,18 @@ class KernelInputError(WorkbenchError, ValueError):
     """Inputs to a sparse kernel have the wrong shape, dtype or range."""
 
 
+def csr_offsets(rows: Tensor, n_rows: int) -> Tensor:
+    """Offsets [n_rows + 1] of entries whose (ascending) row ids are `rows`."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def row_ids_of(offsets: Tensor, nnz: int) -> Tensor:
+    """The row of each entry, [nnz], from CSR offsets."""
+    rows = torch.arange(offsets.numel() - 1, device=offsets.device)
+    return rows.repeat_interleave(offsets.diff(), output_size=nnz)
+
+
 @dataclass(frozen=True)
 class SparseCodes:
     indices: Tensor
@@ -71,8 +83,7 @@ class SparseCodes:
 
     def row_ids(self) -> Tensor:
         """The row of each flat entry, [nnz]."""
-        counts = self.row_offsets().diff()
-        return torch.repeat_interleave(torch.arange(self.n_rows, device=self.indices.device), counts)
+        return row_ids_of(self.row_offsets(), self.nnz)
 
     def l0(self) -> Tensor:
         """Active entries per row (nonzero values), [N]."""
@@ -97,9 +108,7 @@ class SparseCodes:
     def from_dense(dense: Tensor) -> "SparseCodes":
         """CSR codes of the nonzero entries of a dense [N, m] tensor (differentiable in it)."""
         rows, cols = dense.nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=dense.shape[0])
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return SparseCodes(cols, dense[rows, cols], dense.shape[1], offsets)
+        return SparseCodes(cols, dense[rows, cols], dense.shape[1], csr_offsets(rows, dense.shape[0]))
 
     def check(self) -> "SparseCodes":
         """Validate ranges (costs a pass over the indices; the kernels call it once per input)."""

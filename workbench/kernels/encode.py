@@ -9,6 +9,7 @@ activation (ReLU, JumpReLU) to `codes.values`, which autograd differentiates che
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -28,7 +29,7 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, au
     def choose(pre: Tensor) -> SparseCodes:
         codes = select.top_k(pre, k)
         if aux_k and aux_mask is not None:
-            codes = _with_extra(codes, select.masked_top_k(pre, aux_k, aux_mask))
+            codes = replace(codes, extra=select.masked_top_k(pre, aux_k, aux_mask))
         return codes
 
     return _encode(x, weight, bias, choose)
@@ -52,8 +53,7 @@ def encode_at(x: Tensor, weight: Tensor, bias: Optional[Tensor], codes: SparseCo
     if codes.n_rows != x.shape[0] or codes.n_latents != weight.shape[0]:
         raise KernelInputError(f"encode_at: codes are {codes.n_rows} x {codes.n_latents}, inputs need {x.shape[0]} x {weight.shape[0]}")
     if is_eager():
-        pre = _dense_preacts(x, weight, bias)
-        return codes.with_values(pre[codes.row_ids(), codes.flat_indices()].view_as(codes.indices))
+        return _gathered(codes, _dense_preacts(x, weight, bias))
     pattern = pattern_of(codes)
     values = PreactsAt.apply(x.contiguous(), weight, bias, None, pattern, sparse_ops(x.device))
     return codes.with_values(values.view_as(codes.indices))
@@ -106,10 +106,6 @@ def _gathered(codes: SparseCodes, pre: Tensor) -> SparseCodes:
     values = pre[codes.row_ids(), codes.flat_indices()].view_as(codes.indices)
     extra = _gathered(codes.extra, pre) if codes.extra is not None else None
     return SparseCodes(codes.indices, values, codes.n_latents, codes.offsets, extra, codes.cache)
-
-
-def _with_extra(codes: SparseCodes, extra: SparseCodes) -> SparseCodes:
-    return SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets, extra)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from workbench.kernels.codes import SparseCodes
+from workbench.kernels.codes import SparseCodes, csr_offsets, row_ids_of
 
 
 class Pattern:
@@ -34,29 +34,21 @@ class Pattern:
 
     def row_ids(self) -> Tensor:
         if self._row_ids is None:
-            rows = torch.arange(self.n_rows, device=self.indices.device)
-            if self.fixed_k is not None:
-                self._row_ids = rows.repeat_interleave(self.fixed_k)
-            else:
-                self._row_ids = rows.repeat_interleave(self.offsets.diff(), output_size=self.nnz)
+            self._row_ids = row_ids_of(self.offsets, self.nnz)
         return self._row_ids
 
     def by_latent(self) -> tuple[Tensor, Tensor]:
         """(order, latent_offsets): entries sorted by latent; latent l owns order[lo[l]:lo[l+1]]."""
         if self._by_latent is None:
             order = torch.sort(self.indices, stable=True).indices
-            counts = torch.bincount(self.indices, minlength=self.n_latents)
-            latent_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            self._by_latent = (order, latent_offsets)
+            self._by_latent = (order, csr_offsets(self.indices, self.n_latents))
         return self._by_latent
 
     def regrouped(self, group_of_entry: Tensor, n_groups: int) -> tuple["Pattern", Tensor]:
         """A pattern over n_groups * N rows (row g * N + n), and the entry order that builds it."""
         new_rows = group_of_entry * self.n_rows + self.row_ids()
         order = torch.sort(new_rows, stable=True).indices
-        counts = torch.bincount(new_rows, minlength=n_groups * self.n_rows)
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return Pattern(self.indices[order], offsets, self.n_latents), order
+        return Pattern(self.indices[order], csr_offsets(new_rows, n_groups * self.n_rows), self.n_latents), order
 
 
 def pattern_of(codes: SparseCodes) -> Pattern:

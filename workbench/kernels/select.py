@@ -3,10 +3,12 @@ a dictionary keeps. Each returns SparseCodes holding the selected pre-activation
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from workbench.kernels.codes import KernelInputError, SparseCodes
+from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets
 
 
 def top_k(pre: Tensor, k: int) -> SparseCodes:
@@ -52,9 +54,7 @@ def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
             break
         per_row = min(m, 2 * per_row)
     chosen = chosen.sort().values  # row-major: rows ascending
-    rows = chosen // per_row
-    counts = torch.bincount(rows, minlength=n)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    offsets = csr_offsets(chosen // per_row, n)
     return SparseCodes(cand_indices.reshape(-1)[chosen], cand_values.reshape(-1)[chosen], m, offsets)
 
 
@@ -75,11 +75,9 @@ def above_threshold(pre: Tensor, threshold: Tensor, *, window: float = 0.0) -> S
     codes = _csr(rows[active], cols[active], values[active], pre.shape)
     if window > 0:
         near = gap.abs() < window / 2
-        codes = SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets, _csr(rows[near], cols[near], values[near], pre.shape))
+        codes = replace(codes, extra=_csr(rows[near], cols[near], values[near], pre.shape))
     return codes
 
 
 def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: torch.Size) -> SparseCodes:
-    counts = torch.bincount(rows, minlength=shape[0])
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return SparseCodes(cols, values, shape[1], offsets)
+    return SparseCodes(cols, values, shape[1], csr_offsets(rows, shape[0]))
