@@ -25,6 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from sae.evals import EvalConfig
+    from sae.train_config import TrainConfig
     from workbench.activations import CacheConfig
     from workbench.demo_model import DemoModelConfig
 
@@ -53,6 +55,18 @@ def _build_parser() -> argparse.ArgumentParser:
     info = demo.add_parser("info", help="print the demo model's card (size, corpus, validation loss, sample)")
     info.set_defaults(run=cmd_demo_info)
 
+    train_cmd = commands.add_parser("train", help="train dictionaries (a grid of architectures, k, widths) in one read of a cache")
+    add_config_arguments(train_cmd, TrainConfig)
+    _quiet_and_json(train_cmd)
+    train_cmd.set_defaults(run=cmd_train)
+
+    eval_cmd = commands.add_parser("eval", help="FVU, L0, dead %%, CE-loss and KL scores of a trained dictionary")
+    eval_cmd.add_argument("run", nargs="?", default="", metavar="RUN",
+                          help="a dictionary folder (ours, SAELens or sparsify) or a training output folder; default: the default training run")
+    add_config_arguments(eval_cmd, EvalConfig)
+    _quiet_and_json(eval_cmd)
+    eval_cmd.set_defaults(run_command=cmd_eval)
+
     bench = commands.add_parser("bench", help="benchmarks (ratios measured in one process)").add_subparsers(
         dest="suite", required=True, parser_class=_Parser, metavar="SUITE")
     bench_cache = bench.add_parser("cache", help="caching vs forward-only throughput; reader GB/s")
@@ -71,6 +85,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_kernels.add_argument("--threads", type=int, default=2, help="torch threads")
     bench_kernels.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_kernels.set_defaults(run=cmd_bench_kernels)
+    bench_sae = bench.add_parser("sae", help="planted-feature recovery (MCC, MMCS, dead latents) per architecture")
+    bench_sae.add_argument("--arch", nargs="+", help="architectures (default: every registered one)")
+    bench_sae.add_argument("--samples", type=int, default=2_000_000, help="training samples")
+    bench_sae.add_argument("--features", type=int, default=1024, help="planted features (= latents)")
+    bench_sae.add_argument("--d", type=int, default=256, help="activation width")
+    bench_sae.add_argument("--seed", type=int, default=0)
+    bench_sae.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench_sae.add_argument("--json", action="store_true", help="one JSON object per row")
+    bench_sae.set_defaults(run=cmd_bench_sae)
     return parser
 
 
@@ -140,6 +163,83 @@ def cmd_cache(args) -> None:
     _print_summary(summary, args.json)
 
 
+def cmd_train(args) -> None:
+    from sae.train import train
+    from sae.train_config import TrainConfig
+    from workbench.files import read_json
+
+    config = config_from_args(TrainConfig, args)
+    folders = train(config, progress=not args.quiet)
+    rows = []
+    for folder in folders:
+        meta = read_json(folder / "config.json", "dictionary config")
+        metrics = meta.get("metrics", {})
+        rows.append({"dictionary": folder.name, "latents": meta["dictionary"]["n_latents"], "k": meta["dictionary"]["k"],
+                     "fvu": round(metrics.get("fvu", float("nan")), 4), "l0": round(metrics.get("l0", float("nan")), 2),
+                     "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
+                     "tokens": meta.get("tokens_trained"), "folder": str(folder)})
+    _print_rows(rows, args.json)
+
+
+def cmd_eval(args) -> None:
+    from sae.evals import EvalConfig, evaluate
+    from sae.io import load
+    from workbench.files import write_json_atomic
+
+    config = config_from_args(EvalConfig, args)
+    folders = _dictionary_folders(Path(args.run) if args.run else None)
+    model = None
+    for folder in folders:
+        dictionary = load(folder)
+        if model is None or (config.model or dictionary.meta.get("model")) != model.spec:
+            from workbench.models import load_model
+
+            spec = config.model or dictionary.meta.get("model")
+            model = load_model(spec) if spec else None
+        metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
+        if (folder / "config.json").exists():
+            write_json_atomic(folder / "eval.json", metrics)
+        shown = {"dictionary": str(folder), **{k: v for k, v in metrics.items() if k != "log_density_histogram"}}
+        if args.json:
+            print(json.dumps({"dictionary": str(folder), **metrics}))
+        else:
+            _print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}, False)
+
+
+def _dictionary_folders(run: Path | None) -> list[Path]:
+    """RUN itself if it holds a dictionary, else the dictionaries directly inside it."""
+    from sae.train_config import TrainConfig
+    from sae.train import default_output_dir
+
+    if run is None:  # the default `workbench train` run: on the default cache's first hook
+        from workbench.activations import CacheConfig
+        from workbench.cache_reader import ActivationCache
+
+        cache_dir = CacheConfig().output_dir()
+        hook = ActivationCache(cache_dir).hooks[0] if (cache_dir / "manifest.json").exists() else ""
+        run = default_output_dir(TrainConfig(), hook)
+    markers = ("config.json", "sae_weights.safetensors", "sae.safetensors")
+    if any((run / m).exists() for m in markers):
+        return [run]
+    found = sorted(p for p in run.iterdir() if p.is_dir() and (p / "config.json").exists()) if run.is_dir() else []
+    if not found:
+        raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
+    return found
+
+
+def cmd_bench_sae(args) -> None:
+    from sae.bench import run_sae_benchmark
+    from sae.base import architectures
+
+    archs = args.arch or architectures()
+    unknown = sorted(set(archs) - set(architectures()))
+    if unknown:
+        raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
+    rows = run_sae_benchmark(archs, samples=args.samples, n_features=args.features, d=args.d, seed=args.seed,
+                             threads=args.threads, progress=not args.json)
+    _print_rows(rows, args.json)
+
+
 def cmd_demo_train(args) -> None:
     from workbench.demo_model import DemoModelConfig, train_demo_model
 
@@ -203,7 +303,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        args.run(args)
+        (getattr(args, "run_command", None) or args.run)(args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -211,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (`workbench cache` resumes when rerun with the same flags)", file=sys.stderr)
+        print("interrupted (`workbench cache` and `workbench train` resume when rerun with the same flags)", file=sys.stderr)
         return 130
     return 0
 

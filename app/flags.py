@@ -2,8 +2,8 @@
 
 Each field becomes `--field-name` with the field's type, default and docstring (the string
 literal under the field) as help. `tuple[str, ...]` fields take one or more values and may be
-repeated; their singular form is an alias (`--hooks a b` == `--hook a --hook b`). `bool` fields
-get `--x/--no-x`. `--config FILE.json` loads a saved config as the defaults, so
+repeated; their singular form is an alias (`--hooks a b` == `--hook a --hook b`). Their values may also be
+comma-separated (`--k 16,32`). `bool` fields get `--x/--no-x`. `--config FILE.json` loads a saved config as the defaults, so
 `workbench cache --config runs/x/config.json` reproduces a run and flags still override it.
 """
 
@@ -55,7 +55,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         elif typing.get_origin(kind) is tuple:
             (item, _) = typing.get_args(kind)
             names = [flag] + ([flag[:-1]] if flag.endswith("s") else [])
-            group.add_argument(*names, dest=field.name, type=item, nargs="+", action="extend",
+            group.add_argument(*names, dest=field.name, type=_comma_list(item), nargs="+", action="extend",
                                default=argparse.SUPPRESS, metavar=field.name[:-1].upper(), help=help_text)
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
@@ -70,8 +70,21 @@ def config_from_args(cls: type, args: argparse.Namespace):
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         if typing.get_origin(hints[name]) is tuple and isinstance(value, list):
-            values[name] = tuple(value)
+            values[name] = tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
     return cls(**values)
+
+
+def _comma_list(item: type):
+    """argparse type: 'a,b' -> [item('a'), item('b')] (flattened by config_from_args)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [item(part) for part in text.split(",") if part != ""]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {item.__name__} list: {text!r}") from None
+
+    parse.__name__ = f"{item.__name__} list"
+    return parse
 
 
 def _load_config_file(cls: type, path: Path) -> dict:

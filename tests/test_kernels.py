@@ -19,6 +19,7 @@ from workbench.kernels import (
     decode_prefixes,
     encode_at,
     encode_batch_topk,
+    encode_feature_choice,
     encode_threshold,
     encode_topk,
 )
@@ -47,6 +48,8 @@ ENCODERS = {
     "topk k=m": lambda x, w, b: encode_topk(x, w, b, M),
     "topk + aux": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0),
     "batch topk": lambda x, w, b: encode_batch_topk(x, w, b, 3),
+    "batch topk + aux": lambda x, w, b: encode_batch_topk(x, w, b, 2, aux_k=2, aux_mask=torch.arange(M) % 2 == 1),
+    "feature choice": lambda x, w, b: encode_feature_choice(x, w, b, 2),
     "threshold + window": lambda x, w, b: encode_threshold(x, w, b, torch.full((M,), 0.2, dtype=x.dtype), window=0.5),
     "given indices": lambda x, w, b: encode_at(x, w, b, csr_codes([0, 3, 1, 4, 0, 2], M)),
 }
@@ -136,6 +139,15 @@ def test_matryoshka_prefixes_equal_dense_prefix_decodes(prefixes, monkeypatch):
     dense = codes.to_dense()
     for p, end in enumerate(prefixes):
         torch.testing.assert_close(results["torch"][0][p], dense[:, :end] @ w_dec[:end].detach() + b_dec.detach())
+
+
+def test_column_top_k_keeps_each_latents_largest_rows():
+    pre = torch.randn(12, 5, generator=torch.Generator().manual_seed(2))
+    codes = select.column_top_k(pre, 3)
+    dense = codes.to_dense()
+    expected = torch.zeros_like(pre).scatter(0, pre.topk(3, dim=0).indices, pre.topk(3, dim=0).values)
+    torch.testing.assert_close(dense, expected)
+    assert bool((codes.row_ids().diff() >= 0).all())  # CSR rows ascend
 
 
 def test_batch_topk_is_the_exact_batch_top_k():

@@ -26,18 +26,24 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, au
     """Per-row top-k. With aux_k and aux_mask (bool [m], e.g. dead latents), `extra` holds each
     row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder."""
 
-    def choose(pre: Tensor) -> SparseCodes:
-        codes = select.top_k(pre, k)
-        if aux_k and aux_mask is not None:
-            codes = replace(codes, extra=select.masked_top_k(pre, aux_k, aux_mask))
-        return codes
-
-    return _encode(x, weight, bias, choose)
+    return _encode(x, weight, bias, _with_aux(lambda pre: select.top_k(pre, k), aux_k, aux_mask))
 
 
-def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int) -> SparseCodes:
-    """The N * k largest pre-activations of the batch (k per row on average), as CSR."""
-    return _encode(x, weight, bias, lambda pre: select.batch_top_k(pre, k))
+def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None) -> SparseCodes:
+    """The N * k largest pre-activations of the batch (k per row on average), as CSR; AuxK's
+    selection in `extra` as for `encode_topk`."""
+    return _encode(x, weight, bias, _with_aux(lambda pre: select.batch_top_k(pre, k), aux_k, aux_mask))
+
+
+def encode_feature_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], per_latent: int) -> SparseCodes:
+    """Each latent's `per_latent` largest pre-activations over the batch (Feature Choice), as CSR."""
+    return _encode(x, weight, bias, lambda pre: select.column_top_k(pre, per_latent))
+
+
+def _with_aux(choose: Callable[[Tensor], SparseCodes], aux_k: int, aux_mask: Optional[Tensor]) -> Callable[[Tensor], SparseCodes]:
+    if not aux_k or aux_mask is None:
+        return choose
+    return lambda pre: replace(choose(pre), extra=select.masked_top_k(pre, aux_k, aux_mask))
 
 
 def encode_threshold(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *, window: float = 0.0) -> SparseCodes:

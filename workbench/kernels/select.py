@@ -58,6 +58,18 @@ def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
     return SparseCodes(cand_indices.reshape(-1)[chosen], cand_values.reshape(-1)[chosen], m, offsets)
 
 
+def column_top_k(pre: Tensor, per_column: int) -> SparseCodes:
+    """Each latent's `per_column` largest entries over the rows (Feature Choice), as CSR."""
+    n, m = pre.shape
+    if not 0 < per_column <= n:
+        raise KernelInputError(f"column top-k: per-latent count must be in [1, {n}], got {per_column}")
+    values, rows = pre.topk(per_column, dim=0, sorted=False)  # [per_column, m]
+    cols = torch.arange(m, device=pre.device).expand_as(rows)
+    order = (rows * m + cols).reshape(-1).argsort()
+    rows = rows.reshape(-1)[order]
+    return _csr(rows, cols.reshape(-1)[order], values.reshape(-1)[order], pre.shape)
+
+
 def above_threshold(pre: Tensor, threshold: Tensor, *, window: float = 0.0) -> SparseCodes:
     """Entries with pre > threshold[latent] (JumpReLU, Gated), as CSR. With window > 0 the codes'
     `extra` holds the entries with |pre - threshold| < window / 2 (the JumpReLU threshold's

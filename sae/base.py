@@ -1,0 +1,220 @@
+"""The `Dictionary` interface every architecture implements, and the registry of architectures.
+
+Notation (issue 4): z = W_enc (x - b_dec) + b_enc, f = sigma(z) sparse, x_hat = sum_i f_i d_i + b_dec,
+with d_i = W_dec[i]. Weights are stored one row per latent (W_enc, W_dec: [n_latents, d_in]), as
+the fused kernels take them. `encode` gives the latent activations as `SparseCodes` (call
+`.to_dense()` for [N, n_latents]); `decode` takes them (or a dense tensor) back.
+
+Training goes through `training_step(x, context) -> StepOutput`: the architecture's loss, its
+formula in the module that defines it. The trainer owns the optimizer; a dictionary owns its
+constraints (`before_optimizer_step`, `after_optimizer_step`) and its running state (buffers,
+saved with the weights, so a resumed run continues exactly).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple, Optional
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from sae.config import DictionaryConfig
+from workbench.errors import ConfigError, WorkbenchError
+from workbench.kernels import SparseCodes, decode
+from workbench.kernels.codes import csr_offsets
+
+
+class DictionaryError(WorkbenchError, ValueError):
+    """Input a dictionary cannot take: wrong width, wrong rank, non-finite values."""
+
+
+class StepContext(NamedTuple):
+    dead_mask: Optional[Tensor]
+    """bool [n_latents]: latents that have not fired for the configured number of tokens (AuxK)."""
+    progress: float
+    """Fraction of training done, in [0, 1] (drives coefficient warm-ups)."""
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor
+    """The scalar to back-propagate."""
+    x_hat: Tensor
+    """[N, d_in] reconstruction (the full-width one for Matryoshka)."""
+    codes: SparseCodes
+    """The latent activations f (entries may be 0 where an architecture keeps a window)."""
+    terms: dict[str, Tensor]
+    """Each loss term before its coefficient, plus architecture state worth logging (detached)."""
+
+
+_REGISTRY: dict[str, type["Dictionary"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture available under `name` (refuses duplicates)."""
+
+    def add(cls: type["Dictionary"]) -> type["Dictionary"]:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.architecture = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def architectures() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def dictionary_class(name: str) -> type["Dictionary"]:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown architecture {name!r}; choose from {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create(config: DictionaryConfig, seed: int = 0) -> "Dictionary":
+    """A freshly initialised dictionary (seeded) of `config.architecture`."""
+    cls = dictionary_class(config.architecture)
+    if config.d_in <= 0 or config.n_latents <= 0:
+        raise ConfigError(f"a dictionary needs d_in and n_latents > 0, got {config.d_in} and {config.n_latents}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+def _import_builtin() -> None:
+    import sae.architectures  # noqa: F401  (registers the built-in classes)
+
+
+class Dictionary(nn.Module):
+    architecture: ClassVar[str] = ""
+    unit_norm_decoder: ClassVar[bool] = True
+    """Keep decoder rows at unit norm (projected gradient); False where the loss carries |d_i|."""
+
+    def __init__(self, config: DictionaryConfig):
+        super().__init__()
+        self.config = config
+        self.meta: dict = {}  # a loaded folder's other fields: hook, model, metrics, ...
+        m, d = config.n_latents, config.d_in
+        w_dec = torch.randn(m, d)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.clone())  # W_enc initialised as W_dec^T (rows here)
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    # --- inference ------------------------------------------------------------------------
+    def encode(self, x: Float[Tensor, "... d_in"]) -> SparseCodes:
+        """Latent activations of the rows of x (leading dims flattened), as SparseCodes."""
+        return self._encode(self._rows(x) - self.b_dec)
+
+    def decode(self, codes: SparseCodes | Float[Tensor, "N n_latents"]) -> Float[Tensor, "N d_in"]:
+        if isinstance(codes, Tensor):
+            if codes.dim() != 2 or codes.shape[1] != self.n_latents:
+                raise DictionaryError(f"decode: dense codes must be [N, {self.n_latents}], got {tuple(codes.shape)}")
+            codes = SparseCodes.from_dense(codes.to(self.W_dec.dtype))
+        if codes.n_latents != self.n_latents:
+            raise DictionaryError(f"decode: codes over {codes.n_latents} latents, dictionary has {self.n_latents}")
+        return decode(codes, self.W_dec, self.b_dec)
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        return self.decode(self.encode(x)).view(x.shape).to(x.dtype)
+
+    def _encode(self, x_centered: Tensor) -> SparseCodes:
+        raise NotImplementedError
+
+    # --- training -------------------------------------------------------------------------
+    def training_step(self, x: Float[Tensor, "N d_in"], context: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def initialize_from(self, sample: Float[Tensor, "N d_in"]) -> None:
+        """Data-dependent initialisation: b_dec at the geometric median of a sample."""
+        self.b_dec.copy_(geometric_median(sample.to(self.b_dec.dtype)))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Unit-norm decoders: remove the gradient component parallel to each decoder row."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            grad, rows = self.W_dec.grad, self.W_dec
+            grad -= (grad * rows).sum(dim=1, keepdim=True) * rows
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make a dictionary trained on x * scale act on x itself: the encoder absorbs the scale,
+        the decoder and b_dec undo it. Latent activations are unchanged."""
+        self.W_enc *= scale
+        self.W_dec /= scale
+        self.b_dec /= scale
+
+    # --- helpers --------------------------------------------------------------------------
+    def _rows(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.d_in:
+            raise DictionaryError(f"{self.architecture}: input has shape {tuple(x.shape)}, expected [..., {self.d_in}]")
+        if not x.is_floating_point():
+            raise DictionaryError(f"{self.architecture}: input must be floating point, got {x.dtype}")
+        return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+
+
+def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over rows of the squared error summed over dimensions: mean_n |x_n - x_hat_n|^2."""
+    return (x - x_hat).pow(2).sum(dim=-1).mean()
+
+
+def aux_k_loss(x: Tensor, x_hat: Tensor, aux_codes: SparseCodes, W_dec: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024): dead latents reconstruct the residual e = sg(x - x_hat), decoded
+    without b_dec, normalised by the residual's variance: |e - e_hat|^2 / |e - mean(e)|^2. The
+    pre-activations are used as they are (no ReLU), so a dead latent with negative
+    pre-activations still receives a gradient."""
+    residual = (x - x_hat).detach()
+    estimate = decode(aux_codes, W_dec)
+    variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+    return reconstruction_loss(residual, estimate) / variance
+
+
+def relu_values(codes: SparseCodes) -> SparseCodes:
+    return codes.with_values(codes.values.relu())
+
+
+def drop_zeros(codes: SparseCodes) -> SparseCodes:
+    """The same codes without their zero entries (as CSR)."""
+    codes = codes.to_csr()
+    keep = codes.values != 0
+    if bool(keep.all()):
+        return codes
+    rows = codes.row_ids()[keep]
+    return SparseCodes(codes.indices[keep], codes.values[keep], codes.n_latents, csr_offsets(rows, codes.n_rows))
+
+
+def gather_per_latent(parameter: Tensor, codes: SparseCodes) -> Tensor:
+    """parameter[latent] for each entry of the codes, shaped like codes.values (differentiable)."""
+    return parameter[codes.flat_indices()].view_as(codes.values)
+
+
+@torch.no_grad()
+def geometric_median(points: Float[Tensor, "N d"], iterations: int = 64, tolerance: float = 1e-6) -> Float[Tensor, " d"]:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points`."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1.0 / (points - median).norm(dim=1).clamp_min(1e-8)
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        moved = (updated - median).norm()
+        median = updated
+        if moved <= tolerance * median.norm().clamp_min(1.0):
+            break
+    return median

@@ -1,0 +1,43 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the k * N largest pre-activations of the whole batch.
+
+Training keeps the batch's top k * N entries (k per token on average, more for tokens that need
+them), f = ReLU of them, loss = |x - x_hat|^2 + alpha * AuxK. A running threshold
+theta <- (1 - eta) theta + eta * min(f > 0) is tracked; inference is a JumpReLU with that theta,
+so a token's code no longer depends on its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae.base import register, relu_values
+from sae.topk import _AuxKDictionary
+from workbench.kernels import encode_batch_topk, encode_threshold
+
+
+@register("batchtopk")
+class BatchTopK(_AuxKDictionary):
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("threshold", torch.zeros(()))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
+
+    def _select(self, x_centered, aux_mask):
+        k_aux = self.config.effective_aux_k
+        return encode_batch_topk(x_centered, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask)
+
+    @torch.no_grad()
+    def _observe(self, f):
+        positive = f.flat_values()[f.flat_values() > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min()
+        eta = self.config.threshold_momentum if int(self.threshold_updates) else 1.0
+        self.threshold.mul_(1 - eta).add_(eta * smallest)
+        self.threshold_updates += 1
+
+    def _encode(self, x_centered):
+        if int(self.threshold_updates) == 0:  # never trained: no threshold yet, use the batch
+            return relu_values(encode_batch_topk(x_centered, self.W_enc, self.b_enc, self.config.k))
+        theta = self.threshold.expand(self.n_latents)
+        return encode_threshold(x_centered, self.W_enc, self.b_enc, theta)

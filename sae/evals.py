@@ -1,0 +1,166 @@
+"""Evaluate a dictionary on held-out text: reconstruction, sparsity, and what splicing it into
+the model costs.
+
+Windows come from the validation split of the corpus the cache was built from (never trained
+on); the model runs on them once clean and once each with the hook's activation replaced (BOS
+position untouched) by: the dictionary's reconstruction, zeros, and the eval-set mean.
+Reported (over non-BOS positions):
+    mse          mean squared error per element;  fvu = sum |x - x_hat|^2 / sum |x - mean(x)|^2
+    explained_variance = 1 - fvu;  l0 = active latents per token;  dead_fraction = latents that
+    never fire on the eval set;  log_density_histogram = counts of log10(firing frequency)
+    relative_reconstruction_bias = E|x_hat|^2 / E<x_hat, x> (Rajamanoharan et al. 2024; < 1: shrinkage)
+    ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean), and with mean ablation
+    kl_score = (KL_zero - KL_sae) / KL_zero, KL(clean || patched) per position, and with mean ablation
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.base import Dictionary, DictionaryError
+from sae.splice import capture, hook_of, replace_activation, splice
+
+DENSITY_BINS = torch.arange(-8.0, 0.01, 0.5)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tokens: int = 32_768
+    """Validation tokens to evaluate on (whole windows)."""
+    batch_size: int = 16
+    """Windows per forward pass."""
+    model: str = ""
+    """Model spec; empty means the one the dictionary was trained on."""
+    corpus: str = ""
+    """Corpus spec; empty means the dictionary's."""
+    hook: str = ""
+    """Hook; empty means the dictionary's."""
+    context_length: int = 0
+    """Tokens per window; 0 means the dictionary's."""
+
+
+def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True) -> dict:
+    from workbench.activations import CacheConfig, select_windows
+    from workbench.models import load_model
+
+    meta = dictionary.meta
+    hook = hook_of(dictionary, config.hook or None)
+    spec = config.model or meta.get("model")
+    if model is None:
+        if not spec:
+            raise DictionaryError("this dictionary does not record its model; pass --model")
+        model = load_model(spec)
+    corpus = config.corpus or meta.get("corpus") or "default"
+    cache_config = CacheConfig(model=spec or "demo", corpus=corpus, split="validation", tokens=config.tokens,
+                               context_length=config.context_length or int(meta.get("context_length") or 0))
+    windows = select_windows(cache_config, model)
+    dictionary = dictionary.eval()
+    with torch.no_grad():
+        mean = _mean_activation(model, hook, windows, config.batch_size)
+        totals = _Totals(dictionary.n_latents)
+        for start in tqdm(range(0, len(windows), config.batch_size), disable=not progress, desc="eval", unit="batch"):
+            _evaluate_batch(model, dictionary, hook, windows[start:start + config.batch_size], mean, totals)
+    return {"hook": hook, "model": spec, "corpus": corpus, **totals.metrics()}
+
+
+def _mean_activation(model, hook: str, windows: Tensor, batch_size: int) -> Tensor:
+    total, count = None, 0
+    for start in range(0, len(windows), batch_size):
+        act = model.run_with_cache(windows[start:start + batch_size], [hook])[hook][:, 1:]
+        flat = act.reshape(-1, act.shape[-1]).double()
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        count += flat.shape[0]
+    return (total / count).float()
+
+
+def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, mean: Tensor, totals: "_Totals") -> None:
+    captured: list = []
+    with model.hooks([capture(hook, captured)]):
+        clean = model(tokens)
+    act = captured[0][:, 1:]
+    x = act.reshape(-1, dictionary.d_in).float()
+    codes = dictionary.encode(x)
+    x_hat = dictionary.decode(codes)
+    totals.add_reconstruction(x, x_hat, codes)
+    with splice(model, dictionary, hook):
+        spliced = model(tokens)
+    with replace_activation(model, hook, torch.zeros_like(mean)):
+        zeroed = model(tokens)
+    with replace_activation(model, hook, mean):
+        averaged = model(tokens)
+    totals.add_logits(tokens, clean, {"sae": spliced, "zero": zeroed, "mean": averaged})
+
+
+class _Totals:
+    """Float64 running sums over the eval set."""
+
+    def __init__(self, n_latents: int):
+        self.n = 0
+        self.sums = {k: 0.0 for k in ("sq_err", "x", "x_sq", "xhat_sq", "xhat_x", "l0")}
+        self.x_sum: Tensor | None = None
+        self.fires = torch.zeros(n_latents, dtype=torch.float64)
+        self.ce = {k: 0.0 for k in ("clean", "sae", "zero", "mean")}
+        self.kl = {k: 0.0 for k in ("sae", "zero", "mean")}
+        self.positions = 0
+
+    def add_reconstruction(self, x: Tensor, x_hat: Tensor, codes) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.n += x.shape[0]
+        self.sums["sq_err"] += float((x - x_hat).pow(2).sum())
+        self.sums["x_sq"] += float(x.pow(2).sum())
+        self.sums["xhat_sq"] += float(x_hat.pow(2).sum())
+        self.sums["xhat_x"] += float((x_hat * x).sum())
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+        active = codes.flat_values() != 0
+        self.sums["l0"] += float(active.sum())
+        self.fires += torch.bincount(codes.flat_indices()[active], minlength=len(self.fires)).double()
+        self.d = x.shape[1]
+
+    def add_logits(self, tokens: Tensor, clean: Tensor, patched: dict[str, Tensor]) -> None:
+        targets = tokens[:, 1:].reshape(-1)
+        clean_logp = F.log_softmax(clean[:, :-1].double(), dim=-1).reshape(targets.shape[0], -1)
+        self.ce["clean"] += float(F.nll_loss(clean_logp, targets, reduction="sum"))
+        for name, logits in patched.items():
+            logp = F.log_softmax(logits[:, :-1].double(), dim=-1).reshape(targets.shape[0], -1)
+            self.ce[name] += float(F.nll_loss(logp, targets, reduction="sum"))
+            self.kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())
+        self.positions += targets.shape[0]
+
+    def metrics(self) -> dict:
+        if self.n == 0:
+            raise DictionaryError("the eval set is empty")
+        s, n = self.sums, self.n
+        variance = s["x_sq"] - float(self.x_sum.pow(2).sum()) / n
+        fvu = s["sq_err"] / variance if variance > 0 else float("nan")
+        ce = {k: v / self.positions for k, v in self.ce.items()}
+        kl = {k: v / self.positions for k, v in self.kl.items()}
+        density = self.fires / n
+        alive = density[density > 0].log10().clamp(DENSITY_BINS[0].item(), 0)
+        histogram = torch.histogram(alive.float(), bins=DENSITY_BINS).hist if alive.numel() else torch.zeros(len(DENSITY_BINS) - 1)
+        return {
+            "tokens": n,
+            "mse": s["sq_err"] / (n * self.d),
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "l0": s["l0"] / n,
+            "dead_fraction": float((self.fires == 0).double().mean()),
+            "relative_reconstruction_bias": s["xhat_sq"] / s["xhat_x"] if s["xhat_x"] else float("nan"),
+            "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
+            "ce_loss_score": _score(ce["zero"], ce["sae"], ce["clean"]),
+            "ce_loss_score_mean_ablation": _score(ce["mean"], ce["sae"], ce["clean"]),
+            "kl_sae": kl["sae"], "kl_zero_ablation": kl["zero"], "kl_mean_ablation": kl["mean"],
+            "kl_score": _score(kl["zero"], kl["sae"], 0.0),
+            "kl_score_mean_ablation": _score(kl["mean"], kl["sae"], 0.0),
+            "log_density_histogram": {"bin_edges": [round(float(b), 2) for b in DENSITY_BINS], "counts": [int(c) for c in histogram]},
+        }
+
+
+def _score(baseline: float, patched: float, clean: float) -> float:
+    """(baseline - patched) / (baseline - clean): 1 = as good as clean, 0 = as bad as ablating."""
+    gap = baseline - clean
+    return (baseline - patched) / gap if gap != 0 else float("nan")

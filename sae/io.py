@@ -1,0 +1,98 @@
+"""Dictionary folders: `config.json` + `weights.safetensors`, and `load` for ours and peers'.
+
+Our format (format_version 1):
+    config.json          {"format_version", "architecture", "dictionary": DictionaryConfig,
+                          "hook", "model", "cache", "corpus", "context_length",
+                          "input_scale_folded", "config": the TrainConfig, "metrics": {...}}
+    weights.safetensors  the module's parameters and buffers by name (W_enc/W_dec [n_latents, d_in])
+Weights act on raw activations: the training-time input scale is folded in at save.
+`load` also reads SAELens folders (cfg.json + sae_weights.safetensors) and sparsify folders
+(cfg.json + sae.safetensors); see `sae.peers`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from sae.base import Dictionary, DictionaryError, dictionary_class
+from sae.config import DictionaryConfig
+from workbench.errors import ConfigError
+from workbench.files import read_json, save_tensors_atomic, write_json_atomic
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+
+
+def save(dictionary: Dictionary, folder: str | Path, *, input_scale: float = 1.0, **fields) -> Path:
+    """Write the dictionary (scale folded in) and `fields` (hook, model, config, metrics...)."""
+    folder = Path(folder)
+    folded = copy.deepcopy(dictionary).cpu()
+    if input_scale != 1.0:
+        folded.fold_input_scale(input_scale)
+    tensors = {name: t.detach().contiguous() for name, t in folded.state_dict().items()}
+    save_tensors_atomic(folder / WEIGHTS, tensors, metadata={"format": "workbench", "architecture": dictionary.architecture})
+    meta = {"format_version": FORMAT_VERSION, "architecture": dictionary.architecture,
+            "dictionary": dictionary.config.to_json(), "input_scale_folded": input_scale, **fields}
+    write_json_atomic(folder / CONFIG, meta)  # last: its presence marks a complete folder
+    return folder
+
+
+def load(path: str | Path, device: str = "cpu") -> Dictionary:
+    """A dictionary from our folder, a SAELens folder or a sparsify folder. `.meta` holds the
+    folder's other fields (hook, model, metrics, ...)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DictionaryError(f"{folder}: no dictionary folder here")
+    if (folder / CONFIG).exists():
+        return _load_ours(folder).to(device)
+    from sae import peers
+
+    if (folder / peers.SAELENS_WEIGHTS).exists():
+        return peers.load_saelens(folder).to(device)
+    if (folder / peers.SPARSIFY_WEIGHTS).exists():
+        return peers.load_sparsify(folder).to(device)
+    raise DictionaryError(f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) nor {peers.SPARSIFY_WEIGHTS} (sparsify)")
+
+
+def _load_ours(folder: Path) -> Dictionary:
+    meta = read_json(folder / CONFIG, "dictionary config", DictionaryError)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DictionaryError(f"{folder / CONFIG}: unknown format_version {meta.get('format_version')!r} (this workbench reads {FORMAT_VERSION})")
+    if not isinstance(meta.get("dictionary"), dict):
+        raise DictionaryError(f"{folder / CONFIG}: no 'dictionary' object")
+    try:
+        config = DictionaryConfig.from_json(meta["dictionary"])
+        cls = dictionary_class(meta.get("architecture", config.architecture))
+    except ConfigError as exc:
+        raise DictionaryError(f"{folder / CONFIG}: {exc}") from None
+    dictionary = from_tensors(cls, config, read_weights(folder / WEIGHTS), folder / WEIGHTS)
+    dictionary.meta = {k: v for k, v in meta.items() if k not in ("dictionary",)}
+    return dictionary
+
+
+def read_weights(path: Path) -> dict:
+    if not path.exists():
+        raise DictionaryError(f"{path}: weights file missing")
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise DictionaryError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
+
+
+def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict, where: Path) -> Dictionary:
+    """A dictionary of class `cls` holding exactly `tensors` (names and shapes checked)."""
+    dictionary = cls(config)
+    expected = dictionary.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise DictionaryError(f"{where}: tensors do not fit a {cls.architecture} dictionary (missing {missing}, unexpected {unexpected})")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise DictionaryError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    dictionary.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    return dictionary

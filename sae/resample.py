@@ -1,0 +1,72 @@
+"""Resampling latents that do not earn their place (Bricken et al. 2023, "Towards
+Monosemanticity", neuron resampling), used early in training.
+
+A latent is resampled when it fired fewer than `min_fires` times since the last resampling
+(the trainer sets it to a fraction of the mean firing count),
+or when its decoder row nearly duplicates (cosine > `duplicate_cosine`) that of a latent that
+fired more. Its new decoder row is the residual x - x_hat of an input drawn with probability
+proportional to |x - x_hat|^2 (the inputs the dictionary explains worst, so directions it is
+missing); its encoder row points the same way with the mean norm of the kept rows, its
+per-latent biases restart at 0, and its Adam moments are cleared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae.base import Dictionary
+
+# Per-latent parameters whose entries restart at zero on resampling (W_enc/W_dec are set).
+_ZEROED = ("b_enc", "b_gate", "b_mag", "r_mag")
+
+
+@torch.no_grad()
+def latents_to_resample(dictionary: Dictionary, fires: Tensor, min_fires: float, duplicate_cosine: float) -> Tensor:
+    """bool [n_latents]: rarely firing latents and the less active member of duplicate pairs."""
+    chosen = fires < min_fires
+    if duplicate_cosine < 1:
+        directions = F.normalize(dictionary.W_dec, dim=1)
+        cos = directions @ directions.t()
+        cos.fill_diagonal_(0)
+        busier = fires[None, :] > fires[:, None]  # [i, j]: j fired more than i
+        tie = (fires[None, :] == fires[:, None]) & (torch.arange(len(fires))[None, :] < torch.arange(len(fires))[:, None])
+        chosen |= ((cos > duplicate_cosine) & (busier | tie)).any(dim=1)
+    return chosen
+
+
+@torch.no_grad()
+def resample(dictionary: Dictionary, optimizer: torch.optim.Optimizer, chosen: Tensor, x: Tensor, x_hat: Tensor,
+             generator: torch.Generator) -> int:
+    """Re-initialise the `chosen` latents from badly reconstructed inputs; return how many."""
+    latents = chosen.nonzero().squeeze(1)
+    n = latents.numel()
+    if n == 0:
+        return 0
+    residual = x - x_hat
+    weights = residual.pow(2).sum(dim=1)
+    if float(weights.sum()) <= 0:
+        return 0
+    rows = torch.multinomial(weights.cpu(), n, replacement=n > len(weights), generator=generator).to(x.device)
+    directions = F.normalize(residual[rows], dim=1)
+    kept = ~chosen
+    enc_norm = dictionary.W_enc[kept].norm(dim=1).mean() if bool(kept.any()) else torch.tensor(1.0)
+    dec_norm = dictionary.W_dec[kept].norm(dim=1).mean() if bool(kept.any()) else torch.tensor(1.0)
+    dictionary.W_dec[latents] = directions * dec_norm
+    dictionary.W_enc[latents] = directions * enc_norm
+    for name in _ZEROED:
+        if hasattr(dictionary, name):
+            getattr(dictionary, name)[latents] = 0
+    _clear_moments(dictionary, optimizer, latents)
+    return n
+
+
+def _clear_moments(dictionary: Dictionary, optimizer: torch.optim.Optimizer, latents: Tensor) -> None:
+    for param in dictionary.parameters():
+        if param.dim() == 0 or param.shape[0] != dictionary.n_latents:
+            continue
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][latents] = 0

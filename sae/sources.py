@@ -1,0 +1,59 @@
+"""Where training batches come from: an activation cache (or, for benchmarks, a generator).
+
+A source yields epochs of [batch, d] float tensors whose order depends only on (seed, epoch),
+so a resumed run can replay an epoch up to where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+from torch import Tensor
+
+from workbench.cache_reader import ActivationCache
+
+
+class BatchSource(Protocol):
+    d: int
+    rows_per_epoch: int
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]: ...
+
+    def sample(self, n: int) -> Tensor: ...
+
+    def describe(self) -> dict: ...
+
+
+class CacheSource:
+    """Shuffled minibatches of one hook of a cache; BOS rows are skipped (they are outliers
+    a dictionary should not spend latents on, and the evals splice only non-BOS positions)."""
+
+    def __init__(self, cache: ActivationCache, hook: str, seed: int = 0):
+        cache.expect(hook=hook)
+        self.cache, self.hook, self.seed = cache, hook, seed
+        self.d = cache.d(hook)
+        self.rows_per_epoch = cache.manifest.n_windows * (cache.context_length - 1)
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]:
+        for batch in self.cache.batches(self.hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True):
+            yield batch.activations.float()
+
+    def sample(self, n: int) -> Tensor:
+        """n rows (fewer if the cache is smaller) drawn independently of the training order."""
+        n = min(n, self.rows_per_epoch)
+        return next(iter(self.cache.batches(self.hook, n, seed=self.seed + 7919, buffer_rows=n))).activations.float()
+
+    def describe(self) -> dict:
+        config = self.cache.manifest.config
+        return {"cache": str(self.cache.path), "hook": self.hook, "model": self.cache.model,
+                "corpus": config.get("corpus", ""), "context_length": self.cache.context_length}
+
+
+def mean_norm(sample: Tensor) -> float:
+    return float(sample.norm(dim=1).mean())
+
+
+def input_scale(sample: Tensor) -> float:
+    """The factor that makes E|x| = sqrt(d) (so one set of hyper-parameters fits every hook)."""
+    norm = mean_norm(sample)
+    return sample.shape[1] ** 0.5 / norm if norm > 0 else 1.0

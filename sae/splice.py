@@ -1,0 +1,61 @@
+"""Dictionaries inside a running model: replace a hook's activation by its reconstruction.
+
+`splice(model, dictionary)` is a context manager (hooks are always removed); positions after
+the first are replaced, the BOS position is left alone by default, as the dictionaries are
+trained without BOS rows. `replace_activation` does the same with a fixed vector (zero- and
+mean-ablation baselines of the evals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+from torch import Tensor
+
+from sae.base import Dictionary, DictionaryError
+
+
+def _edit_positions(edit: Callable[[Tensor], Tensor], skip_bos: bool):
+    """A hook function applying `edit` to [rows, d] activations of the positions it edits."""
+
+    def hook_fn(activation: Tensor, hook=None) -> Tensor:
+        start = 1 if skip_bos else 0
+        part = activation[:, start:]
+        flat = part.reshape(-1, part[0, 0].numel())
+        out = activation.clone()
+        out[:, start:] = edit(flat).to(activation.dtype).reshape(part.shape)
+        return out
+
+    return hook_fn
+
+
+def hook_of(dictionary: Dictionary, hook: Optional[str]) -> str:
+    hook = hook or dictionary.meta.get("hook")
+    if not hook:
+        raise DictionaryError("this dictionary does not record its hook; pass hook=")
+    return hook
+
+
+@contextlib.contextmanager
+def splice(model, dictionary: Dictionary, hook: Optional[str] = None, *, skip_bos: bool = True) -> Iterator:
+    """Run `model` with the hook's activation replaced by the dictionary's reconstruction."""
+    with model.hooks([(hook_of(dictionary, hook), _edit_positions(dictionary.forward, skip_bos))]):
+        yield model
+
+
+@contextlib.contextmanager
+def replace_activation(model, hook: str, value: Tensor, *, skip_bos: bool = True) -> Iterator:
+    """Run `model` with the hook's activation replaced by `value` [d] at every edited position."""
+    with model.hooks([(hook, _edit_positions(lambda flat: value.to(flat.dtype).expand_as(flat), skip_bos))]):
+        yield model
+
+
+def capture(hook: str, into: list) -> tuple[str, Callable]:
+    """A (hook, fn) pair that appends the activation (detached) to `into` and changes nothing."""
+
+    def hook_fn(activation: Tensor, hook=None) -> None:
+        into.append(activation.detach())
+
+    return hook, hook_fn
+

@@ -1,0 +1,239 @@
+"""One training loop for a grid of dictionaries, all fed by one read of the activation cache.
+
+Each batch is scaled so that E|x| = sqrt(d) (the factor is measured once on a sample and
+folded into the saved weights), then every dictionary of the grid takes an Adam step on it.
+The data order depends only on (seed, epoch): a checkpoint records (epoch, batch) and a resumed
+run replays the epoch up to there, so a killed run resumed with the same command ends with the
+same weights, bit for bit on the CPU, as one never interrupted. Metrics go to each
+dictionary's `log.jsonl` (and to W&B with --wandb); the progress bar shows FVU / L0 / dead %.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from sae import io
+from sae.base import create
+from sae.checkpoint import load_checkpoint, save_checkpoint
+from sae.sources import BatchSource, CacheSource, input_scale
+from sae.train_config import TrainConfig, dictionary_name, lr_at
+from sae.trainee import Trainee
+from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
+from workbench.files import write_json_atomic
+from workbench.logs import JsonlLogger, read_jsonl
+from workbench.paths import DEFAULT_RUNS_DIR
+
+RUN_CONFIG = "train-config.json"
+INIT_SAMPLE_ROWS = 16_384
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    source: BatchSource
+    out: Path
+    total_steps: int
+    dead_after_tokens: int
+    checkpoint_every: int
+    warmup_steps: int
+
+
+def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress: bool = True,
+          stop_after_step: Optional[int] = None) -> list[Path]:
+    """Train (or resume, or find finished) every dictionary of `config`; return their folders.
+
+    `stop_after_step` ends the run after that step without saving anything beyond the last
+    checkpoint, as a kill would (used to test resumption)."""
+    source = source or open_cache(config)
+    plan = _plan(config, source)
+    folders = [plan.out / name for name in _names(config)]
+    if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
+        return folders
+    _claim_folder(plan)
+    trainees = _build_trainees(plan)
+    position = load_checkpoint(plan.out, trainees)
+    if position is None:
+        position = _initialize(plan, trainees)
+    loggers = _open_logs(plan, trainees, position["step"])
+    try:
+        finished = _loop(plan, trainees, position, loggers, progress, stop_after_step)
+    finally:
+        for logger in loggers.values():
+            logger.close()
+    if not finished:
+        return []
+    return [_save_final(plan, t, position) for t in trainees]
+
+
+def open_cache(config: TrainConfig) -> CacheSource:
+    from workbench.activations import CacheConfig, build_cache
+    from workbench.cache_reader import ActivationCache
+
+    folder = Path(config.cache) if config.cache else CacheConfig().output_dir()
+    if not config.cache and not (folder / "manifest.json").exists():
+        build_cache(CacheConfig())
+    cache = ActivationCache(folder)
+    return CacheSource(cache, config.hook or cache.hooks[0], seed=config.seed)
+
+
+def _names(config: TrainConfig) -> list[str]:
+    return [dictionary_name(a, k, e, config.latents) for a, k, e in config.grid()]
+
+
+def _plan(config: TrainConfig, source: BatchSource) -> Plan:
+    tokens = config.tokens or source.rows_per_epoch
+    total = tokens // config.batch_size
+    if source.rows_per_epoch < config.batch_size or total < 1:
+        raise ConfigError(f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {config.batch_size}; lower --batch-size")
+    out = default_output_dir(config, source.describe().get("hook", "synthetic"))
+    dead = config.dead_after_tokens or min(10_000_000, max(config.batch_size, tokens // 10))
+    every = config.checkpoint_every or max(1, total // 10)
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else min(1000, total // 20)
+    return Plan(config, source, out, total, dead, every, warmup)
+
+
+def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
+    """--out, else runs/sae-<hook>."""
+    if config.out:
+        return Path(config.out)
+    hook = config.hook or hook
+    return DEFAULT_RUNS_DIR / (f"sae-{hook}" if hook else "sae")
+
+
+def _same_run(plan: Plan) -> bool:
+    path = plan.out / RUN_CONFIG
+    return path.exists() and json.loads(path.read_text()) == plan.config.to_json()
+
+
+def _claim_folder(plan: Plan) -> None:
+    """Refuse an output folder that holds a different run; record ours."""
+    path = plan.out / RUN_CONFIG
+    if path.exists() and not _same_run(plan):
+        raise WorkbenchError(f"{plan.out} holds a different training run ({RUN_CONFIG} differs); choose another --out")
+    write_json_atomic(path, plan.config.to_json())
+
+
+def _build_trainees(plan: Plan) -> list[Trainee]:
+    trainees = []
+    for index, (arch, k, expansion) in enumerate(plan.config.grid()):
+        dict_config = plan.config.dictionary_config(arch, k, expansion, plan.source.d)
+        dictionary = create(dict_config, seed=plan.config.seed * 1000 + index)
+        lr = plan.config.learning_rate(dict_config.n_latents)
+        name = dictionary_name(arch, k, expansion, plan.config.latents)
+        trainees.append(Trainee(name, dictionary, lr, plan.config.clip_grad, plan.dead_after_tokens, plan.config.starving_below))
+    return trainees
+
+
+def _initialize(plan: Plan, trainees: list[Trainee]) -> dict:
+    sample = plan.source.sample(INIT_SAMPLE_ROWS)
+    scale = input_scale(sample)
+    for trainee in trainees:
+        trainee.dictionary.initialize_from(sample * scale)
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "input_scale": scale}
+
+
+def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, JsonlLogger]:
+    loggers = {}
+    for trainee in trainees:
+        path = plan.out / trainee.name / "log.jsonl"
+        if path.exists():  # drop records past the checkpoint we resume from
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            from workbench.files import write_bytes_atomic
+
+            write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        loggers[trainee.name] = JsonlLogger(path)
+    return loggers
+
+
+def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, progress: bool,
+          stop_after_step: Optional[int]) -> bool:
+    config, total = plan.config, plan.total_steps
+    wandb_run = _wandb(plan) if config.wandb else None
+    bar = tqdm(total=total, initial=position["step"], disable=not progress, unit="step", desc="train")
+    scale = position["input_scale"]
+    try:
+        while position["step"] < total:
+            skip = position["batch_in_epoch"]
+            for index, batch in enumerate(plan.source.epoch(position["epoch"], config.batch_size)):
+                if index < skip:
+                    continue
+                x = batch.to(trainees[0].dictionary.W_dec.device) * scale
+                _train_step(plan, trainees, x, position, loggers, wandb_run, bar)
+                position["batch_in_epoch"] = index + 1
+                if position["step"] % plan.checkpoint_every == 0 or position["step"] == total:
+                    save_checkpoint(plan.out, position, trainees)
+                if stop_after_step is not None and position["step"] >= stop_after_step:
+                    return False
+                if position["step"] >= total:
+                    return True
+            position["epoch"] += 1
+            position["batch_in_epoch"] = 0
+    finally:
+        bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    return True
+
+
+def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: dict, loggers, wandb_run, bar) -> None:
+    step, total, config = position["step"], plan.total_steps, plan.config
+    progress = step / total
+    records = {}
+    for trainee in trainees:
+        lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
+        out = trainee.step(x, lr, progress, step)
+        if _resample_due(plan, step + 1):
+            resampled = trainee.resample(x, out, config.resample_below, config.resample_duplicate_cosine, config.seed * 1_000_003 + step)
+            out.terms["resampled"] = torch.tensor(float(resampled))
+        if (step + 1) % config.log_every == 0 or step + 1 == total:
+            records[trainee.name] = {"step": step + 1, "tokens": position["tokens"] + x.shape[0], "lr": lr, **trainee.metrics(x, out)}
+    position["step"] = step + 1
+    position["tokens"] += x.shape[0]
+    for name, record in records.items():
+        loggers[name].log(**record)
+    if records:
+        first = records[trainees[0].name]
+        bar.set_postfix_str(f"fvu {first['fvu']:.3f} l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%")
+        if wandb_run is not None:
+            wandb_run.log({f"{name}/{k}": v for name, r in records.items() for k, v in r.items()}, step=step + 1)
+    bar.update(1)
+
+
+def _resample_due(plan: Plan, step: int) -> bool:
+    every = plan.config.resample_every
+    return every > 0 and step % every == 0 and step <= plan.config.resample_until * plan.total_steps
+
+
+def _wandb(plan: Plan):
+    try:
+        import wandb
+    except ImportError:
+        raise MissingExtraError("--wandb needs the wandb package: pip install wandb") from None
+    # Never block on a login prompt: without an explicit mode or a key, log offline.
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=plan.config.wandb_project, name=plan.out.name, dir=str(plan.out),
+                      config=plan.config.to_json(), mode=mode, reinit="finish_previous")
+
+
+def _save_final(plan: Plan, trainee: Trainee, position: dict) -> Path:
+    folder = plan.out / trainee.name
+    arch, k, expansion = next(g for g in plan.config.grid() if dictionary_name(*g, plan.config.latents) == trainee.name)
+    io.save(trainee.dictionary, folder, input_scale=position["input_scale"], **plan.source.describe(),
+            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=final_metrics(folder / "log.jsonl"),
+            tokens_trained=position["tokens"])
+    return folder
+
+
+def final_metrics(log_path: Path, last: int = 10) -> dict:
+    """Means of the last `last` logged records (training batches) of the headline metrics."""
+    records = read_jsonl(log_path)[-last:] if log_path.exists() else []
+    keys = ("fvu", "l0", "dead_fraction", "loss")
+    return {k: round(statistics.fmean(r[k] for r in records), 6) for k in keys if records and all(k in r for r in records)}

@@ -1,0 +1,139 @@
+"""How to train: the data, the grid of dictionaries trained in one pass, the optimizer schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, replace
+
+from sae.config import DictionaryConfig
+from workbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Saved beside the run; `workbench train --config RUN/config.json` trains it again."""
+
+    cache: str = ""
+    """Activation cache folder; empty means the default cache (built first if absent)."""
+    hook: str = ""
+    """Hook to train on; empty means the cache's first hook."""
+    arch: tuple[str, ...] = ("topk",)
+    """Architectures to train, all in one read of the cache (with every --k and --expansion)."""
+    k: tuple[int, ...] = (32,)
+    """Active latents per token (one dictionary per value)."""
+    expansion: tuple[int, ...] = (8,)
+    """n_latents = expansion * d_in (one dictionary per value); ignored when --latents is set."""
+    latents: int = 0
+    """Dictionary width; 0 means expansion * d_in."""
+    tokens: int = 0
+    """Training tokens; 0 means one pass over the cache (BOS rows are skipped)."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    lr: float = 0.0
+    """Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2**14)."""
+    warmup_steps: int = -1
+    """Linear learning-rate warm-up; -1 means min(1000, 5% of the steps)."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the learning rate decays linearly to 0."""
+    clip_grad: float = 1.0
+    """Gradient-norm clip per dictionary; 0 disables it."""
+    dead_after_tokens: int = 0
+    """A latent that has not fired for this many tokens is dead (AuxK, dead %); 0 means min(10M, tokens / 10)."""
+    starving_below: float = 0.0
+    """AuxK also trains latents whose running firing rate is below this fraction of the mean rate (0: dead latents only)."""
+    aux_k: int = 0
+    """AuxK's dead latents per token; 0 means d_in / 2."""
+    aux_coef: float = 1 / 32
+    """AuxK coefficient alpha."""
+    l1_coef: float = 5.0
+    """relu/gated sparsity coefficient lambda."""
+    target_l0: float = 0.0
+    """jumprelu: L0 the controller steers to; 0 means k."""
+    bandwidth: float = 0.05
+    """jumprelu: rectangle-kernel width of the threshold pseudo-gradient."""
+    prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    """matryoshka: nested widths as fractions of n_latents."""
+    resample_every: int = 0
+    """Steps between resamplings of useless latents (see sae.resample); 0 disables it."""
+    resample_until: float = 0.5
+    """Fraction of training after which no more resampling happens."""
+    resample_below: float = 0.05
+    """A latent whose firing rate since the last resampling is below this fraction of the mean rate (k / n_latents) is resampled."""
+    resample_duplicate_cosine: float = 0.95
+    """A latent whose decoder row has this cosine with a busier latent's is resampled (1 disables)."""
+    seed: int = 0
+    """Seeds initialisation and the data order."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (resume with the same command); 0 means 10 per run."""
+    log_every: int = 10
+    """Steps between metric records in each dictionary's log.jsonl."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline unless WANDB_MODE / an API key says otherwise)."""
+    wandb_project: str = "workbench"
+    """W&B project name."""
+    out: str = ""
+    """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>."""
+
+    def __post_init__(self):
+        if not self.arch or not self.k or not self.expansion:
+            raise ConfigError("--arch, --k and --expansion need at least one value")
+        positive = {"batch_size": self.batch_size, "log_every": self.log_every}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        non_negative = {"tokens": self.tokens, "latents": self.latents, "lr": self.lr, "clip_grad": self.clip_grad,
+                        "dead_after_tokens": self.dead_after_tokens, "checkpoint_every": self.checkpoint_every}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        if any(v <= 0 for v in (*self.k, *self.expansion)):
+            raise ConfigError("--k and --expansion values must be positive")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if len(set(self.grid())) != len(self.grid()):
+            raise ConfigError("the grid of --arch, --k and --expansion repeats a dictionary")
+
+    def grid(self) -> list[tuple[str, int, int]]:
+        """(architecture, k, expansion) of every dictionary this run trains."""
+        expansions = (0,) if self.latents else self.expansion
+        return list(itertools.product(self.arch, self.k, expansions))
+
+    def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
+        n_latents = self.latents or expansion * d_in
+        if k > n_latents:
+            raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
+        return DictionaryConfig(
+            architecture=architecture, d_in=d_in, n_latents=n_latents, k=k, aux_k=self.aux_k, aux_coef=self.aux_coef,
+            l1_coef=self.l1_coef, target_l0=self.target_l0, bandwidth=self.bandwidth, prefixes=self.prefixes,
+        )
+
+    def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":
+        """This config narrowed to one dictionary of its grid (saved in that dictionary's folder)."""
+        if self.latents:
+            return replace(self, arch=(architecture,), k=(k,))
+        return replace(self, arch=(architecture,), k=(k,), expansion=(expansion,))
+
+    def learning_rate(self, n_latents: int) -> float:
+        return self.lr or 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def to_json(self) -> dict:
+        obj = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
+
+
+def dictionary_name(architecture: str, k: int, expansion: int, latents: int) -> str:
+    width = f"m{latents}" if latents else f"x{expansion}"
+    return f"{architecture}-k{k}-{width}"
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, decay_fraction: float) -> float:
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last
+    `decay_fraction` of the steps."""
+    scale = 1.0
+    if warmup > 0 and step < warmup:
+        scale = (step + 1) / warmup
+    decay_steps = int(total * decay_fraction)
+    if decay_steps > 0 and step >= total - decay_steps:
+        scale = min(scale, (total - step) / decay_steps)
+    return base * scale

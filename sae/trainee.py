@@ -1,0 +1,126 @@
+"""One dictionary in training: its optimizer, dead-latent counters and step.
+
+Several trainees share one stream of batches (`sae.train`). Everything that changes during
+training (weights, buffers, Adam moments, counters) round-trips through `state_tensors` /
+`load_state_tensors`, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sae.base import Dictionary, StepContext, StepOutput
+from sae.resample import latents_to_resample, resample
+from workbench.errors import WorkbenchError
+
+_MOMENTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+class TrainingDivergedError(WorkbenchError):
+    """The loss became NaN or infinite."""
+
+
+class Trainee:
+    def __init__(self, name: str, dictionary: Dictionary, lr: float, clip_grad: float, dead_after_tokens: int,
+                 starving_below: float = 0.0):
+        self.name, self.dictionary = name, dictionary
+        self.starving_below = starving_below
+        self.base_lr, self.clip_grad, self.dead_after_tokens = lr, clip_grad, dead_after_tokens
+        fused = all(p.device.type in ("cpu", "cuda") for p in dictionary.parameters())
+        self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
+        self.tokens_since_fired = torch.zeros(dictionary.n_latents, dtype=torch.long, device=dictionary.W_dec.device)
+        self.fires_since_resample = torch.zeros_like(self.tokens_since_fired)
+        # Running firing rate per latent (EMA over steps), for the "starving" part of the AuxK set.
+        self.firing_rate = torch.full((dictionary.n_latents,), 1.0 / dictionary.n_latents, device=dictionary.W_dec.device)
+
+    @property
+    def dead_mask(self) -> Tensor:
+        """Latents AuxK trains: dead ones, and (with starving_below) those firing below that
+        fraction of the mean rate."""
+        dead = self.tokens_since_fired >= self.dead_after_tokens
+        if self.starving_below > 0:
+            dead |= self.firing_rate < self.starving_below * self.firing_rate.mean()
+        return dead
+
+    @property
+    def is_dead(self) -> Tensor:
+        return self.tokens_since_fired >= self.dead_after_tokens
+
+    def step(self, x: Tensor, lr: float, progress: float, step: int) -> StepOutput:
+        d = self.dictionary
+        out = d.training_step(x, StepContext(self.dead_mask, progress))
+        if not math.isfinite(float(out.loss.detach())):
+            raise TrainingDivergedError(f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        d.before_optimizer_step()
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(d.parameters(), self.clip_grad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        d.after_optimizer_step()
+        self._count_firing(out, x.shape[0])
+        return out
+
+    @torch.no_grad()
+    def _count_firing(self, out: StepOutput, n_tokens: int) -> None:
+        fired = out.codes.flat_indices()[out.codes.flat_values() > 0]
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        counts = torch.bincount(fired, minlength=self.dictionary.n_latents)
+        self.fires_since_resample += counts
+        self.firing_rate.lerp_(counts.to(self.firing_rate.dtype) / n_tokens, 0.01)
+
+    def resample(self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, seed: int) -> int:
+        """Resample latents firing below `below` times the mean rate since the last call, or
+        duplicating a busier latent (see `sae.resample`); return how many."""
+        fires = self.fires_since_resample
+        min_fires = below * float(fires.sum()) / self.dictionary.n_latents
+        chosen = latents_to_resample(self.dictionary, fires, min_fires, duplicate_cosine)
+        generator = torch.Generator().manual_seed(seed)
+        n = resample(self.dictionary, self.optimizer, chosen, x, out.x_hat.detach(), generator)
+        self.dictionary.after_optimizer_step()
+        self.fires_since_resample.zero_()
+        self.tokens_since_fired[chosen] = self.dead_after_tokens  # in the AuxK set until they fire
+        return n
+
+    @torch.no_grad()
+    def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
+        residual = (x - out.x_hat).pow(2).sum()
+        total = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        record = {
+            "loss": float(out.loss.detach()),
+            "fvu": float(residual / total),
+            "l0": float((out.codes.flat_values() > 0).sum()) / x.shape[0],
+            "dead_fraction": float(self.is_dead.float().mean()),
+        }
+        record.update({name: float(value) for name, value in out.terms.items()})
+        return record
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"model.{k}": v.detach() for k, v in self.dictionary.state_dict().items()}
+        names = {id(p): n for n, p in self.dictionary.named_parameters()}
+        for param, state in self.optimizer.state.items():
+            for key in _MOMENTS:
+                if key in state:
+                    tensors[f"adam.{names[id(param)]}.{key}"] = state[key].detach()
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["fires_since_resample"] = self.fires_since_resample
+        tensors["firing_rate"] = self.firing_rate
+        return {k: v.contiguous() for k, v in tensors.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.dictionary.load_state_dict(model, strict=True)
+        for name, param in self.dictionary.named_parameters():
+            moments = {key: tensors[f"adam.{name}.{key}"] for key in _MOMENTS if f"adam.{name}.{key}" in tensors}
+            if moments:
+                self.optimizer.state[param] = {k: v.clone() for k, v in moments.items()}
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.fires_since_resample.copy_(tensors["fires_since_resample"])
+        self.firing_rate.copy_(tensors["firing_rate"])
