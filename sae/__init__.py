@@ -1,1 +1,19 @@
-"""Sparse dictionaries learned on cached activations (SAEs, codebooks, probes). Imports `workbench` only."""
+"""Sparse dictionaries learned on cached activations (SAEs, codebooks, probes). Imports `workbench` only.
+
+    import sae
+    d = sae.load("runs/sae-blocks.1.hook_resid_post/topk-k32-x8")   # ours, SAELens or sparsify
+    sae.architectures()                                             # registered names
+"""
+
+_EXPORTS = {"load": "sae.io", "save": "sae.io", "architectures": "sae.base", "create": "sae.base",
+            "DictionaryConfig": "sae.config", "TrainConfig": "sae.train_config", "train": "sae.train",
+            "evaluate": "sae.evals", "splice": "sae.splice"}
+
+
+def __getattr__(name: str):
+    """Lazy exports: `import sae` stays cheap, and nothing runs at import time."""
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sae' has no attribute {name!r}")

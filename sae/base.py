@@ -86,7 +86,7 @@ def create(config: DictionaryConfig, seed: int = 0) -> "Dictionary":
 
 
 def _import_builtin() -> None:
-    import sae.architectures  # noqa: F401  (registers the built-in classes)
+    import sae.builtin  # noqa: F401  (registers the built-in classes)
 
 
 class Dictionary(nn.Module):

@@ -3,7 +3,7 @@
 Every architecture is trained, in one pass over the same generated data, with one recipe:
 width = number of planted features, k = the data's expected L0 (rounded), batch 1024, the
 default learning rate, and resampling of latents firing below 0.2x the mean rate (or
-duplicating a busier latent at cosine > 0.7) every 100 steps for the first 60% of training.
+duplicating a busier latent at cosine > 0.7) every 50 steps for the first 85% of training.
 Scores: Hungarian-matched MCC and MMCS of decoder rows against the planted features, dead
 latents on 16,384 fresh samples, and FVU on them.
 """
@@ -20,7 +20,7 @@ from sae.synthetic import PlantedConfig, PlantedFeatures, feature_recovery
 from sae.train import train
 from sae.train_config import TrainConfig
 
-RECIPE = {"batch_size": 1024, "resample_every": 100, "resample_until": 0.6, "resample_below": 0.2,
+RECIPE = {"batch_size": 1024, "resample_every": 50, "resample_until": 0.85, "resample_below": 0.2,
           "resample_duplicate_cosine": 0.7, "log_every": 50}
 
 

@@ -83,10 +83,14 @@ def read_weights(path: Path) -> dict:
         raise DictionaryError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
 
 
-def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict, where: Path) -> Dictionary:
-    """A dictionary of class `cls` holding exactly `tensors` (names and shapes checked)."""
+def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict, where: Path,
+                 buffers_optional: bool = False) -> Dictionary:
+    """A dictionary of class `cls` holding exactly `tensors` (names and shapes checked). With
+    `buffers_optional` (peers' folders), absent training-state buffers keep their initial values."""
     dictionary = cls(config)
     expected = dictionary.state_dict()
+    if buffers_optional:
+        tensors = {**{name: b for name, b in dictionary.named_buffers()}, **tensors}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

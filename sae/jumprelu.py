@@ -79,7 +79,8 @@ class JumpReLU(Dictionary):
         l0 = StepFunction.apply(candidates.values, theta, eps).sum() / x.shape[0]
         coefficient = self.multiplier * mse.detach() / self.config.effective_target_l0
         self._steer(l0.detach())
-        terms = {"mse": mse.detach(), "l0_penalty": l0.detach(), "lambda": coefficient.detach().clone()}
+        terms = {"mse": mse.detach(), "l0_penalty": l0.detach(), "lambda": coefficient.detach().clone(),
+                 "threshold_mean": self.threshold.detach().mean()}
         return StepOutput(mse + coefficient * l0, x_hat, f, terms)
 
     @torch.no_grad()

@@ -42,7 +42,7 @@ def load_saelens(folder: Path) -> Dictionary:
     tensors = read_weights(folder / SAELENS_WEIGHTS)
     ours = _saelens_tensors(arch, tensors, bool(cfg.get("apply_b_dec_to_input", True)), folder / SAELENS_WEIGHTS)
     config = DictionaryConfig(architecture=arch, d_in=d_in, n_latents=d_sae, k=min(k, d_sae))
-    dictionary = from_tensors(dictionary_class(arch), config, ours, folder / SAELENS_WEIGHTS)
+    dictionary = from_tensors(dictionary_class(arch), config, ours, folder / SAELENS_WEIGHTS, buffers_optional=True)
     meta = cfg.get("metadata") or cfg.get("meta") or {}
     dictionary.meta = {"format": "saelens", "hook": cfg.get("hook_name") or meta.get("hook_name"),
                        "model": cfg.get("model_name") or meta.get("model_name")}
@@ -95,7 +95,7 @@ def load_sparsify(folder: Path) -> Dictionary:
     ours = {"W_enc": t["encoder.weight"].float(), "b_enc": t["encoder.bias"].float(),
             "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
     config = DictionaryConfig(architecture="topk", d_in=d, n_latents=m, k=min(k, m))
-    dictionary = from_tensors(dictionary_class("topk"), config, ours, folder / SPARSIFY_WEIGHTS)
+    dictionary = from_tensors(dictionary_class("topk"), config, ours, folder / SPARSIFY_WEIGHTS, buffers_optional=True)
     dictionary.meta = {"format": "sparsify", "hook": folder.name, "model": None}
     return dictionary
 

@@ -27,7 +27,7 @@ from sae.sources import BatchSource, CacheSource, input_scale
 from sae.train_config import TrainConfig, dictionary_name, lr_at
 from sae.trainee import Trainee
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
-from workbench.files import write_json_atomic
+from workbench.files import write_bytes_atomic, write_json_atomic
 from workbench.logs import JsonlLogger, read_jsonl
 from workbench.paths import DEFAULT_RUNS_DIR
 
@@ -146,8 +146,6 @@ def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, Json
         path = plan.out / trainee.name / "log.jsonl"
         if path.exists():  # drop records past the checkpoint we resume from
             kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-            from workbench.files import write_bytes_atomic
-
             write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         loggers[trainee.name] = JsonlLogger(path)
     return loggers

@@ -18,6 +18,14 @@ def test_every_issue_architecture_is_registered():
     assert set(architectures()) >= {"relu", "topk", "batchtopk", "gated", "jumprelu", "matryoshka", "feature_choice", "mutual_choice"}
 
 
+def test_package_exports_load_lazily():
+    import sae
+
+    assert sae.load is io.load and "topk" in sae.architectures()
+    with pytest.raises(AttributeError):
+        sae.no_such_thing
+
+
 def test_registry_refuses_duplicates_and_unknown_names():
     with pytest.raises(ValueError, match="already registered"):
         register("topk")(type("Again", (), {}))

@@ -1,0 +1,76 @@
+"""`workbench train`, `workbench eval` and `workbench bench sae` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model_dir, tmp_path_factory):
+    from workbench.activations import CacheConfig, build_cache
+
+    out = tmp_path_factory.mktemp("cli-sae") / "cache"
+    build_cache(CacheConfig(model=str(tiny_model_dir), corpus="tiny-shakespeare", tokens=16_384, context_length=32, out=str(out)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-sae") / "run"
+    from app.cli import main
+
+    assert main(["train", "--cache", str(cache), "--arch", "topk,jumprelu", "--k", "4", "--expansion", "2",
+                 "--batch-size", "512", "--out", str(out), "--quiet", "--json"]) == 0
+    return out
+
+
+def test_train_prints_one_row_per_dictionary_and_saves_a_reproducible_config(capsys, cache, trained, tmp_path):
+    assert json.loads((trained / "train-config.json").read_text())["arch"] == ["topk", "jumprelu"]
+    folders = sorted(p.name for p in trained.iterdir() if (p / "config.json").exists())
+    assert folders == ["jumprelu-k4-x2", "topk-k4-x2"]
+    meta = json.loads((trained / "topk-k4-x2" / "config.json").read_text())
+    assert meta["dictionary"]["n_latents"] == 128 and meta["hook"] == "blocks.0.hook_resid_post"
+    assert 0 < meta["metrics"]["fvu"] < 1
+    code, out, _ = run_cli(capsys, "train", "--config", str(trained / "topk-k4-x2" / "config.json"), "--out", str(tmp_path / "again"), "--quiet", "--json")
+    assert code == 0
+    again = json.loads(out.splitlines()[0])
+    assert again["dictionary"] == "topk-k4-x2" and again["fvu"] == round(meta["metrics"]["fvu"], 4)
+
+
+def test_eval_json_has_the_promised_fields(capsys, trained):
+    code, out, _ = run_cli(capsys, "eval", str(trained / "topk-k4-x2"), "--tokens", "1024", "--quiet", "--json")
+    assert code == 0
+    metrics = json.loads(out)
+    assert {"fvu", "mse", "l0", "dead_fraction", "ce_loss_score", "kl_score"} <= set(metrics)
+    assert metrics["l0"] == pytest.approx(4.0) and 0 < metrics["fvu"] < 1
+    assert json.loads((trained / "topk-k4-x2" / "eval.json").read_text())["fvu"] == metrics["fvu"]
+
+
+def test_eval_of_a_run_folder_covers_each_dictionary(capsys, trained):
+    code, out, _ = run_cli(capsys, "eval", str(trained), "--tokens", "512", "--quiet", "--json")
+    assert code == 0
+    assert [json.loads(line)["dictionary"].rsplit("/", 1)[-1] for line in out.splitlines()] == ["jumprelu-k4-x2", "topk-k4-x2"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--arch", "topkk"], "unknown architecture 'topkk'"),
+    (["train", "--k", "4,x"], "invalid int list"),
+    (["eval", "/no/such/run"], "no trained dictionary here"),
+    (["bench", "sae", "--arch", "nope"], "unknown architecture 'nope'"),
+])
+def test_bad_input_is_one_line(capsys, cache, tmp_path, argv, expected):
+    if argv[0] == "train":
+        argv = argv + ["--cache", str(cache), "--out", str(tmp_path / "o"), "--quiet"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and expected in err
+
+
+def test_bench_sae_reports_recovery(capsys):
+    code, out, _ = run_cli(capsys, "bench", "sae", "--arch", "topk", "--samples", "40000", "--features", "32", "--d", "16", "--json")
+    assert code == 0
+    row = json.loads(out.splitlines()[-1])
+    assert row["arch"] == "topk" and 0 < row["mcc"] <= row["mmcs"] <= 1 and row["latents"] == 32
