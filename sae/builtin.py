@@ -1,3 +1,3 @@
 """Importing this module registers the built-in architectures (one file each)."""
 
-from sae import batchtopk, choice, gated, jumprelu, matryoshka, relu, topk  # noqa: F401
+from sae import batchtopk, choice, codebook, gated, jumprelu, matryoshka, relu, topk  # noqa: F401

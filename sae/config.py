@@ -39,6 +39,10 @@ class DictionaryConfig:
     """batchtopk/matryoshka/feature_choice: eta of the running inference threshold."""
     prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     """matryoshka: nested widths as fractions of n_latents (ascending, last 1.0)."""
+    metric: str = "cosine"
+    """codebook: similarity that picks the codes, cosine or dot."""
+    aggregate: str = "sum"
+    """codebook: the chosen codes' sum or mean replaces the activation."""
 
     def __post_init__(self):
         if self.d_in < 0 or self.n_latents < 0:

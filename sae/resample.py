@@ -42,7 +42,7 @@ def resample(dictionary: Dictionary, optimizer: torch.optim.Optimizer, chosen: T
     """Re-initialise the `chosen` latents from badly reconstructed inputs; return how many."""
     latents = chosen.nonzero().squeeze(1)
     n = latents.numel()
-    if n == 0:
+    if n == 0 or not hasattr(dictionary, "W_enc"):  # codebooks replace their dead codes themselves
         return 0
     residual = x - x_hat
     weights = residual.pow(2).sum(dim=1)

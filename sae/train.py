@@ -24,7 +24,7 @@ from sae import io
 from sae.base import create
 from sae.checkpoint import load_checkpoint, save_checkpoint
 from sae.sources import BatchSource, CacheSource, input_scale
-from sae.train_config import TrainConfig, dictionary_name, lr_at
+from sae.train_config import TrainConfig, lr_at
 from sae.trainee import Trainee
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
 from workbench.files import write_bytes_atomic, write_json_atomic
@@ -85,7 +85,7 @@ def open_cache(config: TrainConfig) -> CacheSource:
 
 
 def _names(config: TrainConfig) -> list[str]:
-    return [dictionary_name(a, k, e, config.latents) for a, k, e in config.grid()]
+    return [config.name_of(*g) for g in config.grid()]
 
 
 def _plan(config: TrainConfig, source: BatchSource) -> Plan:
@@ -127,7 +127,7 @@ def _build_trainees(plan: Plan) -> list[Trainee]:
         dict_config = plan.config.dictionary_config(arch, k, expansion, plan.source.d)
         dictionary = create(dict_config, seed=plan.config.seed * 1000 + index)
         lr = plan.config.learning_rate(dict_config.n_latents)
-        name = dictionary_name(arch, k, expansion, plan.config.latents)
+        name = plan.config.name_of(arch, k, expansion)
         trainees.append(Trainee(name, dictionary, lr, plan.config.clip_grad, plan.dead_after_tokens, plan.config.starving_below))
     return trainees
 
@@ -223,7 +223,7 @@ def _wandb(plan: Plan):
 
 def _save_final(plan: Plan, trainee: Trainee, position: dict) -> Path:
     folder = plan.out / trainee.name
-    arch, k, expansion = next(g for g in plan.config.grid() if dictionary_name(*g, plan.config.latents) == trainee.name)
+    arch, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
     io.save(trainee.dictionary, folder, input_scale=position["input_scale"], **plan.source.describe(),
             config=plan.config.for_one(arch, k, expansion).to_json(), metrics=final_metrics(folder / "log.jsonl"),
             tokens_trained=position["tokens"])

@@ -26,6 +26,10 @@ class TrainConfig:
     """n_latents = expansion * d_in (one dictionary per value); ignored when --latents is set."""
     latents: int = 0
     """Dictionary width; 0 means expansion * d_in."""
+    codes: int = 0
+    """codebook: number of codes (its width); 0 means as --latents / --expansion."""
+    metric: str = "cosine"
+    """codebook: code similarity, cosine or dot."""
     tokens: int = 0
     """Training tokens; 0 means one pass over the cache (BOS rows are skipped)."""
     batch_size: int = 4096
@@ -82,7 +86,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        non_negative = {"tokens": self.tokens, "latents": self.latents, "lr": self.lr, "clip_grad": self.clip_grad,
+        non_negative = {"tokens": self.tokens, "latents": self.latents, "codes": self.codes, "lr": self.lr, "clip_grad": self.clip_grad,
                         "dead_after_tokens": self.dead_after_tokens, "checkpoint_every": self.checkpoint_every}
         for name, value in non_negative.items():
             if value < 0:
@@ -100,12 +104,13 @@ class TrainConfig:
         return list(itertools.product(self.arch, self.k, expansions))
 
     def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
-        n_latents = self.latents or expansion * d_in
+        n_latents = (self.codes if architecture == "codebook" and self.codes else 0) or self.latents or expansion * d_in
         if k > n_latents:
             raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
         return DictionaryConfig(
             architecture=architecture, d_in=d_in, n_latents=n_latents, k=k, aux_k=self.aux_k, aux_coef=self.aux_coef,
             l1_coef=self.l1_coef, target_l0=self.target_l0, bandwidth=self.bandwidth, prefixes=self.prefixes,
+            metric=self.metric,
         )
 
     def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":
@@ -114,17 +119,20 @@ class TrainConfig:
             return replace(self, arch=(architecture,), k=(k,))
         return replace(self, arch=(architecture,), k=(k,), expansion=(expansion,))
 
+    def name_of(self, architecture: str, k: int, expansion: int) -> str:
+        """The folder name of one dictionary of the grid: <arch>-k<k>-x<expansion> (or -m<latents>, -c<codes>)."""
+        if architecture == "codebook" and self.codes:
+            width = f"c{self.codes}"
+        else:
+            width = f"m{self.latents}" if self.latents else f"x{expansion}"
+        return f"{architecture}-k{k}-{width}"
+
     def learning_rate(self, n_latents: int) -> float:
         return self.lr or 2e-4 / math.sqrt(n_latents / 2**14)
 
     def to_json(self) -> dict:
         obj = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
-
-
-def dictionary_name(architecture: str, k: int, expansion: int, latents: int) -> str:
-    width = f"m{latents}" if latents else f"x{expansion}"
-    return f"{architecture}-k{k}-{width}"
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, decay_fraction: float) -> float:

@@ -87,7 +87,13 @@ def ref_gated(d, x):
     return mse(x, f @ d.W_dec + d.b_dec) + d.config.l1_coef * 0.4 * sparsity + mse(x, gate_only)
 
 
-REFERENCES = {"topk": ref_topk, "batchtopk": ref_batchtopk, "mutual_choice": ref_batchtopk, "matryoshka": ref_matryoshka,
+def ref_codebook(d, x):
+    keys = torch.nn.functional.normalize(d.W_dec, dim=1).detach()
+    chosen = (x @ keys.t()).topk(d.config.k, dim=1).indices
+    return mse(x, d.W_dec[chosen].sum(dim=1))
+
+
+REFERENCES = {"codebook": ref_codebook, "topk": ref_topk, "batchtopk": ref_batchtopk, "mutual_choice": ref_batchtopk, "matryoshka": ref_matryoshka,
               "feature_choice": ref_feature_choice, "relu": ref_relu, "gated": ref_gated}
 
 
