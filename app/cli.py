@@ -26,6 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     from sae.evals import EvalConfig
+    from sae.probes import ProbeConfig
     from sae.train_config import TrainConfig
     from workbench.activations import CacheConfig
     from workbench.demo_model import DemoModelConfig
@@ -66,6 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_arguments(eval_cmd, EvalConfig)
     _quiet_and_json(eval_cmd)
     eval_cmd.set_defaults(run_command=cmd_eval)
+
+    probe = commands.add_parser("probe", help="k-sparse probes on neurons or dictionary latents: accuracy per k")
+    add_config_arguments(probe, ProbeConfig)
+    probe.add_argument("--json", action="store_true", help="one JSON object per row")
+    probe.set_defaults(run=cmd_probe)
 
     bench = commands.add_parser("bench", help="benchmarks (ratios measured in one process)").add_subparsers(
         dest="suite", required=True, parser_class=_Parser, metavar="SUITE")
@@ -225,6 +231,17 @@ def _dictionary_folders(run: Path | None) -> list[Path]:
     if not found:
         raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
     return found
+
+
+def cmd_probe(args) -> None:
+    from sae.probes import ProbeConfig, default_output, run_probes
+
+    config = config_from_args(ProbeConfig, args)
+    rows = run_probes(config)
+    shown = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "features_chosen"} for r in rows]
+    _print_rows(rows if args.json else shown, args.json)
+    if not args.json:
+        print(f"saved: {default_output(config)}")
 
 
 def cmd_bench_sae(args) -> None:

@@ -57,3 +57,16 @@ def input_scale(sample: Tensor) -> float:
     """The factor that makes E|x| = sqrt(d) (so one set of hyper-parameters fits every hook)."""
     norm = mean_norm(sample)
     return sample.shape[1] ** 0.5 / norm if norm > 0 else 1.0
+
+
+def open_cache_source(cache: str = "", hook: str = "", seed: int = 0) -> CacheSource:
+    """The cache folder (default: the default cache, built first if absent) as a source."""
+    from pathlib import Path
+
+    from workbench.activations import CacheConfig, build_cache
+
+    folder = Path(cache) if cache else CacheConfig().output_dir()
+    if not cache and not (folder / "manifest.json").exists():
+        build_cache(CacheConfig())
+    opened = ActivationCache(folder)
+    return CacheSource(opened, hook or opened.hooks[0], seed=seed)

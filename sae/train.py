@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sae import io
 from sae.base import create
 from sae.checkpoint import load_checkpoint, save_checkpoint
-from sae.sources import BatchSource, CacheSource, input_scale
+from sae.sources import BatchSource, CacheSource, input_scale, open_cache_source
 from sae.train_config import TrainConfig, lr_at
 from sae.trainee import Trainee
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
@@ -74,14 +74,7 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
 
 
 def open_cache(config: TrainConfig) -> CacheSource:
-    from workbench.activations import CacheConfig, build_cache
-    from workbench.cache_reader import ActivationCache
-
-    folder = Path(config.cache) if config.cache else CacheConfig().output_dir()
-    if not config.cache and not (folder / "manifest.json").exists():
-        build_cache(CacheConfig())
-    cache = ActivationCache(folder)
-    return CacheSource(cache, config.hook or cache.hooks[0], seed=config.seed)
+    return open_cache_source(config.cache, config.hook, seed=config.seed)
 
 
 def _names(config: TrainConfig) -> list[str]:

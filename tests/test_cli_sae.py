@@ -74,3 +74,21 @@ def test_bench_sae_reports_recovery(capsys):
     assert code == 0
     row = json.loads(out.splitlines()[-1])
     assert row["arch"] == "topk" and 0 < row["mcc"] <= row["mmcs"] <= 1 and row["latents"] == 32
+
+
+def test_probe_on_neurons_and_on_latents(capsys, cache, trained, tmp_path):
+    code, out, _ = run_cli(capsys, "probe", "--cache", str(cache), "--task", "line_start,word_continuation", "--k", "1,4",
+                           "--tokens", "8192", "--out", str(tmp_path / "n.json"), "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["task"], r["k"]) for r in rows] == [("line_start", 1), ("line_start", 4), ("word_continuation", 1), ("word_continuation", 4)]
+    assert all({"task", "features", "k", "accuracy", "f1"} <= set(r) and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert json.loads((tmp_path / "n.json").read_text())["rows"] == rows
+    code, out, _ = run_cli(capsys, "probe", "--cache", str(cache), "--task", "line_start", "--k", "2", "--tokens", "8192",
+                           "--on", str(trained / "topk-k4-x2"), "--out", str(tmp_path / "l.json"), "--json")
+    assert code == 0 and json.loads(out)["features"].endswith("topk-k4-x2")
+
+
+def test_probe_refuses_unknown_tasks(capsys, cache):
+    code, _, err = run_cli(capsys, "probe", "--cache", str(cache), "--task", "nope")
+    assert code == 2 and "unknown probing task 'nope'" in err and err.count("\n") == 1

@@ -1,0 +1,179 @@
+"""k-sparse probing (Gurnee et al. 2023, "Finding Neurons in a Haystack").
+
+Features are a hook's neurons (the cached activations) or a dictionary's latents. For each
+task the features are ranked on the training split by how well each one alone separates the
+classes (mean difference |mu_1 - mu_0| / pooled std, or the one-way ANOVA F statistic); a
+class-balanced logistic regression (scikit-learn) is fit on the top k, for k in a sweep, and
+scored on held-out windows (accuracy, balanced accuracy, F1 of the positive class). Windows,
+not tokens, are split, so no text is seen on both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from workbench.errors import ConfigError
+
+RANKINGS = ("mean_diff", "f_stat")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    cache: str = ""
+    """Activation cache folder; empty means the default cache (built first if absent)."""
+    hook: str = ""
+    """Hook; empty means the cache's first hook."""
+    task: tuple[str, ...] = ()
+    """Tasks to probe (see `workbench probe --help`); empty means every built-in task."""
+    on: str = "neurons"
+    """Features: 'neurons' (the hook's dimensions) or a dictionary folder (its latents)."""
+    k: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    """Probe sizes to sweep."""
+    tokens: int = 65_536
+    """Tokens (from the start of the cache) to probe on."""
+    ranking: str = "mean_diff"
+    """Feature ranking: mean_diff or f_stat."""
+    test_fraction: float = 0.2
+    """Fraction of windows held out for scoring."""
+    seed: int = 0
+    """Seeds the window split."""
+    out: str = ""
+    """Where to save the sweep (JSON); empty means runs/probes/<features>.json."""
+
+    def __post_init__(self):
+        if self.ranking not in RANKINGS:
+            raise ConfigError(f"unknown ranking {self.ranking!r}; choose from {', '.join(RANKINGS)}")
+        if not self.k or min(self.k) <= 0:
+            raise ConfigError("--k values must be positive")
+        if not 0 < self.test_fraction < 1 or self.tokens <= 0:
+            raise ConfigError("test_fraction must be in (0, 1) and tokens positive")
+
+
+def rank_features(x: Tensor, y: Tensor, ranking: str = "mean_diff") -> Tensor:
+    """Feature indices, best first, by how well each feature alone separates y (bool)."""
+    pos, neg = x[y].double(), x[~y].double()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ConfigError("a probing task needs both classes in the training split")
+    gap = pos.mean(0) - neg.mean(0)
+    if ranking == "mean_diff":
+        pooled = ((pos.var(0, unbiased=False) + neg.var(0, unbiased=False)) / 2).sqrt().clamp_min(1e-12)
+        score = gap.abs() / pooled
+    else:
+        n1, n0 = len(pos), len(neg)
+        mean = x.double().mean(0)
+        between = n1 * (pos.mean(0) - mean) ** 2 + n0 * (neg.mean(0) - mean) ** 2
+        within = ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0)
+        score = between / (within / max(1, n1 + n0 - 2)).clamp_min(1e-12)
+    return score.nan_to_num(0.0).argsort(descending=True)
+
+
+def sweep(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, ks: tuple[int, ...],
+          ranking: str = "mean_diff") -> list[dict]:
+    """One row per k: the chosen features and held-out accuracy, balanced accuracy and F1."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    x_train, x_test = ((x_train - mean) / std).numpy(), ((x_test - mean) / std).numpy()
+    order = rank_features(torch.from_numpy(x_train), y_train, ranking)
+    rows = []
+    for k in sorted(set(min(k, x_train.shape[1]) for k in ks)):
+        chosen = order[:k].numpy()
+        model = LogisticRegression(class_weight="balanced", max_iter=1000).fit(x_train[:, chosen], y_train.numpy())
+        predicted = model.predict(x_test[:, chosen])
+        rows.append({"k": k, "accuracy": float(accuracy_score(y_test, predicted)),
+                     "balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
+                     "f1": float(f1_score(y_test, predicted, zero_division=0)),
+                     "features_chosen": [int(i) for i in chosen[:8]]})
+    return rows
+
+
+def split_windows(n_windows: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, test) window indices."""
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, int(n_windows * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def default_output(config: ProbeConfig) -> Path:
+    from workbench.paths import DEFAULT_RUNS_DIR
+
+    if config.out:
+        return Path(config.out)
+    name = "neurons" if config.on == "neurons" else Path(config.on).name
+    return DEFAULT_RUNS_DIR / "probes" / f"{name}.json"
+
+
+def run_probes(config: ProbeConfig, progress: bool = True) -> list[dict]:
+    """The k-sweep of every task of `config`, saved to `default_output(config)` as JSON."""
+    from sae.probe_tasks import TASKS, task_labels
+    from sae.sources import open_cache_source
+    from workbench.files import write_json_atomic
+    from workbench.models import load_model
+
+    tasks = list(config.task) or list(TASKS)
+    if unknown := [t for t in tasks if t not in TASKS]:
+        raise ConfigError(f"unknown probing task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    source = open_cache_source(config.cache, config.hook)
+    cache = source.cache
+    windows, acts = _first_windows(source, config.tokens)
+    features = acts if config.on == "neurons" else _latents(config.on, acts)
+    tokenizer = load_model(cache.model).tokenizer
+    train_w, test_w = split_windows(len(windows), config.test_fraction, config.seed)
+    rows, skipped = [], []
+    for task in tasks:
+        labels = task_labels(task, windows, lambda t: tokenizer.decode([t]))
+        x_train, y_train = _rows_of(features, labels, train_w)
+        x_test, y_test = _rows_of(features, labels, test_w)
+        if min(int(y_train.sum()), int((~y_train).sum()), int(y_test.sum())) == 0:
+            skipped.append({"task": task, "reason": "a split lacks one class in these tokens"})
+            continue
+        for row in sweep(x_train, y_train, x_test, y_test, config.k, config.ranking):
+            rows.append({"task": task, "features": config.on, "hook": source.hook, **row,
+                         "positives_test": int(y_test.sum()), "tokens_test": len(y_test)})
+    write_json_atomic(default_output(config), {"config": _config_json(config), "rows": rows, "skipped": skipped})
+    if not rows:
+        raise ConfigError(f"no probing task has both classes in the first {config.tokens} tokens ({', '.join(tasks)})")
+    return rows
+
+
+def _first_windows(source, tokens: int) -> tuple[Tensor, Tensor]:
+    """(token windows [n, T], activations [n, T, d]) of the cache's first windows."""
+    cache = source.cache
+    context = cache.context_length
+    n = max(2, min(cache.manifest.n_windows, -(-tokens // context)))
+    parts, have = [], 0
+    for batch in cache.batches(source.hook, 8 * context, shuffle=False, skip_bos=False):
+        parts.append(batch.activations.float())
+        have += len(batch.rows)
+        if have >= n * context:
+            break
+    acts = torch.cat(parts)[: n * context].view(n, context, -1)
+    return cache.tokens[:n], acts
+
+
+def _latents(folder: str, acts: Tensor) -> Tensor:
+    from sae.io import load
+
+    dictionary = load(folder)
+    n, t, d = acts.shape
+    with torch.no_grad():
+        dense = [dictionary.encode(chunk).to_dense() for chunk in acts.reshape(-1, d).split(8192)]
+    return torch.cat(dense).view(n, t, -1)
+
+
+def _rows_of(features: Tensor, labels: Tensor, windows: Tensor) -> tuple[Tensor, Tensor]:
+    """Non-BOS token rows of the given windows."""
+    x = features[windows][:, 1:].reshape(-1, features.shape[-1])
+    y = labels[windows][:, 1:].reshape(-1)
+    return x, y
+
+
+def _config_json(config: ProbeConfig) -> dict:
+    from dataclasses import asdict
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
