@@ -11,6 +11,9 @@ Reported (over non-BOS positions):
     relative_reconstruction_bias = E|x_hat|^2 / E<x_hat, x> (Rajamanoharan et al. 2024; < 1: shrinkage)
     ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean), and with mean ablation
     kl_score = (KL_zero - KL_sae) / KL_zero, KL(clean || patched) per position, and with mean ablation
+    sparse_probing_latents / _neurons: mean held-out balanced accuracy of k-sparse probes (k = 1)
+    over the built-in probing tasks (`sae.probe_tasks`), on latents vs on the hook's neurons
+    of the first eval windows (as SAEBench compares dictionaries)
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class EvalConfig:
     """Hook; empty means the dictionary's."""
     context_length: int = 0
     """Tokens per window; 0 means the dictionary's."""
+    probe_k: int = 1
+    """Sparse probing on latents vs neurons (built-in tasks) with k features; 0 skips it."""
+    probe_tokens: int = 8192
+    """Tokens of the eval set the probes use (latents are held densely)."""
 
 
 def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True) -> dict:
@@ -63,9 +70,13 @@ def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=No
     with torch.no_grad():
         mean = _mean_activation(model, hook, windows, config.batch_size)
         totals = _Totals(dictionary.n_latents)
+        probe_rows = _ProbeRows(config.probe_tokens if config.probe_k else 0)
         for start in tqdm(range(0, len(windows), config.batch_size), disable=not progress, desc="eval", unit="batch"):
-            _evaluate_batch(model, dictionary, hook, windows[start:start + config.batch_size], mean, totals)
-    return {"hook": hook, "model": spec, "corpus": corpus, **totals.metrics()}
+            _evaluate_batch(model, dictionary, hook, windows[start:start + config.batch_size], mean, totals, probe_rows)
+    metrics = {"hook": hook, "model": spec, "corpus": corpus, **totals.metrics()}
+    if config.probe_k:
+        metrics.update(probe_rows.metrics(windows, model.tokenizer, config.probe_k))
+    return metrics
 
 
 def _mean_activation(model, hook: str, windows: Tensor, batch_size: int) -> Tensor:
@@ -78,7 +89,8 @@ def _mean_activation(model, hook: str, windows: Tensor, batch_size: int) -> Tens
     return (total / count).float()
 
 
-def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, mean: Tensor, totals: "_Totals") -> None:
+def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, mean: Tensor, totals: "_Totals",
+                    probe_rows: "_ProbeRows") -> None:
     captured: list = []
     with model.hooks([capture(hook, captured)]):
         clean = model(tokens)
@@ -87,6 +99,7 @@ def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, me
     codes = dictionary.encode(x)
     x_hat = dictionary.decode(codes)
     totals.add_reconstruction(x, x_hat, codes)
+    probe_rows.add(x, codes)
     with splice(model, dictionary, hook):
         spliced = model(tokens)
     with replace_activation(model, hook, torch.zeros_like(mean)):
@@ -94,6 +107,33 @@ def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, me
     with replace_activation(model, hook, mean):
         averaged = model(tokens)
     totals.add_logits(tokens, clean, {"sae": spliced, "zero": zeroed, "mean": averaged})
+
+
+class _ProbeRows:
+    """The first windows' neuron and (dense) latent rows, for sparse probing."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens, self.neurons, self.latents, self.count = max_tokens, [], [], 0
+
+    def add(self, x: Tensor, codes) -> None:
+        if self.count < self.max_tokens:
+            self.neurons.append(x)
+            self.latents.append(codes.to_dense())
+            self.count += x.shape[0]
+
+    def metrics(self, windows: Tensor, tokenizer, k: int) -> dict:
+        from sae.probes import probe_neurons_vs_latents
+
+        if not self.neurons:
+            return {}
+        neurons, latents = torch.cat(self.neurons), torch.cat(self.latents)
+        n_windows = neurons.shape[0] // (windows.shape[1] - 1)
+        tasks = probe_neurons_vs_latents(windows[:n_windows], neurons, latents, lambda t: tokenizer.decode([t]), k)
+        if not tasks:
+            return {"sparse_probing": {"k": k, "tasks": {}}}
+        mean = lambda key: sum(t[key] for t in tasks.values()) / len(tasks)  # noqa: E731
+        return {"sparse_probing_latents": mean("latents"), "sparse_probing_neurons": mean("neurons"),
+                "sparse_probing": {"k": k, "metric": "balanced_accuracy", "tasks": tasks}}
 
 
 class _Totals:

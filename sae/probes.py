@@ -177,3 +177,28 @@ def _config_json(config: ProbeConfig) -> dict:
     from dataclasses import asdict
 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def probe_neurons_vs_latents(windows: Tensor, neurons: Tensor, latents: Tensor, decode_token, k: int = 1,
+                             test_fraction: float = 0.3, seed: int = 0) -> dict:
+    """Held-out balanced accuracy of the k-sparse probe of every built-in task, on neurons and
+    on latents of the same tokens (rows: the non-BOS positions of `windows`, in order). Tasks
+    lacking a class in a split are left out."""
+    from sae.probe_tasks import TASKS, task_labels
+
+    n, context = windows.shape
+    train_w, test_w = split_windows(n, test_fraction, seed)
+    per_window = context - 1
+    results = {}
+    for task in TASKS:
+        labels = task_labels(task, windows, decode_token)[:, 1:]
+        y_train, y_test = labels[train_w].reshape(-1), labels[test_w].reshape(-1)
+        if min(int(y_train.sum()), int((~y_train).sum()), int(y_test.sum()), int((~y_test).sum())) == 0:
+            continue
+        scores = {}
+        for name, features in (("neurons", neurons), ("latents", latents)):
+            f = features.view(n, per_window, -1)
+            row = sweep(f[train_w].reshape(len(y_train), -1), y_train, f[test_w].reshape(len(y_test), -1), y_test, (k,))[0]
+            scores[name] = row["balanced_accuracy"]
+        results[task] = scores
+    return results

@@ -83,3 +83,11 @@ def test_density_histogram_counts_live_latents(evals):
     assert len(histogram["counts"]) == len(histogram["bin_edges"]) - 1
     live = round((1 - evals[True]["dead_fraction"]) * 2 * 64)
     assert sum(histogram["counts"]) == live
+
+
+def test_sparse_probing_compares_latents_with_neurons(evals):
+    m = evals[True]
+    tasks = m["sparse_probing"]["tasks"]
+    assert m["sparse_probing"]["k"] == 1 and tasks  # tiny-shakespeare has speakers, lines, words
+    assert all(0 <= s["neurons"] <= 1 and 0 <= s["latents"] <= 1 for s in tasks.values())
+    assert m["sparse_probing_latents"] == pytest.approx(sum(s["latents"] for s in tasks.values()) / len(tasks))
