@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from sae.codebook_finetune import FinetuneConfig
     from sae.evals import EvalConfig
     from sae.probes import ProbeConfig
     from sae.train_config import TrainConfig
@@ -68,6 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _quiet_and_json(eval_cmd)
     eval_cmd.set_defaults(run_command=cmd_eval)
 
+    finetune = commands.add_parser("codebook-finetune", help="insert a codebook at a hook and train it with the model's LM loss")
+    add_config_arguments(finetune, FinetuneConfig)
+    _quiet_and_json(finetune)
+    finetune.set_defaults(run=cmd_codebook_finetune)
+
     probe = commands.add_parser("probe", help="k-sparse probes on neurons or dictionary latents: accuracy per k")
     add_config_arguments(probe, ProbeConfig)
     probe.add_argument("--json", action="store_true", help="one JSON object per row")
@@ -100,6 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_sae.add_argument("--threads", type=int, default=2, help="torch threads")
     bench_sae.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_sae.set_defaults(run=cmd_bench_sae)
+    bench_codebook = bench.add_parser("codebook", help="codebook features vs TokFSM ground truth: per-state precision/recall")
+    bench_codebook.add_argument("--states", type=int, default=12, help="FSM states")
+    bench_codebook.add_argument("--codes", type=int, default=96)
+    bench_codebook.add_argument("--model-steps", type=int, default=1200, help="training steps of the FSM model")
+    bench_codebook.add_argument("--json", action="store_true", help="one JSON object (with per-state rows)")
+    bench_codebook.set_defaults(run=cmd_bench_codebook)
     return parser
 
 
@@ -231,6 +243,26 @@ def _dictionary_folders(run: Path | None) -> list[Path]:
     if not found:
         raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
     return found
+
+
+def cmd_codebook_finetune(args) -> None:
+    from sae.codebook_finetune import FinetuneConfig, run_finetune
+
+    out, metrics = run_finetune(config_from_args(FinetuneConfig, args), progress=not args.quiet)
+    _print_summary({"codebook": str(out), **{k: round(v, 4) for k, v in metrics.items()}}, args.json)
+
+
+def cmd_bench_codebook(args) -> None:
+    from sae.tokfsm import FSMConfig, run_tokfsm_benchmark
+
+    if min(args.states, args.codes, args.model_steps) <= 0:
+        raise WorkbenchError("--states, --codes and --model-steps must be positive")
+    config = FSMConfig(states=args.states, out_degree=3, digits=len(str(args.states - 1)), steps_per_sequence=15)
+    result = run_tokfsm_benchmark(config, codes=args.codes, model_steps=args.model_steps)
+    if args.json:
+        print(json.dumps(result))
+        return
+    _print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "per_state"}, False)
 
 
 def cmd_probe(args) -> None:

@@ -92,3 +92,18 @@ def test_probe_on_neurons_and_on_latents(capsys, cache, trained, tmp_path):
 def test_probe_refuses_unknown_tasks(capsys, cache):
     code, _, err = run_cli(capsys, "probe", "--cache", str(cache), "--task", "nope")
     assert code == 2 and "unknown probing task 'nope'" in err and err.count("\n") == 1
+
+
+def test_codebook_finetune_saves_a_loadable_codebook_trained_in_the_model(capsys, tiny_model_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "codebook-finetune", "--model", str(tiny_model_dir), "--corpus", "tiny-shakespeare",
+                           "--codes", "32", "--k", "2", "--steps", "8", "--batch-size", "4", "--context-length", "32",
+                           "--out", str(tmp_path / "cb"), "--quiet", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["lm_loss_with_codebook"] > 0 and summary["lm_loss_clean"] > 0
+    from sae import io
+
+    codebook = io.load(tmp_path / "cb")
+    assert codebook.architecture == "codebook" and codebook.n_latents == 32 and codebook.meta["trained_in_model"]
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "cb"), "--tokens", "512", "--quiet", "--json")
+    assert code == 0 and json.loads(out)["l0"] == pytest.approx(2.0)

@@ -1,0 +1,129 @@
+"""Codebook features inserted into a model and trained end to end with the language-modelling
+loss (Tamkin et al. 2023): the hook's activation is replaced by the sum of its k most similar
+codes; the model is frozen and the codes learn from the next-token loss of the whole network
+(straight-through gradients would reach earlier layers only if they were unfrozen, which we
+do not do here). The codes start at k-means centres of the hook's activations, and unused or
+duplicated codes move to badly reconstructed activations as in `sae.codebook`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.base import StepContext, create
+from sae.codebook import Codebook
+from sae.config import DictionaryConfig
+from workbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: str = "demo"
+    """Model spec."""
+    hook: str = ""
+    """Hook to insert the codebook at; empty means the model's default hook."""
+    corpus: str = "default"
+    """Corpus whose training windows feed the fine-tuning."""
+    codes: int = 1024
+    """Number of codes."""
+    k: int = 8
+    """Active codes per token."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Windows per step."""
+    context_length: int = 0
+    """Tokens per window; 0 means min(128, the model's n_ctx)."""
+    lr: float = 1e-3
+    """Adam learning rate of the codes."""
+    seed: int = 0
+    """Seeds the codes' start and the window order."""
+    out: str = ""
+    """Output folder; empty means runs/codebook-<hook>-c<codes>-k<k>."""
+
+    def __post_init__(self):
+        if min(self.codes, self.k, self.steps, self.batch_size) <= 0 or self.k > self.codes:
+            raise ConfigError("codes, k, steps and batch_size must be positive, and k <= codes")
+
+
+def insert_codebook(model, codebook: Codebook, hook: str):
+    """A context manager: `model` runs with the hook's activation replaced by the codebook's
+    output (all positions but BOS), differentiably in the codes."""
+
+    def replace(activation: Tensor, hook=None) -> Tensor:
+        x = activation[:, 1:].reshape(-1, codebook.d_in)
+        x_hat = codebook._lookup(x.to(codebook.W_dec.dtype))[0]
+        return torch.cat([activation[:, :1], x_hat.view_as(activation[:, 1:]).to(activation.dtype)], dim=1)
+
+    return model.hooks([(hook, replace)])
+
+
+def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def finetune_codebook(model, hook: str, windows: Tensor, config: FinetuneConfig, progress: bool = True) -> tuple[Codebook, dict]:
+    """Train a codebook at `hook` on `windows` with the frozen model's next-token loss."""
+    for param in model.bridge.parameters():
+        param.requires_grad_(False)
+    sample = model.run_with_cache(windows[: max(1, 4096 // windows.shape[1] + 1)], [hook])[hook][:, 1:]
+    d = sample.shape[-1]
+    codebook = create(DictionaryConfig(architecture="codebook", d_in=d, n_latents=config.codes, k=config.k), seed=config.seed)
+    codebook.initialize_from(sample.reshape(-1, d).float())
+    optimizer = torch.optim.Adam(codebook.parameters(), lr=config.lr)
+    order = torch.randint(0, len(windows), (config.steps, config.batch_size), generator=torch.Generator().manual_seed(config.seed))
+    history = []
+    for step in tqdm(range(config.steps), disable=not progress, desc="codebook", unit="step"):
+        tokens = windows[order[step]]
+        with insert_codebook(model, codebook, hook):
+            loss = lm_loss(model(tokens), tokens)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # dead / duplicate code replacement from this batch's activations
+            x = model.run_with_cache(tokens[:4], [hook])[hook][:, 1:].reshape(-1, d).float()
+            codebook.training_step(x, StepContext(None, step / config.steps))
+            codebook.after_optimizer_step()
+        history.append(float(loss.detach()))
+    return codebook, {"lm_loss_first": history[0], "lm_loss_last": sum(history[-10:]) / len(history[-10:])}
+
+
+def run_finetune(config: FinetuneConfig, progress: bool = True):
+    """`workbench codebook-finetune`: windows of the corpus's train split, the codebook trained
+    in the model, saved as a dictionary folder with the LM loss with and without it."""
+    from pathlib import Path
+
+    from sae import io
+    from workbench.activations import CacheConfig, select_windows
+    from workbench.models import load_model
+    from workbench.paths import DEFAULT_RUNS_DIR
+
+    model = load_model(config.model)
+    hook = config.hook or model.default_hook
+    model.check_hooks([hook])
+    cache_config = CacheConfig(model=config.model, corpus=config.corpus, tokens=config.steps * config.batch_size * 128,
+                               context_length=config.context_length, seed=config.seed)
+    windows = select_windows(cache_config, model)
+    codebook, losses = finetune_codebook(model, hook, windows, config, progress=progress)
+    held_out = select_windows(CacheConfig(model=config.model, corpus=config.corpus, split="validation", tokens=8192,
+                                          context_length=config.context_length), model)
+    with torch.no_grad():
+        clean = float(lm_loss(model(held_out), held_out))
+        with insert_codebook(model, codebook, hook):
+            coded = float(lm_loss(model(held_out), held_out))
+    out = Path(config.out) if config.out else DEFAULT_RUNS_DIR / f"codebook-{hook}-c{config.codes}-k{config.k}"
+    metrics = {**losses, "lm_loss_clean": clean, "lm_loss_with_codebook": coded}
+    io.save(codebook, out, hook=hook, model=config.model, corpus=config.corpus, context_length=int(windows.shape[1]),
+            trained_in_model=True, metrics=metrics, finetune_config=_as_json(config))
+    return out, metrics
+
+
+def _as_json(config: FinetuneConfig) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
