@@ -41,6 +41,8 @@ class ProbeConfig:
     """Fraction of windows held out for scoring."""
     seed: int = 0
     """Seeds the window split."""
+    labels: str = ""
+    """A JSON file of your own labels for the cache's first windows, probed instead of the built-in tasks: {"task": NAME, "token_labels": [[0|1 per token] per window]} or {"task": NAME, "window_labels": [0|1 per window]} (per-sequence: features are mean-pooled over the window)."""
     out: str = ""
     """Where to save the sweep (JSON); empty means runs/probes/<features>.json."""
 
@@ -119,16 +121,22 @@ def run_probes(config: ProbeConfig, progress: bool = True) -> list[dict]:
     if unknown := [t for t in tasks if t not in TASKS]:
         raise ConfigError(f"unknown probing task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     source = open_cache_source(config.cache, config.hook)
-    cache = source.cache
     windows, acts = _first_windows(source, config.tokens)
+    own = read_labels(config.labels, windows.shape) if config.labels else None
+    if own is not None:
+        tasks, windows, acts = [own[0]], windows[: len(own[1])], acts[: len(own[1])]
     features = acts if config.on == "neurons" else _latents(config.on, acts)
-    tokenizer = load_model(cache.model).tokenizer
+    tokenizer = load_model(source.cache.model).tokenizer
     train_w, test_w = split_windows(len(windows), config.test_fraction, config.seed)
     rows, skipped = [], []
     for task in tasks:
-        labels = task_labels(task, windows, lambda t: tokenizer.decode([t]))
-        x_train, y_train = _rows_of(features, labels, train_w)
-        x_test, y_test = _rows_of(features, labels, test_w)
+        if own is not None and own[1].dim() == 1:  # per-sequence labels: mean-pooled features
+            pooled = features[:, 1:].mean(dim=1)
+            x_train, y_train, x_test, y_test = pooled[train_w], own[1][train_w], pooled[test_w], own[1][test_w]
+        else:
+            labels = own[1] if own is not None else task_labels(task, windows, lambda t: tokenizer.decode([t]))
+            x_train, y_train = _rows_of(features, labels, train_w)
+            x_test, y_test = _rows_of(features, labels, test_w)
         if min(int(y_train.sum()), int((~y_train).sum()), int(y_test.sum())) == 0:
             skipped.append({"task": task, "reason": "a split lacks one class in these tokens"})
             continue
@@ -139,6 +147,32 @@ def run_probes(config: ProbeConfig, progress: bool = True) -> list[dict]:
     if not rows:
         raise ConfigError(f"no probing task has both classes in the first {config.tokens} tokens ({', '.join(tasks)})")
     return rows
+
+
+def read_labels(path: str, shape: torch.Size) -> tuple[str, Tensor]:
+    """(task name, labels): bool [n, context] for token labels or [n] for window labels, for
+    the cache's first n windows; one-line errors for anything else."""
+    from workbench.files import read_json
+
+    spec = read_json(path, "labels file", ConfigError)
+    name = spec.get("task")
+    token_labels, window_labels = spec.get("token_labels"), spec.get("window_labels")
+    if not isinstance(name, str) or (token_labels is None) == (window_labels is None):
+        raise ConfigError(f"{path}: needs a 'task' name and exactly one of 'token_labels' or 'window_labels'")
+    try:
+        labels = torch.tensor(token_labels if token_labels is not None else window_labels, dtype=torch.long)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: labels must be lists of 0/1 integers") from None
+    if token_labels is not None and (labels.dim() != 2 or labels.shape[1] != shape[1]):
+        raise ConfigError(f"{path}: token_labels must be one list of {shape[1]} labels per window")
+    if window_labels is not None and labels.dim() != 1:
+        raise ConfigError(f"{path}: window_labels must be one label per window")
+    if not 2 <= len(labels) <= shape[0] or bool(((labels != 0) & (labels != 1)).any()):
+        raise ConfigError(f"{path}: need 0/1 labels for between 2 and {shape[0]} windows (raise --tokens for more), got {len(labels)}")
+    labels = labels.bool()
+    if labels.dim() == 2:
+        labels[:, 0] = False  # BOS
+    return name, labels
 
 
 def _first_windows(source, tokens: int) -> tuple[Tensor, Tensor]:

@@ -107,3 +107,28 @@ def test_codebook_finetune_saves_a_loadable_codebook_trained_in_the_model(capsys
     assert codebook.architecture == "codebook" and codebook.n_latents == 32 and codebook.meta["trained_in_model"]
     code, out, _ = run_cli(capsys, "eval", str(tmp_path / "cb"), "--tokens", "512", "--quiet", "--json")
     assert code == 0 and json.loads(out)["l0"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kind", ["token_labels", "window_labels"])
+def test_probe_on_your_own_labels(capsys, cache, tmp_path, kind):
+    from workbench.cache_reader import ActivationCache
+
+    tokens = ActivationCache(cache).tokens[:64]
+    if kind == "token_labels":  # planted: the label is "the token id is even"
+        labels = (tokens % 2 == 0).long().tolist()
+    else:  # per window: does the window hold a newline-ish frequent token? any deterministic 0/1
+        labels = [int(i % 2) for i in range(64)]
+    (tmp_path / "labels.json").write_text(json.dumps({"task": "mine", kind: labels}))
+    code, out, _ = run_cli(capsys, "probe", "--cache", str(cache), "--labels", str(tmp_path / "labels.json"), "--k", "1,8",
+                           "--tokens", str(64 * 32), "--out", str(tmp_path / "p.json"), "--json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["task"] for r in rows] == ["mine", "mine"] and [r["k"] for r in rows] == [1, 8]
+    if kind == "window_labels":
+        assert rows[0]["tokens_test"] == int(64 * 0.2)  # one row per held-out window
+
+
+def test_bad_label_files_are_one_line_errors(capsys, cache, tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"task": "x", "token_labels": [[0, 2, 1]]}))
+    code, _, err = run_cli(capsys, "probe", "--cache", str(cache), "--labels", str(tmp_path / "bad.json"))
+    assert code == 2 and "token_labels must be one list of 32 labels per window" in err and err.count("\n") == 1
