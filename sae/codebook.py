@@ -55,8 +55,8 @@ class Codebook(Dictionary):
             raise DictionaryError(f"decode: codes over {codes.n_latents} latents, codebook has {self.n_latents}")
         return decode(codes, self.W_dec)
 
-    def _lookup(self, x: Tensor) -> tuple[Tensor, SparseCodes]:
-        output, chosen = codebook_lookup(x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=False)
+    def _lookup(self, x: Tensor, straight_through: bool = False) -> tuple[Tensor, SparseCodes]:
+        output, chosen = codebook_lookup(x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=straight_through)
         weight = 1.0 / self.config.k if self.config.aggregate == "mean" else 1.0
         codes = SparseCodes(chosen.indices, torch.full_like(chosen.values, weight), self.n_latents, extra=chosen.extra)
         return output * weight, codes

@@ -1,14 +1,16 @@
 """Codebook features inserted into a model and trained end to end with the language-modelling
 loss (Tamkin et al. 2023): the hook's activation is replaced by the sum of its k most similar
-codes; the model is frozen and the codes learn from the next-token loss of the whole network
-(straight-through gradients would reach earlier layers only if they were unfrozen, which we
-do not do here). The codes start at k-means centres of the hook's activations, and unused or
+codes; the model is frozen and the codes learn from the next-token loss of the whole network. With `unfreeze`, the
+model's weights train too (at a tenth of the codes' learning rate; layers before the hook
+learn through the straight-through gradient) and the fine-tuned model is saved beside the
+codebook (`<out>/model`, which the codebook's folder then names as its model). The codes start at k-means centres of the hook's activations, and unused or
 duplicated codes move to badly reconstructed activations as in `sae.codebook`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ class FinetuneConfig:
     """Adam learning rate of the codes."""
     seed: int = 0
     """Seeds the codes' start and the window order."""
+    unfreeze: bool = False
+    """Also fine-tune the model's weights (lr / 10) and save the fine-tuned model in <out>/model."""
     out: str = ""
     """Output folder; empty means runs/codebook-<hook>-c<codes>-k<k>."""
 
@@ -51,13 +55,14 @@ class FinetuneConfig:
             raise ConfigError("codes, k, steps and batch_size must be positive, and k <= codes")
 
 
-def insert_codebook(model, codebook: Codebook, hook: str):
+def insert_codebook(model, codebook: Codebook, hook: str, straight_through: bool = False):
     """A context manager: `model` runs with the hook's activation replaced by the codebook's
-    output (all positions but BOS), differentiably in the codes."""
+    output (all positions but BOS), differentiably in the codes (and, straight through, in the
+    activation)."""
 
     def replace(activation: Tensor, hook=None) -> Tensor:
         x = activation[:, 1:].reshape(-1, codebook.d_in)
-        x_hat = codebook._lookup(x.to(codebook.W_dec.dtype))[0]
+        x_hat = codebook._lookup(x.to(codebook.W_dec.dtype), straight_through)[0]
         return torch.cat([activation[:, :1], x_hat.view_as(activation[:, 1:]).to(activation.dtype)], dim=1)
 
     return model.hooks([(hook, replace)])
@@ -70,17 +75,20 @@ def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 def finetune_codebook(model, hook: str, windows: Tensor, config: FinetuneConfig, progress: bool = True) -> tuple[Codebook, dict]:
     """Train a codebook at `hook` on `windows` with the frozen model's next-token loss."""
     for param in model.bridge.parameters():
-        param.requires_grad_(False)
+        param.requires_grad_(config.unfreeze)
     sample = model.run_with_cache(windows[: max(1, 4096 // windows.shape[1] + 1)], [hook])[hook][:, 1:]
     d = sample.shape[-1]
     codebook = create(DictionaryConfig(architecture="codebook", d_in=d, n_latents=config.codes, k=config.k), seed=config.seed)
     codebook.initialize_from(sample.reshape(-1, d).float())
-    optimizer = torch.optim.Adam(codebook.parameters(), lr=config.lr)
+    groups = [{"params": list(codebook.parameters()), "lr": config.lr}]
+    if config.unfreeze:
+        groups.append({"params": [p for p in model.bridge.parameters() if p.requires_grad], "lr": config.lr / 10})
+    optimizer = torch.optim.Adam(groups)
     order = torch.randint(0, len(windows), (config.steps, config.batch_size), generator=torch.Generator().manual_seed(config.seed))
     history = []
     for step in tqdm(range(config.steps), disable=not progress, desc="codebook", unit="step"):
         tokens = windows[order[step]]
-        with insert_codebook(model, codebook, hook):
+        with insert_codebook(model, codebook, hook, straight_through=config.unfreeze):
             loss = lm_loss(model(tokens), tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,8 +104,6 @@ def finetune_codebook(model, hook: str, windows: Tensor, config: FinetuneConfig,
 def run_finetune(config: FinetuneConfig, progress: bool = True):
     """`workbench codebook-finetune`: windows of the corpus's train split, the codebook trained
     in the model, saved as a dictionary folder with the LM loss with and without it."""
-    from pathlib import Path
-
     from sae import io
     from workbench.activations import CacheConfig, select_windows
     from workbench.models import load_model
@@ -118,9 +124,39 @@ def run_finetune(config: FinetuneConfig, progress: bool = True):
             coded = float(lm_loss(model(held_out), held_out))
     out = Path(config.out) if config.out else DEFAULT_RUNS_DIR / f"codebook-{hook}-c{config.codes}-k{config.k}"
     metrics = {**losses, "lm_loss_clean": clean, "lm_loss_with_codebook": coded}
-    io.save(codebook, out, hook=hook, model=config.model, corpus=config.corpus, context_length=int(windows.shape[1]),
+    model_spec = config.model
+    if config.unfreeze:  # the codes only make sense with the weights they were trained with
+        model_spec = save_hf_model(model, out / "model", held_out[:2])
+    io.save(codebook, out, hook=hook, model=model_spec, corpus=config.corpus, context_length=int(windows.shape[1]),
             trained_in_model=True, metrics=metrics, finetune_config=_as_json(config))
     return out, metrics
+
+
+def save_hf_model(model, folder, check_tokens: Tensor) -> str:
+    """Save the bridge's (fine-tuned) HF model as a plain HF folder and check that it reloads
+    to the same logits; return the folder as a model spec."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.errors import WorkbenchError
+    from workbench.models import load_model
+
+    hf_model = model.bridge.original_model
+    plain = AutoModelForCausalLM.from_config(hf_model.config)
+    # The bridge wraps each HF module ("<name>._original_component"); strip the wrappers.
+    weights = {name.replace("._original_component", ""): t.detach().contiguous().clone() for name, t in hf_model.state_dict().items()}
+    expected = plain.state_dict()
+    missing = [n for n in expected if n not in weights and n != "lm_head.weight"]
+    if missing:
+        raise WorkbenchError(f"cannot save the fine-tuned model: no weights for {', '.join(missing[:3])}")
+    plain.load_state_dict({n: weights[n] for n in expected if n in weights}, strict=False)
+    plain.tie_weights()
+    plain.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    reloaded = load_model(str(folder))
+    with torch.no_grad():
+        if not torch.allclose(reloaded(check_tokens), model(check_tokens), atol=1e-4, rtol=1e-4):
+            raise WorkbenchError(f"{folder}: the saved fine-tuned model does not reproduce the trained one's logits")
+    return str(Path(folder).resolve())
 
 
 def _as_json(config: FinetuneConfig) -> dict:

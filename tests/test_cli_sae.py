@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.test_cli import run_cli
 
@@ -132,3 +133,21 @@ def test_bad_label_files_are_one_line_errors(capsys, cache, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"task": "x", "token_labels": [[0, 2, 1]]}))
     code, _, err = run_cli(capsys, "probe", "--cache", str(cache), "--labels", str(tmp_path / "bad.json"))
     assert code == 2 and "token_labels must be one list of 32 labels per window" in err and err.count("\n") == 1
+
+
+def test_codebook_finetune_with_unfrozen_weights_saves_the_model_it_needs(capsys, tiny_model_dir, tmp_path):
+    code, _, _ = run_cli(capsys, "codebook-finetune", "--model", str(tiny_model_dir), "--corpus", "tiny-shakespeare",
+                         "--codes", "32", "--k", "2", "--steps", "4", "--batch-size", "4", "--context-length", "32",
+                         "--unfreeze", "--out", str(tmp_path / "cb"), "--quiet")
+    assert code == 0
+    from safetensors.torch import load_file
+
+    from sae import io
+
+    codebook = io.load(tmp_path / "cb")
+    assert codebook.meta["model"] == str((tmp_path / "cb" / "model").resolve())
+    tuned, original = load_file(tmp_path / "cb" / "model" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    changed = [name for name in original if name in tuned and not torch.equal(original[name], tuned[name])]
+    assert changed  # the weights did train
+    code, _, _ = run_cli(capsys, "eval", str(tmp_path / "cb"), "--tokens", "256", "--quiet", "--json")
+    assert code == 0
