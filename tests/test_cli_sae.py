@@ -151,3 +151,41 @@ def test_codebook_finetune_with_unfrozen_weights_saves_the_model_it_needs(capsys
     assert changed  # the weights did train
     code, _, _ = run_cli(capsys, "eval", str(tmp_path / "cb"), "--tokens", "256", "--quiet", "--json")
     assert code == 0
+
+
+def train_command(cache, out) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "app.cli", "train", "--cache", str(cache), "--arch", "topk,jumprelu", "--k", "8",
+            "--expansion", "16", "--batch-size", "64", "--checkpoint-every", "10", "--out", str(out), "--quiet"]
+
+
+def checkpoint_step(out) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+@pytest.mark.slow
+def test_sigkilled_train_resumes_to_identical_weights(cache, tmp_path):
+    """A `workbench train` killed with SIGKILL mid-run and rerun ends bit-identical to an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    subprocess.run(train_command(cache, tmp_path / "whole"), check=True, timeout=300)
+    process = subprocess.Popen(train_command(cache, tmp_path / "killed"))
+    deadline = time.time() + 240
+    while checkpoint_step(tmp_path / "killed") < 40 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "topk-k8-x16" / "config.json").exists(), "killed too late: the run had finished"
+    subprocess.run(train_command(cache, tmp_path / "killed"), check=True, timeout=300)
+    for name in ("topk-k8-x16", "jumprelu-k8-x16"):
+        whole, resumed = load_file(tmp_path / "whole" / name / "weights.safetensors"), load_file(tmp_path / "killed" / name / "weights.safetensors")
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
