@@ -56,7 +56,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
             (item, _) = typing.get_args(kind)
             names = [flag] + ([flag[:-1]] if flag.endswith("s") else [])
             group.add_argument(*names, dest=field.name, type=_comma_list(item), nargs="+", action="extend",
-                               default=argparse.SUPPRESS, metavar=field.name[:-1].upper(), help=help_text)
+                               default=argparse.SUPPRESS, metavar=_singular(field.name).upper(), help=help_text)
         else:
             group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
                                metavar=field.name.upper(), help=help_text)
@@ -72,6 +72,10 @@ def config_from_args(cls: type, args: argparse.Namespace):
         if typing.get_origin(hints[name]) is tuple and isinstance(value, list):
             values[name] = tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
     return cls(**values)
+
+
+def _singular(name: str) -> str:
+    return name[:-1] if name.endswith("s") else name
 
 
 def _comma_list(item: type):
