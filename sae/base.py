@@ -125,7 +125,7 @@ class Dictionary(nn.Module):
             codes = SparseCodes.from_dense(codes.to(self.W_dec.dtype))
         if codes.n_latents != self.n_latents:
             raise DictionaryError(f"decode: codes over {codes.n_latents} latents, dictionary has {self.n_latents}")
-        return decode(codes, self.W_dec, self.b_dec)
+        return decode(codes, self.W_dec, getattr(self, "b_dec", None))  # codebooks have no bias
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         return self.decode(self.encode(x)).view(x.shape).to(x.dtype)
@@ -168,7 +168,7 @@ class Dictionary(nn.Module):
             raise DictionaryError(f"{self.architecture}: input has shape {tuple(x.shape)}, expected [..., {self.d_in}]")
         if not x.is_floating_point():
             raise DictionaryError(f"{self.architecture}: input must be floating point, got {x.dtype}")
-        return x.reshape(-1, self.d_in).to(self.W_enc.dtype)
+        return x.reshape(-1, self.d_in).to(self.W_dec.dtype)  # every dictionary has W_dec
 
 
 def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError, StepContext, StepOutput, reconstruction_loss, register
 from sae.resample import latents_to_resample
-from workbench.kernels import SparseCodes, codebook_lookup, decode
+from workbench.kernels import SparseCodes, codebook_lookup
 
 KMEANS_ITERATIONS = 10
 DEAD_CODE_STEPS = 20
@@ -47,13 +47,6 @@ class Codebook(Dictionary):
 
     def encode(self, x: Tensor) -> SparseCodes:
         return self._lookup(self._rows(x))[1]
-
-    def decode(self, codes: SparseCodes | Tensor) -> Tensor:
-        if isinstance(codes, Tensor):
-            codes = SparseCodes.from_dense(codes.to(self.W_dec.dtype))
-        if codes.n_latents != self.n_latents:
-            raise DictionaryError(f"decode: codes over {codes.n_latents} latents, codebook has {self.n_latents}")
-        return decode(codes, self.W_dec)
 
     def _lookup(self, x: Tensor, straight_through: bool = False) -> tuple[Tensor, SparseCodes]:
         output, chosen = codebook_lookup(x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=straight_through)
@@ -118,11 +111,3 @@ class Codebook(Dictionary):
     def fold_input_scale(self, scale: float) -> None:
         """Cosine and dot-product rankings do not change when x is scaled; only the codes do."""
         self.W_dec /= scale
-
-    def _rows(self, x: Tensor) -> Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.d_in:
-            raise DictionaryError(f"codebook: input has shape {tuple(x.shape)}, expected [..., {self.d_in}]")
-        if not x.is_floating_point():
-            raise DictionaryError(f"codebook: input must be floating point, got {x.dtype}")
-        return x.reshape(-1, self.d_in).to(self.W_dec.dtype)
-

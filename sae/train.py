@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sae import io
 from sae.base import create
 from sae.checkpoint import load_checkpoint, save_checkpoint
-from sae.sources import BatchSource, CacheSource, input_scale, open_cache_source
+from sae.sources import BatchSource, input_scale, open_cache_source
 from sae.train_config import TrainConfig, lr_at
 from sae.trainee import Trainee
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
@@ -52,7 +52,7 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
 
     `stop_after_step` ends the run after that step without saving anything beyond the last
     checkpoint, as a kill would (used to test resumption)."""
-    source = source or open_cache(config)
+    source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
     plan = _plan(config, source)
     folders = [plan.out / name for name in _names(config)]
     if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
@@ -71,10 +71,6 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     if not finished:
         return []
     return [_save_final(plan, t, position) for t in trainees]
-
-
-def open_cache(config: TrainConfig) -> CacheSource:
-    return open_cache_source(config.cache, config.hook, seed=config.seed)
 
 
 def _names(config: TrainConfig) -> list[str]:
