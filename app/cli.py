@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from sae.analyze import AnalyzeConfig
     from sae.codebook_finetune import FinetuneConfig
     from sae.evals import EvalConfig
     from sae.probes import ProbeConfig
@@ -68,6 +69,19 @@ def _build_parser() -> argparse.ArgumentParser:
     add_config_arguments(eval_cmd, EvalConfig)
     _quiet_and_json(eval_cmd)
     eval_cmd.set_defaults(run_command=cmd_eval)
+
+    analyze = commands.add_parser("analyze", help="build the feature store (examples, histograms, logit effects, ...) of a dictionary")
+    analyze.add_argument("run", nargs="?", default="", metavar="RUN",
+                         help="a dictionary folder or a training output folder (one store per dictionary); default: the default training run")
+    add_config_arguments(analyze, AnalyzeConfig)
+    _quiet_and_json(analyze)
+    analyze.set_defaults(run_command=cmd_analyze)
+
+    explore = commands.add_parser("explore", help="open the Streamlit explorer on feature stores (bound to 127.0.0.1)")
+    explore.add_argument("stores", nargs="*", metavar="STORE", help="store files or folders to search for them; default: runs/")
+    explore.add_argument("--port", type=int, default=8501, help="port to serve on")
+    explore.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    explore.set_defaults(run=cmd_explore)
 
     finetune = commands.add_parser("codebook-finetune", help="insert a codebook at a hook and train it with the model's LM loss")
     add_config_arguments(finetune, FinetuneConfig)
@@ -222,6 +236,38 @@ def cmd_eval(args) -> None:
             print(json.dumps({"dictionary": str(folder), **metrics}))
         else:
             _print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}, False)
+
+
+def cmd_analyze(args) -> None:
+    from sae.analyze import AnalyzeConfig, analyze
+    from sae.io import load
+    from workbench.store import FeatureStore
+
+    config = config_from_args(AnalyzeConfig, args)
+    folders = _dictionary_folders(Path(args.run) if args.run else None)
+    if config.out and len(folders) > 1:
+        raise WorkbenchError(f"--out names one store, but {args.run} holds {len(folders)} dictionaries")
+    model = None
+    for folder in folders:
+        dictionary = load(folder)
+        spec = dictionary.meta.get("model")
+        if spec and (model is None or model.spec != spec):
+            from workbench.models import load_model
+
+            model = load_model(spec)
+        path = analyze(dictionary, config, folder=folder, model=model, progress=not args.quiet)
+        store = FeatureStore(path)
+        alive = store.features(min_density=1e-12, limit=store.n_features)
+        _print_summary({"store": str(path), "features": store.n_features, "alive": len(alive),
+                        "tokens": store.meta["tokens_analyzed"], "median_density": float(alive.density.median()) if len(alive) else 0.0,
+                        "seconds": store.meta["seconds"]}, args.json)
+        store.close()
+
+
+def cmd_explore(args) -> None:
+    from app.explorer.launch import launch
+
+    sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host))
 
 
 def _dictionary_folders(run: Path | None) -> list[Path]:

@@ -1,0 +1,29 @@
+"""`workbench explore`: start the Streamlit server on the explorer, bound to one address."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.store import find_stores
+
+MAIN = Path(__file__).with_name("main.py")
+STORES_ENV = "WORKBENCH_STORES"
+
+
+def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "streamlit", "run", str(MAIN), "--server.headless", "true",
+            "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+
+
+def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
+    stores = find_stores(roots)
+    if not stores:
+        raise WorkbenchError(f"no feature store under {', '.join(map(str, roots))} (run `workbench analyze` first)")
+    env = {**os.environ, STORES_ENV: os.pathsep.join(str(p.resolve()) for p in stores)}
+    print(f"explorer on http://{host}:{port} with {len(stores)} store(s); Ctrl-C stops it", flush=True)
+    return subprocess.call(streamlit_command(port, host), env=env)

@@ -1,0 +1,409 @@
+"""Build a dictionary's feature store (`workbench analyze`): one streaming pass over a cache.
+
+The cache is read in order, in blocks of whole windows, and each block is encoded once. Per
+feature, with memory bounded by [features, a few dozen] arrays whatever the token count:
+    fired, density, mean and max activation; a histogram over log-spaced activation bins (edges
+    shared by all features, fixed from the first block; values outside fall in the end bins);
+    the `top` highest activations (a per-feature heap) and a uniform sample of all firings
+    (a bottom-k sketch, `sae.per_feature`) from which the quantile groups are cut at the end:
+    the sample sorted by activation, split into `quantile_bins` equal groups, `per_bin` each;
+    for every kept example, the feature's activation on each token of its context, taken from
+    the same block's codes at the moment the example is offered (never re-encoded);
+    Pearson correlation with each dimension of the hook (its neurons), from running sums;
+    co-occurrence: a uniform sample of `cooccurrence_rows` firing rows keeps the row's active
+    set; rate = P(other fires | feature fires), lift = rate / density(other).
+At the end, from the weights: decoder cosine neighbours, and logit effects W_dec·W_U (through
+the final LayerNorm's centring and scale where the model has one; hooks of the residual width).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.base import Dictionary
+from sae.per_feature import SmallestKeys
+from sae.splice import hook_of
+from workbench.cache_reader import ActivationCache
+from workbench.kernels import SparseCodes
+from workbench.store import STORE_FILE, list_column, write_store
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    cache: str = ""
+    """Activation cache to read; empty means the one the dictionary was trained on."""
+    tokens: int = 0
+    """Tokens to analyze (whole windows, from the start of the cache); 0 means all."""
+    out: str = ""
+    """Store file; empty means RUN/features.duckdb."""
+    block_windows: int = 32
+    """Windows encoded together."""
+    top: int = 20
+    """Top-activating examples kept per feature."""
+    quantile_bins: int = 10
+    """Quantile groups of examples per feature."""
+    per_bin: int = 5
+    """Examples shown per quantile group."""
+    context_before: int = 12
+    """Tokens of context before an example's peak."""
+    context_after: int = 4
+    """Tokens of context after an example's peak."""
+    histogram_bins: int = 48
+    """Log-spaced activation histogram bins."""
+    neighbours: int = 10
+    """Decoder cosine neighbours per feature."""
+    logit_tokens: int = 10
+    """Top and bottom logit-effect tokens per feature."""
+    neurons: int = 5
+    """Most correlated hook dimensions per feature."""
+    cooccurrence_rows: int = 64
+    """Firing rows sampled per feature to estimate co-occurrence."""
+    cooccurrence_top: int = 10
+    """Co-occurring features kept per feature."""
+    seed: int = 0
+    """Seed of the uniform example samples."""
+
+
+def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, folder: str | Path | None = None,
+            model=None, progress: bool = True) -> Path:
+    """Build the store of `dictionary` (loaded from `folder`) and return its path."""
+    from workbench.models import load_model
+
+    started = time.perf_counter()
+    hook = hook_of(dictionary, None)
+    cache = ActivationCache(config.cache or dictionary.meta.get("cache") or _default_cache())
+    cache.expect(hook=hook, d=dictionary.d_in)
+    model = model or load_model(dictionary.meta.get("model") or cache.model)
+    with torch.no_grad():
+        stats = _stream(dictionary, cache, hook, config, progress)
+        tables = stats.tables(cache, config)
+        tables.update(_weight_tables(dictionary, model, hook, config))
+    tables["vocab"] = _vocab_table(model)
+    out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
+    meta = {
+        "n_latents": dictionary.n_latents, "d_in": dictionary.d_in, "architecture": dictionary.architecture,
+        "k": dictionary.config.k, "hook": hook, "model": model.spec, "cache": str(cache.path),
+        "dictionary_path": str(Path(folder).resolve()) if folder else "", "tokens_analyzed": stats.n_tokens,
+        "context_length": cache.context_length, "histogram_edges": stats.edges.tolist(),
+        "metrics": _metrics_of(dictionary, folder), "config": asdict(config),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return write_store(out, meta, tables)
+
+
+def _default_cache() -> Path:
+    from workbench.activations import CacheConfig
+
+    return CacheConfig().output_dir()
+
+
+def _metrics_of(dictionary: Dictionary, folder) -> dict:
+    import json
+
+    metrics = dict(dictionary.meta.get("metrics") or {})
+    evals = Path(folder) / "eval.json" if folder else None
+    if evals is not None and evals.exists():
+        metrics.update({k: v for k, v in json.loads(evals.read_text()).items() if isinstance(v, (int, float))})
+    return metrics
+
+
+# --- the streaming pass --------------------------------------------------------------------
+def window_blocks(cache: ActivationCache, hook: str, block_windows: int, max_tokens: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(first window, activations [windows * context, d]) of consecutive whole windows, in order
+    (the cache's unshuffled batches of a multiple of the context length are whole windows)."""
+    context = cache.context_length
+    windows_left = math.ceil(max_tokens / context) if max_tokens else cache.manifest.n_windows
+    for batch in cache.batches(hook, block_windows * context, shuffle=False, skip_bos=False):
+        x = batch.activations[: windows_left * context]
+        yield int(batch.rows[0]) // context, x.float()
+        windows_left -= len(x) // context
+        if windows_left <= 0:
+            return
+
+
+class _Stats:
+    """Everything accumulated over the stream (see the module docstring)."""
+
+    def __init__(self, n_latents: int, d: int, context: int, config: AnalyzeConfig, co_width: int):
+        self.F, self.context, self.config = n_latents, context, config
+        self.width = min(config.context_before + config.context_after + 1, context)
+        self.fired = torch.zeros(n_latents, dtype=torch.long)
+        self.sum = torch.zeros(n_latents, dtype=torch.float64)
+        self.sum_sq = torch.zeros(n_latents, dtype=torch.float64)
+        self.max = torch.zeros(n_latents)
+        self.histogram = torch.zeros(n_latents * config.histogram_bins, dtype=torch.long)
+        self.edges: Tensor | None = None
+        self.sum_ax = torch.zeros(n_latents, d, dtype=torch.float64)
+        self.sum_x = torch.zeros(d, dtype=torch.float64)
+        self.sum_xx = torch.zeros(d, dtype=torch.float64)
+        self.n_tokens = 0
+        example = {"window": ((), torch.long), "position": ((), torch.long), "start": ((), torch.long),
+                   "value": ((), torch.float32), "context": ((self.width,), torch.float32)}
+        self.top = SmallestKeys(n_latents, config.top, example)
+        self.sample = SmallestKeys(n_latents, 2 * config.quantile_bins * config.per_bin, example)
+        self.co = SmallestKeys(n_latents, config.cooccurrence_rows, {"active": ((co_width,), torch.long)})
+        self.co_width = co_width
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def add(self, first_window: int, x: Tensor, codes: SparseCodes) -> None:
+        rows, feats, vals = codes.row_ids(), codes.flat_indices(), codes.flat_values().float()
+        keep = (vals > 0) & (rows % self.context != 0)  # BOS rows are not analyzed
+        rows, feats, vals = rows[keep], feats[keep], vals[keep]
+        body = torch.arange(len(x)) % self.context != 0
+        self.n_tokens += int(body.sum())
+        self._moments(x[body], rows, feats, vals, len(x))
+        lookup = _CodeLookup(rows, feats, vals, self.F)
+        make = lambda idx: self._example(first_window, rows[idx], feats[idx], vals[idx], lookup)  # noqa: E731
+        self.top.offer(feats, -vals, make)
+        uniform = torch.rand(len(feats), generator=self.generator)
+        self.sample.offer(feats, uniform, make)
+        active = _active_sets(rows, feats, vals, len(x), self.co_width)
+        self.co.offer(feats, uniform, lambda idx: {"active": active[rows[idx]]})
+
+    def _moments(self, x_body: Tensor, rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int) -> None:
+        self.fired += torch.bincount(feats, minlength=self.F)
+        self.sum.index_add_(0, feats, vals.double())
+        self.sum_sq.index_add_(0, feats, vals.double() ** 2)
+        self.max.scatter_reduce_(0, feats, vals, "amax")
+        if self.edges is None:
+            top = float(vals.max()) if vals.numel() else 1.0
+            self.edges = torch.logspace(math.log10(top) - 3, math.log10(top) + 0.6, self.config.histogram_bins + 1)
+        bins = (torch.bucketize(vals, self.edges[1:-1].to(vals.dtype)))
+        self.histogram.index_add_(0, feats * self.config.histogram_bins + bins, torch.ones_like(feats))
+        x_all = torch.zeros(n_rows, x_body.shape[1])
+        x_all[torch.arange(n_rows) % self.context != 0] = x_body
+        coo = torch.sparse_coo_tensor(torch.stack([feats, rows]), vals, (self.F, n_rows), check_invariants=False)
+        self.sum_ax += torch.sparse.mm(coo, x_all).double()
+        self.sum_x += x_body.double().sum(0)
+        self.sum_xx += (x_body.double() ** 2).sum(0)
+
+    def _example(self, first_window: int, rows: Tensor, feats: Tensor, vals: Tensor, lookup: "_CodeLookup") -> dict:
+        position = rows % self.context
+        start = (position - self.config.context_before).clamp(0, self.context - self.width)
+        window_rows = (rows - position + start).unsqueeze(1) + torch.arange(self.width)
+        context = lookup.values_at(window_rows, feats.unsqueeze(1).expand_as(window_rows))
+        return {"window": first_window + rows // self.context, "position": position, "start": start,
+                "value": vals, "context": context}
+
+    # --- the tables ----------------------------------------------------------------------
+    def tables(self, cache: ActivationCache, config: AnalyzeConfig) -> dict[str, pa.Table]:
+        fired = self.fired.numpy()
+        n = max(self.n_tokens, 1)
+        mean = np.where(fired > 0, self.sum.numpy() / np.maximum(fired, 1), 0.0)
+        histogram = self.histogram.view(self.F, -1).numpy().astype(np.int32)
+        features = pa.table({
+            "feature": np.arange(self.F, dtype=np.int32), "fired": fired, "density": fired / n,
+            "mean_activation": mean, "max_activation": self.max.double().numpy(),
+            "histogram": list_column(histogram, pa.int32()),
+        })
+        return {"features": features, "examples": self._examples_table(cache.tokens),
+                "neurons": self._neurons_table(), "cooccurrence": self._cooccurrence_table()}
+
+    def _examples_table(self, tokens: Tensor) -> pa.Table:
+        parts = [self._chosen("top", self.top, self.top.count(), None)]
+        parts.append(self._chosen("quantile", self.sample, self.sample.count(), self.config))
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        offsets = columns.pop("start")[:, None] + np.arange(self.width)
+        token_rows = tokens.numpy()[columns["window"][:, None], offsets]
+        return pa.table({
+            "feature": columns["feature"].astype(np.int32), "kind": columns["kind"],
+            "bin": columns["bin"].astype(np.int16), "rank": columns["rank"].astype(np.int16),
+            "activation": columns["value"].astype(np.float32), "window_id": columns["window"].astype(np.int32),
+            "position": columns["position"].astype(np.int16), "start": offsets[:, 0].astype(np.int16),
+            "tokens": list_column(token_rows.astype(np.int32), pa.int32()),
+            "activations": list_column(columns["context"].astype(np.float32), pa.float32()),
+        })
+
+    def _chosen(self, kind: str, kept: SmallestKeys, counts: Tensor, quantiles: AnalyzeConfig | None) -> dict:
+        """Flat columns of the kept examples; for the sample, the quantile groups' picks."""
+        feature_ids, slot_ids, bins, ranks = [], [], [], []
+        values = kept.data["value"].numpy()
+        for feature, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            if quantiles is None:
+                slots, groups, rank = np.arange(count), np.zeros(count, int), np.arange(count)
+            else:
+                slots, groups, rank = _quantile_picks(values[feature, :count], quantiles.quantile_bins, quantiles.per_bin)
+            feature_ids.append(np.full(len(slots), feature))
+            slot_ids.append(slots)
+            bins.append(groups)
+            ranks.append(rank)
+        feature_ids, slot_ids = np.concatenate(feature_ids or [[]]).astype(int), np.concatenate(slot_ids or [[]]).astype(int)
+        out = {name: kept.data[name].numpy()[feature_ids, slot_ids] for name in ("window", "position", "start", "value", "context")}
+        if len(feature_ids) == 0:
+            out["context"] = np.zeros((0, self.width), np.float32)
+        return {"feature": feature_ids, "kind": np.full(len(feature_ids), kind), "bin": np.concatenate(bins or [[]]),
+                "rank": np.concatenate(ranks or [[]]), **out}
+
+    def _neurons_table(self) -> pa.Table:
+        n = max(self.n_tokens, 1)
+        mean_a, mean_x = self.sum / n, self.sum_x / n
+        var_a = (self.sum_sq / n - mean_a ** 2).clamp_min(0)
+        var_x = (self.sum_xx / n - mean_x ** 2).clamp_min(0)
+        cov = self.sum_ax / n - mean_a[:, None] * mean_x[None, :]
+        corr = cov / (var_a.sqrt()[:, None] * var_x.sqrt()[None, :]).clamp_min(1e-12)
+        corr[var_a == 0] = 0
+        k = min(self.config.neurons, corr.shape[1])
+        _, index = corr.abs().topk(k, dim=1)
+        return _ranked_table(index, corr.gather(1, index), "neuron", "correlation")
+
+    def _cooccurrence_table(self) -> pa.Table:
+        counts = self.co.count()
+        active = self.co.data["active"]  # [F, rows, width], -1 = padding
+        owner = torch.arange(self.F).view(-1, 1, 1).expand_as(active)
+        valid = (active >= 0) & (active != owner) & (torch.arange(active.shape[1]).view(1, -1, 1) < counts.view(-1, 1, 1))
+        pairs = owner[valid] * self.F + active[valid]
+        unique, hits = torch.unique(pairs, return_counts=True)
+        feature, other = unique // self.F, unique % self.F
+        rate = hits.double() / counts[feature].clamp_min(1).double()
+        density = self.fired.double() / max(self.n_tokens, 1)
+        lift = rate / density[other].clamp_min(1e-12)
+        order = np.lexsort((-rate.numpy(), feature.numpy()))  # by feature, then rate descending
+        feature, other, rate, lift = feature[order], other[order], rate[order], lift[order]
+        _, per = torch.unique_consecutive(feature, return_counts=True)
+        rank = torch.arange(len(feature)) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+        keep = rank < self.config.cooccurrence_top
+        return pa.table({"feature": feature[keep].int().numpy(), "rank": rank[keep].short().numpy(),
+                         "other": other[keep].int().numpy(), "rate": rate[keep].float().numpy(),
+                         "lift": lift[keep].float().numpy()})
+
+
+def _quantile_picks(values: np.ndarray, n_bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slots, group and rank of the examples shown: the sample (slots in random-key order) sorted
+    by activation and cut into `n_bins` equal groups; each group shows its first `per_bin` slots."""
+    by_value = np.argsort(values, kind="stable")
+    group_of = np.empty(len(values), dtype=int)
+    group_of[by_value] = np.arange(len(values)) * n_bins // len(values)
+    slots, groups, ranks = [], [], []
+    for group in range(n_bins):
+        members = np.flatnonzero(group_of == group)[:per_bin]  # slots are in key order: random
+        slots.append(members)
+        groups.append(np.full(len(members), group))
+        ranks.append(np.arange(len(members)))
+    return np.concatenate(slots), np.concatenate(groups), np.concatenate(ranks)
+
+
+class _CodeLookup:
+    """Activation of (row, feature) pairs of one block, by binary search over sorted keys."""
+
+    def __init__(self, rows: Tensor, feats: Tensor, vals: Tensor, n_latents: int):
+        self.n_latents = n_latents
+        self.keys, order = torch.sort(rows * n_latents + feats)
+        self.vals = vals[order]
+
+    def values_at(self, rows: Tensor, feats: Tensor) -> Tensor:
+        query = rows * self.n_latents + feats
+        if self.keys.numel() == 0:
+            return torch.zeros(query.shape)
+        at = torch.searchsorted(self.keys, query).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[at] == query, self.vals[at], torch.zeros(()))
+
+
+def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: int) -> Tensor:
+    """[n_rows, width] active features of each row (the largest `width`), -1 padded."""
+    out = torch.full((n_rows, width), -1, dtype=torch.long)
+    if rows.numel() == 0:
+        return out
+    order = torch.argsort(-vals, stable=True)
+    order = order[torch.argsort(rows[order], stable=True)]
+    r = rows[order]
+    _, per = torch.unique_consecutive(r, return_counts=True)
+    slot = torch.arange(len(r)) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    keep = slot < width
+    out[r[keep], slot[keep]] = feats[order][keep]
+    return out
+
+
+def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> _Stats:
+    co_width = dictionary.config.k if dictionary.config.k else 64
+    stats = _Stats(dictionary.n_latents, cache.d(hook), cache.context_length, config, max(co_width, 1))
+    total = min(config.tokens or cache.n_rows, cache.n_rows)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    for first, x in window_blocks(cache, hook, config.block_windows, config.tokens):
+        stats.add(first, x, dictionary.encode(x))
+        bar.update(len(x))
+    bar.close()
+    if stats.n_tokens == 0:
+        from workbench.errors import CacheError
+
+        raise CacheError(f"{cache.path}: no tokens to analyze")
+    return stats
+
+
+# --- from the weights ------------------------------------------------------------------------
+def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.Table:
+    n, k = index.shape
+    return pa.table({"feature": np.repeat(np.arange(n, dtype=np.int32), k),
+                     "rank": np.tile(np.arange(k, dtype=np.int16), n),
+                     other: index.reshape(-1).int().numpy(), value: values.reshape(-1).float().numpy()})
+
+
+def _weight_tables(dictionary: Dictionary, model, hook: str, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
+    directions = dictionary.W_dec.detach().float()
+    unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k = min(config.neighbours, dictionary.n_latents - 1)
+    index, cosine = [], []
+    for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -float("inf")
+        top = sims.topk(k, dim=1)
+        index.append(top.indices)
+        cosine.append(top.values)
+    tables = {"neighbours": _ranked_table(torch.cat(index), torch.cat(cosine), "other", "cosine")}
+    logits = logit_effects(directions, model, config.logit_tokens, chunk) if directions.shape[1] == model.d_resid else None
+    if logits is not None:
+        tables["logits"] = logits
+    return tables
+
+
+def final_norm_map(model) -> tuple[bool, Tensor | None]:
+    """(centres, scale) of the model's final norm: LayerNorm centres and scales, RMSNorm scales."""
+    norm = getattr(model.bridge, "ln_final", None)
+    inner = getattr(norm, "original_component", norm)
+    weight = getattr(inner, "weight", None)
+    centres = norm is not None and "rms" not in type(inner).__name__.lower()
+    return centres, (weight.detach().float() if weight is not None else None)
+
+
+def logit_effects(directions: Tensor, model, n: int, chunk: int = 1024) -> pa.Table:
+    """Top and bottom `n` tokens of each direction pushed through the final norm and W_U."""
+    centres, scale = final_norm_map(model)
+    W_U = model.unembed.float()
+    n = min(n, W_U.shape[1])
+    parts = []
+    for start in range(0, len(directions), chunk):
+        d = directions[start:start + chunk]
+        if centres:
+            d = d - d.mean(dim=1, keepdim=True)
+        if scale is not None:
+            d = d * scale
+        effect = d @ W_U
+        for side, largest in (("top", True), ("bottom", False)):
+            top = effect.topk(n, dim=1, largest=largest)
+            table = _ranked_table(top.indices, top.values, "token", "effect")
+            feature = table.column("feature").to_numpy() + start
+            parts.append((np.asarray(feature, np.int32), np.full(len(feature), side), table))
+    return pa.table({
+        "feature": np.concatenate([p[0] for p in parts]), "side": np.concatenate([p[1] for p in parts]),
+        "rank": np.concatenate([p[2].column("rank").to_numpy() for p in parts]),
+        "token": np.concatenate([p[2].column("token").to_numpy() for p in parts]),
+        "effect": np.concatenate([p[2].column("effect").to_numpy() for p in parts]),
+    })
+
+
+def _vocab_table(model) -> pa.Table:
+    tokenizer = model.tokenizer
+    ids = list(range(model.d_vocab))
+    texts = [tokenizer.decode([i]) for i in ids]
+    return pa.table({"token": np.arange(len(ids), dtype=np.int32), "text": texts})
