@@ -70,6 +70,8 @@ class AnalyzeConfig:
     """Firing rows sampled per feature to estimate co-occurrence."""
     cooccurrence_top: int = 10
     """Co-occurring features kept per feature."""
+    cooccurrence_width: int = 0
+    """Active features remembered per sampled row (its largest); 0 means k for fixed-k codes, else 64."""
     seed: int = 0
     """Seed of the uniform example samples."""
 
@@ -134,7 +136,7 @@ def window_blocks(cache: ActivationCache, hook: str, block_windows: int, max_tok
 class _Stats:
     """Everything accumulated over the stream (see the module docstring)."""
 
-    def __init__(self, n_latents: int, d: int, context: int, config: AnalyzeConfig, co_width: int):
+    def __init__(self, n_latents: int, d: int, context: int, config: AnalyzeConfig):
         self.F, self.context, self.config = n_latents, context, config
         self.width = min(config.context_before + config.context_after + 1, context)
         self.fired = torch.zeros(n_latents, dtype=torch.long)
@@ -151,8 +153,7 @@ class _Stats:
                    "value": ((), torch.float32), "context": ((self.width,), torch.float32)}
         self.top = SmallestKeys(n_latents, config.top, example)
         self.sample = SmallestKeys(n_latents, 2 * config.quantile_bins * config.per_bin, example)
-        self.co = SmallestKeys(n_latents, config.cooccurrence_rows, {"active": ((co_width,), torch.long)})
-        self.co_width = co_width
+        self.co: SmallestKeys | None = None  # its width is known from the first block's codes
         self.generator = torch.Generator().manual_seed(config.seed)
 
     def add(self, first_window: int, x: Tensor, codes: SparseCodes) -> None:
@@ -167,7 +168,10 @@ class _Stats:
         self.top.offer(feats, -vals, make)
         uniform = torch.rand(len(feats), generator=self.generator)
         self.sample.offer(feats, uniform, make)
-        active = _active_sets(rows, feats, vals, len(x), self.co_width)
+        if self.co is None:
+            width = self.config.cooccurrence_width or (codes.indices.shape[1] if codes.is_fixed_k else 64)
+            self.co = SmallestKeys(self.F, self.config.cooccurrence_rows, {"active": ((max(width, 1),), torch.int32)})
+        active = _active_sets(rows, feats, vals, len(x), self.co.data["active"].shape[2])
         self.co.offer(feats, uniform, lambda idx: {"active": active[rows[idx]]})
 
     def _moments(self, x_body: Tensor, rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int) -> None:
@@ -260,7 +264,7 @@ class _Stats:
 
     def _cooccurrence_table(self) -> pa.Table:
         counts = self.co.count()
-        active = self.co.data["active"]  # [F, rows, width], -1 = padding
+        active = self.co.data["active"].long()  # [F, rows, width], -1 = padding
         owner = torch.arange(self.F).view(-1, 1, 1).expand_as(active)
         valid = (active >= 0) & (active != owner) & (torch.arange(active.shape[1]).view(1, -1, 1) < counts.view(-1, 1, 1))
         pairs = owner[valid] * self.F + active[valid]
@@ -326,8 +330,7 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
 
 
 def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> _Stats:
-    co_width = dictionary.config.k if dictionary.config.k else 64
-    stats = _Stats(dictionary.n_latents, cache.d(hook), cache.context_length, config, max(co_width, 1))
+    stats = _Stats(dictionary.n_latents, cache.d(hook), cache.context_length, config)
     total = min(config.tokens or cache.n_rows, cache.n_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
     for first, x in window_blocks(cache, hook, config.block_windows, config.tokens):

@@ -53,3 +53,52 @@ def need(module: str, extra: str):
             pytest.fail(f"CI must install the '{extra}' extra: {message}")
         pytest.skip(message)
     return __import__(module)
+
+
+STORE_HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_model, tmp_path_factory):
+    """A 6,144-token cache (windows of 32) of the tiny model at STORE_HOOK."""
+    from workbench.activations import CacheConfig, build_cache
+
+    config = CacheConfig(model="tiny", hooks=(STORE_HOOK,), corpus="tiny-shakespeare", tokens=6144, context_length=32,
+                         batch_size=8, shard_tokens=1024, out=str(tmp_path_factory.mktemp("store-cache") / "cache"))
+    return build_cache(config, model=tiny_model, progress=False)
+
+
+def tiny_dictionary(arch: str, cache_folder, seed: int = 0):
+    """A small dictionary (48 latents, k 4) for analysis tests whose latents point at centred
+    activation rows of the cache, so that most of them fire on something."""
+    import torch
+
+    from tests.sae_cases import small
+    from workbench.cache_reader import ActivationCache
+
+    sample = ActivationCache(cache_folder).shard(STORE_HOOK, 0).float()[1::7]
+    dictionary = small(arch, seed=seed, d_in=sample.shape[1], n_latents=48, k=4, aux_k=0, target_l0=4, bandwidth=0.3)
+    picks = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:48]] - sample.mean(0)
+    with torch.no_grad():
+        dictionary.W_enc.copy_(picks / picks.norm(dim=1, keepdim=True))
+        dictionary.W_dec.copy_(dictionary.W_enc)
+        dictionary.b_dec.copy_(sample.mean(0))
+    dictionary.meta = {"hook": STORE_HOOK}
+    return dictionary
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tiny_model_dir, tiny_cache, tmp_path_factory):
+    """A saved TopK dictionary folder with its feature store (features.duckdb) built."""
+    from sae.analyze import AnalyzeConfig, analyze
+    from sae.io import save
+
+    folder = tmp_path_factory.mktemp("store-run") / "topk"
+    dictionary = tiny_dictionary("topk", tiny_cache)
+    save(dictionary, folder, hook=STORE_HOOK, model=str(tiny_model_dir), cache=str(tiny_cache),
+         metrics={"fvu": 0.5, "l0": 4.0})
+    from sae.io import load
+
+    analyze(load(folder), AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2),
+            folder=folder, model=tiny_model, progress=False)
+    return folder

@@ -1,0 +1,180 @@
+"""The feature store builder against a dense reference: every statistic, example and table of
+`sae.analyze` recomputed from the dictionary's dense activations over the whole cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sae.analyze import AnalyzeConfig, analyze, final_norm_map
+from sae.per_feature import SmallestKeys
+from tests.conftest import STORE_HOOK, tiny_dictionary
+from workbench.cache_reader import ActivationCache
+from workbench.store import FeatureStore
+
+CONFIG = AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2,
+                       cooccurrence_rows=6000, cooccurrence_width=48, block_windows=5)
+
+
+def dense_reference(dictionary, cache: ActivationCache):
+    x = torch.cat([cache.shard(STORE_HOOK, i) for i in range(cache.n_shards(STORE_HOOK))]).float()
+    with torch.no_grad():
+        acts = dictionary.encode(x).to_dense()
+    body = torch.arange(len(x)) % cache.context_length != 0
+    acts[~body] = 0
+    return x, acts, body
+
+
+@pytest.fixture(scope="module", params=["topk", "jumprelu"])
+def built(request, tiny_model, tiny_cache, tmp_path_factory):
+    """(store, dictionary, cache) for a fixed-k (TopK) and a variable-k (JumpReLU) dictionary."""
+    dictionary = tiny_dictionary(request.param, tiny_cache)
+    out = tmp_path_factory.mktemp("analyze") / "features.duckdb"
+    config = AnalyzeConfig(**{**CONFIG.__dict__, "cache": str(tiny_cache), "out": str(out)})
+    analyze(dictionary, config, model=tiny_model, progress=False)
+    return FeatureStore(out), dictionary, ActivationCache(tiny_cache)
+
+
+def test_statistics_equal_the_dense_reference(built):
+    store, dictionary, cache = built
+    _, acts, body = dense_reference(dictionary, cache)
+    table = store.features(order_by="feature", descending=False, limit=10_000)
+    fired = (acts > 0).sum(0)
+    assert store.meta["tokens_analyzed"] == int(body.sum())
+    assert fired.sum() > 0 and table.fired.tolist() == fired.tolist()
+    np.testing.assert_allclose(table.density, fired.double() / body.sum(), rtol=1e-12)
+    np.testing.assert_allclose(table.max_activation, acts.max(0).values, rtol=1e-6)
+    mean = torch.where(fired > 0, acts.sum(0).double() / fired.clamp_min(1), torch.zeros(()))
+    np.testing.assert_allclose(table.mean_activation, mean, rtol=1e-5)
+    edges = np.asarray(store.histogram_edges())
+    for feature in range(0, dictionary.n_latents, 7):
+        values = acts[:, feature][acts[:, feature] > 0].double().numpy()
+        expected = np.bincount((values[:, None] > edges[None, 1:-1]).sum(1), minlength=len(edges) - 1)
+        assert store.feature(feature).histogram == expected.tolist()
+
+
+def test_top_examples_are_the_dense_top_with_their_contexts(built):
+    store, dictionary, cache = built
+    _, acts, _ = dense_reference(dictionary, cache)
+    ctx, tokens = cache.context_length, cache.tokens
+    checked = 0
+    for feature in range(dictionary.n_latents):
+        page = store.feature(feature)
+        column = acts[:, feature]
+        expected = column.topk(min(CONFIG.top, int((column > 0).sum()))).values
+        got = torch.tensor([e.activation for e in page.top])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for example in page.top:
+            row = example.window * ctx + example.position
+            assert column[row] == pytest.approx(example.activation, rel=1e-5)
+            span = torch.arange(len(example.tokens)) + example.window * ctx + example.start
+            torch.testing.assert_close(torch.tensor(example.activations), column[span], rtol=1e-5, atol=1e-6)
+            assert example.tokens == tokens[example.window, example.start:example.start + len(example.tokens)].tolist()
+            assert example.start <= example.position < example.start + len(example.tokens)
+            checked += 1
+    assert checked > 3 * dictionary.n_latents
+
+
+def test_quantile_examples_are_real_firings_in_ascending_groups(built):
+    store, dictionary, cache = built
+    _, acts, _ = dense_reference(dictionary, cache)
+    groups_seen = 0
+    for feature in range(dictionary.n_latents):
+        page = store.feature(feature)
+        by_group: dict[int, list[float]] = {}
+        for example in page.quantiles:
+            row = example.window * cache.context_length + example.position
+            assert acts[row, feature] == pytest.approx(example.activation, rel=1e-5) and example.activation > 0
+            by_group.setdefault(example.bin, []).append(example.activation)
+        groups = sorted(by_group)
+        for low, high in zip(groups, groups[1:]):
+            assert max(by_group[low]) <= min(by_group[high])
+        assert all(len(v) <= CONFIG.per_bin for v in by_group.values())
+        groups_seen += len(groups)
+    assert groups_seen >= dictionary.n_latents  # most features fill several groups
+
+
+def test_neurons_and_cooccurrence_equal_the_reference(built):
+    store, dictionary, cache = built
+    x, acts, body = dense_reference(dictionary, cache)
+    x, acts = x[body].double(), acts[body].double()
+    for feature in range(0, dictionary.n_latents, 5):
+        page = store.feature(feature)
+        if page.fired == 0:
+            assert page.cooccurrence.empty
+            continue
+        corr = torch.corrcoef(torch.cat([acts[:, feature:feature + 1], x], 1).T)[0, 1:]
+        best = int(corr.abs().argmax())
+        assert int(page.neurons.neuron[0]) == best
+        assert page.neurons.correlation[0] == pytest.approx(float(corr[best]), abs=1e-4)
+        fires = acts[:, feature] > 0
+        rate = ((acts[fires] > 0).sum(0).double() / fires.sum()).numpy()
+        rate[feature] = 0
+        assert page.fired <= CONFIG.cooccurrence_rows  # every firing row was kept: the rates are exact
+        for row in page.cooccurrence.itertuples():
+            assert row.rate == pytest.approx(rate[row.other], rel=1e-5)
+        assert page.cooccurrence.rate.iloc[0] == pytest.approx(rate.max(), rel=1e-5)
+
+
+def test_neighbours_and_logit_effects_follow_their_formulas(built, tiny_model):
+    store, dictionary, _ = built
+    W = dictionary.W_dec.detach().double()
+    unit = W / W.norm(dim=1, keepdim=True)
+    centres, scale = final_norm_map(tiny_model)
+    assert centres and scale is not None  # GPT-2's final LayerNorm
+    directions = (W - W.mean(1, keepdim=True)) * scale.double()
+    effects = directions @ tiny_model.unembed.double()
+    for feature in (0, 17, 47):
+        page = store.feature(feature)
+        cosine = unit @ unit[feature]
+        cosine[feature] = -2
+        assert page.neighbours.other.tolist() == cosine.topk(CONFIG.neighbours).indices.tolist()
+        top = page.logits[page.logits.side == "top"]
+        bottom = page.logits[page.logits.side == "bottom"]
+        assert top.token.tolist() == effects[feature].topk(CONFIG.logit_tokens).indices.tolist()
+        assert bottom.token.tolist() == effects[feature].topk(CONFIG.logit_tokens, largest=False).indices.tolist()
+        np.testing.assert_allclose(top.effect, effects[feature].topk(CONFIG.logit_tokens).values, rtol=1e-4)
+
+
+def test_block_size_and_token_budget(tiny_model, tiny_cache, tmp_path):
+    dictionary = tiny_dictionary("topk", tiny_cache)
+    stores = []
+    for blocks in (1, 16):
+        out = tmp_path / f"b{blocks}.duckdb"
+        analyze(dictionary, AnalyzeConfig(cache=str(tiny_cache), out=str(out), block_windows=blocks, top=4),
+                model=tiny_model, progress=False)
+        stores.append(FeatureStore(out))
+    a, b = (s.features(order_by="feature", descending=False, limit=100) for s in stores)
+    assert a.equals(b)
+    assert [e.activation for e in stores[0].feature(3).top] == [e.activation for e in stores[1].feature(3).top]
+    out = tmp_path / "budget.duckdb"
+    analyze(dictionary, AnalyzeConfig(cache=str(tiny_cache), out=str(out), tokens=100), model=tiny_model, progress=False)
+    assert FeatureStore(out).meta["tokens_analyzed"] == 4 * 31  # ceil(100 / 32) windows, BOS rows skipped
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.lists(st.integers(0, 60), min_size=1, max_size=6), st.integers(0, 10**6))
+def test_smallest_keys_equals_sorting_the_whole_stream(n_features, size, chunks, seed):
+    generator = torch.Generator().manual_seed(seed)
+    kept = SmallestKeys(n_features, size, {"id": ((), torch.long), "pair": ((2,), torch.float32)})
+    all_features, all_keys = [], []
+    offset = 0
+    for length in chunks:
+        features = torch.randint(0, n_features, (length,), generator=generator)
+        keys = torch.rand(length, generator=generator)
+        ids = torch.arange(offset, offset + length)
+        kept.offer(features, keys, lambda idx: {"id": ids[idx], "pair": torch.stack([keys[idx], -keys[idx]], 1)})
+        all_features.append(features)
+        all_keys.append(keys)
+        offset += length
+    features, keys = torch.cat(all_features), torch.cat(all_keys)
+    for feature in range(n_features):
+        mine = keys[features == feature].sort().values[:size]
+        count = len(mine)
+        assert int(kept.count()[feature]) == count
+        torch.testing.assert_close(kept.keys[feature, :count], mine)
+        torch.testing.assert_close(keys[kept.data["id"][feature, :count]], mine)
+        torch.testing.assert_close(kept.data["pair"][feature, :count, 1], -mine)
