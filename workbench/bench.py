@@ -37,7 +37,7 @@ def format_table(rows: list[dict]) -> str:
     """Rows of dicts with the same keys, as an aligned text table."""
     if not rows:
         return "(no rows)"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # every row's keys, first-seen order
     cells = [[_cell(row.get(k)) for k in keys] for row in rows]
     widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
     lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths))]

@@ -17,7 +17,7 @@ STORES_ENV = "WORKBENCH_STORES"
 def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(MAIN), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--global.developmentMode", "false"]
+            "--server.fileWatcherType", "none", "--global.developmentMode", "false", "--client.toolbarMode", "minimal"]
 
 
 def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:

@@ -24,9 +24,11 @@ def histogram_figure(edges: Sequence[float], counts: Sequence[int], title: str =
     return figure
 
 
-def logit_figure(tokens: Sequence[str], effects: Sequence[float], title: str) -> go.Figure:
+def logit_figure(texts: Sequence[str], token_ids: Sequence[int], effects: Sequence[float], title: str) -> go.Figure:
+    """Horizontal bars, one per token; labels carry the id, as distinct tokens can print alike."""
     colour = "rgb(40, 120, 200)" if title.lower().startswith("top") else "rgb(200, 60, 60)"
-    figure = go.Figure(go.Bar(x=list(effects), y=[repr(t) for t in tokens], orientation="h", marker_color=colour))
+    labels = [f"{t!r} · {i}" for t, i in zip(texts, token_ids)]
+    figure = go.Figure(go.Bar(x=list(effects), y=labels, orientation="h", marker_color=colour))
     figure.update_layout(title=title, height=40 + 22 * len(tokens), margin=dict(l=10, r=10, t=40, b=20),
                          yaxis=dict(autorange="reversed"))
     return figure

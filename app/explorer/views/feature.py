@@ -56,7 +56,7 @@ with right:
     for side, title in (("top", "Top logit effects"), ("bottom", "Bottom logit effects")):
         part = logits[logits.side == side]
         if not part.empty:
-            st.plotly_chart(logit_figure(part.text.tolist(), part.effect.tolist(), title), key=f"logits_{side}")
+            st.plotly_chart(logit_figure(part.text.tolist(), part.token.tolist(), part.effect.tolist(), title), key=f"logits_{side}")
     st.subheader("Decoder neighbours")
     for row in page.neighbours.itertuples():
         st.button(f"feature {row.other} · cosine {row.cosine:.3f}", key=f"neighbour_{row.other}",

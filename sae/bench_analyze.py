@@ -1,0 +1,94 @@
+"""`workbench bench analyze`: feature-store build throughput and feature-page read latency.
+
+The analysis pass (encode + every per-feature accumulator of `sae.analyze`) runs on generated
+activations of the requested width, so the bench does not depend on a cache of that width;
+each block's encode is timed inside the same loop, giving the pass's cost as a multiple of the
+encode alone (its floor). The tables are then built and written to a temporary store, and
+random feature pages are read back from it, as the explorer does.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sae.analyze import AnalyzeConfig, _Stats, _weight_tables
+from sae.base import create
+from sae.config import DictionaryConfig
+from workbench.bench import median
+from workbench.store import FeatureStore, write_store
+
+
+class _Tokens:
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+
+def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, tokens: int = 131_072,
+                          context: int = 128, reads: int = 50, threads: int = 2, seed: int = 0,
+                          progress: bool = True) -> list[dict]:
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = create(DictionaryConfig("topk", d, latents, k=k), seed=seed)
+    config = AnalyzeConfig()
+    block = config.block_windows * context
+    n_blocks = max(1, tokens // block)
+    mixing = torch.randn(d, d, generator=generator) / d ** 0.5  # correlated dimensions, as in a model
+    stats = _Stats(latents, d, context, config)
+    encode_s = total_s = 0.0
+    with torch.no_grad():
+        for index in range(n_blocks):
+            x = torch.randn(block, d, generator=generator) @ mixing + 0.3
+            started = time.perf_counter()
+            codes = dictionary.encode(x)
+            encoded = time.perf_counter()
+            stats.add(index * config.block_windows, x, codes)
+            total_s += time.perf_counter() - started
+            encode_s += encoded - started
+        token_windows = torch.randint(0, 50_000, (n_blocks * config.block_windows, context), generator=generator)
+        started = time.perf_counter()
+        tables = stats.tables(_Tokens(token_windows), config)
+        tables.update(_weight_tables(dictionary, None, "", config))
+        finish_s = time.perf_counter() - started
+    n = n_blocks * block
+    rows = [
+        {"name": "encode only (floor)", "latents": latents, "d": d, "tokens": n, "seconds": round(encode_s, 2),
+         "tokens_per_s": round(n / encode_s), "x_encode": 1.0, "projected_1M_tokens_s": round(encode_s / n * 1e6, 1)},
+        {"name": "analysis pass", "latents": latents, "d": d, "tokens": n, "seconds": round(total_s, 2),
+         "tokens_per_s": round(n / total_s), "x_encode": round(total_s / encode_s, 3),
+         "projected_1M_tokens_s": round(total_s / n * 1e6 + finish_s, 1)},
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "features.duckdb"
+        started = time.perf_counter()
+        write_store(path, {"n_latents": latents, "histogram_edges": stats.edges.tolist()}, tables)
+        write_s = time.perf_counter() - started
+        rows.append({"name": "tables + write store", "latents": latents, "seconds": round(finish_s + write_s, 2),
+                     "store_mb": round(path.stat().st_size / 2**20, 1)})
+        rows.append(_page_latency(path, latents, reads, generator))
+    rows[-1]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return rows
+
+
+def _page_latency(path: Path, latents: int, reads: int, generator: torch.Generator) -> dict:
+    started = time.perf_counter()
+    store = FeatureStore(path)
+    open_ms = (time.perf_counter() - started) * 1e3
+    store.vocab  # noqa: B018 - loaded once per store, like the explorer's cached store
+    times = []
+    for feature in torch.randint(0, latents, (reads,), generator=generator).tolist():
+        started = time.perf_counter()
+        store.feature(feature)
+        times.append((time.perf_counter() - started) * 1e3)
+    started = time.perf_counter()
+    store.features(limit=5000)
+    table_ms = (time.perf_counter() - started) * 1e3
+    store.close()
+    return {"name": "feature page read", "latents": latents, "open_ms": round(open_ms, 1),
+            "median_ms": round(median(times), 1), "p95_ms": round(float(np.percentile(times, 95)), 1),
+            "table_ms": round(table_ms, 1)}
