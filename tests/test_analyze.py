@@ -180,3 +180,23 @@ def test_smallest_keys_equals_sorting_the_whole_stream(n_features, size, chunks,
         torch.testing.assert_close(keys[kept.data["id"][feature, slots]], mine)
         torch.testing.assert_close(kept.data["pair"][feature, slots, 1], -mine)
         assert kept.worst[feature] == (mine[-1] if count == size else float("inf"))
+
+
+def test_codebook_codes_are_features_of_the_store(tiny_model, tiny_cache, tmp_path):
+    from sae.base import create
+    from sae.config import DictionaryConfig
+
+    cache = ActivationCache(tiny_cache)
+    codebook = create(DictionaryConfig(architecture="codebook", d_in=cache.d(STORE_HOOK), n_latents=32, k=2), seed=0)
+    with torch.no_grad():
+        codebook.initialize_from(cache.shard(STORE_HOOK, 0).float())
+    codebook.meta = {"hook": STORE_HOOK}
+    out = tmp_path / "codes.duckdb"
+    analyze(codebook, AnalyzeConfig(cache=str(tiny_cache), out=str(out), top=3), model=tiny_model, progress=False)
+    store = FeatureStore(out)
+    table = store.features(limit=100)
+    assert store.meta["architecture"] == "codebook"
+    assert table.fired.sum() == 2 * store.meta["tokens_analyzed"]  # every token picks exactly k codes
+    assert (table.max_activation[table.fired > 0] == 1.0).all()
+    busiest = store.feature(int(table.feature[0]))
+    assert len(busiest.top) == 3 and all(e.activation == 1.0 for e in busiest.top)

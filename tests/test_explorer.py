@@ -140,3 +140,31 @@ def test_circuits_page_draws_a_circuit_and_refuses_a_bad_one(tiny_run, tmp_path,
     assert edges.source.tolist()[0] == "embed" and edges.score.tolist()[0] == 0.8
     at.selectbox(key="circuit_file").set_value(str(bad)).run()
     assert "unknown node" in at.error[0].value
+
+
+def test_a_click_on_a_feature_node_names_its_store_and_feature(tiny_run, tmp_path):
+    from app.explorer.data import clicked_feature
+    from circuits.graph import load_circuit
+
+    write_circuit(tmp_path / "toy.circuit.json", tiny_run / "features.duckdb")
+    circuit = load_circuit(tmp_path / "toy.circuit.json")
+    assert clicked_feature(circuit, [{"customdata": "embed"}]) is None
+    assert clicked_feature(circuit, [{"customdata": "embed"}, {"customdata": "f3"}]) == (str(tiny_run / "features.duckdb"), 3)
+
+
+def test_live_box_says_why_when_the_dictionary_is_gone(tiny_run, tmp_path, monkeypatch):
+    import duckdb
+    from streamlit.testing.v1 import AppTest
+
+    moved = tmp_path / "features.duckdb"
+    moved.write_bytes((tiny_run / "features.duckdb").read_bytes())
+    with duckdb.connect(str(moved)) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'dictionary_path'", [json.dumps(str(tmp_path / "gone"))])
+    monkeypatch.setenv("WORKBENCH_STORES", str(moved))
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at = open_page(at, "feature", feature_id=1)
+    at.text_area(key="live_text").input("some text")
+    at.button(key="live_run").click().run()
+    assert "is not on this machine" in at.warning[0].value
+    at = open_page(at, "steering")
+    assert "is not on this machine" in at.warning[0].value

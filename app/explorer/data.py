@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -14,17 +15,36 @@ from workbench.store import FeatureStore, StoreError, find_stores
 MAX_LIVE_TOKENS = 256
 
 
+def cached(kind: str, **options):
+    """`st.cache_data` / `st.cache_resource`, applied on the first call: decorating at import
+    time would need Streamlit's runtime (and warns without one), and importing runs nothing."""
+
+    def wrap(fn):
+        made = None
+
+        @functools.wraps(fn)
+        def call(*args):
+            nonlocal made
+            if made is None:
+                made = getattr(st, kind)(**options)(fn)
+            return made(*args)
+
+        return call
+
+    return wrap
+
+
 def store_roots() -> list[str]:
     value = os.environ.get(STORES_ENV, "")
     return [p for p in value.split(os.pathsep) if p] or ["runs"]
 
 
-@st.cache_data(ttl=30, show_spinner=False)
+@cached("cache_data", ttl=30, show_spinner=False)
 def store_paths(roots: tuple[str, ...]) -> list[str]:
     return [str(p) for p in find_stores(list(roots))]
 
 
-@st.cache_resource(show_spinner=False)
+@cached("cache_resource", show_spinner=False)
 def open_store(path: str) -> FeatureStore:
     return FeatureStore(path)
 
@@ -63,14 +83,24 @@ def show_feature(feature: int) -> None:
     st.session_state["feature_id"] = int(feature)
 
 
-@st.cache_resource(show_spinner="Loading the model ...")
+def clicked_feature(circuit, points: list) -> tuple[str | None, int] | None:
+    """(store, feature) of the first clicked feature node of a circuit graph, else None."""
+    nodes = {n.id: n for n in circuit.nodes}
+    for point in points:
+        node = nodes.get(point.get("customdata"))
+        if node is not None and node.kind == "feature" and node.feature is not None:
+            return node.store, int(node.feature)
+    return None
+
+
+@cached("cache_resource", show_spinner="Loading the model ...")
 def live_model(spec: str):
     from workbench.models import load_model
 
     return load_model(spec)
 
 
-@st.cache_resource(show_spinner="Loading the dictionary ...")
+@cached("cache_resource", show_spinner="Loading the dictionary ...")
 def live_dictionary(path: str):
     import sae
 

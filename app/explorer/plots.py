@@ -29,7 +29,7 @@ def logit_figure(texts: Sequence[str], token_ids: Sequence[int], effects: Sequen
     colour = "rgb(40, 120, 200)" if title.lower().startswith("top") else "rgb(200, 60, 60)"
     labels = [f"{t!r} · {i}" for t, i in zip(texts, token_ids)]
     figure = go.Figure(go.Bar(x=list(effects), y=labels, orientation="h", marker_color=colour))
-    figure.update_layout(title=title, height=40 + 22 * len(tokens), margin=dict(l=10, r=10, t=40, b=20),
+    figure.update_layout(title=title, height=40 + 22 * len(labels), margin=dict(l=10, r=10, t=40, b=20),
                          yaxis=dict(autorange="reversed"))
     return figure
 

@@ -6,14 +6,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app.explorer.data import go_to_feature, store_roots
+from app.explorer.data import cached, clicked_feature, go_to_feature, store_roots
 from app.explorer.plots import circuit_figure
 from circuits.graph import Circuit, CircuitError, load_circuit
 
 CIRCUITS_ENV = "WORKBENCH_CIRCUITS"
 
 
-@st.cache_data(ttl=30, show_spinner=False)
+@cached("cache_data", ttl=30, show_spinner=False)
 def circuit_files(roots: tuple[str, ...]) -> list[str]:
     found = []
     for root in map(Path, roots):
@@ -46,15 +46,14 @@ if circuit.metrics:
 only = st.toggle("Only nodes and edges in the circuit", value=True, key="only_circuit")
 event = st.plotly_chart(circuit_figure(circuit, only), on_select="rerun", selection_mode="points", key="circuit_graph")
 points = event.selection.points if event is not None and event.selection else []
-nodes = {n.id: n for n in circuit.nodes}
-for point in points:
-    node = nodes.get(point.get("customdata"))
-    if node is not None and node.kind == "feature" and node.feature is not None:
-        if node.store:
-            st.session_state["store"] = node.store
-        go_to_feature(node.feature)
-    elif node is not None:
-        st.write(f"{node.id}: {node.kind}, layer {node.layer}, score {node.score:.4g}")
+target = clicked_feature(circuit, points)
+if target is not None:
+    store, feature = target
+    if store:
+        st.session_state["store"] = store
+    go_to_feature(feature)
+elif points:
+    st.write(f"selected: {', '.join(str(p.get('customdata')) for p in points)}")
 
 st.subheader("Edges by |score|")
 edges = pd.DataFrame([e.__dict__ for e in circuit.edges])
