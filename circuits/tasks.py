@@ -1,0 +1,65 @@
+"""Circuit tasks: clean and corrupted prompts of equal shape, and a metric of the logits.
+
+The metric gives one value per prompt, higher meaning "the model does the task" (e.g. the mean
+log-prob of the right next tokens); the task's score is its mean over prompts. Metrics take
+the rows they score, so attribution can run on chunks of prompts with bounded memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from workbench.errors import WorkbenchError
+
+
+class TaskError(WorkbenchError, ValueError):
+    """A task that cannot be run."""
+
+
+@dataclass
+class Task:
+    name: str
+    clean: Tensor
+    """[N, P] token ids."""
+    corrupted: Tensor
+    """[N, P], the same shape: what resample ablation patches in."""
+    metric: Callable[[Tensor, slice], Tensor]
+    """(logits [n, P, V] of prompts `rows`, rows) -> [n] values (higher: the task is done)."""
+    ground_truth: dict = field(default_factory=dict)
+    """Optional: {"heads": [...], "edges": [...]} by node/edge name."""
+
+    def __post_init__(self) -> None:
+        if self.clean.shape != self.corrupted.shape or self.clean.dim() != 2:
+            raise TaskError(f"task {self.name!r}: clean {tuple(self.clean.shape)} and corrupted "
+                            f"{tuple(self.corrupted.shape)} prompts must be [N, P] of one shape")
+
+    def score(self, logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        """The mean metric over the prompts `rows` (logits of those prompts)."""
+        return self.metric(logits, rows).mean()
+
+
+def next_token_logprob(tokens: Tensor, where: Tensor) -> Callable[[Tensor, slice], Tensor]:
+    """Per prompt, the mean log-prob of the next token over the positions where `where` [N, P]
+    is true (the logits at position p predict token p + 1)."""
+
+    def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        targets, weights = tokens[rows, 1:], where[rows, :-1].to(logits.dtype)
+        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (logprobs * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+    return metric
+
+
+def kl_to(clean_logits: Tensor) -> Callable[[Tensor, slice], Tensor]:
+    """Per prompt, minus the KL divergence of the output from the clean output (mean over positions)."""
+    reference = clean_logits.detach().log_softmax(-1)
+
+    def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference[rows], log_target=True, reduction="none")
+        return -kl.sum(-1).mean(-1)
+
+    return metric
