@@ -3,7 +3,8 @@
     {"format_version": 1, "task": "induction", "method": "eap-ig", "metrics": {...},
      "nodes": [{"id": "a1.3", "kind": "head", "layer": 1, "label": "L1H3", "score": 0.8,
                 "in_circuit": true, "hook": "...", "feature": null, "store": null}, ...],
-     "edges": [{"source": "a0.2", "target": "a1.3", "score": 0.5, "in_circuit": true}, ...]}
+     "edges": [{"source": "a0.2", "target": "a1.3", "score": 0.5, "in_circuit": true,
+                "input": "k"}, ...]}
 
 `kind` is one of embed, head, mlp, feature, error, logits; feature nodes name their latent
 (`feature`) and may name the feature store that describes it (`store`). Never pickle.
@@ -47,6 +48,8 @@ class Edge:
     target: str
     score: float = 0.0
     in_circuit: bool = True
+    input: str = ""
+    """Which input of the target: q, k or v for heads; empty otherwise."""
 
 
 @dataclass

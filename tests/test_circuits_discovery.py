@@ -1,0 +1,72 @@
+"""ACDC pruning, circuit scoring and the one-call `discover` on a small GPT-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits.acdc import acdc_mask, acdc_scores
+from circuits.attribution import ablated_outputs, task_score
+from circuits.discover import METHODS, discover, to_circuit
+from circuits.evaluate import faithfulness, faithfulness_all, mask_of_edges, roc_auc, top_edges
+from circuits.graph import Circuit
+from circuits.tasks import TaskError
+from tests.test_circuits_attribution import graph_model, task  # noqa: F401 - fixtures
+
+
+def test_acdc_removes_only_edges_that_cost_less_than_tau(graph_model, task):  # noqa: F811
+    ablated = ablated_outputs(graph_model, task)
+    full = task_score(graph_model, task)
+    gap = full - task_score(graph_model, task, graph_model.full_mask(0.0), ablated)
+    tau = 0.01 * abs(gap)
+    mask = acdc_mask(graph_model, task, ablated, tau)
+    removed = int(graph_model.graph.allowed.sum() - mask.sum())
+    assert 0 < removed < len(graph_model.graph.edges)
+    # each accepted removal cost < tau, so the whole pruning cost < removed * tau
+    assert full - task_score(graph_model, task, mask, ablated) < removed * tau
+    assert acdc_mask(graph_model, task, ablated, float("inf")).sum() == 0
+    assert torch.equal(acdc_mask(graph_model, task, ablated, -float("inf")), graph_model.full_mask())
+
+
+def test_acdc_sweep_scores_are_the_largest_surviving_threshold(graph_model, task):  # noqa: F811
+    ablated = ablated_outputs(graph_model, task)
+    scores, masks = acdc_scores(graph_model, task, ablated, thresholds=[1e-3, 1e-2])
+    for index, (s, r) in enumerate(graph_model.graph.edges):
+        survives = [tau for tau, mask in masks.items() if mask[s, r] > 0]
+        assert float(scores[index]) == pytest.approx(max(survives, default=0.0))
+
+
+def test_faithfulness_is_one_for_the_model_and_zero_for_nothing(graph_model, task):  # noqa: F811
+    everything = torch.ones(len(graph_model.graph.edges), dtype=torch.bool)
+    for ablation in ("resample", "mean", "zero"):
+        assert faithfulness(graph_model, task, mask_of_edges(graph_model, everything), ablation) == pytest.approx(1.0, abs=1e-5)
+        assert faithfulness(graph_model, task, mask_of_edges(graph_model, ~everything), ablation) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_roc_auc_and_top_edges():
+    assert roc_auc({"a": 0.9, "b": -0.8, "c": 0.1, "d": 0.0}, {"a", "b"}) == 1.0
+    assert roc_auc({"a": 0.1, "b": 0.9}, {"a"}) == 0.0
+    assert roc_auc([0.3, 0.2], [True, True]) != roc_auc([0.3, 0.2], [True, True])  # undefined: nan
+    assert top_edges(torch.tensor([0.1, -3.0, 2.0, 0.0]), 2).tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_discover_gives_a_circuit_that_reads_back(graph_model, task, method, tmp_path):  # noqa: F811
+    found = discover(graph_model, task, method, steps=2, n_edges=12)
+    assert found.scores.shape == (len(graph_model.graph.edges),) and found.kept.any()
+    if method != "acdc":
+        assert int(found.kept.sum()) == 12
+    scores = faithfulness_all(graph_model, task, found.mask(graph_model))
+    assert set(scores) == {"resample", "mean", "zero"}
+    circuit = to_circuit(graph_model, task, found, metrics={"faithfulness": scores})
+    circuit.save(tmp_path / "c.circuit.json")
+    again = Circuit.from_json(circuit.to_json())
+    assert len(again.edges) == len(graph_model.graph.edges) and sum(e.in_circuit for e in again.edges) == int(found.kept.sum())
+    assert {e.input for e in again.edges} == {"q", "k", "v", ""}
+
+
+def test_unknown_method_and_ablation_are_refused(graph_model, task):  # noqa: F811
+    with pytest.raises(TaskError, match="unknown method"):
+        discover(graph_model, task, "magic")
+    with pytest.raises(TaskError, match="unknown ablation"):
+        discover(graph_model, task, "eap", ablation="blur")
