@@ -83,6 +83,21 @@ def _build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     explore.set_defaults(run=cmd_explore)
 
+    circuits = commands.add_parser("circuits", help="discover a circuit (exact, EAP, EAP-IG, ACDC), score it, save its JSON")
+    circuits.add_argument("--model", default="demo", help="a GPT-2-architecture model spec (default: demo)")
+    circuits.add_argument("--task", default="induction", choices=["induction"], help="built-in task")
+    circuits.add_argument("--method", default="eap-ig", help="exact, eap, eap-ig, eap-ig-activations or acdc")
+    circuits.add_argument("--ablation", default="resample", help="what an ablated edge carries: resample, mean or zero")
+    circuits.add_argument("--prompts", type=int, default=32, help="prompts in the task")
+    circuits.add_argument("--length", type=int, default=33, help="tokens per prompt")
+    circuits.add_argument("--steps", type=int, default=8, help="integration steps of EAP-IG")
+    circuits.add_argument("--edges", type=int, default=0, help="edges kept in the circuit (default: 5%% of the graph)")
+    circuits.add_argument("--top", type=int, default=10, help="edges printed")
+    circuits.add_argument("--seed", type=int, default=0)
+    circuits.add_argument("--out", default="", help="circuit JSON (default: runs/circuits/<model>-<task>-<method>.circuit.json)")
+    circuits.add_argument("--json", action="store_true", help="print the summary as JSON")
+    circuits.set_defaults(run=cmd_circuits)
+
     finetune = commands.add_parser("codebook-finetune", help="insert a codebook at a hook and train it with the model's LM loss")
     add_config_arguments(finetune, FinetuneConfig)
     _quiet_and_json(finetune)
@@ -271,6 +286,36 @@ def cmd_analyze(args) -> None:
                         "tokens": store.meta["tokens_analyzed"], "median_density": float(alive.density.median()) if len(alive) else 0.0,
                         "seconds": store.meta["seconds"]}, args.json)
         store.close()
+
+
+def cmd_circuits(args) -> None:
+    from circuits.discover import discover, to_circuit
+    from circuits.evaluate import faithfulness_all
+    from circuits.tasks import induction_task
+    from circuits.transformer import from_gpt2
+    from workbench.models import load_model
+
+    model = load_model(args.model)
+    graph = from_gpt2(model)
+    length = min(args.length, graph.shape.n_ctx)
+    task = induction_task(graph.shape.d_vocab, n=args.prompts, length=length, bos=model.bos_token_id, seed=args.seed)
+    found = discover(graph, task, args.method, ablation=args.ablation, steps=args.steps, n_edges=args.edges)
+    faithful = faithfulness_all(graph, task, found.mask(graph))
+    circuit = to_circuit(graph, task, found, metrics={"faithfulness": faithful, "model": args.model,
+                                                      "ablation": args.ablation, "seconds": round(found.seconds, 2)})
+    name = Path(args.model).name if Path(args.model).exists() else args.model
+    out = Path(args.out or f"runs/circuits/{name}-{args.task}-{args.method}.circuit.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    circuit.save(out)
+    top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
+    if args.json:
+        print(json.dumps({"circuit": str(out), "method": args.method, "edges_kept": int(found.kept.sum()),
+                          "faithfulness": faithful, "seconds": round(found.seconds, 2),
+                          "top_edges": [e.__dict__ for e in top]}))
+        return
+    _print_rows([{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)} for e in top], False)
+    _print_summary({"circuit": str(out), "edges_kept": int(found.kept.sum()), "of_edges": len(circuit.edges),
+                    **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()}, "seconds": round(found.seconds, 2)}, False)
 
 
 def cmd_explore(args) -> None:

@@ -63,3 +63,24 @@ def kl_to(clean_logits: Tensor) -> Callable[[Tensor, slice], Tensor]:
         return -kl.sum(-1).mean(-1)
 
     return metric
+
+
+def induction_task(vocab: int, n: int = 32, length: int = 33, bos: int = 0, seed: int = 0, name: str = "induction") -> Task:
+    """Repeated random tokens: [BOS, filler, segment, segment, filler] with the segment's length
+    and offset random per prompt; corrupted prompts are unrelated random tokens. The metric is
+    the mean log-prob of the next token inside the second copy, where only induction helps."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (n, length), generator=generator)
+    tokens[:, 0] = bos
+    corrupted = torch.randint(1, vocab, (n, length), generator=generator)
+    corrupted[:, 0] = bos
+    half = (length - 1) // 2
+    segment = torch.randint(4, half + 1, (n,), generator=generator)
+    start = (torch.rand(n, generator=generator) * (length - 2 * segment)).long() + 1
+    position = torch.arange(length)
+    where = torch.zeros(n, length, dtype=torch.bool)
+    for i in range(n):
+        a, m = int(start[i]), int(segment[i])
+        tokens[i, a + m:a + 2 * m] = tokens[i, a:a + m]
+        where[i] = (position >= a + m) & (position < a + 2 * m - 1)
+    return Task(name, tokens, corrupted, next_token_logprob(tokens, where))

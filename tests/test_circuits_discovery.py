@@ -70,3 +70,21 @@ def test_unknown_method_and_ablation_are_refused(graph_model, task):  # noqa: F8
         discover(graph_model, task, "magic")
     with pytest.raises(TaskError, match="unknown ablation"):
         discover(graph_model, task, "eap", ablation="blur")
+
+
+def test_cli_circuits_writes_a_circuit_the_explorer_reads(capsys, tiny_model_dir, tmp_path):
+    import json
+
+    from circuits.graph import load_circuit
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "tiny.circuit.json"
+    code, stdout, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--method", "eap", "--prompts", "8",
+                                "--length", "17", "--edges", "10", "--out", str(out), "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["edges_kept"] == 10 and set(summary["faithfulness"]) == {"resample", "mean", "zero"}
+    circuit = load_circuit(out)
+    assert circuit.method == "eap" and sum(e.in_circuit for e in circuit.edges) == 10
+    code, _, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--method", "magic", "--out", str(out))
+    assert code == 2 and "unknown method" in err

@@ -24,7 +24,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("argv", [[], ["cache"], ["models"], ["demo-model", "train"], ["bench", "cache"], ["train"], ["eval"], ["probe"], ["codebook-finetune"], ["bench", "sae"], ["bench", "codebook"], ["analyze"], ["explore"], ["bench", "analyze"]])
+@pytest.mark.parametrize("argv", [[], ["cache"], ["models"], ["demo-model", "train"], ["bench", "cache"], ["train"], ["eval"], ["probe"], ["codebook-finetune"], ["bench", "sae"], ["bench", "codebook"], ["analyze"], ["explore"], ["bench", "analyze"], ["circuits"]])
 def test_help_everywhere(capsys, argv):
     code, out, _ = run_cli(capsys, *argv, "--help")
     assert code == 0 and "usage: workbench" in out
