@@ -89,7 +89,7 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache, config)
-        tables.update(_weight_tables(dictionary, model, hook, config))
+        tables.update(_weight_tables(dictionary, model, config))
     tables["vocab"] = _vocab_table(model)
     out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
     meta = {
@@ -368,7 +368,7 @@ def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.T
                      other: index.reshape(-1).int().numpy(), value: values.reshape(-1).float().numpy()})
 
 
-def _weight_tables(dictionary: Dictionary, model, hook: str, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
+def _weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
     directions = dictionary.W_dec.detach().float()
     unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
     k = min(config.neighbours, dictionary.n_latents - 1)

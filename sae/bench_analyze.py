@@ -53,7 +53,7 @@ def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, t
         token_windows = torch.randint(0, 50_000, (n_blocks * config.block_windows, context), generator=generator)
         started = time.perf_counter()
         tables = stats.tables(_Tokens(token_windows), config)
-        tables.update(_weight_tables(dictionary, None, "", config))
+        tables.update(_weight_tables(dictionary, None, config))
         finish_s = time.perf_counter() - started
     n = n_blocks * block
     rows = [

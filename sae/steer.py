@@ -1,9 +1,9 @@
 """Steer a running model with dictionary features: `with steer(model, [add(d, 12, 8.0)]): ...`.
 
 Edits are applied by a hook at the dictionary's hook point on every forward pass while the
-context is open, so KV-cached generation is steered on the prompt and on every generated token
-(each decode step is a forward pass over the new position). `positions="prompt"` edits only the
-positions of the first forward pass, `"generated"` only the later ones.
+context is open, at every position, so KV-cached generation is steered on the prompt and on
+every generated token (each decode step is a forward pass over the new position; tested
+against full recomputation).
 """
 
 from __future__ import annotations
@@ -41,30 +41,22 @@ def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
 
 
 @contextlib.contextmanager
-def steer(model, edits: Sequence[Edit], positions: str = "all") -> Iterator:
-    """Apply `edits` on every forward pass of `model` inside the block."""
-    if positions not in ("all", "prompt", "generated"):
-        raise DictionaryError(f"positions must be 'all', 'prompt' or 'generated', got {positions!r}")
+def steer(model, edits: Sequence[Edit]) -> Iterator:
+    """Apply `edits` on every forward pass of `model` inside the block, at every position."""
     model.check_hooks([e.hook for e in edits])
-    passes: dict[str, int] = {}
-
-    def make(hook: str, group: list[Edit]):
-        def hook_fn(activation: Tensor, hook=None) -> Tensor:
-            first = passes.get(hook_name, 0) == 0
-            passes[hook_name] = passes.get(hook_name, 0) + 1
-            if (positions == "prompt" and not first) or (positions == "generated" and first):
-                return activation
-            delta = sum(e.strength * e.direction.to(activation.dtype) for e in group)
-            return activation + delta.view(activation.shape[2:])  # [batch, pos, ...] + per-position delta
-
-        hook_name = hook
-        return hook_fn
-
     groups: dict[str, list[Edit]] = {}
     for edit in edits:
         groups.setdefault(edit.hook, []).append(edit)
-    with model.hooks([(hook, make(hook, group)) for hook, group in groups.items()]):
+    with model.hooks([(hook, _adder(group)) for hook, group in groups.items()]):
         yield model
+
+
+def _adder(group: list[Edit]):
+    def hook_fn(activation: Tensor, hook=None) -> Tensor:
+        delta = sum(e.strength * e.direction.to(activation.dtype) for e in group)
+        return activation + delta.view(activation.shape[2:])  # [batch, pos, ...] + the same delta everywhere
+
+    return hook_fn
 
 
 def generate_pair(model, edits: Sequence[Edit], prompt: str, max_new_tokens: int = 30, seed: int = 0,
