@@ -24,6 +24,8 @@ def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
     stores = find_stores(roots)
     if not stores:
         raise WorkbenchError(f"no feature store under {', '.join(map(str, roots))} (run `workbench analyze` first)")
-    env = {**os.environ, STORES_ENV: os.pathsep.join(str(p.resolve()) for p in stores)}
+    # The roots, not the stores found: stores added later show up, and the Circuits page looks
+    # for *.circuit.json under the same folders.
+    env = {**os.environ, STORES_ENV: os.pathsep.join(str(Path(root).resolve()) for root in roots)}
     print(f"explorer on http://{host}:{port} with {len(stores)} store(s); Ctrl-C stops it", flush=True)
     return subprocess.call(streamlit_command(port, host), env=env)

@@ -60,9 +60,10 @@ def circuit_figure(circuit: Circuit, only_circuit: bool = False) -> go.Figure:
     edges = [e for e in circuit.edges if e.source in ids and e.target in ids and (e.in_circuit or not only_circuit)]
     position, per_layer = {}, {}
     for node in sorted(nodes, key=lambda n: (n.layer, n.kind, n.id)):
-        slot = per_layer.get(node.layer, 0)
-        per_layer[node.layer] = slot + 1
-        position[node.id] = (node.layer, slot)
+        per_layer.setdefault(node.layer, []).append(node.id)
+    for layer, ids in per_layer.items():  # each layer's nodes centred on y = 0
+        for slot, node_id in enumerate(ids):
+            position[node_id] = (layer, slot - (len(ids) - 1) / 2)
     top = max((abs(e.score) for e in edges), default=1.0) or 1.0
     figure = go.Figure()
     for edge in edges:
