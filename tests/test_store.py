@@ -65,3 +65,14 @@ def test_cli_analyze_writes_a_store_and_refuses_bad_runs(capsys, tiny_run, tmp_p
     assert code == 2 and err.startswith("error: ") and "no trained dictionary" in err
     code, _, err = run_cli(capsys, "explore", str(tmp_path / "empty-folder-without-stores"))
     assert code == 2 and "no feature store" in err
+
+
+def test_a_write_that_fails_midway_leaves_no_store(tmp_path):
+    import pyarrow as pa
+
+    from workbench.store import write_store
+
+    bad = pa.table({"token": ["not an integer"], "text": ["a"]})  # DuckDB refuses the cast
+    with pytest.raises(StoreError, match="cannot write the store"):
+        write_store(tmp_path / STORE_FILE, {"n_latents": 1}, {"vocab": bad})
+    assert list(tmp_path.iterdir()) == []

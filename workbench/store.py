@@ -60,29 +60,36 @@ def write_store(path: str | os.PathLike, meta: Mapping[str, Any], tables: Mappin
     unknown = set(tables) - set(_TABLES)
     if unknown:
         raise StoreError(f"unknown store tables: {sorted(unknown)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     temporary.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(temporary))
         try:
-            for name, columns in _TABLES.items():
-                con.execute(f"CREATE TABLE {name} ({columns})")
-            rows = {**meta, "schema_version": SCHEMA_VERSION}
-            con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
-            for name, table in tables.items():
-                con.register("incoming", table)
-                con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
-                con.unregister("incoming")
-            for name in _INDEXED:
-                con.execute(f"CREATE INDEX {name}_by_feature ON {name} (feature)")
-            con.execute("CHECKPOINT")
+            _fill(con, meta, tables)
         finally:
             con.close()
         os.replace(temporary, path)
+    except duckdb.Error as exc:  # a full disk, a read-only folder: nothing is left behind
+        raise StoreError(f"{path}: cannot write the store ({str(exc).splitlines()[0]})") from None
     finally:
         temporary.unlink(missing_ok=True)
         Path(f"{temporary}.wal").unlink(missing_ok=True)
     return path
+
+
+def _fill(con, meta: Mapping[str, Any], tables: Mapping[str, pa.Table]) -> None:
+    for name, columns in _TABLES.items():
+        con.execute(f"CREATE TABLE {name} ({columns})")
+    rows = {**meta, "schema_version": SCHEMA_VERSION}
+    con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
+    for name, table in tables.items():
+        con.register("incoming", table)
+        con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
+        con.unregister("incoming")
+    for name in _INDEXED:
+        con.execute(f"CREATE INDEX {name}_by_feature ON {name} (feature)")
+    con.execute("CHECKPOINT")
 
 
 def list_column(rows: np.ndarray, dtype: pa.DataType) -> pa.Array:
