@@ -7,7 +7,8 @@
 
 _EXPORTS = {"load": "sae.io", "save": "sae.io", "architectures": "sae.base", "create": "sae.base",
             "DictionaryConfig": "sae.config", "TrainConfig": "sae.train_config", "train": "sae.train",
-            "evaluate": "sae.evals", "splice": "sae.splice"}
+            "evaluate": "sae.evals", "splice": "sae.splicing", "steer": "sae.steering", "add": "sae.steering",
+            "clamp": "sae.steering", "ablate": "sae.steering", "add_direction": "sae.steering"}
 
 
 def __getattr__(name: str):

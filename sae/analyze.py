@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sae.base import Dictionary
 from sae.per_feature import SmallestKeys
-from sae.splice import hook_of
+from sae.splicing import hook_of
 from workbench.cache_reader import ActivationCache
 from workbench.kernels import SparseCodes
 from workbench.store import STORE_FILE, list_column, write_store

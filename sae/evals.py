@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.base import Dictionary, DictionaryError
-from sae.splice import capture, hook_of, replace_activation, splice
+from sae.splicing import capture, hook_of, replace_activation, splice
 
 DENSITY_BINS = torch.arange(-8.0, 0.01, 0.5)
 

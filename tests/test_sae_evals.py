@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sae.base import create
 from sae.config import DictionaryConfig
 from sae.evals import EvalConfig, evaluate
-from sae.splice import splice
+from sae.splicing import splice
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.steer import add, generate_pair, steer
+from sae.steering import add, generate_pair, steer
 from tests.conftest import STORE_HOOK, tiny_dictionary
 
 
@@ -31,3 +31,41 @@ def test_steering_adds_the_decoder_direction_at_the_hook(tiny_model, tiny_cache)
         with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]):
             tiny_model(tokens)
     torch.testing.assert_close(seen[0], clean + 3.0 * dictionary.W_dec[7].detach(), atol=1e-5, rtol=1e-5)
+
+
+def feature_activation(dictionary, x, feature):
+    return dictionary.encode(x).to_dense()[:, feature].view(x.shape[:-1])
+
+
+def test_clamp_and_ablate_move_only_the_features_contribution(tiny_model, tiny_cache):
+    from sae.steering import ablate, clamp
+
+    dictionary = tiny_dictionary("topk", tiny_cache)
+    tokens = tiny_model.tokenize("JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?")
+    x = tiny_model.run_with_cache(tokens, [STORE_HOOK])[STORE_HOOK]
+    with torch.no_grad():
+        acts = dictionary.encode(x[0]).to_dense()
+    fires = int((acts > 0).sum(0).argmax())  # a feature active on several tokens
+    silent = int((acts > 0).sum(0).argmin())
+    assert (acts[:, silent] == 0).all() and (acts[:, fires] > 0).sum() >= 2
+    d = dictionary.W_dec.detach()
+    for edit, expected in ((ablate(dictionary, fires), x - acts[:, fires].view(1, -1, 1) * d[fires]),
+                           (clamp(dictionary, fires, 5.0), x + (5.0 - acts[:, fires]).view(1, -1, 1) * d[fires])):
+        seen = []
+        with steer(tiny_model, [edit]):
+            with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]):
+                tiny_model(tokens)
+        torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        clean = tiny_model(tokens)
+        with steer(tiny_model, [ablate(dictionary, silent)]):
+            assert torch.equal(tiny_model(tokens), clean)  # ablating a silent feature changes nothing
+
+
+def test_public_names_stay_callable_after_their_modules_load():
+    import sae
+    import sae.evals  # noqa: F401 - imports sae.splicing
+    import sae.steering  # noqa: F401
+
+    for name in ("splice", "steer", "add", "clamp", "ablate", "add_direction"):
+        assert callable(getattr(sae, name)) and not isinstance(getattr(sae, name), type(sae)), name

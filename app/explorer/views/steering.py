@@ -22,7 +22,7 @@ tokens = left.slider("New tokens", 5, 100, 30, key="steer_tokens")
 seed = middle.number_input("Seed", value=0, step=1, key="steer_seed")
 sample = right.toggle("Sample (else greedy)", value=True, key="steer_sample")
 if st.button("Generate", key="steer_generate", disabled=not features):
-    from sae.steer import add, generate_pair
+    from sae.steering import add, generate_pair
 
     model = live_model(store.meta["model"])
     dictionary = live_dictionary(store.meta["dictionary_path"])

@@ -1,5 +1,12 @@
 """Steer a running model with dictionary features: `with steer(model, [add(d, 12, 8.0)]): ...`.
 
+    add(d, f, s)       x + s·d_f                       (d_f: the feature's decoder row)
+    clamp(d, f, v)     x + (v − a_f(x))·d_f            (a_f: the feature's activation on x)
+    ablate(d, f)       clamp(d, f, 0)
+    add_direction(hook, u, s)   x + s·u
+Clamping moves only the feature's own contribution; the dictionary's error term x − x̂ and
+every other latent stay as they were, so an ablated feature that was silent changes nothing.
+
 Edits are applied by a hook at the dictionary's hook point on every forward pass while the
 context is open, at every position, so KV-cached generation is steered on the prompt and on
 every generated token (each decode step is a forward pass over the new position; tested
@@ -12,19 +19,34 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import torch
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError
-from sae.splice import hook_of
+from sae.splicing import hook_of
 
 
 @dataclass(frozen=True)
 class Edit:
     hook: str
     direction: Tensor
-    """Added to the activation, times `strength`."""
+    """Added to the activation, times `strength` (clamps: times value − activation)."""
     strength: float
     label: str = ""
+    dictionary: Dictionary | None = None
+    """Set for clamps: the dictionary whose feature `feature` is held at `strength`."""
+    feature: int = -1
+
+    def delta(self, x: Tensor) -> Tensor:
+        """What this edit adds to activations x [..., d]."""
+        direction = self.direction.to(x.dtype)
+        if self.dictionary is None:
+            return self.strength * direction.expand_as(x)
+        flat = x.reshape(-1, x.shape[-1])
+        codes = self.dictionary.encode(flat)
+        chosen = (codes.flat_indices() == self.feature).to(codes.flat_values().dtype) * codes.flat_values()
+        current = chosen.new_zeros(len(flat)).index_add_(0, codes.row_ids(), chosen)
+        return ((self.strength - current).unsqueeze(1) * direction).view(x.shape)
 
 
 def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None = None) -> Edit:
@@ -33,6 +55,18 @@ def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None 
         raise DictionaryError(f"feature {feature} is outside 0..{dictionary.n_latents - 1}")
     direction = dictionary.W_dec[int(feature)].detach()
     return Edit(hook_of(dictionary, hook), direction, float(strength), f"feature {int(feature)} x {strength:g}")
+
+
+def clamp(dictionary: Dictionary, feature: int, value: float, hook: str | None = None) -> Edit:
+    """Hold the feature's activation at `value` at every position (its error term untouched)."""
+    direction = add(dictionary, feature, 0.0, hook).direction
+    return Edit(hook_of(dictionary, hook), direction, float(value), f"feature {int(feature)} = {value:g}",
+                dictionary, int(feature))
+
+
+def ablate(dictionary: Dictionary, feature: int, hook: str | None = None) -> Edit:
+    """Remove the feature's contribution wherever it fires."""
+    return clamp(dictionary, feature, 0.0, hook)
 
 
 def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
@@ -53,8 +87,10 @@ def steer(model, edits: Sequence[Edit]) -> Iterator:
 
 def _adder(group: list[Edit]):
     def hook_fn(activation: Tensor, hook=None) -> Tensor:
-        delta = sum(e.strength * e.direction.to(activation.dtype) for e in group)
-        return activation + delta.view(activation.shape[2:])  # [batch, pos, ...] + the same delta everywhere
+        x = activation.flatten(2)  # [batch, pos, d] (attention hooks: heads flattened)
+        with torch.no_grad():
+            delta = sum(edit.delta(x) for edit in group)  # every edit sees the unedited activation
+        return (x + delta).view(activation.shape)
 
     return hook_fn
 
