@@ -63,19 +63,10 @@ def _build_parser() -> argparse.ArgumentParser:
     _quiet_and_json(train_cmd)
     train_cmd.set_defaults(run=cmd_train)
 
-    eval_cmd = commands.add_parser("eval", help="FVU, L0, dead %%, CE-loss and KL scores of a trained dictionary")
-    eval_cmd.add_argument("run", nargs="?", default="", metavar="RUN",
-                          help="a dictionary folder (ours, SAELens or sparsify) or a training output folder; default: the default training run")
-    add_config_arguments(eval_cmd, EvalConfig)
-    _quiet_and_json(eval_cmd)
-    eval_cmd.set_defaults(run_command=cmd_eval)
-
-    analyze = commands.add_parser("analyze", help="build the feature store (examples, histograms, logit effects, ...) of a dictionary")
-    analyze.add_argument("run", nargs="?", default="", metavar="RUN",
-                         help="a dictionary folder or a training output folder (one store per dictionary); default: the default training run")
-    add_config_arguments(analyze, AnalyzeConfig)
-    _quiet_and_json(analyze)
-    analyze.set_defaults(run_command=cmd_analyze)
+    _dictionary_command(commands, "eval", "FVU, L0, dead %%, CE-loss and KL scores of a trained dictionary",
+                        EvalConfig, cmd_eval, "a dictionary folder (ours, SAELens or sparsify) or a training output folder")
+    _dictionary_command(commands, "analyze", "build the feature store (examples, histograms, logit effects, ...) of a dictionary",
+                        AnalyzeConfig, cmd_analyze, "a dictionary folder or a training output folder (one store per dictionary)")
 
     explore = commands.add_parser("explore", help="open the Streamlit explorer on feature stores (bound to 127.0.0.1)")
     explore.add_argument("stores", nargs="*", metavar="STORE", help="store files or folders to search for them; default: runs/")
@@ -151,6 +142,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_codebook.add_argument("--json", action="store_true", help="one JSON object (with per-state rows)")
     bench_codebook.set_defaults(run=cmd_bench_codebook)
     return parser
+
+
+def _dictionary_command(commands, name: str, help_text: str, config_cls: type, run_command, run_help: str) -> None:
+    """A command on RUN (a dictionary folder or a run of several) configured by `config_cls`."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("run", nargs="?", default="", metavar="RUN", help=f"{run_help}; default: the default training run")
+    add_config_arguments(command, config_cls)
+    _quiet_and_json(command)
+    command.set_defaults(run_command=run_command)
 
 
 def _quiet_and_json(parser: argparse.ArgumentParser) -> None:
@@ -239,19 +239,11 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from sae.evals import EvalConfig, evaluate
-    from sae.io import load
     from workbench.files import write_json_atomic
 
     config = config_from_args(EvalConfig, args)
     folders = _dictionary_folders(Path(args.run) if args.run else None)
-    model = None
-    for folder in folders:
-        dictionary = load(folder)
-        if model is None or (config.model or dictionary.meta.get("model")) != model.spec:
-            from workbench.models import load_model
-
-            spec = config.model or dictionary.meta.get("model")
-            model = load_model(spec) if spec else None
+    for folder, dictionary, model in _with_models(folders, config.model):
         metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
         if (folder / "config.json").exists():
             write_json_atomic(folder / "eval.json", metrics)
@@ -264,21 +256,13 @@ def cmd_eval(args) -> None:
 
 def cmd_analyze(args) -> None:
     from sae.analyze import AnalyzeConfig, analyze
-    from sae.io import load
     from workbench.store import FeatureStore
 
     config = config_from_args(AnalyzeConfig, args)
     folders = _dictionary_folders(Path(args.run) if args.run else None)
     if config.out and len(folders) > 1:
         raise WorkbenchError(f"--out names one store, but {args.run} holds {len(folders)} dictionaries")
-    model = None
-    for folder in folders:
-        dictionary = load(folder)
-        spec = dictionary.meta.get("model")
-        if spec and (model is None or model.spec != spec):
-            from workbench.models import load_model
-
-            model = load_model(spec)
+    for folder, dictionary, model in _with_models(folders):
         path = analyze(dictionary, config, folder=folder, model=model, progress=not args.quiet)
         store = FeatureStore(path)
         alive = store.features(min_density=1e-12, limit=store.n_features)
@@ -322,6 +306,21 @@ def cmd_explore(args) -> None:
     from app.explorer.launch import launch
 
     sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host))
+
+
+def _with_models(folders: list[Path], model_spec: str = ""):
+    """(folder, dictionary, model) per folder; each model (`model_spec`, else the dictionary's own)
+    is loaded once for consecutive dictionaries of it; None when neither names one."""
+    from sae.io import load
+    from workbench.models import load_model
+
+    model = None
+    for folder in folders:
+        dictionary = load(folder)
+        spec = model_spec or dictionary.meta.get("model")
+        if spec and (model is None or model.spec != spec):
+            model = load_model(spec)
+        yield folder, dictionary, (model if spec else None)
 
 
 def _dictionary_folders(run: Path | None) -> list[Path]:

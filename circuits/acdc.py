@@ -42,12 +42,11 @@ def acdc_scores(model: GraphTransformer, task: Task, ablated: Tensor, thresholds
     if thresholds is None:
         gap = abs(task_score(model, task) - task_score(model, task, model.full_mask(0.0), ablated)) or 1.0
         thresholds = [gap * f for f in torch.logspace(-4, torch.log10(torch.tensor(0.5)), 10).tolist()]
-    sources, receivers = zip(*model.graph.edges)
     scores = torch.zeros(len(model.graph.edges))
     masks = {}
     for tau in sorted(thresholds):
         mask = acdc_mask(model, task, ablated, tau)
         masks[tau] = mask
-        kept = mask[list(sources), list(receivers)] > 0
+        kept = model.graph.per_edge(mask) > 0
         scores[kept] = tau
     return scores, masks

@@ -109,8 +109,7 @@ def eap_ig_input_scores(model: GraphTransformer, task: Task, ablated: Tensor, st
 
 
 def _per_edge(model: GraphTransformer, matrix: Tensor) -> Tensor:
-    sources, receivers = zip(*model.graph.edges)
-    return matrix[list(sources), list(receivers)].detach()
+    return model.graph.per_edge(matrix).detach()
 
 
 def node_of_receiver(receiver: str) -> str:

@@ -28,10 +28,7 @@ def roc_auc(scores: dict[str, float] | list[float], positives: set[str] | list[b
 
 def mask_of_edges(model: GraphTransformer, kept: Tensor) -> Tensor:
     """A 0/1 mask [sources, receivers] keeping the edges where `kept` [edges] is true."""
-    mask = torch.zeros(len(model.graph.sources), len(model.graph.receivers))
-    for (s, r), keep in zip(model.graph.edges, kept.tolist()):
-        mask[s, r] = float(keep)
-    return mask
+    return model.graph.matrix(kept.to(torch.float32))
 
 
 def top_edges(scores: Tensor, n: int) -> Tensor:

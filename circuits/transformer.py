@@ -55,14 +55,24 @@ class Graph:
 
     @cached_property
     def allowed(self) -> Tensor:
-        mask = torch.zeros(len(self.sources), len(self.receivers), dtype=torch.bool)
-        for s, r in self.edges:
-            mask[s, r] = True
-        return mask
+        """[sources, receivers] bool: which entries are edges."""
+        return self.matrix(torch.ones(len(self.edges), dtype=torch.bool))
 
-    def edge_name(self, index: int) -> str:
-        s, r = self.edges[index]
-        return f"{self.sources[s]}->{self.receivers[r]}"
+    @cached_property
+    def edge_index(self) -> tuple[Tensor, Tensor]:
+        """(source indices, receiver indices) of the edges, so matrix[edge_index] lists per-edge entries."""
+        sources, receivers = zip(*self.edges)
+        return torch.tensor(sources), torch.tensor(receivers)
+
+    def per_edge(self, matrix: Tensor) -> Tensor:
+        """[edges] entries of a [sources, receivers] matrix."""
+        return matrix[self.edge_index]
+
+    def matrix(self, per_edge: Tensor) -> Tensor:
+        """The [sources, receivers] matrix holding `per_edge` values (0 elsewhere)."""
+        out = torch.zeros(len(self.sources), len(self.receivers), dtype=per_edge.dtype)
+        out[self.edge_index] = per_edge
+        return out
 
 
 def build_graph(shape: Shape) -> Graph:

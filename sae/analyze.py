@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.base import Dictionary
-from sae.per_feature import SmallestKeys
+from sae.per_feature import SmallestKeys, ranked_within_groups
 from sae.splicing import hook_of
 from workbench.cache_reader import ActivationCache
 from workbench.kernels import SparseCodes
@@ -88,7 +88,7 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     model = model or load_model(dictionary.meta.get("model") or cache.model)
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
-        tables = stats.tables(cache, config)
+        tables = stats.tables(cache.tokens)
         tables.update(_weight_tables(dictionary, model, config))
     tables["vocab"] = _vocab_table(model)
     out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
@@ -200,7 +200,8 @@ class _Stats:
                 "value": vals, "context": context}
 
     # --- the tables ----------------------------------------------------------------------
-    def tables(self, cache: ActivationCache, config: AnalyzeConfig) -> dict[str, pa.Table]:
+    def tables(self, tokens: Tensor) -> dict[str, pa.Table]:
+        """Every per-feature table; `tokens` [windows, context] are the cache's token windows."""
         fired = self.fired.numpy()
         n = max(self.n_tokens, 1)
         mean = np.where(fired > 0, self.sum.numpy() / np.maximum(fired, 1), 0.0)
@@ -210,12 +211,11 @@ class _Stats:
             "mean_activation": mean, "max_activation": self.max.double().numpy(),
             "histogram": list_column(histogram, pa.int32()),
         })
-        return {"features": features, "examples": self._examples_table(cache.tokens),
+        return {"features": features, "examples": self._examples_table(tokens),
                 "neurons": self._neurons_table(), "cooccurrence": self._cooccurrence_table()}
 
     def _examples_table(self, tokens: Tensor) -> pa.Table:
-        parts = [self._chosen("top", self.top, self.top.count(), None)]
-        parts.append(self._chosen("quantile", self.sample, self.sample.count(), self.config))
+        parts = [self._chosen("top", self.top, None), self._chosen("quantile", self.sample, self.config)]
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         offsets = columns.pop("start")[:, None] + np.arange(self.width)
         token_rows = tokens.numpy()[columns["window"][:, None], offsets]
@@ -228,11 +228,11 @@ class _Stats:
             "activations": list_column(columns["context"].astype(np.float32), pa.float32()),
         })
 
-    def _chosen(self, kind: str, kept: SmallestKeys, counts: Tensor, quantiles: AnalyzeConfig | None) -> dict:
+    def _chosen(self, kind: str, kept: SmallestKeys, quantiles: AnalyzeConfig | None) -> dict:
         """Flat columns of the kept examples (in key order); for the sample, the quantile groups' picks."""
         feature_ids, slot_ids, bins, ranks = [], [], [], []
         values, key_order = kept.data["value"].numpy(), kept.in_key_order().numpy()
-        for feature, count in enumerate(counts.tolist()):
+        for feature, count in enumerate(kept.count().tolist()):
             if count == 0:
                 continue
             slots = key_order[feature, :count]
@@ -335,13 +335,9 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
     out = torch.full((n_rows, width), -1, dtype=torch.long)
     if rows.numel() == 0:
         return out
-    order = torch.argsort(-vals, stable=True)
-    order = order[torch.argsort(rows[order], stable=True)]
-    r = rows[order]
-    _, per = torch.unique_consecutive(r, return_counts=True)
-    slot = torch.arange(len(r)) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    order, _, _, slot = ranked_within_groups(rows, -vals)  # each row's largest first
     keep = slot < width
-    out[r[keep], slot[keep]] = feats[order][keep]
+    out[rows[order][keep], slot[keep]] = feats[order][keep]
     return out
 
 

@@ -24,11 +24,6 @@ from workbench.bench import median
 from workbench.store import FeatureStore, write_store
 
 
-class _Tokens:
-    def __init__(self, tokens: torch.Tensor):
-        self.tokens = tokens
-
-
 def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, tokens: int = 131_072,
                           context: int = 128, reads: int = 50, threads: int = 2, seed: int = 0,
                           progress: bool = True) -> list[dict]:
@@ -52,7 +47,7 @@ def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, t
             encode_s += encoded - started
         token_windows = torch.randint(0, 50_000, (n_blocks * config.block_windows, context), generator=generator)
         started = time.perf_counter()
-        tables = stats.tables(_Tokens(token_windows), config)
+        tables = stats.tables(token_windows)
         tables.update(_weight_tables(dictionary, None, config))
         finish_s = time.perf_counter() - started
     n = n_blocks * block

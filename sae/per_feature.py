@@ -19,6 +19,16 @@ from torch import Tensor
 Payload = dict[str, Tensor]
 
 
+def ranked_within_groups(groups: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries sorted by group, then key (ascending, ties in input order): (the sorting indices,
+    the distinct groups and their sizes in that order, each sorted entry's rank in its group)."""
+    order = torch.argsort(keys, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    distinct, sizes = torch.unique_consecutive(groups[order], return_counts=True)
+    rank = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    return order, distinct, sizes, rank
+
+
 class SmallestKeys:
     def __init__(self, n_features: int, size: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         self.size = size
@@ -40,10 +50,8 @@ class SmallestKeys:
         beats = (keys < self.worst[features]).nonzero().squeeze(1)
         if beats.numel() == 0:
             return
-        order = beats[torch.argsort(keys[beats], stable=True)]
-        order = order[torch.argsort(features[order], stable=True)]  # by feature, then key
-        touched, counts = torch.unique_consecutive(features[order], return_counts=True)
-        rank = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        order, touched, counts, rank = ranked_within_groups(features[beats], keys[beats])
+        order = beats[order]
         keep = rank < self.size
         candidates, rank = order[keep], rank[keep]
         row = torch.repeat_interleave(torch.arange(touched.numel()), counts.clamp(max=self.size))

@@ -115,6 +115,14 @@ def live_available(store: FeatureStore) -> str:
     return ""
 
 
+def live_or_warn(store: FeatureStore, what: str) -> bool:
+    """True when the live model and dictionary can run; else a warning saying why `what` cannot."""
+    why_not = live_available(store)
+    if why_not:
+        st.warning(f"{what} needs the model and dictionary: {why_not}.")
+    return not why_not
+
+
 def live_activations(store: FeatureStore, text: str) -> tuple[list[str], np.ndarray]:
     """Token strings of `text` and every feature's activation on each token, [tokens, features]
     (the BOS position is shown with zeros: dictionaries are trained and analyzed without it)."""

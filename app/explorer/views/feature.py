@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app.explorer.data import go_to_steering, live_activations, live_available, selected_store, show_feature
+from app.explorer.data import go_to_steering, live_activations, live_or_warn, selected_store, show_feature
 from app.explorer.plots import highlight_html, histogram_figure, logit_figure
 from workbench.store import StoreError
 
@@ -69,10 +69,7 @@ with right:
 st.subheader("Try it on your text")
 text = st.text_area("Text", value="", key="live_text", height=80)
 if st.button("Run", key="live_run") and text.strip():
-    why_not = live_available(store)
-    if why_not:
-        st.warning(f"The live box needs the model and dictionary: {why_not}.")
-    else:
+    if live_or_warn(store, "The live box"):
         tokens, acts = live_activations(store, text)
         column = acts[:, feature]
         st.html(highlight_html(tokens, column, max(page.max_activation, float(column.max()))))

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app.explorer.data import go_to_feature, live_activations, live_available, selected_store
+from app.explorer.data import go_to_feature, live_activations, live_or_warn, selected_store
 
 store = selected_store()
 if store is None:
@@ -23,10 +23,7 @@ with by_token:
 with by_text:
     text = st.text_area("Which features fire on this text?", key="text_query", height=90)
     if st.button("Find features", key="find_features") and text.strip():
-        why_not = live_available(store)
-        if why_not:
-            st.warning(f"Live search needs the model and dictionary: {why_not}.")
-        else:
+        if live_or_warn(store, "Live search"):
             tokens, acts = live_activations(store, text)
             peak = acts.max(axis=0)
             ranked = np.argsort(-peak)[:20]

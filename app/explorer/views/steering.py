@@ -2,15 +2,13 @@
 
 import streamlit as st
 
-from app.explorer.data import live_available, live_dictionary, live_model, selected_store
+from app.explorer.data import live_dictionary, live_model, live_or_warn, selected_store
 
 store = selected_store()
 if store is None:
     st.stop()
 st.title("Steering")
-why_not = live_available(store)
-if why_not:
-    st.warning(f"Steering needs the model and dictionary: {why_not}.")
+if not live_or_warn(store, "Steering"):
     st.stop()
 
 features = st.multiselect("Features", list(range(store.n_features)), default=st.session_state.get("steer_features", []))
