@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from workbench.errors import WorkbenchError
-from workbench.files import atomic_open, first_non_finite_row, save_tensors_atomic
+from workbench.files import atomic_open, first_non_finite_row, remove_stale_temporaries, save_tensors_atomic
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
@@ -37,6 +37,17 @@ def test_failed_write_leaves_nothing(tmp_path):
             handle.write(b"partial")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_are_removed_below_the_folder_too(tmp_path):
+    """A writer killed mid-shard leaves `.shard-00003.safetensors.x.tmp` in a hook's subfolder."""
+    (tmp_path / "hook").mkdir()
+    stale = [tmp_path / ".a.json.1.tmp", tmp_path / "hook" / ".shard-00003.safetensors.x.tmp"]
+    kept = [tmp_path / "hook" / "shard-00000.safetensors", tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
 
 
 def test_unwritable_place_is_one_line(tmp_path):

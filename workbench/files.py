@@ -105,8 +105,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Delete temporaries a killed writer left behind (they are never read)."""
-    for tmp in Path(folder).glob(".*.tmp"):
+    """Delete temporaries a killed writer left behind in `folder` or below (they are never read)."""
+    for tmp in Path(folder).rglob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
