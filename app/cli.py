@@ -75,9 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
     explore.set_defaults(run=cmd_explore)
 
     circuits = commands.add_parser("circuits", help="discover a circuit (exact, EAP, EAP-IG, ACDC), score it, save its JSON")
-    circuits.add_argument("--model", default="demo", help="a GPT-2-architecture model spec (default: demo)")
-    circuits.add_argument("--task", default="induction", choices=["induction"], help="built-in task")
-    circuits.add_argument("--method", default="eap-ig", help="exact, eap, eap-ig, eap-ig-activations or acdc")
+    circuits.add_argument("--model", default="", help="a GPT-2-architecture model spec (default: demo; the planted tasks bring their own)")
+    circuits.add_argument("--task", default="induction",
+                          help="induction, planted-induction, or-gate, and-gate, or a task .json file (see circuits/catalog.py)")
+    circuits.add_argument("--benchmark", nargs="*", metavar="TASK", default=None,
+                          help="run every method on the ground-truth tasks (default: the planted ones; add induction for the demo model)")
+    circuits.add_argument("--method", default=None,
+                          help="exact, eap, eap-ig (default), eap-ig-activations or acdc; with --benchmark a comma list (default: all)")
     circuits.add_argument("--ablation", default="resample", help="what an ablated edge carries: resample, mean or zero")
     circuits.add_argument("--prompts", type=int, default=32, help="prompts in the task")
     circuits.add_argument("--length", type=int, default=33, help="tokens per prompt")
@@ -273,22 +277,22 @@ def cmd_analyze(args) -> None:
 
 
 def cmd_circuits(args) -> None:
+    if args.benchmark is not None:
+        return _circuits_benchmark(args)
+    from circuits.catalog import PLANTED, load_task
     from circuits.discover import discover, to_circuit
     from circuits.evaluate import faithfulness_all
-    from circuits.tasks import induction_task
-    from circuits.transformer import from_gpt2
-    from workbench.models import load_model
 
-    model = load_model(args.model)
-    graph = from_gpt2(model)
-    length = min(args.length, graph.shape.n_ctx)
-    task = induction_task(graph.shape.d_vocab, n=args.prompts, length=length, bos=model.bos_token_id, seed=args.seed)
+    args.method = args.method or "eap-ig"
+    graph, task = load_task(args.task, args.model, args.prompts, args.length, args.seed)
     found = discover(graph, task, args.method, ablation=args.ablation, steps=args.steps, n_edges=args.edges)
     faithful = faithfulness_all(graph, task, found.mask(graph))
-    circuit = to_circuit(graph, task, found, metrics={"faithfulness": faithful, "model": args.model,
+    planted = args.task in PLANTED
+    model_name = "hand-set" if planted else args.model or "demo"
+    circuit = to_circuit(graph, task, found, metrics={"faithfulness": faithful, "model": model_name,
                                                       "ablation": args.ablation, "seconds": round(found.seconds, 2)})
-    name = Path(args.model).name if Path(args.model).exists() else args.model
-    out = Path(args.out or f"runs/circuits/{name}-{args.task}-{args.method}.circuit.json")
+    prefix = "" if planted else (Path(model_name).name if Path(model_name).exists() else model_name) + "-"
+    out = Path(args.out or f"runs/circuits/{prefix}{task.name}-{args.method}.circuit.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     circuit.save(out)
     top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
@@ -300,6 +304,26 @@ def cmd_circuits(args) -> None:
     _print_rows([{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)} for e in top], False)
     _print_summary({"circuit": str(out), "edges_kept": int(found.kept.sum()), "of_edges": len(circuit.edges),
                     **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()}, "seconds": round(found.seconds, 2)}, False)
+
+
+def _circuits_benchmark(args) -> None:
+    from circuits.benchmark import run_benchmark
+    from circuits.discover import METHODS
+
+    methods = tuple(args.method.split(",")) if args.method else METHODS
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise WorkbenchError(f"unknown method {', '.join(unknown)} (one of {', '.join(METHODS)})")
+    table = []
+    for row in run_benchmark(args.benchmark or None, methods, prompts=args.prompts):
+        if args.json:
+            print(json.dumps(row), flush=True)
+            continue
+        flat = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "faithfulness"}
+        flat.update({f"faithful_{k}": round(v, 3) for k, v in row["faithfulness"].items()})
+        table.append(flat)
+    if table:
+        _print_rows(table, False)
 
 
 def cmd_explore(args) -> None:

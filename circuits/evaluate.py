@@ -13,17 +13,23 @@ from circuits.tasks import Task
 from circuits.transformer import GraphTransformer
 
 
-def roc_auc(scores: dict[str, float] | list[float], positives: set[str] | list[bool], names: list[str] | None = None) -> float:
-    """Area under the ROC curve of |score| separating ground-truth members from the rest."""
+def negligible_to_zero(values: Tensor, tolerance: float = 1e-6) -> Tensor:
+    """`values` with entries within `tolerance` x the largest |value| set to 0: an edge that is
+    exactly inert under one method and float noise under another must tie, not rank at random."""
+    return torch.where(values.abs() <= tolerance * values.abs().max(), torch.zeros_like(values), values)
+
+
+def roc_auc(scores: dict[str, float] | list[float], positives: set[str] | list[bool]) -> float:
+    """Area under the ROC curve of |score| separating ground-truth members from the rest
+    (negligible scores tie at 0, see negligible_to_zero)."""
     if isinstance(scores, dict):
-        names = list(scores)
-        values = [abs(scores[n]) for n in names]
-        labels = [n in positives for n in names]
+        values = list(scores.values())
+        labels = [n in positives for n in scores]
     else:
-        values, labels = [abs(v) for v in scores], list(positives)
+        values, labels = list(scores), list(positives)
     if all(labels) or not any(labels):
         return float("nan")
-    return float(roc_auc_score(labels, values))
+    return float(roc_auc_score(labels, negligible_to_zero(torch.tensor(values, dtype=torch.float64)).abs().numpy()))
 
 
 def mask_of_edges(model: GraphTransformer, kept: Tensor) -> Tensor:
@@ -51,4 +57,5 @@ def faithfulness_all(model: GraphTransformer, task: Task, circuit: Tensor) -> di
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+    """Spearman rank correlation of two score vectors (negligible entries tie at 0)."""
+    return float(spearmanr(negligible_to_zero(a).numpy(), negligible_to_zero(b).numpy()).statistic)

@@ -1,0 +1,119 @@
+"""The (graph model, task) pairs `workbench circuits` can run: built-in tasks and user task files.
+
+Built in: `induction` on any GPT-2-architecture model; `planted-induction`, `or-gate`,
+`and-gate` and `or-gate-saturated` on their hand-set models (with ground truth). A user task is a JSON file:
+
+    {"name": "capitals",
+     "clean":     ["The capital of France is", ...]      (texts, or lists of token ids),
+     "corrupted": ["The capital of Spain is", ...],      (same count; every prompt one length)
+     "metric": "logit_diff" | "logprob" | "kl",
+     "answers": [" Paris", ...], "wrong": [" Madrid", ...]   (tokens or ids; logit_diff, logprob)}
+
+The metric is read at each prompt's last position: logit(answer) − logit(wrong), or
+log p(answer), or minus the KL divergence from the clean output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from circuits.gates import gate_model, gate_task
+from circuits.induction import induction_model, planted_induction_task
+from circuits.tasks import Task, TaskError, induction_task, kl_to
+from circuits.transformer import GraphTransformer, from_gpt2
+from workbench.files import read_json
+
+PLANTED: dict[str, Callable[[int, int], tuple[GraphTransformer, Task]]] = {
+    "planted-induction": lambda n, seed: (induction_model(), planted_induction_task(n, seed)),
+    "or-gate": lambda n, seed: (gate_model("or"), gate_task("or", n, seed)),
+    "and-gate": lambda n, seed: (gate_model("and"), gate_task("and", n, seed)),
+    "or-gate-saturated": lambda n, seed: (gate_model("or"), gate_task("or", n, seed, saturated=True)),
+}
+TASKS = ("induction", *PLANTED)
+METRICS = ("logit_diff", "logprob", "kl")
+
+
+def load_task(task: str, model_spec: str = "", prompts: int = 32, length: int = 33, seed: int = 0) -> tuple[GraphTransformer, Task]:
+    """The graph model and task for a built-in task name or a task JSON file."""
+    if task in PLANTED:
+        if model_spec:
+            raise TaskError(f"task {task!r} runs on its own hand-set model; drop --model")
+        return PLANTED[task](prompts, seed)
+    if task != "induction" and not task.endswith(".json"):
+        raise TaskError(f"unknown task {task!r} (one of {', '.join(TASKS)}, or a task .json file)")
+    from workbench.models import load_model
+
+    model = load_model(model_spec or "demo")
+    graph = from_gpt2(model)
+    if task == "induction":
+        length = min(length, graph.shape.n_ctx)
+        return graph, induction_task(graph.shape.d_vocab, n=prompts, length=length, bos=model.bos_token_id, seed=seed)
+    return graph, task_from_file(task, model, graph)
+
+
+def task_from_file(path: str | Path, model, graph: GraphTransformer) -> Task:
+    spec = read_json(path, "task file", TaskError)
+    where = f"task file {path}"
+    for key in ("clean", "corrupted"):
+        if not isinstance(spec.get(key), list) or not spec[key]:
+            raise TaskError(f"{where}: {key!r} must be a non-empty list of prompts")
+    clean, corrupted = (_prompts(spec[k], model, f"{where}: {k!r}") for k in ("clean", "corrupted"))
+    if clean.shape != corrupted.shape:
+        raise TaskError(f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape")
+    if int(clean.max()) >= graph.shape.d_vocab or clean.shape[1] > graph.shape.n_ctx:
+        raise TaskError(f"{where}: token ids or prompt length exceed the model (vocab {graph.shape.d_vocab}, n_ctx {graph.shape.n_ctx})")
+    metric = spec.get("metric", "logit_diff")
+    if metric not in METRICS:
+        raise TaskError(f"{where}: unknown metric {metric!r} (one of {', '.join(METRICS)})")
+    if metric == "kl":
+        with torch.no_grad():
+            return Task(spec.get("name", Path(path).stem), clean, corrupted, kl_to(graph(clean)))
+    vocab = graph.shape.d_vocab
+    answers = _answer_ids(spec.get("answers"), model, len(clean), vocab, f"{where}: 'answers'")
+    wrong = _answer_ids(spec.get("wrong"), model, len(clean), vocab, f"{where}: 'wrong'") if metric == "logit_diff" else None
+    return Task(spec.get("name", Path(path).stem), clean, corrupted, last_position_metric(answers, wrong))
+
+
+def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Tensor, slice], Tensor]:
+    """logit(answer) − logit(wrong) at the last position, or log p(answer) when `wrong` is None."""
+
+    def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        last = logits[:, -1]
+        right = answers[rows].unsqueeze(1)
+        if wrong is None:
+            return last.log_softmax(-1).gather(1, right).squeeze(1)
+        return (last.gather(1, right) - last.gather(1, wrong[rows].unsqueeze(1))).squeeze(1)
+
+    return metric
+
+
+def _prompts(items: list, model, where: str) -> Tensor:
+    if all(isinstance(item, str) for item in items):
+        rows = [model.tokenize(item)[0] for item in items]
+    elif all(isinstance(item, list) and item and all(isinstance(t, int) and t >= 0 for t in item) for item in items):
+        rows = [torch.tensor(item) for item in items]
+    else:
+        raise TaskError(f"{where} must be all texts or all lists of non-negative token ids")
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise TaskError(f"{where}: prompts tokenize to different lengths {lengths}; every prompt needs one length")
+    return torch.stack(rows)
+
+
+def _answer_ids(items, model, n: int, vocab: int, where: str) -> Tensor:
+    if not isinstance(items, list) or len(items) != n:
+        raise TaskError(f"{where} must list one answer per prompt ({n})")
+    return torch.tensor([_one_token(item, model, vocab, where) for item in items])
+
+
+def _one_token(item, model, vocab: int, where: str) -> int:
+    if isinstance(item, str):
+        ids = model.tokenize(item, prepend_bos=False)[0].tolist()
+        item = ids[0] if len(ids) == 1 else None
+    if not isinstance(item, int) or not 0 <= item < vocab:
+        raise TaskError(f"{where}: {item!r} is not a single token of the model")
+    return item

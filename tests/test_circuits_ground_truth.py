@@ -1,0 +1,140 @@
+"""The hand-set ground-truth models, every method scored on them, the benchmark and user task files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuits.attribution import ablated_outputs, task_score
+from circuits.benchmark import edge_names, run_benchmark
+from circuits.catalog import load_task
+from circuits.discover import METHODS, discover
+from circuits.evaluate import faithfulness, mask_of_edges
+from circuits.gates import FALSE_TOKEN, TRUE_TOKEN, gate_model
+from circuits.induction import induction_model, planted_induction_task
+from circuits.tasks import TaskError
+
+
+@pytest.mark.parametrize("gate, truth", [("or", lambda a, b: a or b), ("and", lambda a, b: a and b)])
+def test_gate_models_compute_their_gate(gate, truth):
+    model = gate_model(gate).requires_grad_(False)
+    for a in (0, 1):
+        for b in (0, 1):
+            logits = model(torch.tensor([[0, 1 + a, 1 + b]]))[0, -1]
+            says_true = bool(logits[TRUE_TOKEN] > logits[FALSE_TOKEN])
+            assert says_true == bool(truth(a, b)), (gate, a, b)
+            assert abs(float(logits[TRUE_TOKEN] - logits[FALSE_TOKEN])) > 3  # decisive, not a near tie
+
+
+def test_induction_model_predicts_the_repeated_half_only():
+    model, task = induction_model(), planted_induction_task(n=32)
+    logits = model(task.clean)
+    assert task.score(logits) > -1.0  # mean log-prob of the right token inside the second copy
+    ablated = ablated_outputs(model, task)
+    assert task_score(model, task, model.full_mask(0.0), ablated) < -5.0  # without its edges: worse than chance-ish
+    truth = torch.tensor([name in set(task.ground_truth["edges"]) for name in edge_names(model)])
+    assert faithfulness(model, task, mask_of_edges(model, truth), "resample") == pytest.approx(1.0, abs=0.02)
+    # the planted circuit needs every one of its edges: dropping any one loses most of the effect
+    for index in torch.nonzero(truth).flatten().tolist():
+        fewer = truth.clone()
+        fewer[index] = False
+        assert faithfulness(model, task, mask_of_edges(model, fewer), "resample") < 0.5, edge_names(model)[index]
+
+
+@pytest.fixture(scope="module")
+def benchmark_rows():
+    return {(row["task"], row["method"]): row for row in run_benchmark(prompts=32)}
+
+
+@pytest.mark.parametrize("task", ["planted-induction", "or-gate", "and-gate"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_recovers_the_planted_circuits(benchmark_rows, task, method):
+    row = benchmark_rows[(task, method)]
+    first_order_miss = method == "eap" and task == "planted-induction"  # EAP ranks a distractor's edges high
+    assert row["head_roc_auc"] >= 0.95 and row["roc_auc"] >= (0.85 if first_order_miss else 0.95)
+    if not first_order_miss:
+        assert row["faithfulness"]["resample"] == pytest.approx(1.0, abs=0.05)
+    assert row["spearman_vs_exact"] >= 0.85 or method == "acdc"  # ACDC's scores are coarse thresholds
+
+
+def test_eap_ig_tracks_exact_patching_on_the_induction_model(benchmark_rows):
+    assert benchmark_rows[("planted-induction", "eap-ig")]["spearman_vs_exact"] >= 0.9
+    assert benchmark_rows[("planted-induction", "eap")]["faithfulness"]["resample"] < 0.5  # the linear approximation's miss
+
+
+def test_the_saturated_or_gate_fools_one_edge_at_a_time_methods(benchmark_rows):
+    """With a = b = 1 each input alone is redundant: exact single-edge patching and EAP see the
+    inputs as inert; EAP-IG, integrating from (0, 0), finds them."""
+    rows = {method: benchmark_rows[("or-gate-saturated", method)] for method in METHODS}
+    assert rows["exact"]["roc_auc"] < 0.8 and rows["eap"]["roc_auc"] < 0.8
+    assert rows["eap-ig"]["roc_auc"] == pytest.approx(1.0)
+
+
+def test_benchmark_rows_name_what_the_issue_asks(benchmark_rows):
+    for row in benchmark_rows.values():
+        assert {"task", "method", "roc_auc", "faithfulness", "spearman_vs_exact", "seconds"} <= set(row)
+        assert set(row["faithfulness"]) == {"resample", "mean", "zero"}
+
+
+def test_cli_benchmark_prints_one_json_object_per_task_and_method(capsys):
+    from tests.test_cli import run_cli
+
+    code, stdout, err = run_cli(capsys, "circuits", "--benchmark", "or-gate", "--method", "eap,eap-ig", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [(r["task"], r["method"]) for r in rows] == [("or-gate", "eap"), ("or-gate", "eap-ig")]
+    assert all(r["spearman_vs_exact"] > 0.9 for r in rows)  # exact patching ran as the reference
+    code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi")
+    assert code == 2 and "unknown benchmark task" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", "--model", "demo")
+    assert code == 2 and "hand-set model" in err
+
+
+def test_a_user_task_file_runs_end_to_end(capsys, tiny_model_dir, tiny_model, tmp_path):
+    from tests.test_cli import run_cli
+
+    clean = tiny_model.tokenize(["ROMEO: But soft, what light", "JULIET: O Romeo, Romeo, where"])
+    corrupted = tiny_model.tokenize(["KING: Once more unto the", "QUEEN: Now is the winter of"])
+    width = min(clean.shape[1], corrupted.shape[1])
+    spec = {"name": "toy", "clean": clean[:, :width].tolist(), "corrupted": corrupted[:, :width].tolist(),
+            "metric": "logit_diff", "answers": [5, 6], "wrong": [7, 8]}
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(spec))
+    graph, task = load_task(str(path), str(tiny_model_dir))
+    logits = graph(task.clean)
+    expected = logits[:, -1, [5, 6]].diagonal() - logits[:, -1, [7, 8]].diagonal()
+    assert torch.allclose(task.metric(logits, slice(None)), expected)
+    code, stdout, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--task", str(path), "--method", "eap",
+                                "--out", str(tmp_path / "toy.circuit.json"), "--json")
+    assert code == 0, err and json.loads(stdout)["method"] == "eap"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"clean": []}, "non-empty list"),
+    ({"corrupted": [[1, 2]]}, "differ in shape"),
+    ({"clean": [[1, 2, 3], [1, 2]]}, "different lengths"),
+    ({"clean": [[1, -2, 3], [1, 2, 3]]}, "all texts or all lists"),
+    ({"metric": "accuracy"}, "unknown metric"),
+    ({"answers": [1]}, "one answer per prompt"),
+    ({"answers": [1, 10 ** 9]}, "not a single token"),
+    ({"answers": ["a whole phrase of text", " x"]}, "not a single token"),
+])
+def test_bad_task_files_are_one_line_errors(tiny_model_dir, tmp_path, change, message):
+    spec = {"clean": [[1, 2, 3], [4, 5, 6]], "corrupted": [[7, 8, 9], [9, 8, 7]], "metric": "logit_diff",
+            "answers": [1, 2], "wrong": [3, 4], **change}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(TaskError, match=message) as caught:
+        load_task(str(path), str(tiny_model_dir))
+    assert "\n" not in str(caught.value)
+
+
+def test_corrupt_task_file_and_unknown_task_are_refused(tiny_model_dir, tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(TaskError, match="broken.json"):
+        load_task(str(path), str(tiny_model_dir))
+    with pytest.raises(TaskError, match="unknown task"):
+        load_task("greater-than")
