@@ -78,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     circuits.add_argument("--model", default="", help="a GPT-2-architecture model spec (default: demo; the planted tasks bring their own)")
     circuits.add_argument("--task", default="induction",
                           help="induction, planted-induction, or-gate, and-gate, or a task .json file (see circuits/catalog.py)")
+    circuits.add_argument("--dictionary", nargs="+", default=[], metavar="FOLDER",
+                          help="dictionary folders (one per hook): a feature circuit of their latents and error terms")
+    circuits.add_argument("--features-per-hook", type=int, default=10, help="latents per hook in a feature circuit")
     circuits.add_argument("--benchmark", nargs="*", metavar="TASK", default=None,
                           help="run every method on the ground-truth tasks (default: the planted ones; add induction for the demo model)")
     circuits.add_argument("--method", default=None,
@@ -279,6 +282,8 @@ def cmd_analyze(args) -> None:
 def cmd_circuits(args) -> None:
     if args.benchmark is not None:
         return _circuits_benchmark(args)
+    if args.dictionary:
+        return _feature_circuit(args)
     from circuits.catalog import PLANTED, load_task
     from circuits.discover import discover, to_circuit
     from circuits.evaluate import faithfulness_all
@@ -304,6 +309,44 @@ def cmd_circuits(args) -> None:
     _print_rows([{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)} for e in top], False)
     _print_summary({"circuit": str(out), "edges_kept": int(found.kept.sum()), "of_edges": len(circuit.edges),
                     **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()}, "seconds": round(found.seconds, 2)}, False)
+
+
+def _feature_circuit(args) -> None:
+    from circuits.catalog import model_task
+    from circuits.features import feature_circuit
+    from sae.io import load
+    from workbench.models import load_model
+    from workbench.store import STORE_FILE
+
+    dictionaries, stores = {}, {}
+    for folder in map(Path, args.dictionary):
+        dictionary = load(folder)
+        hook = dictionary.meta.get("hook")
+        if not hook or hook in dictionaries:
+            raise WorkbenchError(f"{folder}: " + ("records no hook" if not hook else f"a second dictionary for hook {hook}"))
+        dictionaries[hook] = dictionary
+        if (folder / STORE_FILE).exists():
+            stores[hook] = str(folder / STORE_FILE)
+    spec = args.model or next(iter(dictionaries.values())).meta.get("model") or "demo"
+    model = load_model(spec)
+    for hook, dictionary in dictionaries.items():
+        if model.d_model(hook) != dictionary.d_in:
+            raise WorkbenchError(f"dictionary for {hook} reads {dictionary.d_in} dims; {spec} has {model.d_model(hook)} there")
+    task = model_task(args.task, model, args.prompts, args.length, args.seed)
+    started = time.perf_counter()
+    circuit = feature_circuit(model, task, dictionaries, steps=args.steps, per_hook=args.features_per_hook, stores=stores)
+    circuit.metrics.update(model=spec, seconds=round(time.perf_counter() - started, 2))
+    name = Path(spec).name if Path(spec).exists() else spec
+    out = Path(args.out or f"runs/circuits/{name}-{task.name}-features.circuit.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    circuit.save(out)
+    top = sorted((n for n in circuit.nodes if n.kind != "logits"), key=lambda n: -abs(n.score))[: args.top]
+    rows = [{"node": n.id, "kind": n.kind, "effect": round(n.score, 5)} for n in top]
+    if args.json:
+        print(json.dumps({"circuit": str(out), "method": circuit.method, "nodes": rows, **circuit.metrics}))
+        return
+    _print_rows(rows, False)
+    _print_summary({"circuit": str(out), "seconds": circuit.metrics["seconds"]}, False)
 
 
 def _circuits_benchmark(args) -> None:

@@ -48,14 +48,20 @@ def load_task(task: str, model_spec: str = "", prompts: int = 32, length: int = 
     from workbench.models import load_model
 
     model = load_model(model_spec or "demo")
-    graph = from_gpt2(model)
+    return from_gpt2(model), model_task(task, model, prompts, length, seed)
+
+
+def model_task(task: str, model, prompts: int = 32, length: int = 33, seed: int = 0) -> Task:
+    """`induction` or a task file's task on a loaded workbench Model (any architecture)."""
     if task == "induction":
-        length = min(length, graph.shape.n_ctx)
-        return graph, induction_task(graph.shape.d_vocab, n=prompts, length=length, bos=model.bos_token_id, seed=seed)
-    return graph, task_from_file(task, model, graph)
+        length = min(length, model.n_ctx)
+        return induction_task(model.d_vocab, n=prompts, length=length, bos=model.bos_token_id, seed=seed)
+    if not task.endswith(".json"):
+        raise TaskError(f"task {task!r} needs a hand-set model; with a model or dictionaries use induction or a task .json file")
+    return task_from_file(task, model)
 
 
-def task_from_file(path: str | Path, model, graph: GraphTransformer) -> Task:
+def task_from_file(path: str | Path, model) -> Task:
     spec = read_json(path, "task file", TaskError)
     where = f"task file {path}"
     for key in ("clean", "corrupted"):
@@ -64,18 +70,19 @@ def task_from_file(path: str | Path, model, graph: GraphTransformer) -> Task:
     clean, corrupted = (_prompts(spec[k], model, f"{where}: {k!r}") for k in ("clean", "corrupted"))
     if clean.shape != corrupted.shape:
         raise TaskError(f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape")
-    if int(clean.max()) >= graph.shape.d_vocab or clean.shape[1] > graph.shape.n_ctx:
-        raise TaskError(f"{where}: token ids or prompt length exceed the model (vocab {graph.shape.d_vocab}, n_ctx {graph.shape.n_ctx})")
+    vocab = model.d_vocab
+    if int(clean.max()) >= vocab or int(corrupted.max()) >= vocab or clean.shape[1] > model.n_ctx:
+        raise TaskError(f"{where}: token ids or prompt length exceed the model (vocab {vocab}, n_ctx {model.n_ctx})")
     metric = spec.get("metric", "logit_diff")
     if metric not in METRICS:
         raise TaskError(f"{where}: unknown metric {metric!r} (one of {', '.join(METRICS)})")
+    name = spec.get("name", Path(path).stem)
     if metric == "kl":
         with torch.no_grad():
-            return Task(spec.get("name", Path(path).stem), clean, corrupted, kl_to(graph(clean)))
-    vocab = graph.shape.d_vocab
+            return Task(name, clean, corrupted, kl_to(model(clean).float()))
     answers = _answer_ids(spec.get("answers"), model, len(clean), vocab, f"{where}: 'answers'")
     wrong = _answer_ids(spec.get("wrong"), model, len(clean), vocab, f"{where}: 'wrong'") if metric == "logit_diff" else None
-    return Task(spec.get("name", Path(path).stem), clean, corrupted, last_position_metric(answers, wrong))
+    return Task(name, clean, corrupted, last_position_metric(answers, wrong))
 
 
 def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Tensor, slice], Tensor]:
