@@ -32,7 +32,7 @@ def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact
     if truth.get("edges"):
         row["roc_auc"] = roc_auc(dict(zip(edge_names(model), found.scores.tolist())), set(truth["edges"]))
     if truth.get("heads"):
-        heads = {k: v for k, v in node_scores(model, found.scores).items() if k.startswith("a")}
+        heads = found.heads or {k: v for k, v in node_scores(model, found.scores).items() if k.startswith("a")}
         row["head_roc_auc"] = roc_auc(heads, set(truth["heads"]))
     row["faithfulness"] = faithfulness_all(model, task, found.mask(model))
     row["spearman_vs_exact"] = spearman(found.scores.abs(), exact.scores.abs()) if exact is not None else None

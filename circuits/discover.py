@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from circuits.acdc import acdc_scores
+from circuits.codes import circuit_of_heads, code_scores, edge_scores_of_heads, kept_heads
 from circuits.attribution import (ablated_outputs, eap_ig_activation_scores, eap_ig_input_scores, eap_scores,
                                   exact_scores, node_of_receiver, node_scores)
 from circuits.evaluate import mask_of_edges, top_edges
@@ -15,7 +16,7 @@ from circuits.graph import Circuit, Edge, Node
 from circuits.tasks import Task, TaskError
 from circuits.transformer import GraphTransformer
 
-METHODS = ("exact", "eap", "eap-ig", "eap-ig-activations", "acdc")
+METHODS = ("exact", "eap", "eap-ig", "eap-ig-activations", "acdc", "codes")
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Discovery:
     kept: Tensor
     """[edges] bool: the circuit."""
     seconds: float
+    heads: dict[str, float] | None = None
+    """Head-level methods (codes): the score of every head."""
 
     def mask(self, model: GraphTransformer) -> Tensor:
         return mask_of_edges(model, self.kept)
@@ -34,12 +37,17 @@ class Discovery:
 def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, ablation: str = "resample",
              steps: int = 8, batch: int = 64, n_edges: int = 0) -> Discovery:
     """Score every edge with `method`; the circuit keeps the `n_edges` highest |scores| (default:
-    5% of the edges, at least 5), or for ACDC the edges surviving the median swept threshold."""
+    5% of the edges, at least 5), for ACDC the edges surviving the median swept threshold, and
+    for discrete codes (a head-level method) the edges among heads scoring at least half the best."""
     if method not in METHODS:
         raise TaskError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     started = time.perf_counter()
     ablated = ablated_outputs(model, task, ablation)
     n_edges = n_edges or max(5, len(model.graph.edges) // 20)
+    if method == "codes":
+        heads = code_scores(model, task)
+        return Discovery(method, edge_scores_of_heads(model, heads), circuit_of_heads(model, kept_heads(heads)),
+                         time.perf_counter() - started, heads)
     if method == "acdc":
         scores, masks = acdc_scores(model, task, ablated)
         taus = sorted(masks)
@@ -55,7 +63,7 @@ def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, abl
 
 def to_circuit(model: GraphTransformer, task: Task, found: Discovery, metrics: dict | None = None) -> Circuit:
     """The graph as a circuit JSON: heads/MLPs/embed/logits nodes with Σ|edge score|, every edge."""
-    totals = node_scores(model, found.scores)
+    totals = {**node_scores(model, found.scores), **(found.heads or {})}
     kept_nodes = set()
     edges = []
     for (s, r), score, keep in zip(model.graph.edges, found.scores.tolist(), found.kept.tolist()):

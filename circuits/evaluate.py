@@ -57,5 +57,9 @@ def faithfulness_all(model: GraphTransformer, task: Task, circuit: Tensor) -> di
 
 
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two score vectors (negligible entries tie at 0)."""
-    return float(spearmanr(negligible_to_zero(a).numpy(), negligible_to_zero(b).numpy()).statistic)
+    """Spearman rank correlation of two score vectors (negligible entries tie at 0); nan when
+    either is constant."""
+    a, b = negligible_to_zero(a), negligible_to_zero(b)
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)

@@ -54,7 +54,7 @@ def test_roc_auc_and_top_edges():
 def test_discover_gives_a_circuit_that_reads_back(graph_model, task, method, tmp_path):  # noqa: F811
     found = discover(graph_model, task, method, steps=2, n_edges=12)
     assert found.scores.shape == (len(graph_model.graph.edges),) and found.kept.any()
-    if method != "acdc":
+    if method not in ("acdc", "codes"):  # these choose their own circuit size
         assert int(found.kept.sum()) == 12
     scores = faithfulness_all(graph_model, task, found.mask(graph_model))
     assert set(scores) == {"resample", "mean", "zero"}
