@@ -284,7 +284,7 @@ def cmd_circuits(args) -> None:
         return _circuits_benchmark(args)
     if args.dictionary:
         return _feature_circuit(args)
-    from circuits.catalog import PLANTED, load_task
+    from circuits.catalog import GROUND_TRUTH_TASKS, load_task
     from circuits.discover import discover, to_circuit
     from circuits.evaluate import faithfulness_all
 
@@ -292,8 +292,8 @@ def cmd_circuits(args) -> None:
     graph, task = load_task(args.task, args.model, args.prompts, args.length, args.seed)
     found = discover(graph, task, args.method, ablation=args.ablation, steps=args.steps, n_edges=args.edges)
     faithful = faithfulness_all(graph, task, found.mask(graph))
-    planted = args.task in PLANTED
-    model_name = "hand-set" if planted else args.model or "demo"
+    planted = args.task in GROUND_TRUTH_TASKS
+    model_name = "built-in" if planted else args.model or "demo"
     circuit = to_circuit(graph, task, found, metrics={"faithfulness": faithful, "model": model_name,
                                                       "ablation": args.ablation, "seconds": round(found.seconds, 2)})
     prefix = "" if planted else (Path(model_name).name if Path(model_name).exists() else model_name) + "-"

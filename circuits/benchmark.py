@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from circuits.attribution import node_scores
-from circuits.catalog import PLANTED, load_task
+from circuits.catalog import GROUND_TRUTH_TASKS, load_task
 from circuits.discover import METHODS, Discovery, discover
 from circuits.evaluate import faithfulness_all, roc_auc, spearman
 from circuits.tasks import Task, TaskError
@@ -44,11 +44,11 @@ def run_benchmark(names: list[str] | None = None, methods: tuple[str, ...] = MET
     """One row per (task, method); exact patching runs first as the reference. By default the
     planted tasks (ground truth known); `induction` adds the demo model (no ground truth, so
     only faithfulness and the audit against exact patching; minutes, ACDC most of them)."""
-    known = (*PLANTED, "induction")
+    known = (*GROUND_TRUTH_TASKS, "induction")
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise TaskError(f"unknown benchmark task {', '.join(unknown)} (one of {', '.join(known)})")
-    for name in names or list(PLANTED):
+    for name in names or list(GROUND_TRUTH_TASKS):
         torch.manual_seed(0)
         model, task = load_task(name, prompts=prompts)
         n_edges = len(task.ground_truth.get("edges", [])) or 0

@@ -1,7 +1,9 @@
 """The (graph model, task) pairs `workbench circuits` can run: built-in tasks and user task files.
 
-Built in: `induction` on any GPT-2-architecture model; `planted-induction`, `or-gate`,
-`and-gate` and `or-gate-saturated` on their hand-set models (with ground truth). A user task is a JSON file:
+Built in: `induction` on any GPT-2-architecture model; `trained-induction` on the two-layer
+model the project trains (once, ~1 minute, then cached under the user cache folder), with
+ground truth read off its heads; `planted-induction`, `or-gate`, `and-gate` and
+`or-gate-saturated` on their hand-set models. A user task is a JSON file:
 
     {"name": "capitals",
      "clean":     ["The capital of France is", ...]      (texts, or lists of token ids),
@@ -27,22 +29,31 @@ from circuits.tasks import Task, TaskError, induction_task, kl_to
 from circuits.transformer import GraphTransformer, from_gpt2
 from workbench.files import read_json
 
-PLANTED: dict[str, Callable[[int, int], tuple[GraphTransformer, Task]]] = {
+def _trained_induction(n: int, seed: int) -> tuple[GraphTransformer, Task]:
+    from circuits.trained_induction import load_or_train, trained_induction_task
+    from workbench.paths import user_cache_dir
+
+    model = load_or_train(user_cache_dir() / "circuits" / "induction-2l")
+    return model, trained_induction_task(model, n=n, seed=seed + 1)
+
+
+GROUND_TRUTH_TASKS: dict[str, Callable[[int, int], tuple[GraphTransformer, Task]]] = {
+    "trained-induction": _trained_induction,
     "planted-induction": lambda n, seed: (induction_model(), planted_induction_task(n, seed)),
     "or-gate": lambda n, seed: (gate_model("or"), gate_task("or", n, seed)),
     "and-gate": lambda n, seed: (gate_model("and"), gate_task("and", n, seed)),
     "or-gate-saturated": lambda n, seed: (gate_model("or"), gate_task("or", n, seed, saturated=True)),
 }
-TASKS = ("induction", *PLANTED)
+TASKS = ("induction", *GROUND_TRUTH_TASKS)
 METRICS = ("logit_diff", "logprob", "kl")
 
 
 def load_task(task: str, model_spec: str = "", prompts: int = 32, length: int = 33, seed: int = 0) -> tuple[GraphTransformer, Task]:
     """The graph model and task for a built-in task name or a task JSON file."""
-    if task in PLANTED:
+    if task in GROUND_TRUTH_TASKS:
         if model_spec:
-            raise TaskError(f"task {task!r} runs on its own hand-set model; drop --model")
-        return PLANTED[task](prompts, seed)
+            raise TaskError(f"task {task!r} runs on its own built-in model; drop --model")
+        return GROUND_TRUTH_TASKS[task](prompts, seed)
     if task != "induction" and not task.endswith(".json"):
         raise TaskError(f"unknown task {task!r} (one of {', '.join(TASKS)}, or a task .json file)")
     from workbench.models import load_model

@@ -45,7 +45,8 @@ def test_induction_model_predicts_the_repeated_half_only():
 
 @pytest.fixture(scope="module")
 def benchmark_rows():
-    return {(row["task"], row["method"]): row for row in run_benchmark(prompts=32)}
+    planted = ["planted-induction", "or-gate", "and-gate", "or-gate-saturated"]
+    return {(row["task"], row["method"]): row for row in run_benchmark(planted, prompts=32)}
 
 
 PATCHING_AND_GRADIENTS = [m for m in METHODS if m != "codes"]
@@ -92,7 +93,7 @@ def test_cli_benchmark_prints_one_json_object_per_task_and_method(capsys):
     code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi")
     assert code == 2 and "unknown benchmark task" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", "--model", "demo")
-    assert code == 2 and "hand-set model" in err
+    assert code == 2 and "built-in model" in err
 
 
 def test_a_user_task_file_runs_end_to_end(capsys, tiny_model_dir, tiny_model, tmp_path):
@@ -163,3 +164,44 @@ def test_discrete_codes_in_the_benchmark(benchmark_rows):
     (random bits cover all inputs), so the method sees nothing."""
     assert benchmark_rows[("planted-induction", "codes")]["head_roc_auc"] >= 0.75
     assert benchmark_rows[("or-gate", "codes")]["edges_kept"] == 0
+
+
+def test_ground_truth_wiring_follows_the_head_roles():
+    from circuits.trained_induction import ground_truth
+
+    textbook = {"a0.0": ("offset", 1, 0.9), "a0.1": ("other", 0, 0.1), "a1.0": ("induction", 1, 0.8), "a1.1": ("other", 0, 0.2)}
+    assert ground_truth(textbook) == {
+        "heads": ["a0.0", "a1.0"],
+        "edges": sorted(["a0.0->a1.0.k", "embed->a1.0.v", "embed->a1.0.q", "a1.0->logits", "embed->a0.0.v"])}
+    shifted = {"a0.0": ("offset", 4, 0.9), "a0.1": ("offset", 3, 0.8), "a0.2": ("offset", 6, 0.8), "a1.0": ("induction", 4, 0.8)}
+    truth = ground_truth(shifted)
+    assert truth["heads"] == ["a0.0", "a0.1", "a1.0"]  # the offset-6 head feeds no induction head
+    assert {"a0.0->a1.0.k", "a0.1->a1.0.v"} <= set(truth["edges"]) and "embed->a1.0.v" not in truth["edges"]
+    orphan = {"a0.0": ("offset", 2, 0.9), "a1.0": ("induction", 1, 0.9)}  # no offset-1 head for its key
+    assert ground_truth(orphan) == {"heads": [], "edges": []}
+
+
+@pytest.mark.slow
+def test_the_trained_induction_model_and_its_derived_ground_truth(tmp_path):
+    """Train the two-layer model (~1 minute), read its ground truth off its heads, and check that
+    the circuit is faithful and that EAP-IG and ACDC find it (the issue's targets)."""
+    import time
+
+    from circuits.benchmark import score_discovery
+    from circuits.trained_induction import InductionRecipe, load_or_train, trained_induction_task
+
+    model = load_or_train(tmp_path / "model", InductionRecipe(), progress=False)
+    task = trained_induction_task(model, n=48)
+    assert task.score(model(task.clean)) > -0.5  # it does induction (uniform guessing: -5.5)
+    truth = task.ground_truth
+    assert any(h.startswith("a0.") for h in truth["heads"]) and any(h.startswith("a1.") for h in truth["heads"])
+    kept = torch.tensor([name in set(truth["edges"]) for name in edge_names(model)])
+    assert faithfulness(model, task, mask_of_edges(model, kept), "resample") > 0.9
+    exact = discover(model, task, "exact", n_edges=len(truth["edges"]))
+    for method in ("eap-ig", "acdc"):
+        row = score_discovery(model, task, discover(model, task, method, n_edges=len(truth["edges"])), exact)
+        assert row["roc_auc"] >= 0.95, row
+        assert row["faithfulness"]["resample"] > 0.9, row
+    started = time.perf_counter()
+    again = load_or_train(tmp_path / "model", InductionRecipe(), progress=False)  # cached: no training
+    assert time.perf_counter() - started < 5 and torch.equal(again.W_QKV, model.W_QKV)

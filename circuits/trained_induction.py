@@ -1,0 +1,143 @@
+"""A two-layer attention-only transformer the project trains on repeated random tokens, and its
+ground truth read off its attention patterns.
+
+Training: `induction_task` prompts (a random segment repeated once at a random offset), loss on
+the tokens only induction can predict, Adam. The model learns induction after a phase change;
+which offsets its heads use depends on the seed (we have seen previous-token heads at offset −1
+and shifted ones at −3/−4 whose layer-1 heads attend 4 past the previous occurrence), so the
+ground truth is derived, not assumed:
+- an offset head (layer 0) puts ≥ `MIN_MASS` of its attention at one relative offset −o;
+- an induction head (layer 1) puts ≥ `MIN_MASS` at one position c after the previous
+  occurrence of the current token (c = 1 is the textbook head);
+- wiring: the key of an induction head reads the offset head with o = c (its key then holds the
+  previous occurrence's token), its value reads the offset head with o = c − 1 (the token after
+  the previous occurrence; o = 0 means the embedding itself), its query reads the embedding, its
+  output goes to the logits; each used offset head reads its token through embed → v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from circuits.tasks import Task, induction_task
+from circuits.transformer import GraphTransformer, Shape
+from workbench.files import read_json, save_tensors_atomic, write_json_atomic
+
+MIN_MASS = 0.5
+
+
+@dataclass(frozen=True)
+class InductionRecipe:
+    d_model: int = 64
+    n_heads: int = 4
+    vocab: int = 256
+    length: int = 33
+    steps: int = 1500
+    batch: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+    def shape(self) -> Shape:
+        return Shape(n_layers=2, d_model=self.d_model, n_heads=self.n_heads, d_vocab=self.vocab, n_ctx=self.length,
+                     d_mlp=0)
+
+
+def train_induction_model(recipe: InductionRecipe = InductionRecipe(), progress: bool = False) -> GraphTransformer:
+    torch.manual_seed(recipe.seed)
+    model = GraphTransformer(recipe.shape())
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    for step in tqdm(range(recipe.steps), desc="induction model", disable=not progress):
+        task = induction_task(recipe.vocab, n=recipe.batch, length=recipe.length, seed=10_000 + recipe.seed * recipe.steps + step)
+        loss = -task.score(model(task.clean))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def load_or_train(folder: Path, recipe: InductionRecipe = InductionRecipe(), progress: bool = True) -> GraphTransformer:
+    """The trained model saved under `folder` for this recipe, training and saving it first if needed."""
+    from safetensors.torch import load_file
+
+    weights, config = folder / "model.safetensors", folder / "recipe.json"
+    if weights.exists() and config.exists() and read_json(config) == recipe.__dict__:
+        model = GraphTransformer(recipe.shape())
+        model.load_state_dict(load_file(weights))
+        return model.eval().requires_grad_(False)
+    model = train_induction_model(recipe, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(weights, {k: v.contiguous() for k, v in model.state_dict().items()})
+    write_json_atomic(config, recipe.__dict__)
+    return model
+
+
+def repeated_positions(task: Task) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, query positions p, previous occurrences p − m) of the tokens inside second copies."""
+    rows, queries, previous = [], [], []
+    length = task.clean.shape[1]
+    for row, tokens in enumerate(task.clean):
+        for m in range((length - 1) // 2, 3, -1):
+            starts = [a for a in range(1, length - 2 * m + 1) if torch.equal(tokens[a + m:a + 2 * m], tokens[a:a + m])]
+            if starts:
+                a = starts[0]
+                for p in range(a + m, a + 2 * m - 1):
+                    rows.append(row), queries.append(p), previous.append(p - m)
+                break
+    return torch.tensor(rows), torch.tensor(queries), torch.tensor(previous)
+
+
+def head_roles(model: GraphTransformer, task: Task) -> dict[str, tuple[str, int, float]]:
+    """head -> ("offset", o, mass) | ("induction", c, mass) | ("other", 0, best mass)."""
+    with torch.no_grad():
+        patterns = model(task.clean, keep=True)[3]
+    rows, queries, previous = repeated_positions(task)
+    roles = {}
+    for head in range(model.shape.n_heads):
+        attention = patterns[0][rows, head, queries]  # [n, P]
+        masses = [float(attention[torch.arange(len(queries)), (queries - o).clamp(min=0)].mean()) for o in range(1, 8)]
+        best = max(range(len(masses)), key=masses.__getitem__)
+        roles[f"a0.{head}"] = ("offset", best + 1, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+        attention = patterns[1][rows, head, queries]
+        masses = [float(attention[torch.arange(len(queries)), (previous + c).clamp(max=task.clean.shape[1] - 1)].mean())
+                  for c in range(0, 8)]
+        best = max(range(len(masses)), key=masses.__getitem__)
+        roles[f"a1.{head}"] = ("induction", best, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+    return roles
+
+
+def ground_truth(roles: dict[str, tuple[str, int, float]]) -> dict[str, list[str]]:
+    """The heads and edges of the induction circuit the roles imply (see the module docstring)."""
+    offset_heads = {}
+    for head, (role, o, _) in roles.items():
+        if role == "offset":
+            offset_heads.setdefault(o, []).append(head)
+    heads, edges = set(), set()
+    for head, (role, c, _) in roles.items():
+        if role != "induction":
+            continue
+        keys, values = offset_heads.get(c, []), (["embed"] if c == 1 else offset_heads.get(c - 1, []))
+        if not keys or not values:
+            continue
+        heads.add(head)
+        edges |= {f"embed->{head}.q", f"{head}->logits"}
+        for source in keys:
+            edges.add(f"{source}->{head}.k")
+        for source in values:
+            edges.add(f"{source}->{head}.v")
+        for source in [*keys, *values]:
+            if source != "embed":
+                heads.add(source)
+                edges.add(f"embed->{source}.v")
+    return {"heads": sorted(heads), "edges": sorted(edges)}
+
+
+def trained_induction_task(model: GraphTransformer, recipe: InductionRecipe = InductionRecipe(), n: int = 64,
+                           seed: int = 1) -> Task:
+    """Held-out induction prompts with the ground truth derived from the model's heads."""
+    task = induction_task(recipe.vocab, n=n, length=recipe.length, seed=seed, name="trained-induction")
+    task.ground_truth = ground_truth(head_roles(model, task))
+    return task
