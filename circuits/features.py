@@ -8,7 +8,9 @@ At every hook with a dictionary, x = decode(f) + ε (ε = x − decode(f), so th
 - Edge u_i → d_j between consecutive hooks: ∂m/∂f_d_j · ∂f_d_j/∂f_u_i · Δf_u_i, summed over
   positions — the change of the downstream node's first-order effect that the upstream
   latent's clean-to-corrupted change causes, through the model (a VJP per downstream node).
-Latents of the last hook connect to `logits` with their node effect.
+Latents of the last hook connect to `logits` with their node effect. Codebook codes are
+nodes too (their activations are the code weights); edges into a code are 0, since choosing a
+code has no gradient.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def feature_edges(model, task: Task, dictionaries: dict[str, Dictionary], found:
         targets = [(j, (weight_f[..., j] * f_down[..., j])[:, 1:].sum()) for j in kept[down]]
         targets.append((-1, (weight_e * e_down)[:, 1:].sum()))
         for j, value in targets:
-            grad_f, grad_e = torch.autograd.grad(value, (f_up, e_up), retain_graph=True, allow_unused=True)
+            if not value.requires_grad:  # discrete codes (codebooks): no gradient path into them
+                grad_f = grad_e = None
+            else:
+                grad_f, grad_e = torch.autograd.grad(value, (f_up, e_up), retain_graph=True, allow_unused=True)
             per_latent = _zero_if_none(grad_f, f0) * (f1 - f0)
             for i in kept[up]:
                 found.edges.append((up, i, down, j, float(per_latent[:, 1:, i].sum())))

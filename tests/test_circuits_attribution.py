@@ -98,3 +98,22 @@ def test_chunked_attribution_equals_one_batch(graph_model, task):
                                eap_ig_input_scores(graph_model, task, ablated, steps=2), atol=1e-6, rtol=1e-4)
     scores = node_scores(graph_model, eap_scores(graph_model, task, ablated))
     assert set(scores) == set(graph_model.graph.sources) | {"logits"} and min(scores.values()) >= 0
+
+
+def test_eap_equals_exact_patching_on_a_one_edge_linear_model():
+    """No layers, no LayerNorm, a logit-difference metric: the only edge (embed -> logits) acts
+    linearly, so the first-order estimate is exact."""
+    from circuits.transformer import GraphTransformer, Shape
+
+    torch.manual_seed(0)
+    model = GraphTransformer(Shape(n_layers=0, d_model=8, n_heads=1, d_vocab=11, n_ctx=5, layer_norm=False))
+    assert model.graph.edges == ((0, 0),)
+    clean, corrupted = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+
+    def metric(logits, rows=slice(None)):
+        return logits[:, -1, 3] - logits[:, -1, 7]
+
+    toy = Task("one-edge", clean, corrupted, metric)
+    ablated = ablated_outputs(model, toy)
+    exact, eap = exact_scores(model, toy, ablated), eap_scores(model, toy, ablated)
+    assert torch.allclose(eap, exact, rtol=1e-5, atol=1e-6) and exact.abs().item() > 1e-3

@@ -146,3 +146,27 @@ def test_cli_feature_circuit_links_the_feature_store(capsys, tiny_run, tiny_mode
     circuit = load_circuit(out)
     stores = {n.store for n in circuit.nodes if n.kind == "feature"}
     assert stores == {str(tiny_run / "features.duckdb")}
+
+
+def test_codebook_codes_are_nodes_with_complete_effects_and_no_incoming_gradient_edges(tiny_model, task):
+    from sae.base import create
+    from sae.config import DictionaryConfig
+
+    acts = _activations(tiny_model, task.clean, list(HOOKS))
+    books = {}
+    for hook in HOOKS:
+        books[hook] = create(DictionaryConfig(architecture="codebook", d_in=acts[hook].shape[-1], n_latents=24, k=2))
+        with torch.no_grad():
+            books[hook].initialize_from(acts[hook][:, 1:].reshape(-1, acts[hook].shape[-1]))
+    found = feature_effects(tiny_model, task, books, steps=32)
+    with torch.no_grad():
+        base = float(task.score(tiny_model(task.clean)))
+        corrupted = _split_detached(books[HOOKS[0]], _activations(tiny_model, task.corrupted, [HOOKS[0]])[HOOKS[0]])
+        with tiny_model.hooks([_replacement(HOOKS[0], books[HOOKS[0]], *corrupted)]):
+            patched = float(task.score(tiny_model(task.clean)))
+    total = float(found.latents[HOOKS[0]].sum()) + found.errors[HOOKS[0]]
+    assert total == pytest.approx(patched - base, rel=0.03, abs=1e-3)
+    feature_edges(tiny_model, task, books, found, per_hook=3)
+    into_codes = [w for _, _, _, j, w in found.edges if j >= 0]
+    into_error = [w for _, _, _, j, w in found.edges if j < 0]
+    assert into_codes and all(w == 0.0 for w in into_codes) and any(w != 0.0 for w in into_error)
