@@ -76,8 +76,6 @@ def test_unknown_method_and_ablation_are_refused(graph_model, task):  # noqa: F8
 
 
 def test_cli_circuits_writes_a_circuit_the_explorer_reads(capsys, tiny_model_dir, tmp_path):
-
-    from circuits.graph import load_circuit
     from tests.test_cli import run_cli
 
     out = tmp_path / "tiny.circuit.json"
