@@ -38,10 +38,22 @@ def hook_of(dictionary: Dictionary, hook: Optional[str]) -> str:
 
 
 @contextlib.contextmanager
-def splice(model, dictionary: Dictionary, hook: Optional[str] = None, *, skip_bos: bool = True) -> Iterator:
-    """Run `model` with the hook's activation replaced by the dictionary's reconstruction."""
-    with model.hooks([(hook_of(dictionary, hook), _edit_positions(dictionary.forward, skip_bos))]):
+def splice(model, dictionary: Dictionary, hook: Optional[str] = None, *, error_term: bool = False,
+           skip_bos: bool = True) -> Iterator:
+    """Run `model` with the hook's activation replaced by the dictionary's reconstruction x̂.
+    error_term=True adds the error x − x̂ back: the output is the model's own (to float
+    rounding), with the activation routed through the dictionary's latents."""
+    rebuild = _with_error(dictionary) if error_term else dictionary.forward
+    with model.hooks([(hook_of(dictionary, hook), _edit_positions(rebuild, skip_bos))]):
         yield model
+
+
+def _with_error(dictionary: Dictionary) -> Callable[[Tensor], Tensor]:
+    def rebuild(flat: Tensor) -> Tensor:
+        reconstruction = dictionary.forward(flat)
+        return reconstruction + (flat - reconstruction)
+
+    return rebuild
 
 
 @contextlib.contextmanager

@@ -3,14 +3,20 @@
     add(d, f, s)       x + s·d_f                       (d_f: the feature's decoder row)
     clamp(d, f, v)     x + (v − a_f(x))·d_f            (a_f: the feature's activation on x)
     ablate(d, f)       clamp(d, f, 0)
+    code_on(cb, c)     clamp(cb, c, w)   code_off(cb, c)   clamp(cb, c, 0)
+                       (a codebook's code c; w its weight when chosen: 1, or 1/k for mean codebooks)
     add_direction(hook, u, s)   x + s·u
 Clamping moves only the feature's own contribution; the dictionary's error term x − x̂ and
 every other latent stay as they were, so an ablated feature that was silent changes nothing.
 
 Edits are applied by a hook at the dictionary's hook point on every forward pass while the
-context is open, at every position, so KV-cached generation is steered on the prompt and on
-every generated token (each decode step is a forward pass over the new position; tested
-against full recomputation).
+context is open, so KV-cached generation is steered on the prompt and on every generated token
+(each decode step is a forward pass over the new position; tested against full recomputation).
+`positions` chooses where: "all", "prompt", "generated", or a bool mask over absolute positions
+([P] or [batch, P]). A pass over more than one token starts a sequence (the prompt); a one-token
+pass inside the block continues it (a decode step). The object the block yields reports what
+was edited (`str(report)`, `report.positions_edited`), so a steer that silently did nothing
+shows as 0 positions.
 """
 
 from __future__ import annotations
@@ -74,31 +80,107 @@ def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
     return Edit(hook, direction.detach(), float(strength), "direction")
 
 
+def code_on(codebook: Dictionary, code: int, hook: str | None = None) -> Edit:
+    """Make codebook code `code` active (weight 1, or 1/k for a mean codebook) at every position."""
+    _need_codebook(codebook)
+    weight = 1.0 / codebook.config.k if codebook.config.aggregate == "mean" else 1.0
+    edit = clamp(codebook, code, weight, hook)
+    return Edit(edit.hook, edit.direction, edit.strength, f"code {int(code)} on", codebook, int(code))
+
+
+def code_off(codebook: Dictionary, code: int, hook: str | None = None) -> Edit:
+    """Remove codebook code `code` wherever it is chosen."""
+    _need_codebook(codebook)
+    edit = clamp(codebook, code, 0.0, hook)
+    return Edit(edit.hook, edit.direction, 0.0, f"code {int(code)} off", codebook, int(code))
+
+
+def _need_codebook(dictionary: Dictionary) -> None:
+    if dictionary.architecture != "codebook":
+        raise DictionaryError(f"code_on/code_off take a codebook, not a {dictionary.architecture!r} dictionary; use clamp")
+
+
+POSITIONS = ("all", "prompt", "generated")
+
+
+class SteeringReport:
+    """What a `steer` block did: forward passes seen and positions edited, per hook."""
+
+    def __init__(self, edits: Sequence[Edit], positions):
+        self.edits, self.positions = list(edits), positions
+        self.passes: dict[str, int] = {}
+        self.positions_edited: dict[str, int] = {}
+
+    def __str__(self) -> str:
+        where = self.positions if isinstance(self.positions, str) else "masked"
+        parts = [f"{self.positions_edited.get(h, 0)} positions in {self.passes.get(h, 0)} passes at {h}"
+                 for h in dict.fromkeys(e.hook for e in self.edits)]
+        return f"steered ({', '.join(e.label for e in self.edits)}; positions={where}): " + "; ".join(parts)
+
+
 @contextlib.contextmanager
-def steer(model, edits: Sequence[Edit]) -> Iterator:
-    """Apply `edits` on every forward pass of `model` inside the block, at every position."""
+def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iterator[SteeringReport]:
+    """Apply `edits` on every forward pass of `model` inside the block, at `positions`."""
+    if isinstance(positions, str) and positions not in POSITIONS:
+        raise DictionaryError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}")
+    if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
+        raise DictionaryError(f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}")
     model.check_hooks([e.hook for e in edits])
     groups: dict[str, list[Edit]] = {}
     for edit in edits:
         groups.setdefault(edit.hook, []).append(edit)
-    with model.hooks([(hook, _adder(group)) for hook, group in groups.items()]):
-        yield model
+    report = SteeringReport(edits, positions)
+    with model.hooks([(hook, _adder(hook, group, _Positions(positions), report)) for hook, group in groups.items()]):
+        yield report
 
 
-def _adder(group: list[Edit]):
+class _Positions:
+    """Absolute positions of each pass at one hook: a multi-token pass starts a sequence, a
+    one-token pass continues it (KV-cached decoding)."""
+
+    def __init__(self, spec):
+        self.spec, self.prompt_length, self.next = spec, 0, 0
+
+    def mask(self, batch: int, length: int) -> Tensor | None:
+        """[batch, length] bool of the positions to edit, or None for all of them."""
+        if length > 1 or self.next == 0:
+            self.prompt_length, start = length, 0
+        else:
+            start = self.next
+        self.next = start + length
+        if isinstance(self.spec, str) and self.spec == "all":
+            return None
+        absolute = torch.arange(start, start + length)
+        if isinstance(self.spec, str):
+            keep = absolute < self.prompt_length if self.spec == "prompt" else absolute >= self.prompt_length
+            return keep.expand(batch, length)
+        mask = self.spec if self.spec.dim() == 2 else self.spec.expand(batch, -1)
+        inside = absolute < mask.shape[1]
+        out = torch.zeros(mask.shape[0], length, dtype=torch.bool)
+        out[:, inside] = mask[:, absolute[inside]]
+        return out.expand(batch, length)
+
+
+def _adder(name: str, group: list[Edit], where: _Positions, report: SteeringReport):
     def hook_fn(activation: Tensor, hook=None) -> Tensor:
         x = activation.flatten(2)  # [batch, pos, d] (attention hooks: heads flattened)
+        mask = where.mask(x.shape[0], x.shape[1])
         with torch.no_grad():
             delta = sum(edit.delta(x) for edit in group)  # every edit sees the unedited activation
+            if mask is not None:
+                delta = delta * mask.unsqueeze(-1).to(delta.dtype)
+        report.passes[name] = report.passes.get(name, 0) + 1
+        edited = x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
+        report.positions_edited[name] = report.positions_edited.get(name, 0) + edited
         return (x + delta).view(activation.shape)
 
     return hook_fn
 
 
 def generate_pair(model, edits: Sequence[Edit], prompt: str, max_new_tokens: int = 30, seed: int = 0,
-                  do_sample: bool = True, temperature: float = 1.0) -> tuple[str, str]:
+                  do_sample: bool = True, temperature: float = 1.0, positions: str | Tensor = "all") -> tuple[str, str]:
     """(baseline, steered) continuations of `prompt` with the same seed."""
     baseline = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
-    with steer(model, edits):
+    with steer(model, edits, positions):
         steered = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
     return baseline, steered
