@@ -9,7 +9,7 @@ _EXPORTS = {"load": "sae.io", "save": "sae.io", "architectures": "sae.base", "cr
             "DictionaryConfig": "sae.config", "TrainConfig": "sae.train_config", "train": "sae.train",
             "evaluate": "sae.evals", "splice": "sae.splicing", "steer": "sae.steering", "add": "sae.steering",
             "clamp": "sae.steering", "ablate": "sae.steering", "add_direction": "sae.steering",
-            "code_on": "sae.steering", "code_off": "sae.steering", "sweep": "sae.sweep"}
+            "code_on": "sae.steering", "code_off": "sae.steering", "sweep": "sae.dose_response"}
 
 
 def __getattr__(name: str):

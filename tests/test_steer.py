@@ -65,9 +65,10 @@ def test_clamp_and_ablate_move_only_the_features_contribution(tiny_model, tiny_c
 def test_public_names_stay_callable_after_their_modules_load():
     import sae
     import sae.evals  # noqa: F401 - imports sae.splicing
+    import sae.dose_response  # noqa: F401
     import sae.steering  # noqa: F401
 
-    for name in ("splice", "steer", "add", "clamp", "ablate", "add_direction"):
+    for name in ("splice", "steer", "add", "clamp", "ablate", "add_direction", "code_on", "code_off", "sweep"):
         assert callable(getattr(sae, name)) and not isinstance(getattr(sae, name), type(sae)), name
 
 
@@ -178,7 +179,7 @@ def test_sweep_is_a_dose_response(tiny_model, tiny_cache):
     import pytest
 
     from sae.base import DictionaryError
-    from sae.sweep import figure, sweep
+    from sae.dose_response import figure, sweep
 
     dictionary = tiny_dictionary("topk", tiny_cache)
     feature = 5
