@@ -66,3 +66,22 @@ def test_gemma_dequantizes_once_and_then_loads_from_the_cached_copy():
     again = load_model("gemma-3-270m")
     assert time.time() - started < first  # the plain HF copy, no second dequantization
     torch.testing.assert_close(again(tokens), logits)
+    _steering_works_on(again, prompt)
+
+
+def _steering_works_on(model, prompt: str) -> None:
+    """A raw direction at a middle layer, on generated tokens only: the report counts every
+    decode step, and the continuation changes from its second token on, not before."""
+    from sae.steering import add_direction, steer
+
+    hook = "blocks.9.hook_resid_post"
+    tokens = model.tokenize(prompt)
+    scale = float(model.run_with_cache(tokens, [hook])[hook].norm(dim=-1).median())
+    direction = torch.randn(model.d_resid, generator=torch.Generator().manual_seed(0))
+    baseline = model.generate(prompt, max_new_tokens=6)
+    with torch.no_grad(), steer(model, [add_direction(hook, direction / direction.norm(), 2 * scale)],
+                                positions="generated") as report:
+        steered = model.generate(prompt, max_new_tokens=6)
+    assert report.positions_edited == {hook: 5} and report.passes == {hook: 6}
+    first = model.generate(prompt, max_new_tokens=1)
+    assert steered.startswith(first) and steered != baseline
