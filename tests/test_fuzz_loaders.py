@@ -59,3 +59,38 @@ def test_config_files_raise_only_config_errors(tmp_path_factory, fields):
         config_from_args(CacheConfig, argparse.Namespace(config=path))
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+VALID_CIRCUIT = {
+    "format_version": 1, "task": "t", "method": "eap", "metrics": {},
+    "nodes": [{"id": "embed", "kind": "embed", "layer": 0}, {"id": "logits", "kind": "logits", "layer": 1}],
+    "edges": [{"source": "embed", "target": "logits", "score": 0.5}],
+}
+node_or_edge_fields = st.dictionaries(
+    st.sampled_from(["id", "kind", "layer", "label", "score", "in_circuit", "hook", "feature", "store", "source",
+                     "target", "input", "extra"]), json_values, max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(VALID_CIRCUIT)), json_values, max_size=6),
+       st.lists(node_or_edge_fields, max_size=3), st.lists(node_or_edge_fields, max_size=3))
+def test_circuit_json_mutations_raise_only_circuit_errors(changes, nodes, edges):
+    from circuits.graph import Circuit, CircuitError
+
+    obj = {**VALID_CIRCUIT, **changes}
+    if nodes:
+        obj["nodes"] = [*VALID_CIRCUIT["nodes"], *nodes]
+    if edges:
+        obj["edges"] = [*VALID_CIRCUIT["edges"], *edges]
+    try:
+        circuit = Circuit.from_json(obj, "c.json")
+    except CircuitError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert Circuit.from_json(json.loads(json.dumps(circuit.to_json()))).to_json() == circuit.to_json()
+
+
+def test_the_valid_circuit_parses():
+    from circuits.graph import Circuit
+
+    assert [n.id for n in Circuit.from_json(VALID_CIRCUIT).nodes] == ["embed", "logits"]
