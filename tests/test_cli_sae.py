@@ -189,3 +189,21 @@ def test_sigkilled_train_resumes_to_identical_weights(cache, tmp_path):
     for name in ("topk-k8-x16", "jumprelu-k8-x16"):
         whole, resumed = load_file(tmp_path / "whole" / name / "weights.safetensors"), load_file(tmp_path / "killed" / name / "weights.safetensors")
         assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+
+
+@pytest.mark.parametrize("errno, message", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_train_into_a_full_or_read_only_disk_is_one_line_and_leaves_nothing_complete(capsys, cache, tmp_path, monkeypatch,
+                                                                                       errno, message):
+    """Every write fails (as root, chmod cannot make a folder read-only, so the OS error is injected
+    where our atomic writer syncs): one line, exit 2, no dictionary folder that looks finished."""
+    import workbench.files as files
+
+    def failing_fsync(fd):
+        raise OSError(errno, message)
+
+    monkeypatch.setattr(files.os, "fsync", failing_fsync)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--cache", str(cache), "--k", "4", "--expansion", "2", "--batch-size", "512",
+                           "--out", str(out), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not list(out.rglob("config.json")) and not list(out.rglob("weights.safetensors")) and not list(out.rglob("*.tmp"))
