@@ -75,16 +75,17 @@ def _build_parser() -> argparse.ArgumentParser:
     explore.set_defaults(run=cmd_explore)
 
     circuits = commands.add_parser("circuits", help="discover a circuit (exact, EAP, EAP-IG, ACDC), score it, save its JSON")
-    circuits.add_argument("--model", default="", help="a GPT-2-architecture model spec (default: demo; the planted tasks bring their own)")
+    circuits.add_argument("--model", default="", help="a GPT-2-architecture model spec (default: demo; the ground-truth tasks bring their own)")
     circuits.add_argument("--task", default="induction",
-                          help="induction, planted-induction, or-gate, and-gate, or a task .json file (see circuits/catalog.py)")
+                          help="induction, trained-induction, planted-induction, or-gate, and-gate, or-gate-saturated, "
+                               "or a task .json file (see circuits/catalog.py)")
     circuits.add_argument("--dictionary", nargs="+", default=[], metavar="FOLDER",
                           help="dictionary folders (one per hook): a feature circuit of their latents and error terms")
     circuits.add_argument("--features-per-hook", type=int, default=10, help="latents per hook in a feature circuit")
     circuits.add_argument("--benchmark", nargs="*", metavar="TASK", default=None,
-                          help="run every method on the ground-truth tasks (default: the planted ones; add induction for the demo model)")
+                          help="run every method on the ground-truth tasks (default: all of them; 'induction' adds the demo model)")
     circuits.add_argument("--method", default=None,
-                          help="exact, eap, eap-ig (default), eap-ig-activations or acdc; with --benchmark a comma list (default: all)")
+                          help="exact, eap, eap-ig (default), eap-ig-activations, acdc or codes; with --benchmark a comma list (default: all)")
     circuits.add_argument("--ablation", default="resample", help="what an ablated edge carries: resample, mean or zero")
     circuits.add_argument("--prompts", type=int, default=32, help="prompts in the task")
     circuits.add_argument("--length", type=int, default=33, help="tokens per prompt")
@@ -296,10 +297,7 @@ def cmd_circuits(args) -> None:
     model_name = "built-in" if planted else args.model or "demo"
     circuit = to_circuit(graph, task, found, metrics={"faithfulness": faithful, "model": model_name,
                                                       "ablation": args.ablation, "seconds": round(found.seconds, 2)})
-    prefix = "" if planted else (Path(model_name).name if Path(model_name).exists() else model_name) + "-"
-    out = Path(args.out or f"runs/circuits/{prefix}{task.name}-{args.method}.circuit.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    circuit.save(out)
+    out = _save_circuit(circuit, args.out, "" if planted else model_name, task.name, args.method)
     top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
     if args.json:
         print(json.dumps({"circuit": str(out), "method": args.method, "edges_kept": int(found.kept.sum()),
@@ -336,10 +334,7 @@ def _feature_circuit(args) -> None:
     started = time.perf_counter()
     circuit = feature_circuit(model, task, dictionaries, steps=args.steps, per_hook=args.features_per_hook, stores=stores)
     circuit.metrics.update(model=spec, seconds=round(time.perf_counter() - started, 2))
-    name = Path(spec).name if Path(spec).exists() else spec
-    out = Path(args.out or f"runs/circuits/{name}-{task.name}-features.circuit.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    circuit.save(out)
+    out = _save_circuit(circuit, args.out, spec, task.name, "features")
     top = sorted((n for n in circuit.nodes if n.kind != "logits"), key=lambda n: -abs(n.score))[: args.top]
     rows = [{"node": n.id, "kind": n.kind, "effect": round(n.score, 5)} for n in top]
     if args.json:
@@ -347,6 +342,15 @@ def _feature_circuit(args) -> None:
         return
     _print_rows(rows, False)
     _print_summary({"circuit": str(out), "seconds": circuit.metrics["seconds"]}, False)
+
+
+def _save_circuit(circuit, out: str, model: str, task: str, method: str) -> Path:
+    """Save to `out`, or runs/circuits/<model>-<task>-<method>.circuit.json (no model part for built-in models)."""
+    name = (Path(model).name if Path(model).exists() else model) + "-" if model else ""
+    path = Path(out or f"runs/circuits/{name}{task}-{method}.circuit.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    circuit.save(path)
+    return path
 
 
 def _circuits_benchmark(args) -> None:
@@ -360,13 +364,20 @@ def _circuits_benchmark(args) -> None:
     table = []
     for row in run_benchmark(args.benchmark or None, methods, prompts=args.prompts):
         if args.json:
-            print(json.dumps(row), flush=True)
+            print(json.dumps(_nan_to_none(row)), flush=True)
             continue
         flat = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "faithfulness"}
         flat.update({f"faithful_{k}": round(v, 3) for k, v in row["faithfulness"].items()})
         table.append(flat)
     if table:
         _print_rows(table, False)
+
+
+def _nan_to_none(value):
+    """Strict JSON has no NaN: undefined scores (an AUC with one class, a constant ranking) become null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value
 
 
 def cmd_explore(args) -> None:

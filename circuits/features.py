@@ -82,9 +82,9 @@ def feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], step
             f = (f0 + alpha * (f1 - f0)).requires_grad_(True)
             e = (e0 + alpha * (e1 - e0)).requires_grad_(True)
             with model.hooks([_replacement(hook, dictionary, f, e)]):
-                task.score(model(task.clean)).backward()
-            grad_f += f.grad / steps
-            grad_e += e.grad / steps
+                df, de = torch.autograd.grad(task.score(model(task.clean)), (f, e))  # no grads left on the model
+            grad_f += df / steps
+            grad_e += de / steps
         latents[hook] = (grad_f * (f1 - f0))[:, 1:].sum((0, 1))  # the metric is a mean: this is per prompt
         errors[hook] = float((grad_e * (e1 - e0))[:, 1:].sum())
     return FeatureEffects(hooks, latents, errors)

@@ -90,6 +90,9 @@ def test_cli_benchmark_prints_one_json_object_per_task_and_method(capsys):
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [(r["task"], r["method"]) for r in rows] == [("or-gate", "eap"), ("or-gate", "eap-ig")]
     assert all(r["spearman_vs_exact"] > 0.9 for r in rows)  # exact patching ran as the reference
+    code, stdout, err = run_cli(capsys, "circuits", "--benchmark", "or-gate", "--method", "codes", "--json")
+    row = json.loads(stdout)  # strict JSON: the undefined Spearman of a constant ranking is null, not NaN
+    assert code == 0 and row["spearman_vs_exact"] is None and "NaN" not in stdout
     code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi")
     assert code == 2 and "unknown benchmark task" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", "--model", "demo")
