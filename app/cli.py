@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="run a model over a corpus and store activations at hooks")
     add_config_arguments(cache, CacheConfig)
+    cache.add_argument("--nproc", type=int, default=1,
+                       help="processes (ranks) that share the work, launched with torchrun; the cache is the same")
     _quiet_and_json(cache)
     cache.set_defaults(run=cmd_cache)
 
@@ -208,9 +211,15 @@ def cmd_cache(args) -> None:
     from workbench.activations import CacheConfig, build_cache
     from workbench.cache_reader import ActivationCache
 
+    from workbench.distributed import ranks
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(args)
     config = config_from_args(CacheConfig, args)
     started = time.time()
     out = build_cache(config, progress=not args.quiet)
+    if not ranks().is_main:  # under torchrun, rank 0 reports for everyone
+        return
     cache = ActivationCache(out)
     summary = {
         "cache": str(out),
@@ -225,6 +234,23 @@ def cmd_cache(args) -> None:
         "seconds": round(time.time() - started, 1),
     }
     _print_summary(summary, args.json)
+
+
+def _relaunch_under_torchrun(args) -> None:
+    """`workbench cache --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache ...`."""
+    import subprocess
+
+    argv, skip = [], False
+    for item in args.argv:
+        if skip or item == "--nproc" or item.startswith("--nproc="):
+            skip = item == "--nproc"
+            continue
+        argv.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "app.cli", *argv]
+    code = subprocess.call(command)
+    if code:
+        raise WorkbenchError(f"torchrun exited with status {code} (the ranks' own errors are printed above)")
 
 
 def cmd_train(args) -> None:
@@ -536,8 +562,13 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         (getattr(args, "run_command", None) or args.run)(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: leave the group together
+            from workbench.distributed import finish
+
+            finish()
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -53,3 +53,46 @@ def test_killed_cache_resumes_to_identical_bytes(tiny_model_dir, tmp_path, refer
     assert not (out / "manifest.json").exists(), "killed too late: the run had already finished"
     subprocess.run(cache_command(tiny_model_dir, out), check=True, timeout=300)
     assert files_of(out) == reference
+
+
+def torchrun(args: list[str], nproc: int = 2) -> list[str]:
+    """`args` (python -m app.cli ...) under torchrun with a local rendezvous on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args[2:]]
+
+
+def ranks_done(out: Path) -> int:
+    total = 0
+    for path in out.glob("progress*.json"):
+        try:
+            total += len(json.loads(path.read_text())["shards"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+    return total
+
+
+@pytest.mark.slow
+def test_torchrun_cache_is_the_single_process_cache_byte_for_byte(tiny_model_dir, tmp_path, reference):
+    out = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun(cache_command(tiny_model_dir, out)), timeout=300, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert files_of(out) == reference
+    assert not list(out.glob("progress*.json"))
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_cache_resumes_in_one_process(tiny_model_dir, tmp_path, reference):
+    """Kill every rank mid-run; the same command without torchrun finishes the same cache."""
+    out = tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(torchrun(cache_command(tiny_model_dir, out)), env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while ranks_done(out) < 4 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists(), "killed too late: the run had already finished"
+    assert len(list(out.glob("progress-rank*.json"))) == 2  # both ranks had recorded shards
+    subprocess.run(cache_command(tiny_model_dir, out), check=True, timeout=300)
+    assert files_of(out) == reference

@@ -9,6 +9,11 @@ r // context_length. Every file is written to a temporary name and renamed; afte
 (all hooks) `progress.json` records it with its sha256, so a killed run resumes from the last
 complete shard. Shards and forward batches are aligned, so a resumed run computes exactly the
 batches an uninterrupted one would and the bytes are identical (on the same machine).
+
+Under torchrun, rank r computes the shards whose index ≡ r (mod world size) and records them
+in `progress-rank{r}.json`; rank 0 writes the tokens first and the manifest last, after every
+rank is done. The cache is the one a single process writes, byte for byte, and a partial run
+resumes with any number of ranks (every progress file counts).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 
 from workbench.cache_reader import FORMAT_VERSION, MANIFEST, PROGRESS, TOKENS_FILE, shard_path
 from workbench.corpus import iter_documents, token_windows
+from workbench.distributed import Ranks, barrier, ranks
 from workbench.errors import CacheError, ConfigError
 from workbench.files import (
     first_non_finite_row, read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic,
@@ -144,33 +150,64 @@ def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
 def write_cache(out: Path, config: CacheConfig, model, hooks: list[str], windows: torch.Tensor,
                 state: dict | None = None, progress: bool = True) -> None:
     """Write the cache of `windows` into `out`, continuing from a progress record `state`."""
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    _write_or_check_tokens(out, windows)
+    where = ranks()
+    if where.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        _write_or_check_tokens(out, windows)
+    barrier()
     done = state or {"config": config.identity(), "hooks": hooks, "shards": []}
     if done["hooks"] != hooks:
         raise CacheError(f"{out} holds a partial cache of hooks {done['hooks']}, not {hooks}; use another --out")
-    _write_shards(out, config, model, hooks, windows, done, progress)
-    _write_manifest(out, config, model, hooks, windows, done)
-    (out / PROGRESS).unlink(missing_ok=True)
+    _write_shards(out, config, model, hooks, windows, done, progress and where.is_main, where)
+    barrier()
+    if where.is_main:
+        merged = _progress_record(out, config) or done
+        _write_manifest(out, config, model, hooks, windows, merged)
+        for path in _progress_files(out):
+            path.unlink(missing_ok=True)
+    barrier()
+
+
+def _progress_name(where: Ranks) -> str:
+    return PROGRESS if where.world == 1 else f"progress-rank{where.rank}.json"
+
+
+def _progress_files(out: Path) -> list[Path]:
+    return sorted(p for p in [out / PROGRESS, *out.glob("progress-rank*.json")] if p.exists())
 
 
 def _resume_state(out: Path, config: CacheConfig) -> dict | str | None:
     """'complete', the progress record of a partial run with this config, or None for a new run."""
-    for name in (MANIFEST, PROGRESS):
-        path = out / name
-        if not path.exists():
-            continue
-        record = read_json(path, "cache manifest" if name == MANIFEST else "cache progress file", CacheError)
-        theirs = record.get("config", {})
-        if theirs != config.identity():
-            diff = sorted(k for k in set(theirs) | set(config.identity()) if theirs.get(k) != config.identity().get(k))
-            raise CacheError(
-                f"{out} already holds a cache with a different configuration (differs in: {', '.join(diff)}); "
-                "choose another --out or delete it"
-            )
-        return "complete" if name == MANIFEST else record
-    return None
+    if (out / MANIFEST).exists():
+        _check_identity(out, read_json(out / MANIFEST, "cache manifest", CacheError), config)
+        return "complete"
+    return _progress_record(out, config)
+
+
+def _progress_record(out: Path, config: CacheConfig) -> dict | None:
+    """Every progress file's shards (any number of ranks wrote them), merged by shard index."""
+    files = _progress_files(out)
+    if not files:
+        return None
+    shards: dict[int, dict] = {}
+    record = None
+    for path in files:
+        record = read_json(path, "cache progress file", CacheError)
+        _check_identity(out, record, config)
+        for position, entry in enumerate(record.get("shards", [])):
+            shards.setdefault(int(entry.get("index", position)), entry)
+    return {**record, "shards": [shards[i] for i in sorted(shards)]}
+
+
+def _check_identity(out: Path, record: dict, config: CacheConfig) -> None:
+    theirs = record.get("config", {})
+    if theirs != config.identity():
+        diff = sorted(k for k in set(theirs) | set(config.identity()) if theirs.get(k) != config.identity().get(k))
+        raise CacheError(
+            f"{out} already holds a cache with a different configuration (differs in: {', '.join(diff)}); "
+            "choose another --out or delete it"
+        )
 
 
 def _write_or_check_tokens(out: Path, windows: torch.Tensor) -> None:
@@ -187,20 +224,22 @@ def _write_or_check_tokens(out: Path, windows: torch.Tensor) -> None:
     save_tensors_atomic(path, {"tokens": windows})
 
 
-def _write_shards(out, config, model, hooks, windows, done, progress) -> None:
+def _write_shards(out, config, model, hooks, windows, done, progress, where: Ranks = Ranks()) -> None:
     context = windows.shape[1]
     per_shard = config.windows_per_shard(context)
     n_shards = math.ceil(len(windows) / per_shard)
-    start = len(done["shards"])
+    finished = {int(e.get("index", i)) for i, e in enumerate(done["shards"])}
+    todo = [i for i in range(n_shards) if i not in finished and where.owns(i)]
     dtype = DTYPES[config.dtype]
-    bar = tqdm(total=len(windows) * context, initial=start * per_shard * context,
+    bar = tqdm(total=len(windows) * context, initial=len(finished) * per_shard * context,
                unit="tok", unit_scale=True, desc="cache", disable=not progress)
+    name = _progress_name(where)
     with _BackgroundWriter() as writer:
-        for index in range(start, n_shards):
+        for index in todo:
             shard_windows = windows[index * per_shard : (index + 1) * per_shard]
             acts = _forward_shard(model, hooks, shard_windows, config.batch_size, dtype, first_window=index * per_shard)
-            writer.submit(lambda index=index, acts=acts: _save_shard(out, index, acts, done))
-            bar.update(shard_windows.numel())
+            writer.submit(lambda index=index, acts=acts: _save_shard(out, index, acts, done, name))
+            bar.update(shard_windows.numel() * where.world)
     bar.close()
 
 
@@ -222,19 +261,22 @@ def _forward_shard(model, hooks, windows, batch_size, dtype, first_window) -> di
     return acts
 
 
-def _save_shard(out: Path, index: int, acts: dict[str, torch.Tensor], done: dict) -> None:
+def _save_shard(out: Path, index: int, acts: dict[str, torch.Tensor], done: dict, progress_name: str = PROGRESS) -> None:
     entry = {}
     for hook, x in acts.items():
         sha = save_tensors_atomic(out / shard_path(hook, index), {"activations": x})
         entry[hook] = {"file": shard_path(hook, index), "rows": x.shape[0], "sha256": sha}
-    done["shards"].append(entry)
-    write_json_atomic(out / PROGRESS, done)
+    done["shards"].append({"index": index, **entry})
+    write_json_atomic(out / progress_name, done)
 
 
 def _write_manifest(out, config, model, hooks, windows, done) -> None:
     from workbench.files import sha256_file
 
     n_windows, context = windows.shape
+    n_shards = math.ceil(n_windows / config.windows_per_shard(context))
+    if [int(e.get("index", i)) for i, e in enumerate(done["shards"])] != list(range(n_shards)):
+        raise CacheError(f"{out}: the progress files record {len(done['shards'])} of {n_shards} shards; rerun to finish")
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "workbench.activation_cache",

@@ -1,0 +1,50 @@
+"""torchrun support: which rank this process is, and barriers that cost nothing in one process.
+
+Under `torchrun --nproc_per_node N` (or `--nnodes`), torchrun sets RANK and WORLD_SIZE; the
+first call to `ranks()` joins the process group (gloo on CPU, NCCL when CUDA is there).
+Without torchrun everything here is a no-op, so single-process code paths are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Work item `index` belongs to this rank (round robin)."""
+        return index % self.world == self.rank
+
+
+def ranks() -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group (every rank, at the end), so no rank hangs at exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
