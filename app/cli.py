@@ -63,6 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     train_cmd = commands.add_parser("train", help="train dictionaries (a grid of architectures, k, widths) in one read of a cache")
     add_config_arguments(train_cmd, TrainConfig)
+    train_cmd.add_argument("--nproc", type=int, default=1,
+                           help="data-parallel ranks, launched with torchrun (topk, relu, gated); same result to float rounding")
     _quiet_and_json(train_cmd)
     train_cmd.set_defaults(run=cmd_train)
 
@@ -237,7 +239,7 @@ def cmd_cache(args) -> None:
 
 
 def _relaunch_under_torchrun(args) -> None:
-    """`workbench cache --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache ...`."""
+    """`workbench cache|train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache|train ...`."""
     import subprocess
 
     argv, skip = [], False
@@ -256,10 +258,19 @@ def _relaunch_under_torchrun(args) -> None:
 def cmd_train(args) -> None:
     from sae.train import train
     from sae.train_config import TrainConfig
+    from workbench.distributed import ranks
     from workbench.files import read_json
 
     config = config_from_args(TrainConfig, args)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from sae.train import check_data_parallel
+        from workbench.distributed import Ranks
+
+        check_data_parallel(config, Ranks(0, args.nproc))  # refuse here, in one line, before launching ranks
+        return _relaunch_under_torchrun(args)
     folders = train(config, progress=not args.quiet)
+    if not ranks().is_main:
+        return
     rows = []
     for folder in folders:
         meta = read_json(folder / "config.json", "dictionary config")

@@ -6,6 +6,14 @@ The data order depends only on (seed, epoch): a checkpoint records (epoch, batch
 run replays the epoch up to there, so a killed run resumed with the same command ends with the
 same weights, bit for bit on the CPU, as one never interrupted. Metrics go to each
 dictionary's `log.jsonl` (and to W&B with --wandb); the progress bar shows FVU / L0 / dead %.
+
+Under torchrun every rank reads the same batches and trains on its contiguous share of each;
+gradients are averaged and firing counts summed across ranks (`sae.trainee`), so the weights
+stay identical on every rank and equal, to float rounding, single-process training on the same
+global batch. Rank 0 alone writes the folder, the checkpoints, the logs and the final weights;
+a checkpoint holds the global position, so a run resumes with any number of ranks.
+Architectures whose step needs other whole-batch statistics (BatchTopK's threshold, the
+JumpReLU L0 controller, codebook code replacement, resampling) are refused under torchrun.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from sae.checkpoint import load_checkpoint, save_checkpoint
 from sae.sources import BatchSource, input_scale, open_cache_source
 from sae.train_config import TrainConfig, lr_at
 from sae.trainee import Trainee
+from workbench.distributed import Ranks, barrier, ranks
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
 from workbench.files import write_bytes_atomic, write_json_atomic
 from workbench.logs import JsonlLogger, read_jsonl
@@ -33,6 +42,7 @@ from workbench.paths import DEFAULT_RUNS_DIR
 
 RUN_CONFIG = "train-config.json"
 INIT_SAMPLE_ROWS = 16_384
+DATA_PARALLEL_ARCHS = ("topk", "relu", "gated")
 
 
 @dataclass
@@ -54,23 +64,42 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     checkpoint, as a kill would (used to test resumption)."""
     source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
     plan = _plan(config, source)
+    where = ranks()
+    check_data_parallel(config, where)
     folders = [plan.out / name for name in _names(config)]
     if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
         return folders
-    _claim_folder(plan)
+    if where.is_main:
+        _claim_folder(plan)
+    barrier()
     trainees = _build_trainees(plan)
     position = load_checkpoint(plan.out, trainees)
     if position is None:
         position = _initialize(plan, trainees)
-    loggers = _open_logs(plan, trainees, position["step"])
+    loggers = _open_logs(plan, trainees, position["step"]) if where.is_main else {}
     try:
-        finished = _loop(plan, trainees, position, loggers, progress, stop_after_step)
+        finished = _loop(plan, trainees, position, loggers, progress and where.is_main, stop_after_step, where)
     finally:
         for logger in loggers.values():
             logger.close()
     if not finished:
         return []
-    return [_save_final(plan, t, position) for t in trainees]
+    saved = [_save_final(plan, t, position) for t in trainees] if where.is_main else folders
+    barrier()  # every rank returns once the weights are on disk
+    return saved
+
+
+def check_data_parallel(config: TrainConfig, where: Ranks) -> None:
+    if where.world == 1:
+        return
+    unsupported = [a for a in config.arch if a not in DATA_PARALLEL_ARCHS]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} cannot train under torchrun yet (their step needs whole-batch "
+                          f"statistics); data-parallel: {', '.join(DATA_PARALLEL_ARCHS)}")
+    if config.resample_every:
+        raise ConfigError("--resample-every is not supported under torchrun yet")
+    if config.batch_size % where.world:
+        raise ConfigError(f"--batch-size {config.batch_size} must split evenly over {where.world} ranks")
 
 
 def _names(config: TrainConfig) -> list[str]:
@@ -141,9 +170,9 @@ def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, Json
 
 
 def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, progress: bool,
-          stop_after_step: Optional[int]) -> bool:
+          stop_after_step: Optional[int], where: Ranks = Ranks()) -> bool:
     config, total = plan.config, plan.total_steps
-    wandb_run = _wandb(plan) if config.wandb else None
+    wandb_run = _wandb(plan) if config.wandb and where.is_main else None
     bar = tqdm(total=total, initial=position["step"], disable=not progress, unit="step", desc="train")
     scale = position["input_scale"]
     try:
@@ -153,9 +182,11 @@ def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, pr
                 if index < skip:
                     continue
                 x = batch.to(trainees[0].dictionary.W_dec.device) * scale
-                _train_step(plan, trainees, x, position, loggers, wandb_run, bar)
+                if where.world > 1:  # this rank's contiguous share of the global batch
+                    x = x.chunk(where.world)[where.rank]
+                _train_step(plan, trainees, x, position, loggers, wandb_run, bar, where.world)
                 position["batch_in_epoch"] = index + 1
-                if position["step"] % plan.checkpoint_every == 0 or position["step"] == total:
+                if (position["step"] % plan.checkpoint_every == 0 or position["step"] == total) and where.is_main:
                     save_checkpoint(plan.out, position, trainees)
                 if stop_after_step is not None and position["step"] >= stop_after_step:
                     return False
@@ -170,7 +201,8 @@ def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, pr
     return True
 
 
-def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: dict, loggers, wandb_run, bar) -> None:
+def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: dict, loggers, wandb_run, bar,
+                world: int = 1) -> None:
     step, total, config = position["step"], plan.total_steps, plan.config
     progress = step / total
     records = {}
@@ -181,11 +213,13 @@ def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: 
             resampled = trainee.resample(x, out, config.resample_below, config.resample_duplicate_cosine, config.seed * 1_000_003 + step)
             out.terms["resampled"] = torch.tensor(float(resampled))
         if (step + 1) % config.log_every == 0 or step + 1 == total:
-            records[trainee.name] = {"step": step + 1, "tokens": position["tokens"] + x.shape[0], "lr": lr, **trainee.metrics(x, out)}
+            records[trainee.name] = {"step": step + 1, "tokens": position["tokens"] + x.shape[0] * world, "lr": lr,
+                                     **trainee.metrics(x, out)}
     position["step"] = step + 1
-    position["tokens"] += x.shape[0]
+    position["tokens"] += x.shape[0] * world
     for name, record in records.items():
-        loggers[name].log(**record)
+        if name in loggers:
+            loggers[name].log(**record)
     if records:
         first = records[trainees[0].name]
         bar.set_postfix_str(f"fvu {first['fvu']:.3f} l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%")

@@ -2,7 +2,9 @@
 
 Several trainees share one stream of batches (`sae.train`). Everything that changes during
 training (weights, buffers, Adam moments, counters) round-trips through `state_tensors` /
-`load_state_tensors`, so a resumed run continues bit for bit.
+`load_state_tensors`, so a resumed run continues bit for bit. Under torchrun each rank steps on
+its share of the batch: gradients are averaged and firing counts summed over the ranks before
+anything is updated, so every rank holds the same state.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, StepContext, StepOutput
 from sae.resample import latents_to_resample, resample
+from workbench.distributed import all_reduce_sum, world_size
 from workbench.errors import WorkbenchError
 
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
@@ -21,6 +24,16 @@ _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
 
 class TrainingDivergedError(WorkbenchError):
     """The loss became NaN or infinite."""
+
+
+def _average_gradients(parameters) -> None:
+    """Mean of every gradient over the ranks, in one flat all-reduce."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class Trainee:
@@ -56,6 +69,8 @@ class Trainee:
             raise TrainingDivergedError(f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)")
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if world_size() > 1:
+            _average_gradients(d.parameters())
         d.before_optimizer_step()
         if self.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(d.parameters(), self.clip_grad)
@@ -69,9 +84,12 @@ class Trainee:
     @torch.no_grad()
     def _count_firing(self, out: StepOutput, n_tokens: int) -> None:
         fired = out.codes.flat_indices()[out.codes.flat_values() > 0]
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired] = 0
         counts = torch.bincount(fired, minlength=self.dictionary.n_latents)
+        world = world_size()
+        if world > 1:  # the whole batch's counts, on every rank
+            counts, n_tokens = all_reduce_sum(counts), n_tokens * world
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
         self.fires_since_resample += counts
         self.firing_rate.lerp_(counts.to(self.firing_rate.dtype) / n_tokens, 0.01)
 

@@ -48,3 +48,15 @@ def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor):
+    """The sum of `tensor` over the ranks (a new tensor; `tensor` itself is left alone)."""
+    out = tensor.clone()
+    if world_size() > 1:
+        dist.all_reduce(out)
+    return out

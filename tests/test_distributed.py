@@ -1,0 +1,72 @@
+"""`workbench train --nproc 2` (torchrun, gloo): the same dictionaries as one process, no hang,
+resumable with another number of ranks; unsupported architectures refused before launching."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_cli import run_cli
+from tests.test_cli_sae import cache, checkpoint_step  # noqa: F401 - the module's cache fixture
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_command(cache_dir, out, nproc: int, arch: str = "topk,relu,gated") -> list[str]:  # noqa: F811
+    return [sys.executable, "-m", "app.cli", "train", "--cache", str(cache_dir), "--arch", arch, "--k", "8",
+            "--expansion", "4", "--batch-size", "256", "--tokens", "16384", "--checkpoint-every", "8",
+            "--out", str(out), "--quiet", "--nproc", str(nproc)]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "weights.safetensors")
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_what_one_process_trains(cache, tmp_path):  # noqa: F811
+    for nproc in (1, 2):
+        subprocess.run(train_command(cache, tmp_path / f"ranks{nproc}", nproc), check=True, timeout=300, env=ENV)
+    one, two = tmp_path / "ranks1", tmp_path / "ranks2"
+    # TopK: the same selections, so the only difference is the order of float additions
+    assert max_relative_difference(weights(one / "topk-k8-x4"), weights(two / "topk-k8-x4")) < 1e-5
+    # ReLU / Gated: dense near-zero pre-activations can flip with rounding; still equal to 0.5%
+    for name in ("relu-k8-x4", "gated-k8-x4"):
+        assert max_relative_difference(weights(one / name), weights(two / name)) < 5e-3, name
+    assert not list(two.rglob("*.tmp")) and not list(two.glob("progress*"))
+    log = [line for line in (two / "topk-k8-x4" / "log.jsonl").read_text().splitlines() if line]
+    assert '"tokens": 16384' in log[-1]  # rank 0 logs the global token count, once
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_run_resumes_in_one_process(cache, tmp_path):  # noqa: F811
+    subprocess.run(train_command(cache, tmp_path / "whole", 1, "topk"), check=True, timeout=300, env=ENV)
+    out = tmp_path / "killed"
+    process = subprocess.Popen(train_command(cache, out, 2, "topk"), env=ENV, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while checkpoint_step(out) < 16 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "topk-k8-x4" / "weights.safetensors").exists(), "killed too late: the run had finished"
+    subprocess.run(train_command(cache, out, 1, "topk"), check=True, timeout=300, env=ENV)
+    assert max_relative_difference(weights(tmp_path / "whole" / "topk-k8-x4"), weights(out / "topk-k8-x4")) < 1e-5
+
+
+def test_unsupported_architectures_are_refused_before_launching(capsys, cache, tmp_path):  # noqa: F811
+    code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 2, "batchtopk")[3:])
+    assert code == 2 and err.count("\n") == 1 and "batchtopk cannot train under torchrun" in err
+    code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 3, "topk")[3:])
+    assert code == 2 and "must split evenly over 3 ranks" in err
+    assert not (tmp_path / "o").exists()
