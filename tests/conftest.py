@@ -102,3 +102,20 @@ def tiny_run(tiny_model, tiny_model_dir, tiny_cache, tmp_path_factory):
     analyze(load(folder), AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2),
             folder=folder, model=tiny_model, progress=False)
     return folder
+
+
+def run_and_kill(command: list[str], ready, env: dict | None = None, seconds: float = 240) -> None:
+    """Start `command` in its own process group, wait until `ready()` (or the process ends, or
+    `seconds` pass), then SIGKILL the whole group (torchrun's ranks included) and reap it."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + seconds
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_and_kill
 
 
 def cache_command(model_dir: Path, out: Path) -> list[str]:
@@ -44,12 +44,7 @@ def test_killed_cache_resumes_to_identical_bytes(tiny_model_dir, tmp_path, refer
     out = tmp_path / "cache"
     n_shards = len(json.loads(reference["manifest.json"])["hooks"]["blocks.0.hook_resid_post"]["shards"])
     target = random.Random(seed).randrange(0, n_shards - 1)  # kill once this many shards are recorded
-    process = subprocess.Popen(cache_command(tiny_model_dir, out))
-    deadline = time.time() + 240
-    while shards_done(out) < target and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    run_and_kill(cache_command(tiny_model_dir, out), lambda: shards_done(out) >= target)
     assert not (out / "manifest.json").exists(), "killed too late: the run had already finished"
     subprocess.run(cache_command(tiny_model_dir, out), check=True, timeout=300)
     assert files_of(out) == reference
@@ -85,13 +80,7 @@ def test_a_killed_torchrun_cache_resumes_in_one_process(tiny_model_dir, tmp_path
     """Kill every rank mid-run; the same command without torchrun finishes the same cache."""
     out = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(torchrun(cache_command(tiny_model_dir, out)), env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while ranks_done(out) < 4 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    run_and_kill(torchrun(cache_command(tiny_model_dir, out)), lambda: ranks_done(out) >= 4, env)
     assert not (out / "manifest.json").exists(), "killed too late: the run had already finished"
     assert len(list(out.glob("progress-rank*.json"))) == 2  # both ranks had recorded shards
     subprocess.run(cache_command(tiny_model_dir, out), check=True, timeout=300)

@@ -170,20 +170,14 @@ def checkpoint_step(out) -> int:
 @pytest.mark.slow
 def test_sigkilled_train_resumes_to_identical_weights(cache, tmp_path):
     """A `workbench train` killed with SIGKILL mid-run and rerun ends bit-identical to an uninterrupted one."""
-    import os
-    import signal
     import subprocess
-    import time
 
     from safetensors.torch import load_file
 
+    from tests.conftest import run_and_kill
+
     subprocess.run(train_command(cache, tmp_path / "whole"), check=True, timeout=300)
-    process = subprocess.Popen(train_command(cache, tmp_path / "killed"))
-    deadline = time.time() + 240
-    while checkpoint_step(tmp_path / "killed") < 40 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    run_and_kill(train_command(cache, tmp_path / "killed"), lambda: checkpoint_step(tmp_path / "killed") >= 40)
     assert not (tmp_path / "killed" / "topk-k8-x16" / "config.json").exists(), "killed too late: the run had finished"
     subprocess.run(train_command(cache, tmp_path / "killed"), check=True, timeout=300)
     for name in ("topk-k8-x16", "jumprelu-k8-x16"):

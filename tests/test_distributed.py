@@ -4,15 +4,14 @@ resumable with another number of ranks; unsupported architectures refused before
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import run_and_kill
 from tests.test_cli import run_cli
 from tests.test_cli_sae import cache, checkpoint_step  # noqa: F401 - the module's cache fixture
 
@@ -52,13 +51,7 @@ def test_two_ranks_train_what_one_process_trains(cache, tmp_path):  # noqa: F811
 def test_a_killed_two_rank_run_resumes_in_one_process(cache, tmp_path):  # noqa: F811
     subprocess.run(train_command(cache, tmp_path / "whole", 1, "topk"), check=True, timeout=300, env=ENV)
     out = tmp_path / "killed"
-    process = subprocess.Popen(train_command(cache, out, 2, "topk"), env=ENV, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while checkpoint_step(out) < 16 and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    run_and_kill(train_command(cache, out, 2, "topk"), lambda: checkpoint_step(out) >= 16, ENV)
     assert not (out / "topk-k8-x4" / "weights.safetensors").exists(), "killed too late: the run had finished"
     subprocess.run(train_command(cache, out, 1, "topk"), check=True, timeout=300, env=ENV)
     assert max_relative_difference(weights(tmp_path / "whole" / "topk-k8-x4"), weights(out / "topk-k8-x4")) < 1e-5
