@@ -154,6 +154,8 @@ class _Positions:
         if isinstance(self.spec, str):
             keep = absolute < self.prompt_length if self.spec == "prompt" else absolute >= self.prompt_length
             return keep.expand(batch, length)
+        if self.spec.dim() == 2 and self.spec.shape[0] not in (1, batch):
+            raise DictionaryError(f"a positions mask of {self.spec.shape[0]} rows cannot steer a batch of {batch}")
         mask = self.spec if self.spec.dim() == 2 else self.spec.expand(batch, -1)
         inside = absolute < mask.shape[1]
         out = torch.zeros(mask.shape[0], length, dtype=torch.bool)

@@ -121,6 +121,9 @@ def test_bad_positions_are_one_line_errors(tiny_model, tiny_cache):
         with pytest.raises(DictionaryError, match="positions"):
             with steer(tiny_model, edits, positions=bad):
                 pass
+    with pytest.raises(DictionaryError, match="mask of 3 rows cannot steer a batch of 1"):
+        with steer(tiny_model, edits, positions=torch.ones(3, 8, dtype=torch.bool)):
+            tiny_model(tiny_model.tokenize("ROMEO:\nBut soft"))
 
 
 def _codebook(tiny_cache):
