@@ -28,6 +28,7 @@ from torch.autograd import Function
 
 from sae.base import Dictionary, StepContext, StepOutput, gather_per_latent, reconstruction_loss, register
 from workbench.kernels import decode, encode_threshold
+from workbench.distributed import mean_over_ranks
 
 
 class JumpReLUFunction(Function):
@@ -77,8 +78,9 @@ class JumpReLU(Dictionary):
         x_hat = decode(f, self.W_dec, self.b_dec)
         mse = reconstruction_loss(x, x_hat)
         l0 = StepFunction.apply(candidates.values, theta, eps).sum() / x.shape[0]
-        coefficient = self.multiplier * mse.detach() / self.config.effective_target_l0
-        self._steer(l0.detach())
+        # under torchrun the controller sees the whole batch: every rank steers alike
+        coefficient = self.multiplier * mean_over_ranks(mse.detach()) / self.config.effective_target_l0
+        self._steer(mean_over_ranks(l0.detach()))
         terms = {"mse": mse.detach(), "l0_penalty": l0.detach(), "lambda": coefficient.detach().clone(),
                  "threshold_mean": self.threshold.detach().mean()}
         return StepOutput(mse + coefficient * l0, x_hat, f, terms)

@@ -60,3 +60,9 @@ def all_reduce_sum(tensor):
     if world_size() > 1:
         dist.all_reduce(out)
     return out
+
+
+def mean_over_ranks(tensor):
+    """The mean of `tensor` over the ranks; `tensor` itself in one process."""
+    world = world_size()
+    return tensor if world == 1 else all_reduce_sum(tensor) / world
