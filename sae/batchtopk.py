@@ -12,6 +12,7 @@ import torch
 
 from sae.base import register, relu_values
 from sae.topk import _AuxKDictionary
+from workbench.distributed import min_over_ranks
 from workbench.kernels import encode_batch_topk, encode_threshold
 
 
@@ -29,9 +30,10 @@ class BatchTopK(_AuxKDictionary):
     @torch.no_grad()
     def _observe(self, f):
         positive = f.flat_values()[f.flat_values() > 0]
-        if positive.numel() == 0:
+        smallest = positive.min() if positive.numel() else positive.new_tensor(float("inf"))
+        smallest = min_over_ranks(smallest)  # under torchrun: the whole batch's smallest
+        if not torch.isfinite(smallest):
             return
-        smallest = positive.min()
         eta = self.config.threshold_momentum if int(self.threshold_updates) else 1.0
         self.threshold.mul_(1 - eta).add_(eta * smallest)
         self.threshold_updates += 1

@@ -12,9 +12,9 @@ gradients are averaged and firing counts summed across ranks (`sae.trainee`), so
 stay identical on every rank and equal, to float rounding, single-process training on the same
 global batch. Rank 0 alone writes the folder, the checkpoints, the logs and the final weights;
 a checkpoint holds the global position, so a run resumes with any number of ranks.
-JumpReLU's L0 controller reads the rank-mean L0 and MSE. Architectures whose step needs other
-whole-batch statistics (BatchTopK's and Matryoshka's global top-k, codebook code replacement)
-and resampling are refused under torchrun.
+JumpReLU's L0 controller reads the rank-mean L0 and MSE; BatchTopK's selection and threshold
+are global (`workbench.kernels.select.batch_top_k`). Codebooks (code replacement draws from the
+local batch) and resampling are refused under torchrun.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from workbench.paths import DEFAULT_RUNS_DIR
 
 RUN_CONFIG = "train-config.json"
 INIT_SAMPLE_ROWS = 16_384
-DATA_PARALLEL_ARCHS = ("topk", "relu", "gated", "jumprelu")
+DATA_PARALLEL_ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu")
 
 
 @dataclass

@@ -18,9 +18,9 @@ from tests.test_cli_sae import cache, checkpoint_step  # noqa: F401 - the module
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train_command(cache_dir, out, nproc: int, arch: str = "topk,relu,gated,jumprelu") -> list[str]:  # noqa: F811
+def train_command(cache_dir, out, nproc: int, arch: str = "topk,relu,gated,jumprelu", tokens: int = 16384) -> list[str]:  # noqa: F811
     return [sys.executable, "-m", "app.cli", "train", "--cache", str(cache_dir), "--arch", arch, "--k", "8",
-            "--expansion", "4", "--batch-size", "256", "--tokens", "16384", "--checkpoint-every", "8",
+            "--expansion", "4", "--batch-size", "256", "--tokens", str(tokens), "--checkpoint-every", "8",
             "--out", str(out), "--quiet", "--nproc", str(nproc)]
 
 
@@ -48,6 +48,18 @@ def test_two_ranks_train_what_one_process_trains(cache, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
+def test_batch_top_k_across_ranks_selects_what_one_process_selects(cache, tmp_path):  # noqa: F811
+    """BatchTopK and Matryoshka cut the candidates at the global (all ranks') N*k-th value: four
+    steps agree to float rounding. (Over 64 steps rounding flips entries at that one global
+    threshold and the runs drift apart by a few percent, as separate seeds would.)"""
+    for nproc in (1, 2):
+        subprocess.run(train_command(cache, tmp_path / f"ranks{nproc}", nproc, "batchtopk,matryoshka", tokens=1024),
+                       check=True, timeout=300, env=ENV)
+    for name in ("batchtopk-k8-x4", "matryoshka-k8-x4"):
+        assert max_relative_difference(weights(tmp_path / "ranks1" / name), weights(tmp_path / "ranks2" / name)) < 1e-5, name
+
+
+@pytest.mark.slow
 def test_a_killed_two_rank_run_resumes_in_one_process(cache, tmp_path):  # noqa: F811
     subprocess.run(train_command(cache, tmp_path / "whole", 1, "topk"), check=True, timeout=300, env=ENV)
     out = tmp_path / "killed"
@@ -58,8 +70,8 @@ def test_a_killed_two_rank_run_resumes_in_one_process(cache, tmp_path):  # noqa:
 
 
 def test_unsupported_architectures_are_refused_before_launching(capsys, cache, tmp_path):  # noqa: F811
-    code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 2, "batchtopk")[3:])
-    assert code == 2 and err.count("\n") == 1 and "batchtopk cannot train under torchrun" in err
+    code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 2, "codebook")[3:])
+    assert code == 2 and err.count("\n") == 1 and "codebook cannot train under torchrun" in err
     code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 3, "topk")[3:])
     assert code == 2 and "must split evenly over 3 ranks" in err
     assert not (tmp_path / "o").exists()

@@ -66,3 +66,12 @@ def mean_over_ranks(tensor):
     """The mean of `tensor` over the ranks; `tensor` itself in one process."""
     world = world_size()
     return tensor if world == 1 else all_reduce_sum(tensor) / world
+
+
+def min_over_ranks(tensor):
+    """The minimum of `tensor` over the ranks; `tensor` itself in one process."""
+    if world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out

@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from workbench.distributed import all_reduce_sum, world_size
 from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets
 
 
@@ -16,6 +17,16 @@ def top_k(pre: Tensor, k: int) -> SparseCodes:
         raise KernelInputError(f"top-k: k must be in [1, {pre.shape[1]}], got {k}")
     values, indices = pre.topk(k, dim=1, sorted=False)
     return SparseCodes(indices, values, pre.shape[1])
+
+
+def _global_kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest of all ranks' `values` (every rank passes equally many)."""
+    import torch.distributed as dist
+
+    local = values.topk(min(k, values.numel())).values
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).topk(k).values[-1]
 
 
 def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
@@ -39,18 +50,27 @@ def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
     Exact, without sorting all N * m entries: each row's top c*k entries are candidates; the
     global top N*k of the candidates is the answer unless some row had every candidate chosen
     (then it may own more), in which case c doubles until no row is saturated.
+
+    Under torchrun the batch is every rank's rows together: each rank's candidates are cut at
+    the global (N_all * k)-th largest value (all ranks hold equally many rows).
     """
     n, m = pre.shape
-    total = n * k
+    world = world_size()
+    total = n * k * world
     if not 0 < k <= m:
         raise KernelInputError(f"batch top-k: k must be in [1, {m}], got {k}")
     per_row = min(m, 4 * k)
     while True:
         cand_values, cand_indices = pre.topk(per_row, dim=1, sorted=False)
-        chosen = cand_values.reshape(-1).topk(total, sorted=False).indices
-        rows = chosen // per_row
-        saturated = torch.bincount(rows, minlength=n) >= per_row
-        if per_row == m or not bool(saturated.any()):
+        flat = cand_values.reshape(-1)
+        if world == 1:
+            chosen = flat.topk(total, sorted=False).indices
+        else:
+            chosen = (flat >= _global_kth_largest(flat, total)).nonzero().squeeze(1)
+        saturated = bool((torch.bincount(chosen // per_row, minlength=n) >= per_row).any())
+        if world > 1:  # every rank widens its candidates together
+            saturated = bool(all_reduce_sum(torch.tensor([int(saturated)])).item())
+        if per_row == m or not saturated:
             break
         per_row = min(m, 2 * per_row)
     chosen = chosen.sort().values  # row-major: rows ascending
