@@ -20,17 +20,12 @@ from circuits.tasks import Task, TaskError
 from circuits.transformer import GraphTransformer
 
 
-def edge_names(model: GraphTransformer) -> list[str]:
-    graph = model.graph
-    return [f"{graph.sources[s]}->{graph.receivers[r]}" for s, r in graph.edges]
-
-
 def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact: Discovery | None) -> dict:
     """The benchmark row of one method's result."""
     truth = task.ground_truth
     row = {"task": task.name, "method": found.method, "edges": len(found.scores), "edges_kept": int(found.kept.sum())}
     if truth.get("edges"):
-        row["roc_auc"] = roc_auc(dict(zip(edge_names(model), found.scores.tolist())), set(truth["edges"]))
+        row["roc_auc"] = roc_auc(dict(zip(model.graph.edge_names, found.scores.tolist())), set(truth["edges"]))
     if truth.get("heads"):
         heads = found.heads or {k: v for k, v in node_scores(model, found.scores).items() if k.startswith("a")}
         row["head_roc_auc"] = roc_auc(heads, set(truth["heads"]))

@@ -35,11 +35,14 @@ def head_outputs(model: GraphTransformer, tokens: Tensor) -> dict[str, Tensor]:
 
 def fit_head_codebooks(model: GraphTransformer, task: Task, n_codes: int = 256) -> dict[str, Dictionary]:
     """One k = 1 codebook per head, k-means-initialised on its outputs over both prompt sets."""
-    clean, corrupted = head_outputs(model, task.clean), head_outputs(model, task.corrupted)
+    return _fit(head_outputs(model, task.clean), head_outputs(model, task.corrupted), n_codes)
+
+
+def _fit(clean: dict[str, Tensor], corrupted: dict[str, Tensor], n_codes: int) -> dict[str, Dictionary]:
     books = {}
-    for head in head_names(model):
-        sample = torch.cat([clean[head], corrupted[head]]).reshape(-1, model.shape.d_model)
-        book = create(DictionaryConfig(architecture="codebook", d_in=model.shape.d_model, n_latents=n_codes, k=1))
+    for head, outputs in clean.items():
+        sample = torch.cat([outputs, corrupted[head]]).reshape(-1, outputs.shape[-1])
+        book = create(DictionaryConfig(architecture="codebook", d_in=sample.shape[1], n_latents=n_codes, k=1))
         with torch.no_grad():
             book.initialize_from(sample)
         books[head] = book
@@ -54,8 +57,8 @@ def code_ids(book: Dictionary, x: Tensor) -> Tensor:
 def code_scores(model: GraphTransformer, task: Task, books: dict[str, Dictionary] | None = None,
                 n_codes: int = 256) -> dict[str, float]:
     """head -> fraction of its clean positions whose code the corrupted prompts never use."""
-    books = books or fit_head_codebooks(model, task, n_codes)
     clean, corrupted = head_outputs(model, task.clean), head_outputs(model, task.corrupted)
+    books = books or _fit(clean, corrupted, n_codes)
     scores = {}
     for head in head_names(model):
         positive = code_ids(books[head], clean[head])

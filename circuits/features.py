@@ -34,6 +34,8 @@ class FeatureEffects:
     """hook -> indirect effect of the error term."""
     edges: list[tuple[str, int, str, int, float]] = field(default_factory=list)
     """(upstream hook, latent or -1 for the error term, downstream hook, latent or -1, weight)."""
+    splits: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    """hook -> (clean latents, clean error, corrupted latents, corrupted error), reused for the edges."""
 
 
 def _ordered_hooks(model, dictionaries: dict[str, Dictionary]) -> list[str]:
@@ -73,10 +75,11 @@ def feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], step
         raise TaskError("feature circuits need at least one dictionary (hook -> dictionary)")
     hooks = _ordered_hooks(model, dictionaries)
     clean, corrupt = _activations(model, task.clean, hooks), _activations(model, task.corrupted, hooks)
-    latents, errors = {}, {}
+    latents, errors, splits = {}, {}, {}
     for hook in hooks:
         dictionary = dictionaries[hook]
         (f0, e0), (f1, e1) = _split_detached(dictionary, clean[hook]), _split_detached(dictionary, corrupt[hook])
+        splits[hook] = (f0, e0, f1, e1)
         grad_f, grad_e = torch.zeros_like(f0), torch.zeros_like(e0)
         for alpha in (torch.arange(steps) + 0.5) / steps:
             f = (f0 + alpha * (f1 - f0)).requires_grad_(True)
@@ -87,7 +90,7 @@ def feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], step
             grad_e += de / steps
         latents[hook] = (grad_f * (f1 - f0))[:, 1:].sum((0, 1))  # the metric is a mean: this is per prompt
         errors[hook] = float((grad_e * (e1 - e0))[:, 1:].sum())
-    return FeatureEffects(hooks, latents, errors)
+    return FeatureEffects(hooks, latents, errors, splits=splits)
 
 
 def _split_detached(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -115,9 +118,8 @@ def feature_edges(model, task: Task, dictionaries: dict[str, Dictionary], found:
     """Fill `found.edges` between the `per_hook` strongest latents (and the error terms) of
     consecutive hooks."""
     kept = {h: strongest(found, h, per_hook) for h in found.hooks}
-    clean, corrupt = _activations(model, task.clean, found.hooks), _activations(model, task.corrupted, found.hooks)
     for up, down in zip(found.hooks, found.hooks[1:]):
-        (f0, e0), (f1, e1) = _split_detached(dictionaries[up], clean[up]), _split_detached(dictionaries[up], corrupt[up])
+        f0, e0, f1, e1 = found.splits[up]
         f_up, e_up = f0.clone().requires_grad_(True), e0.clone().requires_grad_(True)
         f_down, e_down, weight_f, weight_e = _downstream(model, task, dictionaries, up, down, f_up, e_up)
         targets = [(j, (weight_f[..., j] * f_down[..., j])[:, 1:].sum()) for j in kept[down]]

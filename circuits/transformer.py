@@ -59,6 +59,11 @@ class Graph:
         return self.matrix(torch.ones(len(self.edges), dtype=torch.bool))
 
     @cached_property
+    def edge_names(self) -> list[str]:
+        """'source->receiver' per edge, e.g. 'a0.1->a1.0.k' (how ground truths name edges)."""
+        return [f"{self.sources[s]}->{self.receivers[r]}" for s, r in self.edges]
+
+    @cached_property
     def edge_index(self) -> tuple[Tensor, Tensor]:
         """(source indices, receiver indices) of the edges, so matrix[edge_index] lists per-edge entries."""
         sources, receivers = zip(*self.edges)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from circuits.attribution import ablated_outputs, task_score
-from circuits.benchmark import edge_names, run_benchmark
+from circuits.benchmark import run_benchmark
 from circuits.catalog import load_task
 from circuits.discover import METHODS, discover
 from circuits.evaluate import faithfulness, mask_of_edges
@@ -34,13 +34,13 @@ def test_induction_model_predicts_the_repeated_half_only():
     assert task.score(logits) > -1.0  # mean log-prob of the right token inside the second copy
     ablated = ablated_outputs(model, task)
     assert task_score(model, task, model.full_mask(0.0), ablated) < -5.0  # without its edges: worse than chance-ish
-    truth = torch.tensor([name in set(task.ground_truth["edges"]) for name in edge_names(model)])
+    truth = torch.tensor([name in set(task.ground_truth["edges"]) for name in model.graph.edge_names])
     assert faithfulness(model, task, mask_of_edges(model, truth), "resample") == pytest.approx(1.0, abs=0.02)
     # the planted circuit needs every one of its edges: dropping any one loses most of the effect
     for index in torch.nonzero(truth).flatten().tolist():
         fewer = truth.clone()
         fewer[index] = False
-        assert faithfulness(model, task, mask_of_edges(model, fewer), "resample") < 0.5, edge_names(model)[index]
+        assert faithfulness(model, task, mask_of_edges(model, fewer), "resample") < 0.5, model.graph.edge_names[index]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_the_trained_induction_model_and_its_derived_ground_truth(tmp_path):
     assert task.score(model(task.clean)) > -0.5  # it does induction (uniform guessing: -5.5)
     truth = task.ground_truth
     assert any(h.startswith("a0.") for h in truth["heads"]) and any(h.startswith("a1.") for h in truth["heads"])
-    kept = torch.tensor([name in set(truth["edges"]) for name in edge_names(model)])
+    kept = torch.tensor([name in set(truth["edges"]) for name in model.graph.edge_names])
     assert faithfulness(model, task, mask_of_edges(model, kept), "resample") > 0.9
     exact = discover(model, task, "exact", n_edges=len(truth["edges"]))
     for method in ("eap-ig", "acdc"):
