@@ -196,7 +196,8 @@ def _progress_record(out: Path, config: CacheConfig) -> dict | None:
         record = read_json(path, "cache progress file", CacheError)
         _check_identity(out, record, config)
         for position, entry in enumerate(record.get("shards", [])):
-            shards.setdefault(int(entry.get("index", position)), entry)
+            index = int(entry.get("index", position))  # files written before ranks recorded no index
+            shards.setdefault(index, {**entry, "index": index})
     return {**record, "shards": [shards[i] for i in sorted(shards)]}
 
 
@@ -228,7 +229,7 @@ def _write_shards(out, config, model, hooks, windows, done, progress, where: Ran
     context = windows.shape[1]
     per_shard = config.windows_per_shard(context)
     n_shards = math.ceil(len(windows) / per_shard)
-    finished = {int(e.get("index", i)) for i, e in enumerate(done["shards"])}
+    finished = {e["index"] for e in done["shards"]}
     todo = [i for i in range(n_shards) if i not in finished and where.owns(i)]
     dtype = DTYPES[config.dtype]
     bar = tqdm(total=len(windows) * context, initial=len(finished) * per_shard * context,
@@ -275,7 +276,7 @@ def _write_manifest(out, config, model, hooks, windows, done) -> None:
 
     n_windows, context = windows.shape
     n_shards = math.ceil(n_windows / config.windows_per_shard(context))
-    if [int(e.get("index", i)) for i, e in enumerate(done["shards"])] != list(range(n_shards)):
+    if [e["index"] for e in done["shards"]] != list(range(n_shards)):
         raise CacheError(f"{out}: the progress files record {len(done['shards'])} of {n_shards} shards; rerun to finish")
     manifest = {
         "format_version": FORMAT_VERSION,
