@@ -22,6 +22,7 @@ shows as 0 positions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -84,15 +85,13 @@ def code_on(codebook: Dictionary, code: int, hook: str | None = None) -> Edit:
     """Make codebook code `code` active (weight 1, or 1/k for a mean codebook) at every position."""
     _need_codebook(codebook)
     weight = 1.0 / codebook.config.k if codebook.config.aggregate == "mean" else 1.0
-    edit = clamp(codebook, code, weight, hook)
-    return Edit(edit.hook, edit.direction, edit.strength, f"code {int(code)} on", codebook, int(code))
+    return dataclasses.replace(clamp(codebook, code, weight, hook), label=f"code {int(code)} on")
 
 
 def code_off(codebook: Dictionary, code: int, hook: str | None = None) -> Edit:
     """Remove codebook code `code` wherever it is chosen."""
     _need_codebook(codebook)
-    edit = clamp(codebook, code, 0.0, hook)
-    return Edit(edit.hook, edit.direction, 0.0, f"code {int(code)} off", codebook, int(code))
+    return dataclasses.replace(clamp(codebook, code, 0.0, hook), label=f"code {int(code)} off")
 
 
 def _need_codebook(dictionary: Dictionary) -> None:
