@@ -167,22 +167,45 @@ def checkpoint_step(out) -> int:
         return -1
 
 
-@pytest.mark.slow
-def test_sigkilled_train_resumes_to_identical_weights(cache, tmp_path):
-    """A `workbench train` killed with SIGKILL mid-run and rerun ends bit-identical to an uninterrupted one."""
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory):
     import subprocess
+
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("cli-sae") / "whole"
+    subprocess.run(train_command(cache, out), check=True, timeout=300)
+    return {name: load_file(out / name / "weights.safetensors") for name in ("topk-k8-x16", "jumprelu-k8-x16")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkilled_train_resumes_to_identical_weights(cache, tmp_path, uninterrupted, seed):
+    """A `workbench train` killed with SIGKILL at a random point (a random checkpoint, then a random
+    delay, so some kills land mid-step or mid-write) and rerun ends bit-identical to an uninterrupted run."""
+    import random
+    import subprocess
+    import time
 
     from safetensors.torch import load_file
 
     from tests.conftest import run_and_kill
 
-    subprocess.run(train_command(cache, tmp_path / "whole"), check=True, timeout=300)
-    run_and_kill(train_command(cache, tmp_path / "killed"), lambda: checkpoint_step(tmp_path / "killed") >= 40)
-    assert not (tmp_path / "killed" / "topk-k8-x16" / "config.json").exists(), "killed too late: the run had finished"
+    rng = random.Random(seed)
+    target, delay = rng.randrange(0, 240), rng.uniform(0, 0.2)
+    reached: list[float] = []
+
+    def ready() -> bool:
+        if not reached and checkpoint_step(tmp_path / "killed") >= target:
+            reached.append(time.time())
+        return bool(reached) and time.time() - reached[0] >= delay
+
+    run_and_kill(train_command(cache, tmp_path / "killed"), ready)
+    assert not (tmp_path / "killed" / "jumprelu-k8-x16" / "config.json").exists(), "killed too late: the run had finished"
     subprocess.run(train_command(cache, tmp_path / "killed"), check=True, timeout=300)
-    for name in ("topk-k8-x16", "jumprelu-k8-x16"):
-        whole, resumed = load_file(tmp_path / "whole" / name / "weights.safetensors"), load_file(tmp_path / "killed" / name / "weights.safetensors")
-        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+    for name, whole in uninterrupted.items():
+        resumed = load_file(tmp_path / "killed" / name / "weights.safetensors")
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), (name, target, delay)
 
 
 @pytest.mark.parametrize("errno, message", [(28, "No space left on device"), (30, "Read-only file system")])
