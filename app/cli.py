@@ -64,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train_cmd = commands.add_parser("train", help="train dictionaries (a grid of architectures, k, widths) in one read of a cache")
     add_config_arguments(train_cmd, TrainConfig)
     train_cmd.add_argument("--nproc", type=int, default=1,
-                           help="data-parallel ranks, launched with torchrun (every architecture but codebooks)")
+                           help="data-parallel ranks, launched with torchrun")
     _quiet_and_json(train_cmd)
     train_cmd.set_defaults(run=cmd_train)
 

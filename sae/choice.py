@@ -18,6 +18,7 @@ import torch
 from sae.base import register, relu_values
 from sae.batchtopk import BatchTopK
 from sae.topk import _AuxKDictionary
+from workbench.distributed import min_over_ranks, world_size
 from workbench.kernels import encode_batch_topk, encode_feature_choice, encode_threshold
 
 
@@ -32,7 +33,8 @@ class FeatureChoice(_AuxKDictionary):
         return min(n_tokens, max(1, round(self.config.k * n_tokens / self.n_latents)))
 
     def _select(self, x_centered, aux_mask):
-        return encode_feature_choice(x_centered, self.W_enc, self.b_enc, self.per_latent(x_centered.shape[0]))
+        n_tokens = x_centered.shape[0] * world_size()  # under torchrun each latent picks from every rank's rows
+        return encode_feature_choice(x_centered, self.W_enc, self.b_enc, self.per_latent(n_tokens))
 
     @torch.no_grad()
     def _observe(self, f):
@@ -40,6 +42,7 @@ class FeatureChoice(_AuxKDictionary):
         positive = values > 0
         smallest = torch.full_like(self.threshold, float("inf")).scatter_reduce(
             0, latents[positive], values[positive], reduce="amin")
+        smallest = min_over_ranks(smallest)
         seen = torch.isfinite(smallest)
         eta = self.config.threshold_momentum
         blended = torch.where(self.threshold_seen, (1 - eta) * self.threshold + eta * smallest, smallest)

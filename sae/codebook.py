@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError, StepContext, StepOutput, reconstruction_loss, register
 from sae.resample import latents_to_resample
+from workbench.distributed import all_reduce_sum, gather_rows
 from workbench.kernels import SparseCodes, codebook_lookup
 
 KMEANS_ITERATIONS = 10
@@ -64,7 +65,7 @@ class Codebook(Dictionary):
     def _replace_dead_codes(self, x: Tensor, x_hat: Tensor, codes: SparseCodes) -> None:
         """Every DEAD_CODE_STEPS steps: codes chosen by no token since the last check, or nearly
         duplicating a busier code, move to badly reconstructed inputs."""
-        self.uses_since_check += torch.bincount(codes.flat_indices(), minlength=self.n_latents)
+        self.uses_since_check += all_reduce_sum(torch.bincount(codes.flat_indices(), minlength=self.n_latents))
         self.steps_since_check += 1
         if int(self.steps_since_check) < DEAD_CODE_STEPS:
             return
@@ -74,6 +75,7 @@ class Codebook(Dictionary):
         dead = stale.nonzero().squeeze(1)
         if dead.numel() == 0:
             return
+        x, x_hat = gather_rows(x), gather_rows(x_hat)  # under torchrun: the whole batch, on every rank
         generator = torch.Generator().manual_seed(int(self.replacements) * 7919 + dead.numel())
         error = (x - x_hat).pow(2).sum(dim=1).cpu() + 1e-12
         rows = torch.multinomial(error, dead.numel(), replacement=dead.numel() > x.shape[0], generator=generator).to(x.device)

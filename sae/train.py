@@ -12,9 +12,9 @@ gradients are averaged and firing counts summed across ranks (`sae.trainee`), so
 stay identical on every rank and equal, to float rounding, single-process training on the same
 global batch. Rank 0 alone writes the folder, the checkpoints, the logs and the final weights;
 a checkpoint holds the global position, so a run resumes with any number of ranks.
-JumpReLU's L0 controller reads the rank-mean L0 and MSE; BatchTopK's selection and threshold
-are global (`workbench.kernels.select.batch_top_k`). Codebooks (code replacement draws from the
-local batch) and resampling are refused under torchrun.
+JumpReLU's L0 controller reads the rank-mean L0 and MSE; BatchTopK's and Feature Choice's
+selections and thresholds are global (`workbench.kernels.select`); resampling and codebooks'
+dead-code replacement count firings over every rank and draw from the whole (gathered) batch.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from workbench.paths import DEFAULT_RUNS_DIR
 
 RUN_CONFIG = "train-config.json"
 INIT_SAMPLE_ROWS = 16_384
-DATA_PARALLEL_ARCHS = ("topk", "batchtopk", "matryoshka", "relu", "gated", "jumprelu")
 
 
 @dataclass
@@ -93,12 +92,6 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
 def check_data_parallel(config: TrainConfig, where: Ranks) -> None:
     if where.world == 1:
         return
-    unsupported = [a for a in config.arch if a not in DATA_PARALLEL_ARCHS]
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} cannot train under torchrun yet (their step needs whole-batch "
-                          f"statistics); data-parallel: {', '.join(DATA_PARALLEL_ARCHS)}")
-    if config.resample_every:
-        raise ConfigError("--resample-every is not supported under torchrun yet")
     if config.batch_size % where.world:
         raise ConfigError(f"--batch-size {config.batch_size} must split evenly over {where.world} ranks")
 

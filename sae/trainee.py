@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, StepContext, StepOutput
 from sae.resample import latents_to_resample, resample
-from workbench.distributed import all_reduce_sum, world_size
+from workbench.distributed import all_reduce_sum, gather_rows, world_size
 from workbench.errors import WorkbenchError
 
 _MOMENTS = ("step", "exp_avg", "exp_avg_sq")
@@ -100,7 +100,8 @@ class Trainee:
         min_fires = below * float(fires.sum()) / self.dictionary.n_latents
         chosen = latents_to_resample(self.dictionary, fires, min_fires, duplicate_cosine)
         generator = torch.Generator().manual_seed(seed)
-        n = resample(self.dictionary, self.optimizer, chosen, x, out.x_hat.detach(), generator)
+        x, x_hat = gather_rows(x), gather_rows(out.x_hat.detach())  # the whole batch, on every rank
+        n = resample(self.dictionary, self.optimizer, chosen, x, x_hat, generator)
         self.dictionary.after_optimizer_step()
         self.fires_since_resample.zero_()
         self.tokens_since_fired[chosen] = self.dead_after_tokens  # in the AuxK set until they fire

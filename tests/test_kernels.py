@@ -245,3 +245,55 @@ def test_codes_conversions():
     back = type(codes).from_dense(codes.to_dense())
     torch.testing.assert_close(back.to_dense(), codes.to_dense())
     assert codes.l0().tolist() == [3, 3, 3, 3]
+
+
+def _stable_top(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest, ties to the earliest index (a stable descending sort)."""
+    return values.sort(descending=True, stable=True).indices[:count]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), m=st.integers(1, 8), per=st.integers(1, 12), seed=st.integers(0, 999))
+def test_column_top_k_gives_tied_entries_to_the_earliest_rows(n, m, per, seed):
+    per = min(per, n)
+    pre = torch.randint(-2, 3, (n, m), generator=torch.Generator().manual_seed(seed)).float()  # many ties
+    got = select.column_top_k(pre, per).to_dense() != 0
+    want = torch.zeros(n, m, dtype=torch.bool)
+    for col in range(m):
+        want[_stable_top(pre[:, col], per), col] = True
+    # entries equal to 0 are "kept" with value 0 and vanish from to_dense: compare where pre != 0
+    assert torch.equal(got, want & (pre != 0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 10), k=st.integers(1, 6), seed=st.integers(0, 999))
+def test_batch_top_k_gives_tied_entries_to_the_earliest_rows(n, k, seed):
+    m = 8
+    distinct = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).float()[None] * torch.tensor([[1.0], [0.5], [2.0]])
+    pre = distinct[torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))] + 1  # rows repeat
+    k = min(k, m)
+    codes = select.batch_top_k(pre, k)
+    got = sorted((codes.row_ids() * m + codes.flat_indices()).tolist())
+    assert got == sorted(_stable_top(pre.reshape(-1), n * k).tolist())  # values within a row are distinct
+
+
+@pytest.mark.slow
+def test_two_ranks_select_what_one_process_selects_on_tied_rows(tmp_path):
+    """batch_top_k and column_top_k over two ranks' shares (gloo) keep exactly the one-process
+    entries on a batch full of identical rows, where 'keep everything >= the cut' would keep more."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.distributed_selection import selections, tie_heavy_batch
+
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "-m", "tests.distributed_selection", str(tmp_path)], check=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    one = selections(tie_heavy_batch(), 0)
+    parts = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    for name in ("batch", "column"):
+        keys = lambda d: sorted(zip(d[f"{name}.rows"].tolist(), d[f"{name}.latents"].tolist()))  # noqa: E731
+        assert keys({k: torch.cat([p[k] for p in parts]) for k in parts[0]}) == keys(one), name

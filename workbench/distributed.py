@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 
@@ -32,8 +33,6 @@ def ranks() -> Ranks:
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        import torch
-
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())
 
@@ -52,6 +51,11 @@ def finish() -> None:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_index() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def all_reduce_sum(tensor):
@@ -75,3 +79,14 @@ def min_over_ranks(tensor):
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.MIN)
     return out
+
+
+def gather_rows(tensor):
+    """Every rank's `tensor` stacked along dim 0 in rank order (the whole batch, when each rank
+    holds its contiguous share); `tensor` itself in one process. Ranks pass equal shapes."""
+    world = world_size()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)

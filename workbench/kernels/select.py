@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from workbench.distributed import all_reduce_sum, world_size
+from workbench.distributed import all_reduce_sum, gather_rows, rank_index, world_size
 from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets
 
 
@@ -21,12 +21,23 @@ def top_k(pre: Tensor, k: int) -> SparseCodes:
 
 def _global_kth_largest(values: Tensor, k: int) -> Tensor:
     """The k-th largest of all ranks' `values` (every rank passes equally many)."""
-    import torch.distributed as dist
+    return gather_rows(values.topk(min(k, values.numel())).values).topk(k).values[-1]
 
-    local = values.topk(min(k, values.numel())).values
-    parts = [torch.empty_like(local) for _ in range(world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).topk(k).values[-1]
+
+def _ties_to_take(greater: Tensor, ties: Tensor, wanted: int) -> Tensor:
+    """Per group (e.g. per latent): how many of this rank's entries equal to the cut it keeps, so
+    that all ranks together keep `wanted` entries. Ties go to lower ranks first and, within a
+    rank, to earlier entries: the order one process sees, so identical rows (a cache's BOS
+    positions) are chosen the same way with any number of ranks and on every run."""
+    counts = gather_rows(torch.stack([greater, ties])[None])  # [ranks, 2, groups]
+    need = wanted - counts[:, 0].sum(dim=0)
+    before = counts[:rank_index(), 1].sum(dim=0)
+    return (need - before).clamp_min(0).minimum(ties)
+
+
+def _first_true(mask: Tensor, count: Tensor) -> Tensor:
+    """`mask` with only its first `count` true entries (along dim 0) kept."""
+    return mask & (mask.cumsum(dim=0) <= count)
 
 
 def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
@@ -63,31 +74,48 @@ def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
     while True:
         cand_values, cand_indices = pre.topk(per_row, dim=1, sorted=False)
         flat = cand_values.reshape(-1)
-        if world == 1:
-            chosen = flat.topk(total, sorted=False).indices
-        else:
-            chosen = (flat >= _global_kth_largest(flat, total)).nonzero().squeeze(1)
-        saturated = bool((torch.bincount(chosen // per_row, minlength=n) >= per_row).any())
+        cut = flat.topk(total).values[-1] if world == 1 else _global_kth_largest(flat, total)
+        reaching = flat >= cut
+        saturated = bool((torch.bincount(reaching.nonzero().squeeze(1) // per_row, minlength=n) >= per_row).any())
         if world > 1:  # every rank widens its candidates together
             saturated = bool(all_reduce_sum(torch.tensor([int(saturated)])).item())
         if per_row == m or not saturated:
             break
         per_row = min(m, 2 * per_row)
-    chosen = chosen.sort().values  # row-major: rows ascending
+    # no row is saturated, so every entry tied at the cut is a candidate: keep the first ones needed
+    tied = flat == cut
+    take = _ties_to_take((flat > cut).sum().reshape(1), tied.sum().reshape(1), total)
+    chosen = ((flat > cut) | _first_true(tied, take)).nonzero().squeeze(1)  # row-major: rows ascending
     offsets = csr_offsets(chosen // per_row, n)
     return SparseCodes(cand_indices.reshape(-1)[chosen], cand_values.reshape(-1)[chosen], m, offsets)
 
 
 def column_top_k(pre: Tensor, per_column: int) -> SparseCodes:
-    """Each latent's `per_column` largest entries over the rows (Feature Choice), as CSR."""
+    """Each latent's `per_column` largest entries over the rows (Feature Choice), as CSR; entries
+    tied at a latent's cut go to the earliest rows.
+
+    Under torchrun the rows are every rank's together: each latent's cut is its global
+    `per_column`-th largest (from the ranks' local top lists, all-gathered), and its ties go to
+    lower ranks first, so the selection is the one process's."""
     n, m = pre.shape
-    if not 0 < per_column <= n:
-        raise KernelInputError(f"column top-k: per-latent count must be in [1, {n}], got {per_column}")
-    values, rows = pre.topk(per_column, dim=0, sorted=False)  # [per_column, m]
-    cols = torch.arange(m, device=pre.device).expand_as(rows)
-    order = (rows * m + cols).reshape(-1).argsort()
-    rows = rows.reshape(-1)[order]
-    return _csr(rows, cols.reshape(-1)[order], values.reshape(-1)[order], pre.shape)
+    world = world_size()
+    if not 0 < per_column <= n * world:
+        raise KernelInputError(f"column top-k: per-latent count must be in [1, {n * world}], got {per_column}")
+    values, rows = pre.topk(min(per_column, n), dim=0, sorted=False)  # [per_column, m]
+    cut = gather_rows(values).topk(per_column, dim=0).values[-1]  # [m]
+    ties = (pre == cut).sum(dim=0)  # every tie, listed or not (topk picks among ties arbitrarily)
+    take = _ties_to_take((values > cut).sum(dim=0), ties, per_column)
+    listed = values == cut
+    whole = (take == ties) & (listed.sum(dim=0) == ties)  # latents whose ties are all listed and all kept
+    keep = (values > cut) | (listed & whole)
+    rows, cols, values = rows[keep], keep.nonzero()[:, 1], values[keep]
+    partly = (~whole & (take > 0)).nonzero().squeeze(1)
+    if partly.numel():  # the first `take` tied rows of these latents, from the dense column
+        tied_rows, which = _first_true(pre[:, partly] == cut[partly], take[partly]).nonzero(as_tuple=True)
+        rows, cols = torch.cat([rows, tied_rows]), torch.cat([cols, partly[which]])
+        values = torch.cat([values, cut[partly[which]]])
+    order = (rows * m + cols).argsort()
+    return _csr(rows[order], cols[order], values[order], pre.shape)
 
 
 def above_threshold(pre: Tensor, threshold: Tensor, *, window: float = 0.0) -> SparseCodes:
