@@ -109,15 +109,28 @@ class Trainee:
 
     @torch.no_grad()
     def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
+        """Loss, FVU, L0 and the step's terms over the whole batch (every rank's share under torchrun)."""
         residual = (x - out.x_hat).pow(2).sum()
-        total = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        fired = (out.codes.flat_values() > 0).sum()
+        names = sorted(out.terms)
+        if world_size() == 1:
+            total = (x - x.mean(dim=0)).pow(2).sum()
+            loss, rows = out.loss.detach(), x.shape[0]
+            terms = [out.terms[name] for name in names]
+        else:  # sums over ranks; per-rank means (loss, terms) averaged over the equal shares
+            local = torch.stack([residual, x.pow(2).sum(), fired.to(x.dtype), out.loss.detach(), *[out.terms[n].to(x.dtype) for n in names]])
+            summed = all_reduce_sum(torch.cat([local, x.sum(dim=0)]))
+            world, rows = world_size(), x.shape[0] * world_size()
+            residual, squares, fired, loss = summed[0], summed[1], summed[2], summed[3] / world
+            terms = list(summed[4:4 + len(names)] / world)
+            total = squares - summed[4 + len(names):].pow(2).sum() / rows
         record = {
-            "loss": float(out.loss.detach()),
-            "fvu": float(residual / total),
-            "l0": float((out.codes.flat_values() > 0).sum()) / x.shape[0],
+            "loss": float(loss),
+            "fvu": float(residual / total.clamp_min(1e-12)),
+            "l0": float(fired) / rows,
             "dead_fraction": float(self.is_dead.float().mean()),
         }
-        record.update({name: float(value) for name, value in out.terms.items()})
+        record.update({name: float(value) for name, value in zip(names, terms)})
         return record
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -46,8 +46,11 @@ def test_two_ranks_train_what_one_process_trains(cache, tmp_path):  # noqa: F811
     for name in ("relu-k8-x4", "gated-k8-x4", "jumprelu-k8-x4"):
         assert max_relative_difference(weights(one / name), weights(two / name)) < 5e-3, name
     assert not list(two.rglob("*.tmp")) and not list(two.glob("progress*"))
-    log = [line for line in (two / "topk-k8-x4" / "log.jsonl").read_text().splitlines() if line]
-    assert '"tokens": 16384' in log[-1]  # rank 0 logs the global token count, once
+    logs = {n: [json.loads(line) for line in (run / "topk-k8-x4" / "log.jsonl").read_text().splitlines() if line]
+            for n, run in ((1, one), (2, two))}
+    assert len(logs[2]) == len(logs[1]) and logs[2][-1]["tokens"] == 16384  # rank 0 logs once, global tokens
+    for key in ("loss", "fvu", "l0", "mse", "dead_fraction"):  # over the whole batch, not rank 0's half
+        assert logs[2][-1][key] == pytest.approx(logs[1][-1][key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.slow
