@@ -116,7 +116,7 @@ class Dictionary(nn.Module):
     # --- inference ------------------------------------------------------------------------
     def encode(self, x: Float[Tensor, "... d_in"]) -> SparseCodes:
         """Latent activations of the rows of x (leading dims flattened), as SparseCodes."""
-        return self._encode(self._rows(x) - self.b_dec)
+        return self._encode(self._rows(x))
 
     def decode(self, codes: SparseCodes | Float[Tensor, "N n_latents"]) -> Float[Tensor, "N d_in"]:
         if isinstance(codes, Tensor):
@@ -130,7 +130,9 @@ class Dictionary(nn.Module):
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         return self.decode(self.encode(x)).view(x.shape).to(x.dtype)
 
-    def _encode(self, x_centered: Tensor) -> SparseCodes:
+    def _encode(self, x: Tensor) -> SparseCodes:
+        """Codes of the rows x [N, d_in]: the encoder acts on x - b_dec, which the kernels form
+        themselves (shift=b_dec), so b_dec's gradient costs O(m d), not a decode of every row."""
         raise NotImplementedError
 
     # --- training -------------------------------------------------------------------------

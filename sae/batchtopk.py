@@ -23,9 +23,9 @@ class BatchTopK(_AuxKDictionary):
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
-    def _select(self, x_centered, aux_mask):
+    def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
-        return encode_batch_topk(x_centered, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask)
+        return encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec)
 
     @torch.no_grad()
     def _observe(self, f):
@@ -38,8 +38,8 @@ class BatchTopK(_AuxKDictionary):
         self.threshold.mul_(1 - eta).add_(eta * smallest)
         self.threshold_updates += 1
 
-    def _encode(self, x_centered):
+    def _encode(self, x):
         if int(self.threshold_updates) == 0:  # never trained: no threshold yet, use the batch
-            return relu_values(encode_batch_topk(x_centered, self.W_enc, self.b_enc, self.config.k))
+            return relu_values(encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))
         theta = self.threshold.expand(self.n_latents)
-        return encode_threshold(x_centered, self.W_enc, self.b_enc, theta)
+        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.b_dec)

@@ -32,9 +32,9 @@ class FeatureChoice(_AuxKDictionary):
     def per_latent(self, n_tokens: int) -> int:
         return min(n_tokens, max(1, round(self.config.k * n_tokens / self.n_latents)))
 
-    def _select(self, x_centered, aux_mask):
-        n_tokens = x_centered.shape[0] * world_size()  # under torchrun each latent picks from every rank's rows
-        return encode_feature_choice(x_centered, self.W_enc, self.b_enc, self.per_latent(n_tokens))
+    def _select(self, x, aux_mask):
+        n_tokens = x.shape[0] * world_size()  # under torchrun each latent picks from every rank's rows
+        return encode_feature_choice(x, self.W_enc, self.b_enc, self.per_latent(n_tokens), shift=self.b_dec)
 
     @torch.no_grad()
     def _observe(self, f):
@@ -49,14 +49,14 @@ class FeatureChoice(_AuxKDictionary):
         self.threshold.copy_(torch.where(seen, blended, self.threshold))
         self.threshold_seen |= seen
 
-    def _encode(self, x_centered):
+    def _encode(self, x):
         if not bool(self.threshold_seen.any()):
-            return relu_values(self._select(x_centered, None))
+            return relu_values(self._select(x, None))
         theta = torch.where(self.threshold_seen, self.threshold, torch.full_like(self.threshold, float("inf")))
-        return encode_threshold(x_centered, self.W_enc, self.b_enc, theta)
+        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.b_dec)
 
 
 @register("mutual_choice")
 class MutualChoice(BatchTopK):
-    def _encode(self, x_centered):
-        return relu_values(encode_batch_topk(x_centered, self.W_enc, self.b_enc, self.config.k))
+    def _encode(self, x):
+        return relu_values(encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))

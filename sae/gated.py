@@ -33,18 +33,18 @@ class Gated(Dictionary):
         self.r_mag = nn.Parameter(torch.zeros(m))
         self.b_mag = nn.Parameter(torch.zeros(m))
 
-    def _gate_and_magnitude(self, x_centered: Tensor) -> tuple[SparseCodes, SparseCodes]:
+    def _gate_and_magnitude(self, x: Tensor) -> tuple[SparseCodes, SparseCodes]:
         zero = torch.zeros(self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        gate = encode_threshold(x_centered, self.W_enc, self.b_gate, zero)  # entries with pi > 0
+        gate = encode_threshold(x, self.W_enc, self.b_gate, zero, shift=self.b_dec)  # entries with pi > 0
         scale = gather_per_latent(self.r_mag.exp(), gate)
         magnitude = scale * (gate.values - gather_per_latent(self.b_gate, gate)) + gather_per_latent(self.b_mag, gate)
         return gate, relu_values(gate.with_values(magnitude))
 
-    def _encode(self, x_centered):
-        return drop_zeros(self._gate_and_magnitude(x_centered)[1])
+    def _encode(self, x):
+        return drop_zeros(self._gate_and_magnitude(x)[1])
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
-        gate, f = self._gate_and_magnitude(x - self.b_dec)
+        gate, f = self._gate_and_magnitude(x)
         x_hat = decode(f, self.W_dec, self.b_dec)
         mse = reconstruction_loss(x, x_hat)
         norms = gather_per_latent(self.W_dec.norm(dim=1), gate)

@@ -67,12 +67,12 @@ class JumpReLU(Dictionary):
         self.threshold = nn.Parameter(torch.full((config.n_latents,), config.bandwidth))
         self.register_buffer("multiplier", torch.full((), 0.5))
 
-    def _encode(self, x_centered):
-        return encode_threshold(x_centered, self.W_enc, self.b_enc, self.threshold.detach())
+    def _encode(self, x):
+        return encode_threshold(x, self.W_enc, self.b_enc, self.threshold.detach(), shift=self.b_dec)
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         eps = self.config.bandwidth
-        candidates = encode_threshold(x - self.b_dec, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2)
+        candidates = encode_threshold(x, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2, shift=self.b_dec)
         theta = gather_per_latent(self.threshold, candidates)
         f = candidates.with_values(JumpReLUFunction.apply(candidates.values, theta, eps))
         x_hat = decode(f, self.W_dec, self.b_dec)

@@ -26,12 +26,12 @@ class ReLU(Dictionary):
         super().__init__(config)
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
 
-    def _encode(self, x_centered):
+    def _encode(self, x):
         zero = torch.zeros(self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        return encode_threshold(x_centered, self.W_enc, self.b_enc, zero)
+        return encode_threshold(x, self.W_enc, self.b_enc, zero, shift=self.b_dec)
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
-        f = self._encode(x - self.b_dec)
+        f = self._encode(x)
         x_hat = decode(f, self.W_dec, self.b_dec)
         mse = reconstruction_loss(x, x_hat)
         norms = gather_per_latent(self.W_dec.norm(dim=1), f)

@@ -23,7 +23,7 @@ class _AuxKDictionary(Dictionary):
         super().__init__(config)
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
 
-    def _select(self, x_centered: Tensor, aux_mask: Optional[Tensor]) -> SparseCodes:
+    def _select(self, x: Tensor, aux_mask: Optional[Tensor]) -> SparseCodes:
         raise NotImplementedError
 
     def _reconstruct(self, x: Tensor, f: SparseCodes) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -35,7 +35,7 @@ class _AuxKDictionary(Dictionary):
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         dead = context.dead_mask
         aux_mask = dead if dead is not None and bool(dead.any()) and self.config.aux_coef > 0 else None
-        codes = self._select(x - self.b_dec, aux_mask)
+        codes = self._select(x, aux_mask)
         f = relu_values(codes)
         x_hat, loss, terms = self._reconstruct(x, f)
         if codes.extra is not None:
@@ -51,9 +51,9 @@ class _AuxKDictionary(Dictionary):
 
 @register("topk")
 class TopK(_AuxKDictionary):
-    def _select(self, x_centered, aux_mask):
+    def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
-        return encode_topk(x_centered, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask)
+        return encode_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec)
 
-    def _encode(self, x_centered):
-        return relu_values(encode_topk(x_centered, self.W_enc, self.b_enc, self.config.k))
+    def _encode(self, x):
+        return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))

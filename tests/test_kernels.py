@@ -100,7 +100,9 @@ def test_gradcheck_preacts_and_decode():
     codes = csr_codes([2, 0, 3, 1], 5, seed=3)
     pattern = pattern_of(codes)
     x, w, b, _, _ = encoder(4, 3, 5, seed=4)
-    assert torch.autograd.gradcheck(lambda x, w, b: PreactsAt.apply(x, w, b, None, pattern, torch_ops), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: PreactsAt.apply(x, w, b, None, None, pattern, torch_ops), (x, w, b))
+    shift = (0.1 * torch.randn(3, dtype=torch.float64)).requires_grad_()  # PreactsAt takes x already centred
+    assert torch.autograd.gradcheck(lambda x, w, b, s: PreactsAt.apply(x - s.detach(), w, b, s, None, pattern, torch_ops), (x, w, b, shift))
     values = codes.flat_values().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, w, pattern, torch_ops), (values, w))
 
@@ -115,9 +117,27 @@ def test_gradcheck_whole_topk_sae(fused, monkeypatch):
     with torch.no_grad():
         b_enc += torch.tensor([3.0, 0, 3.0, 0, 0, 3.0])  # latents 0, 2, 5 win by a margin
     def f(w_enc, b_enc, w_dec, b_dec):
-        codes = encode_topk(x.detach(), w_enc, b_enc, 3)
+        codes = encode_topk(x.detach(), w_enc, b_enc, 3, shift=b_dec)  # an SAE: encode x - b_dec
         return decode(codes.with_values(codes.values.relu()), w_dec, b_dec)
     assert torch.autograd.gradcheck(f, (w_enc, b_enc, w_dec, b_dec))
+
+
+@pytest.mark.parametrize("needs_input_grad", [False, True])
+def test_shift_gets_the_gradient_of_subtracting_it_first(needs_input_grad, monkeypatch):
+    """encode(x, shift=s) equals encode(x - s) in values and in every gradient, x's included."""
+    results = {}
+    for how in ("shift", "subtract"):
+        monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+        x, w_enc, b_enc, w_dec, b_dec = encoder(N, D, M, seed=7)
+        x.requires_grad_(needs_input_grad)
+        dead = torch.zeros(M, dtype=torch.bool)
+        dead[::3] = True
+        kwargs = {"aux_k": 2, "aux_mask": dead}
+        codes = encode_topk(x, w_enc, b_enc, 4, shift=b_dec, **kwargs) if how == "shift" else encode_topk(x - b_dec, w_enc, b_enc, 4, **kwargs)
+        (decode(codes.with_values(codes.values.relu()), w_dec, b_dec).pow(2).sum() + codes.extra.values.pow(2).sum()).backward()
+        results[how] = [codes.values, w_enc.grad, b_enc.grad, w_dec.grad, b_dec.grad] + ([x.grad] if needs_input_grad else [])
+    for shifted, subtracted in zip(results["shift"], results["subtract"]):
+        torch.testing.assert_close(shifted, subtracted)
 
 
 @pytest.mark.parametrize("prefixes", [[12], [3, 12], [1, 4, 8, 12]])

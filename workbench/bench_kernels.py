@@ -95,15 +95,14 @@ class _Step:
         if self.arch == "codebook":
             out, _ = codebook_lookup(x, p["codebook"], k)
             return (out - x).pow(2).sum(-1).mean()
-        inputs = x - p["b_dec"]
         if self.arch == "jumprelu":
-            codes = encode_threshold(inputs, p["w_enc"], p["b_enc"], p["threshold"], window=0.01)
+            codes = encode_threshold(x, p["w_enc"], p["b_enc"], p["threshold"], window=0.01, shift=p["b_dec"])
             window = codes.extra
             # the threshold's L0 pseudo-gradient lives on the near-threshold window only
             l0 = -(p["threshold"][window.flat_indices()] / 0.01).sum() / x.shape[0]
             return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean() + 1e-3 * l0
         encode = encode_batch_topk if self.arch == "batchtopk" else encode_topk
-        codes = encode(inputs, p["w_enc"], p["b_enc"], k)
+        codes = encode(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"])  # encodes x - b_dec, as the SAEs do
         codes = codes.with_values(codes.values.relu())
         if self.arch == "matryoshka":
             m = codes.n_latents

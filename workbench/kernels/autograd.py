@@ -3,10 +3,12 @@
 `SparseDecode`: out[n] = sum_j v_j * W[i_j]. Backward: grad_v = <grad_out[n], W[i_j]> and a
 weight gradient that only touches the latents in the pattern (scatter by latent).
 
-`PreactsAt`: the encoder pre-activations x @ W.T + b at a pattern. The forward may be handed
-the values already selected from a dense pre-activation pass (top-k, threshold), so the dense
-buffer never enters the autograd graph; the backward is the transposed decode: grad_x by an
-embedding bag over W, grad_W scattered into the selected latents' rows, grad_b by latent.
+`PreactsAt`: the encoder pre-activations x @ W.T + b at a pattern, for x already centred
+(x = input - shift). The forward may be handed the values already selected from a dense
+pre-activation pass (top-k, threshold), so the dense buffer never enters the autograd graph;
+the backward is the transposed decode: grad_x by an embedding bag over W (only when the input
+itself needs it), grad_W scattered into the selected latents' rows, grad_b by latent, and
+grad_shift = -(grad_b @ W), the row-sum of -grad_x without computing grad_x.
 Several PreactsAt calls on one encoder (main and AuxK selections) add their gradients.
 """
 
@@ -36,9 +38,10 @@ class SparseDecode(Function):
 
 class PreactsAt(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], known: Optional[Tensor], pattern: Pattern, ops: ModuleType) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor], known: Optional[Tensor],
+                pattern: Pattern, ops: ModuleType) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.pattern, ctx.ops, ctx.has_bias = pattern, ops, bias is not None
+        ctx.pattern, ctx.ops, ctx.has_bias, ctx.has_shift = pattern, ops, bias is not None, shift is not None
         if known is not None:
             return known.detach().reshape(-1).clone()
         values = ops.gather_dot(pattern, x, weight)
@@ -47,14 +50,14 @@ class PreactsAt(Function):
     @staticmethod
     def backward(ctx, grad_values: Tensor):
         x, weight = ctx.saved_tensors
-        pattern, ops = ctx.pattern, ctx.ops
+        pattern, ops, needs = ctx.pattern, ctx.ops, ctx.needs_input_grad
         grad_values = grad_values.reshape(-1).contiguous()
-        grad_x = ops.decode(pattern, grad_values, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = ops.scatter_rows(pattern, grad_values, x) if ctx.needs_input_grad[1] else None
-        grad_bias = None
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        grad_x = ops.decode(pattern, grad_values, weight) if needs[0] else None
+        grad_weight = ops.scatter_rows(pattern, grad_values, x) if needs[1] else None
+        wants_bias, wants_shift = ctx.has_bias and needs[2], ctx.has_shift and needs[3]
+        per_latent = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values) if wants_bias or wants_shift else None
+        grad_shift = -(per_latent.to(weight.dtype) @ weight) if wants_shift else None  # = -sum over rows of grad_x
+        return grad_x, grad_weight, per_latent if wants_bias else None, grad_shift, None, None, None
 
 
 class PrefixDecode(Function):
