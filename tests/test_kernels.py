@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import need
+from workbench.kernels import encode as encode_module
 from tests.kernel_cases import csr_codes, encoder, fixed_codes
 from workbench.errors import ConfigError
 from workbench.kernels import (
@@ -29,6 +30,7 @@ from workbench.kernels.pattern import pattern_of
 from workbench.kernels import torch_ops
 
 N, D, M = 6, 5, 12
+ROW_SCALE = torch.tensor([1.0, 10.0, 1.0, 1.0, 1.0, 1.0])
 
 
 def sae_loss(encode, x, w_enc, b_enc, w_dec, b_dec):
@@ -49,6 +51,8 @@ ENCODERS = {
     "topk + aux": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0),
     "batch topk": lambda x, w, b: encode_batch_topk(x, w, b, 3),
     "batch topk + aux": lambda x, w, b: encode_batch_topk(x, w, b, 2, aux_k=2, aux_mask=torch.arange(M) % 2 == 1),
+    # row 1 owns more than its 2 candidates: the second round recomputes it in full
+    "batch topk, one row owns most": lambda x, w, b: encode_batch_topk(x * ROW_SCALE.to(x.dtype)[:, None], w, b, 1),
     "feature choice": lambda x, w, b: encode_feature_choice(x, w, b, 2),
     "threshold + window": lambda x, w, b: encode_threshold(x, w, b, torch.full((M,), 0.2, dtype=x.dtype), window=0.5),
     "given indices": lambda x, w, b: encode_at(x, w, b, csr_codes([0, 3, 1, 4, 0, 2], M)),
@@ -71,9 +75,24 @@ def assert_matches_eager_twin(mode, name, monkeypatch):
         torch.testing.assert_close(fused, eager)
 
 
+@pytest.mark.parametrize("rows_per_pass", [None, 4])
 @pytest.mark.parametrize("name", ENCODERS)
-def test_fused_forward_and_gradients_equal_eager_twin(name, monkeypatch):
+def test_fused_forward_and_gradients_equal_eager_twin(name, rows_per_pass, monkeypatch):
+    """In one pass, and in passes of 4 rows (6 rows: blocks of 4 and 2) as large batches run."""
+    if rows_per_pass:
+        monkeypatch.setattr(encode_module, "ROWS_PER_PASS", rows_per_pass)
     assert_matches_eager_twin("torch", name, monkeypatch)
+
+
+def test_a_saturated_row_is_recomputed_in_full():
+    pre = torch.randn(N, M, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pre[1] += 10
+    asked = []
+    values, indices = select.batch_candidates(pre, 1)
+    codes = select.batch_top_k_of(values, indices, 1, M, lambda rows: asked.append(rows.tolist()) or pre[rows])
+    assert len(asked) == 1 and 1 in asked[0]  # one second round, row 1 among the rows recomputed
+    assert codes.l0()[1] > values.shape[1]  # row 1 owns more than its 2 candidates
+    assert sorted((codes.row_ids() * M + codes.flat_indices()).tolist()) == sorted(pre.reshape(-1).topk(N).indices.tolist())
 
 
 def test_triton_backend_equals_eager_twin(monkeypatch):

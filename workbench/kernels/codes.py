@@ -119,3 +119,18 @@ class SparseCodes:
             if off.dtype != torch.long or off.numel() < 1 or int(off[0]) != 0 or int(off[-1]) != self.nnz or bool((off.diff() < 0).any()):
                 raise KernelInputError("SparseCodes: offsets must be int64, start at 0, never decrease, and end at nnz")
         return self
+
+
+def stack_rows(parts: list[SparseCodes]) -> SparseCodes:
+    """Codes of consecutive row blocks (same latents) as one: fixed-k when every block is
+    fixed-k with the same k, else CSR; `extra` selections are stacked alike."""
+    if len(parts) == 1:
+        return parts[0]
+    extra = stack_rows([p.extra for p in parts]) if parts[0].extra is not None else None
+    n_latents = parts[0].n_latents
+    if all(p.is_fixed_k for p in parts) and len({p.indices.shape[1] for p in parts}) == 1:
+        return SparseCodes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), n_latents, extra=extra)
+    blocks = [p.to_csr() for p in parts]
+    starts = torch.tensor([0] + [b.nnz for b in blocks], device=blocks[0].indices.device).cumsum(0)
+    offsets = torch.cat([blocks[0].offsets[:1]] + [b.offsets[1:] + starts[i] for i, b in enumerate(blocks)])
+    return SparseCodes(torch.cat([b.indices for b in blocks]), torch.cat([b.values for b in blocks]), n_latents, offsets, extra)

@@ -4,12 +4,13 @@ a dictionary keeps. Each returns SparseCodes holding the selected pre-activation
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from workbench.distributed import all_reduce_sum, gather_rows, rank_index, world_size
-from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets
+from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets, row_ids_of
 
 
 def top_k(pre: Tensor, k: int) -> SparseCodes:
@@ -17,11 +18,6 @@ def top_k(pre: Tensor, k: int) -> SparseCodes:
         raise KernelInputError(f"top-k: k must be in [1, {pre.shape[1]}], got {k}")
     values, indices = pre.topk(k, dim=1, sorted=False)
     return SparseCodes(indices, values, pre.shape[1])
-
-
-def _global_kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest of all ranks' `values` (every rank passes equally many)."""
-    return gather_rows(values.topk(min(k, values.numel())).values).topk(k).values[-1]
 
 
 def _ties_to_take(greater: Tensor, ties: Tensor, wanted: int) -> Tensor:
@@ -56,38 +52,71 @@ def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
 
 
 def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
-    """The N * k largest entries of the whole batch (BatchTopK), as CSR.
+    """The N * k largest entries of the whole batch (BatchTopK), as CSR (see `batch_top_k_of`)."""
+    values, indices = batch_candidates(pre, k)
+    return batch_top_k_of(values, indices, k, pre.shape[1], lambda rows: pre[rows])
 
-    Exact, without sorting all N * m entries: each row's top c*k entries are candidates; the
-    global top N*k of the candidates is the answer unless some row had every candidate chosen
-    (then it may own more), in which case c doubles until no row is saturated.
 
-    Under torchrun the batch is every rank's rows together: each rank's candidates are cut at
-    the global (N_all * k)-th largest value (all ranks hold equally many rows).
-    """
-    n, m = pre.shape
-    world = world_size()
-    total = n * k * world
+def batch_candidates(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """BatchTopK's candidates, row by row: each row's min(m, 2k) largest (values, latents). (4k
+    candidates cost 80% more than the row's top-k; a row owning more than 2k of the batch's
+    entries is rare and recomputed in full.)"""
+    m = pre.shape[1]
     if not 0 < k <= m:
         raise KernelInputError(f"batch top-k: k must be in [1, {m}], got {k}")
-    per_row = min(m, 4 * k)
-    while True:
-        cand_values, cand_indices = pre.topk(per_row, dim=1, sorted=False)
-        flat = cand_values.reshape(-1)
-        cut = flat.topk(total).values[-1] if world == 1 else _global_kth_largest(flat, total)
-        reaching = flat >= cut
-        saturated = bool((torch.bincount(reaching.nonzero().squeeze(1) // per_row, minlength=n) >= per_row).any())
-        if world > 1:  # every rank widens its candidates together
-            saturated = bool(all_reduce_sum(torch.tensor([int(saturated)])).item())
-        if per_row == m or not saturated:
-            break
-        per_row = min(m, 2 * per_row)
-    # no row is saturated, so every entry tied at the cut is a candidate: keep the first ones needed
-    tied = flat == cut
-    take = _ties_to_take((flat > cut).sum().reshape(1), tied.sum().reshape(1), total)
-    chosen = ((flat > cut) | _first_true(tied, take)).nonzero().squeeze(1)  # row-major: rows ascending
-    offsets = csr_offsets(chosen // per_row, n)
-    return SparseCodes(cand_indices.reshape(-1)[chosen], cand_values.reshape(-1)[chosen], m, offsets)
+    return pre.topk(min(m, 2 * k), dim=1, sorted=False)
+
+
+def batch_top_k_of(values: Tensor, indices: Tensor, k: int, m: int, full_rows: Callable[[Tensor], Tensor]) -> SparseCodes:
+    """The N * k largest entries of the batch from each row's candidates [N, c], as CSR.
+
+    Exact without sorting all N * m entries: the answer is the candidates' top N*k unless a row
+    had every candidate reach the cut (it may own more); such rows get all m entries as
+    candidates (`full_rows(rows)` recomputes their pre-activations, [r, m]) and the cut is taken
+    again. One round suffices: the other rows' last candidate is below the old cut, which can
+    only rise. Entries tied at the cut go to the earliest rows (see `_ties_to_take`).
+
+    Under torchrun the batch is every rank's rows together: the cut is the global (N_all * k)-th
+    largest of all ranks' candidates (all ranks hold equally many rows)."""
+    n, c = values.shape
+    total = n * k * world_size()
+    flat_values, flat_indices, offsets = values.reshape(-1), indices.reshape(-1), torch.arange(n + 1, device=values.device) * c
+    cut = _kth_largest(flat_values, total)
+    saturated = (values >= cut).all(dim=1) if c < m else torch.zeros(n, dtype=torch.bool, device=values.device)
+    if bool(all_reduce_sum(saturated.any().reshape(1).long()).item()):  # every rank takes the second round
+        flat_values, flat_indices, offsets = _with_full_rows(values, indices, saturated, full_rows(saturated.nonzero().squeeze(1)))
+        cut = _kth_largest(flat_values, total)
+    above, tied = flat_values > cut, flat_values == cut
+    take = _ties_to_take(above.sum().reshape(1), tied.sum().reshape(1), total)
+    chosen = (above | _first_true(tied, take)).nonzero().squeeze(1)  # row-major: rows ascending
+    rows = row_ids_of(offsets, flat_values.numel())[chosen]
+    return SparseCodes(flat_indices[chosen], flat_values[chosen], m, csr_offsets(rows, n))
+
+
+def _kth_largest(values: Tensor, k: int) -> Tensor:
+    """The k-th largest of `values` over every rank (each rank's list padded to k with -inf)."""
+    if world_size() == 1:
+        return values.kthvalue(values.numel() - k + 1).values  # a selection, not a sort
+    local = values.topk(min(k, values.numel()), sorted=False).values
+    everyone = gather_rows(torch.cat([local, local.new_full((k - local.numel(),), float("-inf"))]))
+    return everyone.kthvalue(everyone.numel() - k + 1).values
+
+
+def _with_full_rows(values: Tensor, indices: Tensor, saturated: Tensor, full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates as CSR (flat values, latents, offsets): the saturated rows' lists replaced by
+    all m entries of their rows (`full`, [r, m]), rows kept in order."""
+    n, c = values.shape
+    m = full.shape[1]
+    counts = torch.where(saturated, m, c)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    flat_values = values.new_empty(int(offsets[-1]))
+    flat_indices = indices.new_empty(int(offsets[-1]))
+    kept = (~saturated).nonzero().squeeze(1)
+    at = offsets[kept][:, None] + torch.arange(c, device=values.device)
+    flat_values[at], flat_indices[at] = values[kept], indices[kept]
+    at = offsets[saturated.nonzero().squeeze(1)][:, None] + torch.arange(m, device=values.device)
+    flat_values[at], flat_indices[at] = full.to(values.dtype), torch.arange(m, device=values.device).expand_as(at)
+    return flat_values, flat_indices, offsets
 
 
 def column_top_k(pre: Tensor, per_column: int) -> SparseCodes:
