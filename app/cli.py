@@ -128,6 +128,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_kernels.add_argument("--arch", nargs="+", help="architectures (default: topk batchtopk jumprelu matryoshka codebook)")
     bench_kernels.add_argument("--reps", type=int, default=5, help="interleaved repetitions (medians reported)")
     bench_kernels.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench_kernels.add_argument("--approx-topk", action="store_true",
+                               help="also time TopK with int8 top-k candidates re-ranked exactly, and report its recall")
     bench_kernels.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_kernels.set_defaults(run=cmd_bench_kernels)
     bench_sae = bench.add_parser("sae", help="planted-feature recovery (MCC, MMCS, dead latents) per architecture")
@@ -547,7 +549,8 @@ def cmd_bench_kernels(args) -> None:
         raise WorkbenchError("--batch, --d-in, --k, --reps, --threads and --latents must be positive")
     if any(args.k > c.n_latents // 8 for c in cases):
         raise WorkbenchError("--k must be at most latents / 8 (Matryoshka's smallest prefix)")
-    rows = run_kernel_benchmark(cases, batch=args.batch, d_in=args.d_in, k=args.k, reps=args.reps, threads=args.threads)
+    rows = run_kernel_benchmark(cases, batch=args.batch, d_in=args.d_in, k=args.k, reps=args.reps, threads=args.threads,
+                                approximate=args.approx_topk)
     _print_rows(rows, args.json)
 
 

@@ -35,6 +35,16 @@ def test_bench_kernels_reports_every_architecture(capsys):
             assert row["x_dense"] == 1.0
 
 
+def test_bench_kernels_approx_topk_adds_a_row_with_its_recall(capsys):
+    args = ["bench", "kernels", "--arch", "topk", "jumprelu", "--batch", "64", "--d-in", "16", "--latents", "256", "--k", "4",
+            "--reps", "1", "--approx-topk", "--json"]
+    assert main(args) == 0
+    rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {f"topk-256/{p}" for p in ("limit", "dense", "fused", "approx")} | {f"jumprelu-256/{p}" for p in ("limit", "dense", "fused")}
+    assert 0.9 <= rows["topk-256/approx"]["recall"] <= 1 and rows["topk-256/fused"]["recall"] is None
+    assert rows["topk-256/approx"]["ms"] > 0 and "recall" not in rows["jumprelu-256/fused"]
+
+
 def test_bench_kernels_rejects_unknown_architecture(capsys):
     assert main(["bench", "kernels", "--arch", "topkk"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown architecture 'topkk'")

@@ -336,3 +336,49 @@ def test_two_ranks_select_what_one_process_selects_on_tied_rows(tmp_path):
     for name in ("batch", "column"):
         keys = lambda d: sorted(zip(d[f"{name}.rows"].tolist(), d[f"{name}.latents"].tolist()))  # noqa: E731
         assert keys({k: torch.cat([p[k] for p in parts]) for k in parts[0]}) == keys(one), name
+
+
+def _random_encoder(n=64, d=48, m=512, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    return x, (torch.randn(m, d, generator=g, dtype=dtype) / d**0.5).requires_grad_(), (0.1 * torch.randn(m, generator=g, dtype=dtype)).requires_grad_()
+
+
+def test_int8_scores_approximate_the_preactivations():
+    from workbench.kernels.approx import Int8Encoder
+
+    x, w, b = _random_encoder()
+    exact = (x @ w.t() + b).detach()
+    approx = Int8Encoder.of(w.detach()).scores(x, b.detach(), torch.empty_like(exact))
+    assert float((approx - exact).abs().max()) < 0.03 * float(exact.abs().max())  # int8 rounding of both sides
+    assert float((approx - exact).abs().max()) > 0  # and it is an approximation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows_per_pass", [None, 16])
+def test_approximate_top_k_keeps_exact_values_and_recalls_the_top_k(dtype, rows_per_pass, monkeypatch):
+    if rows_per_pass:
+        monkeypatch.setattr(encode_module, "ROWS_PER_PASS", rows_per_pass)
+    x, w, b = _random_encoder(dtype=dtype)
+    codes = encode_topk(x, w, b, 8, approximate=True)
+    exact_pre = (x @ w.t() + b).detach()
+    torch.testing.assert_close(codes.values.detach(), exact_pre.gather(1, codes.indices))  # exact fp values
+    want = exact_pre.topk(8, dim=1).indices
+    recall = (codes.indices[:, :, None] == want[:, None, :]).any(-1).float().mean()
+    assert recall >= 0.99
+
+
+def test_approximate_top_k_trains_like_the_exact_one_when_it_selects_the_same(monkeypatch):
+    """Same selection -> same values and the same sparse gradients; the eager twin (dense
+    pre-activations, the same int8 candidates) agrees too."""
+    results = {}
+    for name, mode, approximate in (("exact", "torch", False), ("approx", "torch", True), ("approx eager", "eager", True)):
+        monkeypatch.setenv("WORKBENCH_KERNELS", mode)
+        x, w, b = _random_encoder(dtype=torch.float64)
+        codes = encode_topk(x, w, b, 8, approximate=approximate, aux_k=4, aux_mask=torch.arange(512) % 5 == 0)
+        (codes.values.relu().pow(2).sum() + codes.extra.values.pow(2).sum()).backward()
+        order = codes.indices.sort(dim=1)
+        results[name] = [order.values, codes.values.gather(1, order.indices), w.grad, b.grad]
+    for name in ("approx", "approx eager"):
+        for got, want in zip(results[name], results["exact"]):
+            torch.testing.assert_close(got, want)

@@ -10,7 +10,9 @@ backward -> fused Adam. JumpReLU's threshold starts where k latents per token fi
 average. Peak memory is sampled from the process RSS in one more, untimed step per case
 (allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS), plus the
 persistent state (weights, Adam moments, the fused encoder's reused pre-activation buffer).
-`mem_budget_mb` = dense pre-activation buffer + weights + Adam moments.
+`mem_budget_mb` = dense pre-activation buffer + weights + Adam moments. With --approx-topk the
+TopK cases add a fourth, `approx`: the fused step with int8 top-k candidates re-ranked exactly,
+and its recall of the exact top-k.
 """
 
 from __future__ import annotations
@@ -64,10 +66,10 @@ DEFAULT_CASES = (
 class _Step:
     """One architecture's parameters, optimizer and training step."""
 
-    def __init__(self, arch: str, x: torch.Tensor, n_latents: int, k: int, seed: int):
+    def __init__(self, arch: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False):
         g = torch.Generator().manual_seed(seed)
         d = x.shape[1]
-        self.arch, self.x, self.k = arch, x, k
+        self.arch, self.x, self.k, self.approximate = arch, x, k, approximate
         w = torch.randn(n_latents, d, generator=g) / d**0.5
         if arch == "codebook":
             self.params = {"codebook": w.requires_grad_()}
@@ -101,8 +103,10 @@ class _Step:
             # the threshold's L0 pseudo-gradient lives on the near-threshold window only
             l0 = -(p["threshold"][window.flat_indices()] / 0.01).sum() / x.shape[0]
             return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean() + 1e-3 * l0
-        encode = encode_batch_topk if self.arch == "batchtopk" else encode_topk
-        codes = encode(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"])  # encodes x - b_dec, as the SAEs do
+        if self.arch == "batchtopk":
+            codes = encode_batch_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"])  # encodes x - b_dec, as the SAEs do
+        else:
+            codes = encode_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=self.approximate)
         codes = codes.with_values(codes.values.relu())
         if self.arch == "matryoshka":
             m = codes.n_latents
@@ -124,36 +128,31 @@ class _Step:
 
 
 def run_kernel_benchmark(
-    cases=DEFAULT_CASES, batch: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0
+    cases=DEFAULT_CASES, batch: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0,
+    approximate: bool = False,
 ) -> list[dict]:
+    """Rows per case: limit, dense, fused; with `approximate`, TopK cases add `approx` (int8
+    candidates, `workbench.kernels.approx`) and its top-k recall against the exact selection."""
     torch.set_num_threads(threads)
     x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed))
     rows = []
     for case in cases:
-        rows += _bench_case(case, x, k, reps, seed)
+        rows += _bench_case(case, x, k, reps, seed, approximate and case.arch == "topk")
         gc.collect()
     return rows
 
 
-def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int) -> list[dict]:
-    dense, fused = _Step(case.arch, x, case.n_latents, k, seed), _Step(case.arch, x, case.n_latents, k, seed)
-
-    def run_dense():
-        with use_kernels("eager"):
-            dense()
-
-    def run_fused():
-        with use_kernels("auto"):
-            fused()
-
-    runs = {"limit": fused.limit, "dense": run_dense, "fused": run_fused}
+def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int, approximate: bool) -> list[dict]:
+    steps = {"dense": _Step(case.arch, x, case.n_latents, k, seed), "fused": _Step(case.arch, x, case.n_latents, k, seed)}
+    if approximate:
+        steps["approx"] = _Step(case.arch, x, case.n_latents, k, seed, approximate=True)
+    runs = {"limit": steps["fused"].limit, **{path: _in_mode(step, path) for path, step in steps.items()}}
+    recall = _top_k_recall(steps["approx"], k) if approximate else None
     times = {name: median(t) for name, t in interleaved(runs, reps).items()}
-    memory = {
-        "limit": _peak_bytes(fused.limit),
-        "dense": _peak_bytes(run_dense) + dense.persistent_bytes(),
-        "fused": _peak_bytes(run_fused) + fused.persistent_bytes() + release_workspace(),
-    }
-    budget = x.shape[0] * case.n_latents * x.element_size() + fused.persistent_bytes()
+    memory = {"limit": _peak_bytes(runs["limit"])}
+    for path, step in steps.items():
+        memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes() + release_workspace()
+    budget = x.shape[0] * case.n_latents * x.element_size() + steps["fused"].persistent_bytes()
     return [
         {
             "name": f"{case.name}/{path}",
@@ -163,9 +162,30 @@ def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed:
             "x_dense": times[path] / times["dense"],
             "peak_mb": memory[path] / 2**20,
             "mem_budget_mb": budget / 2**20,
+            **({"recall": recall if path == "approx" else None} if approximate else {}),
         }
-        for path in ("limit", "dense", "fused")
+        for path in runs
     ]
+
+
+def _in_mode(step: _Step, path: str) -> Callable[[], None]:
+    mode = "eager" if path == "dense" else "auto"
+
+    def run() -> None:
+        with use_kernels(mode):
+            step()
+
+    return run
+
+
+@torch.no_grad()
+def _top_k_recall(step: _Step, k: int) -> float:
+    """The share of the exact per-row top-k latents that the approximate selection keeps."""
+    p = step.params
+    with use_kernels("auto"):
+        approximate = encode_topk(step.x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=True).indices
+    exact = torch.addmm(p["b_enc"], step.x - p["b_dec"], p["w_enc"].t()).topk(k, dim=1).indices
+    return float((approximate[:, :, None] == exact[:, None, :]).any(-1).float().mean())
 
 
 def _peak_bytes(fn: Callable[[], None]) -> int:

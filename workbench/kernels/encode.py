@@ -15,29 +15,71 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from workbench.kernels import select
+from workbench.kernels import approx, select
 from workbench.kernels.autograd import PreactsAt
 from workbench.kernels.backend import is_eager, sparse_ops
 from workbench.kernels.codes import KernelInputError, SparseCodes, stack_rows
 from workbench.kernels.pattern import pattern_of
 
 
+class _Batch:
+    """What a selection's `finish` may ask of the batch: exact pre-activations of whole rows or
+    at given entries. Fused: recomputed from x; eager: read from the dense pre-activations."""
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], dense: Optional[Tensor] = None):
+        self.x, self.weight, self.bias, self.dense = x, weight, bias, dense
+
+    def full_rows(self, rows: Tensor) -> Tensor:
+        return self.dense[rows] if self.dense is not None else _dense_preacts(self.x[rows], self.weight, self.bias)
+
+    def values_at(self, codes: SparseCodes) -> Tensor:
+        if self.dense is not None:
+            return self.dense[codes.row_ids(), codes.flat_indices()].view_as(codes.indices)
+        values = sparse_ops(self.x.device).gather_dot(pattern_of(codes), self.x, self.weight)
+        values = values + self.bias[codes.flat_indices()] if self.bias is not None else values
+        return values.view_as(codes.indices)
+
+
 @dataclass(frozen=True)
 class _Selection:
-    """How an encoder chooses entries. `rows` runs on each pass's block of pre-activations
-    [rows, m]; `finish` turns the blocks' results (in row order) into SparseCodes, given a
-    function that recomputes some rows' full pre-activations. `whole_batch` selections see the
-    batch in one block."""
+    """How an encoder chooses entries. `rows` runs on each pass's block of scores [rows, m] (the
+    exact pre-activations, or `scores(x_block, out)` when given: a cheaper approximation);
+    `finish` turns the blocks' results (in row order) into SparseCodes with exact values,
+    asking the `_Batch` for any it needs. `whole_batch` selections see the batch in one block."""
     rows: Callable[[Tensor], Any]
-    finish: Callable[[list, Callable[[Tensor], Tensor]], SparseCodes] = lambda parts, full_rows: stack_rows(parts)
+    finish: Callable[[list, _Batch], SparseCodes] = lambda parts, batch: stack_rows(parts)
     whole_batch: bool = False
+    scores: Optional[Callable[[Tensor, Tensor], Tensor]] = None
 
 
 def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
-                shift: Optional[Tensor] = None) -> SparseCodes:
+                shift: Optional[Tensor] = None, approximate: bool = False) -> SparseCodes:
     """Per-row top-k. With aux_k and aux_mask (bool [m], e.g. dead latents), `extra` holds each
-    row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder."""
-    return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.top_k(pre, k)), aux_k, aux_mask), shift)
+    row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder.
+    `approximate`: candidates from an int8 matmul, re-ranked exactly (`workbench.kernels.approx`)."""
+    selection = _Selection(lambda pre: select.top_k(pre, k))
+    if approximate and approx.supported(x, weight):
+        selection = _approximate_top_k(weight, bias, k)
+    return _encode(x, weight, bias, _with_aux(selection, aux_k, aux_mask), shift)
+
+
+def _approximate_top_k(weight: Tensor, bias: Optional[Tensor], k: int) -> _Selection:
+    int8 = approx.Int8Encoder.of(weight.detach())
+    candidates = min(weight.shape[0], approx.CANDIDATES_PER_K * k)
+    return _Selection(lambda scores: select.top_k(scores, candidates), lambda parts, batch: _rerank(stack_rows(parts), batch, k),
+                      scores=lambda x_block, out: int8.scores(x_block, None if bias is None else bias.detach(), out))
+
+
+def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
+    """The k entries of each row's candidate list (the same count in every row) with the largest
+    exact pre-activations, fixed-k."""
+    n = listed.n_rows
+    if listed.nnz == 0:
+        return listed
+    indices = listed.indices.reshape(n, -1)
+    exact = batch.values_at(SparseCodes(indices, indices.to(batch.x.dtype), listed.n_latents))
+    values, where = exact.topk(min(k, indices.shape[1]), dim=1, sorted=False)
+    return SparseCodes(indices.gather(1, where), values, listed.n_latents)
 
 
 def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
@@ -45,9 +87,9 @@ def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
     """The N * k largest pre-activations of the batch (k per row on average), as CSR; AuxK's
     selection in `extra` as for `encode_topk`. Each pass keeps its rows' candidates; the cut
     over the batch comes after the last pass."""
-    def finish(parts, full_rows):
+    def finish(parts, batch):
         values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        return select.batch_top_k_of(values, indices, k, weight.shape[0], full_rows)
+        return select.batch_top_k_of(values, indices, k, weight.shape[0], batch.full_rows)
 
     return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask), shift)
 
@@ -61,11 +103,15 @@ def encode_feature_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], per
 def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor]) -> _Selection:
     if not aux_k or aux_mask is None:
         return selection
-    return _Selection(
-        rows=lambda pre: (selection.rows(pre), select.masked_top_k(pre, aux_k, aux_mask)),
-        finish=lambda parts, full_rows: replace(selection.finish([p[0] for p in parts], full_rows), extra=stack_rows([p[1] for p in parts])),
-        whole_batch=selection.whole_batch,
-    )
+    approximate = selection.scores is not None  # list more candidates, re-rank them exactly
+    listed = aux_k * approx.CANDIDATES_PER_K if approximate else aux_k
+
+    def finish(parts: list, batch: _Batch) -> SparseCodes:
+        extra = stack_rows([p[1] for p in parts])
+        return replace(selection.finish([p[0] for p in parts], batch), extra=_rerank(extra, batch, aux_k) if approximate else extra)
+
+    return _Selection(lambda pre: (selection.rows(pre), select.masked_top_k(pre, listed, aux_mask)), finish,
+                      selection.whole_batch, selection.scores)
 
 
 def encode_threshold(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *, window: float = 0.0,
@@ -103,14 +149,18 @@ def _encode(x: Tensor, weight: Tensor, bias: Optional[Tensor], selection: _Selec
     if is_eager():
         pre = _dense_preacts(x if shift is None else x - shift, weight, bias)
         dense = pre.detach()
-        return _gathered(selection.finish([selection.rows(dense)], lambda rows: dense[rows]), pre)
+        scores = dense if selection.scores is None else selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
+        return _gathered(selection.finish([selection.rows(scores)], _Batch(x, weight, bias, dense)), pre)
     centred = (x if shift is None else x - shift.detach()).contiguous()
     with torch.no_grad():
         n, step = x.shape[0], x.shape[0] if selection.whole_batch else ROWS_PER_PASS
         buffer = _workspace(min(n, step), weight.shape[0], x)
-        parts = [selection.rows(_dense_preacts(centred[start:start + step], weight, bias, out=buffer[:min(step, n - start)]))
-                 for start in range(0, n, step)]
-        chosen = selection.finish(parts, lambda rows: _dense_preacts(centred[rows], weight, bias))
+        parts = []
+        for start in range(0, n, step):
+            block, out = centred[start:start + step], buffer[:min(step, n - start)]
+            scores = _dense_preacts(block, weight, bias, out=out) if selection.scores is None else selection.scores(block, out)
+            parts.append(selection.rows(scores))
+        chosen = selection.finish(parts, _Batch(centred, weight, bias))
     return _differentiable(chosen, centred, weight, bias, shift)
 
 
