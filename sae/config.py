@@ -43,6 +43,8 @@ class DictionaryConfig:
     """codebook: similarity that picks the codes, cosine or dot."""
     aggregate: str = "sum"
     """codebook: the chosen codes' sum or mean replaces the activation."""
+    approx_topk: bool = False
+    """topk: training selects from int8-matmul candidates re-ranked exactly (`workbench.kernels.approx`); inference stays exact."""
 
     def __post_init__(self):
         if self.d_in < 0 or self.n_latents < 0:

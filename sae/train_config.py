@@ -58,6 +58,8 @@ class TrainConfig:
     """jumprelu: rectangle-kernel width of the threshold pseudo-gradient."""
     prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     """matryoshka: nested widths as fractions of n_latents."""
+    approx_topk: bool = False
+    """topk: training picks each token's candidates with an int8 encoder matmul and keeps the k with the largest exact pre-activations (faster at >= 65k latents; recall: workbench bench kernels --approx-topk)."""
     resample_every: int = 0
     """Steps between resamplings of useless latents (see sae.resample); 0 disables it."""
     resample_until: float = 0.5
@@ -110,7 +112,7 @@ class TrainConfig:
         return DictionaryConfig(
             architecture=architecture, d_in=d_in, n_latents=n_latents, k=k, aux_k=self.aux_k, aux_coef=self.aux_coef,
             l1_coef=self.l1_coef, target_l0=self.target_l0, bandwidth=self.bandwidth, prefixes=self.prefixes,
-            metric=self.metric,
+            metric=self.metric, approx_topk=self.approx_topk,
         )
 
     def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":

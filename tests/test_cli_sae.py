@@ -224,3 +224,17 @@ def test_train_into_a_full_or_read_only_disk_is_one_line_and_leaves_nothing_comp
                            "--out", str(out), "--quiet")
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not list(out.rglob("config.json")) and not list(out.rglob("weights.safetensors")) and not list(out.rglob("*.tmp"))
+
+
+def test_train_with_approx_topk_matches_exact_training(capsys, cache, tmp_path):
+    """--approx-topk changes only how candidates are found: the run records it, and its FVU
+    lands where exact TopK's does (int8 candidates, re-ranked on exact pre-activations)."""
+    rows = {}
+    for flag in ("--no-approx-topk", "--approx-topk"):
+        code, out, _ = run_cli(capsys, "train", "--cache", str(cache), "--k", "4", "--expansion", "2", "--batch-size", "512",
+                               flag, "--out", str(tmp_path / flag), "--quiet", "--json")
+        assert code == 0
+        rows[flag] = json.loads(out.splitlines()[0])
+    meta = json.loads((tmp_path / "--approx-topk" / "topk-k4-x2" / "config.json").read_text())
+    assert meta["dictionary"]["approx_topk"] is True
+    assert rows["--approx-topk"]["fvu"] == pytest.approx(rows["--no-approx-topk"]["fvu"], rel=0.05)

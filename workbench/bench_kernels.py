@@ -7,9 +7,10 @@ For each architecture three cases run interleaved in one process (medians over `
 - fused: the same step on the sparse kernels.
 A step is encode -> activation -> decode -> MSE (+ the architecture's extra terms) ->
 backward -> fused Adam. JumpReLU's threshold starts where k latents per token fire on
-average. Peak memory is sampled from the process RSS in one more, untimed step per case
-(allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS), plus the
-persistent state (weights, Adam moments, the fused encoder's reused pre-activation buffer).
+average. Peak memory is sampled from the process RSS in one more, untimed step per path
+(allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS; the fused encoder's
+reused pre-activation buffer is released first, so the step allocates it again), plus the
+persistent state (weights, Adam moments).
 `mem_budget_mb` = dense pre-activation buffer + weights + Adam moments. With --approx-topk the
 TopK cases add a fourth, `approx`: the fused step with int8 top-k candidates re-ranked exactly,
 and its recall of the exact top-k.
@@ -151,7 +152,8 @@ def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed:
     times = {name: median(t) for name, t in interleaved(runs, reps).items()}
     memory = {"limit": _peak_bytes(runs["limit"])}
     for path, step in steps.items():
-        memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes() + release_workspace()
+        release_workspace()  # each path's measured step allocates the buffers it uses
+        memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes()
     budget = x.shape[0] * case.n_latents * x.element_size() + steps["fused"].persistent_bytes()
     return [
         {
