@@ -76,8 +76,7 @@ def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
     n = listed.n_rows
     if listed.nnz == 0:
         return listed
-    indices = listed.indices.reshape(n, -1)
-    exact = batch.values_at(SparseCodes(indices, indices.to(batch.x.dtype), listed.n_latents))
+    indices, exact = listed.indices.reshape(n, -1), batch.values_at(listed).reshape(n, -1)
     values, where = exact.topk(min(k, indices.shape[1]), dim=1, sorted=False)
     return SparseCodes(indices.gather(1, where), values, listed.n_latents)
 
