@@ -185,20 +185,20 @@ def aux_k_loss(x: Tensor, x_hat: Tensor, aux_codes: SparseCodes, W_dec: Tensor) 
     pre-activations still receives a gradient."""
     residual = (x - x_hat).detach()
     estimate = decode(aux_codes, W_dec)
-    return reconstruction_loss(residual, estimate) / _residual_variance(residual)
+    return reconstruction_loss(residual, estimate) / centred_mean_square(residual).clamp_min(1e-12)
 
 
-def _residual_variance(residual: Tensor) -> Tensor:
-    """Σ|e − mean(e)|² / N over the batch; under torchrun, over the whole batch of every rank."""
+def centred_mean_square(rows: Tensor) -> Tensor:
+    """Σ|row − mean|² / N over the batch; under torchrun, over every rank's rows together."""
     from workbench.distributed import all_reduce_sum, world_size
 
     world = world_size()
     if world == 1:
-        return (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
-    n = residual.shape[0] * world
-    total = all_reduce_sum(torch.cat([residual.sum(dim=0), residual.pow(2).sum().reshape(1)]))
+        return (rows - rows.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    n = rows.shape[0] * world
+    total = all_reduce_sum(torch.cat([rows.sum(dim=0), rows.pow(2).sum().reshape(1)]))
     mean = total[:-1] / n
-    return (total[-1] / n - mean.pow(2).sum()).clamp_min(1e-12)
+    return total[-1] / n - mean.pow(2).sum()
 
 
 def relu_values(codes: SparseCodes) -> SparseCodes:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from sae.base import Dictionary, StepContext, StepOutput
+from sae.base import Dictionary, StepContext, StepOutput, centred_mean_square
 from sae.resample import latents_to_resample, resample
 from workbench.distributed import all_reduce_sum, gather_rows, world_size
 from workbench.errors import WorkbenchError
@@ -110,20 +110,13 @@ class Trainee:
     @torch.no_grad()
     def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
         """Loss, FVU, L0 and the step's terms over the whole batch (every rank's share under torchrun)."""
-        residual = (x - out.x_hat).pow(2).sum()
-        fired = (out.codes.flat_values() > 0).sum()
         names = sorted(out.terms)
-        if world_size() == 1:
-            total = (x - x.mean(dim=0)).pow(2).sum()
-            loss, rows = out.loss.detach(), x.shape[0]
-            terms = [out.terms[name] for name in names]
-        else:  # sums over ranks; per-rank means (loss, terms) averaged over the equal shares
-            local = torch.stack([residual, x.pow(2).sum(), fired.to(x.dtype), out.loss.detach(), *[out.terms[n].to(x.dtype) for n in names]])
-            summed = all_reduce_sum(torch.cat([local, x.sum(dim=0)]))
-            world, rows = world_size(), x.shape[0] * world_size()
-            residual, squares, fired, loss = summed[0], summed[1], summed[2], summed[3] / world
-            terms = list(summed[4:4 + len(names)] / world)
-            total = squares - summed[4 + len(names):].pow(2).sum() / rows
+        local = [(x - out.x_hat).pow(2).sum(), (out.codes.flat_values() > 0).sum(), out.loss.detach(), *[out.terms[n] for n in names]]
+        summed = all_reduce_sum(torch.stack([t.double() for t in local]))  # over ranks; identity in one process
+        world, rows = world_size(), x.shape[0] * world_size()
+        residual, fired = summed[0], summed[1]
+        loss, terms = summed[2] / world, list(summed[3:] / world)  # per-rank means over equal shares
+        total = centred_mean_square(x) * rows
         record = {
             "loss": float(loss),
             "fvu": float(residual / total.clamp_min(1e-12)),
