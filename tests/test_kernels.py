@@ -259,8 +259,11 @@ def test_bad_inputs_get_one_line_errors(monkeypatch):
     x, w_enc, b_enc, w_dec, b_dec = encoder(N, D, M)
     with pytest.raises(KernelInputError, match="x must be"):
         encode_topk(x[:, :3], w_enc, b_enc, 2)
-    with pytest.raises(KernelInputError, match="k must be in"):
-        encode_topk(x, w_enc, b_enc, M + 1)
+    for approximate in (False, True):
+        with pytest.raises(KernelInputError, match="k must be in"):
+            encode_topk(x, w_enc, b_enc, M + 1, approximate=approximate)
+    with pytest.raises(KernelInputError, match="shift must be"):
+        encode_topk(x, w_enc, b_enc, 2, shift=b_dec[:3])
     with pytest.raises(KernelInputError, match="bias must be"):
         decode(fixed_codes(N, M, 2), w_dec, b_enc)
     with pytest.raises(KernelInputError, match="need weight"):

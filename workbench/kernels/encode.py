@@ -64,6 +64,7 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, au
 
 
 def _approximate_top_k(weight: Tensor, bias: Optional[Tensor], k: int) -> _Selection:
+    select.check_k(k, weight.shape[0])  # candidates are capped at m: k itself must fit
     int8 = approx.Int8Encoder.of(weight.detach())
     candidates = min(weight.shape[0], approx.CANDIDATES_PER_K * k)
     return _Selection(lambda scores: select.top_k(scores, candidates), lambda parts, batch: _rerank(stack_rows(parts), batch, k),

@@ -13,9 +13,13 @@ from workbench.distributed import all_reduce_sum, gather_rows, rank_index, world
 from workbench.kernels.codes import KernelInputError, SparseCodes, csr_offsets, row_ids_of
 
 
+def check_k(k: int, m: int, what: str = "top-k") -> None:
+    if not 0 < k <= m:
+        raise KernelInputError(f"{what}: k must be in [1, {m}], got {k}")
+
+
 def top_k(pre: Tensor, k: int) -> SparseCodes:
-    if not 0 < k <= pre.shape[1]:
-        raise KernelInputError(f"top-k: k must be in [1, {pre.shape[1]}], got {k}")
+    check_k(k, pre.shape[1])
     values, indices = pre.topk(k, dim=1, sorted=False)
     return SparseCodes(indices, values, pre.shape[1])
 
@@ -62,8 +66,7 @@ def batch_candidates(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     candidates cost 80% more than the row's top-k; a row owning more than 2k of the batch's
     entries is rare and recomputed in full.)"""
     m = pre.shape[1]
-    if not 0 < k <= m:
-        raise KernelInputError(f"batch top-k: k must be in [1, {m}], got {k}")
+    check_k(k, m, "batch top-k")
     return pre.topk(min(m, 2 * k), dim=1, sorted=False)
 
 
