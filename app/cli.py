@@ -217,7 +217,7 @@ def cmd_cache(args) -> None:
 
     from workbench.distributed import ranks
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if _wants_torchrun(args):
         return _relaunch_under_torchrun(args)
     config = config_from_args(CacheConfig, args)
     started = time.time()
@@ -238,6 +238,13 @@ def cmd_cache(args) -> None:
         "seconds": round(time.time() - started, 1),
     }
     _print_summary(summary, args.json)
+
+
+def _wants_torchrun(args) -> bool:
+    """--nproc N > 1 outside torchrun: this process launches the ranks instead of working."""
+    if args.nproc < 1:
+        raise WorkbenchError(f"--nproc must be at least 1, got {args.nproc}")
+    return args.nproc > 1 and "WORLD_SIZE" not in os.environ
 
 
 def _relaunch_under_torchrun(args) -> None:
@@ -264,7 +271,7 @@ def cmd_train(args) -> None:
     from workbench.files import read_json
 
     config = config_from_args(TrainConfig, args)
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if _wants_torchrun(args):
         from sae.train import check_data_parallel
         from workbench.distributed import Ranks
 

@@ -97,7 +97,9 @@ def test_a_killed_two_rank_run_resumes_in_one_process(cache, tmp_path):  # noqa:
     assert max_relative_difference(weights(tmp_path / "whole" / "topk-k8-x4"), weights(out / "topk-k8-x4")) < 1e-5
 
 
-def test_unsupported_architectures_are_refused_before_launching(capsys, cache, tmp_path):  # noqa: F811
+def test_bad_rank_counts_are_refused_before_launching(capsys, cache, tmp_path):  # noqa: F811
     code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 3, "topk")[3:])
     assert code == 2 and err.count("\n") == 1 and "must split evenly over 3 ranks" in err
+    code, _, err = run_cli(capsys, *train_command(cache, tmp_path / "o", 0, "topk")[3:])
+    assert code == 2 and err.count("\n") == 1 and "--nproc must be at least 1" in err
     assert not (tmp_path / "o").exists()
