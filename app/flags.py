@@ -3,7 +3,8 @@
 Each field becomes `--field-name` with the field's type, default and docstring (the string
 literal under the field) as help. `tuple[str, ...]` fields take one or more values and may be
 repeated; their singular form is an alias (`--hooks a b` == `--hook a --hook b`). Their values may also be
-comma-separated (`--k 16,32`). `bool` fields get `--x/--no-x`. `--config FILE.json` loads a saved config as the defaults, so
+comma-separated (`--k 16,32`). A class may give a field extra flag names in `FLAG_ALIASES`
+(`--from` for `from_activations`). `bool` fields get `--x/--no-x`. `--config FILE.json` loads a saved config as the defaults, so
 `workbench cache --config runs/x/config.json` reproduces a run and flags still override it.
 """
 
@@ -47,18 +48,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
+        aliases = tuple(getattr(cls, "FLAG_ALIASES", {}).get(field.name, ()))
         kind = hints[field.name]
         help_text = (docs.get(field.name, "") + _show_default(field.default)).replace("%", "%%")
         if kind is bool:
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, *aliases, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is tuple:
             (item, _) = typing.get_args(kind)
-            names = [flag] + ([flag[:-1]] if flag.endswith("s") else [])
+            names = [flag, *aliases] + ([flag[:-1]] if flag.endswith("s") else [])
             group.add_argument(*names, dest=field.name, type=_comma_list(item), nargs="+", action="extend",
                                default=argparse.SUPPRESS, metavar=_singular(field.name).upper(), help=help_text)
         else:
-            group.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
+            group.add_argument(flag, *aliases, dest=field.name, type=kind, default=argparse.SUPPRESS,
                                metavar=field.name.upper(), help=help_text)
 
 

@@ -49,6 +49,7 @@ ENCODERS = {
     "topk k=1": lambda x, w, b: encode_topk(x, w, b, 1),
     "topk k=m": lambda x, w, b: encode_topk(x, w, b, M),
     "topk + aux": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0),
+    "topk + aux on every 2nd row": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0, aux_stride=2),
     "batch topk": lambda x, w, b: encode_batch_topk(x, w, b, 3),
     "batch topk + aux": lambda x, w, b: encode_batch_topk(x, w, b, 2, aux_k=2, aux_mask=torch.arange(M) % 2 == 1),
     # row 1 owns more than its 2 candidates: the second round recomputes it in full
@@ -99,6 +100,40 @@ def test_triton_backend_equals_eager_twin(monkeypatch):
     need("triton", "triton")
     for name in ("topk + aux", "batch topk", "threshold + window"):
         assert_matches_eager_twin("triton", name, monkeypatch)
+
+
+@pytest.mark.parametrize("batch", [encode_topk, encode_batch_topk])
+def test_strided_aux_selects_on_every_sth_row_what_the_full_selection_does(batch, monkeypatch):
+    """AuxK on rows 0, s, 2s, ... (issue 16: 12x the main decode at aux_k 384) is the full
+    selection's rows there, and nothing elsewhere."""
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    x, w_enc, b_enc, _, _ = encoder(N, D, M)
+    dead = torch.arange(M) % 2 == 0
+    full = batch(x, w_enc, b_enc, 2, aux_k=3, aux_mask=dead).extra.to_csr()
+    strided = batch(x, w_enc, b_enc, 2, aux_k=3, aux_mask=dead, aux_stride=2).extra
+    assert strided.n_rows == N and strided.l0().tolist() == [3, 0, 3, 0, 3, 0]
+    for row in range(0, N, 2):
+        take = lambda c: sorted(zip(c.indices[c.offsets[row]:c.offsets[row + 1]].tolist(),  # noqa: E731
+                                    c.values[c.offsets[row]:c.offsets[row + 1]].tolist()))
+        assert take(strided) == take(full)
+    with pytest.raises(KernelInputError, match="aux_stride must divide"):
+        encode_topk(x, w_enc, b_enc, 2, aux_k=3, aux_mask=dead, aux_stride=3)
+
+
+def test_approximate_top_k_keeps_rows_whose_exact_values_are_zero(monkeypatch):
+    """Re-ranking counted a row's candidates by its nonzero values, so an all-zero input row
+    shifted every later row's entries (found in review)."""
+    monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 32, generator=g), torch.randn(64, 32, generator=g)
+    x[3] = 0
+    codes = encode_topk(x, w, None, 4, approximate=True)
+    assert codes.n_rows == 16 and codes.nnz == 64 and codes.row_offsets().diff().tolist() == [4] * 16
+    exact = (x @ w.t()).topk(4, dim=1).indices
+    for row in (4, 9, 15):  # rows after the zero row keep their own latents
+        assert sorted(codes.to_csr().indices[4 * row:4 * row + 4].tolist()) == sorted(exact[row].tolist())
+    strided = encode_topk(x, w, None, 2, approximate=True, aux_k=3, aux_mask=torch.arange(64) % 2 == 0, aux_stride=2).extra
+    assert strided.row_offsets().diff().tolist() == [3, 0] * 8
 
 
 def test_aux_selection_trains_the_encoder(monkeypatch):

@@ -22,6 +22,7 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 from typing import Callable
 
@@ -66,11 +67,17 @@ class CacheConfig:
     seed: int = 0
     """Seeds which windows are taken and their order."""
     validation_fraction: float = 0.02
-    """Fraction of the corpus held out as the validation split."""
+    """Fraction of the corpus held out as the validation split (with --from: of the rows, held out for eval)."""
     out: str = ""
-    """Output folder; empty means runs/cache-<model>-<corpus>-<split>."""
+    """Output folder; empty means runs/cache-<model>-<corpus>-<split> (runs/cache-<file> with --from)."""
+    from_activations: str = ""
+    """Activations you bring instead of a model: FILE.npy, FILE.safetensors or a FOLDER of them, rows [N, d]; a cache without token windows (every row is taken, --validation-fraction of them held out for eval; see workbench.imported)."""
+
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"from_activations": ("--from",)}
 
     def __post_init__(self):
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.split not in ("train", "validation"):
@@ -98,6 +105,10 @@ class CacheConfig:
     def output_dir(self) -> Path:
         if self.out:
             return Path(self.out)
+        if self.from_activations:
+            from workbench.imported import default_output_dir
+
+            return default_output_dir(self.from_activations)
         slug = "-".join(_slug(part) for part in (self.model, self.corpus, self.split))
         return DEFAULT_RUNS_DIR / f"cache-{slug}"
 
@@ -105,6 +116,8 @@ class CacheConfig:
         """Everything that determines the cache's bytes (not where it is written)."""
         fields = asdict(self)
         fields.pop("out")
+        if not fields["from_activations"]:  # caches written before --from existed keep their identity
+            fields.pop("from_activations")
         fields["hooks"] = list(fields["hooks"])
         return fields
 
@@ -133,6 +146,10 @@ def select_windows(config: CacheConfig, model) -> torch.Tensor:
 
 def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
     """Write (or resume, or confirm complete) the cache `config` describes; return its folder."""
+    if config.from_activations:
+        from workbench.imported import import_activations, imported_config
+
+        return import_activations(imported_config(config), progress)
     out = config.output_dir()
     state = _resume_state(out, config)
     if state == "complete":

@@ -23,7 +23,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,29 +128,42 @@ class _Step:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+ExtraPaths = Callable[[KernelBenchCase, torch.Tensor, int], dict[str, Callable[[], None]]]
+
+
 def run_kernel_benchmark(
     cases=DEFAULT_CASES, batch: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0,
-    approximate: bool = False,
+    approximate: bool = False, extra_paths: Optional[ExtraPaths] = None,
 ) -> list[dict]:
     """Rows per case: limit, dense, fused; with `approximate`, TopK cases add `approx` (int8
-    candidates, `workbench.kernels.approx`) and its top-k recall against the exact selection."""
+    candidates, `workbench.kernels.approx`) and its top-k recall against the exact selection.
+    `extra_paths(case, x, k)` may add more steps to a case (name -> callable), interleaved with
+    the others, so their ratios to the limit come from the same rounds (the trainer's real step,
+    `sae.bench_step`)."""
     torch.set_num_threads(threads)
-    x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed))
+    x = bench_inputs(batch, d_in, seed)
     rows = []
     for case in cases:
-        rows += _bench_case(case, x, k, reps, seed, approximate and case.arch == "topk")
+        extra = extra_paths(case, x, k) if extra_paths is not None else {}
+        rows += _bench_case(case, x, k, reps, seed, approximate and case.arch == "topk", extra)
         gc.collect()
     return rows
 
 
-def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int, approximate: bool) -> list[dict]:
+def bench_inputs(batch: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    """The benchmark's activations [batch, d_in] (standard normal, seeded)."""
+    return torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int, approximate: bool,
+                extra: Optional[dict[str, Callable[[], None]]] = None) -> list[dict]:
     steps = {"dense": _Step(case.arch, x, case.n_latents, k, seed), "fused": _Step(case.arch, x, case.n_latents, k, seed)}
     if approximate:
         steps["approx"] = _Step(case.arch, x, case.n_latents, k, seed, approximate=True)
-    runs = {"limit": steps["fused"].limit, **{path: _in_mode(step, path) for path, step in steps.items()}}
+    runs = {"limit": steps["fused"].limit, **{path: _in_mode(step, path) for path, step in steps.items()}, **(extra or {})}
     recall = _top_k_recall(steps["approx"], k) if approximate else None
     times = {name: median(t) for name, t in interleaved(runs, reps).items()}
-    memory = {"limit": _peak_bytes(runs["limit"])}
+    memory: dict[str, Optional[int]] = {"limit": _peak_bytes(runs["limit"]), **{name: None for name in extra or {}}}
     for path, step in steps.items():
         release_workspace()  # each path's measured step allocates the buffers it uses
         memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes()
@@ -162,7 +175,7 @@ def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed:
             "tokens_per_s": x.shape[0] / times[path],
             "x_limit": times[path] / times["limit"],
             "x_dense": times[path] / times["dense"],
-            "peak_mb": memory[path] / 2**20,
+            "peak_mb": memory[path] / 2**20 if memory[path] is not None else None,
             "mem_budget_mb": budget / 2**20,
             **({"recall": recall if path == "approx" else None} if approximate else {}),
         }

@@ -55,6 +55,10 @@ class Manifest:
     bos_token_id: int
     tokens_sha256: str
     config: dict
+    has_tokens: bool = True
+    """False for a cache of activations the user brought (`workbench cache --from`): no token windows."""
+    held_out: tuple[float, int] = (0.0, 0)
+    """(fraction, seed) of rows held out for evaluation (caches made with --from only)."""
 
     @classmethod
     def parse(cls, obj: dict, where: str) -> "Manifest":
@@ -70,8 +74,15 @@ class Manifest:
         if not hooks_obj:
             raise CacheError(f"{where}: no hooks")
         hooks = {str(h): _parse_hook(h, spec, context * n_windows, where) for h, spec in hooks_obj.items()}
+        has_tokens = obj.get("has_tokens", True)
+        if not isinstance(has_tokens, bool) or (not has_tokens and context != 1):
+            raise CacheError(f"{where}: field 'has_tokens' must be true, or false with context_length 1")
+        held = get("held_out", dict) if not has_tokens else {"fraction": 0.0, "seed": 0}
+        fraction, seed = held.get("fraction"), held.get("seed")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1 or not isinstance(seed, int):
+            raise CacheError(f"{where}: field 'held_out' must hold a fraction in [0, 1) and an integer seed")
         return cls(get("model", str), hooks, dtype, context, n_windows, get("bos_token_id", int),
-                   get("tokens_sha256", str), get("config", dict))
+                   get("tokens_sha256", str), get("config", dict), has_tokens, (float(fraction), seed))
 
 
 class _Getter:
@@ -167,8 +178,29 @@ class ActivationCache:
 
     # --- reading ---------------------------------------------------------------------------
     @property
+    def has_tokens(self) -> bool:
+        """False for caches of activations the user brought (`workbench cache --from`)."""
+        return self.manifest.has_tokens
+
+    def require_tokens(self, what: str) -> None:
+        """Refuse, in one line, a consumer that needs token windows on a cache that has none."""
+        if not self.has_tokens:
+            raise CacheError(f"{self.path}: {what} needs token windows, and this cache holds activations only "
+                             "(made with `workbench cache --from`)")
+
+    @property
+    def training_rows(self) -> int:
+        """Rows an epoch of training reads: non-BOS rows, or (--from caches) rows not held out."""
+        if self.has_tokens:
+            return self.manifest.n_windows * (self.context_length - 1)
+        fraction, seed = self.manifest.held_out
+        return self.n_rows - sum(int(held_out_rows(torch.arange(s, min(s + _HELD_BLOCK, self.n_rows)), fraction, seed).sum())
+                                 for s in range(0, self.n_rows, _HELD_BLOCK))
+
+    @property
     def tokens(self) -> Int[Tensor, "n_windows context"]:
         """The token windows, so every activation row maps back to its text."""
+        self.require_tokens("reading its text")
         if self._tokens is None:
             data = self._read_verified(TOKENS_FILE, self.manifest.tokens_sha256)
             self._tokens = data["tokens"]
@@ -216,9 +248,14 @@ class ActivationCache:
 
     def batches(
         self, hook: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-        buffer_rows: int = 1 << 18, skip_bos: bool = True, drop_last: bool = False,
+        buffer_rows: int = 1 << 18, skip_bos: bool = True, drop_last: bool = False, subset: str = "train",
     ) -> Iterator[Batch]:
-        """One epoch of minibatches (see the module docstring); every kept row exactly once."""
+        """One epoch of minibatches (see the module docstring); every kept row exactly once.
+
+        Kept rows: all but BOS positions (`skip_bos`); for caches made with --from, which have
+        no BOS, `subset` picks "train" (rows not held out), "held_out" or "all"."""
+        if subset not in ("train", "held_out", "all"):
+            raise CacheError(f"unknown subset {subset!r}: train, held_out or all")
         if batch_size <= 0:
             raise CacheError(f"batch size must be positive, got {batch_size}")
         spans = self.shard_rows(hook)
@@ -229,8 +266,8 @@ class ActivationCache:
         for index in order:
             x = self.shard(hook, index)
             rows = torch.arange(spans[index][0], spans[index][0] + spans[index][1])
-            if skip_bos:
-                keep = rows % self.context_length != 0
+            keep = self._kept(rows, skip_bos, subset)
+            if keep is not None:
                 x, rows = x[keep], rows[keep]
             pool.append(Batch(x, rows))
             pooled += len(rows)
@@ -239,6 +276,35 @@ class ActivationCache:
             elif not shuffle:
                 pool, pooled = yield from _emit(pool, batch_size, None, keep_fraction=0.0)
         yield from _emit(pool, batch_size, generator if shuffle else None, keep_fraction=0.0, drop_last=drop_last)
+
+
+    def _kept(self, rows: Tensor, skip_bos: bool, subset: str) -> Tensor | None:
+        """bool mask of `rows` to keep, or None for all of them."""
+        if self.has_tokens:
+            return rows % self.context_length != 0 if skip_bos else None
+        if subset == "all":
+            return None
+        held = held_out_rows(rows, *self.manifest.held_out)
+        return held if subset == "held_out" else ~held
+
+
+_HELD_BLOCK = 1 << 16
+
+
+def held_out_rows(rows: Int[Tensor, " n"], fraction: float, seed: int) -> Tensor:
+    """bool [n]: which global rows of a --from cache are held out. Each row draws one uniform
+    from a stream of (seed, its block of 65,536 rows), so the answer depends only on the row index."""
+    from workbench.seeding import generator
+
+    held = torch.zeros(rows.shape, dtype=torch.bool)
+    if fraction <= 0 or rows.numel() == 0:
+        return held
+    blocks = rows // _HELD_BLOCK
+    for block in torch.unique(blocks).tolist():
+        draws = torch.rand(_HELD_BLOCK, generator=generator(seed, "held-out rows", block))
+        mine = blocks == block
+        held[mine] = draws[rows[mine] % _HELD_BLOCK] < fraction
+    return held
 
 
 def _emit(pool: list[Batch], batch_size: int, generator, keep_fraction: float, drop_last: bool = True):

@@ -53,14 +53,16 @@ class _Selection:
 
 
 def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
-                shift: Optional[Tensor] = None, approximate: bool = False) -> SparseCodes:
+                shift: Optional[Tensor] = None, approximate: bool = False, aux_stride: int = 1) -> SparseCodes:
     """Per-row top-k. With aux_k and aux_mask (bool [m], e.g. dead latents), `extra` holds each
-    row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder.
-    `approximate`: candidates from an int8 matmul, re-ranked exactly (`workbench.kernels.approx`)."""
+    row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder;
+    with `aux_stride` s > 1 only rows 0, s, 2s, ... get that selection (the others are empty), so
+    AuxK costs 1/s of its decode. `approximate`: candidates from an int8 matmul, re-ranked
+    exactly (`workbench.kernels.approx`)."""
     selection = _Selection(lambda pre: select.top_k(pre, k))
     if approximate and approx.supported(x, weight):
         selection = _approximate_top_k(weight, bias, k)
-    return _encode(x, weight, bias, _with_aux(selection, aux_k, aux_mask), shift)
+    return _encode(x, weight, bias, _with_aux(selection, aux_k, aux_mask, aux_stride), shift)
 
 
 def _approximate_top_k(weight: Tensor, bias: Optional[Tensor], k: int) -> _Selection:
@@ -72,18 +74,25 @@ def _approximate_top_k(weight: Tensor, bias: Optional[Tensor], k: int) -> _Selec
 
 
 def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
-    """The k entries of each row's candidate list (the same count in every row) with the largest
-    exact pre-activations, fixed-k."""
-    n = listed.n_rows
+    """The k entries of each row's candidate list with the largest exact pre-activations: fixed-k
+    when every row lists the same count; CSR when some rows list none (AuxK on every s-th row)."""
     if listed.nnz == 0:
         return listed
-    indices, exact = listed.indices.reshape(n, -1), batch.values_at(listed).reshape(n, -1)
-    values, where = exact.topk(min(k, indices.shape[1]), dim=1, sorted=False)
-    return SparseCodes(indices.gather(1, where), values, listed.n_latents)
+    counts = listed.row_offsets().diff()  # entries per row (l0() would skip exact zeros)
+    width = int(counts.max())
+    listing = counts > 0
+    if bool((counts[listing] != width).any()):
+        raise KernelInputError("re-ranking needs the same number of candidates in every listed row")
+    indices, exact = listed.indices.reshape(-1, width), batch.values_at(listed).reshape(-1, width)
+    values, where = exact.topk(min(k, width), dim=1, sorted=False)
+    if bool(listing.all()):
+        return SparseCodes(indices.gather(1, where), values, listed.n_latents)
+    offsets = torch.cat([counts.new_zeros(1), (listing.long() * values.shape[1]).cumsum(0)])
+    return SparseCodes(indices.gather(1, where).reshape(-1), values.reshape(-1), listed.n_latents, offsets)
 
 
 def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
-                      shift: Optional[Tensor] = None) -> SparseCodes:
+                      shift: Optional[Tensor] = None, aux_stride: int = 1) -> SparseCodes:
     """The N * k largest pre-activations of the batch (k per row on average), as CSR; AuxK's
     selection in `extra` as for `encode_topk`. Each pass keeps its rows' candidates; the cut
     over the batch comes after the last pass."""
@@ -91,7 +100,7 @@ def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
         values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return select.batch_top_k_of(values, indices, k, weight.shape[0], batch.full_rows)
 
-    return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask), shift)
+    return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask, aux_stride), shift)
 
 
 def encode_feature_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], per_latent: int, *,
@@ -100,17 +109,23 @@ def encode_feature_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], per
     return _encode(x, weight, bias, _Selection(lambda pre: select.column_top_k(pre, per_latent), whole_batch=True), shift)
 
 
-def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor]) -> _Selection:
+def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor], stride: int = 1) -> _Selection:
     if not aux_k or aux_mask is None:
         return selection
+    if stride < 1 or ROWS_PER_PASS % stride:
+        raise KernelInputError(f"aux_stride must divide {ROWS_PER_PASS}, got {stride}")
     approximate = selection.scores is not None  # list more candidates, re-rank them exactly
     listed = aux_k * approx.CANDIDATES_PER_K if approximate else aux_k
+
+    def aux_rows(pre: Tensor) -> SparseCodes:
+        """Each pass starts at a multiple of ROWS_PER_PASS, so block row i is batch row i + start."""
+        return select.strided_rows(select.masked_top_k(pre[::stride], listed, aux_mask), stride, pre.shape[0])
 
     def finish(parts: list, batch: _Batch) -> SparseCodes:
         extra = stack_rows([p[1] for p in parts])
         return replace(selection.finish([p[0] for p in parts], batch), extra=_rerank(extra, batch, aux_k) if approximate else extra)
 
-    return _Selection(lambda pre: (selection.rows(pre), select.masked_top_k(pre, listed, aux_mask)), finish,
+    return _Selection(lambda pre: (selection.rows(pre), aux_rows(pre)), finish,
                       selection.whole_batch, selection.scores)
 
 

@@ -55,6 +55,15 @@ def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
     return SparseCodes(allowed[where].reshape(-1), values.reshape(-1), pre.shape[1], offsets)
 
 
+def strided_rows(codes: SparseCodes, stride: int, n_rows: int) -> SparseCodes:
+    """Codes of rows 0, s, 2s, ... of an n_rows block as CSR over all n_rows (the others empty)."""
+    if stride == 1:
+        return codes
+    codes = codes.to_csr()
+    owner = (torch.arange(n_rows + 1, device=codes.offsets.device) + stride - 1) // stride
+    return SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets[owner.clamp(max=codes.n_rows)])
+
+
 def batch_top_k(pre: Tensor, k: int) -> SparseCodes:
     """The N * k largest entries of the whole batch (BatchTopK), as CSR (see `batch_top_k_of`)."""
     values, indices = batch_candidates(pre, k)
