@@ -85,6 +85,7 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     hook = hook_of(dictionary, None)
     cache = ActivationCache(config.cache or dictionary.meta.get("cache") or _default_cache())
     cache.expect(hook=hook, d=dictionary.d_in)
+    cache.require_tokens("workbench analyze (top examples, contexts, logit effects)")
     model = model or load_model(dictionary.meta.get("model") or cache.model)
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)

@@ -18,14 +18,15 @@ from workbench.kernels import encode_batch_topk, encode_threshold
 
 @register("batchtopk")
 class BatchTopK(_AuxKDictionary):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, generator=None):
+        super().__init__(config, generator)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
     def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
-        return encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec)
+        return encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec,
+                                 aux_stride=self.aux_stride(x.shape[0]))
 
     @torch.no_grad()
     def _observe(self, f):

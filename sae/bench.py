@@ -1,52 +1,101 @@
-"""`workbench bench sae`: planted-feature recovery per architecture (see `sae.synthetic`).
+"""`workbench bench sae`: planted-feature recovery per architecture, scenario and seed.
 
-Every architecture is trained, in one pass over the same generated data, with one recipe:
-width = number of planted features, k = the data's expected L0 (rounded), batch 1024, the
-default learning rate, and resampling of latents firing below 0.2x the mean rate (or
-duplicating a busier latent at cosine > 0.7) every 50 steps for the first 85% of training.
-Scores: Hungarian-matched MCC and MMCS of decoder rows against the planted features, dead
-latents on 16,384 fresh samples, and FVU on them.
+Every architecture is trained with `workbench train`'s defaults (only the architecture, k,
+width, token budget and seed are set: width = the number of planted features, k = the data's
+expected L0 rounded, one pass over `samples`), all of one (scenario, seed) in one read of the
+generated data (`sae.synthetic`). Scenarios:
+    zipf        1,024 features in 256 dims (4x superposition), Zipf firing 0.3 -> 0.01, magnitudes
+                |N(1, 0.25)|, an offset of norm 1 on every sample
+    hierarchy   zipf + 64 parents with 2 children each (a child fires only with its parent): absorption
+    correlated  zipf + features firing in correlated groups of 8 (shared factor weight 0.5)
+    16x         4,096 features in 256 dims (16x superposition), 4,096 latents
+Scores per dictionary, on 65,536 fresh samples: Hungarian-matched MCC, recovered@0.9, MMCS, dead
+latents (never fire), L0, FVU, absorption (hierarchy). The summary gives, per scenario and
+architecture, the mean and worst over seeds.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 
 from sae import io
-from sae.synthetic import PlantedConfig, PlantedFeatures, feature_recovery
+from sae.bench_config import SaeBenchConfig
+from sae.synthetic import PlantedConfig, PlantedFeatures, absorption, feature_recovery, matching
 from sae.train import train
 from sae.train_config import TrainConfig
+from workbench.seeding import generator
 
-RECIPE = {"batch_size": 1024, "resample_every": 50, "resample_until": 0.85, "resample_below": 0.2,
-          "resample_duplicate_cosine": 0.7, "log_every": 50}
+SCENARIOS = {  # the names are listed in sae.bench_config.SCENARIO_NAMES
+    "zipf": PlantedConfig(bias_norm=1.0),
+    "hierarchy": PlantedConfig(bias_norm=1.0, hierarchy=64, children=2),
+    "correlated": PlantedConfig(bias_norm=1.0, correlation=0.5),
+    "16x": PlantedConfig(bias_norm=1.0, n_features=4096),
+}
+EVAL_SAMPLES = 65_536
 
 
-def run_sae_benchmark(archs: list[str], *, samples: int = 2_000_000, n_features: int = 1024, d: int = 256,
-                      seed: int = 0, threads: int = 2, progress: bool = True) -> list[dict]:
-    torch.set_num_threads(threads)
-    data = PlantedFeatures(PlantedConfig(d=d, n_features=n_features, samples=samples, seed=seed))
+def run_sae_benchmark(config: SaeBenchConfig, archs: list[str], progress: bool = True) -> list[dict]:
+    """One row per (scenario, seed, architecture), then one summary row per (scenario, architecture)."""
+    torch.set_num_threads(config.threads)
+    rows = []
+    for scenario in config.scenario:
+        for seed in config.seeds:
+            base = SCENARIOS[scenario]
+            sizes = {"n_features": config.features, "hierarchy": min(base.hierarchy, config.features // 16)} if config.features else {}
+            sizes.update({"d": config.d} if config.d else {})
+            data = PlantedFeatures(replace(base, samples=config.samples, seed=seed, **sizes))
+            rows += [{"scenario": scenario, "seed": seed, **row} for row in _train_and_score(data, archs, seed, progress)]
+    return rows + summarize(rows)
+
+
+def _train_and_score(data: PlantedFeatures, archs: list[str], seed: int, progress: bool) -> list[dict]:
     k = max(1, round(data.config.expected_l0))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(arch=tuple(archs), k=(k,), latents=n_features, seed=seed, out=out, **RECIPE)
+        config = TrainConfig(arch=tuple(archs), k=(k,), latents=data.config.n_features, seed=seed, out=out)
         folders = train(config, source=data, progress=progress)
         seconds = (time.perf_counter() - started) / len(archs)
-        return [_score(io.load(folder), data, seconds) for folder in folders]
+        return [score(io.load(folder), data, seconds) for folder in folders]
 
 
 @torch.no_grad()
-def _score(dictionary, data: PlantedFeatures, seconds: float) -> dict:
-    x, _ = data.generate(16_384, torch.Generator().manual_seed(data.config.seed + 99))
+def score(dictionary, data: PlantedFeatures, seconds: float = 0.0) -> dict:
+    """Recovery, dead latents, L0, FVU and absorption of one trained dictionary."""
+    x, _ = data.generate(EVAL_SAMPLES, generator(data.config.seed, "bench eval"))
     codes = dictionary.encode(x)
     fired = torch.zeros(dictionary.n_latents, dtype=torch.bool)
     fired[codes.flat_indices()[codes.flat_values() > 0]] = True
-    x_hat = dictionary.decode(codes)
-    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    fvu = float((x - dictionary.decode(codes)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     recovery = feature_recovery(dictionary.W_dec, data.features)
+    absorbed = absorption(dictionary, data, matched=matching(dictionary.W_dec, data.features)[1]) if data.pairs else None
     return {"arch": dictionary.architecture, "latents": dictionary.n_latents, "k": dictionary.config.k,
-            "mcc": round(recovery["mcc"], 4), "mmcs": round(recovery["mmcs"], 4),
-            "dead": int((~fired).sum()), "fvu": round(fvu, 4), "l0": round(codes.nnz / x.shape[0], 2),
-            "train_s": round(seconds, 1)}
+            "mcc": round(recovery["mcc"], 4), "recovered_0.9": round(recovery["recovered_0.9"], 4),
+            "mmcs": round(recovery["mmcs"], 4), "dead": int((~fired).sum()), "l0": round(codes.nnz / x.shape[0], 2),
+            "fvu": round(fvu, 4), **({"absorption": round(absorbed, 4)} if absorbed is not None else {}),
+            "train_s": round(seconds, 1), "resampled": int(dictionary.meta.get("metrics", {}).get("resampled_total", 0))}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (scenario, arch): mean and worst over seeds of MCC, recovered@0.9, dead, absorption, seconds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["scenario"], row["arch"]), []).append(row)
+    summary = []
+    for (scenario, arch), group in groups.items():
+        entry = {"scenario": scenario, "seed": "all", "arch": arch, "seeds": len(group),
+                 "mcc": _mean(group, "mcc"), "mcc_worst": min(r["mcc"] for r in group),
+                 "recovered_0.9": _mean(group, "recovered_0.9"), "recovered_worst": min(r["recovered_0.9"] for r in group),
+                 "dead_worst": max(r["dead"] for r in group), "train_s": _mean(group, "train_s")}
+        if all("absorption" in r for r in group):
+            entry["absorption"] = _mean(group, "absorption")
+        summary.append(entry)
+    return summary
+
+
+def _mean(group: list[dict], key: str) -> float:
+    return round(statistics.fmean(r[key] for r in group), 4)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError, StepContext, StepOutput, reconstruction_loss, register
 from sae.resample import latents_to_resample
+from workbench import seeding
 from workbench.distributed import all_reduce_sum, gather_rows
 from workbench.kernels import SparseCodes, codebook_lookup
 
@@ -33,8 +34,8 @@ DUPLICATE_COSINE = 0.95
 class Codebook(Dictionary):
     unit_norm_decoder = False
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, generator=None):
+        super().__init__(config, generator)
         del self.W_enc, self.b_dec  # a codebook has only its codes (W_dec) and no bias
         if config.metric not in ("cosine", "dot") or config.aggregate not in ("sum", "mean"):
             raise DictionaryError(f"codebook: metric must be cosine|dot and aggregate sum|mean, got {config.metric}, {config.aggregate}")
@@ -76,7 +77,7 @@ class Codebook(Dictionary):
         if dead.numel() == 0:
             return
         x, x_hat = gather_rows(x), gather_rows(x_hat)  # under torchrun: the whole batch, on every rank
-        generator = torch.Generator().manual_seed(int(self.replacements) * 7919 + dead.numel())
+        generator = seeding.generator(self.seed, "replace codes", int(self.replacements))
         error = (x - x_hat).pow(2).sum(dim=1).cpu() + 1e-12
         rows = torch.multinomial(error, dead.numel(), replacement=dead.numel() > x.shape[0], generator=generator).to(x.device)
         self._pending = (dead, x[rows] * self._code_scale())  # applied after the optimizer step
@@ -96,7 +97,7 @@ class Codebook(Dictionary):
     def initialize_from(self, sample: Tensor) -> None:
         """Spherical k-means (cosine) or k-means (dot) centres of the sample, scaled for sums."""
         sample = sample.to(self.W_dec.dtype)
-        generator = torch.Generator().manual_seed(self.n_latents)
+        generator = seeding.generator(self.seed, "k-means")
         picks = torch.randint(0, sample.shape[0], (self.n_latents,), generator=generator)
         centres = sample[picks].clone()
         spherical = self.config.metric == "cosine"

@@ -26,15 +26,15 @@ class DictionaryConfig:
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (alpha)."""
     l1_coef: float = 5.0
-    """Sparsity coefficient lambda (relu: L1 of f_i * |d_i|; gated: ReLU(pi_i) * |d_i|)."""
+    """Sparsity coefficient lambda (relu: L1 of f_i * |d_i|; gated: ReLU(pi_i) * |d_i|); the L0 controller's starting value."""
     l1_warmup_fraction: float = 0.05
     """relu/gated: fraction of training over which lambda ramps up linearly from 0."""
     target_l0: float = 0.0
-    """jumprelu: the L0 the sparsity controller steers to; 0 means k."""
+    """jumprelu, relu, gated: the L0 the sparsity controller steers to; 0 means k."""
     bandwidth: float = 0.05
     """jumprelu: width epsilon of the rectangle kernel of the threshold pseudo-gradient."""
     controller_rate: float = 0.02
-    """jumprelu: step of the controller's multiplier per step, per unit of relative L0 error."""
+    """jumprelu, relu, gated: step of the L0 controller per step, per unit of relative L0 error (0: relu/gated keep lambda = l1_coef)."""
     threshold_momentum: float = 0.01
     """batchtopk/matryoshka/feature_choice: eta of the running inference threshold."""
     prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
@@ -43,6 +43,8 @@ class DictionaryConfig:
     """codebook: similarity that picks the codes, cosine or dot."""
     aggregate: str = "sum"
     """codebook: the chosen codes' sum or mean replaces the activation."""
+    aux_zipf: bool = True
+    """mutual_choice: aux_zipf_loss (AuxK over latents firing below a Zipf fit of the densities, dead ones included); False: plain AuxK."""
     approx_topk: bool = False
     """topk: training selects from int8-matmul candidates re-ranked exactly (`workbench.kernels.approx`); inference stays exact."""
 

@@ -49,6 +49,8 @@ class EvalConfig:
     """Sparse probing on latents vs neurons (built-in tasks) with k features; 0 skips it."""
     probe_tokens: int = 8192
     """Tokens of the eval set the probes use (latents are held densely)."""
+    cache: str = ""
+    """Score on this cache's rows instead of held-out text (its held-out rows if made with --from, else all non-BOS rows); empty means held-out text, or the dictionary's own cache when it records no model."""
 
 
 def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True) -> dict:
@@ -58,9 +60,9 @@ def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=No
     meta = dictionary.meta
     hook = hook_of(dictionary, config.hook or None)
     spec = config.model or meta.get("model")
+    if config.cache or (model is None and not spec):
+        return evaluate_rows(dictionary, config, progress)
     if model is None:
-        if not spec:
-            raise DictionaryError("this dictionary does not record its model; pass --model")
         model = load_model(spec)
     corpus = config.corpus or meta.get("corpus") or "default"
     cache_config = CacheConfig(model=spec or "demo", corpus=corpus, split="validation", tokens=config.tokens,
@@ -77,6 +79,34 @@ def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=No
     if config.probe_k:
         metrics.update(probe_rows.metrics(windows, model.tokenizer, config.probe_k))
     return metrics
+
+
+def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
+    """Reconstruction metrics on cache rows alone (no model): mse, fvu, explained_variance, l0,
+    dead_fraction, log_density_histogram, relative_reconstruction_bias over up to `config.tokens`
+    rows of `config.cache` (default: the dictionary's own): the rows held out at import for a
+    cache made with --from, else every non-BOS row. Raises DictionaryError if there is none."""
+    from workbench.cache_reader import ActivationCache
+
+    where = config.cache or dictionary.meta.get("cache")
+    if not where:
+        raise DictionaryError("this dictionary records neither a model nor a cache; pass --model or --cache")
+    cache = ActivationCache(where)
+    hook = hook_of(dictionary, config.hook or None)
+    cache.expect(hook=hook, d=dictionary.d_in)
+    subset = "all" if cache.has_tokens else "held_out"
+    totals = _Totals(dictionary.n_latents)
+    dictionary = dictionary.eval()
+    with torch.no_grad():
+        for batch in tqdm(cache.batches(hook, 4096, shuffle=False, subset=subset), disable=not progress, desc="eval", unit="batch"):
+            x = batch.activations[: config.tokens - totals.n].float()
+            codes = dictionary.encode(x)
+            totals.add_reconstruction(x, dictionary.decode(codes), codes)
+            if totals.n >= config.tokens:
+                break
+    if totals.n == 0:
+        raise DictionaryError(f"{cache.path}: no {subset.replace('_', '-')} rows to evaluate on (import with --validation-fraction > 0)")
+    return {"hook": hook, "cache": str(cache.path), "rows": subset, **totals.reconstruction_metrics()}
 
 
 def _mean_activation(model, hook: str, windows: Tensor, batch_size: int) -> Tensor:
@@ -171,14 +201,12 @@ class _Totals:
             self.kl[name] += float((clean_logp.exp() * (clean_logp - logp)).sum())
         self.positions += targets.shape[0]
 
-    def metrics(self) -> dict:
+    def reconstruction_metrics(self) -> dict:
         if self.n == 0:
             raise DictionaryError("the eval set is empty")
         s, n = self.sums, self.n
         variance = s["x_sq"] - float(self.x_sum.pow(2).sum()) / n
         fvu = s["sq_err"] / variance if variance > 0 else float("nan")
-        ce = {k: v / self.positions for k, v in self.ce.items()}
-        kl = {k: v / self.positions for k, v in self.kl.items()}
         density = self.fires / n
         alive = density[density > 0].log10().clamp(DENSITY_BINS[0].item(), 0)
         histogram = torch.histogram(alive.float(), bins=DENSITY_BINS).hist if alive.numel() else torch.zeros(len(DENSITY_BINS) - 1)
@@ -190,13 +218,20 @@ class _Totals:
             "l0": s["l0"] / n,
             "dead_fraction": float((self.fires == 0).double().mean()),
             "relative_reconstruction_bias": s["xhat_sq"] / s["xhat_x"] if s["xhat_x"] else float("nan"),
+            "log_density_histogram": {"bin_edges": [round(float(b), 2) for b in DENSITY_BINS], "counts": [int(c) for c in histogram]},
+        }
+
+    def metrics(self) -> dict:
+        ce = {k: v / self.positions for k, v in self.ce.items()}
+        kl = {k: v / self.positions for k, v in self.kl.items()}
+        return {
+            **self.reconstruction_metrics(),
             "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
             "ce_loss_score": _score(ce["zero"], ce["sae"], ce["clean"]),
             "ce_loss_score_mean_ablation": _score(ce["mean"], ce["sae"], ce["clean"]),
             "kl_sae": kl["sae"], "kl_zero_ablation": kl["zero"], "kl_mean_ablation": kl["mean"],
             "kl_score": _score(kl["zero"], kl["sae"], 0.0),
             "kl_score_mean_ablation": _score(kl["mean"], kl["sae"], 0.0),
-            "log_density_histogram": {"bin_edges": [round(float(b), 2) for b in DENSITY_BINS], "counts": [int(c) for c in histogram]},
         }
 
 

@@ -89,8 +89,8 @@ def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict,
     `buffers_optional` (peers' folders), absent training-state buffers keep their initial values."""
     dictionary = cls(config)
     expected = dictionary.state_dict()
-    if buffers_optional:
-        tensors = {**{name: b for name, b in dictionary.named_buffers()}, **tensors}
+    optional = [name for name, _ in dictionary.named_buffers()] if buffers_optional else cls.defaulted_buffers
+    tensors = {**{name: b for name, b in dictionary.named_buffers() if name in optional}, **tensors}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

@@ -61,8 +61,8 @@ class StepFunction(Function):
 
 @register("jumprelu")
 class JumpReLU(Dictionary):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, generator=None):
+        super().__init__(config, generator)
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
         self.threshold = nn.Parameter(torch.full((config.n_latents,), config.bandwidth))
         self.register_buffer("multiplier", torch.full((), 0.5))

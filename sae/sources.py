@@ -26,13 +26,14 @@ class BatchSource(Protocol):
 
 class CacheSource:
     """Shuffled minibatches of one hook of a cache; BOS rows are skipped (they are outliers
-    a dictionary should not spend latents on, and the evals splice only non-BOS positions)."""
+    a dictionary should not spend latents on, and the evals splice only non-BOS positions), and
+    in caches made with --from the rows held out for evaluation."""
 
     def __init__(self, cache: ActivationCache, hook: str, seed: int = 0):
         cache.expect(hook=hook)
         self.cache, self.hook, self.seed = cache, hook, seed
         self.d = cache.d(hook)
-        self.rows_per_epoch = cache.manifest.n_windows * (cache.context_length - 1)
+        self.rows_per_epoch = cache.training_rows
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]:
         for batch in self.cache.batches(self.hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True):

@@ -12,15 +12,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sae.base import Dictionary, StepContext, StepOutput, aux_k_loss, reconstruction_loss, register, relu_values
+from sae.base import Dictionary, StepContext, StepOutput, aux_k_loss, aux_row_stride, reconstruction_loss, register, relu_values
 from workbench.kernels import SparseCodes, decode, encode_topk
+from workbench.kernels.encode import ROWS_PER_PASS
 
 
 class _AuxKDictionary(Dictionary):
     """A dictionary with an encoder bias whose loss is reconstruction + AuxK on a selection."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, generator=None):
+        super().__init__(config, generator)
         self.b_enc = nn.Parameter(torch.zeros(config.n_latents))
 
     def _select(self, x: Tensor, aux_mask: Optional[Tensor]) -> SparseCodes:
@@ -32,14 +33,18 @@ class _AuxKDictionary(Dictionary):
         mse = reconstruction_loss(x, x_hat)
         return x_hat, mse, {"mse": mse.detach()}
 
+    def aux_mask(self, context: StepContext) -> Optional[Tensor]:
+        """bool [n_latents]: the latents AuxK trains this step (the dead ones), or None."""
+        return context.dead_mask
+
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
-        dead = context.dead_mask
+        dead = self.aux_mask(context)
         aux_mask = dead if dead is not None and bool(dead.any()) and self.config.aux_coef > 0 else None
         codes = self._select(x, aux_mask)
         f = relu_values(codes)
         x_hat, loss, terms = self._reconstruct(x, f)
         if codes.extra is not None:
-            aux = aux_k_loss(x, x_hat, codes.extra, self.W_dec)
+            aux = aux_k_loss(x, x_hat, codes.extra, self.W_dec, self.aux_stride(x.shape[0]))
             loss = loss + self.config.aux_coef * aux
             terms["auxk"] = aux.detach()
         self._observe(f)
@@ -48,13 +53,17 @@ class _AuxKDictionary(Dictionary):
     def _observe(self, f: SparseCodes) -> None:
         """Update running state from the batch's activations (BatchTopK's threshold)."""
 
+    def aux_stride(self, n_rows: int) -> int:
+        """AuxK runs on every s-th row of the (shuffled) batch (`sae.base.aux_row_stride`)."""
+        return aux_row_stride(n_rows, self.config.k, self.config.effective_aux_k, ROWS_PER_PASS)
+
 
 @register("topk")
 class TopK(_AuxKDictionary):
     def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
         return encode_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec,
-                           approximate=self.config.approx_topk)
+                           approximate=self.config.approx_topk, aux_stride=self.aux_stride(x.shape[0]))
 
     def _encode(self, x):
         return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))

@@ -33,8 +33,9 @@ from sae import io
 from sae.base import create
 from sae.checkpoint import load_checkpoint, save_checkpoint
 from sae.sources import BatchSource, input_scale, open_cache_source
-from sae.train_config import TrainConfig, lr_at
+from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee
+from workbench import seeding
 from workbench.distributed import Ranks, barrier, ranks
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
 from workbench.files import write_bytes_atomic, write_json_atomic
@@ -50,6 +51,8 @@ class Plan:
     config: TrainConfig
     source: BatchSource
     out: Path
+    batch_size: int
+    """--batch-size, or the auto size for the token budget."""
     total_steps: int
     dead_after_tokens: int
     checkpoint_every: int
@@ -63,9 +66,9 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     `stop_after_step` ends the run after that step without saving anything beyond the last
     checkpoint, as a kill would (used to test resumption)."""
     source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
-    plan = _plan(config, source)
     where = ranks()
-    check_data_parallel(config, where)
+    plan = _plan(config, source, where.world)
+    check_data_parallel(plan.batch_size, where)
     folders = [plan.out / name for name in _names(config)]
     if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
         return folders
@@ -76,6 +79,9 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     position = load_checkpoint(plan.out, trainees)
     if position is None:
         position = _initialize(plan, trainees)
+    elif position.get("batch_size", plan.batch_size) != plan.batch_size:  # auto size under another rank count
+        raise ConfigError(f"{plan.out} was checkpointed at batch {position['batch_size']}, this run would use {plan.batch_size}; "
+                          f"resume with --batch-size {position['batch_size']}")
     loggers = _open_logs(plan, trainees, position["step"]) if where.is_main else {}
     try:
         finished = _loop(plan, trainees, position, loggers, progress and where.is_main, stop_after_step, where)
@@ -89,27 +95,29 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     return saved
 
 
-def check_data_parallel(config: TrainConfig, where: Ranks) -> None:
+def check_data_parallel(batch_size: int, where: Ranks) -> None:
     if where.world == 1:
         return
-    if config.batch_size % where.world:
-        raise ConfigError(f"--batch-size {config.batch_size} must split evenly over {where.world} ranks")
+    if batch_size % where.world:
+        raise ConfigError(f"--batch-size {batch_size} must split evenly over {where.world} ranks")
 
 
 def _names(config: TrainConfig) -> list[str]:
     return [config.name_of(*g) for g in config.grid()]
 
 
-def _plan(config: TrainConfig, source: BatchSource) -> Plan:
+def _plan(config: TrainConfig, source: BatchSource, world: int = 1) -> Plan:
     tokens = config.tokens or source.rows_per_epoch
-    total = tokens // config.batch_size
-    if source.rows_per_epoch < config.batch_size or total < 1:
-        raise ConfigError(f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {config.batch_size}; lower --batch-size")
+    batch = config.batch_size or -(-auto_batch_size(tokens) // world) * world  # auto: a multiple of the ranks
+    total = tokens // batch
+    if source.rows_per_epoch < batch or total < 1:
+        advice = "lower --batch-size" if config.batch_size else "train on more rows (--tokens, or a larger cache)"
+        raise ConfigError(f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; {advice}")
     out = default_output_dir(config, source.describe().get("hook", "synthetic"))
-    dead = config.dead_after_tokens or min(10_000_000, max(config.batch_size, tokens // 10))
+    dead = config.dead_after_tokens or min(10_000_000, max(batch, tokens // 10))
     every = config.checkpoint_every or max(1, total // 10)
     warmup = config.warmup_steps if config.warmup_steps >= 0 else min(1000, total // 20)
-    return Plan(config, source, out, total, dead, every, warmup)
+    return Plan(config, source, out, batch, total, dead, every, warmup)
 
 
 def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
@@ -121,8 +129,9 @@ def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
 
 
 def _same_run(plan: Plan) -> bool:
+    """The folder records this run; fields added since it was written count at their defaults."""
     path = plan.out / RUN_CONFIG
-    return path.exists() and json.loads(path.read_text()) == plan.config.to_json()
+    return path.exists() and {**TrainConfig().to_json(), **json.loads(path.read_text())} == plan.config.to_json()
 
 
 def _claim_folder(plan: Plan) -> None:
@@ -135,11 +144,11 @@ def _claim_folder(plan: Plan) -> None:
 
 def _build_trainees(plan: Plan) -> list[Trainee]:
     trainees = []
-    for index, (arch, k, expansion) in enumerate(plan.config.grid()):
+    for arch, k, expansion in plan.config.grid():
         dict_config = plan.config.dictionary_config(arch, k, expansion, plan.source.d)
-        dictionary = create(dict_config, seed=plan.config.seed * 1000 + index)
-        lr = plan.config.learning_rate(dict_config.n_latents)
         name = plan.config.name_of(arch, k, expansion)
+        dictionary = create(dict_config, seed=plan.config.seed, salt=name)
+        lr = plan.config.learning_rate(dict_config.n_latents)
         trainees.append(Trainee(name, dictionary, lr, plan.config.clip_grad, plan.dead_after_tokens, plan.config.starving_below))
     return trainees
 
@@ -149,7 +158,7 @@ def _initialize(plan: Plan, trainees: list[Trainee]) -> dict:
     scale = input_scale(sample)
     for trainee in trainees:
         trainee.dictionary.initialize_from(sample * scale)
-    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "input_scale": scale}
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "input_scale": scale, "batch_size": plan.batch_size}
 
 
 def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, JsonlLogger]:
@@ -172,7 +181,7 @@ def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, pr
     try:
         while position["step"] < total:
             skip = position["batch_in_epoch"]
-            for index, batch in enumerate(plan.source.epoch(position["epoch"], config.batch_size)):
+            for index, batch in enumerate(plan.source.epoch(position["epoch"], plan.batch_size)):
                 if index < skip:
                     continue
                 x = batch.to(trainees[0].dictionary.W_dec.device) * scale
@@ -203,9 +212,11 @@ def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: 
     for trainee in trainees:
         lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
         out = trainee.step(x, lr, progress, step)
-        if _resample_due(plan, step + 1):
-            resampled = trainee.resample(x, out, config.resample_below, config.resample_duplicate_cosine, config.seed * 1_000_003 + step)
-            out.terms["resampled"] = torch.tensor(float(resampled))
+        if _resample_due(plan, step + 1) and trainee.can_resample:
+            moved = trainee.resample(x, out, config.resample_below, config.resample_duplicate_cosine,
+                                     seeding.generator(config.seed, "resample", trainee.name, step))
+            if trainee.name in loggers:  # every resampling is recorded, however many it moved
+                loggers[trainee.name].log(step=step + 1, event="resample", latents=moved)
         if (step + 1) % config.log_every == 0 or step + 1 == total:
             records[trainee.name] = {"step": step + 1, "tokens": position["tokens"] + x.shape[0] * world, "lr": lr,
                                      **trainee.metrics(x, out)}
@@ -241,14 +252,15 @@ def _wandb(plan: Plan):
 def _save_final(plan: Plan, trainee: Trainee, position: dict) -> Path:
     folder = plan.out / trainee.name
     arch, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
+    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals()}
     io.save(trainee.dictionary, folder, input_scale=position["input_scale"], **plan.source.describe(),
-            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=final_metrics(folder / "log.jsonl"),
-            tokens_trained=position["tokens"])
+            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=metrics, tokens_trained=position["tokens"],
+            batch_size=plan.batch_size)
     return folder
 
 
 def final_metrics(log_path: Path, last: int = 10) -> dict:
     """Means of the last `last` logged records (training batches) of the headline metrics."""
-    records = read_jsonl(log_path)[-last:] if log_path.exists() else []
+    records = [r for r in read_jsonl(log_path) if "event" not in r][-last:] if log_path.exists() else []
     keys = ("fvu", "l0", "dead_fraction", "loss")
     return {k: round(statistics.fmean(r[k] for r in records), 6) for k in keys if records and all(k in r for r in records)}

@@ -48,6 +48,8 @@ class Trainee:
         self.fires_since_resample = torch.zeros_like(self.tokens_since_fired)
         # Running firing rate per latent (EMA over steps), for the "starving" part of the AuxK set.
         self.firing_rate = torch.full((dictionary.n_latents,), 1.0 / dictionary.n_latents, device=dictionary.W_dec.device)
+        # [resamplings done, latents they moved]: reported in the final metrics
+        self.resampling = torch.zeros(2, dtype=torch.long)
 
     @property
     def dead_mask(self) -> Tensor:
@@ -64,7 +66,7 @@ class Trainee:
 
     def step(self, x: Tensor, lr: float, progress: float, step: int) -> StepOutput:
         d = self.dictionary
-        out = d.training_step(x, StepContext(self.dead_mask, progress))
+        out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate))
         if not math.isfinite(float(out.loss.detach())):
             raise TrainingDivergedError(f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)")
         self.optimizer.zero_grad(set_to_none=True)
@@ -93,19 +95,28 @@ class Trainee:
         self.fires_since_resample += counts
         self.firing_rate.lerp_(counts.to(self.firing_rate.dtype) / n_tokens, 0.01)
 
-    def resample(self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, seed: int) -> int:
+    @property
+    def can_resample(self) -> bool:
+        """Codebooks have no encoder: they replace their dead codes themselves."""
+        return hasattr(self.dictionary, "W_enc")
+
+    def resample(self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, generator: torch.Generator) -> int:
         """Resample latents firing below `below` times the mean rate since the last call, or
         duplicating a busier latent (see `sae.resample`); return how many."""
         fires = self.fires_since_resample
         min_fires = below * float(fires.sum()) / self.dictionary.n_latents
         chosen = latents_to_resample(self.dictionary, fires, min_fires, duplicate_cosine)
-        generator = torch.Generator().manual_seed(seed)
         x, x_hat = gather_rows(x), gather_rows(out.x_hat.detach())  # the whole batch, on every rank
         n = resample(self.dictionary, self.optimizer, chosen, x, x_hat, generator)
         self.dictionary.after_optimizer_step()
         self.fires_since_resample.zero_()
         self.tokens_since_fired[chosen] = self.dead_after_tokens  # in the AuxK set until they fire
+        self.resampling += torch.tensor([1, n])
         return n
+
+    def totals(self) -> dict[str, int]:
+        """What resampling did over the whole run (0 and 0 when it is off)."""
+        return {"resamplings": int(self.resampling[0]), "resampled_total": int(self.resampling[1])}
 
     @torch.no_grad()
     def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
@@ -137,10 +148,14 @@ class Trainee:
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["fires_since_resample"] = self.fires_since_resample
         tensors["firing_rate"] = self.firing_rate
+        tensors["resampling"] = self.resampling
         return {k: v.contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        buffers = dict(self.dictionary.named_buffers())
+        for name in self.dictionary.defaulted_buffers:  # checkpoints written before the buffer existed
+            model.setdefault(name, buffers[name])
         self.dictionary.load_state_dict(model, strict=True)
         for name, param in self.dictionary.named_parameters():
             moments = {key: tensors[f"adam.{name}.{key}"] for key in _MOMENTS if f"adam.{name}.{key}" in tensors}
@@ -149,3 +164,5 @@ class Trainee:
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.fires_since_resample.copy_(tensors["fires_since_resample"])
         self.firing_rate.copy_(tensors["firing_rate"])
+        if "resampling" in tensors:  # checkpoints written before it was counted
+            self.resampling.copy_(tensors["resampling"])
