@@ -27,6 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     from sae.analyze import AnalyzeConfig
+    from sae.bench_config import SaeBenchConfig
     from sae.codebook_finetune import FinetuneConfig
     from sae.evals import EvalConfig
     from sae.probes import ProbeConfig
@@ -130,15 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_kernels.add_argument("--threads", type=int, default=2, help="torch threads")
     bench_kernels.add_argument("--approx-topk", action="store_true",
                                help="also time TopK with int8 top-k candidates re-ranked exactly, and report its recall")
+    bench_kernels.add_argument("--no-trainer", action="store_true",
+                               help="skip the trainer's real TopK step (no dead latents, and with AuxK on 1/8 dead)")
     bench_kernels.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_kernels.set_defaults(run=cmd_bench_kernels)
-    bench_sae = bench.add_parser("sae", help="planted-feature recovery (MCC, MMCS, dead latents) per architecture")
-    bench_sae.add_argument("--arch", nargs="+", help="architectures (default: every registered one)")
-    bench_sae.add_argument("--samples", type=int, default=2_000_000, help="training samples")
-    bench_sae.add_argument("--features", type=int, default=1024, help="planted features (= latents)")
-    bench_sae.add_argument("--d", type=int, default=256, help="activation width")
-    bench_sae.add_argument("--seed", type=int, default=0)
-    bench_sae.add_argument("--threads", type=int, default=2, help="torch threads")
+    bench_sae = bench.add_parser("sae", help="planted-feature recovery (MCC, recovered@0.9, dead, absorption) per architecture, scenario and seed")
+    add_config_arguments(bench_sae, SaeBenchConfig)
     bench_sae.add_argument("--json", action="store_true", help="one JSON object per row")
     bench_sae.set_defaults(run=cmd_bench_sae)
     bench_analyze = bench.add_parser("analyze", help="feature-store build throughput (x the encode alone) and feature-page read latency")
@@ -218,6 +216,8 @@ def cmd_cache(args) -> None:
     from workbench.distributed import ranks
 
     if _wants_torchrun(args):
+        if getattr(args, "from_activations", ""):
+            raise WorkbenchError("--from copies rows and runs no model: it takes one process (drop --nproc)")
         return _relaunch_under_torchrun(args)
     config = config_from_args(CacheConfig, args)
     started = time.time()
@@ -229,9 +229,8 @@ def cmd_cache(args) -> None:
         "cache": str(out),
         "model": cache.model,
         "hooks": {h: cache.d(h) for h in cache.hooks},
-        "tokens": cache.n_rows,
-        "windows": cache.manifest.n_windows,
-        "context_length": cache.context_length,
+        **({"tokens": cache.n_rows, "windows": cache.manifest.n_windows, "context_length": cache.context_length}
+           if cache.has_tokens else {"rows": cache.n_rows, "training_rows": cache.training_rows}),
         "dtype": cache.manifest.dtype,
         "shards_per_hook": cache.n_shards(cache.hooks[0]),
         "size_mb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1),
@@ -275,7 +274,7 @@ def cmd_train(args) -> None:
         from sae.train import check_data_parallel
         from workbench.distributed import Ranks
 
-        check_data_parallel(config, Ranks(0, args.nproc))  # refuse here, in one line, before launching ranks
+        check_data_parallel(config.batch_size or args.nproc, Ranks(0, args.nproc))  # refuse here, in one line, before launching ranks
         return _relaunch_under_torchrun(args)
     folders = train(config, progress=not args.quiet)
     if not ranks().is_main:
@@ -287,6 +286,7 @@ def cmd_train(args) -> None:
         rows.append({"dictionary": folder.name, "latents": meta["dictionary"]["n_latents"], "k": meta["dictionary"]["k"],
                      "fvu": round(metrics.get("fvu", float("nan")), 4), "l0": round(metrics.get("l0", float("nan")), 2),
                      "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
+                     **({"resampled": f"{metrics['resampled_total']} in {metrics['resamplings']}"} if metrics.get("resamplings") else {}),
                      "tokens": meta.get("tokens_trained"), "folder": str(folder)})
     _print_rows(rows, args.json)
 
@@ -297,7 +297,7 @@ def cmd_eval(args) -> None:
 
     config = config_from_args(EvalConfig, args)
     folders = _dictionary_folders(Path(args.run) if args.run else None)
-    for folder, dictionary, model in _with_models(folders, config.model):
+    for folder, dictionary, model in _with_models(folders, config.model, load=not config.cache):
         metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
         if (folder / "config.json").exists():
             write_json_atomic(folder / "eval.json", metrics)
@@ -432,16 +432,16 @@ def cmd_explore(args) -> None:
     sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host))
 
 
-def _with_models(folders: list[Path], model_spec: str = ""):
+def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):
     """(folder, dictionary, model) per folder; each model (`model_spec`, else the dictionary's own)
-    is loaded once for consecutive dictionaries of it; None when neither names one."""
+    is loaded once for consecutive dictionaries of it; None when neither names one (or not `load`)."""
     from sae.io import load
     from workbench.models import load_model
 
     model = None
     for folder in folders:
         dictionary = load(folder)
-        spec = model_spec or dictionary.meta.get("model")
+        spec = (model_spec or dictionary.meta.get("model")) if load else ""
         if spec and (model is None or model.spec != spec):
             model = load_model(spec)
         yield folder, dictionary, (model if spec else None)
@@ -501,15 +501,19 @@ def cmd_probe(args) -> None:
 
 def cmd_bench_sae(args) -> None:
     from sae.bench import run_sae_benchmark
+    from sae.bench_config import SaeBenchConfig
     from sae.base import architectures
 
-    archs = args.arch or architectures()
+    config = config_from_args(SaeBenchConfig, args)
+    archs = list(config.arch) or architectures()
     unknown = sorted(set(archs) - set(architectures()))
     if unknown:
         raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
-    rows = run_sae_benchmark(archs, samples=args.samples, n_features=args.features, d=args.d, seed=args.seed,
-                             threads=args.threads, progress=not args.json)
-    _print_rows(rows, args.json)
+    if not args.json:
+        print(json.dumps({"config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}}))
+    rows = run_sae_benchmark(config, archs, progress=not args.json)
+    _print_rows([r for r in rows if r["seed"] != "all"], args.json)
+    _print_rows([r for r in rows if r["seed"] == "all"], args.json)
 
 
 def cmd_bench_analyze(args) -> None:
@@ -556,8 +560,10 @@ def cmd_bench_kernels(args) -> None:
         raise WorkbenchError("--batch, --d-in, --k, --reps, --threads and --latents must be positive")
     if any(args.k > c.n_latents // 8 for c in cases):
         raise WorkbenchError("--k must be at most latents / 8 (Matryoshka's smallest prefix)")
+    from sae.bench_step import trainer_paths
+
     rows = run_kernel_benchmark(cases, batch=args.batch, d_in=args.d_in, k=args.k, reps=args.reps, threads=args.threads,
-                                approximate=args.approx_topk)
+                                approximate=args.approx_topk, extra_paths=None if args.no_trainer else trainer_paths)
     _print_rows(rows, args.json)
 
 

@@ -26,9 +26,12 @@ def test_bench_kernels_reports_every_architecture(capsys):
     names = [row["name"] for row in rows]
     for arch in ("topk", "batchtopk", "jumprelu", "matryoshka", "codebook"):
         assert [f"{arch}-256/{path}" in names for path in ("limit", "dense", "fused")] == [True] * 3
+    # the trainer's real TopK step (issue 16), interleaved with TopK's limit, with and without AuxK
+    assert {"topk-256/trainer", "topk-256/trainer+auxk"} <= set(names) and not any("jumprelu-256/trainer" in n for n in names)
     for row in rows:
         assert set(row) == {"name", "ms", "tokens_per_s", "x_limit", "x_dense", "peak_mb", "mem_budget_mb"}
-        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_mb"] >= 0
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0
+        assert row["peak_mb"] >= 0 if "trainer" not in row["name"] else row["peak_mb"] is None
         if row["name"].endswith("/limit"):
             assert row["x_limit"] == 1.0
         if row["name"].endswith("/dense"):
@@ -37,7 +40,7 @@ def test_bench_kernels_reports_every_architecture(capsys):
 
 def test_bench_kernels_approx_topk_adds_a_row_with_its_recall(capsys):
     args = ["bench", "kernels", "--arch", "topk", "jumprelu", "--batch", "64", "--d-in", "16", "--latents", "256", "--k", "4",
-            "--reps", "1", "--approx-topk", "--json"]
+            "--reps", "1", "--approx-topk", "--no-trainer", "--json"]
     assert main(args) == 0
     rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert set(rows) == {f"topk-256/{p}" for p in ("limit", "dense", "fused", "approx")} | {f"jumprelu-256/{p}" for p in ("limit", "dense", "fused")}

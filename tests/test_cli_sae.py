@@ -70,11 +70,20 @@ def test_bad_input_is_one_line(capsys, cache, tmp_path, argv, expected):
     assert code == 2 and err.count("\n") == 1 and expected in err
 
 
-def test_bench_sae_reports_recovery(capsys):
-    code, out, _ = run_cli(capsys, "bench", "sae", "--arch", "topk", "--samples", "40000", "--features", "32", "--d", "16", "--json")
+def test_bench_sae_reports_recovery_per_seed_and_the_worst_seed(capsys):
+    code, out, _ = run_cli(capsys, "bench", "sae", "--arch", "topk,matryoshka", "--scenario", "hierarchy", "--seeds", "0,1",
+                           "--samples", "40000", "--features", "32", "--d", "16", "--json")
     assert code == 0
-    row = json.loads(out.splitlines()[-1])
-    assert row["arch"] == "topk" and 0 < row["mcc"] <= row["mmcs"] <= 1 and row["latents"] == 32
+    rows = [json.loads(line) for line in out.splitlines()]
+    runs, summary = [r for r in rows if r["seed"] != "all"], [r for r in rows if r["seed"] == "all"]
+    assert [(r["seed"], r["arch"]) for r in runs] == [(0, "topk"), (0, "matryoshka"), (1, "topk"), (1, "matryoshka")]
+    for r in runs:
+        assert 0 < r["mcc"] <= r["mmcs"] <= 1 and r["latents"] == 32 and 0 <= r.get("absorption", 0) <= 1 and r["dead"] >= 0
+    for s in summary:
+        group = [r for r in runs if r["arch"] == s["arch"]]
+        assert s["mcc_worst"] == min(r["mcc"] for r in group) and s["seeds"] == 2
+        assert s["mcc"] == pytest.approx(sum(r["mcc"] for r in group) / 2, abs=1e-4)
+        assert ("absorption" in s) == all("absorption" in r for r in group)
 
 
 def test_probe_on_neurons_and_on_latents(capsys, cache, trained, tmp_path):
