@@ -1,13 +1,14 @@
-"""`workbench explore`: start the Streamlit server on the explorer, bound to one address."""
+"""`workbench explore`: start the Streamlit server on the explorer, bound to one address; stopping
+`workbench explore` (SIGTERM, SIGINT) stops the server (`workbench.processes.run_child`)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.processes import run_child
 from workbench.store import find_stores
 
 MAIN = Path(__file__).with_name("main.py")
@@ -21,6 +22,8 @@ def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
 
 
 def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
+    """Serve the explorer on the stores under `roots` until the server exits or this process is
+    stopped; returns the server's exit status. Raises WorkbenchError if no store is found."""
     stores = find_stores(roots)
     if not stores:
         raise WorkbenchError(f"no feature store under {', '.join(map(str, roots))} (run `workbench analyze` first)")
@@ -28,4 +31,4 @@ def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
     # for *.circuit.json under the same folders.
     env = {**os.environ, STORES_ENV: os.pathsep.join(str(Path(root).resolve()) for root in roots)}
     print(f"explorer on http://{host}:{port} with {len(stores)} store(s); Ctrl-C stops it", flush=True)
-    return subprocess.call(streamlit_command(port, host), env=env)
+    return run_child(streamlit_command(port, host), env=env).status
