@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -247,8 +248,9 @@ def _wants_torchrun(args) -> bool:
 
 
 def _relaunch_under_torchrun(args) -> None:
-    """`workbench cache|train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache|train ...`."""
-    import subprocess
+    """`workbench cache|train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache|train ...`.
+    SIGTERM/SIGINT reach torchrun, which stops the ranks; this process then exits with its status."""
+    from workbench.processes import run_child
 
     argv, skip = [], False
     for item in args.argv:
@@ -258,9 +260,12 @@ def _relaunch_under_torchrun(args) -> None:
         argv.append(item)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "app.cli", *argv]
-    code = subprocess.call(command)
-    if code:
-        raise WorkbenchError(f"torchrun exited with status {code} (the ranks' own errors are printed above)")
+    result = run_child(command)
+    if result.signal is not None:  # stopped from outside, not failed: the runs resume when rerun
+        print(f"stopped by {signal.Signals(result.signal).name} (`workbench cache` and `workbench train` resume when rerun with the same flags)", file=sys.stderr)
+        raise SystemExit(result.status)
+    if result.status:
+        raise WorkbenchError(f"torchrun exited with status {result.status} (the ranks' own errors are printed above)")
 
 
 def cmd_train(args) -> None:

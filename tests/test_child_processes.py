@@ -62,12 +62,26 @@ def wait_gone(pids: list[int], seconds: float = 5) -> list[int]:
     return alive(pids)
 
 
+def is_rank(process: psutil.Process) -> bool:
+    try:
+        argv = process.cmdline()
+    except psutil.Error:  # gone already
+        return False
+    return "app.cli" in argv and "torch.distributed.run" not in argv
+
+
 def start(argv: list[str]) -> subprocess.Popen:
     # Its own session: no controlling terminal (as under a supervisor), and a group to clean up.
     return subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def clean_up(process: subprocess.Popen) -> None:
+def clean_up(process: subprocess.Popen, started: list[psutil.Process] = ()) -> None:
+    """SIGKILL whatever a failed test left: the process group, and `started` (torchrun's ranks leave it)."""
+    for child in started:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -120,3 +134,24 @@ def test_explore_stopped_with_sigterm_leaves_no_server(tmp_path):
         assert status == 0  # Streamlit's own status: it stops cleanly on SIGTERM
     finally:
         clean_up(parent)
+
+
+def test_cache_with_nproc_stopped_with_sigterm_leaves_no_torchrun_or_rank(tmp_path):
+    parent = start([sys.executable, "-m", "app.cli", "cache", "--model", "demo", "--tokens", "65536", "--nproc", "2",
+                    "--out", str(tmp_path / "cache")])
+    started = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # torchrun's ranks run in sessions of their own: only torchrun can stop them
+            started = psutil.Process(parent.pid).children(recursive=True)
+            if sum(is_rank(p) for p in started) == 2:
+                break
+            assert parent.poll() is None, parent.stdout.read()
+            assert time.monotonic() < deadline, "torchrun did not start two ranks"
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        status = parent.wait(timeout=60)
+        assert wait_gone([p.pid for p in started]) == [], "torchrun or a rank outlived workbench cache"
+        assert status != 0 and "stopped by SIGTERM" in parent.stdout.read()
+    finally:
+        clean_up(parent, started)
