@@ -290,6 +290,7 @@ def cmd_train(args) -> None:
         metrics = meta.get("metrics", {})
         rows.append({"dictionary": folder.name, "latents": meta["dictionary"]["n_latents"], "k": meta["dictionary"]["k"],
                      "fvu": round(metrics.get("fvu", float("nan")), 4), "l0": round(metrics.get("l0", float("nan")), 2),
+                     "l0_inference": round(metrics.get("inference_l0", float("nan")), 2),
                      "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
                      **({"resampled": f"{metrics['resampled_total']} in {metrics['resamplings']}"} if metrics.get("resamplings") else {}),
                      "tokens": meta.get("tokens_trained"), "folder": str(folder)})

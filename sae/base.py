@@ -124,6 +124,10 @@ class Dictionary(nn.Module):
     def n_latents(self) -> int:
         return self.config.n_latents
 
+    def calibrate(self, x: Float[Tensor, "N d_in"]) -> None:
+        """Set inference thresholds from rows x (scaled as in training) at the end of training
+        (`sae.calibrate`); architectures that select the same way in training and inference have none."""
+
     # --- inference ------------------------------------------------------------------------
     def encode(self, x: Float[Tensor, "... d_in"]) -> SparseCodes:
         """Latent activations of the rows of x (leading dims flattened), as SparseCodes."""

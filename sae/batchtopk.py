@@ -3,7 +3,8 @@
 Training keeps the batch's top k * N entries (k per token on average, more for tokens that need
 them), f = ReLU of them, loss = |x - x_hat|^2 + alpha * AuxK. A running threshold
 theta <- (1 - eta) theta + eta * min(f > 0) is tracked; inference is a JumpReLU with that theta,
-so a token's code no longer depends on its batch.
+so a token's code no longer depends on its batch. At the end of training theta is
+recalibrated on held-apart rows to the cut that gives mean L0 k (`sae.calibrate`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sae.base import register, relu_values
+from sae.calibrate import batch_cut
 from sae.topk import _AuxKDictionary
 from workbench.distributed import min_over_ranks
 from workbench.kernels import encode_batch_topk, encode_threshold
@@ -38,6 +40,12 @@ class BatchTopK(_AuxKDictionary):
         eta = self.config.threshold_momentum if int(self.threshold_updates) else 1.0
         self.threshold.mul_(1 - eta).add_(eta * smallest)
         self.threshold_updates += 1
+
+    @torch.no_grad()
+    def calibrate(self, x):
+        """theta <- the batch cut of x's rows: mean L0 k on rows like them (the running EMA lags)."""
+        self.threshold.copy_(batch_cut(self, x, self.config.k))
+        self.threshold_updates.clamp_(min=1)
 
     def _encode(self, x):
         if int(self.threshold_updates) == 0:  # never trained: no threshold yet, use the batch

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sae.base import register, relu_values
 from sae.batchtopk import BatchTopK
+from sae.calibrate import latent_cuts
 from sae.topk import _AuxKDictionary
 from workbench.distributed import min_over_ranks, world_size
 from workbench.kernels import encode_batch_topk, encode_feature_choice, encode_threshold
@@ -58,6 +59,12 @@ class FeatureChoice(_AuxKDictionary):
         blended = torch.where(self.threshold_seen, (1 - eta) * self.threshold + eta * smallest, smallest)
         self.threshold.copy_(torch.where(seen, blended, self.threshold))
         self.threshold_seen |= seen
+
+    @torch.no_grad()
+    def calibrate(self, x):
+        """Each latent's threshold <- the cut that keeps its training quota of x's rows (mean L0 k)."""
+        self.threshold.copy_(latent_cuts(self, x, self.per_latent(x.shape[0])))
+        self.threshold_seen.fill_(True)
 
     def _encode(self, x):
         if not bool(self.threshold_seen.any()):

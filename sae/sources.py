@@ -6,10 +6,12 @@ so a resumed run can replay an epoch up to where it stopped.
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator, Protocol
 
 from torch import Tensor
 
+from workbench import seeding
 from workbench.cache_reader import ActivationCache
 
 
@@ -19,7 +21,8 @@ class BatchSource(Protocol):
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]: ...
 
-    def sample(self, n: int) -> Tensor: ...
+    def sample(self, n: int, stream: str = "init") -> Tensor: ...
+    """n rows drawn apart from the training order; each `stream` ("init", "calibrate", ...) its own draw."""
 
     def describe(self) -> dict: ...
 
@@ -39,15 +42,24 @@ class CacheSource:
         for batch in self.cache.batches(self.hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True):
             yield batch.activations.float()
 
-    def sample(self, n: int) -> Tensor:
-        """n rows (fewer if the cache is smaller) drawn independently of the training order."""
+    def sample(self, n: int, stream: str = "init") -> Tensor:
+        """n rows (fewer if the cache is smaller) drawn independently of the training order;
+        each `stream` is its own draw."""
         n = min(n, self.rows_per_epoch)
-        return next(iter(self.cache.batches(self.hook, n, seed=self.seed + 7919, buffer_rows=n))).activations.float()
+        seed = self.seed + 7919 if stream == "init" else seeding.stream_seed(self.seed, "sample", stream) % (1 << 40)
+        return next(iter(self.cache.batches(self.hook, n, seed=seed, buffer_rows=n))).activations.float()
 
     def describe(self) -> dict:
         config = self.cache.manifest.config
         return {"cache": str(self.cache.path), "hook": self.hook, "model": self.cache.model,
                 "corpus": config.get("corpus", ""), "context_length": self.cache.context_length}
+
+
+def draw(source: BatchSource, n: int, stream: str) -> Tensor:
+    """source.sample(n, stream), or source.sample(n) for a source that has one stream only."""
+    if "stream" in inspect.signature(source.sample).parameters:
+        return source.sample(n, stream=stream)
+    return source.sample(n)
 
 
 def mean_norm(sample: Tensor) -> float:

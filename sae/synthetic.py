@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench import seeding
 from workbench.errors import ConfigError
 from workbench.seeding import generator as stream
 
@@ -138,8 +139,9 @@ class PlantedFeatures:
         for _ in range(self.rows_per_epoch // batch_size):
             yield self.generate(batch_size, generator)[0]
 
-    def sample(self, n: int) -> Tensor:
-        return self.generate(n, stream(self.config.seed, "planted sample"))[0]
+    def sample(self, n: int, stream: str = "init") -> Tensor:
+        salt = ("planted sample",) if stream == "init" else ("planted sample", stream)
+        return self.generate(n, seeding.generator(self.config.seed, *salt))[0]
 
     def describe(self) -> dict:
         return {"hook": "synthetic", "synthetic": asdict(self.config)}

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from sae import io
 from sae.base import create
 from sae.checkpoint import load_checkpoint, save_checkpoint
-from sae.sources import BatchSource, input_scale, open_cache_source
+from sae.calibrate import inference_l0
+from sae.sources import BatchSource, draw, input_scale, open_cache_source
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee
 from workbench import seeding
@@ -44,6 +45,7 @@ from workbench.paths import DEFAULT_RUNS_DIR
 
 RUN_CONFIG = "train-config.json"
 INIT_SAMPLE_ROWS = 16_384
+CALIBRATION_ROWS = 16_384
 
 
 @dataclass
@@ -252,11 +254,20 @@ def _wandb(plan: Plan):
 def _save_final(plan: Plan, trainee: Trainee, position: dict) -> Path:
     folder = plan.out / trainee.name
     arch, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
-    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals()}
+    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, position)}
     io.save(trainee.dictionary, folder, input_scale=position["input_scale"], **plan.source.describe(),
             config=plan.config.for_one(arch, k, expansion).to_json(), metrics=metrics, tokens_trained=position["tokens"],
             batch_size=plan.batch_size)
     return folder
+
+
+def _calibrate(plan: Plan, trainee: Trainee, position: dict) -> dict:
+    """Set the inference thresholds from rows drawn apart from training (`sae.calibrate`) and
+    measure the saved dictionary's inference L0 on other such rows."""
+    scale, device = position["input_scale"], trainee.dictionary.W_dec.device
+    trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
+    check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
+    return {"inference_l0": round(inference_l0(trainee.dictionary, check, min(plan.batch_size, 4096)), 4)}
 
 
 def final_metrics(log_path: Path, last: int = 10) -> dict:
