@@ -22,11 +22,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import UnknownHookError, UnknownModelError, WorkbenchError
+from workbench.hook_modes import MODES, HookModes, Needs
 from workbench.model_sources import BUILTIN_MODELS, ModelSource, resolve
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_EXCLUSIVE = {"use_attn_in", "use_split_qkv_input"}
-_MODES = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")
 _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 
 
@@ -39,6 +38,10 @@ class Model:
     _dims: dict[str, int] = field(default_factory=dict, repr=False)
     _other_hooks: set[str] = field(default_factory=set, repr=False)
     """Hooks that fire but hold no per-token activations (token ids, attention patterns)."""
+    _modes: HookModes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._modes = HookModes(self.bridge)
 
     # --- identity -------------------------------------------------------------------------
     @property
@@ -114,47 +117,54 @@ class Model:
         return self._dims[hook]
 
     def hook_widths(self) -> dict[str, int]:
-        """Width of every hook that fires, probed once with a 2-token input (gated hooks too)."""
+        """Width of every hook that fires, probed once with a 2-token input (gated hooks too).
+        The probe also records which ordinary hooks stop firing under a mode (see hook_modes)."""
         if not self._dims:
             probe = torch.full((1, 2), self.bos_token_id, dtype=torch.long)
-            reasons = {h: self.bridge._gated_hook_reason(h) for h in self.bridge.hook_dict}
-            for gate in [None, *sorted({r for r in reasons.values() if r is not None})]:
-                group = [h for h, r in reasons.items() if r == gate]
+            gates = {h: self._modes.gate(h) for h in self.bridge.hook_dict}
+            plain = [h for h, gate in gates.items() if gate is None]
+            every_mode_off = Needs(off=dict.fromkeys(MODES, "the probe"))
+            plain_shapes = self._capture(probe, plain, None, shapes_only=True, needs=every_mode_off)
+            self._record_widths(plain_shapes)
+            for gate in sorted({g for g in gates.values() if g is not None}):
+                only = Needs(on={gate: "the probe"}, off={m: "the probe" for m in MODES if m != gate})
+                group = [h for h, g in gates.items() if g == gate]
                 try:
-                    shapes = self._capture(probe, group, None, shapes_only=True)
+                    shapes = self._capture(probe, [*group, *plain], None, shapes_only=True, needs=only)
                 except NotImplementedError:  # this architecture cannot provide the gated hooks
                     continue
-                for hook, shape in shapes.items():
-                    if len(shape) < 3 or hook.endswith(_NOT_PER_TOKEN):
-                        self._other_hooks.add(hook)
-                    else:
-                        self._dims[hook] = math.prod(shape[2:])
-            self._set_modes([])  # back to the plain (fastest) forward pass
+                self._record_widths({h: shapes[h] for h in group if h in shapes})
+                for hook, shape in plain_shapes.items():
+                    if shapes.get(hook) != shape:
+                        self._modes.fires_only_without.setdefault(hook, set()).add(gate)
         return self._dims
+
+    def _record_widths(self, shapes: dict[str, tuple]) -> None:
+        for hook, shape in shapes.items():
+            if len(shape) < 3 or hook.endswith(_NOT_PER_TOKEN):
+                self._other_hooks.add(hook)
+            else:
+                self._dims[hook] = math.prod(shape[2:])
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = (), bwd_hooks: Sequence = ()) -> Iterator["Model"]:
-        """Attach hooks `(name, fn(activation, hook) -> activation | None)` for the block; always removed."""
+        """Attach hooks `(name, fn(activation, hook) -> activation | None)` for the block; always
+        removed, and the hook modes put back as found. Raises UnknownHookError for a hook that
+        does not fire, WorkbenchError for hooks that cannot fire together with those of the
+        blocks already open (both before anything is attached)."""
         self.check_hooks([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
         with self._bridge_hooks(fwd_hooks, bwd_hooks):
             yield self
 
-    def _bridge_hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = ()):
-        self._set_modes([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
-        return self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
-
-    def _set_modes(self, hooks: Sequence[str]) -> None:
+    @contextlib.contextmanager
+    def _bridge_hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), needs: Needs | None = None):
         """Some hooks (per-head results, split q/k/v inputs, attn_in, mlp_in) cost extra compute,
-        so TransformerLens fires them only after `set_use_*(True)`. Switch on exactly the modes the
-        requested hooks need and switch the others off, so the rest fire as they did when probed."""
-        needed = {r for r in (self.bridge._gated_hook_reason(h) for h in hooks) if r is not None}
-        if needed >= _EXCLUSIVE:
-            pair = [h for h in hooks if self.bridge._gated_hook_reason(h) in _EXCLUSIVE]
-            raise WorkbenchError(f"hooks {', '.join(pair)} cannot be used in one pass "
-                                 f"(TransformerLens: {' and '.join(sorted(_EXCLUSIVE))} exclude each other)")
-        for mode in sorted(_MODES, key=lambda m: m in needed):  # switch off before switching on
-            if bool(getattr(self.bridge.cfg, mode)) != (mode in needed):
-                getattr(self.bridge, f"set_{mode}")(mode in needed)
+        so TransformerLens fires them only with a mode on; the scope switches on what these hooks
+        need, keeps what enclosing blocks need, and restores every flag on exit."""
+        if needs is None:
+            needs = self._modes.needs([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
+        with self._modes.scope(needs), self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
+            yield
 
     # --- running --------------------------------------------------------------------------
     def tokenize(self, texts: str | Sequence[str], prepend_bos: bool = True) -> Int[Tensor, "batch pos"]:
@@ -193,7 +203,8 @@ class Model:
             raise UnknownHookError(f"model {self.spec!r}: hook {missing[0]!r} does not fire together with {', '.join(h for h in hooks if h in captured)}")
         return captured
 
-    def _capture(self, tokens: Tensor, hooks: Sequence[str], stop: int | None, shapes_only: bool = False) -> dict:
+    def _capture(self, tokens: Tensor, hooks: Sequence[str], stop: int | None, shapes_only: bool = False,
+                 needs: Needs | None = None) -> dict:
         captured: dict = {}
 
         def grab(name: str):
@@ -201,7 +212,7 @@ class Model:
                 captured[name] = tuple(activation.shape) if shapes_only else activation.detach().flatten(2)
             return hook_fn
 
-        with torch.no_grad(), self._bridge_hooks([(name, grab(name)) for name in hooks]):
+        with torch.no_grad(), self._bridge_hooks([(name, grab(name)) for name in hooks], needs=needs):
             self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=stop,
                                        attention_mask=self._padding_mask(tokens))
         return captured
