@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import DictionaryError
-from sae.steering import Edit, steer
+from sae.steering import Edit, check_edits, steer
 
 
 @dataclass
@@ -38,9 +38,12 @@ class SweepRow:
 def sweep(model, edit: Edit, strengths: Sequence[float], prompts: Sequence[str],
           concept: Sequence[str] | Sequence[int] | Callable[[str], float], neutral_text: str,
           max_new_tokens: int = 20, positions: str | Tensor = "all") -> list[SweepRow]:
-    """One row per strength (greedy decoding, so rows differ only by the edit)."""
+    """One row per strength (greedy decoding, so rows differ only by the edit). Raises
+    DictionaryError for no prompts or strengths, and (before any pass) what
+    `sae.steering.check_edits` raises for the edit at any of the strengths."""
     if not prompts or not strengths:
         raise DictionaryError("sweep needs at least one prompt and one strength")
+    check_edits(model, [dataclasses.replace(edit, strength=float(s)) for s in strengths], positions)
     neutral = model.tokenize(neutral_text)
     if neutral.shape[1] < 2:
         raise DictionaryError("the neutral text must be at least one token after BOS")

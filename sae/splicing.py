@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, Optional
 
+import torch
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError
@@ -37,14 +38,33 @@ def hook_of(dictionary: Dictionary, hook: Optional[str]) -> str:
     return hook
 
 
+def check_trained_at(model, dictionary: Dictionary, hook: str, what: str = "the dictionary") -> int:
+    """The width of `hook` (d) after refusing, in one line, a dictionary that cannot run there:
+    UnknownHookError for a hook that does not fire or holds no per-token activations;
+    DictionaryError for d_in != d, or a recorded hook or model other than `hook` and `model`.
+    A recorded hook that is no hook of this model (a peer's module name) is not compared."""
+    width = model.d_model(hook)
+    if dictionary.d_in != width:
+        raise DictionaryError(f"{what}: the dictionary has d_in={dictionary.d_in}, hook {hook} has d={width}")
+    trained_hook, trained_model = dictionary.meta.get("hook"), dictionary.meta.get("model")
+    if trained_hook and trained_hook != hook and trained_hook in model.hook_widths():
+        raise DictionaryError(f"{what}: the dictionary was trained at hook {trained_hook}, not {hook}")
+    if trained_model and not model.names_this_model(str(trained_model)):
+        raise DictionaryError(f"{what}: the dictionary was trained on model {trained_model!r}, not {model.spec!r}")
+    return width
+
+
 @contextlib.contextmanager
 def splice(model, dictionary: Dictionary, hook: Optional[str] = None, *, error_term: bool = False,
            skip_bos: bool = True) -> Iterator:
     """Run `model` with the hook's activation replaced by the dictionary's reconstruction x̂.
     error_term=True adds the error x − x̂ back: the output is the model's own (to float
-    rounding), with the activation routed through the dictionary's latents."""
+    rounding), with the activation routed through the dictionary's latents.
+    Raises (before anything is attached) what `check_trained_at` raises."""
+    hook = hook_of(dictionary, hook)
+    check_trained_at(model, dictionary, hook, f"splice at {hook}")
     rebuild = _with_error(dictionary) if error_term else dictionary.forward
-    with model.hooks([(hook_of(dictionary, hook), _edit_positions(rebuild, skip_bos))]):
+    with model.hooks([(hook, _edit_positions(rebuild, skip_bos))]):
         yield model
 
 
@@ -58,7 +78,14 @@ def _with_error(dictionary: Dictionary) -> Callable[[Tensor], Tensor]:
 
 @contextlib.contextmanager
 def replace_activation(model, hook: str, value: Tensor, *, skip_bos: bool = True) -> Iterator:
-    """Run `model` with the hook's activation replaced by `value` [d] at every edited position."""
+    """Run `model` with the hook's activation replaced by `value` [d] at every edited position.
+    Raises UnknownHookError for an unknown hook, DictionaryError for a value not of shape [d] or
+    not finite (before anything is attached)."""
+    width = model.d_model(hook)
+    if tuple(value.shape) != (width,):
+        raise DictionaryError(f"replacement value has shape {tuple(value.shape)}, hook {hook} has d={width}")
+    if not bool(torch.isfinite(value).all()):
+        raise DictionaryError(f"replacement value at hook {hook} is not finite")
     with model.hooks([(hook, _edit_positions(lambda flat: value.to(flat.dtype).expand_as(flat), skip_bos))]):
         yield model
 

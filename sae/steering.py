@@ -17,12 +17,18 @@ context is open, so KV-cached generation is steered on the prompt and on every g
 pass inside the block continues it (a decode step). The object the block yields reports what
 was edited (`str(report)`, `report.positions_edited`), so a steer that silently did nothing
 shows as 0 positions.
+
+`steer` (and `sweep`) check every edit before any pass (`check_edits`): the hook fires and holds
+per-token activations, the direction's width is the hook's, the feature is one of the
+dictionary's, strength and direction are finite, and the dictionary was trained at that hook of
+that model; a failed check is a one-line error and leaves nothing attached.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -30,7 +36,7 @@ import torch
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError
-from sae.splicing import hook_of
+from sae.splicing import check_trained_at, hook_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class Edit:
     dictionary: Dictionary | None = None
     """Set for clamps: the dictionary whose feature `feature` is held at `strength`."""
     feature: int = -1
+    source: Dictionary | None = None
+    """The dictionary whose feature `feature` the direction is (checked against the model by `steer`)."""
 
     def delta(self, x: Tensor) -> Tensor:
         """What this edit adds to activations x [..., d]."""
@@ -57,18 +65,20 @@ class Edit:
 
 
 def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None = None) -> Edit:
-    """Add `strength` times the feature's decoder direction (what the feature writes when active)."""
+    """Add `strength` times the feature's decoder direction W_dec[feature] [d_in] (what the feature
+    writes when active) at `hook` (default: the dictionary's). Raises DictionaryError for a feature
+    outside 0..n_latents-1 or a dictionary that records no hook; `steer` checks the rest."""
     if not 0 <= int(feature) < dictionary.n_latents:
         raise DictionaryError(f"feature {feature} is outside 0..{dictionary.n_latents - 1}")
     direction = dictionary.W_dec[int(feature)].detach()
-    return Edit(hook_of(dictionary, hook), direction, float(strength), f"feature {int(feature)} x {strength:g}")
+    return Edit(hook_of(dictionary, hook), direction, float(strength), f"feature {int(feature)} x {strength:g}",
+                feature=int(feature), source=dictionary)
 
 
 def clamp(dictionary: Dictionary, feature: int, value: float, hook: str | None = None) -> Edit:
     """Hold the feature's activation at `value` at every position (its error term untouched)."""
-    direction = add(dictionary, feature, 0.0, hook).direction
-    return Edit(hook_of(dictionary, hook), direction, float(value), f"feature {int(feature)} = {value:g}",
-                dictionary, int(feature))
+    return dataclasses.replace(add(dictionary, feature, 0.0, hook), strength=float(value),
+                               label=f"feature {int(feature)} = {value:g}", dictionary=dictionary)
 
 
 def ablate(dictionary: Dictionary, feature: int, hook: str | None = None) -> Edit:
@@ -77,7 +87,8 @@ def ablate(dictionary: Dictionary, feature: int, hook: str | None = None) -> Edi
 
 
 def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
-    """Add a raw direction at a hook."""
+    """Add `strength` times `direction` [d] at `hook` (d: the hook's width, heads flattened);
+    `steer` refuses, in one line, a direction of another shape or with NaN/inf entries."""
     return Edit(hook, direction.detach(), float(strength), "direction")
 
 
@@ -117,14 +128,37 @@ class SteeringReport:
         return f"steered ({', '.join(e.label for e in self.edits)}; positions={where}): " + "; ".join(parts)
 
 
-@contextlib.contextmanager
-def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iterator[SteeringReport]:
-    """Apply `edits` on every forward pass of `model` inside the block, at `positions`."""
+def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> None:
+    """Refuse, in one line, edits `model` cannot apply: UnknownHookError for a hook that does not
+    fire or holds no per-token activations; DictionaryError for a direction that is not [d] (d
+    the hook's width) or not finite, a non-finite strength, a feature outside its dictionary, a
+    dictionary of another width or trained at another hook or on another model, bad positions."""
     if isinstance(positions, str) and positions not in POSITIONS:
         raise DictionaryError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}")
     if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
         raise DictionaryError(f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}")
-    model.check_hooks([e.hook for e in edits])
+    for edit in edits:
+        width = model.d_model(edit.hook)
+        name = f"{edit.label}: " if edit.source is not None else ""
+        for dictionary in {id(d): d for d in (edit.source, edit.dictionary) if d is not None}.values():
+            check_trained_at(model, dictionary, edit.hook, edit.label or "edit")
+            if not 0 <= edit.feature < dictionary.n_latents:
+                raise DictionaryError(f"{edit.label}: feature {edit.feature} is outside 0..{dictionary.n_latents - 1}")
+        if edit.direction.dim() != 1:
+            raise DictionaryError(f"{name}direction has shape {tuple(edit.direction.shape)}, hook {edit.hook} needs [{width}]")
+        if edit.direction.numel() != width:
+            raise DictionaryError(f"{name}direction has {edit.direction.numel()} dims, hook {edit.hook} has d={width}")
+        if not math.isfinite(edit.strength):
+            raise DictionaryError(f"{edit.label}: strength {edit.strength} is not finite")
+        if not bool(torch.isfinite(edit.direction).all()):
+            raise DictionaryError(f"{name}direction at hook {edit.hook} has NaN or infinite entries")
+
+
+@contextlib.contextmanager
+def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iterator[SteeringReport]:
+    """Apply `edits` on every forward pass of `model` inside the block, at `positions`.
+    Raises what `check_edits` raises, before any pass and with nothing attached."""
+    check_edits(model, edits, positions)
     groups: dict[str, list[Edit]] = {}
     for edit in edits:
         groups.setdefault(edit.hook, []).append(edit)

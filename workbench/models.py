@@ -15,6 +15,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -47,6 +48,12 @@ class Model:
     @property
     def spec(self) -> str:
         return self.source.spec
+
+    def names_this_model(self, spec: str) -> bool:
+        """Whether `spec`, as a dictionary records it, names this model: the same spec, or the same
+        folder or hub name up to its parent folders or organisation, case and TransformerLens
+        aliases ("gpt2-small", "openai-community/gpt2" and "gpt2" are one model)."""
+        return spec == self.spec or _model_name(spec) in {_model_name(self.spec), _model_name(self.source.name_or_path)}
 
     @property
     def tokenizer(self):
@@ -235,6 +242,21 @@ class Model:
             prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             use_past_kv_cache=True, return_type="str", verbose=False, stop_at_eos=False,
         )
+
+
+def _model_name(spec: str) -> str:
+    """A spec's folder or hub name without its parents or organisation, lowercased, with
+    TransformerLens aliases resolved ("gpt2-small" -> "gpt2"); resolves no hub or packaged model.
+    Lenient on purpose: the same folder named from another working directory must match."""
+    from transformer_lens.supported_models import get_official_model_name
+
+    if spec == "demo":
+        spec = resolve(spec).name_or_path
+    try:
+        spec = get_official_model_name(spec)
+    except ValueError:  # not a name TransformerLens knows
+        pass
+    return Path(spec).name.lower()
 
 
 def _stop_layer(hooks: Sequence[str], n_layers: int) -> int | None:
