@@ -37,7 +37,7 @@ from sae.sources import BatchSource, draw, input_scale, open_cache_source
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee
 from workbench import seeding
-from workbench.distributed import Ranks, barrier, ranks
+from workbench.distributed import Ranks, alone, barrier, ranks
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
 from workbench.files import write_bytes_atomic, write_json_atomic
 from workbench.logs import JsonlLogger, read_jsonl
@@ -265,9 +265,10 @@ def _calibrate(plan: Plan, trainee: Trainee, position: dict) -> dict:
     """Set the inference thresholds from rows drawn apart from training (`sae.calibrate`) and
     measure the saved dictionary's inference L0 on other such rows."""
     scale, device = position["input_scale"], trainee.dictionary.W_dec.device
-    trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
-    check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
-    return {"inference_l0": round(inference_l0(trainee.dictionary, check, min(plan.batch_size, 4096)), 4)}
+    with alone():  # rank 0 alone saves: no selection may wait for the other ranks
+        trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
+        check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
+        return {"inference_l0": round(inference_l0(trainee.dictionary, check, min(plan.batch_size, 4096)), 4)}
 
 
 def final_metrics(log_path: Path, last: int = 10) -> dict:

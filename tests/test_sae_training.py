@@ -122,7 +122,7 @@ def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_p
     data = PlantedFeatures(PlantedConfig(d=32, n_features=64, samples=150_000, seed=1))
     config = TrainConfig(arch=("jumprelu",), k=(3,), target_l0=3.0, latents=64, batch_size=512, out=str(tmp_path), log_every=10)
     folder = train(config, source=data, progress=False)[0]
-    records = read_jsonl(folder / "log.jsonl")
+    records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]  # not the resampling records
     late = [r["l0"] for r in records[-10:]]
     assert abs(sum(late) / len(late) - 3.0) <= 0.3, late
     first, last = records[0]["threshold_mean"], records[-1]["threshold_mean"]
@@ -152,7 +152,7 @@ def test_every_resampling_is_logged_with_the_latents_it_moved(tmp_path):
     assert json.loads((none / io.CONFIG).read_text())["metrics"]["resamplings"] == 0
 
 
-@pytest.mark.parametrize("steps", [32, 256])
+@pytest.mark.parametrize("steps", [32, 192])
 def test_saved_batch_selecting_dictionaries_deliver_their_k_on_fresh_rows(steps, tmp_path):
     """Issue 17.4: the running threshold (EMA of the smallest kept value) lags the final weights
     (a 64-step BatchTopK at k 8 ran at L0 1.9, Feature Choice 1.8); the trainer now calibrates it

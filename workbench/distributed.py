@@ -8,7 +8,9 @@ Without torchrun everything here is a no-op, so single-process code paths are un
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,12 +51,31 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+_ALONE = [0]  # depth of `alone()` blocks
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process acts as if it ran by itself (world_size() 1, rank 0): for
+    work one rank does alone, such as calibrating a dictionary before rank 0 saves it (a global
+    selection there would wait forever for the other ranks)."""
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
+
+
 def world_size() -> int:
+    if _ALONE[0]:
+        return 1
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank_index() -> int:
-    """This process's rank (0 without torchrun)."""
+    """This process's rank (0 without torchrun, and inside `alone()`)."""
+    if _ALONE[0]:
+        return 0
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
