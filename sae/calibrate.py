@@ -58,9 +58,16 @@ def latent_cuts(dictionary, x: Tensor, per_latent: int) -> Tensor:
     for pre in preactivations(dictionary, x):
         best = pre if best is None else torch.cat([best, pre])
         best = best.topk(min(keep, best.shape[0]), dim=0).values
-    if best.shape[0] <= per_latent:
-        return torch.zeros(dictionary.n_latents, dtype=x.dtype, device=x.device)
-    return _midway(best[per_latent - 1], best[per_latent])
+    return quota_cuts(best, per_latent)
+
+
+def quota_cuts(pre: Tensor, per_latent: int) -> Tensor:
+    """[n] thresholds under which each column of pre [N, n] (ReLU'd) keeps `per_latent` rows;
+    0 where a column has no more than `per_latent` rows."""
+    if pre.shape[0] <= per_latent:
+        return pre.new_zeros(pre.shape[1])
+    top = pre.topk(per_latent + 1, dim=0).values
+    return _midway(top[per_latent - 1], top[per_latent])
 
 
 @torch.no_grad()

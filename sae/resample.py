@@ -1,5 +1,5 @@
 """Resampling latents that do not earn their place (Bricken et al. 2023, "Towards
-Monosemanticity", neuron resampling), on by default for the first 85% of training.
+Monosemanticity", neuron resampling), on by default for the first 95% of training.
 
 A latent is resampled when it fired fewer than `min_fires` times since the last resampling
 (the trainer sets it to `--resample-below` = 0.02 of the mean firing count, every 50 steps),
@@ -15,8 +15,8 @@ cost 0.006 and left 14% of latents silent on held-out text).
 A resampled latent's new decoder row is the residual x - x_hat of an input drawn with probability
 proportional to |x - x_hat|^2 (the inputs the dictionary explains worst, so directions it is
 missing); its encoder row points the same way with the mean norm of the kept rows, its
-per-latent biases restart at 0, a per-latent threshold (JumpReLU, Feature Choice) at the kept
-latents' median, and its Adam moments are cleared.
+per-latent biases restart at 0, a per-latent threshold (JumpReLU, Feature Choice) where the
+new latent fires on k / n_latents of the batch, and its Adam moments are cleared.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import Dictionary
+from sae.calibrate import quota_cuts
 
 # Per-latent parameters whose entries restart at zero on resampling (W_enc/W_dec are set).
 _ZEROED = ("b_enc", "b_gate", "b_mag", "r_mag")
@@ -68,10 +69,20 @@ def resample(dictionary: Dictionary, optimizer: torch.optim.Optimizer, chosen: T
         if hasattr(dictionary, name):
             getattr(dictionary, name)[latents] = 0
     threshold = getattr(dictionary, "threshold", None)  # JumpReLU's parameter, Feature Choice's running one
-    if isinstance(threshold, Tensor) and threshold.dim() == 1 and threshold.shape[0] == dictionary.n_latents and bool(kept.any()):
-        threshold[latents] = threshold[kept].median()
+    if isinstance(threshold, Tensor) and threshold.dim() == 1 and threshold.shape[0] == dictionary.n_latents:
+        threshold[latents] = _firing_at_the_mean_rate(dictionary, latents, x)
     _clear_moments(dictionary, optimizer, latents)
     return n
+
+
+def _firing_at_the_mean_rate(dictionary: Dictionary, latents: Tensor, x: Tensor) -> Tensor:
+    """Thresholds at which each new latent fires on k / n_latents of the batch x. The kept
+    latents' median threshold (used before) sat above most new latents' pre-activations on the
+    demo: JumpReLU resampled 18% of its latents every time, 56% of them silent on held-out text."""
+    pre = torch.addmm(dictionary.b_enc[latents], x - dictionary.b_dec, dictionary.W_enc[latents].t()).clamp_min(0)
+    per_latent = max(1, round(x.shape[0] * dictionary.config.k / dictionary.n_latents))
+    cuts = quota_cuts(pre, per_latent)
+    return torch.where(cuts > 0, cuts, torch.full_like(cuts, float(getattr(dictionary.config, "bandwidth", 1e-3))))
 
 
 def _clear_moments(dictionary: Dictionary, optimizer: torch.optim.Optimizer, latents: Tensor) -> None:

@@ -66,7 +66,7 @@ class TrainConfig:
     """topk: training picks each token's candidates with an int8 encoder matmul and keeps the k with the largest exact pre-activations (faster at >= 65k latents; recall: workbench bench kernels --approx-topk)."""
     resample_every: int = 50
     """Steps between resamplings of latents that do not earn their place (see sae.resample); 0 disables it."""
-    resample_until: float = 0.85
+    resample_until: float = 0.95
     """Fraction of training after which no more resampling happens."""
     resample_below: float = 0.02
     """A latent whose firing rate since the last resampling is below this fraction of the mean rate (k / n_latents) is resampled."""
