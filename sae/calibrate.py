@@ -17,7 +17,7 @@ pre-activations are ever kept: a latent with fewer than m positive values gets t
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -25,11 +25,15 @@ from torch import Tensor
 ROWS_PER_PASS = 2048
 
 
-def preactivations(dictionary, x: Tensor, rows: int = ROWS_PER_PASS) -> Iterator[Tensor]:
-    """[rows, n_latents] ReLU'd encoder pre-activations of x - b_dec, a pass of `rows` at a time."""
+def preactivations(dictionary, x: Tensor, rows: int = ROWS_PER_PASS, latents: Optional[Tensor] = None) -> Iterator[Tensor]:
+    """[rows, n_latents] (or [rows, len(latents)]) ReLU'd encoder pre-activations of x - b_dec,
+    a pass of `rows` at a time."""
+    weight, bias = dictionary.W_enc, dictionary.b_enc
+    if latents is not None:
+        weight, bias = weight[latents], bias[latents]
     for start in range(0, x.shape[0], rows):
-        chunk = x[start:start + rows].to(dictionary.W_enc.dtype) - dictionary.b_dec
-        yield torch.addmm(dictionary.b_enc, chunk, dictionary.W_enc.t()).clamp_min_(0)
+        chunk = x[start:start + rows].to(weight.dtype) - dictionary.b_dec
+        yield torch.addmm(bias, chunk, weight.t()).clamp_min_(0)
 
 
 def _midway(above: Tensor, below: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import Dictionary
-from sae.calibrate import quota_cuts
+from sae.calibrate import preactivations, quota_cuts
 
 # Per-latent parameters whose entries restart at zero on resampling (W_enc/W_dec are set).
 _ZEROED = ("b_enc", "b_gate", "b_mag", "r_mag")
@@ -79,10 +79,10 @@ def _firing_at_the_mean_rate(dictionary: Dictionary, latents: Tensor, x: Tensor)
     """Thresholds at which each new latent fires on k / n_latents of the batch x. The kept
     latents' median threshold (used before) sat above most new latents' pre-activations on the
     demo: JumpReLU resampled 18% of its latents every time, 56% of them silent on held-out text."""
-    pre = torch.addmm(dictionary.b_enc[latents], x - dictionary.b_dec, dictionary.W_enc[latents].t()).clamp_min(0)
+    pre = torch.cat(list(preactivations(dictionary, x, latents=latents)))
     per_latent = max(1, round(x.shape[0] * dictionary.config.k / dictionary.n_latents))
     cuts = quota_cuts(pre, per_latent)
-    return torch.where(cuts > 0, cuts, torch.full_like(cuts, float(getattr(dictionary.config, "bandwidth", 1e-3))))
+    return torch.where(cuts > 0, cuts, torch.full_like(cuts, dictionary.config.bandwidth))
 
 
 def _clear_moments(dictionary: Dictionary, optimizer: torch.optim.Optimizer, latents: Tensor) -> None:
