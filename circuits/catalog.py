@@ -29,6 +29,7 @@ from circuits.tasks import Task, TaskError, induction_task, kl_to
 from circuits.transformer import GraphTransformer, from_gpt2
 from workbench.files import read_json
 
+
 def _trained_induction(n: int, seed: int) -> tuple[GraphTransformer, Task]:
     from circuits.trained_induction import load_or_train, trained_induction_task
     from workbench.paths import user_cache_dir

@@ -8,15 +8,21 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from circuits.acdc import acdc_scores
+from circuits.attribution import (
+    ablated_outputs,
+    eap_ig_activation_scores,
+    eap_ig_input_scores,
+    eap_scores,
+    exact_scores,
+    node_of_receiver,
+    node_scores,
+)
+from circuits.config import METHODS
 from circuits.codes import circuit_of_heads, code_scores, edge_scores_of_heads, kept_heads
-from circuits.attribution import (ablated_outputs, eap_ig_activation_scores, eap_ig_input_scores, eap_scores,
-                                  exact_scores, node_of_receiver, node_scores)
 from circuits.evaluate import mask_of_edges, top_edges
 from circuits.graph import Circuit, Edge, Node
 from circuits.tasks import Task, TaskError
 from circuits.transformer import GraphTransformer
-
-METHODS = ("exact", "eap", "eap-ig", "eap-ig-activations", "acdc", "codes")
 
 
 @dataclass

@@ -6,8 +6,15 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from circuits.attribution import (ablated_outputs, eap_ig_activation_scores, eap_ig_input_scores, eap_scores,
-                                  exact_scores, node_scores, task_score)
+from circuits.attribution import (
+    ablated_outputs,
+    eap_ig_activation_scores,
+    eap_ig_input_scores,
+    eap_scores,
+    exact_scores,
+    node_scores,
+    task_score,
+)
 from circuits.tasks import Task, next_token_logprob
 from circuits.transformer import build_graph, from_gpt2
 

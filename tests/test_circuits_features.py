@@ -7,8 +7,15 @@ import json
 import pytest
 import torch
 
-from circuits.features import (_activations, _replacement, _split_detached, exact_feature_effects, feature_circuit,
-                               feature_edges, feature_effects)
+from circuits.features import (
+    _activations,
+    _replacement,
+    _split_detached,
+    exact_feature_effects,
+    feature_circuit,
+    feature_edges,
+    feature_effects,
+)
 from circuits.graph import load_circuit
 from circuits.tasks import TaskError, induction_task
 from tests.sae_cases import small

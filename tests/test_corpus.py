@@ -7,10 +7,16 @@ import json
 import pytest
 import torch
 
-from workbench.corpus import (
-    BLOCK_WINDOWS, BUILTIN_CORPORA, Document, iter_documents, play_markdown_to_text, token_windows, validation_mask,
-)
 from tests.conftest import need
+from workbench.corpus import (
+    BLOCK_WINDOWS,
+    BUILTIN_CORPORA,
+    Document,
+    iter_documents,
+    play_markdown_to_text,
+    token_windows,
+    validation_mask,
+)
 from workbench.errors import CorpusError
 
 

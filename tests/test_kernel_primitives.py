@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import need
 from tests.kernel_cases import csr_codes, fixed_codes
 from workbench.kernels import SparseCodes, torch_ops
 from workbench.kernels.pattern import pattern_of
-from tests.conftest import need
 
 
 def backends():

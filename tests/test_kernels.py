@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import need
-from workbench.kernels import encode as encode_module
 from tests.kernel_cases import csr_codes, encoder, fixed_codes
 from workbench.errors import ConfigError
 from workbench.kernels import (
@@ -23,11 +22,12 @@ from workbench.kernels import (
     encode_feature_choice,
     encode_threshold,
     encode_topk,
+    select,
+    torch_ops,
 )
-from workbench.kernels import select
+from workbench.kernels import encode as encode_module
 from workbench.kernels.autograd import PreactsAt, SparseDecode
 from workbench.kernels.pattern import pattern_of
-from workbench.kernels import torch_ops
 
 N, D, M = 6, 5, 12
 ROW_SCALE = torch.tensor([1.0, 10.0, 1.0, 1.0, 1.0, 1.0])

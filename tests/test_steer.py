@@ -64,8 +64,8 @@ def test_clamp_and_ablate_move_only_the_features_contribution(tiny_model, tiny_c
 
 def test_public_names_stay_callable_after_their_modules_load():
     import sae
-    import sae.evals  # noqa: F401 - imports sae.splicing
     import sae.dose_response  # noqa: F401
+    import sae.evals  # noqa: F401 - imports sae.splicing
     import sae.steering  # noqa: F401
 
     for name in ("splice", "steer", "add", "clamp", "ablate", "add_direction", "code_on", "code_off", "sweep"):

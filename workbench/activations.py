@@ -22,9 +22,8 @@ import math
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +33,11 @@ from workbench.corpus import iter_documents, token_windows
 from workbench.distributed import Ranks, barrier, ranks
 from workbench.errors import CacheError, ConfigError
 from workbench.files import (
-    first_non_finite_row, read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic,
+    first_non_finite_row,
+    read_json,
+    remove_stale_temporaries,
+    save_tensors_atomic,
+    write_json_atomic,
 )
 from workbench.paths import DEFAULT_RUNS_DIR
 

@@ -27,7 +27,13 @@ from tqdm.auto import tqdm
 
 from workbench.cache_reader import FORMAT_VERSION, MANIFEST, shard_path
 from workbench.errors import CacheError
-from workbench.files import first_non_finite_row, read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic
+from workbench.files import (
+    first_non_finite_row,
+    read_json,
+    remove_stale_temporaries,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 
 SUFFIXES = (".npy", ".safetensors")
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-from scipy.optimize import linear_sum_assignment
 from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig
 from sae_lens.synthetic.evals import mean_correlation_coefficient
+from safetensors.torch import load_file
+from scipy.optimize import linear_sum_assignment
 
 
 def make(out: Path, samples: int, seed: int, chunk: int = 65_536) -> None:

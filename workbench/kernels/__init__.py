@@ -12,7 +12,14 @@ from workbench.kernels.backend import is_eager, kernel_mode, sparse_ops, use_ker
 from workbench.kernels.codebook import codebook_lookup
 from workbench.kernels.codes import KernelInputError, SparseCodes
 from workbench.kernels.decode import decode, decode_prefixes
-from workbench.kernels.encode import encode_at, encode_batch_topk, encode_feature_choice, encode_threshold, encode_topk, release_workspace
+from workbench.kernels.encode import (
+    encode_at,
+    encode_batch_topk,
+    encode_feature_choice,
+    encode_threshold,
+    encode_topk,
+    release_workspace,
+)
 
 __all__ = [
     "KernelInputError",

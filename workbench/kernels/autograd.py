@@ -17,7 +17,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Optional
 
-import torch
 from torch import Tensor
 from torch.autograd import Function
 

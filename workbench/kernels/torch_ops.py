@@ -17,7 +17,6 @@ from torch import Tensor
 from workbench.kernels.pattern import Pattern
 
 
-
 def decode(pattern: Pattern, values: Tensor, weight: Tensor) -> Tensor:
     """[N, d]: row n = sum over its entries of value * weight[latent]."""
     if pattern.nnz == 0:
