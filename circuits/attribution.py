@@ -18,10 +18,9 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from circuits.config import ABLATIONS
 from circuits.tasks import Task, TaskError
 from circuits.transformer import GraphTransformer
-
-ABLATIONS = ("resample", "mean", "zero")
 
 
 def ablated_outputs(model: GraphTransformer, task: Task, ablation: str = "resample") -> Tensor:

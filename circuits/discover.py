@@ -17,8 +17,8 @@ from circuits.attribution import (
     node_of_receiver,
     node_scores,
 )
-from circuits.config import METHODS
 from circuits.codes import circuit_of_heads, code_scores, edge_scores_of_heads, kept_heads
+from circuits.config import METHODS
 from circuits.evaluate import mask_of_edges, top_edges
 from circuits.graph import Circuit, Edge, Node
 from circuits.tasks import Task, TaskError

@@ -1,0 +1,72 @@
+"""What `workbench circuits` runs: one config, its flags derived from it, saved in every circuit JSON
+(as `"config"`), so `workbench circuits --config X.circuit.json` reruns the circuit to the same scores.
+
+The names of methods and ablations live here (not beside their code) so that validating a
+config, and building the command's flags, imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import ConfigError
+from workbench.model_sources import BUILTIN_MODELS
+
+METHODS = ("exact", "eap", "eap-ig", "eap-ig-activations", "acdc", "codes")
+ABLATIONS = ("resample", "mean", "zero")
+
+
+@dataclass(frozen=True)
+class CircuitConfig:
+    """The task, model, method and budgets of one circuit (or of `--benchmark`: methods, prompts)."""
+
+    model: str = ""
+    """A GPT-2-architecture model spec; empty means demo (the ground-truth tasks bring their own model)."""
+    task: str = "induction"
+    """induction, trained-induction, planted-induction, or-gate, and-gate, or-gate-saturated, or a task
+    .json file (see circuits/catalog.py)."""
+    dictionary: tuple[str, ...] = ()
+    """Dictionary folders (one per hook): a feature circuit of their latents and error terms."""
+    features_per_hook: int = 10
+    """Latents per hook in a feature circuit."""
+    method: str = ""
+    """exact, eap, eap-ig, eap-ig-activations, acdc or codes; empty means eap-ig (with --benchmark: a
+    comma list, empty means all)."""
+    ablation: str = "resample"
+    """What an ablated edge carries: resample, mean or zero."""
+    prompts: int = 32
+    """Prompts in the task."""
+    length: int = 33
+    """Tokens per prompt."""
+    steps: int = 8
+    """Integration steps of EAP-IG (and of a feature circuit's attribution)."""
+    edges: int = 0
+    """Edges kept in the circuit; 0 means 5% of the graph (at least 5)."""
+    seed: int = 0
+    """Seed of the task's prompts."""
+
+    def __post_init__(self):
+        unknown = [m for m in self.method.split(",") if m not in METHODS] if self.method else []
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"unknown ablation {self.ablation!r} (one of {', '.join(ABLATIONS)})")
+        if min(self.prompts, self.length, self.steps, self.features_per_hook) < 1 or self.edges < 0:
+            raise ConfigError("prompts, length, steps and features_per_hook must be positive, and edges >= 0")
+
+
+def config_json(config: CircuitConfig) -> dict:
+    """`config` as saved in a circuit JSON: local paths (task file, dictionaries, a model folder)
+    made absolute, so the file reruns from any folder."""
+
+    def absolute(spec: str) -> str:
+        path = Path(spec).expanduser()
+        return str(path.absolute()) if spec and path.exists() else spec
+
+    model = config.model if config.model in BUILTIN_MODELS else absolute(config.model)  # built-ins come first
+    task = absolute(config.task) if config.task.endswith(".json") else config.task
+    dictionary = tuple(map(absolute, config.dictionary))
+    saved = dataclasses.replace(config, model=model, task=task, dictionary=dictionary)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(saved).items()}
