@@ -55,7 +55,9 @@ class PreactsAt(Function):
         grad_weight = ops.scatter_rows(pattern, grad_values, x) if needs[1] else None
         wants_bias, wants_shift = ctx.has_bias and needs[2], ctx.has_shift and needs[3]
         per_latent = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values) if wants_bias or wants_shift else None
-        grad_shift = -(per_latent.to(weight.dtype) @ weight) if wants_shift else None  # = -sum over rows of grad_x
+        grad_shift = None
+        if wants_shift and per_latent is not None:
+            grad_shift = -(per_latent.to(weight.dtype) @ weight)  # = -sum over rows of grad_x
         return grad_x, grad_weight, per_latent if wants_bias else None, grad_shift, None, None, None
 
 

@@ -126,11 +126,15 @@ def stack_rows(parts: list[SparseCodes]) -> SparseCodes:
     fixed-k with the same k, else CSR; `extra` selections are stacked alike."""
     if len(parts) == 1:
         return parts[0]
-    extra = stack_rows([p.extra for p in parts]) if parts[0].extra is not None else None
+    extras = [p.extra for p in parts if p.extra is not None]
+    if extras and len(extras) != len(parts):
+        raise KernelInputError("stack_rows: either every block has an `extra` selection or none has")
+    extra = stack_rows(extras) if extras else None
     n_latents = parts[0].n_latents
     if all(p.is_fixed_k for p in parts) and len({p.indices.shape[1] for p in parts}) == 1:
         return SparseCodes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), n_latents, extra=extra)
     blocks = [p.to_csr() for p in parts]
     starts = torch.tensor([0] + [b.nnz for b in blocks], device=blocks[0].indices.device).cumsum(0)
-    offsets = torch.cat([blocks[0].offsets[:1]] + [b.offsets[1:] + starts[i] for i, b in enumerate(blocks)])
+    block_offsets = [b.row_offsets() for b in blocks]
+    offsets = torch.cat([block_offsets[0][:1]] + [o[1:] + starts[i] for i, o in enumerate(block_offsets)])
     return SparseCodes(torch.cat([b.indices for b in blocks]), torch.cat([b.values for b in blocks]), n_latents, offsets, extra)

@@ -60,8 +60,9 @@ def strided_rows(codes: SparseCodes, stride: int, n_rows: int) -> SparseCodes:
     if stride == 1:
         return codes
     codes = codes.to_csr()
-    owner = (torch.arange(n_rows + 1, device=codes.offsets.device) + stride - 1) // stride
-    return SparseCodes(codes.indices, codes.values, codes.n_latents, codes.offsets[owner.clamp(max=codes.n_rows)])
+    offsets = codes.row_offsets()
+    owner = (torch.arange(n_rows + 1, device=offsets.device) + stride - 1) // stride
+    return SparseCodes(codes.indices, codes.values, codes.n_latents, offsets[owner.clamp(max=codes.n_rows)])
 
 
 def batch_top_k(pre: Tensor, k: int) -> SparseCodes:

@@ -64,8 +64,10 @@ def _rowsum(index: Tensor, weights: Tensor, offsets: Tensor, table: Tensor) -> T
     if segments == 0 or d == 0:
         return out
     grid = (segments, triton.cdiv(d, BLOCK_D))
+    # Triton's JIT takes plain values for tl.constexpr parameters; pyright reads the annotation.
     _segment_rowsum[grid](index.contiguous(), weights.contiguous(), offsets.contiguous(), table, out, d,
-                          table.stride(0), out.stride(0), ACC=_acc(table.dtype), BLOCK=BLOCK_D)
+                          table.stride(0), out.stride(0),
+                          ACC=_acc(table.dtype), BLOCK=BLOCK_D)  # pyright: ignore[reportArgumentType]
     return out
 
 
@@ -84,6 +86,9 @@ def gather_dot(pattern: Pattern, dense: Tensor, weight: Tensor) -> Tensor:
     if pattern.nnz == 0:
         return out
     grid = (triton.cdiv(pattern.nnz, BLOCK_E),)
+    acc = _acc(dense.dtype)
+    # Triton's JIT takes plain values for tl.constexpr parameters; pyright reads the annotation.
     _gather_dot[grid](pattern.row_ids(), pattern.indices, dense, weight, out, pattern.nnz, dense.shape[1],
-                      dense.stride(0), weight.stride(0), ACC=_acc(dense.dtype), BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)
+                      dense.stride(0), weight.stride(0),
+                      ACC=acc, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)  # pyright: ignore[reportArgumentType]
     return out
