@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from circuits.config import ABLATIONS
@@ -23,7 +24,9 @@ from circuits.tasks import Task, TaskError
 from circuits.transformer import GraphTransformer
 
 
-def ablated_outputs(model: GraphTransformer, task: Task, ablation: str = "resample") -> Tensor:
+def ablated_outputs(
+    model: GraphTransformer, task: Task, ablation: str = "resample",
+) -> Float[Tensor, "sources batch pos d_model"]:
     """[sources, N, P, d]: what an ablated edge carries (corrupted run, clean mean, or zero)."""
     if ablation not in ABLATIONS:
         raise TaskError(f"unknown ablation {ablation!r} (one of {', '.join(ABLATIONS)})")
@@ -40,8 +43,8 @@ def chunks(n: int, batch: int) -> Iterator[slice]:
     return (slice(i, min(i + batch, n)) for i in range(0, n, batch))
 
 
-def task_score(model: GraphTransformer, task: Task, mask: Tensor | None = None, ablated: Tensor | None = None,
-               batch: int = 256) -> float:
+def task_score(model: GraphTransformer, task: Task, mask: Float[Tensor, "sources receivers"] | None = None,
+               ablated: Float[Tensor, "sources batch pos d_model"] | None = None, batch: int = 256) -> float:
     """The task score with edges mixed by `mask` (None: the model itself)."""
     total, n = 0.0, len(task.clean)
     with torch.no_grad():
@@ -52,7 +55,8 @@ def task_score(model: GraphTransformer, task: Task, mask: Tensor | None = None, 
     return total / n
 
 
-def exact_scores(model: GraphTransformer, task: Task, ablated: Tensor, batch: int = 256) -> Tensor:
+def exact_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
+                 batch: int = 256) -> Float[Tensor, " edges"]:
     """[edges]: m(edge ablated) − m(clean), one forward pass per edge."""
     full = model.full_mask()
     base = task_score(model, task, full, ablated, batch)
@@ -76,19 +80,25 @@ def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: 
     return total
 
 
-def eap_scores(model: GraphTransformer, task: Task, ablated: Tensor, batch: int = 64) -> Tensor:
+def eap_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
+               batch: int = 64) -> Float[Tensor, " edges"]:
     return _per_edge(model, -_mask_gradient(model, task, ablated, 1.0, batch))
 
 
-def eap_ig_activation_scores(model: GraphTransformer, task: Task, ablated: Tensor, steps: int = 8,
-                             batch: int = 64) -> Tensor:
+def eap_ig_activation_scores(
+    model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
+    batch: int = 64,
+) -> Float[Tensor, " edges"]:
     """Midpoint rule over α ∈ (0, 1) of −∂m/∂M at M = α·1."""
-    grad = sum(_mask_gradient(model, task, ablated, (i + 0.5) / steps, batch) for i in range(steps)) / steps
+    alphas = [(i + 0.5) / steps for i in range(steps)]
+    grad = torch.stack([_mask_gradient(model, task, ablated, alpha, batch) for alpha in alphas]).mean(0)
     return _per_edge(model, -grad)
 
 
-def eap_ig_input_scores(model: GraphTransformer, task: Task, ablated: Tensor, steps: int = 8,
-                        batch: int = 64) -> Tensor:
+def eap_ig_input_scores(
+    model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
+    batch: int = 64,
+) -> Float[Tensor, " edges"]:
     """(ablated_u − out_u) · mean over α of ∂m/∂input_r, the embeddings interpolated from the
     corrupted (α = 0) to the clean (α = 1) prompts."""
     n = len(task.clean)
@@ -116,7 +126,7 @@ def node_of_receiver(receiver: str) -> str:
     return receiver.rsplit(".", 1)[0] if receiver.count(".") == 2 else receiver
 
 
-def node_scores(model: GraphTransformer, edge_scores: Tensor) -> dict[str, float]:
+def node_scores(model: GraphTransformer, edge_scores: Float[Tensor, " edges"]) -> dict[str, float]:
     """A node's score: Σ |score| of the edges into and out of it."""
     totals: dict[str, float] = {}
     for (s, r), score in zip(model.graph.edges, edge_scores.abs().tolist()):

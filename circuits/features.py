@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from circuits.graph import Circuit, Edge, Node
@@ -28,14 +29,15 @@ from sae.base import Dictionary
 @dataclass
 class FeatureEffects:
     hooks: list[str]
-    latents: dict[str, Tensor]
+    latents: dict[str, Float[Tensor, " n_latents"]]
     """hook -> [n_latents] indirect effect of setting the latent to its corrupted value."""
     errors: dict[str, float]
     """hook -> indirect effect of the error term."""
     edges: list[tuple[str, int, str, int, float]] = field(default_factory=list)
     """(upstream hook, latent or -1 for the error term, downstream hook, latent or -1, weight)."""
     splits: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
-    """hook -> (clean latents, clean error, corrupted latents, corrupted error), reused for the edges."""
+    """hook -> (clean latents, clean error, corrupted latents, corrupted error), reused for the edges;
+    latents [batch, pos, n_latents], errors [batch, pos, d_model]."""
 
 
 def _ordered_hooks(model, dictionaries: dict[str, Dictionary]) -> list[str]:
@@ -98,7 +100,8 @@ def _split_detached(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor]:
         return _split(dictionary, x)
 
 
-def exact_feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], hook: str, latents: list[int]) -> Tensor:
+def exact_feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], hook: str,
+                          latents: list[int]) -> Float[Tensor, " latents"]:
     """[len(latents)]: m(latent patched to its corrupted value at every position) − m(clean)."""
     dictionary = dictionaries[hook]
     clean, corrupt = _activations(model, task.clean, [hook])[hook], _activations(model, task.corrupted, [hook])[hook]

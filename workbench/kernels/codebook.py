@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.kernels import select
@@ -21,8 +22,9 @@ from workbench.kernels.decode import decode
 
 
 def codebook_lookup(
-    activations: Tensor, codebook: Tensor, k: int, *, metric: Literal["cosine", "dot"] = "cosine", straight_through: bool = True
-) -> tuple[Tensor, SparseCodes]:
+    activations: Float[Tensor, "batch d"], codebook: Float[Tensor, "n_codes d"], k: int, *,
+    metric: Literal["cosine", "dot"] = "cosine", straight_through: bool = True,
+) -> tuple[Float[Tensor, "batch d"], SparseCodes]:
     """(output [N, d], codes [N, k] with the chosen codes' similarities as `extra` values).
 
     output = sum of the chosen codebook rows (+ the straight-through term, whose value is 0)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.errors import WorkbenchError
@@ -74,18 +75,18 @@ class SparseCodes:
     def flat_values(self) -> Tensor:
         return self.values.reshape(-1)
 
-    def row_offsets(self) -> Tensor:
+    def row_offsets(self) -> Int[Tensor, " batch+1"]:
         """CSR offsets [N + 1], computed for fixed-k codes."""
         if self.offsets is not None:
             return self.offsets
         n, k = self.indices.shape
         return torch.arange(n + 1, device=self.indices.device) * k
 
-    def row_ids(self) -> Tensor:
+    def row_ids(self) -> Int[Tensor, " nnz"]:
         """The row of each flat entry, [nnz]."""
         return row_ids_of(self.row_offsets(), self.nnz)
 
-    def l0(self) -> Tensor:
+    def l0(self) -> Int[Tensor, " batch"]:
         """Active entries per row (nonzero values), [N]."""
         nonzero = (self.flat_values() != 0).to(torch.long)
         return torch.zeros(self.n_rows, dtype=torch.long, device=nonzero.device).index_add_(0, self.row_ids(), nonzero)
@@ -93,7 +94,7 @@ class SparseCodes:
     def with_values(self, values: Tensor) -> "SparseCodes":
         return replace(self, values=values)
 
-    def to_dense(self) -> Tensor:
+    def to_dense(self) -> Float[Tensor, "batch n_latents"]:
         """[N, n_latents]; repeated (row, latent) entries add up. Differentiable in `values`."""
         dense = self.values.new_zeros(self.n_rows, self.n_latents)
         flat = self.row_ids() * self.n_latents + self.flat_indices()
@@ -105,7 +106,7 @@ class SparseCodes:
         return SparseCodes(self.flat_indices(), self.flat_values(), self.n_latents, self.row_offsets(), self.extra, self.cache)
 
     @staticmethod
-    def from_dense(dense: Tensor) -> "SparseCodes":
+    def from_dense(dense: Float[Tensor, "batch n_latents"]) -> "SparseCodes":
         """CSR codes of the nonzero entries of a dense [N, m] tensor (differentiable in it)."""
         rows, cols = dense.nonzero(as_tuple=True)
         return SparseCodes(cols, dense[rows, cols], dense.shape[1], csr_offsets(rows, dense.shape[0]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from workbench.kernels.autograd import PrefixDecode, SparseDecode
@@ -13,7 +14,10 @@ from workbench.kernels.codes import KernelInputError, SparseCodes
 from workbench.kernels.pattern import pattern_of
 
 
-def decode(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def decode(
+    codes: SparseCodes, weight: Float[Tensor, "n_latents d_out"],
+    bias: Optional[Float[Tensor, " d_out"]] = None,
+) -> Float[Tensor, "batch d_out"]:
     """[N, d] reconstruction from codes over the rows of `weight` [m, d]."""
     _check(codes, weight, bias)
     if is_eager():
@@ -23,7 +27,10 @@ def decode(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor] = None) ->
     return out + bias if bias is not None else out
 
 
-def decode_prefixes(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor], prefix_ends: Sequence[int]) -> Tensor:
+def decode_prefixes(
+    codes: SparseCodes, weight: Float[Tensor, "n_latents d_out"], bias: Optional[Float[Tensor, " d_out"]],
+    prefix_ends: Sequence[int],
+) -> Float[Tensor, "n_prefixes batch d_out"]:
     """[P, N, d]: the reconstruction from latents [0, e) for each e in prefix_ends (ascending,
     last = m), all from one sparse decode: each entry is decoded into the bucket of the first
     prefix that holds it, and a cumulative sum over buckets gives the nested reconstructions."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from workbench.kernels import approx, select
@@ -52,8 +53,12 @@ class _Selection:
     scores: Optional[Callable[[Tensor, Tensor], Tensor]] = None
 
 
-def encode_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
-                shift: Optional[Tensor] = None, approximate: bool = False, aux_stride: int = 1) -> SparseCodes:
+def encode_topk(
+    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]], k: int, *,
+    aux_k: int = 0, aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
+    shift: Optional[Float[Tensor, " d_in"]] = None, approximate: bool = False, aux_stride: int = 1,
+) -> SparseCodes:
     """Per-row top-k. With aux_k and aux_mask (bool [m], e.g. dead latents), `extra` holds each
     row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder;
     with `aux_stride` s > 1 only rows 0, s, 2s, ... get that selection (the others are empty), so
@@ -91,8 +96,12 @@ def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
     return SparseCodes(indices.gather(1, where).reshape(-1), values.reshape(-1), listed.n_latents, offsets)
 
 
-def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int, *, aux_k: int = 0, aux_mask: Optional[Tensor] = None,
-                      shift: Optional[Tensor] = None, aux_stride: int = 1) -> SparseCodes:
+def encode_batch_topk(
+    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]], k: int, *,
+    aux_k: int = 0, aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
+    shift: Optional[Float[Tensor, " d_in"]] = None, aux_stride: int = 1,
+) -> SparseCodes:
     """The N * k largest pre-activations of the batch (k per row on average), as CSR; AuxK's
     selection in `extra` as for `encode_topk`. Each pass keeps its rows' candidates; the cut
     over the batch comes after the last pass."""
@@ -103,8 +112,11 @@ def encode_batch_topk(x: Tensor, weight: Tensor, bias: Optional[Tensor], k: int,
     return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask, aux_stride), shift)
 
 
-def encode_feature_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], per_latent: int, *,
-                          shift: Optional[Tensor] = None) -> SparseCodes:
+def encode_feature_choice(
+    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]], per_latent: int, *,
+    shift: Optional[Float[Tensor, " d_in"]] = None,
+) -> SparseCodes:
     """Each latent's `per_latent` largest pre-activations over the batch (Feature Choice), as CSR."""
     return _encode(x, weight, bias, _Selection(lambda pre: select.column_top_k(pre, per_latent), whole_batch=True), shift)
 
@@ -129,14 +141,20 @@ def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor], str
                       selection.whole_batch, selection.scores)
 
 
-def encode_threshold(x: Tensor, weight: Tensor, bias: Optional[Tensor], threshold: Tensor, *, window: float = 0.0,
-                     shift: Optional[Tensor] = None) -> SparseCodes:
+def encode_threshold(
+    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]], threshold: Float[Tensor, " n_latents"], *,
+    window: float = 0.0, shift: Optional[Float[Tensor, " d_in"]] = None,
+) -> SparseCodes:
     """Entries above a per-latent threshold (JumpReLU, Gated), as CSR; with window > 0, `extra`
     holds the near-threshold entries the JumpReLU threshold gradient needs."""
     return _encode(x, weight, bias, _Selection(lambda pre: select.above_threshold(pre, threshold.detach(), window=window)), shift)
 
 
-def encode_at(x: Tensor, weight: Tensor, bias: Optional[Tensor], codes: SparseCodes) -> SparseCodes:
+def encode_at(
+    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]], codes: SparseCodes,
+) -> SparseCodes:
     """Pre-activations at a given pattern (any index set), without a dense pass."""
     _check(x, weight, bias)
     codes.check()
