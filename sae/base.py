@@ -91,7 +91,7 @@ def create(config: DictionaryConfig, seed: int = 0, salt: str = "") -> "Dictiona
 
 
 def _import_builtin() -> None:
-    import sae.builtin  # noqa: F401  (registers the built-in classes)
+    import sae.dictionaries  # noqa: F401  (registers the built-in classes)
 
 
 class Dictionary(nn.Module):

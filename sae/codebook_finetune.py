@@ -4,7 +4,7 @@ codes; the model is frozen and the codes learn from the next-token loss of the w
 model's weights train too (at a tenth of the codes' learning rate; layers before the hook
 learn through the straight-through gradient) and the fine-tuned model is saved beside the
 codebook (`<out>/model`, which the codebook's folder then names as its model). The codes start at k-means centres of the hook's activations, and unused or
-duplicated codes move to badly reconstructed activations as in `sae.codebook`.
+duplicated codes move to badly reconstructed activations as in `sae.dictionaries.codebook`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.base import StepContext, create
-from sae.codebook import Codebook
+from sae.dictionaries.codebook import Codebook
 from sae.config import DictionaryConfig
 from workbench.errors import ConfigError
 
@@ -62,7 +62,7 @@ def insert_codebook(model, codebook: Codebook, hook: str, straight_through: bool
 
     def replace(activation: Tensor, hook=None) -> Tensor:
         x = activation[:, 1:].reshape(-1, codebook.d_in)
-        x_hat = codebook._lookup(x.to(codebook.W_dec.dtype), straight_through)[0]
+        x_hat = codebook.lookup(x.to(codebook.W_dec.dtype), straight_through)[0]
         return torch.cat([activation[:, :1], x_hat.view_as(activation[:, 1:]).to(activation.dtype)], dim=1)
 
     return model.hooks([(hook, replace)])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from sae import io
 from sae.base import StepContext, create
-from sae.codebook import DEAD_CODE_STEPS
+from sae.dictionaries.codebook import DEAD_CODE_STEPS
 from sae.config import DictionaryConfig
 from sae.train import train
 from sae.train_config import TrainConfig

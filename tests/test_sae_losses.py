@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sae.base import StepContext
-from sae.jumprelu import JumpReLUFunction, StepFunction
+from sae.dictionaries.jumprelu import JumpReLUFunction, StepFunction
 from tests.sae_cases import M, inputs, small
 
 DEAD = torch.arange(M) % 4 == 1

@@ -6,7 +6,7 @@ A gate decides which latents fire, a magnitude path how strongly, sharing one di
 Since W_mag's rows are W_gate's scaled by exp(r_mag), mag = exp(r_mag) * (pi - b_gate) + b_mag on
 the gate's selected entries: one encoder pass serves both paths.
 Loss = |x - x_hat|^2 + lambda * sum_i ReLU(pi_i) |d_i| + |x - sg(W_dec)^T ReLU(pi) - sg(b_dec)|^2,
-lambda steered to the L0 target as for ReLU SAEs (`sae.relu.L0Steered`).
+lambda steered to the L0 target as for ReLU SAEs (`sae.dictionaries.relu.L0Steered`).
 The auxiliary term trains the gate to reconstruct on its own, through a frozen decoder. Decoder
 rows are kept at unit norm: with free norms the penalty shrinks W_gate, and W_mag with it,
 faster than r_mag can grow (measured: planted-feature MMCS 0.69 free vs 0.92 unit-norm).
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from sae.base import StepContext, StepOutput, drop_zeros, gather_per_latent, reconstruction_loss, register, relu_values
-from sae.relu import L0Steered
+from sae.dictionaries.relu import L0Steered
 from workbench.kernels import SparseCodes, decode, encode_threshold
 
 

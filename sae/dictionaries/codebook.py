@@ -48,16 +48,19 @@ class Codebook(Dictionary):
         return self.W_dec
 
     def encode(self, x: Tensor) -> SparseCodes:
-        return self._lookup(self._rows(x))[1]
+        return self.lookup(self._rows(x))[1]
 
-    def _lookup(self, x: Tensor, straight_through: bool = False) -> tuple[Tensor, SparseCodes]:
+    def lookup(self, x: Tensor, straight_through: bool = False) -> tuple[Tensor, SparseCodes]:
+        """(output [N, d_in], codes) for the rows `x` as given (no input checks): the k chosen
+        codes summed, or averaged with aggregate "mean". With `straight_through`, `x` receives the
+        output's gradient as if the bottleneck were the identity (`sae.codebook_finetune`)."""
         output, chosen = codebook_lookup(x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=straight_through)
         weight = 1.0 / self.config.k if self.config.aggregate == "mean" else 1.0
         codes = SparseCodes(chosen.indices, torch.full_like(chosen.values, weight), self.n_latents, extra=chosen.extra)
         return output * weight, codes
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
-        x_hat, codes = self._lookup(x)
+        x_hat, codes = self.lookup(x)
         mse = reconstruction_loss(x, x_hat)
         self._replace_dead_codes(x, x_hat.detach(), codes)
         return StepOutput(mse, x_hat, codes, {"mse": mse.detach(), "replaced_codes": self.replacements.clone()})

@@ -26,15 +26,15 @@ import torch
 from torch import Tensor
 
 from sae.base import register, relu_values
-from sae.batchtopk import BatchTopK
+from sae.dictionaries.batchtopk import BatchTopK
 from sae.calibrate import latent_cuts
-from sae.topk import _AuxKDictionary
+from sae.dictionaries.auxk import AuxKDictionary
 from workbench.distributed import min_over_ranks, world_size
 from workbench.kernels import encode_batch_topk, encode_feature_choice, encode_threshold
 
 
 @register("feature_choice")
-class FeatureChoice(_AuxKDictionary):
+class FeatureChoice(AuxKDictionary):
     def __init__(self, config, generator=None):
         super().__init__(config, generator)
         self.register_buffer("threshold", torch.zeros(config.n_latents))

@@ -13,13 +13,13 @@ import torch
 
 from sae.base import register, relu_values
 from sae.calibrate import batch_cut
-from sae.topk import _AuxKDictionary
+from sae.dictionaries.auxk import AuxKDictionary
 from workbench.distributed import min_over_ranks
 from workbench.kernels import encode_batch_topk, encode_threshold
 
 
 @register("batchtopk")
-class BatchTopK(_AuxKDictionary):
+class BatchTopK(AuxKDictionary):
     def __init__(self, config, generator=None):
         super().__init__(config, generator)
         self.register_buffer("threshold", torch.zeros(()))

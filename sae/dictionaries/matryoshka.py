@@ -9,7 +9,7 @@ only the latents [0, m_l). All L reconstructions come from one sparse decode (th
 from __future__ import annotations
 
 from sae.base import reconstruction_loss, register
-from sae.batchtopk import BatchTopK
+from sae.dictionaries.batchtopk import BatchTopK
 from workbench.kernels import decode_prefixes
 
 

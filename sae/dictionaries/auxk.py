@@ -1,8 +1,8 @@
-"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
-
-f = ReLU(TopK_k(z)); loss = |x - x_hat|^2 + alpha * AuxK, where AuxK lets the top-aux_k
-pre-activations of dead latents reconstruct the residual (see `sae.base.aux_k_loss`), with its
-gradient reaching the encoder through the fused kernels' second selection.
+"""The base of the SAEs that select their latents (TopK, BatchTopK and those built on it, Feature
+Choice): an encoder bias, and loss = |x - x_hat|^2 + alpha * AuxK, where AuxK (Gao et al.
+2024, "Scaling and evaluating sparse autoencoders") lets the top-aux_k pre-activations of dead
+latents reconstruct the residual (`sae.base.aux_k_loss`). Subclasses choose the selection
+(`_select`) and may change the reconstruction (`_reconstruct`) and running state (`_observe`).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sae.base import Dictionary, StepContext, StepOutput, aux_k_loss, aux_row_stride, reconstruction_loss, register, relu_values
-from workbench.kernels import SparseCodes, decode, encode_topk
+from sae.base import Dictionary, StepContext, StepOutput, aux_k_loss, aux_row_stride, reconstruction_loss, relu_values
+from workbench.kernels import SparseCodes, decode
 from workbench.kernels.encode import ROWS_PER_PASS
 
 
-class _AuxKDictionary(Dictionary):
+class AuxKDictionary(Dictionary):
     """A dictionary with an encoder bias whose loss is reconstruction + AuxK on a selection."""
 
     def __init__(self, config, generator=None):
@@ -56,14 +56,3 @@ class _AuxKDictionary(Dictionary):
     def aux_stride(self, n_rows: int) -> int:
         """AuxK runs on every s-th row of the (shuffled) batch (`sae.base.aux_row_stride`)."""
         return aux_row_stride(n_rows, self.config.k, self.config.effective_aux_k, ROWS_PER_PASS)
-
-
-@register("topk")
-class TopK(_AuxKDictionary):
-    def _select(self, x, aux_mask):
-        k_aux = self.config.effective_aux_k
-        return encode_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec,
-                           approximate=self.config.approx_topk, aux_stride=self.aux_stride(x.shape[0]))
-
-    def _encode(self, x):
-        return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))
