@@ -455,6 +455,7 @@ def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):
 
 def _dictionary_folders(run: Path | None) -> list[Path]:
     """RUN itself if it holds a dictionary, else the dictionaries directly inside it."""
+    from sae.io import CONFIG, is_dictionary_folder
     from sae.train_config import TrainConfig
     from sae.train import default_output_dir
 
@@ -465,10 +466,9 @@ def _dictionary_folders(run: Path | None) -> list[Path]:
         cache_dir = CacheConfig().output_dir()
         hook = ActivationCache(cache_dir).hooks[0] if (cache_dir / "manifest.json").exists() else ""
         run = default_output_dir(TrainConfig(), hook)
-    markers = ("config.json", "sae_weights.safetensors", "sae.safetensors")
-    if any((run / m).exists() for m in markers):
+    if is_dictionary_folder(run):
         return [run]
-    found = sorted(p for p in run.iterdir() if p.is_dir() and (p / "config.json").exists()) if run.is_dir() else []
+    found = sorted(p for p in run.iterdir() if p.is_dir() and (p / CONFIG).exists()) if run.is_dir() else []
     if not found:
         raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
     return found

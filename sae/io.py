@@ -15,10 +15,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from safetensors.torch import load_file
-
+from sae import peers
 from sae.base import Dictionary, DictionaryError, dictionary_class
 from sae.config import DictionaryConfig
+from sae.weights import from_tensors, read_weights
 from workbench.errors import ConfigError
 from workbench.files import read_json, save_tensors_atomic, write_json_atomic
 
@@ -41,6 +41,13 @@ def save(dictionary: Dictionary, folder: str | Path, *, input_scale: float = 1.0
     return folder
 
 
+def is_dictionary_folder(path: str | Path) -> bool:
+    """Whether `path` holds a dictionary `load` reads: our config.json, or a SAELens or sparsify
+    weights file (their file names)."""
+    folder = Path(path)
+    return any((folder / name).exists() for name in (CONFIG, peers.SAELENS_WEIGHTS, peers.SPARSIFY_WEIGHTS))
+
+
 def load(path: str | Path, device: str = "cpu") -> Dictionary:
     """A dictionary from our folder, a SAELens folder or a sparsify folder. `.meta` holds the
     folder's other fields (hook, model, metrics, ...)."""
@@ -49,8 +56,6 @@ def load(path: str | Path, device: str = "cpu") -> Dictionary:
         raise DictionaryError(f"{folder}: no dictionary folder here")
     if (folder / CONFIG).exists():
         return _load_ours(folder).to(device)
-    from sae import peers
-
     if (folder / peers.SAELENS_WEIGHTS).exists():
         return peers.load_saelens(folder).to(device)
     if (folder / peers.SPARSIFY_WEIGHTS).exists():
@@ -71,32 +76,4 @@ def _load_ours(folder: Path) -> Dictionary:
         raise DictionaryError(f"{folder / CONFIG}: {exc}") from None
     dictionary = from_tensors(cls, config, read_weights(folder / WEIGHTS), folder / WEIGHTS)
     dictionary.meta = {k: v for k, v in meta.items() if k not in ("dictionary",)}
-    return dictionary
-
-
-def read_weights(path: Path) -> dict:
-    if not path.exists():
-        raise DictionaryError(f"{path}: weights file missing")
-    try:
-        return load_file(path)
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise DictionaryError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
-
-
-def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict, where: Path,
-                 buffers_optional: bool = False) -> Dictionary:
-    """A dictionary of class `cls` holding exactly `tensors` (names and shapes checked). With
-    `buffers_optional` (peers' folders), absent training-state buffers keep their initial values."""
-    dictionary = cls(config)
-    expected = dictionary.state_dict()
-    optional = [name for name, _ in dictionary.named_buffers()] if buffers_optional else cls.defaulted_buffers
-    tensors = {**{name: b for name, b in dictionary.named_buffers() if name in optional}, **tensors}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise DictionaryError(f"{where}: tensors do not fit a {cls.architecture} dictionary (missing {missing}, unexpected {unexpected})")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise DictionaryError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-    dictionary.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()})
     return dictionary

@@ -38,7 +38,7 @@ import torch
 
 from sae.base import Dictionary, DictionaryError, dictionary_class
 from sae.config import DictionaryConfig
-from sae.io import from_tensors, read_weights
+from sae.weights import from_tensors, read_weights
 from workbench.files import read_json
 
 SAELENS_CONFIG = "cfg.json"
