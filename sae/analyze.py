@@ -90,7 +90,7 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache.tokens)
-        tables.update(_weight_tables(dictionary, model, config))
+        tables.update(weight_tables(dictionary, model, config))
     tables["vocab"] = _vocab_table(model)
     out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
     meta = {
@@ -134,8 +134,9 @@ def window_blocks(cache: ActivationCache, hook: str, block_windows: int, max_tok
             return
 
 
-class _Stats:
-    """Everything accumulated over the stream (see the module docstring)."""
+class StreamStats:
+    """Everything accumulated over the stream (see the module docstring): `add` each encoded
+    block, then `tables` builds the store's per-feature tables."""
 
     def __init__(self, n_latents: int, d: int, context: int, config: AnalyzeConfig):
         self.F, self.context, self.config = n_latents, context, config
@@ -342,8 +343,8 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
     return out
 
 
-def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> _Stats:
-    stats = _Stats(dictionary.n_latents, cache.d(hook), cache.context_length, config)
+def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> StreamStats:
+    stats = StreamStats(dictionary.n_latents, cache.d(hook), cache.context_length, config)
     total = min(config.tokens or cache.n_rows, cache.n_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
     for first, x in window_blocks(cache, hook, config.block_windows, config.tokens):
@@ -365,7 +366,9 @@ def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.T
                      other: index.reshape(-1).int().numpy(), value: values.reshape(-1).float().numpy()})
 
 
-def _weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
+def weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
+    """The tables read off the weights: decoder cosine neighbours, and logit effects when `model`
+    is given and the dictionary has the residual width."""
     directions = dictionary.W_dec.detach().float()
     unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
     k = min(config.neighbours, dictionary.n_latents - 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae.analyze import AnalyzeConfig, _Stats, _weight_tables
+from sae.analyze import AnalyzeConfig, StreamStats, weight_tables
 from sae.base import create
 from sae.config import DictionaryConfig
 from workbench.bench import median
@@ -34,7 +34,7 @@ def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, t
     block = config.block_windows * context
     n_blocks = max(1, tokens // block)
     mixing = torch.randn(d, d, generator=generator) / d ** 0.5  # correlated dimensions, as in a model
-    stats = _Stats(latents, d, context, config)
+    stats = StreamStats(latents, d, context, config)
     encode_s = total_s = 0.0
     with torch.no_grad():
         for index in range(n_blocks):
@@ -48,7 +48,7 @@ def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, t
         token_windows = torch.randint(0, 50_000, (n_blocks * config.block_windows, context), generator=generator)
         started = time.perf_counter()
         tables = stats.tables(token_windows)
-        tables.update(_weight_tables(dictionary, None, config))
+        tables.update(weight_tables(dictionary, None, config))
         finish_s = time.perf_counter() - started
     n = n_blocks * block
     rows = [
