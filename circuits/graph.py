@@ -1,11 +1,13 @@
 """The circuit file format: a JSON graph that the circuits engine writes and the explorer draws.
 
-    {"format_version": 1, "task": "induction", "method": "eap-ig", "metrics": {...},
+    {"format_version": 1, "task": "induction", "method": "eap-ig", "metrics": {...}, "config": {...},
      "nodes": [{"id": "a1.3", "kind": "head", "layer": 1, "label": "L1H3", "score": 0.8,
                 "in_circuit": true, "hook": "...", "feature": null, "store": null}, ...],
      "edges": [{"source": "a0.2", "target": "a1.3", "score": 0.5, "in_circuit": true,
                 "input": "k"}, ...]}
 
+`config` (written by `workbench circuits`, absent from circuits built in code) is the
+`CircuitConfig` that made the circuit, so `workbench circuits --config FILE` reruns it.
 `kind` is one of embed, head, mlp, feature, error, logits; feature nodes name their latent
 (`feature`) and may name the feature store that describes it (`store`). Never pickle.
 """
@@ -59,9 +61,13 @@ class Circuit:
     task: str = ""
     method: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    """What made the circuit (a `CircuitConfig` as JSON); empty for circuits built in code, and then
+    not written, so `--config` never reruns a file that records nothing as the defaults."""
 
     def to_json(self) -> dict:
         return {"format_version": FORMAT_VERSION, "task": self.task, "method": self.method, "metrics": self.metrics,
+                **({"config": self.config} if self.config else {}),
                 "nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges]}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -86,9 +92,10 @@ class Circuit:
             if edge.source not in ids or edge.target not in ids:
                 raise CircuitError(f"{where}: edge {edge.source!r} -> {edge.target!r} names an unknown node")
         metrics = obj.get("metrics", {})
-        if not isinstance(metrics, dict):
-            raise CircuitError(f"{where}: metrics must be an object")
-        return cls(nodes, edges, str(obj.get("task", "")), str(obj.get("method", "")), metrics)
+        config = obj.get("config", {})
+        if not isinstance(metrics, dict) or not isinstance(config, dict):
+            raise CircuitError(f"{where}: metrics and config must be objects")
+        return cls(nodes, edges, str(obj.get("task", "")), str(obj.get("method", "")), metrics, config)
 
 
 def load_circuit(path: str | os.PathLike) -> Circuit:
