@@ -32,14 +32,25 @@ MIN_MASS = 0.5
 
 @dataclass(frozen=True)
 class InductionRecipe:
+    """How the two-layer induction model is trained (saved as recipe.json beside its weights; another
+    recipe retrains it)."""
+
     d_model: int = 64
+    """Residual stream width."""
     n_heads: int = 4
+    """Attention heads per layer (two layers, no MLPs)."""
     vocab: int = 256
+    """Tokens in the vocabulary."""
     length: int = 33
+    """Tokens per training sequence (and the model's context)."""
     steps: int = 1500
+    """Adam steps, each on a fresh batch of induction sequences."""
     batch: int = 64
+    """Sequences per step."""
     lr: float = 3e-3
+    """Adam learning rate."""
     seed: int = 0
+    """Seed of the initialisation and of the training sequences."""
 
     def shape(self) -> Shape:
         return Shape(n_layers=2, d_model=self.d_model, n_heads=self.n_heads, d_vocab=self.vocab, n_ctx=self.length,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,31 @@ from sae.analyze import AnalyzeConfig, StreamStats, weight_tables
 from sae.base import create
 from sae.config import DictionaryConfig
 from workbench.bench import median
+from workbench.errors import ConfigError
 from workbench.store import FeatureStore, write_store
+
+
+@dataclass(frozen=True)
+class AnalyzeBenchConfig:
+    """What `workbench bench analyze` times (its flags derive from it; each field is an argument of
+    `run_analyze_benchmark`)."""
+
+    latents: int = 16_384
+    """Dictionary width."""
+    d: int = 768
+    """Activation width."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    tokens: int = 131_072
+    """Tokens in the timed pass."""
+    reads: int = 50
+    """Random feature pages read back."""
+    threads: int = 2
+    """torch threads."""
+
+    def __post_init__(self):
+        if min(self.latents, self.d, self.k, self.tokens, self.reads, self.threads) < 1 or self.k > self.latents:
+            raise ConfigError("latents, d, k, tokens, reads and threads must be positive, and k at most latents")
 
 
 def run_analyze_benchmark(*, latents: int = 16_384, d: int = 768, k: int = 32, tokens: int = 131_072,

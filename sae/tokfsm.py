@@ -18,16 +18,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.errors import ConfigError
+
 BOS = 10  # token ids 0-9 are the digits
 
 
 @dataclass(frozen=True)
 class FSMConfig:
+    """A random finite-state machine and the length of the walks sampled from it."""
+
     states: int = 100
+    """States of the machine."""
     out_degree: int = 10
+    """Successors of each state (chosen at random)."""
     digits: int = 2
+    """Decimal digits (tokens) that spell a state."""
     steps_per_sequence: int = 31
+    """States in a sampled walk (each written in `digits` tokens after BOS)."""
     seed: int = 0
+    """Seed of the successor table (and of the model and codebook the benchmark trains)."""
+
+
+@dataclass(frozen=True)
+class CodebookBenchConfig:
+    """What `workbench bench codebook` runs (its flags derive from it; the machine is `bench_fsm`)."""
+
+    states: int = 12
+    """FSM states."""
+    codes: int = 96
+    """Codes in the codebook."""
+    model_steps: int = 1200
+    """Training steps of the FSM model."""
+
+    def __post_init__(self):
+        if min(self.states, self.codes, self.model_steps) <= 0:
+            raise ConfigError("states, codes and model_steps must be positive")
+
+
+def bench_fsm(config: CodebookBenchConfig) -> FSMConfig:
+    """The benchmark's machine: `states` states, 3 successors each, walks of 15 states."""
+    digits = len(str(config.states - 1))
+    return FSMConfig(states=config.states, out_degree=3, digits=digits, steps_per_sequence=15)
 
 
 class TokFSM:

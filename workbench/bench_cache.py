@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,23 @@ import torch
 from workbench.activations import CacheConfig, select_windows, write_cache
 from workbench.bench import interleaved, median
 from workbench.cache_reader import ActivationCache
+from workbench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CacheBenchConfig:
+    """What `workbench bench cache` times (its flags derive from it)."""
+
+    model: str = "demo"
+    """The model whose default hook is cached."""
+    tokens: int = 262_144
+    """Tokens per timed pass (4 shards)."""
+    reps: int = 5
+    """Interleaved repetitions (medians reported)."""
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.reps < 1:
+            raise ConfigError("tokens and reps must be positive")
 
 
 def run_cache_benchmark(model_spec: str = "demo", tokens: int = 262_144, reps: int = 5) -> list[dict]:

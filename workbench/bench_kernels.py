@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from workbench.bench import interleaved, median
+from workbench.errors import ConfigError
 from workbench.kernels import (
     codebook_lookup,
     decode,
@@ -62,6 +63,49 @@ DEFAULT_CASES = (
     KernelBenchCase("matryoshka", 16_384),
     KernelBenchCase("codebook", 16_384),
 )
+
+
+@dataclass(frozen=True)
+class KernelBenchConfig:
+    """What `workbench bench kernels` times (its flags derive from it)."""
+
+    batch: int = 4096
+    """Tokens per step."""
+    d_in: int = 768
+    """Activation width."""
+    k: int = 32
+    """Active latents per token."""
+    latents: tuple[int, ...] = ()
+    """Dictionary widths; empty means 16384 for all, 65536 for topk too."""
+    arch: tuple[str, ...] = ()
+    """Architectures; empty means topk batchtopk jumprelu matryoshka codebook."""
+    reps: int = 5
+    """Interleaved repetitions (medians reported)."""
+    threads: int = 2
+    """torch threads."""
+    approx_topk: bool = False
+    """Also time TopK with int8 top-k candidates re-ranked exactly, and report its recall."""
+    trainer: bool = True
+    """Also time the trainer's real TopK step (no dead latents, and with AuxK on 1/8 dead); --no-trainer
+    skips it."""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.arch) - set(ARCHITECTURES))
+        if unknown:
+            raise ConfigError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
+        cases = kernel_cases(self)
+        if min(self.batch, self.d_in, self.k, self.reps, self.threads, *(c.n_latents for c in cases)) < 1:
+            raise ConfigError("batch, d_in, k, reps, threads and latents must be positive")
+        if any(self.k > c.n_latents // 8 for c in cases):
+            raise ConfigError("k must be at most latents / 8 (Matryoshka's smallest prefix)")
+
+
+def kernel_cases(config: KernelBenchConfig) -> list[KernelBenchCase]:
+    """The (architecture, width) cases of `config`: its widths for each architecture, else the defaults."""
+    archs = config.arch or ARCHITECTURES
+    if config.latents:
+        return [KernelBenchCase(a, m) for a in archs for m in config.latents]
+    return [c for c in DEFAULT_CASES if c.arch in archs]
 
 
 class _Step:
