@@ -18,8 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.base import StepContext, create
-from sae.dictionaries.codebook import Codebook
 from sae.config import DictionaryConfig
+from sae.dictionaries.codebook import Codebook
 from workbench.errors import ConfigError
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from sae import io
 from sae.base import StepContext, create
-from sae.dictionaries.codebook import DEAD_CODE_STEPS
 from sae.config import DictionaryConfig
+from sae.dictionaries.codebook import DEAD_CODE_STEPS
 from sae.train import train
 from sae.train_config import TrainConfig
 

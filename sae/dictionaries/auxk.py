@@ -12,7 +12,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from sae.base import Dictionary, StepContext, StepOutput, aux_k_loss, aux_row_stride, reconstruction_loss, relu_values
+from sae.base import (
+    Dictionary,
+    StepContext,
+    StepOutput,
+    aux_k_loss,
+    aux_row_stride,
+    reconstruction_loss,
+    relu_values,
+)
 from workbench.kernels import SparseCodes, decode
 from workbench.kernels.encode import ROWS_PER_PASS
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from sae.base import register, relu_values
-from sae.dictionaries.batchtopk import BatchTopK
 from sae.calibrate import latent_cuts
 from sae.dictionaries.auxk import AuxKDictionary
+from sae.dictionaries.batchtopk import BatchTopK
 from workbench.distributed import min_over_ranks, world_size
 from workbench.kernels import encode_batch_topk, encode_feature_choice, encode_threshold
 

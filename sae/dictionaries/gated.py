@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sae.base import StepContext, StepOutput, drop_zeros, gather_per_latent, reconstruction_loss, register, relu_values
+from sae.base import (
+    StepContext,
+    StepOutput,
+    drop_zeros,
+    gather_per_latent,
+    reconstruction_loss,
+    register,
+    relu_values,
+)
 from sae.dictionaries.relu import L0Steered
 from workbench.kernels import SparseCodes, decode, encode_threshold
 

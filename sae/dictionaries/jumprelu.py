@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.autograd import Function
 
 from sae.base import Dictionary, StepContext, StepOutput, gather_per_latent, reconstruction_loss, register
-from workbench.kernels import decode, encode_threshold
 from workbench.distributed import mean_over_ranks
+from workbench.kernels import decode, encode_threshold
 
 
 class JumpReLUFunction(Function):
