@@ -62,3 +62,43 @@ def test_bench_analyze_reports_throughput_and_page_latency(capsys):
     assert rows["analysis pass"]["tokens"] == 8192 and rows["analysis pass"]["tokens_per_s"] > 0
     page = rows["feature page read"]
     assert 0 < page["median_ms"] <= page["p95_ms"] and page["peak_rss_mb"] > 0
+
+
+def test_bench_flags_keep_their_names_and_come_from_one_config_each(tmp_path):
+    from app.cli import _build_parser
+    from app.flags import config_from_args
+    from sae.bench_analyze import AnalyzeBenchConfig
+    from sae.tokfsm import CodebookBenchConfig, bench_fsm
+    from workbench.bench_cache import CacheBenchConfig
+    from workbench.bench_kernels import DEFAULT_CASES, KernelBenchConfig, kernel_cases
+
+    parser = _build_parser()
+    kernels = config_from_args(KernelBenchConfig, parser.parse_args(
+        ["bench", "kernels", "--batch", "64", "--d-in", "16", "--latents", "256", "--arch", "topk",
+         "jumprelu", "--approx-topk", "--no-trainer"]))
+    assert (kernels.batch, kernels.d_in, kernels.latents) == (64, 16, (256,))
+    assert kernels.approx_topk and not kernels.trainer
+    assert [(c.arch, c.n_latents) for c in kernel_cases(kernels)] == [("topk", 256), ("jumprelu", 256)]
+    assert kernel_cases(KernelBenchConfig()) == list(DEFAULT_CASES)
+    cache = config_from_args(CacheBenchConfig, parser.parse_args(["bench", "cache", "--tokens", "4096"]))
+    assert (cache.model, cache.tokens, cache.reps) == ("demo", 4096, 5)
+    analyze = config_from_args(AnalyzeBenchConfig, parser.parse_args(["bench", "analyze", "--d", "16"]))
+    assert (analyze.latents, analyze.d, analyze.reads) == (16_384, 16, 50)
+    argv = ["bench", "codebook", "--model-steps", "9"]
+    codebook = config_from_args(CodebookBenchConfig, parser.parse_args(argv))
+    assert codebook.model_steps == 9 and bench_fsm(codebook).digits == 2  # 12 states: "0".."11"
+    saved = tmp_path / "kernels.json"
+    saved.write_text(json.dumps({"batch": 32, "arch": ["codebook"]}))
+    again = config_from_args(KernelBenchConfig, parser.parse_args(["bench", "kernels", "--config", str(saved),
+                                                                    "--k", "2"]))
+    assert (again.batch, again.arch, again.k) == (32, ("codebook",), 2)
+
+
+def test_bad_bench_flags_are_one_line_errors(capsys):
+    for argv, message in [(["bench", "codebook", "--states", "0"], "must be positive"),
+                          (["bench", "kernels", "--latents", "64", "--k", "32"], "at most latents / 8"),
+                          (["bench", "analyze", "--reads", "0"], "must be positive"),
+                          (["bench", "cache", "--reps", "0"], "must be positive")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -88,3 +88,66 @@ def test_cli_circuits_writes_a_circuit_the_explorer_reads(capsys, tiny_model_dir
     assert circuit.method == "eap" and sum(e.in_circuit for e in circuit.edges) == 10
     code, _, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--method", "magic", "--out", str(out))
     assert code == 2 and "unknown method" in err
+
+
+def test_a_circuit_json_records_its_config_and_reruns_to_the_same_scores(capsys, tmp_path):
+    from tests.test_cli import run_cli
+
+    first, second = tmp_path / "first.circuit.json", tmp_path / "second.circuit.json"
+    flags = ["--task", "or-gate", "--prompts", "8", "--length", "9", "--seed", "3", "--steps", "3",
+             "--ablation", "mean", "--edges", "6"]
+    code, _, err = run_cli(capsys, "circuits", *flags, "--out", str(first), "--json")
+    assert code == 0, err
+    saved = json.loads(first.read_text())
+    assert saved["config"] == {"model": "", "task": "or-gate", "dictionary": [], "features_per_hook": 10,
+                               "method": "eap-ig", "ablation": "mean", "prompts": 8, "length": 9, "steps": 3,
+                               "edges": 6, "seed": 3}
+    code, _, err = run_cli(capsys, "circuits", "--config", str(first), "--out", str(second), "--json")
+    assert code == 0, err
+    again = json.loads(second.read_text())
+    assert again["config"] == saved["config"]
+    assert again["edges"] == saved["edges"] and again["nodes"] == saved["nodes"]
+    assert again["metrics"]["faithfulness"] == saved["metrics"]["faithfulness"]
+    # flags still override the file: another seed draws other prompts
+    code, _, err = run_cli(capsys, "circuits", "--config", str(first), "--seed", "4", "--out", str(second))
+    assert code == 0, err
+    other = json.loads(second.read_text())
+    assert other["config"]["seed"] == 4 and other["edges"] != saved["edges"]
+
+
+def test_a_circuit_of_a_task_file_reruns_from_another_folder(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    from tests.test_cli import run_cli
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    clean = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(0))
+    spec = {"name": "toy", "clean": clean.tolist(), "corrupted": clean.flip(0).tolist(),
+            "metric": "logprob", "answers": clean[:, 0].tolist()}
+    (work / "toy.json").write_text(json.dumps(spec))
+    monkeypatch.chdir(work)
+    code, _, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--task", "toy.json",
+                           "--method", "eap", "--out", "toy.circuit.json", "--json")
+    assert code == 0, err
+    saved = json.loads((work / "toy.circuit.json").read_text())
+    assert saved["config"]["task"] == str(work / "toy.json")  # absolute: it reruns from anywhere
+    assert saved["config"]["model"] == str(tiny_model_dir)
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run_cli(capsys, "circuits", "--config", str(work / "toy.circuit.json"), 
+                           "--out", "again.json")
+    assert code == 0, err
+    assert json.loads((elsewhere / "again.json").read_text())["edges"] == saved["edges"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "eap,magic"], "unknown method 'magic'"),
+    (["--ablation", "blur"], "unknown ablation 'blur'"),
+    (["--prompts", "0"], "must be positive"),
+    (["--edges", "-1"], "edges >= 0"),
+    (["--method", "eap,acdc"], "one method per circuit"),
+])
+def test_bad_circuit_flags_are_one_line_errors(capsys, tmp_path, flags, message):
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", *flags, "--out", str(tmp_path / "c.json"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.json").exists()

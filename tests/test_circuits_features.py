@@ -153,6 +153,10 @@ def test_cli_feature_circuit_links_the_feature_store(capsys, tiny_run, tiny_mode
     circuit = load_circuit(out)
     stores = {n.store for n in circuit.nodes if n.kind == "feature"}
     assert stores == {str(tiny_run / "features.duckdb")}
+    assert circuit.config["dictionary"] == [str(tiny_run.absolute())] and circuit.config["steps"] == 2
+    code, _, err = run_cli(capsys, "circuits", "--config", str(out), "--out", str(tmp_path / "again.json"))
+    assert code == 0, err
+    assert load_circuit(tmp_path / "again.json").nodes == circuit.nodes  # the file reruns to the same effects
 
 
 def test_codebook_codes_are_nodes_with_complete_effects_and_no_incoming_gradient_edges(tiny_model, task):

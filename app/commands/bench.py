@@ -1,0 +1,66 @@
+"""`workbench bench cache|kernels|sae|analyze|codebook`: each benchmark's flags derive from its
+config dataclass (in the module that runs it); ratios are measured within one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from app.commands.output import print_rows, print_summary
+from app.flags import config_from_args
+from workbench.errors import WorkbenchError
+
+
+def cmd_bench_cache(args) -> None:
+    from workbench.bench_cache import CacheBenchConfig, run_cache_benchmark
+
+    config = config_from_args(CacheBenchConfig, args)
+    print_rows(run_cache_benchmark(config.model, tokens=config.tokens, reps=config.reps), args.json)
+
+
+def cmd_bench_kernels(args) -> None:
+    from sae.bench_step import trainer_paths
+    from workbench.bench_kernels import KernelBenchConfig, kernel_cases, run_kernel_benchmark
+
+    config = config_from_args(KernelBenchConfig, args)
+    rows = run_kernel_benchmark(kernel_cases(config), batch=config.batch, d_in=config.d_in, k=config.k,
+                                reps=config.reps, threads=config.threads, approximate=config.approx_topk,
+                                extra_paths=trainer_paths if config.trainer else None)
+    print_rows(rows, args.json)
+
+
+def cmd_bench_sae(args) -> None:
+    from sae.base import architectures
+    from sae.bench import run_sae_benchmark
+    from sae.bench_config import SaeBenchConfig
+
+    config = config_from_args(SaeBenchConfig, args)
+    archs = list(config.arch) or architectures()
+    unknown = sorted(set(archs) - set(architectures()))
+    if unknown:
+        raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
+    if not args.json:
+        shown = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
+        print(json.dumps({"config": shown}))
+    rows = run_sae_benchmark(config, archs, progress=not args.json)
+    print_rows([r for r in rows if r["seed"] != "all"], args.json)
+    print_rows([r for r in rows if r["seed"] == "all"], args.json)
+
+
+def cmd_bench_analyze(args) -> None:
+    from sae.bench_analyze import AnalyzeBenchConfig, run_analyze_benchmark
+
+    config = config_from_args(AnalyzeBenchConfig, args)
+    print_rows(run_analyze_benchmark(**dataclasses.asdict(config), progress=not args.json), args.json)
+
+
+def cmd_bench_codebook(args) -> None:
+    from sae.tokfsm import CodebookBenchConfig, bench_fsm, run_tokfsm_benchmark
+
+    config = config_from_args(CodebookBenchConfig, args)
+    result = run_tokfsm_benchmark(bench_fsm(config), codes=config.codes, model_steps=config.model_steps)
+    if args.json:
+        print(json.dumps(result))
+        return
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "per_state"}
+    print_summary(summary, False)

@@ -1,0 +1,121 @@
+"""`workbench circuits`: discover a circuit (or a feature circuit of dictionaries), score it, save
+its JSON with the `CircuitConfig` that made it; or, with `--benchmark`, every method on the
+ground-truth tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from app.commands.output import nan_to_none, print_rows, print_summary
+from app.flags import config_from_args
+from workbench.errors import WorkbenchError
+
+
+def cmd_circuits(args) -> None:
+    from circuits.config import CircuitConfig
+
+    config = config_from_args(CircuitConfig, args)
+    if args.benchmark is not None:
+        return _benchmark(config, args)
+    if config.dictionary:
+        return _feature_circuit(config, args)
+    from circuits.catalog import GROUND_TRUTH_TASKS, load_task
+    from circuits.discover import discover, to_circuit
+    from circuits.evaluate import faithfulness_all
+
+    if "," in config.method:
+        raise WorkbenchError(f"--method {config.method}: one method per circuit (a list is for --benchmark)")
+    config = dataclasses.replace(config, method=config.method or "eap-ig")
+    graph, task = load_task(config.task, config.model, config.prompts, config.length, config.seed)
+    found = discover(graph, task, config.method, ablation=config.ablation, steps=config.steps,
+                     n_edges=config.edges)
+    faithful = faithfulness_all(graph, task, found.mask(graph))
+    planted = config.task in GROUND_TRUTH_TASKS
+    model_name = "built-in" if planted else config.model or "demo"
+    metrics = {"faithfulness": faithful, "model": model_name, "ablation": config.ablation,
+               "seconds": round(found.seconds, 2)}
+    circuit = to_circuit(graph, task, found, metrics=metrics)
+    out = _save_circuit(circuit, config, args.out, "" if planted else model_name, task.name, config.method)
+    top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
+    if args.json:
+        print(json.dumps({"circuit": str(out), "method": config.method, "edges_kept": int(found.kept.sum()),
+                          "faithfulness": faithful, "seconds": round(found.seconds, 2),
+                          "top_edges": [e.__dict__ for e in top]}))
+        return
+    print_rows([{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)}
+                for e in top], False)
+    print_summary({"circuit": str(out), "edges_kept": int(found.kept.sum()), "of_edges": len(circuit.edges),
+                   **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
+                   "seconds": round(found.seconds, 2)}, False)
+
+
+def _feature_circuit(config, args) -> None:
+    from circuits.catalog import model_task
+    from circuits.features import feature_circuit
+    from sae.io import load
+    from workbench.models import load_model
+    from workbench.store import STORE_FILE
+
+    dictionaries, stores = {}, {}
+    for folder in map(Path, config.dictionary):
+        dictionary = load(folder)
+        hook = dictionary.meta.get("hook")
+        if not hook or hook in dictionaries:
+            problem = "records no hook" if not hook else f"a second dictionary for hook {hook}"
+            raise WorkbenchError(f"{folder}: {problem}")
+        dictionaries[hook] = dictionary
+        if (folder / STORE_FILE).exists():
+            stores[hook] = str(folder / STORE_FILE)
+    spec = config.model or next(iter(dictionaries.values())).meta.get("model") or "demo"
+    model = load_model(spec)
+    for hook, dictionary in dictionaries.items():
+        if model.d_model(hook) != dictionary.d_in:
+            raise WorkbenchError(f"dictionary for {hook} reads {dictionary.d_in} dims; "
+                                 f"{spec} has {model.d_model(hook)} there")
+    task = model_task(config.task, model, config.prompts, config.length, config.seed)
+    started = time.perf_counter()
+    circuit = feature_circuit(model, task, dictionaries, steps=config.steps,
+                              per_hook=config.features_per_hook, stores=stores)
+    circuit.metrics.update(model=spec, seconds=round(time.perf_counter() - started, 2))
+    out = _save_circuit(circuit, config, args.out, spec, task.name, "features")
+    top = sorted((n for n in circuit.nodes if n.kind != "logits"), key=lambda n: -abs(n.score))[: args.top]
+    rows = [{"node": n.id, "kind": n.kind, "effect": round(n.score, 5)} for n in top]
+    if args.json:
+        print(json.dumps({"circuit": str(out), "method": circuit.method, "nodes": rows, **circuit.metrics}))
+        return
+    print_rows(rows, False)
+    print_summary({"circuit": str(out), "seconds": circuit.metrics["seconds"]}, False)
+
+
+def _save_circuit(circuit, config, out: str, model: str, task: str, method: str) -> Path:
+    """Save with `config` to `out`, or runs/circuits/<model>-<task>-<method>.circuit.json (no model
+    part for built-in models)."""
+    from circuits.config import config_json
+
+    name = (Path(model).name if Path(model).exists() else model) + "-" if model else ""
+    path = Path(out or f"runs/circuits/{name}{task}-{method}.circuit.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    circuit.config = config_json(config)
+    circuit.save(path)
+    return path
+
+
+def _benchmark(config, args) -> None:
+    """Every method (or `--method a,b`) on `--benchmark` tasks, `config.prompts` prompts each."""
+    from circuits.benchmark import run_benchmark
+    from circuits.config import METHODS
+
+    methods = tuple(config.method.split(",")) if config.method else METHODS
+    table = []
+    for row in run_benchmark(args.benchmark or None, methods, prompts=config.prompts):
+        if args.json:
+            print(json.dumps(nan_to_none(row)), flush=True)
+            continue
+        flat = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "faithfulness"}
+        flat.update({f"faithful_{k}": round(v, 3) for k, v in row["faithfulness"].items()})
+        table.append(flat)
+    if table:
+        print_rows(table, False)

@@ -1,0 +1,138 @@
+"""`workbench train`, `eval`, `analyze`, `probe`, `codebook-finetune` and `explore`: training
+dictionaries and what is done with them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from app.commands.data import relaunch_under_torchrun, wants_torchrun
+from app.commands.output import print_rows, print_summary
+from app.flags import config_from_args
+from workbench.errors import WorkbenchError
+
+
+def cmd_train(args) -> None:
+    from sae.train import train
+    from sae.train_config import TrainConfig
+    from workbench.distributed import ranks
+    from workbench.files import read_json
+
+    config = config_from_args(TrainConfig, args)
+    if wants_torchrun(args):
+        from sae.train import check_data_parallel
+        from workbench.distributed import Ranks
+
+        check_data_parallel(config.batch_size or args.nproc, Ranks(0, args.nproc))  # refuse here, in one line, before launching ranks
+        return relaunch_under_torchrun(args)
+    folders = train(config, progress=not args.quiet)
+    if not ranks().is_main:
+        return
+    rows = []
+    for folder in folders:
+        meta = read_json(folder / "config.json", "dictionary config")
+        metrics = meta.get("metrics", {})
+        rows.append({"dictionary": folder.name, "latents": meta["dictionary"]["n_latents"], "k": meta["dictionary"]["k"],
+                     "fvu": round(metrics.get("fvu", float("nan")), 4), "l0": round(metrics.get("l0", float("nan")), 2),
+                     "l0_inference": round(metrics.get("inference_l0", float("nan")), 2),
+                     "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
+                     **({"resampled": f"{metrics['resampled_total']} in {metrics['resamplings']}"} if metrics.get("resamplings") else {}),
+                     "tokens": meta.get("tokens_trained"), "folder": str(folder)})
+    print_rows(rows, args.json)
+
+
+def cmd_eval(args) -> None:
+    from sae.evals import EvalConfig, evaluate
+    from workbench.files import write_json_atomic
+
+    config = config_from_args(EvalConfig, args)
+    folders = _dictionary_folders(Path(args.run) if args.run else None)
+    for folder, dictionary, model in _with_models(folders, config.model, load=not config.cache):
+        metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
+        if (folder / "config.json").exists():
+            write_json_atomic(folder / "eval.json", metrics)
+        shown = {"dictionary": str(folder), **{k: v for k, v in metrics.items() if k != "log_density_histogram"}}
+        if args.json:
+            print(json.dumps({"dictionary": str(folder), **metrics}))
+        else:
+            print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}, False)
+
+
+def cmd_analyze(args) -> None:
+    from sae.analyze import AnalyzeConfig, analyze
+    from workbench.store import FeatureStore
+
+    config = config_from_args(AnalyzeConfig, args)
+    folders = _dictionary_folders(Path(args.run) if args.run else None)
+    if config.out and len(folders) > 1:
+        raise WorkbenchError(f"--out names one store, but {args.run} holds {len(folders)} dictionaries")
+    for folder, dictionary, model in _with_models(folders):
+        path = analyze(dictionary, config, folder=folder, model=model, progress=not args.quiet)
+        store = FeatureStore(path)
+        alive = store.features(min_density=1e-12, limit=store.n_features)
+        median_density = float(alive.density.median()) if len(alive) else 0.0
+        print_summary({"store": str(path), "features": store.n_features, "alive": len(alive),
+                       "tokens": store.meta["tokens_analyzed"], "median_density": median_density,
+                       "seconds": store.meta["seconds"]}, args.json)
+        store.close()
+
+
+def cmd_probe(args) -> None:
+    from sae.probes import ProbeConfig, default_output, run_probes
+
+    config = config_from_args(ProbeConfig, args)
+    rows = run_probes(config)
+    shown = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "features_chosen"} for r in rows]
+    print_rows(rows if args.json else shown, args.json)
+    if not args.json:
+        print(f"saved: {default_output(config)}")
+
+
+def cmd_codebook_finetune(args) -> None:
+    from sae.codebook_finetune import FinetuneConfig, run_finetune
+
+    out, metrics = run_finetune(config_from_args(FinetuneConfig, args), progress=not args.quiet)
+    print_summary({"codebook": str(out), **{k: round(v, 4) for k, v in metrics.items()}}, args.json)
+
+
+def cmd_explore(args) -> None:
+    from app.explorer.launch import launch
+
+    sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host))
+
+
+def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):
+    """(folder, dictionary, model) per folder; each model (`model_spec`, else the dictionary's own)
+    is loaded once for consecutive dictionaries of it; None when neither names one (or not `load`)."""
+    from sae.io import load
+    from workbench.models import load_model
+
+    model = None
+    for folder in folders:
+        dictionary = load(folder)
+        spec = (model_spec or dictionary.meta.get("model")) if load else ""
+        if spec and (model is None or model.spec != spec):
+            model = load_model(spec)
+        yield folder, dictionary, (model if spec else None)
+
+
+def _dictionary_folders(run: Path | None) -> list[Path]:
+    """RUN itself if it holds a dictionary, else the dictionaries directly inside it."""
+    from sae.io import CONFIG, is_dictionary_folder
+    from sae.train import default_output_dir
+    from sae.train_config import TrainConfig
+
+    if run is None:  # the default `workbench train` run: on the default cache's first hook
+        from workbench.activations import CacheConfig
+        from workbench.cache_reader import ActivationCache
+
+        cache_dir = CacheConfig().output_dir()
+        hook = ActivationCache(cache_dir).hooks[0] if (cache_dir / "manifest.json").exists() else ""
+        run = default_output_dir(TrainConfig(), hook)
+    if is_dictionary_folder(run):
+        return [run]
+    found = sorted(p for p in run.iterdir() if p.is_dir() and (p / CONFIG).exists()) if run.is_dir() else []
+    if not found:
+        raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
+    return found
