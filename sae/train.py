@@ -131,9 +131,15 @@ def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
 
 
 def _same_run(plan: Plan) -> bool:
-    """The folder records this run; fields added since it was written count at their defaults."""
+    """The folder records this run (in any format_version); fields added since it was written
+    count at their defaults."""
     path = plan.out / RUN_CONFIG
-    return path.exists() and {**TrainConfig().to_json(), **json.loads(path.read_text())} == plan.config.to_json()
+    if not path.exists():
+        return False
+    try:
+        return TrainConfig.from_json(json.loads(path.read_text())).to_json() == plan.config.to_json()
+    except ConfigError:  # fields this version does not know: another run
+        return False
 
 
 def _claim_folder(plan: Plan) -> None:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import ClassVar
 
 from sae.config import DictionaryConfig
 from workbench.errors import ConfigError
+
+FORMAT_VERSION = 2
+"""Saved train configs: 2 nests the dictionaries' coefficients under "dictionary"; 1 (or no
+format_version) had them at the top level, and is still read (`TrainConfig.upgrade_json`)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Saved beside the run; `workbench train --config RUN/config.json` trains it again."""
+
+    NESTED_NOT_FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"dictionary": ("architecture", "d_in", "n_latents", "k")}
+    """Fields of a nested config that the grid sets per dictionary: neither flags nor saved."""
 
     cache: str = ""
     """Activation cache folder; empty means the default cache (built first if absent)."""
@@ -28,8 +36,8 @@ class TrainConfig:
     """Dictionary width; 0 means expansion * d_in."""
     codes: int = 0
     """codebook: number of codes (its width); 0 means as --latents / --expansion."""
-    metric: str = "cosine"
-    """codebook: code similarity, cosine or dot."""
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    """Every dictionary of the grid: its coefficients (flags of their own names, e.g. --aux-k); the grid sets architecture, d_in, n_latents and k."""
     tokens: int = 0
     """Training tokens; 0 means one pass over the cache (BOS rows are skipped)."""
     batch_size: int = 0
@@ -46,24 +54,6 @@ class TrainConfig:
     """A latent that has not fired for this many tokens is dead (AuxK, dead %); 0 means min(10M, tokens / 10)."""
     starving_below: float = 0.0
     """AuxK also trains latents whose running firing rate is below this fraction of the mean rate (0: dead latents only)."""
-    aux_k: int = 0
-    """AuxK's dead latents per token; 0 means d_in / 2."""
-    aux_coef: float = 1 / 32
-    """AuxK coefficient alpha."""
-    l1_coef: float = 5.0
-    """relu/gated sparsity coefficient lambda (the L0 controller's starting value)."""
-    target_l0: float = 0.0
-    """jumprelu, relu, gated: the L0 their sparsity controller steers to; 0 means k."""
-    controller_rate: float = 0.02
-    """jumprelu, relu, gated: step of the L0 controller (0: relu/gated keep lambda = --l1-coef fixed)."""
-    bandwidth: float = 0.05
-    """jumprelu: rectangle-kernel width of the threshold pseudo-gradient."""
-    prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
-    """matryoshka: nested widths as fractions of n_latents."""
-    aux_zipf: bool = True
-    """mutual_choice: aux_zipf_loss (AuxK over latents firing below a Zipf fit of the densities, dead ones included); --no-aux-zipf: plain AuxK."""
-    approx_topk: bool = False
-    """topk: training picks each token's candidates with an int8 encoder matmul and keeps the k with the largest exact pre-activations (faster at >= 65k latents; recall: workbench bench kernels --approx-topk)."""
     resample_every: int = 50
     """Steps between resamplings of latents that do not earn their place (see sae.resample); 0 disables it."""
     resample_until: float = 0.95
@@ -88,6 +78,12 @@ class TrainConfig:
     def __post_init__(self):
         if not self.arch or not self.k or not self.expansion:
             raise ConfigError("--arch, --k and --expansion need at least one value")
+        if not isinstance(self.dictionary, DictionaryConfig):
+            raise ConfigError(f"dictionary must be a DictionaryConfig, got {type(self.dictionary).__name__}")
+        template = DictionaryConfig()
+        for name in self.NESTED_NOT_FLAGS["dictionary"]:
+            if getattr(self.dictionary, name) != getattr(template, name):
+                raise ConfigError(f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --latents); leave it at its default")
         positive = {"log_every": self.log_every}
         for name, value in positive.items():
             if value <= 0:
@@ -110,14 +106,11 @@ class TrainConfig:
         return list(itertools.product(self.arch, self.k, expansions))
 
     def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
+        """The config of one dictionary of the grid: the `dictionary` template with its sizes."""
         n_latents = (self.codes if architecture == "codebook" and self.codes else 0) or self.latents or expansion * d_in
         if k > n_latents:
             raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
-        return DictionaryConfig(
-            architecture=architecture, d_in=d_in, n_latents=n_latents, k=k, aux_k=self.aux_k, aux_coef=self.aux_coef,
-            l1_coef=self.l1_coef, target_l0=self.target_l0, controller_rate=self.controller_rate, bandwidth=self.bandwidth, prefixes=self.prefixes,
-            metric=self.metric, approx_topk=self.approx_topk, aux_zipf=self.aux_zipf,
-        )
+        return replace(self.dictionary, architecture=architecture, d_in=d_in, n_latents=n_latents, k=k)
 
     def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":
         """This config narrowed to one dictionary of its grid (saved in that dictionary's folder)."""
@@ -137,8 +130,37 @@ class TrainConfig:
         return self.lr or 2e-4 / math.sqrt(n_latents / 2**14)
 
     def to_json(self) -> dict:
-        obj = asdict(self)
+        obj = {"format_version": FORMAT_VERSION, **asdict(self)}
+        obj["dictionary"] = {k: v for k, v in self.dictionary.to_json().items() if k not in self.NESTED_NOT_FLAGS["dictionary"]}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
+
+    @classmethod
+    def upgrade_json(cls, obj: dict) -> dict:
+        """A saved train config of any format_version, in this version's shape (without
+        format_version). Version 1 (format_version 1 or none) kept the dictionary fields flat."""
+        version = obj.get("format_version", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise ConfigError(f"unknown train config format_version {version!r} (this workbench reads 1 and {FORMAT_VERSION})")
+        obj = {k: v for k, v in obj.items() if k != "format_version"}
+        if version == 1:
+            grid_set = cls.NESTED_NOT_FLAGS["dictionary"]
+            nested = [f.name for f in fields(DictionaryConfig) if f.name not in grid_set]
+            obj["dictionary"] = {name: obj.pop(name) for name in nested if name in obj}
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "TrainConfig":
+        """Read `to_json`'s output (or a format_version 1 file); missing fields take their defaults."""
+        values = cls.upgrade_json(obj)
+        nested = values.pop("dictionary", {})
+        allowed = {f.name for f in fields(DictionaryConfig)} - set(cls.NESTED_NOT_FLAGS["dictionary"])
+        if not isinstance(nested, dict) or set(nested) - allowed:
+            raise ConfigError(f"train config: 'dictionary' must be an object of {sorted(allowed)}, got {nested!r}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        try:
+            return cls(**values, dictionary=DictionaryConfig.from_json(nested))
+        except TypeError as exc:
+            raise ConfigError(f"train config: {exc}") from None
 
 
 AUTO_BATCH_RANGE = (256, 4096)

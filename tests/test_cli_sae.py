@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,34 @@ def test_train_prints_one_row_per_dictionary_and_saves_a_reproducible_config(cap
     assert code == 0
     again = json.loads(out.splitlines()[0])
     assert again["dictionary"] == "topk-k4-x2" and again["fvu"] == round(meta["metrics"]["fvu"], 4)
+
+
+def test_train_reads_a_format_version_1_config_and_the_dictionary_flags(capsys, cache, tmp_path):
+    """A flat (format_version 1) train-config.json still reruns; the dictionary's coefficients come
+    from it, and every DictionaryConfig field but the grid's is a flag, including four that had none."""
+    fixture = Path(__file__).parent / "fixtures" / "train-config-v1.json"
+    code, _, _ = run_cli(capsys, "train", "--config", str(fixture), "--cache", str(cache), "--arch", "topk", "--tokens", "2048",
+                         "--aux-k", "12", "--l1-warmup-fraction", "0.1", "--threshold-momentum", "0.02", "--aggregate", "mean",
+                         "--out", str(tmp_path), "--quiet", "--json")
+    assert code == 0
+    dictionary = json.loads((tmp_path / "topk-k8-x2" / "config.json").read_text())["dictionary"]
+    assert {k: dictionary[k] for k in ("aux_k", "l1_warmup_fraction", "threshold_momentum", "aggregate")} == {
+        "aux_k": 12, "l1_warmup_fraction": 0.1, "threshold_momentum": 0.02, "aggregate": "mean"}  # flags
+    assert {k: dictionary[k] for k in ("metric", "target_l0", "bandwidth", "prefixes", "aux_zipf")} == {
+        "metric": "dot", "target_l0": 6.0, "bandwidth": 0.1, "prefixes": [0.25, 0.5, 1.0], "aux_zipf": False}  # the file
+    saved = json.loads((tmp_path / "train-config.json").read_text())
+    assert saved["format_version"] == 2 and saved["dictionary"]["aux_k"] == 12 and "aux_k" not in saved
+
+
+@pytest.mark.parametrize("saved, expected", [
+    ({"format_version": 2, "dictionary": {"k": 4}}, "unknown DictionaryConfig field(s): k"),
+    ({"format_version": 2, "dictionary": {"aux_k": "4"}}, "field 'aux_k' must be <class 'int'>"),
+    ({"format_version": 3}, "unknown train config format_version 3"),
+])
+def test_bad_train_config_files_are_one_line(capsys, tmp_path, saved, expected):
+    (tmp_path / "c.json").write_text(json.dumps(saved))
+    code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and expected in err
 
 
 def test_eval_json_has_the_promised_fields(capsys, trained):

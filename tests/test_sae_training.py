@@ -4,12 +4,15 @@ dictionaries trained on planted features find them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from sae import io
+from sae.config import DictionaryConfig
 from sae.synthetic import PlantedConfig, PlantedFeatures, feature_recovery
 from sae.train import train
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
@@ -77,7 +80,40 @@ def test_logs_and_saved_config_describe_the_run(tmp_path):
     meta = json.loads((folder / io.CONFIG).read_text())
     assert meta["architecture"] == "matryoshka" and meta["config"]["arch"] == ["matryoshka"]
     assert meta["tokens_trained"] == 32 * 256 and set(meta["metrics"]) >= {"fvu", "l0", "dead_fraction"}
-    assert TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}).arch == ("matryoshka",)
+    assert TrainConfig.from_json(meta["config"]) == small_config(tmp_path, arch=("matryoshka",))
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+V1_DICTIONARY_FIELDS = ("metric", "aux_k", "aux_coef", "l1_coef", "target_l0", "controller_rate", "bandwidth", "prefixes", "aux_zipf", "approx_topk")
+
+
+def test_format_version_1_train_configs_load_as_they_were_written():
+    """Version 1 (flat) files, written by `workbench train` before the coefficients moved into
+    TrainConfig.dictionary, give the same run and the same dictionaries."""
+    written = TrainConfig(cache="runs/cache-demo-default-train", arch=("topk", "jumprelu", "relu", "codebook", "matryoshka", "mutual_choice"),
+                          k=(8,), expansion=(2,), tokens=16384, batch_size=512, out="/tmp/tc_base/b",
+                          dictionary=DictionaryConfig(aux_k=16, aux_coef=0.05, l1_coef=3.0, target_l0=6.0, bandwidth=0.1, controller_rate=0.05,
+                                                      prefixes=(0.25, 0.5, 1.0), metric="dot", aux_zipf=False))
+    assert TrainConfig.from_json(json.loads((FIXTURES / "train-config-v1.json").read_text())) == written
+    folder = json.loads((FIXTURES / "dictionary-config-v1.json").read_text())
+    assert TrainConfig.from_json(folder["config"]) == written.for_one("topk", 8, 2)
+    assert written.dictionary_config("topk", 8, 2, 256).to_json() == folder["dictionary"]  # the dictionary it trained
+    assert written.to_json()["format_version"] == 2 and TrainConfig.from_json(written.to_json()) == written
+    with pytest.raises(ConfigError, match="format_version 3"):
+        TrainConfig.from_json({**written.to_json(), "format_version": 3})
+
+
+def test_a_run_recorded_in_format_version_1_is_still_the_same_run(tmp_path):
+    data = PlantedFeatures(SMALL_DATA)
+    config = small_config(tmp_path, dictionary=DictionaryConfig(aux_k=4, bandwidth=0.1))
+    folders = train(config, source=data, progress=False)
+    saved = json.loads((tmp_path / "train-config.json").read_text())
+    assert saved["dictionary"]["aux_k"] == 4 and "k" not in saved["dictionary"] and "aux_k" not in saved
+    flat = {k: v for k, v in saved.items() if k not in ("format_version", "dictionary")}
+    (tmp_path / "train-config.json").write_text(json.dumps({**flat, **{k: saved["dictionary"][k] for k in V1_DICTIONARY_FIELDS}}))
+    stamp = (folders[0] / io.WEIGHTS).stat().st_mtime_ns
+    assert train(config, source=data, progress=False) == folders
+    assert (folders[0] / io.WEIGHTS).stat().st_mtime_ns == stamp
 
 
 def test_learning_rate_schedule():
@@ -92,6 +128,10 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         TrainConfig(arch=("topk", "topk"))
     with pytest.raises(ConfigError, match="batch_size must be >= 0"):
         TrainConfig(batch_size=-1)
+    with pytest.raises(ConfigError, match="dictionary.k is set per dictionary by the grid"):
+        TrainConfig(dictionary=DictionaryConfig(k=4))
+    with pytest.raises(ConfigError, match="k=64 exceeds the dictionary width 32"):  # the template's width is 0: no check there
+        train(small_config(tmp_path / "w", k=(64,)), source=PlantedFeatures(SMALL_DATA), progress=False)
     with pytest.raises(ConfigError, match="no full batch"):
         train(small_config(tmp_path, batch_size=10_000), source=PlantedFeatures(SMALL_DATA), progress=False)
     with pytest.raises(ConfigError, match="unknown architecture"):
@@ -120,7 +160,8 @@ def test_wandb_logging_works_offline(tmp_path, monkeypatch):
 
 def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_path):
     data = PlantedFeatures(PlantedConfig(d=32, n_features=64, samples=150_000, seed=1))
-    config = TrainConfig(arch=("jumprelu",), k=(3,), target_l0=3.0, latents=64, batch_size=512, out=str(tmp_path), log_every=10)
+    config = TrainConfig(arch=("jumprelu",), k=(3,), dictionary=DictionaryConfig(target_l0=3.0), latents=64, batch_size=512,
+                         out=str(tmp_path), log_every=10)
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]  # not the resampling records
     late = [r["l0"] for r in records[-10:]]
@@ -174,13 +215,15 @@ def test_relu_and_gated_find_their_sparsity_coefficient_for_the_target_l0(arch, 
     """The controller at 10x its default rate, for a short run (the default reaches the target
     over a few thousand steps: `workbench bench sae`)."""
     data = PlantedFeatures(PlantedConfig(d=16, n_features=32, samples=200_000, seed=1))
-    config = TrainConfig(arch=(arch,), k=(3,), latents=32, batch_size=256, out=str(tmp_path), log_every=10, controller_rate=0.2)
+    config = TrainConfig(arch=(arch,), k=(3,), latents=32, batch_size=256, out=str(tmp_path), log_every=10,
+                         dictionary=DictionaryConfig(controller_rate=0.2))
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]
     late = [r["l0"] for r in records[-10:]]
     assert abs(sum(late) / len(late) - 3.0) <= 0.45, late
     assert records[-1]["lambda"] != pytest.approx(5.0)  # moved from --l1-coef
-    fixed = train(TrainConfig(**{**config.__dict__, "controller_rate": 0.0, "out": str(tmp_path / "fixed")}), source=data, progress=False)[0]
+    fixed_config = replace(config, dictionary=replace(config.dictionary, controller_rate=0.0), out=str(tmp_path / "fixed"))
+    fixed = train(fixed_config, source=data, progress=False)[0]
     assert [r["lambda"] for r in read_jsonl(fixed / "log.jsonl") if "event" not in r][-1] == pytest.approx(5.0)
 
 
