@@ -6,6 +6,7 @@ last and atomically, names the files of the step it describes; older files are t
 from __future__ import annotations
 
 import contextlib
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -19,14 +20,33 @@ FOLDER = "checkpoint"
 STATE = "state.json"
 
 
-def save_checkpoint(out: Path, position: dict, trainees: list[Trainee]) -> None:
+@dataclass
+class TrainState:
+    """Where a run is: what a checkpoint records beside the trainees' tensors (`state.json`).
+    Mutable, unlike the configs: the training loop advances it in place."""
+
+    step: int
+    """Optimizer steps taken."""
+    epoch: int
+    """The epoch being read (the data order depends only on the seed and the epoch)."""
+    batch_in_epoch: int
+    """Batches of this epoch already trained on; a resumed run skips them."""
+    tokens: int
+    """Rows trained on, over all ranks."""
+    input_scale: float
+    """The factor that makes E|x| = sqrt(d), measured once at the start (`sae.sources.input_scale`)."""
+    batch_size: int = 0
+    """Global batch size; 0 in checkpoints written before it was recorded."""
+
+
+def save_checkpoint(out: Path, state: TrainState, trainees: list[Trainee]) -> None:
     folder = out / FOLDER
-    step = position["step"]
+    step = state.step
     files = {}
     for trainee in trainees:
         files[trainee.name] = f"{trainee.name}-{step:09d}.safetensors"
         save_tensors_atomic(folder / files[trainee.name], trainee.state_tensors())
-    write_json_atomic(folder / STATE, {"format_version": FORMAT_VERSION, **position, "files": files})
+    write_json_atomic(folder / STATE, {"format_version": FORMAT_VERSION, **asdict(state), "files": files})
     keep = set(files.values()) | {STATE}
     for path in folder.iterdir():
         if path.name not in keep:
@@ -34,8 +54,8 @@ def save_checkpoint(out: Path, position: dict, trainees: list[Trainee]) -> None:
                 path.unlink()
 
 
-def load_checkpoint(out: Path, trainees: list[Trainee]) -> dict | None:
-    """Restore the trainees from the last checkpoint; return its position, or None if none."""
+def load_checkpoint(out: Path, trainees: list[Trainee]) -> TrainState | None:
+    """Restore the trainees from the last checkpoint; return its state, or None if none."""
     state_path = out / FOLDER / STATE
     if not state_path.exists():
         return None
@@ -51,4 +71,7 @@ def load_checkpoint(out: Path, trainees: list[Trainee]) -> dict | None:
             trainee.load_state_tensors(load_file(path))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise WorkbenchError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); delete {out / FOLDER} to restart") from None
-    return state
+    try:
+        return TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
+    except TypeError as exc:
+        raise WorkbenchError(f"{state_path}: incomplete checkpoint ({exc}); delete {out / FOLDER} to restart") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,14 @@ def finetune_codebook(model, hook: str, windows: Tensor, config: FinetuneConfig,
     return codebook, {"lm_loss_first": history[0], "lm_loss_last": sum(history[-10:]) / len(history[-10:])}
 
 
-def run_finetune(config: FinetuneConfig, progress: bool = True):
+class FinetuneResult(NamedTuple):
+    folder: Path
+    """The codebook's dictionary folder (and, with `unfreeze`, the fine-tuned model in `<folder>/model`)."""
+    metrics: dict
+    """LM loss: lm_loss_first / lm_loss_last (training), lm_loss_clean / lm_loss_with_codebook (held out)."""
+
+
+def run_finetune(config: FinetuneConfig, progress: bool = True) -> FinetuneResult:
     """`workbench codebook-finetune`: windows of the corpus's train split, the codebook trained
     in the model, saved as a dictionary folder with the LM loss with and without it."""
     from sae import io
@@ -129,7 +137,7 @@ def run_finetune(config: FinetuneConfig, progress: bool = True):
         model_spec = save_hf_model(model, out / "model", held_out[:2])
     io.save(codebook, out, hook=hook, model=model_spec, corpus=config.corpus, context_length=int(windows.shape[1]),
             trained_in_model=True, metrics=metrics, finetune_config=_as_json(config))
-    return out, metrics
+    return FinetuneResult(out, metrics)
 
 
 def save_hf_model(model, folder, check_tokens: Tensor) -> str:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sae import io
 from sae.base import create
-from sae.checkpoint import load_checkpoint, save_checkpoint
+from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sae.calibrate import inference_l0
 from sae.sources import BatchSource, draw, input_scale, open_cache_source
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
@@ -78,21 +78,21 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
         _claim_folder(plan)
     barrier()
     trainees = _build_trainees(plan)
-    position = load_checkpoint(plan.out, trainees)
-    if position is None:
-        position = _initialize(plan, trainees)
-    elif position.get("batch_size", plan.batch_size) != plan.batch_size:  # auto size under another rank count
-        raise ConfigError(f"{plan.out} was checkpointed at batch {position['batch_size']}, this run would use {plan.batch_size}; "
-                          f"resume with --batch-size {position['batch_size']}")
-    loggers = _open_logs(plan, trainees, position["step"]) if where.is_main else {}
+    state = load_checkpoint(plan.out, trainees)
+    if state is None:
+        state = _initialize(plan, trainees)
+    elif state.batch_size and state.batch_size != plan.batch_size:  # auto size under another rank count
+        raise ConfigError(f"{plan.out} was checkpointed at batch {state.batch_size}, this run would use {plan.batch_size}; "
+                          f"resume with --batch-size {state.batch_size}")
+    loggers = _open_logs(plan, trainees, state.step) if where.is_main else {}
     try:
-        finished = _loop(plan, trainees, position, loggers, progress and where.is_main, stop_after_step, where)
+        finished = _loop(plan, trainees, state, loggers, progress and where.is_main, stop_after_step, where)
     finally:
         for logger in loggers.values():
             logger.close()
     if not finished:
         return []
-    saved = [_save_final(plan, t, position) for t in trainees] if where.is_main else folders
+    saved = [_save_final(plan, t, state) for t in trainees] if where.is_main else folders
     barrier()  # every rank returns once the weights are on disk
     return saved
 
@@ -161,12 +161,12 @@ def _build_trainees(plan: Plan) -> list[Trainee]:
     return trainees
 
 
-def _initialize(plan: Plan, trainees: list[Trainee]) -> dict:
+def _initialize(plan: Plan, trainees: list[Trainee]) -> TrainState:
     sample = plan.source.sample(INIT_SAMPLE_ROWS)
     scale = input_scale(sample)
     for trainee in trainees:
         trainee.dictionary.initialize_from(sample * scale)
-    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "input_scale": scale, "batch_size": plan.batch_size}
+    return TrainState(step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size)
 
 
 def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, JsonlLogger]:
@@ -180,31 +180,31 @@ def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, Json
     return loggers
 
 
-def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, progress: bool,
+def _loop(plan: Plan, trainees: list[Trainee], state: TrainState, loggers: dict, progress: bool,
           stop_after_step: Optional[int], where: Ranks = Ranks()) -> bool:
     config, total = plan.config, plan.total_steps
     wandb_run = _wandb(plan) if config.wandb and where.is_main else None
-    bar = tqdm(total=total, initial=position["step"], disable=not progress, unit="step", desc="train")
-    scale = position["input_scale"]
+    bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", desc="train")
+    scale = state.input_scale
     try:
-        while position["step"] < total:
-            skip = position["batch_in_epoch"]
-            for index, batch in enumerate(plan.source.epoch(position["epoch"], plan.batch_size)):
+        while state.step < total:
+            skip = state.batch_in_epoch
+            for index, batch in enumerate(plan.source.epoch(state.epoch, plan.batch_size)):
                 if index < skip:
                     continue
                 x = batch.to(trainees[0].dictionary.W_dec.device) * scale
                 if where.world > 1:  # this rank's contiguous share of the global batch
                     x = x.chunk(where.world)[where.rank]
-                _train_step(plan, trainees, x, position, loggers, wandb_run, bar, where.world)
-                position["batch_in_epoch"] = index + 1
-                if (position["step"] % plan.checkpoint_every == 0 or position["step"] == total) and where.is_main:
-                    save_checkpoint(plan.out, position, trainees)
-                if stop_after_step is not None and position["step"] >= stop_after_step:
+                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world)
+                state.batch_in_epoch = index + 1
+                if (state.step % plan.checkpoint_every == 0 or state.step == total) and where.is_main:
+                    save_checkpoint(plan.out, state, trainees)
+                if stop_after_step is not None and state.step >= stop_after_step:
                     return False
-                if position["step"] >= total:
+                if state.step >= total:
                     return True
-            position["epoch"] += 1
-            position["batch_in_epoch"] = 0
+            state.epoch += 1
+            state.batch_in_epoch = 0
     finally:
         bar.close()
         if wandb_run is not None:
@@ -212,9 +212,9 @@ def _loop(plan: Plan, trainees: list[Trainee], position: dict, loggers: dict, pr
     return True
 
 
-def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: dict, loggers, wandb_run, bar,
+def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, state: TrainState, loggers, wandb_run, bar,
                 world: int = 1) -> None:
-    step, total, config = position["step"], plan.total_steps, plan.config
+    step, total, config = state.step, plan.total_steps, plan.config
     progress = step / total
     records = {}
     for trainee in trainees:
@@ -226,10 +226,10 @@ def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, position: 
             if trainee.name in loggers:  # every resampling is recorded, however many it moved
                 loggers[trainee.name].log(step=step + 1, event="resample", latents=moved)
         if (step + 1) % config.log_every == 0 or step + 1 == total:
-            records[trainee.name] = {"step": step + 1, "tokens": position["tokens"] + x.shape[0] * world, "lr": lr,
+            records[trainee.name] = {"step": step + 1, "tokens": state.tokens + x.shape[0] * world, "lr": lr,
                                      **trainee.metrics(x, out)}
-    position["step"] = step + 1
-    position["tokens"] += x.shape[0] * world
+    state.step = step + 1
+    state.tokens += x.shape[0] * world
     for name, record in records.items():
         if name in loggers:
             loggers[name].log(**record)
@@ -257,20 +257,20 @@ def _wandb(plan: Plan):
                       config=plan.config.to_json(), mode=mode, reinit="finish_previous")
 
 
-def _save_final(plan: Plan, trainee: Trainee, position: dict) -> Path:
+def _save_final(plan: Plan, trainee: Trainee, state: TrainState) -> Path:
     folder = plan.out / trainee.name
     arch, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
-    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, position)}
-    io.save(trainee.dictionary, folder, input_scale=position["input_scale"], **plan.source.describe(),
-            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=metrics, tokens_trained=position["tokens"],
+    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, state)}
+    io.save(trainee.dictionary, folder, input_scale=state.input_scale, **plan.source.describe(),
+            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=metrics, tokens_trained=state.tokens,
             batch_size=plan.batch_size)
     return folder
 
 
-def _calibrate(plan: Plan, trainee: Trainee, position: dict) -> dict:
+def _calibrate(plan: Plan, trainee: Trainee, state: TrainState) -> dict:
     """Set the inference thresholds from rows drawn apart from training (`sae.calibrate`) and
     measure the saved dictionary's inference L0 on other such rows."""
-    scale, device = position["input_scale"], trainee.dictionary.W_dec.device
+    scale, device = state.input_scale, trainee.dictionary.W_dec.device
     with alone():  # rank 0 alone saves: no selection may wait for the other ranks
         trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
         check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
