@@ -84,7 +84,7 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     started = time.perf_counter()
     hook = hook_of(dictionary, None)
     cache = ActivationCache(config.cache or dictionary.meta.get("cache") or _default_cache())
-    cache.expect(hook=hook, d=dictionary.d_in)
+    cache.expect(hook=hook, width=dictionary.d_in)
     cache.require_tokens("workbench analyze (top examples, contexts, logit effects)")
     model = model or load_model(dictionary.meta.get("model") or cache.model)
     with torch.no_grad():
@@ -344,7 +344,7 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
 
 
 def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> StreamStats:
-    stats = StreamStats(dictionary.n_latents, cache.d(hook), cache.context_length, config)
+    stats = StreamStats(dictionary.n_latents, cache.width(hook), cache.context_length, config)
     total = min(config.tokens or cache.n_rows, cache.n_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
     for first, x in window_blocks(cache, hook, config.block_windows, config.tokens):
@@ -380,7 +380,7 @@ def weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: i
         index.append(top.indices)
         cosine.append(top.values)
     tables = {"neighbours": _ranked_table(torch.cat(index), torch.cat(cosine), "other", "cosine")}
-    residual = model is not None and directions.shape[1] == model.d_resid
+    residual = model is not None and directions.shape[1] == model.d_model
     logits = logit_effects(directions, model, config.logit_tokens, chunk) if residual else None
     if logits is not None:
         tables["logits"] = logits

@@ -93,7 +93,7 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
         raise DictionaryError("this dictionary records neither a model nor a cache; pass --model or --cache")
     cache = ActivationCache(where)
     hook = hook_of(dictionary, config.hook or None)
-    cache.expect(hook=hook, d=dictionary.d_in)
+    cache.expect(hook=hook, width=dictionary.d_in)
     subset = "all" if cache.has_tokens else "held_out"
     totals = _Totals(dictionary.n_latents)
     dictionary = dictionary.eval()

@@ -35,7 +35,7 @@ class CacheSource:
     def __init__(self, cache: ActivationCache, hook: str, seed: int = 0):
         cache.expect(hook=hook)
         self.cache, self.hook, self.seed = cache, hook, seed
-        self.d = cache.d(hook)
+        self.d = cache.width(hook)
         self.rows_per_epoch = cache.training_rows
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]:

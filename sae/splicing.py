@@ -43,7 +43,7 @@ def check_trained_at(model, dictionary: Dictionary, hook: str, what: str = "the 
     UnknownHookError for a hook that does not fire or holds no per-token activations;
     DictionaryError for d_in != d, or a recorded hook or model other than `hook` and `model`.
     A recorded hook that is no hook of this model (a peer's module name) is not compared."""
-    width = model.d_model(hook)
+    width = model.width(hook)
     if dictionary.d_in != width:
         raise DictionaryError(f"{what}: the dictionary has d_in={dictionary.d_in}, hook {hook} has d={width}")
     trained_hook, trained_model = dictionary.meta.get("hook"), dictionary.meta.get("model")
@@ -81,7 +81,7 @@ def replace_activation(model, hook: str, value: Tensor, *, skip_bos: bool = True
     """Run `model` with the hook's activation replaced by `value` [d] at every edited position.
     Raises UnknownHookError for an unknown hook, DictionaryError for a value not of shape [d] or
     not finite (before anything is attached)."""
-    width = model.d_model(hook)
+    width = model.width(hook)
     if tuple(value.shape) != (width,):
         raise DictionaryError(f"replacement value has shape {tuple(value.shape)}, hook {hook} has d={width}")
     if not bool(torch.isfinite(value).all()):

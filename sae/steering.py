@@ -138,7 +138,7 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
     if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
         raise DictionaryError(f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}")
     for edit in edits:
-        width = model.d_model(edit.hook)
+        width = model.width(edit.hook)
         name = f"{edit.label}: " if edit.source is not None else ""
         for dictionary in {id(d): d for d in (edit.source, edit.dictionary) if d is not None}.values():
             check_trained_at(model, dictionary, edit.hook, edit.label or "edit")

@@ -187,7 +187,7 @@ def test_codebook_codes_are_features_of_the_store(tiny_model, tiny_cache, tmp_pa
     from sae.config import DictionaryConfig
 
     cache = ActivationCache(tiny_cache)
-    codebook = create(DictionaryConfig(architecture="codebook", d_in=cache.d(STORE_HOOK), n_latents=32, k=2), seed=0)
+    codebook = create(DictionaryConfig(architecture="codebook", d_in=cache.width(STORE_HOOK), n_latents=32, k=2), seed=0)
     with torch.no_grad():
         codebook.initialize_from(cache.shard(STORE_HOOK, 0).float())
     codebook.meta = {"hook": STORE_HOOK}

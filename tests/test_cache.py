@@ -36,7 +36,7 @@ def test_round_trip_is_bit_exact(built, tiny_model):
     assert cache.n_rows == windows.numel() and cache.n_rows >= config.tokens
     per_shard = config.windows_per_shard(32)
     for hook in HOOKS:
-        assert cache.d(hook) == tiny_model.d_model(hook)
+        assert cache.width(hook) == tiny_model.width(hook)
         for index in range(cache.n_shards(hook)):
             chunk = windows[index * per_shard : (index + 1) * per_shard]
             expected = torch.cat([
@@ -137,9 +137,9 @@ def test_manifest_problems_are_refused(built, tmp_path):
 def test_expect_refuses_mismatched_consumers(built):
     _, folder = built
     cache = ActivationCache(folder)
-    cache.expect(hook=HOOKS[0], d=64, model="tiny")
+    cache.expect(hook=HOOKS[0], width=64, model="tiny")
     with pytest.raises(CacheError, match="d=64, expected d=128"):
-        cache.expect(hook=HOOKS[0], d=128)
+        cache.expect(hook=HOOKS[0], width=128)
     with pytest.raises(CacheError, match="not 'gpt2'"):
         cache.expect(model="gpt2")
     with pytest.raises(CacheError, match="no hook"):

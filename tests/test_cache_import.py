@@ -33,7 +33,7 @@ def test_an_npy_file_becomes_a_cache_whose_rows_are_the_files_rows(tmp_path):
     x = rows()
     np.save(tmp_path / "emb.npy", x)
     cache = imported(tmp_path, tmp_path / "emb.npy")
-    assert cache.hooks == ["emb"] and cache.d("emb") == D and cache.n_rows == N and not cache.has_tokens
+    assert cache.hooks == ["emb"] and cache.width("emb") == D and cache.n_rows == N and not cache.has_tokens
     assert cache.n_shards("emb") == 6 and cache.model == ""
     train = list(cache.batches("emb", 500, shuffle=False, subset="train"))
     held = list(cache.batches("emb", 500, shuffle=False, subset="held_out"))
@@ -49,13 +49,13 @@ def test_an_npy_file_becomes_a_cache_whose_rows_are_the_files_rows(tmp_path):
 def test_safetensors_tensors_and_folders_become_hooks(tmp_path):
     save_file({"resid": rows(1), "mlp_out": rows(2, d=5)}, str(tmp_path / "acts.safetensors"))
     cache = imported(tmp_path, tmp_path / "acts.safetensors", hooks=("mlp_out",))
-    assert cache.hooks == ["mlp_out"] and cache.d("mlp_out") == 5
+    assert cache.hooks == ["mlp_out"] and cache.width("mlp_out") == 5
     folder = tmp_path / "many"
     folder.mkdir()
     np.save(folder / "a.npy", rows(3))
     save_file({"b": rows(4, d=3)}, str(folder / "more.safetensors"))
     both = imported(tmp_path / "f", folder)
-    assert sorted(both.hooks) == ["a", "b"] and both.d("b") == 3
+    assert sorted(both.hooks) == ["a", "b"] and both.width("b") == 3
     np.save(tmp_path / "one.npy", rows(5))
     renamed = imported(tmp_path / "r", tmp_path / "one.npy", hooks=("blocks.3.hook_resid_post",))
     assert renamed.hooks == ["blocks.3.hook_resid_post"]

@@ -28,7 +28,7 @@ def test_checkpoint_is_small_and_complete():
 def test_shape_matches_the_card(demo):
     summary = read_training_summary()
     config = summary["config"]
-    assert (demo.n_layers, demo.d_resid, demo.n_ctx) == (config["n_layers"], config["d_model"], config["context_length"])
+    assert (demo.n_layers, demo.d_model, demo.n_ctx) == (config["n_layers"], config["d_model"], config["context_length"])
     assert demo.d_vocab == config["vocab_size"]
     assert demo.default_hook == f"blocks.{config['n_layers'] // 2 - 1}.hook_resid_post"
 

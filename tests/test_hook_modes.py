@@ -42,7 +42,7 @@ def demo():
 
     model = load_model("demo")
     gen = torch.Generator().manual_seed(17)
-    widths = {h: model.d_model(h) for h in SITES}
+    widths = {h: model.width(h) for h in SITES}
     directions = {h: torch.randn(w, generator=gen) * 2 for h, w in widths.items()}
     dictionaries = {}
     for i, (hook, width) in enumerate(widths.items()):
@@ -238,7 +238,7 @@ def test_hooks_that_cannot_fire_together_are_refused_before_anything_is_attached
     for outer, inner in (("blocks.1.attn.hook_result", "blocks.1.attn.o.hook_out"),
                          ("blocks.1.attn.o.hook_out", "blocks.1.attn.hook_result"),
                          ("blocks.0.hook_q_input", "blocks.1.hook_attn_in")):
-        direction = torch.zeros(model.d_model(outer))
+        direction = torch.zeros(model.width(outer))
         with steer(model, [add_direction(outer, direction)]):
             flags = modes(model)
             with pytest.raises(WorkbenchError, match="cannot fire together") as info:

@@ -43,9 +43,9 @@ def test_stopping_early_changes_nothing(tiny_model):
 
 
 def test_head_hooks_are_flattened_and_widths_known(tiny_model):
-    assert tiny_model.d_model("blocks.1.hook_resid_post") == 64
-    assert tiny_model.d_model("blocks.1.mlp.hook_post") == 256
-    assert tiny_model.d_model("blocks.1.attn.hook_z") == 64  # 4 heads x 16
+    assert tiny_model.width("blocks.1.hook_resid_post") == 64
+    assert tiny_model.width("blocks.1.mlp.hook_post") == 256
+    assert tiny_model.width("blocks.1.attn.hook_z") == 64  # 4 heads x 16
     tokens = tiny_model.tokenize("hello there")
     z = tiny_model.run_with_cache(tokens, ["blocks.1.attn.hook_z"])["blocks.1.attn.hook_z"]
     assert z.shape == (1, tokens.shape[1], 64)

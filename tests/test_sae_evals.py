@@ -31,7 +31,7 @@ def relu_dictionary(tiny_model_dir, d: int, exact: bool):
 
 @pytest.fixture(scope="module")
 def evals(tiny_model, tiny_model_dir):
-    d = tiny_model.d_model(HOOK)
+    d = tiny_model.width(HOOK)
     config = EvalConfig(tokens=2048, batch_size=16)
     return {exact: evaluate(relu_dictionary(tiny_model_dir, d, exact), config, model=tiny_model, progress=False) for exact in (True, False)}
 
@@ -65,7 +65,7 @@ def test_clean_loss_is_the_models_own_loss(evals, tiny_model):
 
 
 def test_splice_leaves_bos_alone_and_removes_its_hook(tiny_model, tiny_model_dir):
-    d = tiny_model.d_model(HOOK)
+    d = tiny_model.width(HOOK)
     zero = relu_dictionary(tiny_model_dir, d, exact=False)
     tokens = tiny_model.tokenize(["ROMEO: what light"])
     with torch.no_grad():

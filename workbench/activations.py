@@ -302,7 +302,7 @@ def _write_manifest(out, config, model, hooks, windows, done) -> None:
         "format_version": FORMAT_VERSION,
         "kind": "workbench.activation_cache",
         "model": config.model,
-        "hooks": {h: {"d": model.d_model(h), "shards": [s[h] for s in done["shards"]]} for h in hooks},
+        "hooks": {h: {"d": model.width(h), "shards": [s[h] for s in done["shards"]]} for h in hooks},
         "dtype": config.dtype,
         "context_length": context,
         "n_windows": n_windows,

@@ -83,7 +83,7 @@ def _reader_rows(folder: Path, hook: str, reps: int) -> list[dict]:
     times = interleaved({"read_sequential": read(False), "read_shuffled": read(True)}, reps)
     cache = ActivationCache(folder)
     n_rows = cache.n_rows - cache.manifest.n_windows  # BOS rows are skipped
-    n_bytes = n_rows * cache.d(hook) * cache.dtype.itemsize
+    n_bytes = n_rows * cache.width(hook) * cache.dtype.itemsize
     rows = []
     for name, t in times.items():
         row = _row(name, median(t), n_rows, None)

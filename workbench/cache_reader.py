@@ -156,20 +156,21 @@ class ActivationCache:
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.manifest.dtype]
 
-    def d(self, hook: str) -> int:
+    def width(self, hook: str) -> int:
+        """Width of the activations cached at `hook`."""
         return self._hook(hook)[0]
 
     def n_shards(self, hook: str) -> int:
         return len(self._hook(hook)[1])
 
-    def expect(self, *, hook: str | None = None, d: int | None = None, model: str | None = None) -> None:
+    def expect(self, *, hook: str | None = None, width: int | None = None, model: str | None = None) -> None:
         """Refuse, in one line, a cache that does not fit what a consumer was built for."""
         if model is not None and model != self.model:
             raise CacheError(f"{self.path}: cache is of model {self.model!r}, not {model!r}")
         if hook is not None:
             self._hook(hook)
-            if d is not None and d != self.d(hook):
-                raise CacheError(f"{self.path}: hook {hook} has d={self.d(hook)}, expected d={d}")
+            if width is not None and width != self.width(hook):
+                raise CacheError(f"{self.path}: hook {hook} has d={self.width(hook)}, expected d={width}")
 
     def _hook(self, hook: str) -> tuple[int, tuple[Shard, ...]]:
         if hook not in self.manifest.hooks:

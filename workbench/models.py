@@ -72,7 +72,7 @@ class Model:
         return int(self.bridge.cfg.d_vocab)
 
     @property
-    def d_resid(self) -> int:
+    def d_model(self) -> int:
         """Width of the residual stream."""
         return int(self.bridge.cfg.d_model)
 
@@ -116,7 +116,7 @@ class Model:
                 what = "never fires for this architecture" if hook in self.bridge.hook_dict else "does not exist"
                 raise UnknownHookError(f"model {self.spec!r}: hook {hook!r} {what}{hint}")
 
-    def d_model(self, hook: str) -> int:
+    def width(self, hook: str) -> int:
         """Width of the (flattened) activation at `hook`."""
         self.check_hooks([hook])
         if hook not in self._dims:
@@ -203,7 +203,7 @@ class Model:
     ) -> dict[str, Float[Tensor, "batch pos d"]]:
         """Activations at `hooks` in one forward pass, stopping after the last block needed."""
         for hook in hooks:
-            self.d_model(hook)  # refuses unknown hooks and those without per-token activations
+            self.width(hook)  # refuses unknown hooks and those without per-token activations
         stop = _stop_layer(hooks, self.n_layers) if stop_early else None
         captured = self._capture(tokens, hooks, stop)
         if missing := [h for h in hooks if h not in captured]:

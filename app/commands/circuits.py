@@ -72,9 +72,9 @@ def _feature_circuit(config, args) -> None:
     spec = config.model or next(iter(dictionaries.values())).meta.get("model") or "demo"
     model = load_model(spec)
     for hook, dictionary in dictionaries.items():
-        if model.d_model(hook) != dictionary.d_in:
+        if model.width(hook) != dictionary.d_in:
             raise WorkbenchError(f"dictionary for {hook} reads {dictionary.d_in} dims; "
-                                 f"{spec} has {model.d_model(hook)} there")
+                                 f"{spec} has {model.width(hook)} there")
     task = model_task(config.task, model, config.prompts, config.length, config.seed)
     started = time.perf_counter()
     circuit = feature_circuit(model, task, dictionaries, steps=config.steps,

@@ -33,7 +33,7 @@ def cmd_models(args) -> None:
     if args.json:
         print(json.dumps({"model": args.model, "default_hook": model.default_hook, "hooks": hooks}, indent=2))
         return
-    print(f"{args.model}: {model.n_layers} layers, d_model {model.d_resid}, vocab {model.d_vocab}, n_ctx {model.n_ctx}")
+    print(f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, vocab {model.d_vocab}, n_ctx {model.n_ctx}")
     if model.source.note:
         print(f"note: {model.source.note}")
     print(f"default hook: {model.default_hook}")
@@ -67,7 +67,7 @@ def cmd_cache(args) -> None:
     summary = {
         "cache": str(out),
         "model": cache.model,
-        "hooks": {h: cache.d(h) for h in cache.hooks},
+        "hooks": {h: cache.width(h) for h in cache.hooks},
         **({"tokens": cache.n_rows, "windows": cache.manifest.n_windows, "context_length": cache.context_length}
            if cache.has_tokens else {"rows": cache.n_rows, "training_rows": cache.training_rows}),
         "dtype": cache.manifest.dtype,
