@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from sae import io
 from sae.base import create
-from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sae.calibrate import inference_l0
+from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sae.sources import BatchSource, draw, input_scale, open_cache_source
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee

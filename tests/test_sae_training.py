@@ -231,8 +231,8 @@ def test_mutual_choice_trains_its_underused_latents_with_aux_zipf():
     """Mutual Choice used to train exactly like BatchTopK; aux_zipf_loss adds AuxK over latents
     firing below the Zipf law fitted to the densities, dead or not."""
     from sae.base import StepContext, create
-    from sae.dictionaries.choice import zipf_underused
     from sae.config import DictionaryConfig
+    from sae.dictionaries.choice import zipf_underused
 
     rates = 0.05 / torch.arange(1, 129).float()  # a Zipf law by rank ...
     rates[[5, 40, 90]] = 1e-6  # ... but for three latents that hardly fire: the lower end falls off the fitted law
