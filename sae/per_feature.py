@@ -30,11 +30,11 @@ def ranked_within_groups(groups: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, 
 
 
 class SmallestKeys:
-    def __init__(self, n_features: int, size: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+    def __init__(self, n_latents: int, size: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         self.size = size
-        self.keys = torch.full((n_features, size), float("inf"))
-        self.worst = torch.full((n_features,), float("inf"))  # the largest key held, per feature
-        self.data = {name: torch.zeros((n_features, size, *shape), dtype=dtype) for name, (shape, dtype) in payload.items()}
+        self.keys = torch.full((n_latents, size), float("inf"))
+        self.worst = torch.full((n_latents,), float("inf"))  # the largest key held, per feature
+        self.data = {name: torch.zeros((n_latents, size, *shape), dtype=dtype) for name, (shape, dtype) in payload.items()}
 
     def count(self) -> Tensor:
         """Entries held per feature, [features]."""

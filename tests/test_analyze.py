@@ -157,13 +157,13 @@ def test_block_size_and_token_budget(tiny_model, tiny_cache, tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 5), st.lists(st.integers(0, 60), min_size=1, max_size=6), st.integers(0, 10**6))
-def test_smallest_keys_equals_sorting_the_whole_stream(n_features, size, chunks, seed):
+def test_smallest_keys_equals_sorting_the_whole_stream(n_latents, size, chunks, seed):
     generator = torch.Generator().manual_seed(seed)
-    kept = SmallestKeys(n_features, size, {"id": ((), torch.long), "pair": ((2,), torch.float32)})
+    kept = SmallestKeys(n_latents, size, {"id": ((), torch.long), "pair": ((2,), torch.float32)})
     all_features, all_keys = [], []
     offset = 0
     for length in chunks:
-        features = torch.randint(0, n_features, (length,), generator=generator)
+        features = torch.randint(0, n_latents, (length,), generator=generator)
         keys = torch.rand(length, generator=generator)
         ids = torch.arange(offset, offset + length)
         kept.offer(features, keys, lambda idx: {"id": ids[idx], "pair": torch.stack([keys[idx], -keys[idx]], 1)})
@@ -171,7 +171,7 @@ def test_smallest_keys_equals_sorting_the_whole_stream(n_features, size, chunks,
         all_keys.append(keys)
         offset += length
     features, keys = torch.cat(all_features), torch.cat(all_keys)
-    for feature in range(n_features):
+    for feature in range(n_latents):
         mine = keys[features == feature].sort().values[:size]
         count = len(mine)
         slots = kept.in_key_order()[feature, :count]

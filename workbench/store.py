@@ -153,7 +153,7 @@ class FeatureStore:
         if version != SCHEMA_VERSION:
             raise StoreError(f"{self.path}: store schema version {version!r}, this workbench reads "
                              f"{SCHEMA_VERSION}; rebuild it with `workbench analyze`")
-        self.n_features = int(self.meta.get("n_latents", 0))
+        self.n_latents = int(self.meta.get("n_latents", 0))
         self._vocab: dict[int, str] | None = None
 
     def _query(self, sql: str, *params) -> pd.DataFrame:
@@ -190,8 +190,8 @@ class FeatureStore:
 
     def feature(self, feature: int) -> FeaturePage:
         """One feature's page: statistics, examples, logit effects, neighbours, neurons, co-occurrence."""
-        if not 0 <= int(feature) < self.n_features:
-            raise StoreError(f"feature {feature} is outside this store's 0..{self.n_features - 1}")
+        if not 0 <= int(feature) < self.n_latents:
+            raise StoreError(f"feature {feature} is outside this store's 0..{self.n_latents - 1}")
         stats = self._query("SELECT * FROM features WHERE feature = ?", int(feature))
         if stats.empty:
             raise StoreError(f"feature {feature} is not in {self.path}")

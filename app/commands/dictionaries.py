@@ -70,9 +70,9 @@ def cmd_analyze(args) -> None:
     for folder, dictionary, model in _with_models(folders):
         path = analyze(dictionary, config, folder=folder, model=model, progress=not args.quiet)
         store = FeatureStore(path)
-        alive = store.features(min_density=1e-12, limit=store.n_features)
+        alive = store.features(min_density=1e-12, limit=store.n_latents)
         median_density = float(alive.density.median()) if len(alive) else 0.0
-        print_summary({"store": str(path), "features": store.n_features, "alive": len(alive),
+        print_summary({"store": str(path), "features": store.n_latents, "alive": len(alive),
                        "tokens": store.meta["tokens_analyzed"], "median_density": median_density,
                        "seconds": store.meta["seconds"]}, args.json)
         store.close()

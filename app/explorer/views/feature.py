@@ -13,8 +13,8 @@ if store is None:
 if "feature_id" not in st.session_state:
     from_url = st.query_params.get("feature", "")
     st.session_state["feature_id"] = int(from_url) if from_url.isdigit() else int(store.features(limit=1).feature[0])
-feature = int(st.number_input("Feature", min_value=0, max_value=store.n_features - 1, step=1,
-                              value=min(int(st.session_state["feature_id"]), store.n_features - 1)))
+feature = int(st.number_input("Feature", min_value=0, max_value=store.n_latents - 1, step=1,
+                              value=min(int(st.session_state["feature_id"]), store.n_latents - 1)))
 st.session_state["feature_id"] = feature
 st.query_params["feature"] = str(feature)
 try:

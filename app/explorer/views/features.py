@@ -46,7 +46,7 @@ event = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="
                      width="stretch", height=360)
 chosen = event.selection.rows if event is not None else []
 pick, go = st.columns([3, 1])
-number = pick.number_input("Open feature", min_value=0, max_value=store.n_features - 1, step=1, key="open_number")
+number = pick.number_input("Open feature", min_value=0, max_value=store.n_latents - 1, step=1, key="open_number")
 if chosen:
     go_to_feature(int(table.iloc[chosen[0]].feature))
 if go.button("Open", key="open_feature"):

@@ -11,7 +11,7 @@ st.title("Steering")
 if not live_or_warn(store, "Steering"):
     st.stop()
 
-features = st.multiselect("Features", list(range(store.n_features)), default=st.session_state.get("steer_features", []))
+features = st.multiselect("Features", list(range(store.n_latents)), default=st.session_state.get("steer_features", []))
 st.session_state["steer_features"] = features
 strengths = {f: st.number_input(f"strength of feature {f}", value=8.0, step=1.0, key=f"strength_{f}") for f in features}
 prompt = st.text_input("Prompt", value="ROMEO:", key="steer_prompt")
