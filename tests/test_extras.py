@@ -20,7 +20,7 @@ def test_minilm_residual_stream_matches_bert(tmp_path):
     from workbench.models import load_model
 
     model = load_model("minilm")
-    assert model.d_resid == 384 and model.n_layers == 6
+    assert model.d_model == 384 and model.n_layers == 6
     assert model.bos_token_id == model.tokenizer.cls_token_id
     assert "MLM head is randomly initialised" in model.source.note
     tokens = model.tokenize(["The cat sat on the mat.", "Sparse autoencoders find features."])
@@ -37,7 +37,7 @@ def test_minilm_residual_stream_matches_bert(tmp_path):
         model.generate("hello")
     config = CacheConfig(model="minilm", corpus="tiny-shakespeare", tokens=2048, out=str(tmp_path / "c"))
     cache = ActivationCache(build_cache(config, model=model, progress=False))
-    assert cache.d("blocks.2.hook_resid_post") == 384
+    assert cache.width("blocks.2.hook_resid_post") == 384
     assert (cache.tokens[:, 0] == model.tokenizer.cls_token_id).all()
 
 
@@ -59,7 +59,7 @@ def test_gemma_dequantizes_once_and_then_loads_from_the_cached_copy(monkeypatch)
     model = load_model("gemma-3-270m")  # dequantizes, unless an earlier test (or WORKBENCH_HOME) has the copy
     assert len(dequantized) <= 1
     assert (gemma_dir() / "config.json").exists() and not list(gemma_dir().glob("*.gguf"))
-    assert model.n_layers == 18 and model.d_resid == 640
+    assert model.n_layers == 18 and model.d_model == 640
     prompt = "Question: What is the capital of France?\nAnswer:"
     tokens = model.tokenize(prompt)
     assert model.to_str_tokens(tokens)[0] == "<bos>"
@@ -82,7 +82,7 @@ def _steering_works_on(model, prompt: str) -> None:
     hook = "blocks.9.hook_resid_post"
     tokens = model.tokenize(prompt)
     scale = float(model.run_with_cache(tokens, [hook])[hook].norm(dim=-1).median())
-    direction = torch.randn(model.d_resid, generator=torch.Generator().manual_seed(0))
+    direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
     baseline = model.generate(prompt, max_new_tokens=6)
     with torch.no_grad(), steer(model, [add_direction(hook, direction / direction.norm(), 2 * scale)],
                                 positions="generated") as report:
