@@ -249,8 +249,12 @@ def drop_zeros(codes: SparseCodes) -> SparseCodes:
 
 
 def gather_per_latent(parameter: Tensor, codes: SparseCodes) -> Tensor:
-    """parameter[latent] for each entry of the codes, shaped like codes.values (differentiable)."""
-    return parameter[codes.flat_indices()].view_as(codes.values)
+    """parameter[latent] for each entry of the codes, shaped like codes.values (differentiable).
+
+    index_select, not `parameter[indices]`: the backward of advanced indexing accumulates with
+    index_put_, whose CPU result changes with thread scheduling (ReLU/Gated weights differed run
+    to run at 2 threads); index_select's backward is index_add_, deterministic."""
+    return parameter.index_select(0, codes.flat_indices()).view_as(codes.values)
 
 
 @torch.no_grad()

@@ -191,3 +191,22 @@ def test_batchtopk_running_threshold_follows_its_formula():
     assert abs(float(d.threshold) - expected) < 1e-5
     codes = d.encode(inputs(9))
     assert bool((codes.flat_values() > float(d.threshold)).all())
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
+def test_gradients_are_the_same_on_every_run_with_two_threads(arch):
+    """A per-latent gather (decoder norms, gates, thresholds) must back-propagate with a
+    deterministic sum: advanced indexing's backward (index_put_ with accumulate) changes with
+    thread scheduling on CPU, and ReLU/Gated weights differed from run to run at 2 threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(3))
+        runs = []
+        for _ in range(4):
+            d = small(arch, d_in=64, n_latents=2048, k=16, target_l0=16)
+            d.training_step(x, StepContext(dead_mask=None, progress=0.5)).loss.backward()
+            runs.append([p.grad.clone() for p in d.parameters()])
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+    finally:
+        torch.set_num_threads(threads)

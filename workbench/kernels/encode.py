@@ -35,9 +35,9 @@ class _Batch:
 
     def values_at(self, codes: SparseCodes) -> Tensor:
         if self.dense is not None:
-            return self.dense[codes.row_ids(), codes.flat_indices()].view_as(codes.indices)
+            return _at(self.dense, codes)
         values = sparse_ops(self.x.device).gather_dot(pattern_of(codes), self.x, self.weight)
-        values = values + self.bias[codes.flat_indices()] if self.bias is not None else values
+        values = values + self.bias.index_select(0, codes.flat_indices()) if self.bias is not None else values
         return values.view_as(codes.indices)
 
 
@@ -230,8 +230,16 @@ def _differentiable(codes: SparseCodes, x: Tensor, weight: Tensor, bias: Optiona
     return SparseCodes(codes.indices, values, codes.n_latents, codes.offsets, extra, codes.cache)
 
 
+def _at(pre: Tensor, codes: SparseCodes) -> Tensor:
+    """pre[row, latent] at every entry of the codes, shaped like codes.indices. A flat
+    index_select: its backward (index_add_) is deterministic on CPU, advanced indexing's
+    (index_put_ with accumulate) is not."""
+    flat = codes.row_ids() * pre.shape[1] + codes.flat_indices()
+    return pre.reshape(-1).index_select(0, flat).view_as(codes.indices)
+
+
 def _gathered(codes: SparseCodes, pre: Tensor) -> SparseCodes:
-    values = pre[codes.row_ids(), codes.flat_indices()].view_as(codes.indices)
+    values = _at(pre, codes)
     extra = _gathered(codes.extra, pre) if codes.extra is not None else None
     return SparseCodes(codes.indices, values, codes.n_latents, codes.offsets, extra, codes.cache)
 
