@@ -61,7 +61,7 @@ bench-foreign: $(VENV)/.installed $(PEERS)/.installed
 	$(PEERS)/bin/python benchmarks/foreign/saelens_planted.py make --out $(FOREIGN)/data --seed 0
 	$(BIN)/workbench cache --from $(FOREIGN)/data/activations.npy --hook synthetic --validation-fraction 0 --out $(FOREIGN)/cache --quiet
 	for seed in 0 1 2; do \
-	  $(BIN)/workbench train --cache $(FOREIGN)/cache --arch $(FOREIGN_ARCHS) --latents 1024 --k 12 --seed $$seed --out $(FOREIGN)/seed$$seed --quiet || exit 1; \
+	  $(BIN)/workbench train --cache $(FOREIGN)/cache --arch $(FOREIGN_ARCHS) --n-latents 1024 --k 12 --seed $$seed --out $(FOREIGN)/seed$$seed --quiet || exit 1; \
 	  $(PEERS)/bin/python benchmarks/foreign/saelens_planted.py score --truth $(FOREIGN)/data $(FOREIGN)/seed$$seed/*-k12-m1024/ || exit 1; \
 	done
 

@@ -4,7 +4,7 @@ Each field becomes `--field-name` with the field's type, default and docstring (
 literal under the field) as help. `tuple[str, ...]` fields take one or more values and may be
 repeated; their singular form is an alias (`--hooks a b` == `--hook a --hook b`). Their values may also be
 comma-separated (`--k 16,32`). A class may give a field extra flag names in `FLAG_ALIASES`
-(`--from` for `from_activations`). `bool` fields get `--x/--no-x`. A field that is itself a
+(`--from` for `from_activations`, `--arch` for `architectures`), shown first in usage lines. `bool` fields get `--x/--no-x`. A field that is itself a
 dataclass (TrainConfig.dictionary) gives each of its fields a flag of its own name, except those
 the outer class lists in `NESTED_NOT_FLAGS`. `--config FILE.json` loads a saved config as the defaults, so
 `workbench cache --config runs/x/config.json` reproduces a run and flags still override it; a class
@@ -66,15 +66,15 @@ def _add_flag(group, cls: type, field: dataclasses.Field, default: object) -> No
     kind = typing.get_type_hints(cls)[field.name]
     help_text = (field_docs(cls).get(field.name, "") + _show_default(default)).replace("%", "%%")
     if kind is bool:
-        group.add_argument(flag, *aliases, dest=field.name, action=argparse.BooleanOptionalAction,
+        group.add_argument(*aliases, flag, dest=field.name, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)
     elif typing.get_origin(kind) is tuple:
         (item, _) = typing.get_args(kind)
-        names = [flag, *aliases] + ([flag[:-1]] if flag.endswith("s") else [])
+        names = [*aliases, flag] + ([flag[:-1]] if flag.endswith("s") else [])
         group.add_argument(*names, dest=field.name, type=_comma_list(item), nargs="+", action="extend",
                            default=argparse.SUPPRESS, metavar=_singular(field.name).upper(), help=help_text)
     else:
-        group.add_argument(flag, *aliases, dest=field.name, type=kind, default=argparse.SUPPRESS,
+        group.add_argument(*aliases, flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
                            metavar=field.name.upper(), help=help_text)
 
 

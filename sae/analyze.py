@@ -138,7 +138,7 @@ class StreamStats:
     """Everything accumulated over the stream (see the module docstring): `add` each encoded
     block, then `tables` builds the store's per-feature tables."""
 
-    def __init__(self, n_latents: int, d: int, context: int, config: AnalyzeConfig):
+    def __init__(self, n_latents: int, d_in: int, context: int, config: AnalyzeConfig):
         self.F, self.context, self.config = n_latents, context, config
         self.width = min(config.context_before + config.context_after + 1, context)
         self.fired = torch.zeros(n_latents, dtype=torch.long)
@@ -147,9 +147,9 @@ class StreamStats:
         self.max = torch.zeros(n_latents)
         self.histogram = torch.zeros(n_latents * config.histogram_bins, dtype=torch.long)
         self.edges: Tensor | None = None
-        self.sum_ax = torch.zeros(n_latents, d, dtype=torch.float64)
-        self.sum_x = torch.zeros(d, dtype=torch.float64)
-        self.sum_xx = torch.zeros(d, dtype=torch.float64)
+        self.sum_ax = torch.zeros(n_latents, d_in, dtype=torch.float64)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_xx = torch.zeros(d_in, dtype=torch.float64)
         self.n_tokens = 0
         example = {"window": ((), torch.long), "position": ((), torch.long), "start": ((), torch.long),
                    "value": ((), torch.float32), "context": ((self.width,), torch.float32)}

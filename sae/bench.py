@@ -11,7 +11,8 @@ generated data (`sae.synthetic`). Scenarios:
     16x         4,096 features in 256 dims (16x superposition), 4,096 latents
 Scores per dictionary, on 65,536 fresh samples: Hungarian-matched MCC, recovered@0.9, MMCS, dead
 latents (never fire), L0, FVU, absorption (hierarchy). The summary gives, per scenario and
-architecture, the mean and worst over seeds.
+architecture, the mean and worst over seeds. A row names its architecture `arch` and its width
+`latents`, the keys of the tables recorded before the fields were renamed (issue 18).
 """
 
 from __future__ import annotations
@@ -34,32 +35,32 @@ SCENARIOS = {  # the names are listed in sae.bench_config.SCENARIO_NAMES
     "zipf": PlantedConfig(bias_norm=1.0),
     "hierarchy": PlantedConfig(bias_norm=1.0, hierarchy=64, children=2),
     "correlated": PlantedConfig(bias_norm=1.0, correlation=0.5),
-    "16x": PlantedConfig(bias_norm=1.0, n_features=4096),
+    "16x": PlantedConfig(bias_norm=1.0, n_planted=4096),
 }
 EVAL_SAMPLES = 65_536
 
 
-def run_sae_benchmark(config: SaeBenchConfig, archs: list[str], progress: bool = True) -> list[dict]:
+def run_sae_benchmark(config: SaeBenchConfig, architectures: list[str], progress: bool = True) -> list[dict]:
     """One row per (scenario, seed, architecture), then one summary row per (scenario, architecture)."""
     torch.set_num_threads(config.threads)
     rows = []
     for scenario in config.scenario:
         for seed in config.seeds:
             base = SCENARIOS[scenario]
-            sizes = {"n_features": config.features, "hierarchy": min(base.hierarchy, config.features // 16)} if config.features else {}
-            sizes.update({"d": config.d} if config.d else {})
+            sizes = {"n_planted": config.n_planted, "hierarchy": min(base.hierarchy, config.n_planted // 16)} if config.n_planted else {}
+            sizes.update({"d_in": config.d_in} if config.d_in else {})
             data = PlantedFeatures(replace(base, samples=config.samples, seed=seed, **sizes))
-            rows += [{"scenario": scenario, "seed": seed, **row} for row in _train_and_score(data, archs, seed, progress)]
+            rows += [{"scenario": scenario, "seed": seed, **row} for row in _train_and_score(data, architectures, seed, progress)]
     return rows + summarize(rows)
 
 
-def _train_and_score(data: PlantedFeatures, archs: list[str], seed: int, progress: bool) -> list[dict]:
+def _train_and_score(data: PlantedFeatures, architectures: list[str], seed: int, progress: bool) -> list[dict]:
     k = max(1, round(data.config.expected_l0))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(arch=tuple(archs), k=(k,), latents=data.config.n_features, seed=seed, out=out)
+        config = TrainConfig(architectures=tuple(architectures), k=(k,), n_latents=data.config.n_planted, seed=seed, out=out)
         folders = train(config, source=data, progress=progress)
-        seconds = (time.perf_counter() - started) / len(archs)
+        seconds = (time.perf_counter() - started) / len(architectures)
         return [score(io.load(folder), data, seconds) for folder in folders]
 
 
@@ -81,7 +82,8 @@ def score(dictionary, data: PlantedFeatures, seconds: float = 0.0) -> dict:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (scenario, arch): mean and worst over seeds of MCC, recovered@0.9, dead, absorption, seconds."""
+    """Per (scenario, architecture): mean and worst over seeds of MCC, recovered@0.9, dead,
+    absorption, seconds."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["scenario"], row["arch"]), []).append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from workbench.errors import ConfigError
 
@@ -13,7 +14,10 @@ SCENARIO_NAMES = ("zipf", "hierarchy", "correlated", "16x")
 class SaeBenchConfig:
     """What `workbench bench sae` runs (printed above its table, so a table can be rerun with `--config`)."""
 
-    arch: tuple[str, ...] = ()
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"architectures": ("--arch",)}
+    """`--arch` is the field's short flag (as for `workbench train`)."""
+
+    architectures: tuple[str, ...] = ()
     """Architectures; empty means every registered one."""
     scenario: tuple[str, ...] = ("zipf", "hierarchy")
     """Data scenarios: zipf, hierarchy, correlated, 16x (see sae.bench)."""
@@ -21,9 +25,10 @@ class SaeBenchConfig:
     """Seeds (data and training); the summary reports the mean and the worst."""
     samples: int = 2_000_000
     """Training samples (one pass)."""
-    features: int = 0
-    """Planted features (= latents); 0 means the scenario's (1,024; 4,096 for 16x)."""
-    d: int = 0
+    n_planted: int = 0
+    """Planted features, and the dictionaries' width (n_latents = n_planted); 0 means the
+    scenario's (1,024; 4,096 for 16x)."""
+    d_in: int = 0
     """Activation width; 0 means the scenario's (256)."""
     threads: int = 2
     """torch threads."""
@@ -32,5 +37,14 @@ class SaeBenchConfig:
         unknown = sorted(set(self.scenario) - set(SCENARIO_NAMES))
         if unknown or not self.scenario:
             raise ConfigError(f"unknown scenario {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SCENARIO_NAMES)}")
-        if self.samples <= 0 or not self.seeds or self.features < 0 or self.d < 0:
-            raise ConfigError("samples must be positive, features and d >= 0, and at least one seed given")
+        if self.samples <= 0 or not self.seeds or self.n_planted < 0 or self.d_in < 0:
+            raise ConfigError("samples must be positive, n_planted and d_in >= 0, and at least one seed given")
+
+    @classmethod
+    def upgrade_json(cls, obj: dict) -> dict:
+        """A config printed before the fields were renamed (issue 18: arch, features, d), in today's names."""
+        return {RENAMED.get(k, k): v for k, v in obj.items()}
+
+
+RENAMED = {"arch": "architectures", "features": "n_planted", "d": "d_in"}
+"""Old field name -> new, for configs printed before the rename."""

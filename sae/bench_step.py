@@ -23,7 +23,7 @@ from workbench.seeding import generator
 
 def trainer_paths(case, x: torch.Tensor, k: int) -> dict[str, Callable[[], None]]:
     """For a TopK case of `workbench bench kernels`: {"trainer": step, "trainer+auxk": step}."""
-    if case.arch != "topk":
+    if case.architecture != "topk":
         return {}
     config = DictionaryConfig("topk", d_in=x.shape[1], n_latents=case.n_latents, k=k)
     paths = {}

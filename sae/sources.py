@@ -1,6 +1,6 @@
 """Where training batches come from: an activation cache (or, for benchmarks, a generator).
 
-A source yields epochs of [batch, d] float tensors whose order depends only on (seed, epoch),
+A source yields epochs of [batch, d_in] float tensors whose order depends only on (seed, epoch),
 so a resumed run can replay an epoch up to where it stopped.
 """
 
@@ -16,7 +16,8 @@ from workbench.cache_reader import ActivationCache
 
 
 class BatchSource(Protocol):
-    d: int
+    d_in: int
+    """Width of a row (the d_in of the dictionaries trained on it)."""
     rows_per_epoch: int
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]: ...
@@ -35,7 +36,7 @@ class CacheSource:
     def __init__(self, cache: ActivationCache, hook: str, seed: int = 0):
         cache.expect(hook=hook)
         self.cache, self.hook, self.seed = cache, hook, seed
-        self.d = cache.width(hook)
+        self.d_in = cache.width(hook)
         self.rows_per_epoch = cache.training_rows
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]:

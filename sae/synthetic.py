@@ -42,10 +42,10 @@ GROUP_SIZE = 8
 
 @dataclass(frozen=True)
 class PlantedConfig:
-    d: int = 256
-    """Activation width."""
-    n_features: int = 1024
-    """Number of planted features K (K / d is the superposition: 4x by default)."""
+    d_in: int = 256
+    """Activation width (the dictionaries' d_in)."""
+    n_planted: int = 1024
+    """Number of planted features K (K / d_in is the superposition: 4x by default)."""
     zipf_exponent: float = 1.0
     """Firing probabilities follow 1 / (i + 1)^exponent, rescaled onto [min_probability, max_probability]."""
     max_probability: float = 0.3
@@ -69,18 +69,18 @@ class PlantedConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if min(self.d, self.n_features, self.samples) <= 0:
-            raise ConfigError("d, n_features and samples must be positive")
+        if min(self.d_in, self.n_planted, self.samples) <= 0:
+            raise ConfigError("d_in, n_planted and samples must be positive")
         if not 0 < self.min_probability <= self.max_probability <= 1:
             raise ConfigError("need 0 < min_probability <= max_probability <= 1")
-        if self.hierarchy < 0 or self.children < 1 or self.hierarchy * (1 + self.children) > self.n_features:
-            raise ConfigError(f"hierarchy {self.hierarchy} x (1 + {self.children} children) needs that many of the {self.n_features} features")
+        if self.hierarchy < 0 or self.children < 1 or self.hierarchy * (1 + self.children) > self.n_planted:
+            raise ConfigError(f"hierarchy {self.hierarchy} x (1 + {self.children} children) needs that many of the {self.n_planted} features")
         if not 0 <= self.correlation < 1 or self.bias_norm < 0 or self.magnitude_std < 0 or self.noise_std < 0:
             raise ConfigError("need 0 <= correlation < 1 and non-negative bias_norm, magnitude_std, noise_std")
 
     @property
     def expected_l0(self) -> float:
-        return float(zipf_probabilities(self.n_features, self.zipf_exponent, self.min_probability, self.max_probability).sum())
+        return float(zipf_probabilities(self.n_planted, self.zipf_exponent, self.min_probability, self.max_probability).sum())
 
 
 def zipf_probabilities(n: int, exponent: float, low: float, high: float) -> Tensor:
@@ -97,12 +97,12 @@ class PlantedFeatures:
     def __init__(self, config: PlantedConfig):
         self.config = config
         g = stream(config.seed, "planted features")
-        self.features = F.normalize(torch.randn(config.n_features, config.d, generator=g), dim=1)
-        self.bias = F.normalize(torch.randn(config.d, generator=g), dim=0) * config.bias_norm
-        self.probabilities = zipf_probabilities(config.n_features, config.zipf_exponent, config.min_probability, config.max_probability)
+        self.features = F.normalize(torch.randn(config.n_planted, config.d_in, generator=g), dim=1)
+        self.bias = F.normalize(torch.randn(config.d_in, generator=g), dim=0) * config.bias_norm
+        self.probabilities = zipf_probabilities(config.n_planted, config.zipf_exponent, config.min_probability, config.max_probability)
         self.parent = _hierarchy(config, stream(config.seed, "planted hierarchy"))
-        self.group = torch.randperm(config.n_features, generator=stream(config.seed, "planted groups")) // GROUP_SIZE
-        self.d = config.d
+        self.group = torch.randperm(config.n_planted, generator=stream(config.seed, "planted groups")) // GROUP_SIZE
+        self.d_in = config.d_in
         self.rows_per_epoch = config.samples
 
     @property
@@ -114,9 +114,9 @@ class PlantedFeatures:
         """(x [n, d], coefficients [n, K])."""
         c = self.config
         active = self._fires(n, generator)
-        magnitude = (1 + c.magnitude_std * torch.randn(n, c.n_features, generator=generator)).abs()
+        magnitude = (1 + c.magnitude_std * torch.randn(n, c.n_planted, generator=generator)).abs()
         coefficients = active * magnitude
-        x = coefficients @ self.features + self.bias + c.noise_std * torch.randn(n, c.d, generator=generator)
+        x = coefficients @ self.features + self.bias + c.noise_std * torch.randn(n, c.d_in, generator=generator)
         return x, coefficients
 
     def _fires(self, n: int, generator: torch.Generator) -> Tensor:
@@ -126,10 +126,10 @@ class PlantedFeatures:
         p[children] = (p[children] / p[self.parent[children]]).clamp(max=1)  # conditional on the parent
         if c.correlation > 0:
             shared = torch.randn(n, int(self.group.max()) + 1, generator=generator)[:, self.group]
-            z = math.sqrt(c.correlation) * shared + math.sqrt(1 - c.correlation) * torch.randn(n, c.n_features, generator=generator)
+            z = math.sqrt(c.correlation) * shared + math.sqrt(1 - c.correlation) * torch.randn(n, c.n_planted, generator=generator)
             active = z > torch.special.ndtri(1 - p)
         else:
-            active = torch.rand(n, c.n_features, generator=generator) < p
+            active = torch.rand(n, c.n_planted, generator=generator) < p
         if bool(children.any()):
             active[:, children] &= active[:, self.parent[children]]
         return active
@@ -150,10 +150,10 @@ class PlantedFeatures:
 def _hierarchy(config: PlantedConfig, generator: torch.Generator) -> Tensor:
     """parent[i]: feature i's parent, or -1. Parents are features 0..H-1 (the most frequent);
     their children are drawn from the features after them."""
-    parent = torch.full((config.n_features,), -1, dtype=torch.long)
+    parent = torch.full((config.n_planted,), -1, dtype=torch.long)
     if config.hierarchy == 0:
         return parent
-    pool = config.hierarchy + torch.randperm(config.n_features - config.hierarchy, generator=generator)
+    pool = config.hierarchy + torch.randperm(config.n_planted - config.hierarchy, generator=generator)
     for p in range(config.hierarchy):
         parent[pool[p * config.children:(p + 1) * config.children]] = p
     return parent

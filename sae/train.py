@@ -152,11 +152,11 @@ def _claim_folder(plan: Plan) -> None:
 
 def _build_trainees(plan: Plan) -> list[Trainee]:
     trainees = []
-    for arch, k, expansion in plan.config.grid():
-        dict_config = plan.config.dictionary_config(arch, k, expansion, plan.source.d)
-        name = plan.config.name_of(arch, k, expansion)
+    for architecture, k, expansion in plan.config.grid():
+        dict_config = plan.config.dictionary_config(architecture, k, expansion, plan.source.d_in)
+        name = plan.config.name_of(architecture, k, expansion)
         dictionary = create(dict_config, seed=plan.config.seed, salt=name)
-        lr = plan.config.learning_rate(dict_config.n_latents)
+        lr = plan.config.lr_for(dict_config.n_latents)
         trainees.append(Trainee(name, dictionary, lr, plan.config.clip_grad, plan.dead_after_tokens, plan.config.starving_below))
     return trainees
 
@@ -259,10 +259,10 @@ def _wandb(plan: Plan):
 
 def _save_final(plan: Plan, trainee: Trainee, state: TrainState) -> Path:
     folder = plan.out / trainee.name
-    arch, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
+    architecture, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
     metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, state)}
     io.save(trainee.dictionary, folder, input_scale=state.input_scale, **plan.source.describe(),
-            config=plan.config.for_one(arch, k, expansion).to_json(), metrics=metrics, tokens_trained=state.tokens,
+            config=plan.config.for_one(architecture, k, expansion).to_json(), metrics=metrics, tokens_trained=state.tokens,
             batch_size=plan.batch_size)
     return folder
 

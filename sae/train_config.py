@@ -10,9 +10,13 @@ from typing import ClassVar
 from sae.config import DictionaryConfig
 from workbench.errors import ConfigError
 
-FORMAT_VERSION = 2
-"""Saved train configs: 2 nests the dictionaries' coefficients under "dictionary"; 1 (or no
-format_version) had them at the top level, and is still read (`TrainConfig.upgrade_json`)."""
+FORMAT_VERSION = 3
+"""Saved train configs: 3 names the grid's fields `architectures` and `n_latents` (2 and 1 said
+`arch` and `latents`); 2 nests the dictionaries' coefficients under "dictionary", 1 (or no
+format_version) had them at the top level. Every version is still read (`TrainConfig.upgrade_json`)."""
+
+RENAMED_IN_3 = {"arch": "architectures", "latents": "n_latents"}
+"""Fields renamed in format_version 3 (issue 18: one word per concept): old name -> new name."""
 
 
 @dataclass(frozen=True)
@@ -21,21 +25,23 @@ class TrainConfig:
 
     NESTED_NOT_FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"dictionary": ("architecture", "d_in", "n_latents", "k")}
     """Fields of a nested config that the grid sets per dictionary: neither flags nor saved."""
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"architectures": ("--arch",)}
+    """`--arch` is the field's short flag (and the one the docs use)."""
 
     cache: str = ""
     """Activation cache folder; empty means the default cache (built first if absent)."""
     hook: str = ""
     """Hook to train on; empty means the cache's first hook."""
-    arch: tuple[str, ...] = ("topk",)
+    architectures: tuple[str, ...] = ("topk",)
     """Architectures to train, all in one read of the cache (with every --k and --expansion)."""
     k: tuple[int, ...] = (32,)
     """Active latents per token (one dictionary per value)."""
     expansion: tuple[int, ...] = (8,)
-    """n_latents = expansion * d_in (one dictionary per value); ignored when --latents is set."""
-    latents: int = 0
+    """n_latents = expansion * d_in (one dictionary per value); ignored when --n-latents is set."""
+    n_latents: int = 0
     """Dictionary width; 0 means expansion * d_in."""
     codes: int = 0
-    """codebook: number of codes (its width); 0 means as --latents / --expansion."""
+    """codebook: number of codes (its width); 0 means as --n-latents / --expansion."""
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
     """Every dictionary of the grid: its coefficients (flags of their own names, e.g. --aux-k); the grid sets architecture, d_in, n_latents and k."""
     tokens: int = 0
@@ -76,19 +82,19 @@ class TrainConfig:
     """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>."""
 
     def __post_init__(self):
-        if not self.arch or not self.k or not self.expansion:
+        if not self.architectures or not self.k or not self.expansion:
             raise ConfigError("--arch, --k and --expansion need at least one value")
         if not isinstance(self.dictionary, DictionaryConfig):
             raise ConfigError(f"dictionary must be a DictionaryConfig, got {type(self.dictionary).__name__}")
         template = DictionaryConfig()
         for name in self.NESTED_NOT_FLAGS["dictionary"]:
             if getattr(self.dictionary, name) != getattr(template, name):
-                raise ConfigError(f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --latents); leave it at its default")
+                raise ConfigError(f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --n-latents); leave it at its default")
         positive = {"log_every": self.log_every}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        non_negative = {"batch_size": self.batch_size, "tokens": self.tokens, "latents": self.latents, "codes": self.codes, "lr": self.lr, "clip_grad": self.clip_grad,
+        non_negative = {"batch_size": self.batch_size, "tokens": self.tokens, "n_latents": self.n_latents, "codes": self.codes, "lr": self.lr, "clip_grad": self.clip_grad,
                         "dead_after_tokens": self.dead_after_tokens, "checkpoint_every": self.checkpoint_every}
         for name, value in non_negative.items():
             if value < 0:
@@ -102,31 +108,32 @@ class TrainConfig:
 
     def grid(self) -> list[tuple[str, int, int]]:
         """(architecture, k, expansion) of every dictionary this run trains."""
-        expansions = (0,) if self.latents else self.expansion
-        return list(itertools.product(self.arch, self.k, expansions))
+        expansions = (0,) if self.n_latents else self.expansion
+        return list(itertools.product(self.architectures, self.k, expansions))
 
     def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
         """The config of one dictionary of the grid: the `dictionary` template with its sizes."""
-        n_latents = (self.codes if architecture == "codebook" and self.codes else 0) or self.latents or expansion * d_in
+        n_latents = (self.codes if architecture == "codebook" and self.codes else 0) or self.n_latents or expansion * d_in
         if k > n_latents:
             raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
         return replace(self.dictionary, architecture=architecture, d_in=d_in, n_latents=n_latents, k=k)
 
     def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":
         """This config narrowed to one dictionary of its grid (saved in that dictionary's folder)."""
-        if self.latents:
-            return replace(self, arch=(architecture,), k=(k,))
-        return replace(self, arch=(architecture,), k=(k,), expansion=(expansion,))
+        if self.n_latents:
+            return replace(self, architectures=(architecture,), k=(k,))
+        return replace(self, architectures=(architecture,), k=(k,), expansion=(expansion,))
 
     def name_of(self, architecture: str, k: int, expansion: int) -> str:
-        """The folder name of one dictionary of the grid: <arch>-k<k>-x<expansion> (or -m<latents>, -c<codes>)."""
+        """The folder name of one dictionary of the grid: <architecture>-k<k>-x<expansion> (or -m<n_latents>, -c<codes>)."""
         if architecture == "codebook" and self.codes:
             width = f"c{self.codes}"
         else:
-            width = f"m{self.latents}" if self.latents else f"x{expansion}"
+            width = f"m{self.n_latents}" if self.n_latents else f"x{expansion}"
         return f"{architecture}-k{k}-{width}"
 
-    def learning_rate(self, n_latents: int) -> float:
+    def lr_for(self, n_latents: int) -> float:
+        """The learning rate of a dictionary of width `n_latents`: `lr`, or its default."""
         return self.lr or 2e-4 / math.sqrt(n_latents / 2**14)
 
     def to_json(self) -> dict:
@@ -137,15 +144,18 @@ class TrainConfig:
     @classmethod
     def upgrade_json(cls, obj: dict) -> dict:
         """A saved train config of any format_version, in this version's shape (without
-        format_version). Version 1 (format_version 1 or none) kept the dictionary fields flat."""
+        format_version). Version 1 (format_version 1 or none) kept the dictionary fields flat;
+        versions 1 and 2 named two fields as `RENAMED_IN_3`'s keys."""
         version = obj.get("format_version", 1)
-        if version not in (1, FORMAT_VERSION):
-            raise ConfigError(f"unknown train config format_version {version!r} (this workbench reads 1 and {FORMAT_VERSION})")
+        if version not in (1, 2, FORMAT_VERSION):
+            raise ConfigError(f"unknown train config format_version {version!r} (this workbench reads 1 to {FORMAT_VERSION})")
         obj = {k: v for k, v in obj.items() if k != "format_version"}
         if version == 1:
             grid_set = cls.NESTED_NOT_FLAGS["dictionary"]
             nested = [f.name for f in fields(DictionaryConfig) if f.name not in grid_set]
             obj["dictionary"] = {name: obj.pop(name) for name in nested if name in obj}
+        if version < 3:
+            obj = {RENAMED_IN_3.get(k, k): v for k, v in obj.items()}
         return obj
 
     @classmethod

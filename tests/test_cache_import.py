@@ -100,7 +100,7 @@ def test_train_eval_and_analyze_on_activations_without_a_model(capsys, tmp_path)
     code, out, _ = run_cli(capsys, "cache", "--from", str(tmp_path / "emb.npy"), "--out", str(cache), "--json")
     assert code == 0 and json.loads(out)["rows"] == 20_000
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", "--cache", str(cache), "--latents", "48", "--k", "4", "--out", str(run), "--quiet", "--json")
+    code, out, err = run_cli(capsys, "train", "--cache", str(cache), "--n-latents", "48", "--k", "4", "--out", str(run), "--quiet", "--json")
     assert code == 0, err
     trained = json.loads(out.splitlines()[0])
     assert trained["tokens"] == (ActivationCache(cache).training_rows // 256) * 256  # auto batch: 256 for this budget

@@ -31,7 +31,7 @@ def trained(cache, tmp_path_factory):
 
 
 def test_train_prints_one_row_per_dictionary_and_saves_a_reproducible_config(capsys, cache, trained, tmp_path):
-    assert json.loads((trained / "train-config.json").read_text())["arch"] == ["topk", "jumprelu"]
+    assert json.loads((trained / "train-config.json").read_text())["architectures"] == ["topk", "jumprelu"]
     folders = sorted(p.name for p in trained.iterdir() if (p / "config.json").exists())
     assert folders == ["jumprelu-k4-x2", "topk-k4-x2"]
     meta = json.loads((trained / "topk-k4-x2" / "config.json").read_text())
@@ -57,13 +57,26 @@ def test_train_reads_a_format_version_1_config_and_the_dictionary_flags(capsys, 
     assert {k: dictionary[k] for k in ("metric", "target_l0", "bandwidth", "prefixes", "aux_zipf")} == {
         "metric": "dot", "target_l0": 6.0, "bandwidth": 0.1, "prefixes": [0.25, 0.5, 1.0], "aux_zipf": False}  # the file
     saved = json.loads((tmp_path / "train-config.json").read_text())
-    assert saved["format_version"] == 2 and saved["dictionary"]["aux_k"] == 12 and "aux_k" not in saved
+    assert saved["format_version"] == 3 and saved["dictionary"]["aux_k"] == 12 and "aux_k" not in saved
+
+
+def test_train_reads_a_format_version_2_config_under_the_renamed_flags(capsys, cache, tmp_path):
+    """A train-config.json written before `arch` and `latents` became `architectures` and
+    `n_latents` (issue 18) still reruns; `--arch` is still the flag, `--n-latents` the width's."""
+    fixture = Path(__file__).parent / "fixtures" / "train-config-v2.json"
+    code, _, _ = run_cli(capsys, "train", "--config", str(fixture), "--cache", str(cache), "--arch", "topk", "--tokens", "2048",
+                         "--n-latents", "48", "--out", str(tmp_path), "--quiet", "--json")
+    assert code == 0
+    saved = json.loads((tmp_path / "train-config.json").read_text())
+    assert saved["format_version"] == 3 and saved["architectures"] == ["topk"] and saved["n_latents"] == 48
+    assert saved["lr"] == 3e-4 and saved["dictionary"]["aux_k"] == 16  # from the file
+    assert json.loads((tmp_path / "topk-k8-m48" / "config.json").read_text())["dictionary"]["n_latents"] == 48
 
 
 @pytest.mark.parametrize("saved, expected", [
     ({"format_version": 2, "dictionary": {"k": 4}}, "unknown DictionaryConfig field(s): k"),
     ({"format_version": 2, "dictionary": {"aux_k": "4"}}, "field 'aux_k' must be <class 'int'>"),
-    ({"format_version": 3}, "unknown train config format_version 3"),
+    ({"format_version": 4}, "unknown train config format_version 4"),
 ])
 def test_bad_train_config_files_are_one_line(capsys, tmp_path, saved, expected):
     (tmp_path / "c.json").write_text(json.dumps(saved))
@@ -101,7 +114,7 @@ def test_bad_input_is_one_line(capsys, cache, tmp_path, argv, expected):
 
 def test_bench_sae_reports_recovery_per_seed_and_the_worst_seed(capsys):
     code, out, _ = run_cli(capsys, "bench", "sae", "--arch", "topk,matryoshka", "--scenario", "hierarchy", "--seeds", "0,1",
-                           "--samples", "40000", "--features", "32", "--d", "16", "--json")
+                           "--samples", "40000", "--n-planted", "32", "--d-in", "16", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     runs, summary = [r for r in rows if r["seed"] != "all"], [r for r in rows if r["seed"] == "all"]

@@ -17,14 +17,14 @@ from sae.train_config import TrainConfig
 class Clusters:
     """A BatchSource: points near one of `n` unit centres (a VQ bottleneck's ground truth)."""
 
-    def __init__(self, n=16, d=24, samples=60_000, seed=0):
+    def __init__(self, n=16, d_in=24, samples=60_000, seed=0):
         generator = torch.Generator().manual_seed(seed + 555)
-        self.centres = F.normalize(torch.randn(n, d, generator=generator), dim=1) * 3
-        self.d, self.rows_per_epoch, self.seed = d, samples, seed
+        self.centres = F.normalize(torch.randn(n, d_in, generator=generator), dim=1) * 3
+        self.d_in, self.rows_per_epoch, self.seed = d_in, samples, seed
 
     def _draw(self, n, generator):
         which = torch.randint(0, len(self.centres), (n,), generator=generator)
-        return self.centres[which] + 0.05 * torch.randn(n, self.d, generator=generator)
+        return self.centres[which] + 0.05 * torch.randn(n, self.d_in, generator=generator)
 
     def epoch(self, epoch, batch_size):
         generator = torch.Generator().manual_seed(self.seed * 31 + epoch)
@@ -40,7 +40,7 @@ class Clusters:
 
 def test_codes_find_planted_clusters(tmp_path):
     data = Clusters(samples=120_000)
-    config = TrainConfig(arch=("codebook",), k=(1,), codes=16, batch_size=512, out=str(tmp_path), log_every=20)
+    config = TrainConfig(architectures=("codebook",), k=(1,), codes=16, batch_size=512, out=str(tmp_path), log_every=20)
     folder = train(config, source=data, progress=False)[0]
     codebook = io.load(folder)
     cos = F.normalize(data.centres, dim=1) @ F.normalize(codebook.W_dec, dim=1).t()
@@ -64,7 +64,7 @@ def test_dead_codes_are_replaced_by_inputs():
 
 
 def test_kmeans_start_reconstructs_better_than_random_codes():
-    data = Clusters(n=8, d=16)
+    data = Clusters(n=8, d_in=16)
     x = data.sample(2048)
     config = DictionaryConfig(architecture="codebook", d_in=16, n_latents=8, k=1)
     fresh, seeded = create(config, seed=0), create(config, seed=0)

@@ -15,16 +15,16 @@ from sae import io
 from sae.config import DictionaryConfig
 from sae.synthetic import PlantedConfig, PlantedFeatures, feature_recovery
 from sae.train import train
-from sae.train_config import TrainConfig, auto_batch_size, lr_at
+from sae.train_config import RENAMED_IN_3, TrainConfig, auto_batch_size, lr_at
 from sae.trainee import TrainingDivergedError
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.logs import read_jsonl
 
-SMALL_DATA = PlantedConfig(d=16, n_features=32, samples=8192, seed=3)
+SMALL_DATA = PlantedConfig(d_in=16, n_planted=32, samples=8192, seed=3)
 
 
 def small_config(out, **overrides) -> TrainConfig:
-    settings = dict(arch=("topk",), k=(2,), latents=32, batch_size=256, log_every=4, checkpoint_every=5, out=str(out))
+    settings = dict(architectures=("topk",), k=(2,), n_latents=32, batch_size=256, log_every=4, checkpoint_every=5, out=str(out))
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -35,7 +35,7 @@ def weights(folder):
 
 def test_one_read_trains_several_dictionaries_as_if_alone(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
-    together = train(small_config(tmp_path / "a", arch=("topk", "jumprelu", "matryoshka")), source=data, progress=False)
+    together = train(small_config(tmp_path / "a", architectures=("topk", "jumprelu", "matryoshka")), source=data, progress=False)
     alone = train(small_config(tmp_path / "b"), source=data, progress=False)
     assert [f.name for f in together] == ["topk-k2-m32", "jumprelu-k2-m32", "matryoshka-k2-m32"]
     first, solo = weights(together[0]), weights(alone[0])
@@ -44,7 +44,7 @@ def test_one_read_trains_several_dictionaries_as_if_alone(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
-    config = dict(arch=("batchtopk", "jumprelu"), resample_every=6, resample_until=0.9)
+    config = dict(architectures=("batchtopk", "jumprelu"), resample_every=6, resample_until=0.9)
     uninterrupted = train(small_config(tmp_path / "u", **config), source=data, progress=False)
     assert train(small_config(tmp_path / "k", **config), source=data, progress=False, stop_after_step=13) == []
     state = json.loads((tmp_path / "k" / "checkpoint" / "state.json").read_text())
@@ -72,15 +72,15 @@ def test_a_finished_run_is_not_retrained_and_another_run_is_refused(tmp_path):
 
 def test_logs_and_saved_config_describe_the_run(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
-    folder = train(small_config(tmp_path, arch=("matryoshka",)), source=data, progress=False)[0]
+    folder = train(small_config(tmp_path, architectures=("matryoshka",)), source=data, progress=False)[0]
     records = read_jsonl(folder / "log.jsonl")
     assert [r["step"] for r in records] == [4, 8, 12, 16, 20, 24, 28, 32]
     assert {"fvu", "l0", "dead_fraction", "lr", "loss", "mse", "tokens"} <= set(records[-1])
     assert records[-1]["fvu"] < records[0]["fvu"]
     meta = json.loads((folder / io.CONFIG).read_text())
-    assert meta["architecture"] == "matryoshka" and meta["config"]["arch"] == ["matryoshka"]
+    assert meta["architecture"] == "matryoshka" and meta["config"]["architectures"] == ["matryoshka"]
     assert meta["tokens_trained"] == 32 * 256 and set(meta["metrics"]) >= {"fvu", "l0", "dead_fraction"}
-    assert TrainConfig.from_json(meta["config"]) == small_config(tmp_path, arch=("matryoshka",))
+    assert TrainConfig.from_json(meta["config"]) == small_config(tmp_path, architectures=("matryoshka",))
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,7 +90,7 @@ V1_DICTIONARY_FIELDS = ("metric", "aux_k", "aux_coef", "l1_coef", "target_l0", "
 def test_format_version_1_train_configs_load_as_they_were_written():
     """Version 1 (flat) files, written by `workbench train` before the coefficients moved into
     TrainConfig.dictionary, give the same run and the same dictionaries."""
-    written = TrainConfig(cache="runs/cache-demo-default-train", arch=("topk", "jumprelu", "relu", "codebook", "matryoshka", "mutual_choice"),
+    written = TrainConfig(cache="runs/cache-demo-default-train", architectures=("topk", "jumprelu", "relu", "codebook", "matryoshka", "mutual_choice"),
                           k=(8,), expansion=(2,), tokens=16384, batch_size=512, out="/tmp/tc_base/b",
                           dictionary=DictionaryConfig(aux_k=16, aux_coef=0.05, l1_coef=3.0, target_l0=6.0, bandwidth=0.1, controller_rate=0.05,
                                                       prefixes=(0.25, 0.5, 1.0), metric="dot", aux_zipf=False))
@@ -98,9 +98,25 @@ def test_format_version_1_train_configs_load_as_they_were_written():
     folder = json.loads((FIXTURES / "dictionary-config-v1.json").read_text())
     assert TrainConfig.from_json(folder["config"]) == written.for_one("topk", 8, 2)
     assert written.dictionary_config("topk", 8, 2, 256).to_json() == folder["dictionary"]  # the dictionary it trained
-    assert written.to_json()["format_version"] == 2 and TrainConfig.from_json(written.to_json()) == written
-    with pytest.raises(ConfigError, match="format_version 3"):
-        TrainConfig.from_json({**written.to_json(), "format_version": 3})
+    assert written.to_json()["format_version"] == 3 and TrainConfig.from_json(written.to_json()) == written
+    with pytest.raises(ConfigError, match="format_version 4"):
+        TrainConfig.from_json({**written.to_json(), "format_version": 4})
+
+
+def test_format_version_2_train_configs_load_under_the_renamed_fields():
+    """Version 2 files (written before issue 18 renamed `arch` and `latents` to `architectures`
+    and `n_latents`) give the same run: same grid, widths, folder names and learning rate."""
+    saved = json.loads((FIXTURES / "train-config-v2.json").read_text())
+    assert saved["format_version"] == 2
+    assert saved["arch"] == ["topk", "jumprelu", "codebook"] and saved["latents"] == 96
+    config = TrainConfig.from_json(saved)
+    assert config == TrainConfig(cache="runs/cache-demo-default-train", architectures=("topk", "jumprelu", "codebook"),
+                                 k=(8,), n_latents=96, codes=64, tokens=16384, batch_size=512, lr=3e-4,
+                                 out="/tmp/tc_base/v2", dictionary=DictionaryConfig(aux_k=16, target_l0=6.0, bandwidth=0.1))
+    assert [config.name_of(*g) for g in config.grid()] == ["topk-k8-m96", "jumprelu-k8-m96", "codebook-k8-c64"]
+    assert config.dictionary_config("topk", 8, 0, 256).n_latents == 96 and config.lr_for(96) == 3e-4
+    with pytest.raises(ConfigError, match="arch"):  # version 3 knows only the new names
+        TrainConfig.from_json({**saved, "format_version": 3})
 
 
 def test_a_run_recorded_in_format_version_1_is_still_the_same_run(tmp_path):
@@ -109,7 +125,8 @@ def test_a_run_recorded_in_format_version_1_is_still_the_same_run(tmp_path):
     folders = train(config, source=data, progress=False)
     saved = json.loads((tmp_path / "train-config.json").read_text())
     assert saved["dictionary"]["aux_k"] == 4 and "k" not in saved["dictionary"] and "aux_k" not in saved
-    flat = {k: v for k, v in saved.items() if k not in ("format_version", "dictionary")}
+    old_names = {new: old for old, new in RENAMED_IN_3.items()}
+    flat = {old_names.get(k, k): v for k, v in saved.items() if k not in ("format_version", "dictionary")}
     (tmp_path / "train-config.json").write_text(json.dumps({**flat, **{k: saved["dictionary"][k] for k in V1_DICTIONARY_FIELDS}}))
     stamp = (folders[0] / io.WEIGHTS).stat().st_mtime_ns
     assert train(config, source=data, progress=False) == folders
@@ -120,12 +137,12 @@ def test_learning_rate_schedule():
     lrs = [lr_at(s, 100, 1.0, warmup=10, decay_fraction=0.2) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[50] == 1.0
     assert lrs[80] == pytest.approx(1.0) and lrs[99] == pytest.approx(0.05)
-    assert TrainConfig().learning_rate(2**16) == pytest.approx(1e-4)
+    assert TrainConfig().lr_for(2**16) == pytest.approx(1e-4)
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="repeats a dictionary"):
-        TrainConfig(arch=("topk", "topk"))
+        TrainConfig(architectures=("topk", "topk"))
     with pytest.raises(ConfigError, match="batch_size must be >= 0"):
         TrainConfig(batch_size=-1)
     with pytest.raises(ConfigError, match="dictionary.k is set per dictionary by the grid"):
@@ -135,7 +152,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="no full batch"):
         train(small_config(tmp_path, batch_size=10_000), source=PlantedFeatures(SMALL_DATA), progress=False)
     with pytest.raises(ConfigError, match="unknown architecture"):
-        train(small_config(tmp_path / "x", arch=("topkk",)), source=PlantedFeatures(SMALL_DATA), progress=False)
+        train(small_config(tmp_path / "x", architectures=("topkk",)), source=PlantedFeatures(SMALL_DATA), progress=False)
 
 
 class _PoisonedData(PlantedFeatures):
@@ -159,8 +176,8 @@ def test_wandb_logging_works_offline(tmp_path, monkeypatch):
 
 
 def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_path):
-    data = PlantedFeatures(PlantedConfig(d=32, n_features=64, samples=150_000, seed=1))
-    config = TrainConfig(arch=("jumprelu",), k=(3,), dictionary=DictionaryConfig(target_l0=3.0), latents=64, batch_size=512,
+    data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=64, samples=150_000, seed=1))
+    config = TrainConfig(architectures=("jumprelu",), k=(3,), dictionary=DictionaryConfig(target_l0=3.0), n_latents=64, batch_size=512,
                          out=str(tmp_path), log_every=10)
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]  # not the resampling records
@@ -174,7 +191,7 @@ def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_p
 def test_the_batch_size_adapts_to_the_token_budget(tmp_path):
     """Issue 16: batch 4,096 left a 2M-token run 488 steps (planted-feature MCC 0.64)."""
     assert [auto_batch_size(t) for t in (1_000, 991_232, 2_000_000, 5_000_000, 100_000_000)] == [256, 256, 512, 2048, 4096]
-    data = PlantedFeatures(PlantedConfig(d=16, n_features=32, samples=300_000, seed=3))
+    data = PlantedFeatures(PlantedConfig(d_in=16, n_planted=32, samples=300_000, seed=3))
     folder = train(small_config(tmp_path, batch_size=0, log_every=50), source=data, progress=False)[0]
     meta = json.loads((folder / io.CONFIG).read_text())
     assert meta["tokens_trained"] == 300_000 // 256 * 256 and meta["config"]["batch_size"] == 0  # 0 means auto
@@ -200,9 +217,9 @@ def test_saved_batch_selecting_dictionaries_deliver_their_k_on_fresh_rows(steps,
     on rows drawn apart from training, so L0 on fresh rows is k within 2%, for short and long runs."""
     from workbench.seeding import generator
 
-    data = PlantedFeatures(PlantedConfig(d=32, n_features=128, samples=256 * steps, seed=1))
+    data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=128, samples=256 * steps, seed=1))
     fresh = data.generate(16_384, generator(5, "fresh rows"))[0]
-    config = small_config(tmp_path, arch=("batchtopk", "matryoshka", "feature_choice"), k=(6,), latents=128, log_every=16)
+    config = small_config(tmp_path, architectures=("batchtopk", "matryoshka", "feature_choice"), k=(6,), n_latents=128, log_every=16)
     for folder in train(config, source=data, progress=False):
         dictionary = io.load(folder)
         l0 = dictionary.encode(fresh).nnz / fresh.shape[0]
@@ -214,8 +231,8 @@ def test_saved_batch_selecting_dictionaries_deliver_their_k_on_fresh_rows(steps,
 def test_relu_and_gated_find_their_sparsity_coefficient_for_the_target_l0(arch, tmp_path):
     """The controller at 10x its default rate, for a short run (the default reaches the target
     over a few thousand steps: `workbench bench sae`)."""
-    data = PlantedFeatures(PlantedConfig(d=16, n_features=32, samples=200_000, seed=1))
-    config = TrainConfig(arch=(arch,), k=(3,), latents=32, batch_size=256, out=str(tmp_path), log_every=10,
+    data = PlantedFeatures(PlantedConfig(d_in=16, n_planted=32, samples=200_000, seed=1))
+    config = TrainConfig(architectures=(arch,), k=(3,), n_latents=32, batch_size=256, out=str(tmp_path), log_every=10,
                          dictionary=DictionaryConfig(controller_rate=0.2))
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]
@@ -253,8 +270,8 @@ def test_mutual_choice_trains_its_underused_latents_with_aux_zipf():
 def test_planted_features_are_recovered_at_default_flags(arch, tmp_path):
     """Issue 16 at test size (`workbench bench sae` runs the full size): default flags but the
     architecture, k, width and seed; an offset on every sample, as in SAELens's synthetic model."""
-    data = PlantedFeatures(PlantedConfig(d=32, n_features=64, samples=200_000, seed=0, bias_norm=1.0))
-    config = TrainConfig(arch=(arch,), k=(round(data.config.expected_l0),), latents=64, out=str(tmp_path))
+    data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=64, samples=200_000, seed=0, bias_norm=1.0))
+    config = TrainConfig(architectures=(arch,), k=(round(data.config.expected_l0),), n_latents=64, out=str(tmp_path))
     folder = train(config, source=data, progress=False)[0]
     recovery = feature_recovery(io.load(folder).W_dec, data.features)
     assert recovery["mcc"] >= FLOORS.get(arch, 0.9), recovery

@@ -23,7 +23,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +46,13 @@ ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka", "codebook")
 
 @dataclass(frozen=True)
 class KernelBenchCase:
-    arch: str
+    architecture: str
     n_latents: int
 
     @property
     def name(self) -> str:
         width = f"{self.n_latents // 1024}k" if self.n_latents % 1024 == 0 else str(self.n_latents)
-        return f"{self.arch}-{width}"
+        return f"{self.architecture}-{width}"
 
 
 DEFAULT_CASES = (
@@ -69,15 +69,18 @@ DEFAULT_CASES = (
 class KernelBenchConfig:
     """What `workbench bench kernels` times (its flags derive from it)."""
 
-    batch: int = 4096
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"architectures": ("--arch",)}
+    """`--arch` is the field's short flag (as for `workbench train`)."""
+
+    batch_size: int = 4096
     """Tokens per step."""
     d_in: int = 768
     """Activation width."""
     k: int = 32
     """Active latents per token."""
-    latents: tuple[int, ...] = ()
+    n_latents: tuple[int, ...] = ()
     """Dictionary widths; empty means 16384 for all, 65536 for topk too."""
-    arch: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
     """Architectures; empty means topk batchtopk jumprelu matryoshka codebook."""
     reps: int = 5
     """Interleaved repetitions (medians reported)."""
@@ -90,33 +93,43 @@ class KernelBenchConfig:
     skips it."""
 
     def __post_init__(self):
-        unknown = sorted(set(self.arch) - set(ARCHITECTURES))
+        unknown = sorted(set(self.architectures) - set(ARCHITECTURES))
         if unknown:
             raise ConfigError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
         cases = kernel_cases(self)
-        if min(self.batch, self.d_in, self.k, self.reps, self.threads, *(c.n_latents for c in cases)) < 1:
-            raise ConfigError("batch, d_in, k, reps, threads and latents must be positive")
+        if min(self.batch_size, self.d_in, self.k, self.reps, self.threads, *(c.n_latents for c in cases)) < 1:
+            raise ConfigError("batch_size, d_in, k, reps, threads and n_latents must be positive")
         if any(self.k > c.n_latents // 8 for c in cases):
-            raise ConfigError("k must be at most latents / 8 (Matryoshka's smallest prefix)")
+            raise ConfigError("k must be at most n_latents / 8 (Matryoshka's smallest prefix)")
+
+    @classmethod
+    def upgrade_json(cls, obj: dict) -> dict:
+        """A config saved before the fields were renamed (issue 18: batch, latents, arch), in
+        today's names."""
+        return {RENAMED.get(k, k): v for k, v in obj.items()}
+
+
+RENAMED = {"batch": "batch_size", "latents": "n_latents", "arch": "architectures"}
+"""Old KernelBenchConfig field name -> new, for configs saved before the rename."""
 
 
 def kernel_cases(config: KernelBenchConfig) -> list[KernelBenchCase]:
     """The (architecture, width) cases of `config`: its widths for each architecture, else the defaults."""
-    archs = config.arch or ARCHITECTURES
-    if config.latents:
-        return [KernelBenchCase(a, m) for a in archs for m in config.latents]
-    return [c for c in DEFAULT_CASES if c.arch in archs]
+    architectures = config.architectures or ARCHITECTURES
+    if config.n_latents:
+        return [KernelBenchCase(a, m) for a in architectures for m in config.n_latents]
+    return [c for c in DEFAULT_CASES if c.architecture in architectures]
 
 
 class _Step:
     """One architecture's parameters, optimizer and training step."""
 
-    def __init__(self, arch: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False):
+    def __init__(self, architecture: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False):
         g = torch.Generator().manual_seed(seed)
         d = x.shape[1]
-        self.arch, self.x, self.k, self.approximate = arch, x, k, approximate
+        self.architecture, self.x, self.k, self.approximate = architecture, x, k, approximate
         w = torch.randn(n_latents, d, generator=g) / d**0.5
-        if arch == "codebook":
+        if architecture == "codebook":
             self.params = {"codebook": w.requires_grad_()}
         else:
             self.params = {
@@ -125,7 +138,7 @@ class _Step:
                 "w_dec": w.requires_grad_(),
                 "b_dec": torch.zeros(d, requires_grad=True),
             }
-            if arch == "jumprelu":  # calibrated so that k latents per token fire on average
+            if architecture == "jumprelu":  # calibrated so that k latents per token fire on average
                 with torch.no_grad():
                     cutoff = (x @ w.t()).view(-1).topk(x.shape[0] * k, sorted=False).values.min()
                 self.params["threshold"] = torch.full((n_latents,), float(cutoff), requires_grad=True)
@@ -139,21 +152,21 @@ class _Step:
 
     def loss(self) -> torch.Tensor:
         x, p, k = self.x, self.params, self.k
-        if self.arch == "codebook":
+        if self.architecture == "codebook":
             out, _ = codebook_lookup(x, p["codebook"], k)
             return (out - x).pow(2).sum(-1).mean()
-        if self.arch == "jumprelu":
+        if self.architecture == "jumprelu":
             codes = encode_threshold(x, p["w_enc"], p["b_enc"], p["threshold"], window=0.01, shift=p["b_dec"])
             window = codes.extra
             # the threshold's L0 pseudo-gradient lives on the near-threshold window only
             l0 = -(p["threshold"][window.flat_indices()] / 0.01).sum() / x.shape[0]
             return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean() + 1e-3 * l0
-        if self.arch == "batchtopk":
+        if self.architecture == "batchtopk":
             codes = encode_batch_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"])  # encodes x - b_dec, as the SAEs do
         else:
             codes = encode_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=self.approximate)
         codes = codes.with_values(codes.values.relu())
-        if self.arch == "matryoshka":
+        if self.architecture == "matryoshka":
             m = codes.n_latents
             recons = decode_prefixes(codes, p["w_dec"], p["b_dec"], [m // 8, m // 4, m // 2, m])
             return F.mse_loss(recons, x.expand_as(recons), reduction="sum") / x.shape[0]
@@ -176,7 +189,7 @@ ExtraPaths = Callable[[KernelBenchCase, torch.Tensor, int], dict[str, Callable[[
 
 
 def run_kernel_benchmark(
-    cases=DEFAULT_CASES, batch: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0,
+    cases=DEFAULT_CASES, batch_size: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0,
     approximate: bool = False, extra_paths: Optional[ExtraPaths] = None,
 ) -> list[dict]:
     """Rows per case: limit, dense, fused; with `approximate`, TopK cases add `approx` (int8
@@ -185,25 +198,25 @@ def run_kernel_benchmark(
     the others, so their ratios to the limit come from the same rounds (the trainer's real step,
     `sae.bench_step`)."""
     torch.set_num_threads(threads)
-    x = bench_inputs(batch, d_in, seed)
+    x = bench_inputs(batch_size, d_in, seed)
     rows = []
     for case in cases:
         extra = extra_paths(case, x, k) if extra_paths is not None else {}
-        rows += _bench_case(case, x, k, reps, seed, approximate and case.arch == "topk", extra)
+        rows += _bench_case(case, x, k, reps, seed, approximate and case.architecture == "topk", extra)
         gc.collect()
     return rows
 
 
-def bench_inputs(batch: int, d_in: int, seed: int = 0) -> torch.Tensor:
-    """The benchmark's activations [batch, d_in] (standard normal, seeded)."""
-    return torch.randn(batch, d_in, generator=torch.Generator().manual_seed(seed))
+def bench_inputs(batch_size: int, d_in: int, seed: int = 0) -> torch.Tensor:
+    """The benchmark's activations [batch_size, d_in] (standard normal, seeded)."""
+    return torch.randn(batch_size, d_in, generator=torch.Generator().manual_seed(seed))
 
 
 def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int, approximate: bool,
                 extra: Optional[dict[str, Callable[[], None]]] = None) -> list[dict]:
-    steps = {"dense": _Step(case.arch, x, case.n_latents, k, seed), "fused": _Step(case.arch, x, case.n_latents, k, seed)}
+    steps = {"dense": _Step(case.architecture, x, case.n_latents, k, seed), "fused": _Step(case.architecture, x, case.n_latents, k, seed)}
     if approximate:
-        steps["approx"] = _Step(case.arch, x, case.n_latents, k, seed, approximate=True)
+        steps["approx"] = _Step(case.architecture, x, case.n_latents, k, seed, approximate=True)
     runs = {"limit": steps["fused"].limit, **{path: _in_mode(step, path) for path, step in steps.items()}, **(extra or {})}
     recall = _top_k_recall(steps["approx"], k) if approximate else None
     times = {name: median(t) for name, t in interleaved(runs, reps).items()}

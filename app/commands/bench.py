@@ -23,7 +23,7 @@ def cmd_bench_kernels(args) -> None:
     from workbench.bench_kernels import KernelBenchConfig, kernel_cases, run_kernel_benchmark
 
     config = config_from_args(KernelBenchConfig, args)
-    rows = run_kernel_benchmark(kernel_cases(config), batch=config.batch, d_in=config.d_in, k=config.k,
+    rows = run_kernel_benchmark(kernel_cases(config), batch_size=config.batch_size, d_in=config.d_in, k=config.k,
                                 reps=config.reps, threads=config.threads, approximate=config.approx_topk,
                                 extra_paths=trainer_paths if config.trainer else None)
     print_rows(rows, args.json)
@@ -35,14 +35,14 @@ def cmd_bench_sae(args) -> None:
     from sae.bench_config import SaeBenchConfig
 
     config = config_from_args(SaeBenchConfig, args)
-    archs = list(config.arch) or architectures()
-    unknown = sorted(set(archs) - set(architectures()))
+    chosen = list(config.architectures) or architectures()
+    unknown = sorted(set(chosen) - set(architectures()))
     if unknown:
         raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
     if not args.json:
         shown = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
         print(json.dumps({"config": shown}))
-    rows = run_sae_benchmark(config, archs, progress=not args.json)
+    rows = run_sae_benchmark(config, chosen, progress=not args.json)
     print_rows([r for r in rows if r["seed"] != "all"], args.json)
     print_rows([r for r in rows if r["seed"] == "all"], args.json)
 
