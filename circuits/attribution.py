@@ -8,7 +8,7 @@ the ablated value instead of the clean one:  s(u→r) ≈ m(M with edge u→r ab
   from the corrupted to the clean embeddings (Hanna et al. 2024);
 - eap-ig-activations: −∫₀¹ ∂m/∂M dα along M = α·1 (all edges interpolated together), which
   sums over edges to m(all ablated) − m(clean) (completeness, tested).
-Prompts are processed in chunks of `batch`, so attribution memory stays bounded.
+Prompts are processed in chunks of `batch_size`, so attribution memory stays bounded.
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ def ablated_outputs(
     return clean.mean(dim=1, keepdim=True).expand_as(clean).contiguous()  # per node and position
 
 
-def chunks(n: int, batch: int) -> Iterator[slice]:
-    return (slice(i, min(i + batch, n)) for i in range(0, n, batch))
+def chunks(n: int, batch_size: int) -> Iterator[slice]:
+    return (slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
 
 
 def task_score(model: GraphTransformer, task: Task, mask: Float[Tensor, "sources receivers"] | None = None,
-               ablated: Float[Tensor, "sources batch pos d_model"] | None = None, batch: int = 256) -> float:
+               ablated: Float[Tensor, "sources batch pos d_model"] | None = None, batch_size: int = 256) -> float:
     """The task score with edges mixed by `mask` (None: the model itself)."""
     total, n = 0.0, len(task.clean)
     with torch.no_grad():
-        for rows in chunks(n, batch):
+        for rows in chunks(n, batch_size):
             part = None if ablated is None else ablated[:, rows]
             logits = model(task.clean[rows], mask=mask, ablated=part)
             total += float(task.metric(logits, rows).sum())
@@ -56,23 +56,23 @@ def task_score(model: GraphTransformer, task: Task, mask: Float[Tensor, "sources
 
 
 def exact_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
-                 batch: int = 256) -> Float[Tensor, " edges"]:
+                 batch_size: int = 256) -> Float[Tensor, " edges"]:
     """[edges]: m(edge ablated) − m(clean), one forward pass per edge."""
     full = model.full_mask()
-    base = task_score(model, task, full, ablated, batch)
+    base = task_score(model, task, full, ablated, batch_size)
     scores = torch.zeros(len(model.graph.edges))
     for index, (s, r) in enumerate(model.graph.edges):
         mask = full.clone()
         mask[s, r] = 0
-        scores[index] = task_score(model, task, mask, ablated, batch) - base
+        scores[index] = task_score(model, task, mask, ablated, batch_size) - base
     return scores
 
 
-def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: float, batch: int) -> Tensor:
+def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: float, batch_size: int) -> Tensor:
     """∂m/∂M at M = alpha·1, [sources, receivers]."""
     total = torch.zeros(len(model.graph.sources), len(model.graph.receivers), dtype=ablated.dtype)
     n = len(task.clean)
-    for rows in chunks(n, batch):
+    for rows in chunks(n, batch_size):
         mask = model.full_mask(alpha).to(ablated.dtype).requires_grad_(True)
         logits = model(task.clean[rows], mask=mask, ablated=ablated[:, rows])
         (grad,) = torch.autograd.grad(task.metric(logits, rows).sum() / n, mask)
@@ -81,29 +81,29 @@ def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: 
 
 
 def eap_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
-               batch: int = 64) -> Float[Tensor, " edges"]:
-    return _per_edge(model, -_mask_gradient(model, task, ablated, 1.0, batch))
+               batch_size: int = 64) -> Float[Tensor, " edges"]:
+    return _per_edge(model, -_mask_gradient(model, task, ablated, 1.0, batch_size))
 
 
 def eap_ig_activation_scores(
     model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
-    batch: int = 64,
+    batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
     """Midpoint rule over α ∈ (0, 1) of −∂m/∂M at M = α·1."""
     alphas = [(i + 0.5) / steps for i in range(steps)]
-    grad = torch.stack([_mask_gradient(model, task, ablated, alpha, batch) for alpha in alphas]).mean(0)
+    grad = torch.stack([_mask_gradient(model, task, ablated, alpha, batch_size) for alpha in alphas]).mean(0)
     return _per_edge(model, -grad)
 
 
 def eap_ig_input_scores(
     model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
-    batch: int = 64,
+    batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
     """(ablated_u − out_u) · mean over α of ∂m/∂input_r, the embeddings interpolated from the
     corrupted (α = 0) to the clean (α = 1) prompts."""
     n = len(task.clean)
     scores = torch.zeros(len(model.graph.sources), len(model.graph.receivers))
-    for rows in chunks(n, batch):
+    for rows in chunks(n, batch_size):
         with torch.no_grad():
             clean_embed, corrupt_embed = model.embed(task.clean[rows]), model.embed(task.corrupted[rows])
             delta = ablated[:, rows] - model(task.clean[rows], keep=True)[1]  # [sources, n, P, d]

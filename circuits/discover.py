@@ -41,7 +41,7 @@ class Discovery:
 
 
 def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, ablation: str = "resample",
-             steps: int = 8, batch: int = 64, n_edges: int = 0) -> Discovery:
+             steps: int = 8, batch_size: int = 64, n_edges: int = 0) -> Discovery:
     """Score every edge with `method`; the circuit keeps the `n_edges` highest |scores| (default:
     5% of the edges, at least 5), for ACDC the edges surviving the median swept threshold, and
     for discrete codes (a head-level method) the edges among heads scoring at least half the best."""
@@ -59,10 +59,10 @@ def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, abl
         taus = sorted(masks)
         kept = scores >= taus[len(taus) // 2]
     else:
-        scores = {"exact": lambda: exact_scores(model, task, ablated, batch),
-                  "eap": lambda: eap_scores(model, task, ablated, batch),
-                  "eap-ig": lambda: eap_ig_input_scores(model, task, ablated, steps, batch),
-                  "eap-ig-activations": lambda: eap_ig_activation_scores(model, task, ablated, steps, batch)}[method]()
+        scores = {"exact": lambda: exact_scores(model, task, ablated, batch_size),
+                  "eap": lambda: eap_scores(model, task, ablated, batch_size),
+                  "eap-ig": lambda: eap_ig_input_scores(model, task, ablated, steps, batch_size),
+                  "eap-ig-activations": lambda: eap_ig_activation_scores(model, task, ablated, steps, batch_size)}[method]()
         kept = top_edges(scores, n_edges)
     return Discovery(method, scores, kept, time.perf_counter() - started)
 

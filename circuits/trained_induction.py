@@ -45,12 +45,18 @@ class InductionRecipe:
     """Tokens per training sequence (and the model's context)."""
     steps: int = 1500
     """Adam steps, each on a fresh batch of induction sequences."""
-    batch: int = 64
+    batch_size: int = 64
     """Sequences per step."""
     lr: float = 3e-3
     """Adam learning rate."""
     seed: int = 0
     """Seed of the initialisation and of the training sequences."""
+
+    @staticmethod
+    def upgrade_json(obj: dict) -> dict:
+        """A recipe.json saved before `batch_size` was renamed (issue 18: it said `batch`), in
+        today's names."""
+        return {("batch_size" if k == "batch" else k): v for k, v in obj.items()}
 
     def shape(self) -> Shape:
         return Shape(n_layers=2, d_model=self.d_model, n_heads=self.n_heads, d_vocab=self.vocab, n_ctx=self.length,
@@ -62,7 +68,7 @@ def train_induction_model(recipe: InductionRecipe = InductionRecipe(), progress:
     model = GraphTransformer(recipe.shape())
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     for step in tqdm(range(recipe.steps), desc="induction model", disable=not progress):
-        task = induction_task(recipe.vocab, n=recipe.batch, length=recipe.length, seed=10_000 + recipe.seed * recipe.steps + step)
+        task = induction_task(recipe.vocab, n=recipe.batch_size, length=recipe.length, seed=10_000 + recipe.seed * recipe.steps + step)
         loss = -task.score(model(task.clean))
         optimizer.zero_grad()
         loss.backward()
@@ -75,7 +81,7 @@ def load_or_train(folder: Path, recipe: InductionRecipe = InductionRecipe(), pro
     from safetensors.torch import load_file
 
     weights, config = folder / "model.safetensors", folder / "recipe.json"
-    if weights.exists() and config.exists() and read_json(config) == recipe.__dict__:
+    if weights.exists() and config.exists() and InductionRecipe.upgrade_json(read_json(config)) == recipe.__dict__:
         model = GraphTransformer(recipe.shape())
         model.load_state_dict(load_file(weights))
         return model.eval().requires_grad_(False)

@@ -100,8 +100,8 @@ def test_eap_ig_is_complete_and_tracks_exact_patching(graph_model, task):
 
 def test_chunked_attribution_equals_one_batch(graph_model, task):
     ablated = ablated_outputs(graph_model, task, "mean")
-    torch.testing.assert_close(eap_scores(graph_model, task, ablated, batch=1), eap_scores(graph_model, task, ablated), atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(eap_ig_input_scores(graph_model, task, ablated, steps=2, batch=1),
+    torch.testing.assert_close(eap_scores(graph_model, task, ablated, batch_size=1), eap_scores(graph_model, task, ablated), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(eap_ig_input_scores(graph_model, task, ablated, steps=2, batch_size=1),
                                eap_ig_input_scores(graph_model, task, ablated, steps=2), atol=1e-6, rtol=1e-4)
     scores = node_scores(graph_model, eap_scores(graph_model, task, ablated))
     assert set(scores) == set(graph_model.graph.sources) | {"logits"} and min(scores.values()) >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,6 +183,31 @@ def test_ground_truth_wiring_follows_the_head_roles():
     assert {"a0.0->a1.0.k", "a0.1->a1.0.v"} <= set(truth["edges"]) and "embed->a1.0.v" not in truth["edges"]
     orphan = {"a0.0": ("offset", 2, 0.9), "a1.0": ("induction", 1, 0.9)}  # no offset-1 head for its key
     assert ground_truth(orphan) == {"heads": [], "edges": []}
+
+
+def test_a_recipe_saved_before_batch_size_was_renamed_still_loads_its_model(tmp_path, monkeypatch):
+    """recipe.json files written before issue 18 say "batch"; the model saved with one is loaded,
+    not retrained, and a recipe that differs in another field still retrains."""
+    from safetensors.torch import save_file
+
+    from circuits import trained_induction
+    from circuits.trained_induction import InductionRecipe, load_or_train
+    from circuits.transformer import GraphTransformer
+
+    recipe = InductionRecipe(d_model=16, n_heads=2, vocab=32, length=9, steps=1)
+    saved = GraphTransformer(recipe.shape())
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    old = {("batch" if k == "batch_size" else k): v for k, v in recipe.__dict__.items()}
+    (tmp_path / "recipe.json").write_text(json.dumps(old))
+
+    def trains_again(*args, **kwargs):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(trained_induction, "train_induction_model", trains_again)
+    loaded = load_or_train(tmp_path, recipe, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises(AssertionError, match="retrained"):
+        load_or_train(tmp_path, replace(recipe, batch_size=8), progress=False)
 
 
 @pytest.mark.slow

@@ -74,6 +74,20 @@ def test_kv_cached_generation_equals_full_recomputation(demo):
         assert text == demo.tokenizer.decode(tokens[0, 1:])
 
 
+def test_the_committed_training_json_reloads_under_the_renamed_lr():
+    """The committed card was written before issue 18 renamed `learning_rate` to `lr`; as
+    `--config` it still gives the recipe that made the model."""
+    from app.cli import _build_parser
+    from app.flags import config_from_args
+    from workbench.demo_model import DemoModelConfig
+
+    path = demo_model_dir() / "training.json"
+    assert read_training_summary()["config"]["learning_rate"] == 0.001
+    args = _build_parser().parse_args(["demo-model", "train", "--config", str(path)])
+    config = config_from_args(DemoModelConfig, args)
+    assert config.lr == 0.001 and config == DemoModelConfig()
+
+
 @pytest.mark.slow
 def test_recipe_is_reproducible_from_the_cli(capsys, tiny_model_dir, tmp_path):
     """The conftest's tiny model was made by the same recipe: rerunning it gives identical bytes."""

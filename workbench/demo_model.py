@@ -49,7 +49,7 @@ class DemoModelConfig:
     """Windows per optimizer step."""
     steps: int = 3000
     """Optimizer steps."""
-    learning_rate: float = 1e-3
+    lr: float = 1e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 200
     """Linear warm-up steps before cosine decay to 10% of the peak."""
@@ -68,6 +68,12 @@ class DemoModelConfig:
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "batch_size", "steps", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def upgrade_json(cls, obj: dict) -> dict:
+        """A config saved before `lr` was renamed (issue 18; the committed model's training.json
+        says `learning_rate`), in today's names."""
+        return {("lr" if k == "learning_rate" else k): v for k, v in obj.items()}
 
 
 def demo_model_dir() -> Path:
@@ -115,11 +121,11 @@ def build_model(config: DemoModelConfig, vocab_size: int):
     return GPT2LMHeadModel(gpt2)
 
 
-def learning_rate_at(step: int, config: DemoModelConfig) -> float:
+def lr_at(step: int, config: DemoModelConfig) -> float:
     if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
+        return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -142,7 +148,7 @@ def _optimizer(model, config: DemoModelConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
 def _batch_order(n_train: int, config: DemoModelConfig) -> torch.Tensor:
@@ -173,7 +179,7 @@ def train_demo_model(config: DemoModelConfig, progress: bool = True) -> dict:
         bar = tqdm(_batch_order(len(train), config), desc="demo-model", disable=not progress)
         for step, rows in enumerate(bar):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step, config)
+                group["lr"] = lr_at(step, config)
             batch = train[rows]
             loss = model(batch, labels=batch).loss
             loss.backward()
