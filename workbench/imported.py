@@ -47,7 +47,7 @@ class Array:
     file: Path
     key: str
     rows: int
-    d: int
+    width: int
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a float tensor (copied out of the file)."""
@@ -186,7 +186,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def _signature(arrays: dict[str, Array]) -> dict:
     """What identifies the input: each array's file, key, shape, size and modification time."""
-    return {hook: {"file": str(a.file.resolve()), "key": a.key, "shape": [a.rows, a.d],
+    return {hook: {"file": str(a.file.resolve()), "key": a.key, "shape": [a.rows, a.width],
                    "bytes": a.file.stat().st_size, "mtime_ns": a.file.stat().st_mtime_ns} for hook, a in arrays.items()}
 
 
@@ -196,7 +196,7 @@ def _manifest(config, arrays: dict[str, Array], shards: dict[str, list[dict]], n
         "kind": "workbench.activation_cache",
         "model": "",
         "has_tokens": False,
-        "hooks": {hook: {"d": arrays[hook].d, "shards": shards[hook]} for hook in arrays},
+        "hooks": {hook: {"d": arrays[hook].width, "shards": shards[hook]} for hook in arrays},
         "dtype": config.dtype,
         "context_length": 1,
         "n_windows": n_rows,
