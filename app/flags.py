@@ -36,7 +36,11 @@ def field_docs(cls: type) -> dict[str, str]:
     docs = {}
     for node, after in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -45,7 +49,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
     """Add one flag per field of dataclass `cls` (plus `--config`), and one per field of a nested one."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} (saved with the run)")
-    group.add_argument("--config", type=Path, metavar="JSON", help="load these settings from a saved config.json")
+    group.add_argument(
+        "--config", type=Path, metavar="JSON", help="load these settings from a saved config.json"
+    )
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
@@ -66,16 +72,37 @@ def _add_flag(group, cls: type, field: dataclasses.Field, default: object) -> No
     kind = typing.get_type_hints(cls)[field.name]
     help_text = (field_docs(cls).get(field.name, "") + _show_default(default)).replace("%", "%%")
     if kind is bool:
-        group.add_argument(*aliases, flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                           default=argparse.SUPPRESS, help=help_text)
+        group.add_argument(
+            *aliases,
+            flag,
+            dest=field.name,
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=help_text,
+        )
     elif typing.get_origin(kind) is tuple:
         (item, _) = typing.get_args(kind)
         names = [*aliases, flag] + ([flag[:-1]] if flag.endswith("s") else [])
-        group.add_argument(*names, dest=field.name, type=_comma_list(item), nargs="+", action="extend",
-                           default=argparse.SUPPRESS, metavar=_singular(field.name).upper(), help=help_text)
+        group.add_argument(
+            *names,
+            dest=field.name,
+            type=_comma_list(item),
+            nargs="+",
+            action="extend",
+            default=argparse.SUPPRESS,
+            metavar=_singular(field.name).upper(),
+            help=help_text,
+        )
     else:
-        group.add_argument(*aliases, flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
-                           metavar=field.name.upper(), help=help_text)
+        group.add_argument(
+            *aliases,
+            flag,
+            dest=field.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=field.name.upper(),
+            help=help_text,
+        )
 
 
 def _nested_fields(cls: type, name: str, nested: type) -> list[dataclasses.Field]:
@@ -96,8 +123,10 @@ def config_from_args(cls: type, args: argparse.Namespace):
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
         if dataclasses.is_dataclass(kind):
-            inner = {**values.get(field.name, {}),
-                     **{f.name: given[f.name] for f in _nested_fields(cls, field.name, kind) if f.name in given}}
+            inner = {
+                **values.get(field.name, {}),
+                **{f.name: given[f.name] for f in _nested_fields(cls, field.name, kind) if f.name in given},
+            }
             if field.name in values or inner:
                 values[field.name] = dataclasses.replace(_default(field), **_tuples(kind, inner))
         elif field.name in given:
@@ -108,9 +137,12 @@ def config_from_args(cls: type, args: argparse.Namespace):
 def _tuples(cls: type, values: dict) -> dict:
     """Tuple fields from JSON lists or flag values (lists of comma-split lists), flattened."""
     hints = typing.get_type_hints(cls)
-    return {name: tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
-            if typing.get_origin(hints[name]) is tuple and isinstance(value, list) else value
-            for name, value in values.items()}
+    return {
+        name: tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
+        if typing.get_origin(hints[name]) is tuple and isinstance(value, list)
+        else value
+        for name, value in values.items()
+    }
 
 
 def _singular(name: str) -> str:
@@ -147,7 +179,9 @@ def _load_config_file(cls: type, path: Path) -> dict:
     for field in dataclasses.fields(cls):
         if field.name in obj and dataclasses.is_dataclass(hints[field.name]):
             kind = hints[field.name]
-            _check_fields(kind, obj[field.name], _nested_fields(cls, field.name, kind), f"{path}: {field.name!r}")
+            _check_fields(
+                kind, obj[field.name], _nested_fields(cls, field.name, kind), f"{path}: {field.name!r}"
+            )
     return dict(obj)
 
 

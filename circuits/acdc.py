@@ -36,7 +36,9 @@ def acdc_mask(model: GraphTransformer, task: Task, ablated: Tensor, threshold: f
     return mask
 
 
-def acdc_scores(model: GraphTransformer, task: Task, ablated: Tensor, thresholds: list[float] | None = None) -> tuple[Tensor, dict]:
+def acdc_scores(
+    model: GraphTransformer, task: Task, ablated: Tensor, thresholds: list[float] | None = None
+) -> tuple[Tensor, dict]:
     """Per edge, the largest swept τ at which it survives (0: never), and the masks per τ.
     The default sweep spans 1e-4 to 0.5 of the gap between the clean and fully ablated scores."""
     if thresholds is None:

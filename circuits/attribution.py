@@ -25,7 +25,9 @@ from circuits.transformer import GraphTransformer
 
 
 def ablated_outputs(
-    model: GraphTransformer, task: Task, ablation: str = "resample",
+    model: GraphTransformer,
+    task: Task,
+    ablation: str = "resample",
 ) -> Float[Tensor, "sources batch pos d_model"]:
     """[sources, N, P, d]: what an ablated edge carries (corrupted run, clean mean, or zero)."""
     if ablation not in ABLATIONS:
@@ -43,8 +45,13 @@ def chunks(n: int, batch_size: int) -> Iterator[slice]:
     return (slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size))
 
 
-def task_score(model: GraphTransformer, task: Task, mask: Float[Tensor, "sources receivers"] | None = None,
-               ablated: Float[Tensor, "sources batch pos d_model"] | None = None, batch_size: int = 256) -> float:
+def task_score(
+    model: GraphTransformer,
+    task: Task,
+    mask: Float[Tensor, "sources receivers"] | None = None,
+    ablated: Float[Tensor, "sources batch pos d_model"] | None = None,
+    batch_size: int = 256,
+) -> float:
     """The task score with edges mixed by `mask` (None: the model itself)."""
     total, n = 0.0, len(task.clean)
     with torch.no_grad():
@@ -55,8 +62,12 @@ def task_score(model: GraphTransformer, task: Task, mask: Float[Tensor, "sources
     return total / n
 
 
-def exact_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
-                 batch_size: int = 256) -> Float[Tensor, " edges"]:
+def exact_scores(
+    model: GraphTransformer,
+    task: Task,
+    ablated: Float[Tensor, "sources batch pos d_model"],
+    batch_size: int = 256,
+) -> Float[Tensor, " edges"]:
     """[edges]: m(edge ablated) − m(clean), one forward pass per edge."""
     full = model.full_mask()
     base = task_score(model, task, full, ablated, batch_size)
@@ -68,7 +79,9 @@ def exact_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "so
     return scores
 
 
-def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: float, batch_size: int) -> Tensor:
+def _mask_gradient(
+    model: GraphTransformer, task: Task, ablated: Tensor, alpha: float, batch_size: int
+) -> Tensor:
     """∂m/∂M at M = alpha·1, [sources, receivers]."""
     total = torch.zeros(len(model.graph.sources), len(model.graph.receivers), dtype=ablated.dtype)
     n = len(task.clean)
@@ -80,13 +93,20 @@ def _mask_gradient(model: GraphTransformer, task: Task, ablated: Tensor, alpha: 
     return total
 
 
-def eap_scores(model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"],
-               batch_size: int = 64) -> Float[Tensor, " edges"]:
+def eap_scores(
+    model: GraphTransformer,
+    task: Task,
+    ablated: Float[Tensor, "sources batch pos d_model"],
+    batch_size: int = 64,
+) -> Float[Tensor, " edges"]:
     return _per_edge(model, -_mask_gradient(model, task, ablated, 1.0, batch_size))
 
 
 def eap_ig_activation_scores(
-    model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
+    model: GraphTransformer,
+    task: Task,
+    ablated: Float[Tensor, "sources batch pos d_model"],
+    steps: int = 8,
     batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
     """Midpoint rule over α ∈ (0, 1) of −∂m/∂M at M = α·1."""
@@ -96,7 +116,10 @@ def eap_ig_activation_scores(
 
 
 def eap_ig_input_scores(
-    model: GraphTransformer, task: Task, ablated: Float[Tensor, "sources batch pos d_model"], steps: int = 8,
+    model: GraphTransformer,
+    task: Task,
+    ablated: Float[Tensor, "sources batch pos d_model"],
+    steps: int = 8,
     batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
     """(ablated_u − out_u) · mean over α of ∂m/∂input_r, the embeddings interpolated from the

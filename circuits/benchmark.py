@@ -23,11 +23,20 @@ from circuits.transformer import GraphTransformer
 def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact: Discovery | None) -> dict:
     """The benchmark row of one method's result."""
     truth = task.ground_truth
-    row = {"task": task.name, "method": found.method, "edges": len(found.scores), "edges_kept": int(found.kept.sum())}
+    row = {
+        "task": task.name,
+        "method": found.method,
+        "edges": len(found.scores),
+        "edges_kept": int(found.kept.sum()),
+    }
     if truth.get("edges"):
-        row["roc_auc"] = roc_auc(dict(zip(model.graph.edge_names, found.scores.tolist())), set(truth["edges"]))
+        row["roc_auc"] = roc_auc(
+            dict(zip(model.graph.edge_names, found.scores.tolist())), set(truth["edges"])
+        )
     if truth.get("heads"):
-        heads = found.heads or {k: v for k, v in node_scores(model, found.scores).items() if k.startswith("a")}
+        heads = found.heads or {
+            k: v for k, v in node_scores(model, found.scores).items() if k.startswith("a")
+        }
         row["head_roc_auc"] = roc_auc(heads, set(truth["heads"]))
     row["faithfulness"] = faithfulness_all(model, task, found.mask(model))
     row["spearman_vs_exact"] = spearman(found.scores.abs(), exact.scores.abs()) if exact is not None else None
@@ -35,7 +44,9 @@ def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact
     return row
 
 
-def run_benchmark(names: list[str] | None = None, methods: tuple[str, ...] = METHODS, prompts: int = 64) -> Iterator[dict]:
+def run_benchmark(
+    names: list[str] | None = None, methods: tuple[str, ...] = METHODS, prompts: int = 64
+) -> Iterator[dict]:
     """One row per (task, method); exact patching runs first as the reference. By default the
     planted tasks (ground truth known); `induction` adds the demo model (no ground truth, so
     only faithfulness and the audit against exact patching; minutes, ACDC most of them)."""

@@ -49,7 +49,9 @@ TASKS = ("induction", *GROUND_TRUTH_TASKS)
 METRICS = ("logit_diff", "logprob", "kl")
 
 
-def load_task(task: str, model_spec: str = "", prompts: int = 32, length: int = 33, seed: int = 0) -> tuple[GraphTransformer, Task]:
+def load_task(
+    task: str, model_spec: str = "", prompts: int = 32, length: int = 33, seed: int = 0
+) -> tuple[GraphTransformer, Task]:
     """The graph model and task for a built-in task name or a task JSON file."""
     if task in GROUND_TRUTH_TASKS:
         if model_spec:
@@ -69,7 +71,9 @@ def model_task(task: str, model, prompts: int = 32, length: int = 33, seed: int 
         length = min(length, model.n_ctx)
         return induction_task(model.d_vocab, n=prompts, length=length, bos=model.bos_token_id, seed=seed)
     if not task.endswith(".json"):
-        raise TaskError(f"task {task!r} needs a hand-set model; with a model or dictionaries use induction or a task .json file")
+        raise TaskError(
+            f"task {task!r} needs a hand-set model; with a model or dictionaries use induction or a task .json file"
+        )
     return task_from_file(task, model)
 
 
@@ -81,10 +85,14 @@ def task_from_file(path: str | Path, model) -> Task:
             raise TaskError(f"{where}: {key!r} must be a non-empty list of prompts")
     clean, corrupted = (_prompts(spec[k], model, f"{where}: {k!r}") for k in ("clean", "corrupted"))
     if clean.shape != corrupted.shape:
-        raise TaskError(f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape")
+        raise TaskError(
+            f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape"
+        )
     vocab = model.d_vocab
     if int(clean.max()) >= vocab or int(corrupted.max()) >= vocab or clean.shape[1] > model.n_ctx:
-        raise TaskError(f"{where}: token ids or prompt length exceed the model (vocab {vocab}, n_ctx {model.n_ctx})")
+        raise TaskError(
+            f"{where}: token ids or prompt length exceed the model (vocab {vocab}, n_ctx {model.n_ctx})"
+        )
     metric = spec.get("metric", "logit_diff")
     if metric not in METRICS:
         raise TaskError(f"{where}: unknown metric {metric!r} (one of {', '.join(METRICS)})")
@@ -93,7 +101,11 @@ def task_from_file(path: str | Path, model) -> Task:
         with torch.no_grad():
             return Task(name, clean, corrupted, kl_to(model(clean).float()))
     answers = _answer_ids(spec.get("answers"), model, len(clean), vocab, f"{where}: 'answers'")
-    wrong = _answer_ids(spec.get("wrong"), model, len(clean), vocab, f"{where}: 'wrong'") if metric == "logit_diff" else None
+    wrong = (
+        _answer_ids(spec.get("wrong"), model, len(clean), vocab, f"{where}: 'wrong'")
+        if metric == "logit_diff"
+        else None
+    )
     return Task(name, clean, corrupted, last_position_metric(answers, wrong))
 
 
@@ -113,13 +125,17 @@ def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Ten
 def _prompts(items: list, model, where: str) -> Tensor:
     if all(isinstance(item, str) for item in items):
         rows = [model.tokenize(item)[0] for item in items]
-    elif all(isinstance(item, list) and item and all(isinstance(t, int) and t >= 0 for t in item) for item in items):
+    elif all(
+        isinstance(item, list) and item and all(isinstance(t, int) and t >= 0 for t in item) for item in items
+    ):
         rows = [torch.tensor(item) for item in items]
     else:
         raise TaskError(f"{where} must be all texts or all lists of non-negative token ids")
     lengths = sorted({len(row) for row in rows})
     if len(lengths) > 1:
-        raise TaskError(f"{where}: prompts tokenize to different lengths {lengths}; every prompt needs one length")
+        raise TaskError(
+            f"{where}: prompts tokenize to different lengths {lengths}; every prompt needs one length"
+        )
     return torch.stack(rows)
 
 

@@ -54,8 +54,9 @@ def code_ids(book: Dictionary, x: Tensor) -> Tensor:
     return book.encode(x.reshape(-1, x.shape[-1])).flat_indices()
 
 
-def code_scores(model: GraphTransformer, task: Task, books: dict[str, Dictionary] | None = None,
-                n_codes: int = 256) -> dict[str, float]:
+def code_scores(
+    model: GraphTransformer, task: Task, books: dict[str, Dictionary] | None = None, n_codes: int = 256
+) -> dict[str, float]:
     """head -> fraction of its clean positions whose code the corrupted prompts never use."""
     clean, corrupted = head_outputs(model, task.clean), head_outputs(model, task.corrupted)
     books = books or _fit(clean, corrupted, n_codes)
@@ -74,7 +75,9 @@ def edge_scores_of_heads(model: GraphTransformer, head_scores: dict[str, float])
     out = torch.zeros(len(graph.edges))
     for index, (s, r) in enumerate(graph.edges):
         target = node_of_receiver(graph.receivers[r])
-        out[index] = head_scores.get(target, head_scores.get(graph.sources[s], 0.0) if target == "logits" else 0.0)
+        out[index] = head_scores.get(
+            target, head_scores.get(graph.sources[s], 0.0) if target == "logits" else 0.0
+        )
     return out
 
 
@@ -82,9 +85,14 @@ def circuit_of_heads(model: GraphTransformer, heads: set[str]) -> Tensor:
     """[edges] bool: edges from embed or a kept head into a kept head or the logits."""
     graph = model.graph
     keep = heads | {"embed", "logits"}
-    return torch.tensor([graph.sources[s] in keep and node_of_receiver(graph.receivers[r]) in keep
-                         and (graph.sources[s] != "embed" or node_of_receiver(graph.receivers[r]) != "logits")
-                         for s, r in graph.edges])
+    return torch.tensor(
+        [
+            graph.sources[s] in keep
+            and node_of_receiver(graph.receivers[r]) in keep
+            and (graph.sources[s] != "embed" or node_of_receiver(graph.receivers[r]) != "logits")
+            for s, r in graph.edges
+        ]
+    )
 
 
 def kept_heads(head_scores: dict[str, float], share: float = 0.5) -> set[str]:

@@ -40,8 +40,16 @@ class Discovery:
         return mask_of_edges(model, self.kept)
 
 
-def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, ablation: str = "resample",
-             steps: int = 8, batch_size: int = 64, n_edges: int = 0) -> Discovery:
+def discover(
+    model: GraphTransformer,
+    task: Task,
+    method: str = "eap-ig",
+    *,
+    ablation: str = "resample",
+    steps: int = 8,
+    batch_size: int = 64,
+    n_edges: int = 0,
+) -> Discovery:
     """Score every edge with `method`; the circuit keeps the `n_edges` highest |scores| (default:
     5% of the edges, at least 5), for ACDC the edges surviving the median swept threshold, and
     for discrete codes (a head-level method) the edges among heads scoring at least half the best."""
@@ -52,17 +60,24 @@ def discover(model: GraphTransformer, task: Task, method: str = "eap-ig", *, abl
     n_edges = n_edges or max(5, len(model.graph.edges) // 20)
     if method == "codes":
         heads = code_scores(model, task)
-        return Discovery(method, edge_scores_of_heads(model, heads), circuit_of_heads(model, kept_heads(heads)),
-                         time.perf_counter() - started, heads)
+        return Discovery(
+            method,
+            edge_scores_of_heads(model, heads),
+            circuit_of_heads(model, kept_heads(heads)),
+            time.perf_counter() - started,
+            heads,
+        )
     if method == "acdc":
         scores, masks = acdc_scores(model, task, ablated)
         taus = sorted(masks)
         kept = scores >= taus[len(taus) // 2]
     else:
-        scores = {"exact": lambda: exact_scores(model, task, ablated, batch_size),
-                  "eap": lambda: eap_scores(model, task, ablated, batch_size),
-                  "eap-ig": lambda: eap_ig_input_scores(model, task, ablated, steps, batch_size),
-                  "eap-ig-activations": lambda: eap_ig_activation_scores(model, task, ablated, steps, batch_size)}[method]()
+        scores = {
+            "exact": lambda: exact_scores(model, task, ablated, batch_size),
+            "eap": lambda: eap_scores(model, task, ablated, batch_size),
+            "eap-ig": lambda: eap_ig_input_scores(model, task, ablated, steps, batch_size),
+            "eap-ig-activations": lambda: eap_ig_activation_scores(model, task, ablated, steps, batch_size),
+        }[method]()
         kept = top_edges(scores, n_edges)
     return Discovery(method, scores, kept, time.perf_counter() - started)
 
@@ -75,7 +90,15 @@ def to_circuit(model: GraphTransformer, task: Task, found: Discovery, metrics: d
     for (s, r), score, keep in zip(model.graph.edges, found.scores.tolist(), found.kept.tolist()):
         receiver = model.graph.receivers[r]
         source, target = model.graph.sources[s], node_of_receiver(receiver)
-        edges.append(Edge(source, target, float(score), bool(keep), receiver.rsplit(".", 1)[1] if receiver != target else ""))
+        edges.append(
+            Edge(
+                source,
+                target,
+                float(score),
+                bool(keep),
+                receiver.rsplit(".", 1)[1] if receiver != target else "",
+            )
+        )
         if keep:
             kept_nodes |= {source, target}
     nodes = []

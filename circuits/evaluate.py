@@ -29,7 +29,9 @@ def roc_auc(scores: dict[str, float] | list[float], positives: set[str] | list[b
         values, labels = list(scores), list(positives)
     if all(labels) or not any(labels):
         return float("nan")
-    return float(roc_auc_score(labels, negligible_to_zero(torch.tensor(values, dtype=torch.float64)).abs().numpy()))
+    return float(
+        roc_auc_score(labels, negligible_to_zero(torch.tensor(values, dtype=torch.float64)).abs().numpy())
+    )
 
 
 def mask_of_edges(model: GraphTransformer, kept: Tensor) -> Tensor:

@@ -65,7 +65,10 @@ def _replacement(hook: str, dictionary: Dictionary, latents: Tensor, error: Tens
     """A (hook, fn) setting the activation (positions after BOS) to decode(latents) + error."""
 
     def hook_fn(activation, hook=None):
-        rebuilt = dictionary.decode(latents[:, 1:].reshape(-1, dictionary.n_latents)).view_as(error[:, 1:]) + error[:, 1:]
+        rebuilt = (
+            dictionary.decode(latents[:, 1:].reshape(-1, dictionary.n_latents)).view_as(error[:, 1:])
+            + error[:, 1:]
+        )
         return torch.cat([activation[:, :1], rebuilt.to(activation.dtype)], dim=1)
 
     return hook, hook_fn
@@ -80,14 +83,19 @@ def feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], step
     latents, errors, splits = {}, {}, {}
     for hook in hooks:
         dictionary = dictionaries[hook]
-        (f0, e0), (f1, e1) = _split_detached(dictionary, clean[hook]), _split_detached(dictionary, corrupt[hook])
+        (f0, e0), (f1, e1) = (
+            _split_detached(dictionary, clean[hook]),
+            _split_detached(dictionary, corrupt[hook]),
+        )
         splits[hook] = (f0, e0, f1, e1)
         grad_f, grad_e = torch.zeros_like(f0), torch.zeros_like(e0)
         for alpha in (torch.arange(steps) + 0.5) / steps:
             f = (f0 + alpha * (f1 - f0)).requires_grad_(True)
             e = (e0 + alpha * (e1 - e0)).requires_grad_(True)
             with model.hooks([_replacement(hook, dictionary, f, e)]):
-                df, de = torch.autograd.grad(task.score(model(task.clean)), (f, e))  # no grads left on the model
+                df, de = torch.autograd.grad(
+                    task.score(model(task.clean)), (f, e)
+                )  # no grads left on the model
             grad_f += df / steps
             grad_e += de / steps
         latents[hook] = (grad_f * (f1 - f0))[:, 1:].sum((0, 1))  # the metric is a mean: this is per prompt
@@ -100,11 +108,15 @@ def _split_detached(dictionary: Dictionary, x: Tensor) -> tuple[Tensor, Tensor]:
         return _split(dictionary, x)
 
 
-def exact_feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], hook: str,
-                          latents: list[int]) -> Float[Tensor, " latents"]:
+def exact_feature_effects(
+    model, task: Task, dictionaries: dict[str, Dictionary], hook: str, latents: list[int]
+) -> Float[Tensor, " latents"]:
     """[len(latents)]: m(latent patched to its corrupted value at every position) − m(clean)."""
     dictionary = dictionaries[hook]
-    clean, corrupt = _activations(model, task.clean, [hook])[hook], _activations(model, task.corrupted, [hook])[hook]
+    clean, corrupt = (
+        _activations(model, task.clean, [hook])[hook],
+        _activations(model, task.corrupted, [hook])[hook],
+    )
     (f0, e0), (f1, _) = _split_detached(dictionary, clean), _split_detached(dictionary, corrupt)
     with torch.no_grad():
         base = float(task.score(model(task.clean)))
@@ -117,7 +129,9 @@ def exact_feature_effects(model, task: Task, dictionaries: dict[str, Dictionary]
     return torch.tensor(out)
 
 
-def feature_edges(model, task: Task, dictionaries: dict[str, Dictionary], found: FeatureEffects, per_hook: int = 10) -> None:
+def feature_edges(
+    model, task: Task, dictionaries: dict[str, Dictionary], found: FeatureEffects, per_hook: int = 10
+) -> None:
     """Fill `found.edges` between the `per_hook` strongest latents (and the error terms) of
     consecutive hooks."""
     kept = {h: strongest(found, h, per_hook) for h in found.hooks}
@@ -131,7 +145,9 @@ def feature_edges(model, task: Task, dictionaries: dict[str, Dictionary], found:
             if not value.requires_grad:  # discrete codes (codebooks): no gradient path into them
                 grad_f = grad_e = None
             else:
-                grad_f, grad_e = torch.autograd.grad(value, (f_up, e_up), retain_graph=True, allow_unused=True)
+                grad_f, grad_e = torch.autograd.grad(
+                    value, (f_up, e_up), retain_graph=True, allow_unused=True
+                )
             per_latent = _zero_if_none(grad_f, f0) * (f1 - f0)
             for i in kept[up]:
                 found.edges.append((up, i, down, j, float(per_latent[:, 1:, i].sum())))
@@ -152,7 +168,9 @@ def _downstream(model, task, dictionaries, up, down, f_up, e_up):
         f, e = _split(dictionary, activation.float())
         held["f"], held["e"] = f, e
         held["f_leaf"], held["e_leaf"] = f.detach().requires_grad_(True), e.detach().requires_grad_(True)
-        rebuilt = dictionary.decode(held["f_leaf"].reshape(-1, dictionary.n_latents)).view_as(e) + held["e_leaf"]
+        rebuilt = (
+            dictionary.decode(held["f_leaf"].reshape(-1, dictionary.n_latents)).view_as(e) + held["e_leaf"]
+        )
         return torch.cat([activation[:, :1], rebuilt[:, 1:].to(activation.dtype)], dim=1)
 
     with model.hooks([_replacement(up, dictionaries[up], f_up, e_up), (down, at_down)]):
@@ -166,8 +184,14 @@ def strongest(found: FeatureEffects, hook: str, n: int) -> list[int]:
     return effects.abs().topk(min(n, len(effects))).indices.tolist()
 
 
-def feature_circuit(model, task: Task, dictionaries: dict[str, Dictionary], steps: int = 8, per_hook: int = 10,
-                    stores: dict[str, str] | None = None) -> Circuit:
+def feature_circuit(
+    model,
+    task: Task,
+    dictionaries: dict[str, Dictionary],
+    steps: int = 8,
+    per_hook: int = 10,
+    stores: dict[str, str] | None = None,
+) -> Circuit:
     """Node effects, edges between consecutive hooks, as a circuit JSON (feature and error nodes)."""
     found = feature_effects(model, task, dictionaries, steps)
     feature_edges(model, task, dictionaries, found, per_hook)
@@ -183,14 +207,29 @@ def to_feature_circuit(found: FeatureEffects, task: Task, per_hook: int, stores:
         for latent in [*strongest(found, hook, per_hook), -1]:
             score = found.errors[hook] if latent < 0 else float(found.latents[hook][latent])
             effect[node_id(hook, latent)] = score
-            nodes.append(Node(node_id(hook, latent), "error" if latent < 0 else "feature", layer,
-                              f"{hook} error" if latent < 0 else f"#{latent}", score, True, hook,
-                              None if latent < 0 else latent, None if latent < 0 else stores.get(hook)))
+            nodes.append(
+                Node(
+                    node_id(hook, latent),
+                    "error" if latent < 0 else "feature",
+                    layer,
+                    f"{hook} error" if latent < 0 else f"#{latent}",
+                    score,
+                    True,
+                    hook,
+                    None if latent < 0 else latent,
+                    None if latent < 0 else stores.get(hook),
+                )
+            )
     nodes.append(Node("logits", "logits", len(found.hooks) + 1, "logits"))
     last = found.hooks[-1]
     weights = [(node_id(u, i), node_id(d, j), w) for u, i, d, j, w in found.edges]
     weights += [(n.id, "logits", n.score) for n in nodes if n.hook == last]
     largest = max((abs(w) for *_, w in weights), default=0.0)
     edges = [Edge(a, b, w, abs(w) >= 0.05 * largest) for a, b, w in weights]
-    return Circuit(nodes, edges, task=task.name, method="feature-ig",
-                   metrics={"error_effects": found.errors, "hooks": found.hooks})
+    return Circuit(
+        nodes,
+        edges,
+        task=task.name,
+        method="feature-ig",
+        metrics={"error_effects": found.errors, "hooks": found.hooks},
+    )

@@ -32,7 +32,9 @@ def gate_model(gate: str) -> GraphTransformer:
     """The one-layer, three-head, LayerNorm-free model computing `gate` of the two bits."""
     if gate not in GATES:
         raise TaskError(f"unknown gate {gate!r} (one of {', '.join(GATES)})")
-    model = GraphTransformer(Shape(n_layers=1, d_model=12, n_heads=3, d_vocab=5, n_ctx=3, d_mlp=2, layer_norm=False))
+    model = GraphTransformer(
+        Shape(n_layers=1, d_model=12, n_heads=3, d_vocab=5, n_ctx=3, d_mlp=2, layer_norm=False)
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -58,7 +60,12 @@ def gate_model(gate: str) -> GraphTransformer:
 
 def _copy_head(model: GraphTransformer, head: int, attend_to, write: int) -> None:
     """Head `head` attends from position p to attend_to(p) and writes the bit found there to `write`."""
-    W_Q, W_K, W_V, W_O = (model.W_QKV[0, 0, head], model.W_QKV[0, 1, head], model.W_QKV[0, 2, head], model.W_O[0, head])
+    W_Q, W_K, W_V, W_O = (
+        model.W_QKV[0, 0, head],
+        model.W_QKV[0, 1, head],
+        model.W_QKV[0, 2, head],
+        model.W_O[0, head],
+    )
     for position in range(3):
         W_Q[_POS + position, position] = _SHARP  # the query names the position it wants ...
         W_K[_POS + attend_to(position), position] = _SHARP  # ... and that position's key answers
@@ -84,6 +91,10 @@ def gate_task(gate: str, n: int = 64, seed: int = 0, saturated: bool = False) ->
         last = logits[:, -1]
         return sign[rows].to(last.dtype) * (last[:, TRUE_TOKEN] - last[:, FALSE_TOKEN])
 
-    truth = {"heads": ["a0.0", "a0.1"],
-             "edges": ["embed->a0.0.v", "embed->a0.1.v", "a0.0->m0", "a0.1->m0", "m0->logits"]}
-    return Task(f"{gate}-gate" + ("-saturated" if saturated else ""), clean, corrupted, metric, ground_truth=truth)
+    truth = {
+        "heads": ["a0.0", "a0.1"],
+        "edges": ["embed->a0.0.v", "embed->a0.1.v", "a0.0->m0", "a0.1->m0", "m0->logits"],
+    }
+    return Task(
+        f"{gate}-gate" + ("-saturated" if saturated else ""), clean, corrupted, metric, ground_truth=truth
+    )

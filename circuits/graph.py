@@ -66,9 +66,15 @@ class Circuit:
     not written, so `--config` never reruns a file that records nothing as the defaults."""
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "task": self.task, "method": self.method, "metrics": self.metrics,
-                **({"config": self.config} if self.config else {}),
-                "nodes": [asdict(n) for n in self.nodes], "edges": [asdict(e) for e in self.edges]}
+        return {
+            "format_version": FORMAT_VERSION,
+            "task": self.task,
+            "method": self.method,
+            "metrics": self.metrics,
+            **({"config": self.config} if self.config else {}),
+            "nodes": [asdict(n) for n in self.nodes],
+            "edges": [asdict(e) for e in self.edges],
+        }
 
     def save(self, path: str | os.PathLike) -> Path:
         write_json_atomic(path, self.to_json())
@@ -79,14 +85,18 @@ class Circuit:
         if not isinstance(obj, dict):
             raise CircuitError(f"{where}: expected a JSON object")
         if obj.get("format_version") != FORMAT_VERSION:
-            raise CircuitError(f"{where}: unknown format_version {obj.get('format_version')!r} (this workbench reads {FORMAT_VERSION})")
+            raise CircuitError(
+                f"{where}: unknown format_version {obj.get('format_version')!r} (this workbench reads {FORMAT_VERSION})"
+            )
         nodes = [_build(Node, n, f"{where}: node {i}") for i, n in enumerate(_list(obj, "nodes", where))]
         ids = {n.id for n in nodes}
         if len(ids) != len(nodes):
             raise CircuitError(f"{where}: duplicate node ids")
         for node in nodes:
             if node.kind not in NODE_KINDS:
-                raise CircuitError(f"{where}: node {node.id!r} has unknown kind {node.kind!r} (one of {', '.join(NODE_KINDS)})")
+                raise CircuitError(
+                    f"{where}: node {node.id!r} has unknown kind {node.kind!r} (one of {', '.join(NODE_KINDS)})"
+                )
         edges = [_build(Edge, e, f"{where}: edge {i}") for i, e in enumerate(_list(obj, "edges", where))]
         for edge in edges:
             if edge.source not in ids or edge.target not in ids:

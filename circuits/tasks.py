@@ -34,8 +34,10 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.clean.shape != self.corrupted.shape or self.clean.dim() != 2:
-            raise TaskError(f"task {self.name!r}: clean {tuple(self.clean.shape)} and corrupted "
-                            f"{tuple(self.corrupted.shape)} prompts must be [N, P] of one shape")
+            raise TaskError(
+                f"task {self.name!r}: clean {tuple(self.clean.shape)} and corrupted "
+                f"{tuple(self.corrupted.shape)} prompts must be [N, P] of one shape"
+            )
 
     def score(self, logits: Tensor, rows: slice = slice(None)) -> Tensor:
         """The mean metric over the prompts `rows` (logits of those prompts)."""
@@ -59,13 +61,17 @@ def kl_to(clean_logits: Tensor) -> Callable[[Tensor, slice], Tensor]:
     reference = clean_logits.detach().log_softmax(-1)
 
     def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
-        kl = torch.nn.functional.kl_div(logits.log_softmax(-1), reference[rows], log_target=True, reduction="none")
+        kl = torch.nn.functional.kl_div(
+            logits.log_softmax(-1), reference[rows], log_target=True, reduction="none"
+        )
         return -kl.sum(-1).mean(-1)
 
     return metric
 
 
-def induction_task(vocab: int, n: int = 32, length: int = 33, bos: int = 0, seed: int = 0, name: str = "induction") -> Task:
+def induction_task(
+    vocab: int, n: int = 32, length: int = 33, bos: int = 0, seed: int = 0, name: str = "induction"
+) -> Task:
     """Repeated random tokens: [BOS, filler, segment, segment, filler] with the segment's length
     and offset random per prompt; corrupted prompts are unrelated random tokens. The metric is
     the mean log-prob of the next token inside the second copy, where only induction helps."""
@@ -81,6 +87,6 @@ def induction_task(vocab: int, n: int = 32, length: int = 33, bos: int = 0, seed
     where = torch.zeros(n, length, dtype=torch.bool)
     for i in range(n):
         a, m = int(start[i]), int(segment[i])
-        tokens[i, a + m:a + 2 * m] = tokens[i, a:a + m]
+        tokens[i, a + m : a + 2 * m] = tokens[i, a : a + m]
         where[i] = (position >= a + m) & (position < a + 2 * m - 1)
     return Task(name, tokens, corrupted, next_token_logprob(tokens, where))

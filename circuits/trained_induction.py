@@ -59,16 +59,29 @@ class InductionRecipe:
         return {("batch_size" if k == "batch" else k): v for k, v in obj.items()}
 
     def shape(self) -> Shape:
-        return Shape(n_layers=2, d_model=self.d_model, n_heads=self.n_heads, d_vocab=self.vocab, n_ctx=self.length,
-                     d_mlp=0)
+        return Shape(
+            n_layers=2,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_vocab=self.vocab,
+            n_ctx=self.length,
+            d_mlp=0,
+        )
 
 
-def train_induction_model(recipe: InductionRecipe = InductionRecipe(), progress: bool = False) -> GraphTransformer:
+def train_induction_model(
+    recipe: InductionRecipe = InductionRecipe(), progress: bool = False
+) -> GraphTransformer:
     torch.manual_seed(recipe.seed)
     model = GraphTransformer(recipe.shape())
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     for step in tqdm(range(recipe.steps), desc="induction model", disable=not progress):
-        task = induction_task(recipe.vocab, n=recipe.batch_size, length=recipe.length, seed=10_000 + recipe.seed * recipe.steps + step)
+        task = induction_task(
+            recipe.vocab,
+            n=recipe.batch_size,
+            length=recipe.length,
+            seed=10_000 + recipe.seed * recipe.steps + step,
+        )
         loss = -task.score(model(task.clean))
         optimizer.zero_grad()
         loss.backward()
@@ -76,12 +89,18 @@ def train_induction_model(recipe: InductionRecipe = InductionRecipe(), progress:
     return model.eval().requires_grad_(False)
 
 
-def load_or_train(folder: Path, recipe: InductionRecipe = InductionRecipe(), progress: bool = True) -> GraphTransformer:
+def load_or_train(
+    folder: Path, recipe: InductionRecipe = InductionRecipe(), progress: bool = True
+) -> GraphTransformer:
     """The trained model saved under `folder` for this recipe, training and saving it first if needed."""
     from safetensors.torch import load_file
 
     weights, config = folder / "model.safetensors", folder / "recipe.json"
-    if weights.exists() and config.exists() and InductionRecipe.upgrade_json(read_json(config)) == recipe.__dict__:
+    if (
+        weights.exists()
+        and config.exists()
+        and InductionRecipe.upgrade_json(read_json(config)) == recipe.__dict__
+    ):
         model = GraphTransformer(recipe.shape())
         model.load_state_dict(load_file(weights))
         return model.eval().requires_grad_(False)
@@ -98,7 +117,11 @@ def repeated_positions(task: Task) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     length = task.clean.shape[1]
     for row, tokens in enumerate(task.clean):
         for m in range((length - 1) // 2, 3, -1):
-            starts = [a for a in range(1, length - 2 * m + 1) if torch.equal(tokens[a + m:a + 2 * m], tokens[a:a + m])]
+            starts = [
+                a
+                for a in range(1, length - 2 * m + 1)
+                if torch.equal(tokens[a + m : a + 2 * m], tokens[a : a + m])
+            ]
             if starts:
                 a = starts[0]
                 for p in range(a + m, a + 2 * m - 1):
@@ -115,14 +138,27 @@ def head_roles(model: GraphTransformer, task: Task) -> dict[str, tuple[str, int,
     roles = {}
     for head in range(model.shape.n_heads):
         attention = patterns[0][rows, head, queries]  # [n, P]
-        masses = [float(attention[torch.arange(len(queries)), (queries - o).clamp(min=0)].mean()) for o in range(1, 8)]
+        masses = [
+            float(attention[torch.arange(len(queries)), (queries - o).clamp(min=0)].mean())
+            for o in range(1, 8)
+        ]
         best = max(range(len(masses)), key=masses.__getitem__)
-        roles[f"a0.{head}"] = ("offset", best + 1, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+        roles[f"a0.{head}"] = (
+            ("offset", best + 1, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+        )
         attention = patterns[1][rows, head, queries]
-        masses = [float(attention[torch.arange(len(queries)), (previous + c).clamp(max=task.clean.shape[1] - 1)].mean())
-                  for c in range(0, 8)]
+        masses = [
+            float(
+                attention[
+                    torch.arange(len(queries)), (previous + c).clamp(max=task.clean.shape[1] - 1)
+                ].mean()
+            )
+            for c in range(0, 8)
+        ]
         best = max(range(len(masses)), key=masses.__getitem__)
-        roles[f"a1.{head}"] = ("induction", best, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+        roles[f"a1.{head}"] = (
+            ("induction", best, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
+        )
     return roles
 
 
@@ -152,8 +188,9 @@ def ground_truth(roles: dict[str, tuple[str, int, float]]) -> dict[str, list[str
     return {"heads": sorted(heads), "edges": sorted(edges)}
 
 
-def trained_induction_task(model: GraphTransformer, recipe: InductionRecipe = InductionRecipe(), n: int = 64,
-                           seed: int = 1) -> Task:
+def trained_induction_task(
+    model: GraphTransformer, recipe: InductionRecipe = InductionRecipe(), n: int = 64, seed: int = 1
+) -> Task:
     """Held-out induction prompts with the ground truth derived from the model's heads."""
     task = induction_task(recipe.vocab, n=n, length=recipe.length, seed=seed, name="trained-induction")
     task.ground_truth = ground_truth(head_roles(model, task))

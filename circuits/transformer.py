@@ -137,8 +137,11 @@ class GraphTransformer(nn.Module):
     def heads(self, layer: int, qkv_in: Tensor) -> tuple[Tensor, Tensor]:
         """qkv_in [3, H, B, P, d] -> (per-head outputs [H, B, P, d], attention [B, H, P, P])."""
         normed = self._norm(qkv_in, self.ln1[layer])
-        q, k, v = (torch.einsum("hbpd,hde->bhpe", normed[i], self.W_QKV[layer, i]) + self.b_QKV[layer, i][None, :, None]
-                   for i in range(3))
+        q, k, v = (
+            torch.einsum("hbpd,hde->bhpe", normed[i], self.W_QKV[layer, i])
+            + self.b_QKV[layer, i][None, :, None]
+            for i in range(3)
+        )
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.shape.d_head)
         P = scores.shape[-1]
         causal = torch.ones(P, P, dtype=torch.bool, device=scores.device).tril()
@@ -148,15 +151,23 @@ class GraphTransformer(nn.Module):
         return out, pattern
 
     def mlp(self, layer: int, x: Tensor) -> Tensor:
-        hidden = F.gelu(self._norm(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer], approximate="tanh")
+        hidden = F.gelu(
+            self._norm(x, self.ln2[layer]) @ self.W_in[layer] + self.b_in[layer], approximate="tanh"
+        )
         return hidden @ self.W_out[layer] + self.b_out[layer]
 
     def unembed(self, x: Tensor) -> Tensor:
         return self._norm(x, self.ln_f) @ self.W_U
 
     # --- the forward pass over the graph -------------------------------------------------
-    def forward(self, tokens: Tensor, mask: Tensor | None = None, ablated: Tensor | None = None,
-                embed_override: Tensor | None = None, keep: bool = False):
+    def forward(
+        self,
+        tokens: Tensor,
+        mask: Tensor | None = None,
+        ablated: Tensor | None = None,
+        embed_override: Tensor | None = None,
+        keep: bool = False,
+    ):
         """Logits [B, P, V]. With `mask` [sources, receivers] (values in [0, 1]) and `ablated`
         [sources, B, P, d], every receiver reads the mixture above. `embed_override` replaces the
         embed node's output (EAP-IG over inputs). With keep=True also returns (outputs [sources,
@@ -191,13 +202,15 @@ class GraphTransformer(nn.Module):
             return logits, torch.stack(outputs), inputs, patterns
         return logits
 
-    def _receive(self, outputs: list[Tensor], first: int, count: int, mask: Tensor | None, ablated: Tensor | None) -> Tensor:
+    def _receive(
+        self, outputs: list[Tensor], first: int, count: int, mask: Tensor | None, ablated: Tensor | None
+    ) -> Tensor:
         """Inputs of receivers first .. first+count-1 from the sources computed so far."""
         stack = torch.stack(outputs)  # [n, B, P, d]
         n = len(outputs)
         if mask is None:
             return stack.sum(0).expand(count, *stack.shape[1:])
-        weights = mask[:n, first:first + count].to(stack.dtype)  # [n, count]
+        weights = mask[:n, first : first + count].to(stack.dtype)  # [n, count]
         mixed = torch.einsum("nbpd,nc->cbpd", stack, weights)
         if ablated is not None:
             mixed = mixed + torch.einsum("nbpd,nc->cbpd", ablated[:n].to(stack.dtype), 1 - weights)
@@ -212,10 +225,21 @@ def from_gpt2(model) -> GraphTransformer:
     hf = model.bridge.original_model
     config = hf.config
     if getattr(config, "model_type", "") != "gpt2":
-        raise WorkbenchError(f"the circuit graph supports GPT-2-architecture models, not {config.model_type!r}")
+        raise WorkbenchError(
+            f"the circuit graph supports GPT-2-architecture models, not {config.model_type!r}"
+        )
     state = {k.replace("._original_component", ""): v.detach().float() for k, v in hf.state_dict().items()}
     d, H, L = config.n_embd, config.n_head, config.n_layer
-    shape = Shape(L, d, H, config.vocab_size, config.n_positions, config.n_inner or 4 * d, True, config.layer_norm_epsilon)
+    shape = Shape(
+        L,
+        d,
+        H,
+        config.vocab_size,
+        config.n_positions,
+        config.n_inner or 4 * d,
+        True,
+        config.layer_norm_epsilon,
+    )
     graph = GraphTransformer(shape)
     dh = shape.d_head
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Sparse dictionaries learned on cached activations (SAEs, codebooks, probes). Imports `workbench` only.
 
-    import sae
-    d = sae.load("runs/sae-blocks.1.hook_resid_post/topk-k32-x8")   # ours, SAELens or sparsify
-    sae.architectures()                                             # registered names
+import sae
+d = sae.load("runs/sae-blocks.1.hook_resid_post/topk-k32-x8")   # ours, SAELens or sparsify
+sae.architectures()                                             # registered names
 """
 
 from typing import TYPE_CHECKING
@@ -20,13 +20,44 @@ if TYPE_CHECKING:
     from sae.train import train
     from sae.train_config import TrainConfig
 
-_EXPORTS = {"load": "sae.io", "save": "sae.io", "architectures": "sae.base", "create": "sae.base",
-            "DictionaryConfig": "sae.config", "TrainConfig": "sae.train_config", "train": "sae.train",
-            "evaluate": "sae.evals", "splice": "sae.splicing", "steer": "sae.steering", "add": "sae.steering",
-            "clamp": "sae.steering", "ablate": "sae.steering", "add_direction": "sae.steering",
-            "code_on": "sae.steering", "code_off": "sae.steering", "sweep": "sae.dose_response"}
-__all__ = ["DictionaryConfig", "TrainConfig", "ablate", "add", "add_direction", "architectures", "clamp", "code_off",
-           "code_on", "create", "evaluate", "load", "save", "splice", "steer", "sweep", "train"]
+_EXPORTS = {
+    "load": "sae.io",
+    "save": "sae.io",
+    "architectures": "sae.base",
+    "create": "sae.base",
+    "DictionaryConfig": "sae.config",
+    "TrainConfig": "sae.train_config",
+    "train": "sae.train",
+    "evaluate": "sae.evals",
+    "splice": "sae.splicing",
+    "steer": "sae.steering",
+    "add": "sae.steering",
+    "clamp": "sae.steering",
+    "ablate": "sae.steering",
+    "add_direction": "sae.steering",
+    "code_on": "sae.steering",
+    "code_off": "sae.steering",
+    "sweep": "sae.dose_response",
+}
+__all__ = [
+    "DictionaryConfig",
+    "TrainConfig",
+    "ablate",
+    "add",
+    "add_direction",
+    "architectures",
+    "clamp",
+    "code_off",
+    "code_on",
+    "create",
+    "evaluate",
+    "load",
+    "save",
+    "splice",
+    "steer",
+    "sweep",
+    "train",
+]
 
 
 def __getattr__(name: str):

@@ -76,8 +76,14 @@ class AnalyzeConfig:
     """Seed of the uniform example samples."""
 
 
-def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, folder: str | Path | None = None,
-            model=None, progress: bool = True) -> Path:
+def analyze(
+    dictionary: Dictionary,
+    config: AnalyzeConfig = AnalyzeConfig(),
+    *,
+    folder: str | Path | None = None,
+    model=None,
+    progress: bool = True,
+) -> Path:
     """Build the store of `dictionary` (loaded from `folder`) and return its path."""
     from workbench.models import load_model
 
@@ -94,11 +100,19 @@ def analyze(dictionary: Dictionary, config: AnalyzeConfig = AnalyzeConfig(), *, 
     tables["vocab"] = _vocab_table(model)
     out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
     meta = {
-        "n_latents": dictionary.n_latents, "d_in": dictionary.d_in, "architecture": dictionary.architecture,
-        "k": dictionary.config.k, "hook": hook, "model": model.spec, "cache": str(cache.path),
-        "dictionary_path": str(Path(folder).resolve()) if folder else "", "tokens_analyzed": stats.n_tokens,
-        "context_length": cache.context_length, "histogram_edges": stats.edges.tolist(),
-        "metrics": _metrics_of(dictionary, folder), "config": asdict(config),
+        "n_latents": dictionary.n_latents,
+        "d_in": dictionary.d_in,
+        "architecture": dictionary.architecture,
+        "k": dictionary.config.k,
+        "hook": hook,
+        "model": model.spec,
+        "cache": str(cache.path),
+        "dictionary_path": str(Path(folder).resolve()) if folder else "",
+        "tokens_analyzed": stats.n_tokens,
+        "context_length": cache.context_length,
+        "histogram_edges": stats.edges.tolist(),
+        "metrics": _metrics_of(dictionary, folder),
+        "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return write_store(out, meta, tables)
@@ -116,12 +130,16 @@ def _metrics_of(dictionary: Dictionary, folder) -> dict:
     metrics = dict(dictionary.meta.get("metrics") or {})
     evals = Path(folder) / "eval.json" if folder else None
     if evals is not None and evals.exists():
-        metrics.update({k: v for k, v in json.loads(evals.read_text()).items() if isinstance(v, (int, float))})
+        metrics.update(
+            {k: v for k, v in json.loads(evals.read_text()).items() if isinstance(v, (int, float))}
+        )
     return metrics
 
 
 # --- the streaming pass --------------------------------------------------------------------
-def window_blocks(cache: ActivationCache, hook: str, block_windows: int, max_tokens: int = 0) -> Iterator[tuple[int, Tensor]]:
+def window_blocks(
+    cache: ActivationCache, hook: str, block_windows: int, max_tokens: int = 0
+) -> Iterator[tuple[int, Tensor]]:
     """(first window, activations [windows * context, d]) of consecutive whole windows, in order
     (the cache's unshuffled batches of a multiple of the context length are whole windows)."""
     context = cache.context_length
@@ -151,8 +169,13 @@ class StreamStats:
         self.sum_x = torch.zeros(d_in, dtype=torch.float64)
         self.sum_xx = torch.zeros(d_in, dtype=torch.float64)
         self.n_tokens = 0
-        example = {"window": ((), torch.long), "position": ((), torch.long), "start": ((), torch.long),
-                   "value": ((), torch.float32), "context": ((self.width,), torch.float32)}
+        example = {
+            "window": ((), torch.long),
+            "position": ((), torch.long),
+            "start": ((), torch.long),
+            "value": ((), torch.float32),
+            "context": ((self.width,), torch.float32),
+        }
         self.top = SmallestKeys(n_latents, config.top, example)
         self.sample = SmallestKeys(n_latents, 2 * config.quantile_bins * config.per_bin, example)
         self.co: SmallestKeys | None = None  # its width is known from the first block's codes
@@ -172,7 +195,9 @@ class StreamStats:
         self.sample.offer(feats, uniform, make)
         if self.co is None:
             width = self.config.cooccurrence_width or (codes.indices.shape[1] if codes.is_fixed_k else 64)
-            self.co = SmallestKeys(self.F, self.config.cooccurrence_rows, {"active": ((max(width, 1),), torch.int32)})
+            self.co = SmallestKeys(
+                self.F, self.config.cooccurrence_rows, {"active": ((max(width, 1),), torch.int32)}
+            )
         active = _active_sets(rows, feats, vals, len(x), self.co.data["active"].shape[2])
         self.co.offer(feats, uniform, lambda idx: {"active": active[rows[idx]]})
 
@@ -183,23 +208,34 @@ class StreamStats:
         self.max.scatter_reduce_(0, feats, vals, "amax")
         if self.edges is None:
             top = float(vals.max()) if vals.numel() else 1.0
-            self.edges = torch.logspace(math.log10(top) - 3, math.log10(top) + 0.6, self.config.histogram_bins + 1)
-        bins = (torch.bucketize(vals, self.edges[1:-1].to(vals.dtype)))
+            self.edges = torch.logspace(
+                math.log10(top) - 3, math.log10(top) + 0.6, self.config.histogram_bins + 1
+            )
+        bins = torch.bucketize(vals, self.edges[1:-1].to(vals.dtype))
         self.histogram.index_add_(0, feats * self.config.histogram_bins + bins, torch.ones_like(feats))
         x_all = torch.zeros(n_rows, x_body.shape[1])
         x_all[torch.arange(n_rows) % self.context != 0] = x_body
-        coo = torch.sparse_coo_tensor(torch.stack([feats, rows]), vals, (self.F, n_rows), check_invariants=False)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([feats, rows]), vals, (self.F, n_rows), check_invariants=False
+        )
         self.sum_ax += torch.sparse.mm(coo, x_all).double()
         self.sum_x += x_body.double().sum(0)
         self.sum_xx += (x_body.double() ** 2).sum(0)
 
-    def _example(self, first_window: int, rows: Tensor, feats: Tensor, vals: Tensor, lookup: "_CodeLookup") -> dict:
+    def _example(
+        self, first_window: int, rows: Tensor, feats: Tensor, vals: Tensor, lookup: "_CodeLookup"
+    ) -> dict:
         position = rows % self.context
         start = (position - self.config.context_before).clamp(0, self.context - self.width)
         window_rows = (rows - position + start).unsqueeze(1) + torch.arange(self.width)
         context = lookup.values_at(window_rows, feats.unsqueeze(1).expand_as(window_rows))
-        return {"window": first_window + rows // self.context, "position": position, "start": start,
-                "value": vals, "context": context}
+        return {
+            "window": first_window + rows // self.context,
+            "position": position,
+            "start": start,
+            "value": vals,
+            "context": context,
+        }
 
     # --- the tables ----------------------------------------------------------------------
     def tables(self, tokens: Tensor) -> dict[str, pa.Table]:
@@ -208,27 +244,42 @@ class StreamStats:
         n = max(self.n_tokens, 1)
         mean = np.where(fired > 0, self.sum.numpy() / np.maximum(fired, 1), 0.0)
         histogram = self.histogram.view(self.F, -1).numpy().astype(np.int32)
-        features = pa.table({
-            "feature": np.arange(self.F, dtype=np.int32), "fired": fired, "density": fired / n,
-            "mean_activation": mean, "max_activation": self.max.double().numpy(),
-            "histogram": list_column(histogram, pa.int32()),
-        })
-        return {"features": features, "examples": self._examples_table(tokens),
-                "neurons": self._neurons_table(), "cooccurrence": self._cooccurrence_table()}
+        features = pa.table(
+            {
+                "feature": np.arange(self.F, dtype=np.int32),
+                "fired": fired,
+                "density": fired / n,
+                "mean_activation": mean,
+                "max_activation": self.max.double().numpy(),
+                "histogram": list_column(histogram, pa.int32()),
+            }
+        )
+        return {
+            "features": features,
+            "examples": self._examples_table(tokens),
+            "neurons": self._neurons_table(),
+            "cooccurrence": self._cooccurrence_table(),
+        }
 
     def _examples_table(self, tokens: Tensor) -> pa.Table:
         parts = [self._chosen("top", self.top, None), self._chosen("quantile", self.sample, self.config)]
         columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         offsets = columns.pop("start")[:, None] + np.arange(self.width)
         token_rows = tokens.numpy()[columns["window"][:, None], offsets]
-        return pa.table({
-            "feature": columns["feature"].astype(np.int32), "kind": columns["kind"],
-            "bin": columns["bin"].astype(np.int16), "rank": columns["rank"].astype(np.int16),
-            "activation": columns["value"].astype(np.float32), "window_id": columns["window"].astype(np.int32),
-            "position": columns["position"].astype(np.int16), "start": offsets[:, 0].astype(np.int16),
-            "tokens": list_column(token_rows.astype(np.int32), pa.int32()),
-            "activations": list_column(columns["context"].astype(np.float32), pa.float32()),
-        })
+        return pa.table(
+            {
+                "feature": columns["feature"].astype(np.int32),
+                "kind": columns["kind"],
+                "bin": columns["bin"].astype(np.int16),
+                "rank": columns["rank"].astype(np.int16),
+                "activation": columns["value"].astype(np.float32),
+                "window_id": columns["window"].astype(np.int32),
+                "position": columns["position"].astype(np.int16),
+                "start": offsets[:, 0].astype(np.int16),
+                "tokens": list_column(token_rows.astype(np.int32), pa.int32()),
+                "activations": list_column(columns["context"].astype(np.float32), pa.float32()),
+            }
+        )
 
     def _chosen(self, kind: str, kept: SmallestKeys, quantiles: AnalyzeConfig | None) -> dict:
         """Flat columns of the kept examples (in key order); for the sample, the quantile groups' picks."""
@@ -241,18 +292,31 @@ class StreamStats:
             if quantiles is None:
                 groups, rank = np.zeros(count, int), np.arange(count)
             else:
-                picks, groups, rank = _quantile_picks(values[feature, slots], quantiles.quantile_bins, quantiles.per_bin)
+                picks, groups, rank = _quantile_picks(
+                    values[feature, slots], quantiles.quantile_bins, quantiles.per_bin
+                )
                 slots = slots[picks]
             feature_ids.append(np.full(len(slots), feature))
             slot_ids.append(slots)
             bins.append(groups)
             ranks.append(rank)
-        feature_ids, slot_ids = np.concatenate(feature_ids or [[]]).astype(int), np.concatenate(slot_ids or [[]]).astype(int)
-        out = {name: kept.data[name].numpy()[feature_ids, slot_ids] for name in ("window", "position", "start", "value", "context")}
+        feature_ids, slot_ids = (
+            np.concatenate(feature_ids or [[]]).astype(int),
+            np.concatenate(slot_ids or [[]]).astype(int),
+        )
+        out = {
+            name: kept.data[name].numpy()[feature_ids, slot_ids]
+            for name in ("window", "position", "start", "value", "context")
+        }
         if len(feature_ids) == 0:
             out["context"] = np.zeros((0, self.width), np.float32)
-        return {"feature": feature_ids, "kind": np.full(len(feature_ids), kind), "bin": np.concatenate(bins or [[]]),
-                "rank": np.concatenate(ranks or [[]]), **out}
+        return {
+            "feature": feature_ids,
+            "kind": np.full(len(feature_ids), kind),
+            "bin": np.concatenate(bins or [[]]),
+            "rank": np.concatenate(ranks or [[]]),
+            **out,
+        }
 
     def _chunks(self) -> Iterator[slice]:
         """Feature ranges small enough that a [chunk, max(F, d)] float64 temporary stays ~64 MB."""
@@ -262,12 +326,12 @@ class StreamStats:
     def _neurons_table(self) -> pa.Table:
         n = max(self.n_tokens, 1)
         mean_x = self.sum_x / n
-        std_x = (self.sum_xx / n - mean_x ** 2).clamp_min(0).sqrt()
+        std_x = (self.sum_xx / n - mean_x**2).clamp_min(0).sqrt()
         k = min(self.config.neurons, len(mean_x))
         index, values = [], []
         for part in self._chunks():
             mean_a = self.sum[part] / n
-            std_a = (self.sum_sq[part] / n - mean_a ** 2).clamp_min(0).sqrt()
+            std_a = (self.sum_sq[part] / n - mean_a**2).clamp_min(0).sqrt()
             cov = self.sum_ax[part] / n - mean_a[:, None] * mean_x[None, :]
             corr = cov / (std_a[:, None] * std_x[None, :]).clamp_min(1e-12)
             corr[std_a == 0] = 0
@@ -301,7 +365,9 @@ class StreamStats:
         return pa.table({name: np.concatenate(parts) for name, parts in columns.items()})
 
 
-def _quantile_picks(values: np.ndarray, n_bins: int, per_bin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _quantile_picks(
+    values: np.ndarray, n_bins: int, per_bin: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Positions, group and rank of the examples shown: the sample (in random-key order) sorted
     by activation and cut into `n_bins` equal groups; each group shows its first `per_bin` slots."""
     by_value = np.argsort(values, kind="stable")
@@ -343,7 +409,9 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
     return out
 
 
-def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool) -> StreamStats:
+def _stream(
+    dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool
+) -> StreamStats:
     stats = StreamStats(dictionary.n_latents, cache.width(hook), cache.context_length, config)
     total = min(config.tokens or cache.n_rows, cache.n_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
@@ -361,12 +429,19 @@ def _stream(dictionary: Dictionary, cache: ActivationCache, hook: str, config: A
 # --- from the weights ------------------------------------------------------------------------
 def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.Table:
     n, k = index.shape
-    return pa.table({"feature": np.repeat(np.arange(n, dtype=np.int32), k),
-                     "rank": np.tile(np.arange(k, dtype=np.int16), n),
-                     other: index.reshape(-1).int().numpy(), value: values.reshape(-1).float().numpy()})
+    return pa.table(
+        {
+            "feature": np.repeat(np.arange(n, dtype=np.int32), k),
+            "rank": np.tile(np.arange(k, dtype=np.int16), n),
+            other: index.reshape(-1).int().numpy(),
+            value: values.reshape(-1).float().numpy(),
+        }
+    )
 
 
-def weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024) -> dict[str, pa.Table]:
+def weight_tables(
+    dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024
+) -> dict[str, pa.Table]:
     """The tables read off the weights: decoder cosine neighbours, and logit effects when `model`
     is given and the dictionary has the residual width."""
     directions = dictionary.W_dec.detach().float()
@@ -374,7 +449,7 @@ def weight_tables(dictionary: Dictionary, model, config: AnalyzeConfig, chunk: i
     k = min(config.neighbours, dictionary.n_latents - 1)
     index, cosine = [], []
     for start in range(0, len(unit), chunk):
-        sims = unit[start:start + chunk] @ unit.T
+        sims = unit[start : start + chunk] @ unit.T
         sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -float("inf")
         top = sims.topk(k, dim=1)
         index.append(top.indices)
@@ -403,7 +478,7 @@ def logit_effects(directions: Tensor, model, n: int, chunk: int = 1024) -> pa.Ta
     n = min(n, W_U.shape[1])
     parts = []
     for start in range(0, len(directions), chunk):
-        d = directions[start:start + chunk]
+        d = directions[start : start + chunk]
         if centres:
             d = d - d.mean(dim=1, keepdim=True)
         if scale is not None:
@@ -414,12 +489,15 @@ def logit_effects(directions: Tensor, model, n: int, chunk: int = 1024) -> pa.Ta
             table = _ranked_table(top.indices, top.values, "token", "effect")
             feature = table.column("feature").to_numpy() + start
             parts.append((np.asarray(feature, np.int32), np.full(len(feature), side), table))
-    return pa.table({
-        "feature": np.concatenate([p[0] for p in parts]), "side": np.concatenate([p[1] for p in parts]),
-        "rank": np.concatenate([p[2].column("rank").to_numpy() for p in parts]),
-        "token": np.concatenate([p[2].column("token").to_numpy() for p in parts]),
-        "effect": np.concatenate([p[2].column("effect").to_numpy() for p in parts]),
-    })
+    return pa.table(
+        {
+            "feature": np.concatenate([p[0] for p in parts]),
+            "side": np.concatenate([p[1] for p in parts]),
+            "rank": np.concatenate([p[2].column("rank").to_numpy() for p in parts]),
+            "token": np.concatenate([p[2].column("token").to_numpy() for p in parts]),
+            "effect": np.concatenate([p[2].column("effect").to_numpy() for p in parts]),
+        }
+    )
 
 
 def _vocab_table(model) -> pa.Table:

@@ -84,7 +84,9 @@ def create(config: DictionaryConfig, seed: int = 0, salt: str = "") -> "Dictiona
     name in a grid); the global RNG is neither read nor changed."""
     cls = dictionary_class(config.architecture)
     if config.d_in <= 0 or config.n_latents <= 0:
-        raise ConfigError(f"a dictionary needs d_in and n_latents > 0, got {config.d_in} and {config.n_latents}")
+        raise ConfigError(
+            f"a dictionary needs d_in and n_latents > 0, got {config.d_in} and {config.n_latents}"
+        )
     dictionary = cls(config, generator=seeding.generator(seed, "init", config.architecture, salt))
     dictionary.seed = seeding.stream_seed(seed, "later draws", config.architecture, salt)
     return dictionary
@@ -136,10 +138,14 @@ class Dictionary(nn.Module):
     def decode(self, codes: SparseCodes | Float[Tensor, "N n_latents"]) -> Float[Tensor, "N d_in"]:
         if isinstance(codes, Tensor):
             if codes.dim() != 2 or codes.shape[1] != self.n_latents:
-                raise DictionaryError(f"decode: dense codes must be [N, {self.n_latents}], got {tuple(codes.shape)}")
+                raise DictionaryError(
+                    f"decode: dense codes must be [N, {self.n_latents}], got {tuple(codes.shape)}"
+                )
             codes = SparseCodes.from_dense(codes.to(self.W_dec.dtype))
         if codes.n_latents != self.n_latents:
-            raise DictionaryError(f"decode: codes over {codes.n_latents} latents, dictionary has {self.n_latents}")
+            raise DictionaryError(
+                f"decode: codes over {codes.n_latents} latents, dictionary has {self.n_latents}"
+            )
         return decode(codes, self.W_dec, getattr(self, "b_dec", None))  # codebooks have no bias
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
@@ -164,7 +170,9 @@ class Dictionary(nn.Module):
         """Unit-norm decoders: remove the gradient component parallel to each decoder row."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
             grad, rows = self.W_dec.grad, self.W_dec
-            parallel = torch.einsum("md,md->m", grad, rows)  # one pass, no [m, d] temporary: 2x faster at 16k x 768
+            parallel = torch.einsum(
+                "md,md->m", grad, rows
+            )  # one pass, no [m, d] temporary: 2x faster at 16k x 768
             grad.addcmul_(parallel[:, None], rows, value=-1)
 
     @torch.no_grad()
@@ -183,7 +191,9 @@ class Dictionary(nn.Module):
     # --- helpers --------------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.d_in:
-            raise DictionaryError(f"{self.architecture}: input has shape {tuple(x.shape)}, expected [..., {self.d_in}]")
+            raise DictionaryError(
+                f"{self.architecture}: input has shape {tuple(x.shape)}, expected [..., {self.d_in}]"
+            )
         if not x.is_floating_point():
             raise DictionaryError(f"{self.architecture}: input must be floating point, got {x.dtype}")
         return x.reshape(-1, self.d_in).to(self.W_dec.dtype)  # every dictionary has W_dec
@@ -216,7 +226,12 @@ def aux_row_stride(n_local: int, k: int, aux_k: int, rows_per_pass: int = 2048) 
     from workbench.distributed import world_size
 
     n, s = n_local * world_size(), 1
-    while 2 * s <= 2 * aux_k / k and n // (2 * s) >= AUX_MIN_ROWS and n_local % (2 * s) == 0 and rows_per_pass % (2 * s) == 0:
+    while (
+        2 * s <= 2 * aux_k / k
+        and n // (2 * s) >= AUX_MIN_ROWS
+        and n_local % (2 * s) == 0
+        and rows_per_pass % (2 * s) == 0
+    ):
         s *= 2
     return s
 
@@ -245,7 +260,9 @@ def drop_zeros(codes: SparseCodes) -> SparseCodes:
     if bool(keep.all()):
         return codes
     rows = codes.row_ids()[keep]
-    return SparseCodes(codes.indices[keep], codes.values[keep], codes.n_latents, csr_offsets(rows, codes.n_rows))
+    return SparseCodes(
+        codes.indices[keep], codes.values[keep], codes.n_latents, csr_offsets(rows, codes.n_rows)
+    )
 
 
 def gather_per_latent(parameter: Tensor, codes: SparseCodes) -> Tensor:
@@ -258,7 +275,9 @@ def gather_per_latent(parameter: Tensor, codes: SparseCodes) -> Tensor:
 
 
 @torch.no_grad()
-def geometric_median(points: Float[Tensor, "N d"], iterations: int = 64, tolerance: float = 1e-6) -> Float[Tensor, " d"]:
+def geometric_median(
+    points: Float[Tensor, "N d"], iterations: int = 64, tolerance: float = 1e-6
+) -> Float[Tensor, " d"]:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to `points`."""
     median = points.mean(dim=0)
     for _ in range(iterations):

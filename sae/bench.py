@@ -47,18 +47,29 @@ def run_sae_benchmark(config: SaeBenchConfig, architectures: list[str], progress
     for scenario in config.scenario:
         for seed in config.seeds:
             base = SCENARIOS[scenario]
-            sizes = {"n_planted": config.n_planted, "hierarchy": min(base.hierarchy, config.n_planted // 16)} if config.n_planted else {}
+            sizes = (
+                {"n_planted": config.n_planted, "hierarchy": min(base.hierarchy, config.n_planted // 16)}
+                if config.n_planted
+                else {}
+            )
             sizes.update({"d_in": config.d_in} if config.d_in else {})
             data = PlantedFeatures(replace(base, samples=config.samples, seed=seed, **sizes))
-            rows += [{"scenario": scenario, "seed": seed, **row} for row in _train_and_score(data, architectures, seed, progress)]
+            rows += [
+                {"scenario": scenario, "seed": seed, **row}
+                for row in _train_and_score(data, architectures, seed, progress)
+            ]
     return rows + summarize(rows)
 
 
-def _train_and_score(data: PlantedFeatures, architectures: list[str], seed: int, progress: bool) -> list[dict]:
+def _train_and_score(
+    data: PlantedFeatures, architectures: list[str], seed: int, progress: bool
+) -> list[dict]:
     k = max(1, round(data.config.expected_l0))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(architectures=tuple(architectures), k=(k,), n_latents=data.config.n_planted, seed=seed, out=out)
+        config = TrainConfig(
+            architectures=tuple(architectures), k=(k,), n_latents=data.config.n_planted, seed=seed, out=out
+        )
         folders = train(config, source=data, progress=progress)
         seconds = (time.perf_counter() - started) / len(architectures)
         return [score(io.load(folder), data, seconds) for folder in folders]
@@ -73,12 +84,25 @@ def score(dictionary, data: PlantedFeatures, seconds: float = 0.0) -> dict:
     fired[codes.flat_indices()[codes.flat_values() > 0]] = True
     fvu = float((x - dictionary.decode(codes)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     recovery = feature_recovery(dictionary.W_dec, data.features)
-    absorbed = absorption(dictionary, data, matched=matching(dictionary.W_dec, data.features)[1]) if data.pairs else None
-    return {"arch": dictionary.architecture, "latents": dictionary.n_latents, "k": dictionary.config.k,
-            "mcc": round(recovery["mcc"], 4), "recovered_0.9": round(recovery["recovered_0.9"], 4),
-            "mmcs": round(recovery["mmcs"], 4), "dead": int((~fired).sum()), "l0": round(codes.nnz / x.shape[0], 2),
-            "fvu": round(fvu, 4), **({"absorption": round(absorbed, 4)} if absorbed is not None else {}),
-            "train_s": round(seconds, 1), "resampled": int(dictionary.meta.get("metrics", {}).get("resampled_total", 0))}
+    absorbed = (
+        absorption(dictionary, data, matched=matching(dictionary.W_dec, data.features)[1])
+        if data.pairs
+        else None
+    )
+    return {
+        "arch": dictionary.architecture,
+        "latents": dictionary.n_latents,
+        "k": dictionary.config.k,
+        "mcc": round(recovery["mcc"], 4),
+        "recovered_0.9": round(recovery["recovered_0.9"], 4),
+        "mmcs": round(recovery["mmcs"], 4),
+        "dead": int((~fired).sum()),
+        "l0": round(codes.nnz / x.shape[0], 2),
+        "fvu": round(fvu, 4),
+        **({"absorption": round(absorbed, 4)} if absorbed is not None else {}),
+        "train_s": round(seconds, 1),
+        "resampled": int(dictionary.meta.get("metrics", {}).get("resampled_total", 0)),
+    }
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -89,10 +113,18 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((row["scenario"], row["arch"]), []).append(row)
     summary = []
     for (scenario, arch), group in groups.items():
-        entry = {"scenario": scenario, "seed": "all", "arch": arch, "seeds": len(group),
-                 "mcc": _mean(group, "mcc"), "mcc_worst": min(r["mcc"] for r in group),
-                 "recovered_0.9": _mean(group, "recovered_0.9"), "recovered_worst": min(r["recovered_0.9"] for r in group),
-                 "dead_worst": max(r["dead"] for r in group), "train_s": _mean(group, "train_s")}
+        entry = {
+            "scenario": scenario,
+            "seed": "all",
+            "arch": arch,
+            "seeds": len(group),
+            "mcc": _mean(group, "mcc"),
+            "mcc_worst": min(r["mcc"] for r in group),
+            "recovered_0.9": _mean(group, "recovered_0.9"),
+            "recovered_worst": min(r["recovered_0.9"] for r in group),
+            "dead_worst": max(r["dead"] for r in group),
+            "train_s": _mean(group, "train_s"),
+        }
         if all("absorption" in r for r in group):
             entry["absorption"] = _mean(group, "absorption")
         summary.append(entry)

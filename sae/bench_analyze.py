@@ -45,8 +45,13 @@ class AnalyzeBenchConfig:
     """torch threads."""
 
     def __post_init__(self):
-        if min(self.n_latents, self.d_in, self.k, self.tokens, self.reads, self.threads) < 1 or self.k > self.n_latents:
-            raise ConfigError("n_latents, d_in, k, tokens, reads and threads must be positive, and k at most n_latents")
+        if (
+            min(self.n_latents, self.d_in, self.k, self.tokens, self.reads, self.threads) < 1
+            or self.k > self.n_latents
+        ):
+            raise ConfigError(
+                "n_latents, d_in, k, tokens, reads and threads must be positive, and k at most n_latents"
+            )
 
     @classmethod
     def upgrade_json(cls, obj: dict) -> dict:
@@ -59,16 +64,25 @@ RENAMED = {"latents": "n_latents", "d": "d_in"}
 their "latents" and "d" keys (outputs are unchanged)."""
 
 
-def run_analyze_benchmark(*, n_latents: int = 16_384, d_in: int = 768, k: int = 32, tokens: int = 131_072,
-                          context: int = 128, reads: int = 50, threads: int = 2, seed: int = 0,
-                          progress: bool = True) -> list[dict]:
+def run_analyze_benchmark(
+    *,
+    n_latents: int = 16_384,
+    d_in: int = 768,
+    k: int = 32,
+    tokens: int = 131_072,
+    context: int = 128,
+    reads: int = 50,
+    threads: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     dictionary = create(DictionaryConfig("topk", d_in, n_latents, k=k), seed=seed)
     config = AnalyzeConfig()
     block = config.block_windows * context
     n_blocks = max(1, tokens // block)
-    mixing = torch.randn(d_in, d_in, generator=generator) / d_in ** 0.5  # correlated dimensions, as in a model
+    mixing = torch.randn(d_in, d_in, generator=generator) / d_in**0.5  # correlated dimensions, as in a model
     stats = StreamStats(n_latents, d_in, context, config)
     encode_s = total_s = 0.0
     with torch.no_grad():
@@ -80,26 +94,49 @@ def run_analyze_benchmark(*, n_latents: int = 16_384, d_in: int = 768, k: int = 
             stats.add(index * config.block_windows, x, codes)
             total_s += time.perf_counter() - started
             encode_s += encoded - started
-        token_windows = torch.randint(0, 50_000, (n_blocks * config.block_windows, context), generator=generator)
+        token_windows = torch.randint(
+            0, 50_000, (n_blocks * config.block_windows, context), generator=generator
+        )
         started = time.perf_counter()
         tables = stats.tables(token_windows)
         tables.update(weight_tables(dictionary, None, config))
         finish_s = time.perf_counter() - started
     n = n_blocks * block
     rows = [
-        {"name": "encode only (floor)", "latents": n_latents, "d": d_in, "tokens": n, "seconds": round(encode_s, 2),
-         "tokens_per_s": round(n / encode_s), "x_encode": 1.0, "projected_1M_tokens_s": round(encode_s / n * 1e6, 1)},
-        {"name": "analysis pass", "latents": n_latents, "d": d_in, "tokens": n, "seconds": round(total_s, 2),
-         "tokens_per_s": round(n / total_s), "x_encode": round(total_s / encode_s, 3),
-         "projected_1M_tokens_s": round(total_s / n * 1e6 + finish_s, 1)},
+        {
+            "name": "encode only (floor)",
+            "latents": n_latents,
+            "d": d_in,
+            "tokens": n,
+            "seconds": round(encode_s, 2),
+            "tokens_per_s": round(n / encode_s),
+            "x_encode": 1.0,
+            "projected_1M_tokens_s": round(encode_s / n * 1e6, 1),
+        },
+        {
+            "name": "analysis pass",
+            "latents": n_latents,
+            "d": d_in,
+            "tokens": n,
+            "seconds": round(total_s, 2),
+            "tokens_per_s": round(n / total_s),
+            "x_encode": round(total_s / encode_s, 3),
+            "projected_1M_tokens_s": round(total_s / n * 1e6 + finish_s, 1),
+        },
     ]
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "features.duckdb"
         started = time.perf_counter()
         write_store(path, {"n_latents": n_latents, "histogram_edges": stats.edges.tolist()}, tables)
         write_s = time.perf_counter() - started
-        rows.append({"name": "tables + write store", "latents": n_latents, "seconds": round(finish_s + write_s, 2),
-                     "store_mb": round(path.stat().st_size / 2**20, 1)})
+        rows.append(
+            {
+                "name": "tables + write store",
+                "latents": n_latents,
+                "seconds": round(finish_s + write_s, 2),
+                "store_mb": round(path.stat().st_size / 2**20, 1),
+            }
+        )
         rows.append(_page_latency(path, n_latents, reads, generator))
     rows[-1]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return rows
@@ -119,6 +156,11 @@ def _page_latency(path: Path, n_latents: int, reads: int, generator: torch.Gener
     store.features(limit=5000)
     table_ms = (time.perf_counter() - started) * 1e3
     store.close()
-    return {"name": "feature page read", "latents": n_latents, "open_ms": round(open_ms, 1),
-            "median_ms": round(median(times), 1), "p95_ms": round(float(np.percentile(times, 95)), 1),
-            "table_ms": round(table_ms, 1)}
+    return {
+        "name": "feature page read",
+        "latents": n_latents,
+        "open_ms": round(open_ms, 1),
+        "median_ms": round(median(times), 1),
+        "p95_ms": round(float(np.percentile(times, 95)), 1),
+        "table_ms": round(table_ms, 1),
+    }

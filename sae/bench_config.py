@@ -36,9 +36,13 @@ class SaeBenchConfig:
     def __post_init__(self):
         unknown = sorted(set(self.scenario) - set(SCENARIO_NAMES))
         if unknown or not self.scenario:
-            raise ConfigError(f"unknown scenario {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SCENARIO_NAMES)}")
+            raise ConfigError(
+                f"unknown scenario {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SCENARIO_NAMES)}"
+            )
         if self.samples <= 0 or not self.seeds or self.n_planted < 0 or self.d_in < 0:
-            raise ConfigError("samples must be positive, n_planted and d_in >= 0, and at least one seed given")
+            raise ConfigError(
+                "samples must be positive, n_planted and d_in >= 0, and at least one seed given"
+            )
 
     @classmethod
     def upgrade_json(cls, obj: dict) -> dict:

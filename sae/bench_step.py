@@ -32,7 +32,9 @@ def trainer_paths(case, x: torch.Tensor, k: int) -> dict[str, Callable[[], None]
         dictionary.initialize_from(x[:4096])
         trainee = _FixedDead(name, dictionary, lr=1e-4, clip_grad=1.0, dead_after_tokens=10**12)
         trainee.fixed_dead = torch.zeros(case.n_latents, dtype=torch.bool)
-        chosen = torch.randperm(case.n_latents, generator=generator(0, "bench dead latents"))[: int(dead_share * case.n_latents)]
+        chosen = torch.randperm(case.n_latents, generator=generator(0, "bench dead latents"))[
+            : int(dead_share * case.n_latents)
+        ]
         trainee.fixed_dead[chosen] = True
         paths[name] = _stepper(trainee, x)
     return paths

@@ -25,14 +25,16 @@ from torch import Tensor
 ROWS_PER_PASS = 2048
 
 
-def preactivations(dictionary, x: Tensor, rows: int = ROWS_PER_PASS, latents: Optional[Tensor] = None) -> Iterator[Tensor]:
+def preactivations(
+    dictionary, x: Tensor, rows: int = ROWS_PER_PASS, latents: Optional[Tensor] = None
+) -> Iterator[Tensor]:
     """[rows, n_latents] (or [rows, len(latents)]) ReLU'd encoder pre-activations of x - b_dec,
     a pass of `rows` at a time."""
     weight, bias = dictionary.W_enc, dictionary.b_enc
     if latents is not None:
         weight, bias = weight[latents], bias[latents]
     for start in range(0, x.shape[0], rows):
-        chunk = x[start:start + rows].to(weight.dtype) - dictionary.b_dec
+        chunk = x[start : start + rows].to(weight.dtype) - dictionary.b_dec
         yield torch.addmm(bias, chunk, weight.t()).clamp_min_(0)
 
 
@@ -78,6 +80,8 @@ def quota_cuts(pre: Tensor, per_latent: int) -> Tensor:
 def inference_l0(dictionary, x: Tensor, rows: int = 4096) -> float:
     """Mean number of nonzero latents per row of x as the dictionary encodes at inference (rows
     encoded `rows` at a time: a batch-allocating code such as Mutual Choice depends on it)."""
-    nonzero = sum(int((codes.flat_values() != 0).sum()) for codes in
-                  (dictionary.encode(x[start:start + rows]) for start in range(0, x.shape[0], rows)))
+    nonzero = sum(
+        int((codes.flat_values() != 0).sum())
+        for codes in (dictionary.encode(x[start : start + rows]) for start in range(0, x.shape[0], rows))
+    )
     return nonzero / max(1, x.shape[0])

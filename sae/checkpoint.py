@@ -61,17 +61,25 @@ def load_checkpoint(out: Path, trainees: list[Trainee]) -> TrainState | None:
         return None
     state = read_json(state_path, "training checkpoint")
     if state.get("format_version") != FORMAT_VERSION:
-        raise WorkbenchError(f"{state_path}: unknown checkpoint format_version {state.get('format_version')!r}")
+        raise WorkbenchError(
+            f"{state_path}: unknown checkpoint format_version {state.get('format_version')!r}"
+        )
     files = state.get("files", {})
     for trainee in trainees:
         if trainee.name not in files:
-            raise WorkbenchError(f"{state_path}: no state for {trainee.name} (the run's grid changed; use another --out)")
+            raise WorkbenchError(
+                f"{state_path}: no state for {trainee.name} (the run's grid changed; use another --out)"
+            )
         path = out / FOLDER / files[trainee.name]
         try:
             trainee.load_state_tensors(load_file(path))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise WorkbenchError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); delete {out / FOLDER} to restart") from None
+            raise WorkbenchError(
+                f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); delete {out / FOLDER} to restart"
+            ) from None
     try:
         return TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
     except TypeError as exc:
-        raise WorkbenchError(f"{state_path}: incomplete checkpoint ({exc}); delete {out / FOLDER} to restart") from None
+        raise WorkbenchError(
+            f"{state_path}: incomplete checkpoint ({exc}); delete {out / FOLDER} to restart"
+        ) from None

@@ -73,19 +73,31 @@ def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def finetune_codebook(model, hook: str, windows: Tensor, config: FinetuneConfig, progress: bool = True) -> tuple[Codebook, dict]:
+def finetune_codebook(
+    model, hook: str, windows: Tensor, config: FinetuneConfig, progress: bool = True
+) -> tuple[Codebook, dict]:
     """Train a codebook at `hook` on `windows` with the frozen model's next-token loss."""
     for param in model.bridge.parameters():
         param.requires_grad_(config.unfreeze)
     sample = model.run_with_cache(windows[: max(1, 4096 // windows.shape[1] + 1)], [hook])[hook][:, 1:]
     d = sample.shape[-1]
-    codebook = create(DictionaryConfig(architecture="codebook", d_in=d, n_latents=config.codes, k=config.k), seed=config.seed)
+    codebook = create(
+        DictionaryConfig(architecture="codebook", d_in=d, n_latents=config.codes, k=config.k),
+        seed=config.seed,
+    )
     codebook.initialize_from(sample.reshape(-1, d).float())
     groups = [{"params": list(codebook.parameters()), "lr": config.lr}]
     if config.unfreeze:
-        groups.append({"params": [p for p in model.bridge.parameters() if p.requires_grad], "lr": config.lr / 10})
+        groups.append(
+            {"params": [p for p in model.bridge.parameters() if p.requires_grad], "lr": config.lr / 10}
+        )
     optimizer = torch.optim.Adam(groups)
-    order = torch.randint(0, len(windows), (config.steps, config.batch_size), generator=torch.Generator().manual_seed(config.seed))
+    order = torch.randint(
+        0,
+        len(windows),
+        (config.steps, config.batch_size),
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     history = []
     for step in tqdm(range(config.steps), disable=not progress, desc="codebook", unit="step"):
         tokens = windows[order[step]]
@@ -120,23 +132,47 @@ def run_finetune(config: FinetuneConfig, progress: bool = True) -> FinetuneResul
     model = load_model(config.model)
     hook = config.hook or model.default_hook
     model.check_hooks([hook])
-    cache_config = CacheConfig(model=config.model, corpus=config.corpus, tokens=config.steps * config.batch_size * 128,
-                               context_length=config.context_length, seed=config.seed)
+    cache_config = CacheConfig(
+        model=config.model,
+        corpus=config.corpus,
+        tokens=config.steps * config.batch_size * 128,
+        context_length=config.context_length,
+        seed=config.seed,
+    )
     windows = select_windows(cache_config, model)
     codebook, losses = finetune_codebook(model, hook, windows, config, progress=progress)
-    held_out = select_windows(CacheConfig(model=config.model, corpus=config.corpus, split="validation", tokens=8192,
-                                          context_length=config.context_length), model)
+    held_out = select_windows(
+        CacheConfig(
+            model=config.model,
+            corpus=config.corpus,
+            split="validation",
+            tokens=8192,
+            context_length=config.context_length,
+        ),
+        model,
+    )
     with torch.no_grad():
         clean = float(lm_loss(model(held_out), held_out))
         with insert_codebook(model, codebook, hook):
             coded = float(lm_loss(model(held_out), held_out))
-    out = Path(config.out) if config.out else DEFAULT_RUNS_DIR / f"codebook-{hook}-c{config.codes}-k{config.k}"
+    out = (
+        Path(config.out) if config.out else DEFAULT_RUNS_DIR / f"codebook-{hook}-c{config.codes}-k{config.k}"
+    )
     metrics = {**losses, "lm_loss_clean": clean, "lm_loss_with_codebook": coded}
     model_spec = config.model
     if config.unfreeze:  # the codes only make sense with the weights they were trained with
         model_spec = save_hf_model(model, out / "model", held_out[:2])
-    io.save(codebook, out, hook=hook, model=model_spec, corpus=config.corpus, context_length=int(windows.shape[1]),
-            trained_in_model=True, metrics=metrics, finetune_config=_as_json(config))
+    io.save(
+        codebook,
+        out,
+        hook=hook,
+        model=model_spec,
+        corpus=config.corpus,
+        context_length=int(windows.shape[1]),
+        trained_in_model=True,
+        metrics=metrics,
+        finetune_config=_as_json(config),
+    )
     return FinetuneResult(out, metrics)
 
 
@@ -151,7 +187,10 @@ def save_hf_model(model, folder, check_tokens: Tensor) -> str:
     hf_model = model.bridge.original_model
     plain = AutoModelForCausalLM.from_config(hf_model.config)
     # The bridge wraps each HF module ("<name>._original_component"); strip the wrappers.
-    weights = {name.replace("._original_component", ""): t.detach().contiguous().clone() for name, t in hf_model.state_dict().items()}
+    weights = {
+        name.replace("._original_component", ""): t.detach().contiguous().clone()
+        for name, t in hf_model.state_dict().items()
+    }
     expected = plain.state_dict()
     missing = [n for n in expected if n not in weights and n != "lm_head.weight"]
     if missing:
@@ -163,7 +202,9 @@ def save_hf_model(model, folder, check_tokens: Tensor) -> str:
     reloaded = load_model(str(folder))
     with torch.no_grad():
         if not torch.allclose(reloaded(check_tokens), model(check_tokens), atol=1e-4, rtol=1e-4):
-            raise WorkbenchError(f"{folder}: the saved fine-tuned model does not reproduce the trained one's logits")
+            raise WorkbenchError(
+                f"{folder}: the saved fine-tuned model does not reproduce the trained one's logits"
+            )
     return str(Path(folder).resolve())
 
 

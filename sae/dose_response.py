@@ -35,9 +35,16 @@ class SweepRow:
     example: str
 
 
-def sweep(model, edit: Edit, strengths: Sequence[float], prompts: Sequence[str],
-          concept: Sequence[str] | Sequence[int] | Callable[[str], float], neutral_text: str,
-          max_new_tokens: int = 20, positions: str | Tensor = "all") -> list[SweepRow]:
+def sweep(
+    model,
+    edit: Edit,
+    strengths: Sequence[float],
+    prompts: Sequence[str],
+    concept: Sequence[str] | Sequence[int] | Callable[[str], float],
+    neutral_text: str,
+    max_new_tokens: int = 20,
+    positions: str | Tensor = "all",
+) -> list[SweepRow]:
     """One row per strength (greedy decoding, so rows differ only by the edit). Raises
     DictionaryError for no prompts or strengths, and (before any pass) what
     `sae.steering.check_edits` raises for the edit at any of the strengths."""
@@ -54,20 +61,27 @@ def sweep(model, edit: Edit, strengths: Sequence[float], prompts: Sequence[str],
     for strength in strengths:
         steered_edit = dataclasses.replace(edit, strength=float(strength))
         with torch.no_grad(), steer(model, [steered_edit], positions):
-            continuations = [_continuation(model.generate(p, max_new_tokens=max_new_tokens), p) for p in prompts]
+            continuations = [
+                _continuation(model.generate(p, max_new_tokens=max_new_tokens), p) for p in prompts
+            ]
             logprobs = model(neutral).float().log_softmax(-1)[0, :-1]
-        rows.append(SweepRow(
-            strength=float(strength),
-            concept_rate=_concept_rate(model, continuations, concept, concept_ids),
-            kl_neutral=float(F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1).mean()),
-            ce_neutral=float(-logprobs.gather(-1, neutral[0, 1:, None]).mean()),
-            fluency=_fluency(model, prompts, continuations),
-            example=prompts[0] + continuations[0]))
+        rows.append(
+            SweepRow(
+                strength=float(strength),
+                concept_rate=_concept_rate(model, continuations, concept, concept_ids),
+                kl_neutral=float(
+                    F.kl_div(logprobs, reference, log_target=True, reduction="none").sum(-1).mean()
+                ),
+                ce_neutral=float(-logprobs.gather(-1, neutral[0, 1:, None]).mean()),
+                fluency=_fluency(model, prompts, continuations),
+                example=prompts[0] + continuations[0],
+            )
+        )
     return rows
 
 
 def _continuation(text: str, prompt: str) -> str:
-    return text[len(prompt):] if text.startswith(prompt) else text
+    return text[len(prompt) :] if text.startswith(prompt) else text
 
 
 def _token_set(model, concept: Sequence[str] | Sequence[int]) -> set[int]:
@@ -98,7 +112,7 @@ def _fluency(model, prompts: Sequence[str], continuations: list[str]) -> float:
             tokens = model.tokenize(prompt + continuation)
             if tokens.shape[1] <= n_prompt:
                 continue
-            logprobs = model(tokens).float().log_softmax(-1)[0, n_prompt - 1:-1]
+            logprobs = model(tokens).float().log_softmax(-1)[0, n_prompt - 1 : -1]
             total += float(logprobs.gather(-1, tokens[0, n_prompt:, None]).sum())
             count += tokens.shape[1] - n_prompt
     return total / max(count, 1)
@@ -110,9 +124,18 @@ def figure(rows: list[SweepRow], title: str = "steering dose-response"):
 
     x = [r.strength for r in rows]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=x, y=[r.concept_rate for r in rows], name="concept rate", mode="lines+markers"))
-    fig.add_trace(go.Scatter(x=x, y=[r.kl_neutral for r in rows], name="KL on neutral text", mode="lines+markers",
-                             yaxis="y2"))
-    fig.update_layout(title=title, xaxis_title="strength", yaxis=dict(title="concept rate"),
-                      yaxis2=dict(title="KL (nats/token)", overlaying="y", side="right"))
+    fig.add_trace(
+        go.Scatter(x=x, y=[r.concept_rate for r in rows], name="concept rate", mode="lines+markers")
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x, y=[r.kl_neutral for r in rows], name="KL on neutral text", mode="lines+markers", yaxis="y2"
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title="strength",
+        yaxis=dict(title="concept rate"),
+        yaxis2=dict(title="KL (nats/token)", overlaying="y", side="right"),
+    )
     return fig

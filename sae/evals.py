@@ -53,7 +53,9 @@ class EvalConfig:
     """Score on this cache's rows instead of held-out text (its held-out rows if made with --from, else all non-BOS rows); empty means held-out text, or the dictionary's own cache when it records no model."""
 
 
-def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True) -> dict:
+def evaluate(
+    dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True
+) -> dict:
     from workbench.activations import CacheConfig, select_windows
     from workbench.models import load_model
 
@@ -65,16 +67,25 @@ def evaluate(dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=No
     if model is None:
         model = load_model(spec)
     corpus = config.corpus or meta.get("corpus") or "default"
-    cache_config = CacheConfig(model=spec or "demo", corpus=corpus, split="validation", tokens=config.tokens,
-                               context_length=config.context_length or int(meta.get("context_length") or 0))
+    cache_config = CacheConfig(
+        model=spec or "demo",
+        corpus=corpus,
+        split="validation",
+        tokens=config.tokens,
+        context_length=config.context_length or int(meta.get("context_length") or 0),
+    )
     windows = select_windows(cache_config, model)
     dictionary = dictionary.eval()
     with torch.no_grad():
         mean = _mean_activation(model, hook, windows, config.batch_size)
         totals = _Totals(dictionary.n_latents)
         probe_rows = _ProbeRows(config.probe_tokens if config.probe_k else 0)
-        for start in tqdm(range(0, len(windows), config.batch_size), disable=not progress, desc="eval", unit="batch"):
-            _evaluate_batch(model, dictionary, hook, windows[start:start + config.batch_size], mean, totals, probe_rows)
+        for start in tqdm(
+            range(0, len(windows), config.batch_size), disable=not progress, desc="eval", unit="batch"
+        ):
+            _evaluate_batch(
+                model, dictionary, hook, windows[start : start + config.batch_size], mean, totals, probe_rows
+            )
     metrics = {"hook": hook, "model": spec, "corpus": corpus, **totals.metrics()}
     if config.probe_k:
         metrics.update(probe_rows.metrics(windows, model.tokenizer, config.probe_k))
@@ -98,29 +109,43 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
     totals = _Totals(dictionary.n_latents)
     dictionary = dictionary.eval()
     with torch.no_grad():
-        for batch in tqdm(cache.batches(hook, 4096, shuffle=False, subset=subset), disable=not progress, desc="eval", unit="batch"):
+        for batch in tqdm(
+            cache.batches(hook, 4096, shuffle=False, subset=subset),
+            disable=not progress,
+            desc="eval",
+            unit="batch",
+        ):
             x = batch.activations[: config.tokens - totals.n].float()
             codes = dictionary.encode(x)
             totals.add_reconstruction(x, dictionary.decode(codes), codes)
             if totals.n >= config.tokens:
                 break
     if totals.n == 0:
-        raise DictionaryError(f"{cache.path}: no {subset.replace('_', '-')} rows to evaluate on (import with --validation-fraction > 0)")
+        raise DictionaryError(
+            f"{cache.path}: no {subset.replace('_', '-')} rows to evaluate on (import with --validation-fraction > 0)"
+        )
     return {"hook": hook, "cache": str(cache.path), "rows": subset, **totals.reconstruction_metrics()}
 
 
 def _mean_activation(model, hook: str, windows: Tensor, batch_size: int) -> Tensor:
     total, count = None, 0
     for start in range(0, len(windows), batch_size):
-        act = model.run_with_cache(windows[start:start + batch_size], [hook])[hook][:, 1:]
+        act = model.run_with_cache(windows[start : start + batch_size], [hook])[hook][:, 1:]
         flat = act.reshape(-1, act.shape[-1]).double()
         total = flat.sum(0) if total is None else total + flat.sum(0)
         count += flat.shape[0]
     return (total / count).float()
 
 
-def _evaluate_batch(model, dictionary: Dictionary, hook: str, tokens: Tensor, mean: Tensor, totals: "_Totals",
-                    probe_rows: "_ProbeRows") -> None:
+def _evaluate_batch(
+    model,
+    dictionary: Dictionary,
+    hook: str,
+    tokens: Tensor,
+    mean: Tensor,
+    totals: "_Totals",
+    probe_rows: "_ProbeRows",
+) -> None:
     captured: list = []
     with model.hooks([capture(hook, captured)]):
         clean = model(tokens)
@@ -158,12 +183,17 @@ class _ProbeRows:
             return {}
         neurons, latents = torch.cat(self.neurons), torch.cat(self.latents)
         n_windows = neurons.shape[0] // (windows.shape[1] - 1)
-        tasks = probe_neurons_vs_latents(windows[:n_windows], neurons, latents, lambda t: tokenizer.decode([t]), k)
+        tasks = probe_neurons_vs_latents(
+            windows[:n_windows], neurons, latents, lambda t: tokenizer.decode([t]), k
+        )
         if not tasks:
             return {"sparse_probing": {"k": k, "tasks": {}}}
         mean = lambda key: sum(t[key] for t in tasks.values()) / len(tasks)  # noqa: E731
-        return {"sparse_probing_latents": mean("latents"), "sparse_probing_neurons": mean("neurons"),
-                "sparse_probing": {"k": k, "metric": "balanced_accuracy", "tasks": tasks}}
+        return {
+            "sparse_probing_latents": mean("latents"),
+            "sparse_probing_neurons": mean("neurons"),
+            "sparse_probing": {"k": k, "metric": "balanced_accuracy", "tasks": tasks},
+        }
 
 
 class _Totals:
@@ -209,7 +239,11 @@ class _Totals:
         fvu = s["sq_err"] / variance if variance > 0 else float("nan")
         density = self.fires / n
         alive = density[density > 0].log10().clamp(DENSITY_BINS[0].item(), 0)
-        histogram = torch.histogram(alive.float(), bins=DENSITY_BINS).hist if alive.numel() else torch.zeros(len(DENSITY_BINS) - 1)
+        histogram = (
+            torch.histogram(alive.float(), bins=DENSITY_BINS).hist
+            if alive.numel()
+            else torch.zeros(len(DENSITY_BINS) - 1)
+        )
         return {
             "tokens": n,
             "mse": s["sq_err"] / (n * self.d),
@@ -218,7 +252,10 @@ class _Totals:
             "l0": s["l0"] / n,
             "dead_fraction": float((self.fires == 0).double().mean()),
             "relative_reconstruction_bias": s["xhat_sq"] / s["xhat_x"] if s["xhat_x"] else float("nan"),
-            "log_density_histogram": {"bin_edges": [round(float(b), 2) for b in DENSITY_BINS], "counts": [int(c) for c in histogram]},
+            "log_density_histogram": {
+                "bin_edges": [round(float(b), 2) for b in DENSITY_BINS],
+                "counts": [int(c) for c in histogram],
+            },
         }
 
     def metrics(self) -> dict:
@@ -226,10 +263,15 @@ class _Totals:
         kl = {k: v / self.positions for k, v in self.kl.items()}
         return {
             **self.reconstruction_metrics(),
-            "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
+            "ce_clean": ce["clean"],
+            "ce_sae": ce["sae"],
+            "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"],
             "ce_loss_score": _score(ce["zero"], ce["sae"], ce["clean"]),
             "ce_loss_score_mean_ablation": _score(ce["mean"], ce["sae"], ce["clean"]),
-            "kl_sae": kl["sae"], "kl_zero_ablation": kl["zero"], "kl_mean_ablation": kl["mean"],
+            "kl_sae": kl["sae"],
+            "kl_zero_ablation": kl["zero"],
+            "kl_mean_ablation": kl["mean"],
             "kl_score": _score(kl["zero"], kl["sae"], 0.0),
             "kl_score_mean_ablation": _score(kl["mean"], kl["sae"], 0.0),
         }

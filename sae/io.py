@@ -34,9 +34,16 @@ def save(dictionary: Dictionary, folder: str | Path, *, input_scale: float = 1.0
     if input_scale != 1.0:
         folded.fold_input_scale(input_scale)
     tensors = {name: t.detach().contiguous() for name, t in folded.state_dict().items()}
-    save_tensors_atomic(folder / WEIGHTS, tensors, metadata={"format": "workbench", "architecture": dictionary.architecture})
-    meta = {"format_version": FORMAT_VERSION, "architecture": dictionary.architecture,
-            "dictionary": dictionary.config.to_json(), "input_scale_folded": input_scale, **fields}
+    save_tensors_atomic(
+        folder / WEIGHTS, tensors, metadata={"format": "workbench", "architecture": dictionary.architecture}
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "architecture": dictionary.architecture,
+        "dictionary": dictionary.config.to_json(),
+        "input_scale_folded": input_scale,
+        **fields,
+    }
     write_json_atomic(folder / CONFIG, meta)  # last: its presence marks a complete folder
     return folder
 
@@ -60,13 +67,17 @@ def load(path: str | Path, device: str = "cpu") -> Dictionary:
         return peers.load_saelens(folder).to(device)
     if (folder / peers.SPARSIFY_WEIGHTS).exists():
         return peers.load_sparsify(folder).to(device)
-    raise DictionaryError(f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) nor {peers.SPARSIFY_WEIGHTS} (sparsify)")
+    raise DictionaryError(
+        f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) nor {peers.SPARSIFY_WEIGHTS} (sparsify)"
+    )
 
 
 def _load_ours(folder: Path) -> Dictionary:
     meta = read_json(folder / CONFIG, "dictionary config", DictionaryError)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DictionaryError(f"{folder / CONFIG}: unknown format_version {meta.get('format_version')!r} (this workbench reads {FORMAT_VERSION})")
+        raise DictionaryError(
+            f"{folder / CONFIG}: unknown format_version {meta.get('format_version')!r} (this workbench reads {FORMAT_VERSION})"
+        )
     if not isinstance(meta.get("dictionary"), dict):
         raise DictionaryError(f"{folder / CONFIG}: no 'dictionary' object")
     try:

@@ -46,9 +46,19 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_CONFIG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
-_SAELENS_ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
-_SAELENS_TENSORS = {"relu": ("W_enc", "b_enc"), "topk": ("W_enc", "b_enc"), "jumprelu": ("W_enc", "b_enc", "threshold"),
-                    "gated": ("W_enc", "b_gate", "r_mag", "b_mag")}
+_SAELENS_ARCHITECTURES = {
+    "standard": "relu",
+    "relu": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+}
+_SAELENS_TENSORS = {
+    "relu": ("W_enc", "b_enc"),
+    "topk": ("W_enc", "b_enc"),
+    "jumprelu": ("W_enc", "b_enc", "threshold"),
+    "gated": ("W_enc", "b_gate", "r_mag", "b_mag"),
+}
 _FOLDED_NORMALISATIONS = ("none", "expected_average_only_in")
 _REQUIRED = object()
 
@@ -92,7 +102,11 @@ def load_saelens(folder: Path) -> Dictionary:
     Raises DictionaryError (one line naming the folder) for a missing field without a documented
     default, an unsupported architecture or normalisation, a missing tensor, or a tensor the
     architecture does not use (SAELens refuses those too)."""
-    cfg = _Fields(read_json(folder / SAELENS_CONFIG, "SAELens cfg.json", DictionaryError), folder / SAELENS_CONFIG, "SAELens")
+    cfg = _Fields(
+        read_json(folder / SAELENS_CONFIG, "SAELens cfg.json", DictionaryError),
+        folder / SAELENS_CONFIG,
+        "SAELens",
+    )
     legacy = _saelens_major_version(cfg) < 6
     arch, label, k = _saelens_architecture(cfg, legacy)
     _saelens_normalisation(cfg, legacy)
@@ -110,14 +124,20 @@ def load_saelens(folder: Path) -> Dictionary:
     dictionary = from_tensors(dictionary_class(arch), config, ours, weights, buffers_optional=True)
     meta = cfg.values.get("metadata") or cfg.values.get("meta") or {}
     meta = meta if isinstance(meta, dict) else {}
-    dictionary.meta = {"format": "saelens", "hook": cfg.values.get("hook_name") or meta.get("hook_name"),
-                       "model": cfg.values.get("model_name") or meta.get("model_name"), "defaulted": cfg.defaulted}
+    dictionary.meta = {
+        "format": "saelens",
+        "hook": cfg.values.get("hook_name") or meta.get("hook_name"),
+        "model": cfg.values.get("model_name") or meta.get("model_name"),
+        "defaulted": cfg.defaulted,
+    }
     return dictionary
 
 
 def _saelens_major_version(cfg: _Fields) -> int:
     meta = cfg.values.get("metadata")
-    version = cfg.values.get("sae_lens_version") or (meta.get("sae_lens_version") if isinstance(meta, dict) else None)
+    version = cfg.values.get("sae_lens_version") or (
+        meta.get("sae_lens_version") if isinstance(meta, dict) else None
+    )
     if not version:
         return 0  # SAELens reads a config without a version as one from before 6.0
     match = re.match(r"\s*(\d+)\.", str(version))
@@ -136,12 +156,16 @@ def _saelens_architecture(cfg: _Fields, legacy: bool) -> tuple[str, str, int | N
         if activation != "topk" or label not in ("standard", "topk"):
             raise cfg.error(f"activation_fn {activation!r} with architecture {label!r} is not supported")
         if not isinstance(kwargs, dict) or kwargs.get("k") is None:
-            raise cfg.error("activation_fn 'topk' without activation_fn_kwargs.k (SAELens documents no default for it)")
+            raise cfg.error(
+                "activation_fn 'topk' without activation_fn_kwargs.k (SAELens documents no default for it)"
+            )
         label, k = "topk", kwargs["k"]
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
             raise cfg.error(f"activation_fn_kwargs.k must be a positive integer, got {k!r}")
     if label not in _SAELENS_ARCHITECTURES:
-        raise cfg.error(f"SAELens architecture {label!r} is not supported (supported: {', '.join(_SAELENS_ARCHITECTURES)})")
+        raise cfg.error(
+            f"SAELens architecture {label!r} is not supported (supported: {', '.join(_SAELENS_ARCHITECTURES)})"
+        )
     return _SAELENS_ARCHITECTURES[label], label, k
 
 
@@ -152,30 +176,44 @@ def _saelens_normalisation(cfg: _Fields, legacy: bool) -> None:
     if legacy and norm is None:
         norm = cfg.defaulted["normalize_activations"] = "none"
     if norm not in _FOLDED_NORMALISATIONS:
-        raise cfg.error(f"normalize_activations={norm!r} is not supported: only norms folded into the weights are ({', '.join(_FOLDED_NORMALISATIONS)})")
+        raise cfg.error(
+            f"normalize_activations={norm!r} is not supported: only norms folded into the weights are ({', '.join(_FOLDED_NORMALISATIONS)})"
+        )
 
 
-def _saelens_tensors(arch: str, label: str, t: dict, folder: Path, apply_b_dec: bool, rescale: bool, scaling: bool) -> dict:
+def _saelens_tensors(
+    arch: str, label: str, t: dict, folder: Path, apply_b_dec: bool, rescale: bool, scaling: bool
+) -> dict:
     names = [*_SAELENS_TENSORS[arch], "W_dec", "b_dec"]
     where = folder / SAELENS_WEIGHTS
     if missing := [n for n in names if n not in t]:
         raise DictionaryError(f"{where}: SAELens {label} weights lack {', '.join(missing)}")
     if unused := sorted(set(t) - set(names) - {"scaling_factor"}):
-        raise DictionaryError(f"{folder}: cfg.json says architecture {label!r}, but {SAELENS_WEIGHTS} also holds "
-                              f"{', '.join(map(repr, unused))}, which a SAELens {label} SAE does not use; refusing to drop it")
+        raise DictionaryError(
+            f"{folder}: cfg.json says architecture {label!r}, but {SAELENS_WEIGHTS} also holds "
+            f"{', '.join(map(repr, unused))}, which a SAELens {label} SAE does not use; refusing to drop it"
+        )
     ours = {n: t[n].float() for n in names}
     if "scaling_factor" in t:  # latents scaled before decoding: f @ (s * W_dec) == (f * s) @ W_dec
         s = t["scaling_factor"].float()
         if not torch.equal(s, torch.ones_like(s)):
             if not scaling:
-                raise DictionaryError(f"{folder}: {SAELENS_WEIGHTS} holds scaling_factor (not all ones), but cfg.json does not set finetuning_scaling_factor")
+                raise DictionaryError(
+                    f"{folder}: {SAELENS_WEIGHTS} holds scaling_factor (not all ones), but cfg.json does not set finetuning_scaling_factor"
+                )
             if s.shape != ours["W_dec"].shape[:1]:
-                raise DictionaryError(f"{where}: scaling_factor has shape {tuple(s.shape)}, expected {tuple(ours['W_dec'].shape[:1])}")
+                raise DictionaryError(
+                    f"{where}: scaling_factor has shape {tuple(s.shape)}, expected {tuple(ours['W_dec'].shape[:1])}"
+                )
             ours["W_dec"] = ours["W_dec"] * s[:, None]
     ours["W_enc"] = ours["W_enc"].t().contiguous()  # SAELens keeps W_enc as [d_in, d_sae]
     if rescale:  # TopK of z * n, decoded as f / n: fold n into the encoder and out of the decoder
         n = ours["W_dec"].norm(dim=1)
-        ours["W_enc"], ours["b_enc"], ours["W_dec"] = ours["W_enc"] * n[:, None], ours["b_enc"] * n, ours["W_dec"] / n[:, None]
+        ours["W_enc"], ours["b_enc"], ours["W_dec"] = (
+            ours["W_enc"] * n[:, None],
+            ours["b_enc"] * n,
+            ours["W_dec"] / n[:, None],
+        )
     if arch == "jumprelu":  # ReLU(z) * 1[z > t] == z * 1[z > max(t, 0)]
         ours["threshold"] = ours["threshold"].clamp_min(0)
     if not apply_b_dec:  # our encoders subtract b_dec first; move it into the encoder biases
@@ -196,7 +234,11 @@ def load_sparsify(folder: Path) -> Dictionary:
     Raises DictionaryError (one line naming the folder) for a missing d_in, an unsupported
     activation, skip connection or transcoder, widths that disagree with the tensors, a missing
     tensor, or a tensor a sparse autoencoder does not use."""
-    cfg = _Fields(read_json(folder / SPARSIFY_CONFIG, "sparsify cfg.json", DictionaryError), folder / SPARSIFY_CONFIG, "sparsify")
+    cfg = _Fields(
+        read_json(folder / SPARSIFY_CONFIG, "sparsify cfg.json", DictionaryError),
+        folder / SPARSIFY_CONFIG,
+        "sparsify",
+    )
     where = folder / SPARSIFY_WEIGHTS
     t = read_weights(where)
     d = cfg.positive_int("d_in")
@@ -205,7 +247,9 @@ def load_sparsify(folder: Path) -> Dictionary:
     if cfg.flag("skip_connection", False):
         raise cfg.error("sparsify coders with a skip connection (transcoders) are not supported")
     if cfg.flag("transcode", False):
-        raise cfg.error("transcode=true: a transcoder predicts another hook's output; only autoencoders are supported")
+        raise cfg.error(
+            "transcode=true: a transcoder predicts another hook's output; only autoencoders are supported"
+        )
     m = cfg.get("num_latents", 0)
     if m == 0:
         m = d * cfg.positive_int("expansion_factor", 32)
@@ -218,13 +262,21 @@ def load_sparsify(folder: Path) -> Dictionary:
     if missing := [n for n in needed if n not in t]:
         raise DictionaryError(f"{where}: sparsify weights lack {', '.join(missing)}")
     if unused := sorted(set(t) - set(needed)):
-        raise DictionaryError(f"{folder}: {SPARSIFY_WEIGHTS} holds {', '.join(map(repr, unused))}, which a sparsify autoencoder "
-                              "without skip connection does not use; refusing to drop it")
+        raise DictionaryError(
+            f"{folder}: {SPARSIFY_WEIGHTS} holds {', '.join(map(repr, unused))}, which a sparsify autoencoder "
+            "without skip connection does not use; refusing to drop it"
+        )
     if tuple(t["encoder.weight"].shape) != (m, d):
-        raise DictionaryError(f"{folder}: encoder.weight is {tuple(t['encoder.weight'].shape)}, but cfg.json gives "
-                              f"{m} latents x d_in {d}{' (num_latents defaulted)' if 'num_latents' in cfg.defaulted else ''}")
-    ours = {"W_enc": t["encoder.weight"].float(), "b_enc": t["encoder.bias"].float(),
-            "W_dec": t["W_dec"].float(), "b_dec": t["b_dec"].float()}
+        raise DictionaryError(
+            f"{folder}: encoder.weight is {tuple(t['encoder.weight'].shape)}, but cfg.json gives "
+            f"{m} latents x d_in {d}{' (num_latents defaulted)' if 'num_latents' in cfg.defaulted else ''}"
+        )
+    ours = {
+        "W_enc": t["encoder.weight"].float(),
+        "b_enc": t["encoder.bias"].float(),
+        "W_dec": t["W_dec"].float(),
+        "b_dec": t["b_dec"].float(),
+    }
     config = DictionaryConfig(architecture="topk", d_in=d, n_latents=m, k=k)
     dictionary = from_tensors(dictionary_class("topk"), config, ours, where, buffers_optional=True)
     dictionary.meta = {"format": "sparsify", "hook": folder.name, "model": None, "defaulted": cfg.defaulted}

@@ -34,7 +34,10 @@ class SmallestKeys:
         self.size = size
         self.keys = torch.full((n_latents, size), float("inf"))
         self.worst = torch.full((n_latents,), float("inf"))  # the largest key held, per feature
-        self.data = {name: torch.zeros((n_latents, size, *shape), dtype=dtype) for name, (shape, dtype) in payload.items()}
+        self.data = {
+            name: torch.zeros((n_latents, size, *shape), dtype=dtype)
+            for name, (shape, dtype) in payload.items()
+        }
 
     def count(self) -> Tensor:
         """Entries held per feature, [features]."""
@@ -63,7 +66,7 @@ class SmallestKeys:
         picked.scatter_(1, merged.topk(self.size, dim=1, largest=False).indices, True)
         index = torch.full((touched.numel(), self.size), -1, dtype=torch.long)
         index[row, rank] = candidates
-        entering = (picked[:, self.size:] & (index >= 0)).nonzero()  # row by row
+        entering = (picked[:, self.size :] & (index >= 0)).nonzero()  # row by row
         # Slots to write, per row: first those whose entry lost, then empty ones; as many as enter.
         held = torch.isfinite(merged[:, : self.size])
         priority = torch.where(picked[:, : self.size] & held, 2, torch.where(held, 0, 1))

@@ -33,7 +33,10 @@ def _lines(strings: list[str]) -> list[str]:
 
 def speaker_name(strings: list[str]) -> list[bool]:
     """The token is a letter-bearing part of a speaker's name line ("BENEDICK:")."""
-    return [bool(_SPEAKER_LINE.match(line)) and any(c.isalpha() for c in s) for s, line in zip(strings, _lines(strings))]
+    return [
+        bool(_SPEAKER_LINE.match(line)) and any(c.isalpha() for c in s)
+        for s, line in zip(strings, _lines(strings))
+    ]
 
 
 def line_start(strings: list[str]) -> list[bool]:

@@ -73,8 +73,14 @@ def rank_features(x: Tensor, y: Tensor, ranking: str = "mean_diff") -> Tensor:
     return score.nan_to_num(0.0).argsort(descending=True)
 
 
-def sweep(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, ks: tuple[int, ...],
-          ranking: str = "mean_diff") -> list[dict]:
+def sweep(
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    ks: tuple[int, ...],
+    ranking: str = "mean_diff",
+) -> list[dict]:
     """One row per k: the chosen features and held-out accuracy, balanced accuracy and F1."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
@@ -85,12 +91,19 @@ def sweep(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, ks: 
     rows = []
     for k in sorted(set(min(k, x_train.shape[1]) for k in ks)):
         chosen = order[:k].numpy()
-        model = LogisticRegression(class_weight="balanced", max_iter=1000).fit(x_train[:, chosen], y_train.numpy())
+        model = LogisticRegression(class_weight="balanced", max_iter=1000).fit(
+            x_train[:, chosen], y_train.numpy()
+        )
         predicted = model.predict(x_test[:, chosen])
-        rows.append({"k": k, "accuracy": float(accuracy_score(y_test, predicted)),
-                     "balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
-                     "f1": float(f1_score(y_test, predicted, zero_division=0)),
-                     "features_chosen": [int(i) for i in chosen[:8]]})
+        rows.append(
+            {
+                "k": k,
+                "accuracy": float(accuracy_score(y_test, predicted)),
+                "balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
+                "f1": float(f1_score(y_test, predicted, zero_division=0)),
+                "features_chosen": [int(i) for i in chosen[:8]],
+            }
+        )
     return rows
 
 
@@ -132,20 +145,39 @@ def run_probes(config: ProbeConfig, progress: bool = True) -> list[dict]:
     for task in tasks:
         if own is not None and own[1].dim() == 1:  # per-sequence labels: mean-pooled features
             pooled = features[:, 1:].mean(dim=1)
-            x_train, y_train, x_test, y_test = pooled[train_w], own[1][train_w], pooled[test_w], own[1][test_w]
+            x_train, y_train, x_test, y_test = (
+                pooled[train_w],
+                own[1][train_w],
+                pooled[test_w],
+                own[1][test_w],
+            )
         else:
-            labels = own[1] if own is not None else task_labels(task, windows, lambda t: tokenizer.decode([t]))
+            labels = (
+                own[1] if own is not None else task_labels(task, windows, lambda t: tokenizer.decode([t]))
+            )
             x_train, y_train = _rows_of(features, labels, train_w)
             x_test, y_test = _rows_of(features, labels, test_w)
         if min(int(y_train.sum()), int((~y_train).sum()), int(y_test.sum())) == 0:
             skipped.append({"task": task, "reason": "a split lacks one class in these tokens"})
             continue
         for row in sweep(x_train, y_train, x_test, y_test, config.k, config.ranking):
-            rows.append({"task": task, "features": config.on, "hook": source.hook, **row,
-                         "positives_test": int(y_test.sum()), "tokens_test": len(y_test)})
-    write_json_atomic(default_output(config), {"config": _config_json(config), "rows": rows, "skipped": skipped})
+            rows.append(
+                {
+                    "task": task,
+                    "features": config.on,
+                    "hook": source.hook,
+                    **row,
+                    "positives_test": int(y_test.sum()),
+                    "tokens_test": len(y_test),
+                }
+            )
+    write_json_atomic(
+        default_output(config), {"config": _config_json(config), "rows": rows, "skipped": skipped}
+    )
     if not rows:
-        raise ConfigError(f"no probing task has both classes in the first {config.tokens} tokens ({', '.join(tasks)})")
+        raise ConfigError(
+            f"no probing task has both classes in the first {config.tokens} tokens ({', '.join(tasks)})"
+        )
     return rows
 
 
@@ -168,7 +200,9 @@ def read_labels(path: str, shape: torch.Size) -> tuple[str, Tensor]:
     if window_labels is not None and labels.dim() != 1:
         raise ConfigError(f"{path}: window_labels must be one label per window")
     if not 2 <= len(labels) <= shape[0] or bool(((labels != 0) & (labels != 1)).any()):
-        raise ConfigError(f"{path}: need 0/1 labels for between 2 and {shape[0]} windows (raise --tokens for more), got {len(labels)}")
+        raise ConfigError(
+            f"{path}: need 0/1 labels for between 2 and {shape[0]} windows (raise --tokens for more), got {len(labels)}"
+        )
     labels = labels.bool()
     if labels.dim() == 2:
         labels[:, 0] = False  # BOS
@@ -213,8 +247,15 @@ def _config_json(config: ProbeConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def probe_neurons_vs_latents(windows: Tensor, neurons: Tensor, latents: Tensor, decode_token, k: int = 1,
-                             test_fraction: float = 0.3, seed: int = 0) -> dict:
+def probe_neurons_vs_latents(
+    windows: Tensor,
+    neurons: Tensor,
+    latents: Tensor,
+    decode_token,
+    k: int = 1,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> dict:
     """Held-out balanced accuracy of the k-sparse probe of every built-in task, on neurons and
     on latents of the same tokens (rows: the non-BOS positions of `windows`, in order). Tasks
     lacking a class in a split are left out."""
@@ -232,7 +273,13 @@ def probe_neurons_vs_latents(windows: Tensor, neurons: Tensor, latents: Tensor, 
         scores = {}
         for name, features in (("neurons", neurons), ("latents", latents)):
             f = features.view(n, per_window, -1)
-            row = sweep(f[train_w].reshape(len(y_train), -1), y_train, f[test_w].reshape(len(y_test), -1), y_test, (k,))[0]
+            row = sweep(
+                f[train_w].reshape(len(y_train), -1),
+                y_train,
+                f[test_w].reshape(len(y_test), -1),
+                y_test,
+                (k,),
+            )[0]
             scores[name] = row["balanced_accuracy"]
         results[task] = scores
     return results

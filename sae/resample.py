@@ -33,7 +33,9 @@ _ZEROED = ("b_enc", "b_gate", "b_mag", "r_mag")
 
 
 @torch.no_grad()
-def latents_to_resample(dictionary: Dictionary, fires: Tensor, min_fires: float, duplicate_cosine: float) -> Tensor:
+def latents_to_resample(
+    dictionary: Dictionary, fires: Tensor, min_fires: float, duplicate_cosine: float
+) -> Tensor:
     """bool [n_latents]: rarely firing latents and the less active member of duplicate pairs."""
     chosen = fires < min_fires
     if duplicate_cosine < 1:
@@ -41,14 +43,22 @@ def latents_to_resample(dictionary: Dictionary, fires: Tensor, min_fires: float,
         cos = directions @ directions.t()
         cos.fill_diagonal_(0)
         busier = fires[None, :] > fires[:, None]  # [i, j]: j fired more than i
-        tie = (fires[None, :] == fires[:, None]) & (torch.arange(len(fires))[None, :] < torch.arange(len(fires))[:, None])
+        tie = (fires[None, :] == fires[:, None]) & (
+            torch.arange(len(fires))[None, :] < torch.arange(len(fires))[:, None]
+        )
         chosen |= ((cos > duplicate_cosine) & (busier | tie)).any(dim=1)
     return chosen
 
 
 @torch.no_grad()
-def resample(dictionary: Dictionary, optimizer: torch.optim.Optimizer, chosen: Tensor, x: Tensor, x_hat: Tensor,
-             generator: torch.Generator) -> int:
+def resample(
+    dictionary: Dictionary,
+    optimizer: torch.optim.Optimizer,
+    chosen: Tensor,
+    x: Tensor,
+    x_hat: Tensor,
+    generator: torch.Generator,
+) -> int:
     """Re-initialise the `chosen` latents from badly reconstructed inputs; return how many."""
     latents = chosen.nonzero().squeeze(1)
     n = latents.numel()

@@ -23,6 +23,7 @@ class BatchSource(Protocol):
     def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]: ...
 
     def sample(self, n: int, stream: str = "init") -> Tensor: ...
+
     """n rows drawn apart from the training order; each `stream` ("init", "calibrate", ...) its own draw."""
 
     def describe(self) -> dict: ...
@@ -47,13 +48,22 @@ class CacheSource:
         """n rows (fewer if the cache is smaller) drawn independently of the training order;
         each `stream` is its own draw."""
         n = min(n, self.rows_per_epoch)
-        seed = self.seed + 7919 if stream == "init" else seeding.stream_seed(self.seed, "sample", stream) % (1 << 40)
+        seed = (
+            self.seed + 7919
+            if stream == "init"
+            else seeding.stream_seed(self.seed, "sample", stream) % (1 << 40)
+        )
         return next(iter(self.cache.batches(self.hook, n, seed=seed, buffer_rows=n))).activations.float()
 
     def describe(self) -> dict:
         config = self.cache.manifest.config
-        return {"cache": str(self.cache.path), "hook": self.hook, "model": self.cache.model,
-                "corpus": config.get("corpus", ""), "context_length": self.cache.context_length}
+        return {
+            "cache": str(self.cache.path),
+            "hook": self.hook,
+            "model": self.cache.model,
+            "corpus": config.get("corpus", ""),
+            "context_length": self.cache.context_length,
+        }
 
 
 def draw(source: BatchSource, n: int, stream: str) -> Tensor:

@@ -50,13 +50,21 @@ def check_trained_at(model, dictionary: Dictionary, hook: str, what: str = "the 
     if trained_hook and trained_hook != hook and trained_hook in model.hook_widths():
         raise DictionaryError(f"{what}: the dictionary was trained at hook {trained_hook}, not {hook}")
     if trained_model and not model.names_this_model(str(trained_model)):
-        raise DictionaryError(f"{what}: the dictionary was trained on model {trained_model!r}, not {model.spec!r}")
+        raise DictionaryError(
+            f"{what}: the dictionary was trained on model {trained_model!r}, not {model.spec!r}"
+        )
     return width
 
 
 @contextlib.contextmanager
-def splice(model, dictionary: Dictionary, hook: Optional[str] = None, *, error_term: bool = False,
-           skip_bos: bool = True) -> Iterator:
+def splice(
+    model,
+    dictionary: Dictionary,
+    hook: Optional[str] = None,
+    *,
+    error_term: bool = False,
+    skip_bos: bool = True,
+) -> Iterator:
     """Run `model` with the hook's activation replaced by the dictionary's reconstruction x̂.
     error_term=True adds the error x − x̂ back: the output is the model's own (to float
     rounding), with the activation routed through the dictionary's latents.
@@ -97,4 +105,3 @@ def capture(hook: str, into: list) -> tuple[str, Callable]:
         into.append(activation.detach())
 
     return hook, hook_fn
-

@@ -71,14 +71,24 @@ def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None 
     if not 0 <= int(feature) < dictionary.n_latents:
         raise DictionaryError(f"feature {feature} is outside 0..{dictionary.n_latents - 1}")
     direction = dictionary.W_dec[int(feature)].detach()
-    return Edit(hook_of(dictionary, hook), direction, float(strength), f"feature {int(feature)} x {strength:g}",
-                feature=int(feature), source=dictionary)
+    return Edit(
+        hook_of(dictionary, hook),
+        direction,
+        float(strength),
+        f"feature {int(feature)} x {strength:g}",
+        feature=int(feature),
+        source=dictionary,
+    )
 
 
 def clamp(dictionary: Dictionary, feature: int, value: float, hook: str | None = None) -> Edit:
     """Hold the feature's activation at `value` at every position (its error term untouched)."""
-    return dataclasses.replace(add(dictionary, feature, 0.0, hook), strength=float(value),
-                               label=f"feature {int(feature)} = {value:g}", dictionary=dictionary)
+    return dataclasses.replace(
+        add(dictionary, feature, 0.0, hook),
+        strength=float(value),
+        label=f"feature {int(feature)} = {value:g}",
+        dictionary=dictionary,
+    )
 
 
 def ablate(dictionary: Dictionary, feature: int, hook: str | None = None) -> Edit:
@@ -107,7 +117,9 @@ def code_off(codebook: Dictionary, code: int, hook: str | None = None) -> Edit:
 
 def _need_codebook(dictionary: Dictionary) -> None:
     if dictionary.architecture != "codebook":
-        raise DictionaryError(f"code_on/code_off take a codebook, not a {dictionary.architecture!r} dictionary; use clamp")
+        raise DictionaryError(
+            f"code_on/code_off take a codebook, not a {dictionary.architecture!r} dictionary; use clamp"
+        )
 
 
 POSITIONS = ("all", "prompt", "generated")
@@ -123,8 +135,10 @@ class SteeringReport:
 
     def __str__(self) -> str:
         where = self.positions if isinstance(self.positions, str) else "masked"
-        parts = [f"{self.positions_edited.get(h, 0)} positions in {self.passes.get(h, 0)} passes at {h}"
-                 for h in dict.fromkeys(e.hook for e in self.edits)]
+        parts = [
+            f"{self.positions_edited.get(h, 0)} positions in {self.passes.get(h, 0)} passes at {h}"
+            for h in dict.fromkeys(e.hook for e in self.edits)
+        ]
         return f"steered ({', '.join(e.label for e in self.edits)}; positions={where}): " + "; ".join(parts)
 
 
@@ -134,20 +148,30 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
     the hook's width) or not finite, a non-finite strength, a feature outside its dictionary, a
     dictionary of another width or trained at another hook or on another model, bad positions."""
     if isinstance(positions, str) and positions not in POSITIONS:
-        raise DictionaryError(f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}")
+        raise DictionaryError(
+            f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}"
+        )
     if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
-        raise DictionaryError(f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}")
+        raise DictionaryError(
+            f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}"
+        )
     for edit in edits:
         width = model.width(edit.hook)
         name = f"{edit.label}: " if edit.source is not None else ""
         for dictionary in {id(d): d for d in (edit.source, edit.dictionary) if d is not None}.values():
             check_trained_at(model, dictionary, edit.hook, edit.label or "edit")
             if not 0 <= edit.feature < dictionary.n_latents:
-                raise DictionaryError(f"{edit.label}: feature {edit.feature} is outside 0..{dictionary.n_latents - 1}")
+                raise DictionaryError(
+                    f"{edit.label}: feature {edit.feature} is outside 0..{dictionary.n_latents - 1}"
+                )
         if edit.direction.dim() != 1:
-            raise DictionaryError(f"{name}direction has shape {tuple(edit.direction.shape)}, hook {edit.hook} needs [{width}]")
+            raise DictionaryError(
+                f"{name}direction has shape {tuple(edit.direction.shape)}, hook {edit.hook} needs [{width}]"
+            )
         if edit.direction.numel() != width:
-            raise DictionaryError(f"{name}direction has {edit.direction.numel()} dims, hook {edit.hook} has d={width}")
+            raise DictionaryError(
+                f"{name}direction has {edit.direction.numel()} dims, hook {edit.hook} has d={width}"
+            )
         if not math.isfinite(edit.strength):
             raise DictionaryError(f"{edit.label}: strength {edit.strength} is not finite")
         if not bool(torch.isfinite(edit.direction).all()):
@@ -163,7 +187,9 @@ def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iter
     for edit in edits:
         groups.setdefault(edit.hook, []).append(edit)
     report = SteeringReport(edits, positions)
-    with model.hooks([(hook, _adder(hook, group, _Positions(positions), report)) for hook, group in groups.items()]):
+    with model.hooks(
+        [(hook, _adder(hook, group, _Positions(positions), report)) for hook, group in groups.items()]
+    ):
         yield report
 
 
@@ -188,7 +214,9 @@ class _Positions:
             keep = absolute < self.prompt_length if self.spec == "prompt" else absolute >= self.prompt_length
             return keep.expand(batch, length)
         if self.spec.dim() == 2 and self.spec.shape[0] not in (1, batch):
-            raise DictionaryError(f"a positions mask of {self.spec.shape[0]} rows cannot steer a batch of {batch}")
+            raise DictionaryError(
+                f"a positions mask of {self.spec.shape[0]} rows cannot steer a batch of {batch}"
+            )
         mask = self.spec if self.spec.dim() == 2 else self.spec.expand(batch, -1)
         inside = absolute < mask.shape[1]
         out = torch.zeros(mask.shape[0], length, dtype=torch.bool)
@@ -212,10 +240,22 @@ def _adder(name: str, group: list[Edit], where: _Positions, report: SteeringRepo
     return hook_fn
 
 
-def generate_pair(model, edits: Sequence[Edit], prompt: str, max_new_tokens: int = 30, seed: int = 0,
-                  do_sample: bool = True, temperature: float = 1.0, positions: str | Tensor = "all") -> tuple[str, str]:
+def generate_pair(
+    model,
+    edits: Sequence[Edit],
+    prompt: str,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    positions: str | Tensor = "all",
+) -> tuple[str, str]:
     """(baseline, steered) continuations of `prompt` with the same seed."""
-    baseline = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+    baseline = model.generate(
+        prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
+    )
     with steer(model, edits, positions):
-        steered = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+        steered = model.generate(
+            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
+        )
     return baseline, steered

@@ -74,13 +74,26 @@ class PlantedConfig:
         if not 0 < self.min_probability <= self.max_probability <= 1:
             raise ConfigError("need 0 < min_probability <= max_probability <= 1")
         if self.hierarchy < 0 or self.children < 1 or self.hierarchy * (1 + self.children) > self.n_planted:
-            raise ConfigError(f"hierarchy {self.hierarchy} x (1 + {self.children} children) needs that many of the {self.n_planted} features")
-        if not 0 <= self.correlation < 1 or self.bias_norm < 0 or self.magnitude_std < 0 or self.noise_std < 0:
-            raise ConfigError("need 0 <= correlation < 1 and non-negative bias_norm, magnitude_std, noise_std")
+            raise ConfigError(
+                f"hierarchy {self.hierarchy} x (1 + {self.children} children) needs that many of the {self.n_planted} features"
+            )
+        if (
+            not 0 <= self.correlation < 1
+            or self.bias_norm < 0
+            or self.magnitude_std < 0
+            or self.noise_std < 0
+        ):
+            raise ConfigError(
+                "need 0 <= correlation < 1 and non-negative bias_norm, magnitude_std, noise_std"
+            )
 
     @property
     def expected_l0(self) -> float:
-        return float(zipf_probabilities(self.n_planted, self.zipf_exponent, self.min_probability, self.max_probability).sum())
+        return float(
+            zipf_probabilities(
+                self.n_planted, self.zipf_exponent, self.min_probability, self.max_probability
+            ).sum()
+        )
 
 
 def zipf_probabilities(n: int, exponent: float, low: float, high: float) -> Tensor:
@@ -99,9 +112,13 @@ class PlantedFeatures:
         g = stream(config.seed, "planted features")
         self.features = F.normalize(torch.randn(config.n_planted, config.d_in, generator=g), dim=1)
         self.bias = F.normalize(torch.randn(config.d_in, generator=g), dim=0) * config.bias_norm
-        self.probabilities = zipf_probabilities(config.n_planted, config.zipf_exponent, config.min_probability, config.max_probability)
+        self.probabilities = zipf_probabilities(
+            config.n_planted, config.zipf_exponent, config.min_probability, config.max_probability
+        )
         self.parent = _hierarchy(config, stream(config.seed, "planted hierarchy"))
-        self.group = torch.randperm(config.n_planted, generator=stream(config.seed, "planted groups")) // GROUP_SIZE
+        self.group = (
+            torch.randperm(config.n_planted, generator=stream(config.seed, "planted groups")) // GROUP_SIZE
+        )
         self.d_in = config.d_in
         self.rows_per_epoch = config.samples
 
@@ -116,7 +133,11 @@ class PlantedFeatures:
         active = self._fires(n, generator)
         magnitude = (1 + c.magnitude_std * torch.randn(n, c.n_planted, generator=generator)).abs()
         coefficients = active * magnitude
-        x = coefficients @ self.features + self.bias + c.noise_std * torch.randn(n, c.d_in, generator=generator)
+        x = (
+            coefficients @ self.features
+            + self.bias
+            + c.noise_std * torch.randn(n, c.d_in, generator=generator)
+        )
         return x, coefficients
 
     def _fires(self, n: int, generator: torch.Generator) -> Tensor:
@@ -126,7 +147,9 @@ class PlantedFeatures:
         p[children] = (p[children] / p[self.parent[children]]).clamp(max=1)  # conditional on the parent
         if c.correlation > 0:
             shared = torch.randn(n, int(self.group.max()) + 1, generator=generator)[:, self.group]
-            z = math.sqrt(c.correlation) * shared + math.sqrt(1 - c.correlation) * torch.randn(n, c.n_planted, generator=generator)
+            z = math.sqrt(c.correlation) * shared + math.sqrt(1 - c.correlation) * torch.randn(
+                n, c.n_planted, generator=generator
+            )
             active = z > torch.special.ndtri(1 - p)
         else:
             active = torch.rand(n, c.n_planted, generator=generator) < p
@@ -155,7 +178,7 @@ def _hierarchy(config: PlantedConfig, generator: torch.Generator) -> Tensor:
         return parent
     pool = config.hierarchy + torch.randperm(config.n_planted - config.hierarchy, generator=generator)
     for p in range(config.hierarchy):
-        parent[pool[p * config.children:(p + 1) * config.children]] = p
+        parent[pool[p * config.children : (p + 1) * config.children]] = p
     return parent
 
 
@@ -176,12 +199,17 @@ def feature_recovery(decoder: Tensor, features: Tensor) -> dict[str, float]:
     found = matched >= 0
     best = torch.zeros(features.shape[0])
     best[found] = cos[found.nonzero().squeeze(1), matched[found]]
-    return {"mmcs": float(cos.max(dim=1).values.mean()), "mcc": float(best.mean()),
-            "recovered_0.9": float((best >= 0.9).float().mean())}
+    return {
+        "mmcs": float(cos.max(dim=1).values.mean()),
+        "mcc": float(best.mean()),
+        "recovered_0.9": float((best >= 0.9).float().mean()),
+    }
 
 
 @torch.no_grad()
-def absorption(dictionary, data: PlantedFeatures, n: int = 65_536, matched: Optional[Tensor] = None) -> Optional[float]:
+def absorption(
+    dictionary, data: PlantedFeatures, n: int = 65_536, matched: Optional[Tensor] = None
+) -> Optional[float]:
     """Mean over (parent, child) pairs of P(parent's matched latent is silent | child fires), on
     n fresh samples; None without a hierarchy. 0 = the parent's latent always fires with its
     children; 1 = the child's latent has absorbed the parent's direction."""

@@ -65,7 +65,12 @@ class TokFSM:
     def __init__(self, config: FSMConfig):
         self.config = config
         generator = torch.Generator().manual_seed(config.seed)
-        self.successors = torch.stack([torch.randperm(config.states, generator=generator)[: config.out_degree] for _ in range(config.states)])
+        self.successors = torch.stack(
+            [
+                torch.randperm(config.states, generator=generator)[: config.out_degree]
+                for _ in range(config.states)
+            ]
+        )
         powers = 10 ** torch.arange(config.digits - 1, -1, -1)
         self.spelling = (torch.arange(config.states)[:, None] // powers) % 10  # [S, digits]
 
@@ -86,17 +91,38 @@ class TokFSM:
         return torch.cat([bos, tokens], dim=1), torch.cat([torch.full((n, 1), -1), per_position], dim=1)
 
 
-def train_fsm_model(fsm: TokFSM, folder: Path, *, d_model: int = 32, n_layers: int = 2, steps: int = 600,
-                    batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> float:
+def train_fsm_model(
+    fsm: TokFSM,
+    folder: Path,
+    *,
+    d_model: int = 32,
+    n_layers: int = 2,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> float:
     """Train a small GPT-2 on the FSM's sequences and save it (with a digit tokenizer) as a HF
     folder that `load_model` opens; return its final next-token loss on fresh sequences."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     length = 1 + fsm.config.steps_per_sequence * fsm.config.digits
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=length, n_embd=d_model, n_layer=n_layers, n_head=4,
-                                       n_inner=4 * d_model, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       bos_token_id=BOS, eos_token_id=BOS))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=11,
+            n_positions=length,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=4,
+            n_inner=4 * d_model,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=BOS,
+            eos_token_id=BOS,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
         tokens, _ = fsm.sample(batch_size, seed=seed * 100_003 + step)
@@ -122,7 +148,9 @@ def _digit_tokenizer():
     vocab = {str(i): i for i in range(10)} | {"<bos>": BOS}
     core = Tokenizer(WordLevel(vocab, unk_token="<bos>"))
     core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<bos>", unk_token="<bos>", pad_token="<bos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<bos>", unk_token="<bos>", pad_token="<bos>"
+    )
 
 
 def code_state_scores(active: Tensor, states: Tensor, n_states: int) -> list[dict]:
@@ -138,9 +166,15 @@ def code_state_scores(active: Tensor, states: Tensor, n_states: int) -> list[dic
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
     best = f1.argmax(dim=1)
     rows = torch.arange(n_states)
-    return [{"state": int(s), "code": int(best[s]), "precision": float(precision[s, best[s]]), "recall": float(recall[s, best[s]])}
-            for s in rows.tolist()]
-
+    return [
+        {
+            "state": int(s),
+            "code": int(best[s]),
+            "precision": float(precision[s, best[s]]),
+            "recall": float(recall[s, best[s]]),
+        }
+        for s in rows.tolist()
+    ]
 
 
 def last_digit_mask(n_sequences: int, length: int, digits: int) -> Tensor:
@@ -149,9 +183,16 @@ def last_digit_mask(n_sequences: int, length: int, digits: int) -> Tensor:
     return (torch.arange(length - 1) % digits == digits - 1).repeat(n_sequences)
 
 
-def run_tokfsm_benchmark(fsm_config: FSMConfig = FSMConfig(states=12, out_degree=3, digits=2, steps_per_sequence=15),
-                         *, model_steps: int = 1200, codes: int = 96, k: int = 1, finetune_steps: int = 200,
-                         folder: Path | None = None, progress: bool = False) -> dict:
+def run_tokfsm_benchmark(
+    fsm_config: FSMConfig = FSMConfig(states=12, out_degree=3, digits=2, steps_per_sequence=15),
+    *,
+    model_steps: int = 1200,
+    codes: int = 96,
+    k: int = 1,
+    finetune_steps: int = 200,
+    folder: Path | None = None,
+    progress: bool = False,
+) -> dict:
     """Train a model on the FSM, fine-tune a codebook into its last residual stream, score codes
     against states at state-final positions on fresh sequences."""
     import tempfile
@@ -166,7 +207,9 @@ def run_tokfsm_benchmark(fsm_config: FSMConfig = FSMConfig(states=12, out_degree
         model = load_model(str(model_dir))
         hook = f"blocks.{model.n_layers - 1}.hook_resid_post"
         tokens, _ = fsm.sample(512, seed=5)
-        config = FinetuneConfig(codes=codes, k=k, steps=finetune_steps, batch_size=32, lr=3e-3, seed=fsm_config.seed)
+        config = FinetuneConfig(
+            codes=codes, k=k, steps=finetune_steps, batch_size=32, lr=3e-3, seed=fsm_config.seed
+        )
         codebook, losses = finetune_codebook(model, hook, tokens, config, progress=progress)
         test_tokens, test_states = fsm.sample(256, seed=77)
         acts = model.run_with_cache(test_tokens, [hook])[hook][:, 1:].reshape(-1, codebook.d_in)
@@ -174,6 +217,14 @@ def run_tokfsm_benchmark(fsm_config: FSMConfig = FSMConfig(states=12, out_degree
     keep = last_digit_mask(len(test_tokens), test_tokens.shape[1], fsm_config.digits)
     rows = code_state_scores(active[keep], test_states[:, 1:].reshape(-1)[keep], fsm_config.states)
     precise = sum(r["precision"] >= 0.9 for r in rows)
-    return {"states": fsm_config.states, "codes": codes, "k": k, "model_loss": model_loss, **losses,
-            "states_with_precision_0.9": precise, "mean_precision": sum(r["precision"] for r in rows) / len(rows),
-            "mean_recall": sum(r["recall"] for r in rows) / len(rows), "per_state": rows}
+    return {
+        "states": fsm_config.states,
+        "codes": codes,
+        "k": k,
+        "model_loss": model_loss,
+        **losses,
+        "states_with_precision_0.9": precise,
+        "mean_precision": sum(r["precision"] for r in rows) / len(rows),
+        "mean_recall": sum(r["recall"] for r in rows) / len(rows),
+        "per_state": rows,
+    }

@@ -61,8 +61,13 @@ class Plan:
     warmup_steps: int
 
 
-def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress: bool = True,
-          stop_after_step: Optional[int] = None) -> list[Path]:
+def train(
+    config: TrainConfig,
+    *,
+    source: Optional[BatchSource] = None,
+    progress: bool = True,
+    stop_after_step: Optional[int] = None,
+) -> list[Path]:
     """Train (or resume, or find finished) every dictionary of `config`; return their folders.
 
     `stop_after_step` ends the run after that step without saving anything beyond the last
@@ -82,8 +87,10 @@ def train(config: TrainConfig, *, source: Optional[BatchSource] = None, progress
     if state is None:
         state = _initialize(plan, trainees)
     elif state.batch_size and state.batch_size != plan.batch_size:  # auto size under another rank count
-        raise ConfigError(f"{plan.out} was checkpointed at batch {state.batch_size}, this run would use {plan.batch_size}; "
-                          f"resume with --batch-size {state.batch_size}")
+        raise ConfigError(
+            f"{plan.out} was checkpointed at batch {state.batch_size}, this run would use {plan.batch_size}; "
+            f"resume with --batch-size {state.batch_size}"
+        )
     loggers = _open_logs(plan, trainees, state.step) if where.is_main else {}
     try:
         finished = _loop(plan, trainees, state, loggers, progress and where.is_main, stop_after_step, where)
@@ -113,8 +120,12 @@ def _plan(config: TrainConfig, source: BatchSource, world: int = 1) -> Plan:
     batch = config.batch_size or -(-auto_batch_size(tokens) // world) * world  # auto: a multiple of the ranks
     total = tokens // batch
     if source.rows_per_epoch < batch or total < 1:
-        advice = "lower --batch-size" if config.batch_size else "train on more rows (--tokens, or a larger cache)"
-        raise ConfigError(f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; {advice}")
+        advice = (
+            "lower --batch-size" if config.batch_size else "train on more rows (--tokens, or a larger cache)"
+        )
+        raise ConfigError(
+            f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; {advice}"
+        )
     out = default_output_dir(config, source.describe().get("hook", "synthetic"))
     dead = config.dead_after_tokens or min(10_000_000, max(batch, tokens // 10))
     every = config.checkpoint_every or max(1, total // 10)
@@ -146,7 +157,9 @@ def _claim_folder(plan: Plan) -> None:
     """Refuse an output folder that holds a different run; record ours."""
     path = plan.out / RUN_CONFIG
     if path.exists() and not _same_run(plan):
-        raise WorkbenchError(f"{plan.out} holds a different training run ({RUN_CONFIG} differs); choose another --out")
+        raise WorkbenchError(
+            f"{plan.out} holds a different training run ({RUN_CONFIG} differs); choose another --out"
+        )
     write_json_atomic(path, plan.config.to_json())
 
 
@@ -157,7 +170,16 @@ def _build_trainees(plan: Plan) -> list[Trainee]:
         name = plan.config.name_of(architecture, k, expansion)
         dictionary = create(dict_config, seed=plan.config.seed, salt=name)
         lr = plan.config.lr_for(dict_config.n_latents)
-        trainees.append(Trainee(name, dictionary, lr, plan.config.clip_grad, plan.dead_after_tokens, plan.config.starving_below))
+        trainees.append(
+            Trainee(
+                name,
+                dictionary,
+                lr,
+                plan.config.clip_grad,
+                plan.dead_after_tokens,
+                plan.config.starving_below,
+            )
+        )
     return trainees
 
 
@@ -166,7 +188,9 @@ def _initialize(plan: Plan, trainees: list[Trainee]) -> TrainState:
     scale = input_scale(sample)
     for trainee in trainees:
         trainee.dictionary.initialize_from(sample * scale)
-    return TrainState(step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size)
+    return TrainState(
+        step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size
+    )
 
 
 def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, JsonlLogger]:
@@ -180,8 +204,15 @@ def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, Json
     return loggers
 
 
-def _loop(plan: Plan, trainees: list[Trainee], state: TrainState, loggers: dict, progress: bool,
-          stop_after_step: Optional[int], where: Ranks = Ranks()) -> bool:
+def _loop(
+    plan: Plan,
+    trainees: list[Trainee],
+    state: TrainState,
+    loggers: dict,
+    progress: bool,
+    stop_after_step: Optional[int],
+    where: Ranks = Ranks(),
+) -> bool:
     config, total = plan.config, plan.total_steps
     wandb_run = _wandb(plan) if config.wandb and where.is_main else None
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", desc="train")
@@ -212,8 +243,16 @@ def _loop(plan: Plan, trainees: list[Trainee], state: TrainState, loggers: dict,
     return True
 
 
-def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, state: TrainState, loggers, wandb_run, bar,
-                world: int = 1) -> None:
+def _train_step(
+    plan: Plan,
+    trainees: list[Trainee],
+    x: torch.Tensor,
+    state: TrainState,
+    loggers,
+    wandb_run,
+    bar,
+    world: int = 1,
+) -> None:
     step, total, config = state.step, plan.total_steps, plan.config
     progress = step / total
     records = {}
@@ -221,13 +260,22 @@ def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, state: Tra
         lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
         out = trainee.step(x, lr, progress, step)
         if _resample_due(plan, step + 1) and trainee.can_resample:
-            moved = trainee.resample(x, out, config.resample_below, config.resample_duplicate_cosine,
-                                     seeding.generator(config.seed, "resample", trainee.name, step))
+            moved = trainee.resample(
+                x,
+                out,
+                config.resample_below,
+                config.resample_duplicate_cosine,
+                seeding.generator(config.seed, "resample", trainee.name, step),
+            )
             if trainee.name in loggers:  # every resampling is recorded, however many it moved
                 loggers[trainee.name].log(step=step + 1, event="resample", latents=moved)
         if (step + 1) % config.log_every == 0 or step + 1 == total:
-            records[trainee.name] = {"step": step + 1, "tokens": state.tokens + x.shape[0] * world, "lr": lr,
-                                     **trainee.metrics(x, out)}
+            records[trainee.name] = {
+                "step": step + 1,
+                "tokens": state.tokens + x.shape[0] * world,
+                "lr": lr,
+                **trainee.metrics(x, out),
+            }
     state.step = step + 1
     state.tokens += x.shape[0] * world
     for name, record in records.items():
@@ -235,9 +283,13 @@ def _train_step(plan: Plan, trainees: list[Trainee], x: torch.Tensor, state: Tra
             loggers[name].log(**record)
     if records:
         first = records[trainees[0].name]
-        bar.set_postfix_str(f"fvu {first['fvu']:.3f} l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%")
+        bar.set_postfix_str(
+            f"fvu {first['fvu']:.3f} l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%"
+        )
         if wandb_run is not None:
-            wandb_run.log({f"{name}/{k}": v for name, r in records.items() for k, v in r.items()}, step=step + 1)
+            wandb_run.log(
+                {f"{name}/{k}": v for name, r in records.items() for k, v in r.items()}, step=step + 1
+            )
     bar.update(1)
 
 
@@ -253,17 +305,32 @@ def _wandb(plan: Plan):
         raise MissingExtraError("--wandb needs the wandb package: pip install wandb") from None
     # Never block on a login prompt: without an explicit mode or a key, log offline.
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    return wandb.init(project=plan.config.wandb_project, name=plan.out.name, dir=str(plan.out),
-                      config=plan.config.to_json(), mode=mode, reinit="finish_previous")
+    return wandb.init(
+        project=plan.config.wandb_project,
+        name=plan.out.name,
+        dir=str(plan.out),
+        config=plan.config.to_json(),
+        mode=mode,
+        reinit="finish_previous",
+    )
 
 
 def _save_final(plan: Plan, trainee: Trainee, state: TrainState) -> Path:
     folder = plan.out / trainee.name
-    architecture, k, expansion = next(g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name)
+    architecture, k, expansion = next(
+        g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name
+    )
     metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, state)}
-    io.save(trainee.dictionary, folder, input_scale=state.input_scale, **plan.source.describe(),
-            config=plan.config.for_one(architecture, k, expansion).to_json(), metrics=metrics, tokens_trained=state.tokens,
-            batch_size=plan.batch_size)
+    io.save(
+        trainee.dictionary,
+        folder,
+        input_scale=state.input_scale,
+        **plan.source.describe(),
+        config=plan.config.for_one(architecture, k, expansion).to_json(),
+        metrics=metrics,
+        tokens_trained=state.tokens,
+        batch_size=plan.batch_size,
+    )
     return folder
 
 
@@ -281,4 +348,8 @@ def final_metrics(log_path: Path, last: int = 10) -> dict:
     """Means of the last `last` logged records (training batches) of the headline metrics."""
     records = [r for r in read_jsonl(log_path) if "event" not in r][-last:] if log_path.exists() else []
     keys = ("fvu", "l0", "dead_fraction", "loss")
-    return {k: round(statistics.fmean(r[k] for r in records), 6) for k in keys if records and all(k in r for r in records)}
+    return {
+        k: round(statistics.fmean(r[k] for r in records), 6)
+        for k in keys
+        if records and all(k in r for r in records)
+    }

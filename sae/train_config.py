@@ -23,7 +23,9 @@ RENAMED_IN_3 = {"arch": "architectures", "latents": "n_latents"}
 class TrainConfig:
     """Saved beside the run; `workbench train --config RUN/config.json` trains it again."""
 
-    NESTED_NOT_FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {"dictionary": ("architecture", "d_in", "n_latents", "k")}
+    NESTED_NOT_FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dictionary": ("architecture", "d_in", "n_latents", "k")
+    }
     """Fields of a nested config that the grid sets per dictionary: neither flags nor saved."""
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"architectures": ("--arch",)}
     """`--arch` is the field's short flag (and the one the docs use)."""
@@ -89,13 +91,23 @@ class TrainConfig:
         template = DictionaryConfig()
         for name in self.NESTED_NOT_FLAGS["dictionary"]:
             if getattr(self.dictionary, name) != getattr(template, name):
-                raise ConfigError(f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --n-latents); leave it at its default")
+                raise ConfigError(
+                    f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --n-latents); leave it at its default"
+                )
         positive = {"log_every": self.log_every}
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        non_negative = {"batch_size": self.batch_size, "tokens": self.tokens, "n_latents": self.n_latents, "codes": self.codes, "lr": self.lr, "clip_grad": self.clip_grad,
-                        "dead_after_tokens": self.dead_after_tokens, "checkpoint_every": self.checkpoint_every}
+        non_negative = {
+            "batch_size": self.batch_size,
+            "tokens": self.tokens,
+            "n_latents": self.n_latents,
+            "codes": self.codes,
+            "lr": self.lr,
+            "clip_grad": self.clip_grad,
+            "dead_after_tokens": self.dead_after_tokens,
+            "checkpoint_every": self.checkpoint_every,
+        }
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -113,7 +125,11 @@ class TrainConfig:
 
     def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
         """The config of one dictionary of the grid: the `dictionary` template with its sizes."""
-        n_latents = (self.codes if architecture == "codebook" and self.codes else 0) or self.n_latents or expansion * d_in
+        n_latents = (
+            (self.codes if architecture == "codebook" and self.codes else 0)
+            or self.n_latents
+            or expansion * d_in
+        )
         if k > n_latents:
             raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
         return replace(self.dictionary, architecture=architecture, d_in=d_in, n_latents=n_latents, k=k)
@@ -138,7 +154,9 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         obj = {"format_version": FORMAT_VERSION, **asdict(self)}
-        obj["dictionary"] = {k: v for k, v in self.dictionary.to_json().items() if k not in self.NESTED_NOT_FLAGS["dictionary"]}
+        obj["dictionary"] = {
+            k: v for k, v in self.dictionary.to_json().items() if k not in self.NESTED_NOT_FLAGS["dictionary"]
+        }
         return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
 
     @classmethod
@@ -148,7 +166,9 @@ class TrainConfig:
         versions 1 and 2 named two fields as `RENAMED_IN_3`'s keys."""
         version = obj.get("format_version", 1)
         if version not in (1, 2, FORMAT_VERSION):
-            raise ConfigError(f"unknown train config format_version {version!r} (this workbench reads 1 to {FORMAT_VERSION})")
+            raise ConfigError(
+                f"unknown train config format_version {version!r} (this workbench reads 1 to {FORMAT_VERSION})"
+            )
         obj = {k: v for k, v in obj.items() if k != "format_version"}
         if version == 1:
             grid_set = cls.NESTED_NOT_FLAGS["dictionary"]
@@ -165,7 +185,9 @@ class TrainConfig:
         nested = values.pop("dictionary", {})
         allowed = {f.name for f in fields(DictionaryConfig)} - set(cls.NESTED_NOT_FLAGS["dictionary"])
         if not isinstance(nested, dict) or set(nested) - allowed:
-            raise ConfigError(f"train config: 'dictionary' must be an object of {sorted(allowed)}, got {nested!r}")
+            raise ConfigError(
+                f"train config: 'dictionary' must be an object of {sorted(allowed)}, got {nested!r}"
+            )
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         try:
             return cls(**values, dictionary=DictionaryConfig.from_json(nested))

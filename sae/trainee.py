@@ -32,22 +32,33 @@ def _average_gradients(parameters) -> None:
     flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size()
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
 class Trainee:
-    def __init__(self, name: str, dictionary: Dictionary, lr: float, clip_grad: float, dead_after_tokens: int,
-                 starving_below: float = 0.0):
+    def __init__(
+        self,
+        name: str,
+        dictionary: Dictionary,
+        lr: float,
+        clip_grad: float,
+        dead_after_tokens: int,
+        starving_below: float = 0.0,
+    ):
         self.name, self.dictionary = name, dictionary
         self.starving_below = starving_below
         self.base_lr, self.clip_grad, self.dead_after_tokens = lr, clip_grad, dead_after_tokens
         fused = all(p.device.type in ("cpu", "cuda") for p in dictionary.parameters())
         self.optimizer = torch.optim.Adam(dictionary.parameters(), lr=lr, betas=(0.9, 0.999), fused=fused)
-        self.tokens_since_fired = torch.zeros(dictionary.n_latents, dtype=torch.long, device=dictionary.W_dec.device)
+        self.tokens_since_fired = torch.zeros(
+            dictionary.n_latents, dtype=torch.long, device=dictionary.W_dec.device
+        )
         self.fires_since_resample = torch.zeros_like(self.tokens_since_fired)
         # Running firing rate per latent (EMA over steps), for the "starving" part of the AuxK set.
-        self.firing_rate = torch.full((dictionary.n_latents,), 1.0 / dictionary.n_latents, device=dictionary.W_dec.device)
+        self.firing_rate = torch.full(
+            (dictionary.n_latents,), 1.0 / dictionary.n_latents, device=dictionary.W_dec.device
+        )
         # [resamplings done, latents they moved]: reported in the final metrics
         self.resampling = torch.zeros(2, dtype=torch.long)
 
@@ -68,7 +79,9 @@ class Trainee:
         d = self.dictionary
         out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate))
         if not math.isfinite(float(out.loss.detach())):
-            raise TrainingDivergedError(f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)")
+            raise TrainingDivergedError(
+                f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if world_size() > 1:
@@ -100,7 +113,9 @@ class Trainee:
         """Codebooks have no encoder: they replace their dead codes themselves."""
         return hasattr(self.dictionary, "W_enc")
 
-    def resample(self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, generator: torch.Generator) -> int:
+    def resample(
+        self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, generator: torch.Generator
+    ) -> int:
         """Resample latents firing below `below` times the mean rate since the last call, or
         duplicating a busier latent (see `sae.resample`); return how many."""
         fires = self.fires_since_resample
@@ -122,8 +137,15 @@ class Trainee:
     def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
         """Loss, FVU, L0 and the step's terms over the whole batch (every rank's share under torchrun)."""
         names = sorted(out.terms)
-        local = [(x - out.x_hat).pow(2).sum(), (out.codes.flat_values() > 0).sum(), out.loss.detach(), *[out.terms[n] for n in names]]
-        summed = all_reduce_sum(torch.stack([t.double() for t in local]))  # over ranks; identity in one process
+        local = [
+            (x - out.x_hat).pow(2).sum(),
+            (out.codes.flat_values() > 0).sum(),
+            out.loss.detach(),
+            *[out.terms[n] for n in names],
+        ]
+        summed = all_reduce_sum(
+            torch.stack([t.double() for t in local])
+        )  # over ranks; identity in one process
         world, rows = world_size(), x.shape[0] * world_size()
         residual, fired = summed[0], summed[1]
         loss, terms = summed[2] / world, list(summed[3:] / world)  # per-rank means over equal shares
@@ -152,13 +174,15 @@ class Trainee:
         return {k: v.contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
-        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         buffers = dict(self.dictionary.named_buffers())
         for name in self.dictionary.defaulted_buffers:  # checkpoints written before the buffer existed
             model.setdefault(name, buffers[name])
         self.dictionary.load_state_dict(model, strict=True)
         for name, param in self.dictionary.named_parameters():
-            moments = {key: tensors[f"adam.{name}.{key}"] for key in _MOMENTS if f"adam.{name}.{key}" in tensors}
+            moments = {
+                key: tensors[f"adam.{name}.{key}"] for key in _MOMENTS if f"adam.{name}.{key}" in tensors
+            }
             if moments:
                 self.optimizer.state[param] = {k: v.clone() for k, v in moments.items()}
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])

@@ -24,8 +24,13 @@ def read_weights(path: Path) -> dict:
         raise DictionaryError(f"{path}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
 
 
-def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict, where: Path,
-                 buffers_optional: bool = False) -> Dictionary:
+def from_tensors(
+    cls: type[Dictionary],
+    config: DictionaryConfig,
+    tensors: dict,
+    where: Path,
+    buffers_optional: bool = False,
+) -> Dictionary:
     """A dictionary of class `cls` holding exactly `tensors` (names and shapes checked). With
     `buffers_optional` (peers' folders), absent training-state buffers keep their initial values."""
     dictionary = cls(config)
@@ -35,9 +40,15 @@ def from_tensors(cls: type[Dictionary], config: DictionaryConfig, tensors: dict,
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise DictionaryError(f"{where}: tensors do not fit a {cls.architecture} dictionary (missing {missing}, unexpected {unexpected})")
+        raise DictionaryError(
+            f"{where}: tensors do not fit a {cls.architecture} dictionary (missing {missing}, unexpected {unexpected})"
+        )
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise DictionaryError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-    dictionary.load_state_dict({k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+            raise DictionaryError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    dictionary.load_state_dict(
+        {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    )
     return dictionary

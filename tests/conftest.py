@@ -29,8 +29,18 @@ def tiny_model_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
     config = DemoModelConfig(
-        corpus="tiny-shakespeare", vocab_size=512, context_length=64, d_model=64, n_layers=2, n_heads=4,
-        batch_size=16, steps=60, warmup_steps=10, eval_every=60, seed=1, out=str(folder),
+        corpus="tiny-shakespeare",
+        vocab_size=512,
+        context_length=64,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        batch_size=16,
+        steps=60,
+        warmup_steps=10,
+        eval_every=60,
+        seed=1,
+        out=str(folder),
     )
     train_demo_model(config, progress=False)
     return folder
@@ -63,8 +73,16 @@ def tiny_cache(tiny_model, tmp_path_factory):
     """A 6,144-token cache (windows of 32) of the tiny model at STORE_HOOK."""
     from workbench.activations import CacheConfig, build_cache
 
-    config = CacheConfig(model="tiny", hooks=(STORE_HOOK,), corpus="tiny-shakespeare", tokens=6144, context_length=32,
-                         batch_size=8, shard_tokens=1024, out=str(tmp_path_factory.mktemp("store-cache") / "cache"))
+    config = CacheConfig(
+        model="tiny",
+        hooks=(STORE_HOOK,),
+        corpus="tiny-shakespeare",
+        tokens=6144,
+        context_length=32,
+        batch_size=8,
+        shard_tokens=1024,
+        out=str(tmp_path_factory.mktemp("store-cache") / "cache"),
+    )
     return build_cache(config, model=tiny_model, progress=False)
 
 
@@ -77,8 +95,12 @@ def tiny_dictionary(arch: str, cache_folder, seed: int = 0):
     from workbench.cache_reader import ActivationCache
 
     sample = ActivationCache(cache_folder).shard(STORE_HOOK, 0).float()[1::7]
-    dictionary = small(arch, seed=seed, d_in=sample.shape[1], n_latents=48, k=4, aux_k=0, target_l0=4, bandwidth=0.3)
-    picks = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:48]] - sample.mean(0)
+    dictionary = small(
+        arch, seed=seed, d_in=sample.shape[1], n_latents=48, k=4, aux_k=0, target_l0=4, bandwidth=0.3
+    )
+    picks = sample[
+        torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:48]
+    ] - sample.mean(0)
     with torch.no_grad():
         dictionary.W_enc.copy_(picks / picks.norm(dim=1, keepdim=True))
         dictionary.W_dec.copy_(dictionary.W_enc)
@@ -95,12 +117,23 @@ def tiny_run(tiny_model, tiny_model_dir, tiny_cache, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("store-run") / "topk"
     dictionary = tiny_dictionary("topk", tiny_cache)
-    save(dictionary, folder, hook=STORE_HOOK, model=str(tiny_model_dir), cache=str(tiny_cache),
-         metrics={"fvu": 0.5, "l0": 4.0})
+    save(
+        dictionary,
+        folder,
+        hook=STORE_HOOK,
+        model=str(tiny_model_dir),
+        cache=str(tiny_cache),
+        metrics={"fvu": 0.5, "l0": 4.0},
+    )
     from sae.io import load
 
-    analyze(load(folder), AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2),
-            folder=folder, model=tiny_model, progress=False)
+    analyze(
+        load(folder),
+        AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2),
+        folder=folder,
+        model=tiny_model,
+        progress=False,
+    )
     return folder
 
 
@@ -111,8 +144,9 @@ def run_and_kill(command: list[str], ready, env: dict | None = None, seconds: fl
     import subprocess
     import time
 
-    process = subprocess.Popen(command, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + seconds
     while not ready() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -19,7 +19,11 @@ def encoder(n: int, d: int, m: int, dtype=torch.float64, seed: int = 0):
 
 def fixed_codes(n: int, m: int, k: int, dtype=torch.float64, seed: int = 0) -> SparseCodes:
     g = torch.Generator().manual_seed(seed)
-    indices = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)]) if n else torch.zeros(0, k, dtype=torch.long)
+    indices = (
+        torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(n)])
+        if n
+        else torch.zeros(0, k, dtype=torch.long)
+    )
     return SparseCodes(indices, torch.randn(n, k, generator=g, dtype=dtype), m)
 
 
@@ -28,4 +32,6 @@ def csr_codes(counts: list[int], m: int, dtype=torch.float64, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     nnz = sum(counts)
     offsets = torch.tensor([0] + counts).cumsum(0)
-    return SparseCodes(torch.randint(0, m, (nnz,), generator=g), torch.randn(nnz, generator=g, dtype=dtype), m, offsets)
+    return SparseCodes(
+        torch.randint(0, m, (nnz,), generator=g), torch.randn(nnz, generator=g, dtype=dtype), m, offsets
+    )

@@ -12,7 +12,9 @@ D, M, K, N = 12, 40, 3, 24
 
 
 def small(arch: str, seed: int = 0, **overrides) -> Dictionary:
-    settings = dict(architecture=arch, d_in=D, n_latents=M, k=K, aux_k=4, l1_coef=0.7, target_l0=K, bandwidth=0.3)
+    settings = dict(
+        architecture=arch, d_in=D, n_latents=M, k=K, aux_k=4, l1_coef=0.7, target_l0=K, bandwidth=0.3
+    )
     settings.update(overrides)
     dictionary = create(DictionaryConfig(**settings), seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)

@@ -15,8 +15,16 @@ from tests.conftest import STORE_HOOK, tiny_dictionary
 from workbench.cache_reader import ActivationCache
 from workbench.store import FeatureStore
 
-CONFIG = AnalyzeConfig(top=5, quantile_bins=4, per_bin=2, context_before=3, context_after=2,
-                       cooccurrence_rows=6000, cooccurrence_width=48, block_windows=5)
+CONFIG = AnalyzeConfig(
+    top=5,
+    quantile_bins=4,
+    per_bin=2,
+    context_before=3,
+    context_after=2,
+    cooccurrence_rows=6000,
+    cooccurrence_width=48,
+    block_windows=5,
+)
 
 
 def dense_reference(dictionary, cache: ActivationCache):
@@ -72,7 +80,10 @@ def test_top_examples_are_the_dense_top_with_their_contexts(built):
             assert column[row] == pytest.approx(example.activation, rel=1e-5)
             span = torch.arange(len(example.tokens)) + example.window * ctx + example.start
             torch.testing.assert_close(torch.tensor(example.activations), column[span], rtol=1e-5, atol=1e-6)
-            assert example.tokens == tokens[example.window, example.start:example.start + len(example.tokens)].tolist()
+            assert (
+                example.tokens
+                == tokens[example.window, example.start : example.start + len(example.tokens)].tolist()
+            )
             assert example.start <= example.position < example.start + len(example.tokens)
             checked += 1
     assert checked > 3 * dictionary.n_latents
@@ -87,7 +98,9 @@ def test_quantile_examples_are_real_firings_in_ascending_groups(built):
         by_group: dict[int, list[float]] = {}
         for example in page.quantiles:
             row = example.window * cache.context_length + example.position
-            assert acts[row, feature] == pytest.approx(example.activation, rel=1e-5) and example.activation > 0
+            assert (
+                acts[row, feature] == pytest.approx(example.activation, rel=1e-5) and example.activation > 0
+            )
             by_group.setdefault(example.bin, []).append(example.activation)
         groups = sorted(by_group)
         for low, high in zip(groups, groups[1:]):
@@ -106,7 +119,7 @@ def test_neurons_and_cooccurrence_equal_the_reference(built):
         if page.fired == 0:
             assert page.cooccurrence.empty
             continue
-        corr = torch.corrcoef(torch.cat([acts[:, feature:feature + 1], x], 1).T)[0, 1:]
+        corr = torch.corrcoef(torch.cat([acts[:, feature : feature + 1], x], 1).T)[0, 1:]
         best = int(corr.abs().argmax())
         assert int(page.neurons.neuron[0]) == best
         assert page.neurons.correlation[0] == pytest.approx(float(corr[best]), abs=1e-4)
@@ -135,7 +148,10 @@ def test_neighbours_and_logit_effects_follow_their_formulas(built, tiny_model):
         top = page.logits[page.logits.side == "top"]
         bottom = page.logits[page.logits.side == "bottom"]
         assert top.token.tolist() == effects[feature].topk(CONFIG.logit_tokens).indices.tolist()
-        assert bottom.token.tolist() == effects[feature].topk(CONFIG.logit_tokens, largest=False).indices.tolist()
+        assert (
+            bottom.token.tolist()
+            == effects[feature].topk(CONFIG.logit_tokens, largest=False).indices.tolist()
+        )
         np.testing.assert_allclose(top.effect, effects[feature].topk(CONFIG.logit_tokens).values, rtol=1e-4)
 
 
@@ -144,19 +160,35 @@ def test_block_size_and_token_budget(tiny_model, tiny_cache, tmp_path):
     stores = []
     for blocks in (1, 16):
         out = tmp_path / f"b{blocks}.duckdb"
-        analyze(dictionary, AnalyzeConfig(cache=str(tiny_cache), out=str(out), block_windows=blocks, top=4),
-                model=tiny_model, progress=False)
+        analyze(
+            dictionary,
+            AnalyzeConfig(cache=str(tiny_cache), out=str(out), block_windows=blocks, top=4),
+            model=tiny_model,
+            progress=False,
+        )
         stores.append(FeatureStore(out))
     a, b = (s.features(order_by="feature", descending=False, limit=100) for s in stores)
     assert a.equals(b)
-    assert [e.activation for e in stores[0].feature(3).top] == [e.activation for e in stores[1].feature(3).top]
+    assert [e.activation for e in stores[0].feature(3).top] == [
+        e.activation for e in stores[1].feature(3).top
+    ]
     out = tmp_path / "budget.duckdb"
-    analyze(dictionary, AnalyzeConfig(cache=str(tiny_cache), out=str(out), tokens=100), model=tiny_model, progress=False)
+    analyze(
+        dictionary,
+        AnalyzeConfig(cache=str(tiny_cache), out=str(out), tokens=100),
+        model=tiny_model,
+        progress=False,
+    )
     assert FeatureStore(out).meta["tokens_analyzed"] == 4 * 31  # ceil(100 / 32) windows, BOS rows skipped
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 5), st.lists(st.integers(0, 60), min_size=1, max_size=6), st.integers(0, 10**6))
+@given(
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.lists(st.integers(0, 60), min_size=1, max_size=6),
+    st.integers(0, 10**6),
+)
 def test_smallest_keys_equals_sorting_the_whole_stream(n_latents, size, chunks, seed):
     generator = torch.Generator().manual_seed(seed)
     kept = SmallestKeys(n_latents, size, {"id": ((), torch.long), "pair": ((2,), torch.float32)})
@@ -166,7 +198,9 @@ def test_smallest_keys_equals_sorting_the_whole_stream(n_latents, size, chunks, 
         features = torch.randint(0, n_latents, (length,), generator=generator)
         keys = torch.rand(length, generator=generator)
         ids = torch.arange(offset, offset + length)
-        kept.offer(features, keys, lambda idx: {"id": ids[idx], "pair": torch.stack([keys[idx], -keys[idx]], 1)})
+        kept.offer(
+            features, keys, lambda idx: {"id": ids[idx], "pair": torch.stack([keys[idx], -keys[idx]], 1)}
+        )
         all_features.append(features)
         all_keys.append(keys)
         offset += length
@@ -187,12 +221,16 @@ def test_codebook_codes_are_features_of_the_store(tiny_model, tiny_cache, tmp_pa
     from sae.config import DictionaryConfig
 
     cache = ActivationCache(tiny_cache)
-    codebook = create(DictionaryConfig(architecture="codebook", d_in=cache.width(STORE_HOOK), n_latents=32, k=2), seed=0)
+    codebook = create(
+        DictionaryConfig(architecture="codebook", d_in=cache.width(STORE_HOOK), n_latents=32, k=2), seed=0
+    )
     with torch.no_grad():
         codebook.initialize_from(cache.shard(STORE_HOOK, 0).float())
     codebook.meta = {"hook": STORE_HOOK}
     out = tmp_path / "codes.duckdb"
-    analyze(codebook, AnalyzeConfig(cache=str(tiny_cache), out=str(out), top=3), model=tiny_model, progress=False)
+    analyze(
+        codebook, AnalyzeConfig(cache=str(tiny_cache), out=str(out), top=3), model=tiny_model, progress=False
+    )
     store = FeatureStore(out)
     table = store.features(limit=100)
     assert store.meta["architecture"] == "codebook"

@@ -16,8 +16,16 @@ HOOKS = ("blocks.0.hook_resid_post", "blocks.1.mlp.hook_post")
 
 
 def small_config(folder: Path, **overrides) -> CacheConfig:
-    settings = dict(model="tiny", hooks=HOOKS, corpus="tiny-shakespeare", tokens=6000, context_length=32,
-                    batch_size=8, shard_tokens=1024, out=str(folder))
+    settings = dict(
+        model="tiny",
+        hooks=HOOKS,
+        corpus="tiny-shakespeare",
+        tokens=6000,
+        context_length=32,
+        batch_size=8,
+        shard_tokens=1024,
+        out=str(folder),
+    )
     settings.update(overrides)
     return CacheConfig(**settings)
 
@@ -39,17 +47,28 @@ def test_round_trip_is_bit_exact(built, tiny_model):
         assert cache.width(hook) == tiny_model.width(hook)
         for index in range(cache.n_shards(hook)):
             chunk = windows[index * per_shard : (index + 1) * per_shard]
-            expected = torch.cat([
-                tiny_model.run_with_cache(chunk[i : i + config.batch_size], [hook])[hook].flatten(0, 1)
-                for i in range(0, len(chunk), config.batch_size)
-            ])
+            expected = torch.cat(
+                [
+                    tiny_model.run_with_cache(chunk[i : i + config.batch_size], [hook])[hook].flatten(0, 1)
+                    for i in range(0, len(chunk), config.batch_size)
+                ]
+            )
             assert torch.equal(cache.shard(hook, index), expected)
 
 
 def test_manifest_records_what_the_readme_promises(built):
     _, folder = built
     manifest = json.loads((folder / "manifest.json").read_text())
-    for key in ("format_version", "model", "hooks", "dtype", "context_length", "n_tokens", "n_windows", "config"):
+    for key in (
+        "format_version",
+        "model",
+        "hooks",
+        "dtype",
+        "context_length",
+        "n_tokens",
+        "n_windows",
+        "config",
+    ):
         assert key in manifest
     shard = manifest["hooks"][HOOKS[0]]["shards"][0]
     assert set(shard) == {"file", "rows", "sha256"} and shard["rows"] % manifest["context_length"] == 0
@@ -81,7 +100,9 @@ def test_different_config_in_same_folder_is_refused(built, tiny_model):
 
 
 def test_float16_storage(tiny_model, tmp_path):
-    folder = build_cache(small_config(tmp_path / "c16", dtype="float16", tokens=1000), model=tiny_model, progress=False)
+    folder = build_cache(
+        small_config(tmp_path / "c16", dtype="float16", tokens=1000), model=tiny_model, progress=False
+    )
     x = ActivationCache(folder).shard(HOOKS[0], 0)
     assert x.dtype == torch.float16
 
@@ -120,7 +141,10 @@ def test_manifest_problems_are_refused(built, tmp_path):
         "format_version": {**manifest, "format_version": 99},
         "dtype": {**manifest, "dtype": "int3"},
         "rows": {**manifest, "n_windows": manifest["n_windows"] + 1},
-        "leaves": {**manifest, "hooks": {HOOKS[0]: {"d": 64, "shards": [{"file": "../x", "rows": 1, "sha256": ""}]}}},
+        "leaves": {
+            **manifest,
+            "hooks": {HOOKS[0]: {"d": 64, "shards": [{"file": "../x", "rows": 1, "sha256": ""}]}},
+        },
     }
     for expected, broken in cases.items():
         (copy / "manifest.json").write_text(json.dumps(broken))
@@ -213,7 +237,10 @@ def test_sequential_drop_last(built):
     cache = ActivationCache(folder)
     kept = list(cache.batches(HOOKS[0], 1000, shuffle=False, drop_last=True))
     assert all(len(b.rows) == 1000 for b in kept)
-    assert torch.equal(torch.cat([b.rows for b in kept]), torch.cat([b.rows for b in cache.batches(HOOKS[0], 1000, shuffle=False)])[: 1000 * len(kept)])
+    assert torch.equal(
+        torch.cat([b.rows for b in kept]),
+        torch.cat([b.rows for b in cache.batches(HOOKS[0], 1000, shuffle=False)])[: 1000 * len(kept)],
+    )
 
 
 def test_full_disk_is_one_line(tiny_model, tmp_path, monkeypatch):

@@ -25,7 +25,9 @@ def rows(seed: int = 0, n: int = N, d: int = D) -> np.ndarray:
 
 def imported(tmp_path, source, **settings) -> ActivationCache:
     out = tmp_path / "cache"
-    build_cache(CacheConfig(from_activations=str(source), out=str(out), shard_tokens=1000, **settings), progress=False)
+    build_cache(
+        CacheConfig(from_activations=str(source), out=str(out), shard_tokens=1000, **settings), progress=False
+    )
     return ActivationCache(out)
 
 
@@ -38,7 +40,9 @@ def test_an_npy_file_becomes_a_cache_whose_rows_are_the_files_rows(tmp_path):
     train = list(cache.batches("emb", 500, shuffle=False, subset="train"))
     held = list(cache.batches("emb", 500, shuffle=False, subset="held_out"))
     train_rows, held_rows = torch.cat([b.rows for b in train]), torch.cat([b.rows for b in held])
-    assert sorted(torch.cat([train_rows, held_rows]).tolist()) == list(range(N))  # row 0 of every "window" too
+    assert sorted(torch.cat([train_rows, held_rows]).tolist()) == list(
+        range(N)
+    )  # row 0 of every "window" too
     assert 0.01 <= len(held_rows) / N <= 0.03 and cache.training_rows == len(train_rows)
     for batch in train + held:  # row r of the cache is row r of the file
         assert torch.equal(batch.activations, torch.from_numpy(x[batch.rows.numpy()]))
@@ -73,13 +77,19 @@ def test_a_rerun_finds_the_cache_complete_and_a_changed_input_is_imported_again(
     assert torch.equal(first, torch.from_numpy(rows(9)[:10]))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: np.save(p / "x.npy", rows()[:, :, None]), "expected activations \\[N, d\\]"),
-    (lambda p: np.save(p / "x.npy", np.arange(12).reshape(3, 4)), "expected floating-point activations"),
-    (lambda p: np.save(p / "x.npy", np.where(np.arange(N)[:, None] == 4321, np.nan, rows())), "non-finite.*row 4321"),
-    (lambda p: (p / "x.pt").write_bytes(b"\x80\x04"), "pickle files can run code"),
-    (lambda p: (p / "x.npy").write_bytes(b"not numpy"), "unreadable .npy"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: np.save(p / "x.npy", rows()[:, :, None]), "expected activations \\[N, d\\]"),
+        (lambda p: np.save(p / "x.npy", np.arange(12).reshape(3, 4)), "expected floating-point activations"),
+        (
+            lambda p: np.save(p / "x.npy", np.where(np.arange(N)[:, None] == 4321, np.nan, rows())),
+            "non-finite.*row 4321",
+        ),
+        (lambda p: (p / "x.pt").write_bytes(b"\x80\x04"), "pickle files can run code"),
+        (lambda p: (p / "x.npy").write_bytes(b"not numpy"), "unreadable .npy"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_no_manifest(tmp_path, make, message):
     make(tmp_path)
     source = next(tmp_path.iterdir())
@@ -97,13 +107,30 @@ def test_hooks_of_different_lengths_are_refused(tmp_path):
 def test_train_eval_and_analyze_on_activations_without_a_model(capsys, tmp_path):
     np.save(tmp_path / "emb.npy", rows(n=20_000))
     cache = tmp_path / "cache"
-    code, out, _ = run_cli(capsys, "cache", "--from", str(tmp_path / "emb.npy"), "--out", str(cache), "--json")
+    code, out, _ = run_cli(
+        capsys, "cache", "--from", str(tmp_path / "emb.npy"), "--out", str(cache), "--json"
+    )
     assert code == 0 and json.loads(out)["rows"] == 20_000
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", "--cache", str(cache), "--n-latents", "48", "--k", "4", "--out", str(run), "--quiet", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--cache",
+        str(cache),
+        "--n-latents",
+        "48",
+        "--k",
+        "4",
+        "--out",
+        str(run),
+        "--quiet",
+        "--json",
+    )
     assert code == 0, err
     trained = json.loads(out.splitlines()[0])
-    assert trained["tokens"] == (ActivationCache(cache).training_rows // 256) * 256  # auto batch: 256 for this budget
+    assert (
+        trained["tokens"] == (ActivationCache(cache).training_rows // 256) * 256
+    )  # auto batch: 256 for this budget
     code, out, err = run_cli(capsys, "eval", str(run / "topk-k4-m48"), "--quiet", "--json")
     assert code == 0, err
     metrics = json.loads(out)

@@ -15,9 +15,30 @@ from tests.conftest import run_and_kill
 
 
 def cache_command(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "cache", "--model", str(model_dir), "--corpus", "tiny-shakespeare",
-            "--tokens", "24000", "--context-length", "32", "--batch-size", "8", "--shard-tokens", "1024",
-            "--hook", "blocks.0.hook_resid_post", "blocks.1.hook_mlp_out", "--out", str(out), "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "app.cli",
+        "cache",
+        "--model",
+        str(model_dir),
+        "--corpus",
+        "tiny-shakespeare",
+        "--tokens",
+        "24000",
+        "--context-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--shard-tokens",
+        "1024",
+        "--hook",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_mlp_out",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -52,7 +73,15 @@ def test_killed_cache_resumes_to_identical_bytes(tiny_model_dir, tmp_path, refer
 
 def torchrun(args: list[str], nproc: int = 2) -> list[str]:
     """`args` (python -m app.cli ...) under torchrun with a local rendezvous on a free port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args[2:]]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        *args[2:],
+    ]
 
 
 def ranks_done(out: Path) -> int:
@@ -69,7 +98,9 @@ def ranks_done(out: Path) -> int:
 def test_torchrun_cache_is_the_single_process_cache_byte_for_byte(tiny_model_dir, tmp_path, reference):
     out = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun(cache_command(tiny_model_dir, out)), timeout=300, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        torchrun(cache_command(tiny_model_dir, out)), timeout=300, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert files_of(out) == reference
     assert not list(out.glob("progress*.json"))

@@ -19,14 +19,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Reports its pid, then waits; on SIGTERM/SIGINT exits with 40 + the signal's number.
-CHILD = ("import os, signal, sys, time\n"
-         "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, lambda n, f: sys.exit(40 + n))\n"
-         "print(os.getpid(), flush=True)\n"
-         "time.sleep(60)\n")
+CHILD = (
+    "import os, signal, sys, time\n"
+    "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, lambda n, f: sys.exit(40 + n))\n"
+    "print(os.getpid(), flush=True)\n"
+    "time.sleep(60)\n"
+)
 # Runs CHILD (or a child that keeps the default handlers) under run_child; exits with its status.
-PARENT = ("import sys\n"
-          "from workbench.processes import run_child\n"
-          "sys.exit(run_child([sys.executable, '-c', sys.argv[1]]).status)\n")
+PARENT = (
+    "import sys\n"
+    "from workbench.processes import run_child\n"
+    "sys.exit(run_child([sys.executable, '-c', sys.argv[1]]).status)\n"
+)
 
 
 def free_port() -> int:
@@ -72,7 +76,9 @@ def is_rank(process: psutil.Process) -> bool:
 
 def start(argv: list[str]) -> subprocess.Popen:
     # Its own session: no controlling terminal (as under a supervisor), and a group to clean up.
-    return subprocess.Popen(argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        argv, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def clean_up(process: subprocess.Popen, started: list[psutil.Process] = ()) -> None:
@@ -137,8 +143,22 @@ def test_explore_stopped_with_sigterm_leaves_no_server(tmp_path):
 
 
 def test_cache_with_nproc_stopped_with_sigterm_leaves_no_torchrun_or_rank(tmp_path):
-    parent = start([sys.executable, "-m", "app.cli", "cache", "--model", "demo", "--tokens", "65536", "--nproc", "2",
-                    "--out", str(tmp_path / "cache")])
+    parent = start(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "cache",
+            "--model",
+            "demo",
+            "--tokens",
+            "65536",
+            "--nproc",
+            "2",
+            "--out",
+            str(tmp_path / "cache"),
+        ]
+    )
     started = []
     try:
         deadline = time.monotonic() + 120

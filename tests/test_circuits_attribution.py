@@ -28,11 +28,15 @@ def graph_model(tiny_model):
 def task(tiny_model):
     text = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
     tokens = tiny_model.tokenize(text)[:, :24]
-    other = tiny_model.tokenize("KING HENRY:\nOnce more unto the breach, dear friends, once more; or close the wall up")[:, :24]
+    other = tiny_model.tokenize(
+        "KING HENRY:\nOnce more unto the breach, dear friends, once more; or close the wall up"
+    )[:, :24]
     clean = torch.cat([tokens, tokens.roll(3, dims=1)])
     corrupted = torch.cat([other, other.flip(1)])
     clean[:, 0] = corrupted[:, 0] = tokens[0, 0]
-    return Task("next-token", clean, corrupted, next_token_logprob(clean, torch.ones_like(clean, dtype=torch.bool)))
+    return Task(
+        "next-token", clean, corrupted, next_token_logprob(clean, torch.ones_like(clean, dtype=torch.bool))
+    )
 
 
 def test_graph_model_reproduces_the_hf_logits(tiny_model, graph_model, task):
@@ -40,9 +44,16 @@ def test_graph_model_reproduces_the_hf_logits(tiny_model, graph_model, task):
         reference = tiny_model(task.clean)
         torch.testing.assert_close(graph_model(task.clean), reference, atol=1e-4, rtol=1e-4)
         ablated = ablated_outputs(graph_model, task, "zero")
-        torch.testing.assert_close(graph_model(task.clean, mask=graph_model.full_mask(), ablated=ablated), reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            graph_model(task.clean, mask=graph_model.full_mask(), ablated=ablated),
+            reference,
+            atol=1e-4,
+            rtol=1e-4,
+        )
         # every edge ablated with resample ablation is the corrupted run itself
-        everything_patched = graph_model(task.clean, mask=graph_model.full_mask(0.0), ablated=ablated_outputs(graph_model, task))
+        everything_patched = graph_model(
+            task.clean, mask=graph_model.full_mask(0.0), ablated=ablated_outputs(graph_model, task)
+        )
         torch.testing.assert_close(everything_patched, graph_model(task.corrupted), atol=1e-4, rtol=1e-4)
 
 
@@ -91,18 +102,34 @@ def test_eap_ig_is_complete_and_tracks_exact_patching(graph_model, task):
     assert float(ig.sum()) == pytest.approx(total, rel=0.02)
     inputs = eap_ig_input_scores(graph_model, task, ablated, steps=8)
     eap = eap_scores(graph_model, task, ablated)
-    pearson = {name: float(torch.corrcoef(torch.stack([s, exact]))[0, 1]) for name, s in (("ig", ig), ("inputs", inputs), ("eap", eap))}
+    pearson = {
+        name: float(torch.corrcoef(torch.stack([s, exact]))[0, 1])
+        for name, s in (("ig", ig), ("inputs", inputs), ("eap", eap))
+    }
     # Measured here: IG 0.994, inputs 0.998, EAP 0.961. EAP, a local slope, misses part of the
     # large nonlinear effects that IG integrates (as the EAP-IG paper reports).
-    assert pearson["ig"] >= 0.98 and pearson["inputs"] >= 0.98 and min(pearson["ig"], pearson["inputs"]) > pearson["eap"]
+    assert (
+        pearson["ig"] >= 0.98
+        and pearson["inputs"] >= 0.98
+        and min(pearson["ig"], pearson["inputs"]) > pearson["eap"]
+    )
     assert spearmanr(inputs, exact).statistic > 0.5  # the many near-zero edges rank noisily
 
 
 def test_chunked_attribution_equals_one_batch(graph_model, task):
     ablated = ablated_outputs(graph_model, task, "mean")
-    torch.testing.assert_close(eap_scores(graph_model, task, ablated, batch_size=1), eap_scores(graph_model, task, ablated), atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(eap_ig_input_scores(graph_model, task, ablated, steps=2, batch_size=1),
-                               eap_ig_input_scores(graph_model, task, ablated, steps=2), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        eap_scores(graph_model, task, ablated, batch_size=1),
+        eap_scores(graph_model, task, ablated),
+        atol=1e-6,
+        rtol=1e-4,
+    )
+    torch.testing.assert_close(
+        eap_ig_input_scores(graph_model, task, ablated, steps=2, batch_size=1),
+        eap_ig_input_scores(graph_model, task, ablated, steps=2),
+        atol=1e-6,
+        rtol=1e-4,
+    )
     scores = node_scores(graph_model, eap_scores(graph_model, task, ablated))
     assert set(scores) == set(graph_model.graph.sources) | {"logits"} and min(scores.values()) >= 0
 

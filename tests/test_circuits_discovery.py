@@ -41,8 +41,12 @@ def test_acdc_sweep_scores_are_the_largest_surviving_threshold(graph_model, task
 def test_faithfulness_is_one_for_the_model_and_zero_for_nothing(graph_model, task):  # noqa: F811
     everything = torch.ones(len(graph_model.graph.edges), dtype=torch.bool)
     for ablation in ("resample", "mean", "zero"):
-        assert faithfulness(graph_model, task, mask_of_edges(graph_model, everything), ablation) == pytest.approx(1.0, abs=1e-5)
-        assert faithfulness(graph_model, task, mask_of_edges(graph_model, ~everything), ablation) == pytest.approx(0.0, abs=1e-5)
+        assert faithfulness(
+            graph_model, task, mask_of_edges(graph_model, everything), ablation
+        ) == pytest.approx(1.0, abs=1e-5)
+        assert faithfulness(
+            graph_model, task, mask_of_edges(graph_model, ~everything), ablation
+        ) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_roc_auc_and_top_edges():
@@ -64,7 +68,9 @@ def test_discover_gives_a_circuit_that_reads_back(graph_model, task, method, tmp
     circuit.save(tmp_path / "c.circuit.json")
     again = load_circuit(tmp_path / "c.circuit.json")
     assert again.to_json() == json.loads(json.dumps(circuit.to_json()))  # the file round-trips exactly
-    assert len(again.edges) == len(graph_model.graph.edges) and sum(e.in_circuit for e in again.edges) == int(found.kept.sum())
+    assert len(again.edges) == len(graph_model.graph.edges) and sum(e.in_circuit for e in again.edges) == int(
+        found.kept.sum()
+    )
     assert {e.input for e in again.edges} == {"q", "k", "v", ""}
 
 
@@ -79,14 +85,31 @@ def test_cli_circuits_writes_a_circuit_the_explorer_reads(capsys, tiny_model_dir
     from tests.test_cli import run_cli
 
     out = tmp_path / "tiny.circuit.json"
-    code, stdout, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--method", "eap", "--prompts", "8",
-                                "--length", "17", "--edges", "10", "--out", str(out), "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "circuits",
+        "--model",
+        str(tiny_model_dir),
+        "--method",
+        "eap",
+        "--prompts",
+        "8",
+        "--length",
+        "17",
+        "--edges",
+        "10",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["edges_kept"] == 10 and set(summary["faithfulness"]) == {"resample", "mean", "zero"}
     circuit = load_circuit(out)
     assert circuit.method == "eap" and sum(e.in_circuit for e in circuit.edges) == 10
-    code, _, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--method", "magic", "--out", str(out))
+    code, _, err = run_cli(
+        capsys, "circuits", "--model", str(tiny_model_dir), "--method", "magic", "--out", str(out)
+    )
     assert code == 2 and "unknown method" in err
 
 
@@ -94,14 +117,38 @@ def test_a_circuit_json_records_its_config_and_reruns_to_the_same_scores(capsys,
     from tests.test_cli import run_cli
 
     first, second = tmp_path / "first.circuit.json", tmp_path / "second.circuit.json"
-    flags = ["--task", "or-gate", "--prompts", "8", "--length", "9", "--seed", "3", "--steps", "3",
-             "--ablation", "mean", "--edges", "6"]
+    flags = [
+        "--task",
+        "or-gate",
+        "--prompts",
+        "8",
+        "--length",
+        "9",
+        "--seed",
+        "3",
+        "--steps",
+        "3",
+        "--ablation",
+        "mean",
+        "--edges",
+        "6",
+    ]
     code, _, err = run_cli(capsys, "circuits", *flags, "--out", str(first), "--json")
     assert code == 0, err
     saved = json.loads(first.read_text())
-    assert saved["config"] == {"model": "", "task": "or-gate", "dictionary": [], "features_per_hook": 10,
-                               "method": "eap-ig", "ablation": "mean", "prompts": 8, "length": 9, "steps": 3,
-                               "edges": 6, "seed": 3}
+    assert saved["config"] == {
+        "model": "",
+        "task": "or-gate",
+        "dictionary": [],
+        "features_per_hook": 10,
+        "method": "eap-ig",
+        "ablation": "mean",
+        "prompts": 8,
+        "length": 9,
+        "steps": 3,
+        "edges": 6,
+        "seed": 3,
+    }
     code, _, err = run_cli(capsys, "circuits", "--config", str(first), "--out", str(second), "--json")
     assert code == 0, err
     again = json.loads(second.read_text())
@@ -121,30 +168,50 @@ def test_a_circuit_of_a_task_file_reruns_from_another_folder(capsys, tiny_model_
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()
     clean = torch.randint(0, 512, (4, 6), generator=torch.Generator().manual_seed(0))
-    spec = {"name": "toy", "clean": clean.tolist(), "corrupted": clean.flip(0).tolist(),
-            "metric": "logprob", "answers": clean[:, 0].tolist()}
+    spec = {
+        "name": "toy",
+        "clean": clean.tolist(),
+        "corrupted": clean.flip(0).tolist(),
+        "metric": "logprob",
+        "answers": clean[:, 0].tolist(),
+    }
     (work / "toy.json").write_text(json.dumps(spec))
     monkeypatch.chdir(work)
-    code, _, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--task", "toy.json",
-                           "--method", "eap", "--out", "toy.circuit.json", "--json")
+    code, _, err = run_cli(
+        capsys,
+        "circuits",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "toy.json",
+        "--method",
+        "eap",
+        "--out",
+        "toy.circuit.json",
+        "--json",
+    )
     assert code == 0, err
     saved = json.loads((work / "toy.circuit.json").read_text())
     assert saved["config"]["task"] == str(work / "toy.json")  # absolute: it reruns from anywhere
     assert saved["config"]["model"] == str(tiny_model_dir)
     monkeypatch.chdir(elsewhere)
-    code, _, err = run_cli(capsys, "circuits", "--config", str(work / "toy.circuit.json"), 
-                           "--out", "again.json")
+    code, _, err = run_cli(
+        capsys, "circuits", "--config", str(work / "toy.circuit.json"), "--out", "again.json"
+    )
     assert code == 0, err
     assert json.loads((elsewhere / "again.json").read_text())["edges"] == saved["edges"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--method", "eap,magic"], "unknown method 'magic'"),
-    (["--ablation", "blur"], "unknown ablation 'blur'"),
-    (["--prompts", "0"], "must be positive"),
-    (["--edges", "-1"], "edges >= 0"),
-    (["--method", "eap,acdc"], "one method per circuit"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "eap,magic"], "unknown method 'magic'"),
+        (["--ablation", "blur"], "unknown ablation 'blur'"),
+        (["--prompts", "0"], "must be positive"),
+        (["--edges", "-1"], "edges >= 0"),
+        (["--method", "eap,acdc"], "one method per circuit"),
+    ],
+)
 def test_bad_circuit_flags_are_one_line_errors(capsys, tmp_path, flags, message):
     from tests.test_cli import run_cli
 

@@ -36,7 +36,9 @@ def dictionaries(tiny_model, task):
     for seed, hook in enumerate(HOOKS):
         sample = acts[hook][:, 1:].reshape(-1, acts[hook].shape[-1])
         dictionary = small("topk", seed=seed, d_in=sample.shape[1], n_latents=40, k=6, aux_k=0)
-        picks = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:40]] - sample.mean(0)
+        picks = sample[
+            torch.randperm(len(sample), generator=torch.Generator().manual_seed(seed))[:40]
+        ] - sample.mean(0)
         with torch.no_grad():
             dictionary.W_enc.copy_(picks / picks.norm(dim=1, keepdim=True))
             dictionary.W_dec.copy_(dictionary.W_enc)
@@ -82,7 +84,9 @@ def test_exact_latent_patching_by_hand(tiny_model, task, dictionaries):
         with tiny_model.hooks([_replacement(hook, dictionary, f0, e0)]):
             by_hand = float(task.score(tiny_model(task.clean))) - base
     assert by_hand != 0
-    assert float(exact_feature_effects(tiny_model, task, dictionaries, hook, [latent])[0]) == pytest.approx(by_hand, abs=1e-5)
+    assert float(exact_feature_effects(tiny_model, task, dictionaries, hook, [latent])[0]) == pytest.approx(
+        by_hand, abs=1e-5
+    )
 
 
 def test_an_edge_is_the_directional_derivative_of_the_downstream_term(tiny_model, task, dictionaries):
@@ -119,12 +123,18 @@ def test_an_edge_is_the_directional_derivative_of_the_downstream_term(tiny_model
     assert weight == pytest.approx(numeric, rel=0.02, abs=1e-6)
 
 
-def test_feature_circuit_json_has_feature_and_error_nodes_and_reads_back(tiny_model, task, dictionaries, tmp_path):
-    circuit = feature_circuit(tiny_model, task, dictionaries, steps=4, per_hook=3, stores={HOOKS[0]: "s0.duckdb"})
+def test_feature_circuit_json_has_feature_and_error_nodes_and_reads_back(
+    tiny_model, task, dictionaries, tmp_path
+):
+    circuit = feature_circuit(
+        tiny_model, task, dictionaries, steps=4, per_hook=3, stores={HOOKS[0]: "s0.duckdb"}
+    )
     kinds = [n.kind for n in circuit.nodes]
     assert kinds.count("feature") == 6 and kinds.count("error") == 2 and kinds.count("logits") == 1
     ids = {n.id for n in circuit.nodes}
-    assert all(e.source in ids and e.target in ids for e in circuit.edges) and any(e.in_circuit for e in circuit.edges)
+    assert all(e.source in ids and e.target in ids for e in circuit.edges) and any(
+        e.in_circuit for e in circuit.edges
+    )
     assert {n.store for n in circuit.nodes if n.kind == "feature" and n.hook == HOOKS[0]} == {"s0.duckdb"}
     path = tmp_path / "f.circuit.json"
     circuit.save(path)
@@ -145,8 +155,23 @@ def test_cli_feature_circuit_links_the_feature_store(capsys, tiny_run, tiny_mode
     from tests.test_cli import run_cli
 
     out = tmp_path / "features.circuit.json"
-    code, stdout, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--dictionary", str(tiny_run),
-                                "--prompts", "4", "--length", "17", "--steps", "2", "--out", str(out), "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "circuits",
+        "--model",
+        str(tiny_model_dir),
+        "--dictionary",
+        str(tiny_run),
+        "--prompts",
+        "4",
+        "--length",
+        "17",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["method"] == "feature-ig"
@@ -166,13 +191,17 @@ def test_codebook_codes_are_nodes_with_complete_effects_and_no_incoming_gradient
     acts = _activations(tiny_model, task.clean, list(HOOKS))
     books = {}
     for hook in HOOKS:
-        books[hook] = create(DictionaryConfig(architecture="codebook", d_in=acts[hook].shape[-1], n_latents=24, k=2))
+        books[hook] = create(
+            DictionaryConfig(architecture="codebook", d_in=acts[hook].shape[-1], n_latents=24, k=2)
+        )
         with torch.no_grad():
             books[hook].initialize_from(acts[hook][:, 1:].reshape(-1, acts[hook].shape[-1]))
     found = feature_effects(tiny_model, task, books, steps=32)
     with torch.no_grad():
         base = float(task.score(tiny_model(task.clean)))
-        corrupted = _split_detached(books[HOOKS[0]], _activations(tiny_model, task.corrupted, [HOOKS[0]])[HOOKS[0]])
+        corrupted = _split_detached(
+            books[HOOKS[0]], _activations(tiny_model, task.corrupted, [HOOKS[0]])[HOOKS[0]]
+        )
         with tiny_model.hooks([_replacement(HOOKS[0], books[HOOKS[0]], *corrupted)]):
             patched = float(task.score(tiny_model(task.clean)))
     total = float(found.latents[HOOKS[0]].sum()) + found.errors[HOOKS[0]]

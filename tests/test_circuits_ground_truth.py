@@ -34,14 +34,18 @@ def test_induction_model_predicts_the_repeated_half_only():
     logits = model(task.clean)
     assert task.score(logits) > -1.0  # mean log-prob of the right token inside the second copy
     ablated = ablated_outputs(model, task)
-    assert task_score(model, task, model.full_mask(0.0), ablated) < -5.0  # without its edges: worse than chance-ish
+    assert (
+        task_score(model, task, model.full_mask(0.0), ablated) < -5.0
+    )  # without its edges: worse than chance-ish
     truth = torch.tensor([name in set(task.ground_truth["edges"]) for name in model.graph.edge_names])
     assert faithfulness(model, task, mask_of_edges(model, truth), "resample") == pytest.approx(1.0, abs=0.02)
     # the planted circuit needs every one of its edges: dropping any one loses most of the effect
     for index in torch.nonzero(truth).flatten().tolist():
         fewer = truth.clone()
         fewer[index] = False
-        assert faithfulness(model, task, mask_of_edges(model, fewer), "resample") < 0.5, model.graph.edge_names[index]
+        assert faithfulness(model, task, mask_of_edges(model, fewer), "resample") < 0.5, (
+            model.graph.edge_names[index]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,9 @@ def test_every_method_recovers_the_planted_circuits(benchmark_rows, task, method
 
 def test_eap_ig_tracks_exact_patching_on_the_induction_model(benchmark_rows):
     assert benchmark_rows[("planted-induction", "eap-ig")]["spearman_vs_exact"] >= 0.9
-    assert benchmark_rows[("planted-induction", "eap")]["faithfulness"]["resample"] < 0.5  # the linear approximation's miss
+    assert (
+        benchmark_rows[("planted-induction", "eap")]["faithfulness"]["resample"] < 0.5
+    )  # the linear approximation's miss
 
 
 def test_the_saturated_or_gate_fools_one_edge_at_a_time_methods(benchmark_rows):
@@ -86,7 +92,9 @@ def test_benchmark_rows_name_what_the_issue_asks(benchmark_rows):
 def test_cli_benchmark_prints_one_json_object_per_task_and_method(capsys):
     from tests.test_cli import run_cli
 
-    code, stdout, err = run_cli(capsys, "circuits", "--benchmark", "or-gate", "--method", "eap,eap-ig", "--json")
+    code, stdout, err = run_cli(
+        capsys, "circuits", "--benchmark", "or-gate", "--method", "eap,eap-ig", "--json"
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert [(r["task"], r["method"]) for r in rows] == [("or-gate", "eap"), ("or-gate", "eap-ig")]
@@ -106,32 +114,58 @@ def test_a_user_task_file_runs_end_to_end(capsys, tiny_model_dir, tiny_model, tm
     clean = tiny_model.tokenize(["ROMEO: But soft, what light", "JULIET: O Romeo, Romeo, where"])
     corrupted = tiny_model.tokenize(["KING: Once more unto the", "QUEEN: Now is the winter of"])
     width = min(clean.shape[1], corrupted.shape[1])
-    spec = {"name": "toy", "clean": clean[:, :width].tolist(), "corrupted": corrupted[:, :width].tolist(),
-            "metric": "logit_diff", "answers": [5, 6], "wrong": [7, 8]}
+    spec = {
+        "name": "toy",
+        "clean": clean[:, :width].tolist(),
+        "corrupted": corrupted[:, :width].tolist(),
+        "metric": "logit_diff",
+        "answers": [5, 6],
+        "wrong": [7, 8],
+    }
     path = tmp_path / "toy.json"
     path.write_text(json.dumps(spec))
     graph, task = load_task(str(path), str(tiny_model_dir))
     logits = graph(task.clean)
     expected = logits[:, -1, [5, 6]].diagonal() - logits[:, -1, [7, 8]].diagonal()
     assert torch.allclose(task.metric(logits, slice(None)), expected)
-    code, stdout, err = run_cli(capsys, "circuits", "--model", str(tiny_model_dir), "--task", str(path), "--method", "eap",
-                                "--out", str(tmp_path / "toy.circuit.json"), "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "circuits",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        str(path),
+        "--method",
+        "eap",
+        "--out",
+        str(tmp_path / "toy.circuit.json"),
+        "--json",
+    )
     assert code == 0, err and json.loads(stdout)["method"] == "eap"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"clean": []}, "non-empty list"),
-    ({"corrupted": [[1, 2]]}, "differ in shape"),
-    ({"clean": [[1, 2, 3], [1, 2]]}, "different lengths"),
-    ({"clean": [[1, -2, 3], [1, 2, 3]]}, "all texts or all lists"),
-    ({"metric": "accuracy"}, "unknown metric"),
-    ({"answers": [1]}, "one answer per prompt"),
-    ({"answers": [1, 10 ** 9]}, "not a single token"),
-    ({"answers": ["a whole phrase of text", " x"]}, "not a single token"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"clean": []}, "non-empty list"),
+        ({"corrupted": [[1, 2]]}, "differ in shape"),
+        ({"clean": [[1, 2, 3], [1, 2]]}, "different lengths"),
+        ({"clean": [[1, -2, 3], [1, 2, 3]]}, "all texts or all lists"),
+        ({"metric": "accuracy"}, "unknown metric"),
+        ({"answers": [1]}, "one answer per prompt"),
+        ({"answers": [1, 10**9]}, "not a single token"),
+        ({"answers": ["a whole phrase of text", " x"]}, "not a single token"),
+    ],
+)
 def test_bad_task_files_are_one_line_errors(tiny_model_dir, tmp_path, change, message):
-    spec = {"clean": [[1, 2, 3], [4, 5, 6]], "corrupted": [[7, 8, 9], [9, 8, 7]], "metric": "logit_diff",
-            "answers": [1, 2], "wrong": [3, 4], **change}
+    spec = {
+        "clean": [[1, 2, 3], [4, 5, 6]],
+        "corrupted": [[7, 8, 9], [9, 8, 7]],
+        "metric": "logit_diff",
+        "answers": [1, 2],
+        "wrong": [3, 4],
+        **change,
+    }
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(spec))
     with pytest.raises(TaskError, match=message) as caught:
@@ -159,7 +193,9 @@ def test_discrete_codes_find_the_head_whose_output_changes():
     assert all(v < 0.05 for head, v in scores.items() if head != "a1.0")
     same = type(task)(task.name, task.clean, task.clean.clone(), task.metric)
     books = fit_head_codebooks(model, same)
-    assert all(v == 0.0 for v in code_scores(model, same, books).values())  # nothing unique without a difference
+    assert all(
+        v == 0.0 for v in code_scores(model, same, books).values()
+    )  # nothing unique without a difference
 
 
 def test_discrete_codes_in_the_benchmark(benchmark_rows):
@@ -173,11 +209,22 @@ def test_discrete_codes_in_the_benchmark(benchmark_rows):
 def test_ground_truth_wiring_follows_the_head_roles():
     from circuits.trained_induction import ground_truth
 
-    textbook = {"a0.0": ("offset", 1, 0.9), "a0.1": ("other", 0, 0.1), "a1.0": ("induction", 1, 0.8), "a1.1": ("other", 0, 0.2)}
+    textbook = {
+        "a0.0": ("offset", 1, 0.9),
+        "a0.1": ("other", 0, 0.1),
+        "a1.0": ("induction", 1, 0.8),
+        "a1.1": ("other", 0, 0.2),
+    }
     assert ground_truth(textbook) == {
         "heads": ["a0.0", "a1.0"],
-        "edges": sorted(["a0.0->a1.0.k", "embed->a1.0.v", "embed->a1.0.q", "a1.0->logits", "embed->a0.0.v"])}
-    shifted = {"a0.0": ("offset", 4, 0.9), "a0.1": ("offset", 3, 0.8), "a0.2": ("offset", 6, 0.8), "a1.0": ("induction", 4, 0.8)}
+        "edges": sorted(["a0.0->a1.0.k", "embed->a1.0.v", "embed->a1.0.q", "a1.0->logits", "embed->a0.0.v"]),
+    }
+    shifted = {
+        "a0.0": ("offset", 4, 0.9),
+        "a0.1": ("offset", 3, 0.8),
+        "a0.2": ("offset", 6, 0.8),
+        "a1.0": ("induction", 4, 0.8),
+    }
     truth = ground_truth(shifted)
     assert truth["heads"] == ["a0.0", "a0.1", "a1.0"]  # the offset-6 head feeds no induction head
     assert {"a0.0->a1.0.k", "a0.1->a1.0.v"} <= set(truth["edges"]) and "embed->a1.0.v" not in truth["edges"]
@@ -222,7 +269,9 @@ def test_the_trained_induction_model_and_its_derived_ground_truth(tmp_path, monk
     task = trained_induction_task(model, n=48)
     assert task.score(model(task.clean)) > -0.5  # it does induction (uniform guessing: -5.5)
     truth = task.ground_truth
-    assert any(h.startswith("a0.") for h in truth["heads"]) and any(h.startswith("a1.") for h in truth["heads"])
+    assert any(h.startswith("a0.") for h in truth["heads"]) and any(
+        h.startswith("a1.") for h in truth["heads"]
+    )
     kept = torch.tensor([name in set(truth["edges"]) for name in model.graph.edge_names])
     assert faithfulness(model, task, mask_of_edges(model, kept), "resample") > 0.9
     exact = discover(model, task, "exact", n_edges=len(truth["edges"]))
@@ -230,6 +279,7 @@ def test_the_trained_induction_model_and_its_derived_ground_truth(tmp_path, monk
         row = score_discovery(model, task, discover(model, task, method, n_edges=len(truth["edges"])), exact)
         assert row["roc_auc"] >= 0.95, row
         assert row["faithfulness"]["resample"] > 0.9, row
+
     def trains_again(*args, **kwargs):
         raise AssertionError("the saved model for this recipe should be loaded, not retrained")
 

@@ -24,7 +24,26 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("argv", [[], ["cache"], ["models"], ["demo-model", "train"], ["bench", "cache"], ["train"], ["eval"], ["probe"], ["codebook-finetune"], ["bench", "sae"], ["bench", "codebook"], ["analyze"], ["explore"], ["bench", "analyze"], ["circuits"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["cache"],
+        ["models"],
+        ["demo-model", "train"],
+        ["bench", "cache"],
+        ["train"],
+        ["eval"],
+        ["probe"],
+        ["codebook-finetune"],
+        ["bench", "sae"],
+        ["bench", "codebook"],
+        ["analyze"],
+        ["explore"],
+        ["bench", "analyze"],
+        ["circuits"],
+    ],
+)
 def test_help_everywhere(capsys, argv):
     code, out, _ = run_cli(capsys, *argv, "--help")
     assert code == 0 and "usage: workbench" in out
@@ -40,15 +59,33 @@ def test_models_lists_builtins_and_hooks(capsys, tiny_model_dir):
     assert code == 0 and "demo" in out and "gemma-3-270m" in out and "minilm" in out
     code, out, _ = run_cli(capsys, "models", "--model", str(tiny_model_dir), "--json")
     listing = json.loads(out)
-    assert listing["hooks"]["blocks.1.hook_resid_post"] == 64 and listing["hooks"]["blocks.0.mlp.hook_post"] == 256
+    assert (
+        listing["hooks"]["blocks.1.hook_resid_post"] == 64
+        and listing["hooks"]["blocks.0.mlp.hook_post"] == 256
+    )
 
 
 def bad_cache_flags(tiny_model_dir, out):
-    common = ["--model", str(tiny_model_dir), "--corpus", "tiny-shakespeare", "--out", str(out), "--quiet",
-              "--context-length", "32"]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        "tiny-shakespeare",
+        "--out",
+        str(out),
+        "--quiet",
+        "--context-length",
+        "32",
+    ]
     return {
-        "unknown hook": (common + ["--hook", "blocks.0.hook_resid_pots"], "close matches: blocks.0.hook_resid_post"),
-        "unknown model": (["--model", "no/such-model", "--out", str(out)], "cannot load model 'no/such-model'"),
+        "unknown hook": (
+            common + ["--hook", "blocks.0.hook_resid_pots"],
+            "close matches: blocks.0.hook_resid_post",
+        ),
+        "unknown model": (
+            ["--model", "no/such-model", "--out", str(out)],
+            "cannot load model 'no/such-model'",
+        ),
         "bad dtype": (common + ["--dtype", "int8"], "unknown dtype"),
         "bad number": (common + ["--tokens", "lots"], "invalid int value"),
         "unknown corpus": (common + ["--corpus", "no-such-corpus"], "neither a built-in corpus"),
@@ -70,13 +107,29 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tiny_model_dir, tmp_pa
 
 def test_cache_then_reproduce_from_its_saved_config(capsys, tiny_model_dir, tmp_path):
     first = tmp_path / "first"
-    code, out, _ = run_cli(capsys, "cache", "--model", str(tiny_model_dir), "--corpus", "tiny-shakespeare",
-                           "--tokens", "2000", "--context-length", "32", "--out", str(first), "--quiet", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "cache",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        "tiny-shakespeare",
+        "--tokens",
+        "2000",
+        "--context-length",
+        "32",
+        "--out",
+        str(first),
+        "--quiet",
+        "--json",
+    )
     assert code == 0
     summary = json.loads(out)
     assert summary["tokens"] == 2016 and summary["hooks"] == {"blocks.0.hook_resid_post": 64}
     second = tmp_path / "second"
-    code, _, _ = run_cli(capsys, "cache", "--config", str(first / "manifest.json"), "--out", str(second), "--quiet")
+    code, _, _ = run_cli(
+        capsys, "cache", "--config", str(first / "manifest.json"), "--out", str(second), "--quiet"
+    )
     assert code == 0
     assert (first / "manifest.json").read_text() == (second / "manifest.json").read_text()
 
@@ -96,6 +149,18 @@ def test_default_hook_is_the_middle_residual_stream(tiny_model):
 
 
 def test_default_context_fits_the_model(capsys, tiny_model_dir, tmp_path):
-    code, out, _ = run_cli(capsys, "cache", "--model", str(tiny_model_dir), "--corpus", "tiny-shakespeare",
-                           "--tokens", "640", "--out", str(tmp_path / "c"), "--quiet", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "cache",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        "tiny-shakespeare",
+        "--tokens",
+        "640",
+        "--out",
+        str(tmp_path / "c"),
+        "--quiet",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["context_length"] == 64  # the tiny model's n_ctx

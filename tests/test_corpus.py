@@ -36,7 +36,10 @@ def test_builtin_corpora_are_the_promised_texts():
     plays = [d.name for d in iter_documents("shakespeare")]
     assert len(plays) == 38 and "shakespeare/hamlet" in plays
     genesis = next(iter_documents("kjv"))
-    assert genesis.name == "kjv/Genesis" and "1:1 In the beginning God created the heaven and the earth." in genesis.text
+    assert (
+        genesis.name == "kjv/Genesis"
+        and "1:1 In the beginning God created the heaven and the earth." in genesis.text
+    )
 
 
 def test_play_markdown_becomes_speaker_lines():
@@ -47,7 +50,9 @@ def test_play_markdown_becomes_speaker_lines():
 
 def test_windows_start_with_bos_and_join_documents_with_the_separator():
     docs = [Document("a", "abcdefg"), Document("b", "hijklmnopq")]
-    windows = token_windows(docs, CharTokenizer(), context_length=5, bos_id=0, separator_ids=[1], validation_fraction=0.0)
+    windows = token_windows(
+        docs, CharTokenizer(), context_length=5, bos_id=0, separator_ids=[1], validation_fraction=0.0
+    )
     stream = [ord(c) % 1000 + 2 for c in "abcdefg"] + [1] + [ord(c) % 1000 + 2 for c in "hijklmnopq"] + [1]
     assert windows.tokens.shape == (len(stream) // 4, 5)
     assert (windows.tokens[:, 0] == 0).all()
@@ -60,7 +65,9 @@ def test_split_is_deterministic_disjoint_and_spread():
     assert 0.015 < mask.float().mean() < 0.025
     held_out_blocks = (mask.nonzero().squeeze(1) // BLOCK_WINDOWS).unique()
     assert held_out_blocks.min() < 100 and held_out_blocks.max() > 10_000 // BLOCK_WINDOWS - 100
-    windows = token_windows([Document("a", "x" * 5000)], CharTokenizer(), 8, bos_id=0, validation_fraction=0.1)
+    windows = token_windows(
+        [Document("a", "x" * 5000)], CharTokenizer(), 8, bos_id=0, validation_fraction=0.1
+    )
     train, validation = windows.split("train"), windows.split("validation")
     assert len(set(train.tolist()) & set(validation.tolist())) == 0
     assert len(train) + len(validation) == len(windows.tokens)
@@ -68,7 +75,9 @@ def test_split_is_deterministic_disjoint_and_spread():
 
 def test_local_txt_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("plain text file")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n"
+    )
     texts = [d.text for d in iter_documents(str(tmp_path))]
     assert texts == ["plain text file", "first", "second"]
 
@@ -97,7 +106,9 @@ def test_max_windows_stops_reading_early():
             read.append(i)
             yield Document(str(i), "y" * 100)
 
-    windows = token_windows(documents(), CharTokenizer(), 11, bos_id=0, max_windows=30, validation_fraction=0.0)
+    windows = token_windows(
+        documents(), CharTokenizer(), 11, bos_id=0, max_windows=30, validation_fraction=0.0
+    )
     assert windows.tokens.shape == (30, 11)
     assert len(read) < 1000
 

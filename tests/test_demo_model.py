@@ -28,7 +28,11 @@ def test_checkpoint_is_small_and_complete():
 def test_shape_matches_the_card(demo):
     summary = read_training_summary()
     config = summary["config"]
-    assert (demo.n_layers, demo.d_model, demo.n_ctx) == (config["n_layers"], config["d_model"], config["context_length"])
+    assert (demo.n_layers, demo.d_model, demo.n_ctx) == (
+        config["n_layers"],
+        config["d_model"],
+        config["context_length"],
+    )
     assert demo.d_vocab == config["vocab_size"]
     assert demo.default_hook == f"blocks.{config['n_layers'] // 2 - 1}.hook_resid_post"
 
@@ -40,15 +44,22 @@ def test_validation_loss_is_what_training_reported(demo):
 
     summary = read_training_summary()
     config = summary["config"]
-    windows = token_windows(iter_documents(config["corpus"]), demo.tokenizer, config["context_length"],
-                            demo.bos_token_id, demo.separator_token_ids)
+    windows = token_windows(
+        iter_documents(config["corpus"]),
+        demo.tokenizer,
+        config["context_length"],
+        demo.bos_token_id,
+        demo.separator_token_ids,
+    )
     validation = windows.tokens[windows.split("validation")]
     assert len(validation) == summary["validation_windows"]
     total = 0.0
     with torch.no_grad():
         for batch in validation.split(64):
             logits = demo(batch)[:, :-1]
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+            total += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+            ).item()
     loss = total / validation[:, 1:].numel()
     assert abs(loss - summary["final_validation_loss"]) < 2e-3
     assert loss < 4.5  # far below the 8.3 nats of a uniform guess over 4096 tokens
@@ -95,5 +106,7 @@ def test_recipe_is_reproducible_from_the_cli(capsys, tiny_model_dir, tmp_path):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in original["config"].items() if k != "out"]
     code = main(["demo-model", "train", *flags, "--out", str(tmp_path / "again"), "--quiet", "--json"])
     assert code == 0
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
     assert json.loads(capsys.readouterr().out)["final_validation_loss"] == original["final_validation_loss"]

@@ -119,9 +119,17 @@ def test_steering_page_generates_baseline_and_steered_text(app, tiny_run):
 
 
 def write_circuit(path: Path, store: Path) -> None:
-    nodes = [Node("embed", "embed", 0, "tokens"), Node("f3", "feature", 1, "feature 3", 0.9, hook=STORE_HOOK, feature=3, store=str(store)),
-             Node("a1.0", "head", 1, "L1H0", 0.2, in_circuit=False), Node("logits", "logits", 2, "logits")]
-    edges = [Edge("embed", "f3", 0.8), Edge("f3", "logits", 0.7), Edge("embed", "a1.0", 0.01, in_circuit=False)]
+    nodes = [
+        Node("embed", "embed", 0, "tokens"),
+        Node("f3", "feature", 1, "feature 3", 0.9, hook=STORE_HOOK, feature=3, store=str(store)),
+        Node("a1.0", "head", 1, "L1H0", 0.2, in_circuit=False),
+        Node("logits", "logits", 2, "logits"),
+    ]
+    edges = [
+        Edge("embed", "f3", 0.8),
+        Edge("f3", "logits", 0.7),
+        Edge("embed", "a1.0", 0.01, in_circuit=False),
+    ]
     Circuit(nodes, edges, task="toy", method="hand", metrics={"faithfulness": 0.9}).save(path)
 
 
@@ -149,7 +157,10 @@ def test_a_click_on_a_feature_node_names_its_store_and_feature(tiny_run, tmp_pat
     write_circuit(tmp_path / "toy.circuit.json", tiny_run / "features.duckdb")
     circuit = load_circuit(tmp_path / "toy.circuit.json")
     assert clicked_feature(circuit, [{"customdata": "embed"}]) is None
-    assert clicked_feature(circuit, [{"customdata": "embed"}, {"customdata": "f3"}]) == (str(tiny_run / "features.duckdb"), 3)
+    assert clicked_feature(circuit, [{"customdata": "embed"}, {"customdata": "f3"}]) == (
+        str(tiny_run / "features.duckdb"),
+        3,
+    )
 
 
 def test_live_box_says_why_when_the_dictionary_is_gone(tiny_run, tmp_path, monkeypatch):
@@ -159,7 +170,9 @@ def test_live_box_says_why_when_the_dictionary_is_gone(tiny_run, tmp_path, monke
     moved = tmp_path / "features.duckdb"
     moved.write_bytes((tiny_run / "features.duckdb").read_bytes())
     with duckdb.connect(str(moved)) as con:
-        con.execute("UPDATE meta SET value = ? WHERE key = 'dictionary_path'", [json.dumps(str(tmp_path / "gone"))])
+        con.execute(
+            "UPDATE meta SET value = ? WHERE key = 'dictionary_path'", [json.dumps(str(tmp_path / "gone"))]
+        )
     monkeypatch.setenv("WORKBENCH_STORES", str(moved))
     at = AppTest.from_file(MAIN, default_timeout=60)
     at = open_page(at, "feature", feature_id=1)

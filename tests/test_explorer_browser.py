@@ -16,8 +16,17 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 def chromium() -> str:
@@ -74,8 +83,12 @@ def test_feature_page_in_a_real_browser(demo_store, tmp_path):
     executable = chromium()
     feature = int(FeatureStore(demo_store).features(limit=1).feature[0])
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "explore", str(demo_store), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "explore", str(demo_store), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_healthy(port, server)
         with sync_playwright() as playwright:
@@ -89,7 +102,9 @@ def test_feature_page_in_a_real_browser(demo_store, tmp_path):
             tokens.first.wait_for(state="visible", timeout=60_000)
             assert histogram.bounding_box()["height"] > 100
             assert tokens.count() >= 8  # at least one highlighted example of several tokens
-            lit = tokens.evaluate_all("els => els.filter(e => getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)').length")
+            lit = tokens.evaluate_all(
+                "els => els.filter(e => getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)').length"
+            )
             assert lit >= 1
             screenshot = tmp_path / "feature-page.png"
             page.screenshot(path=str(screenshot), full_page=True)

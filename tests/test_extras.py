@@ -65,7 +65,7 @@ def test_gemma_dequantizes_once_and_then_loads_from_the_cached_copy(monkeypatch)
     assert model.to_str_tokens(tokens)[0] == "<bos>"
     logits = model(tokens)
     assert logits.shape[-1] == model.d_vocab and torch.isfinite(logits).all()
-    answer = model.generate(prompt, max_new_tokens=3)[len(prompt):]
+    answer = model.generate(prompt, max_new_tokens=3)[len(prompt) :]
     assert answer.strip().startswith("Paris"), f"a real pretrained model should answer Paris, said {answer!r}"
     calls = len(dequantized)
     again = load_model("gemma-3-270m")
@@ -84,8 +84,12 @@ def _steering_works_on(model, prompt: str) -> None:
     scale = float(model.run_with_cache(tokens, [hook])[hook].norm(dim=-1).median())
     direction = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))
     baseline = model.generate(prompt, max_new_tokens=6)
-    with torch.no_grad(), steer(model, [add_direction(hook, direction / direction.norm(), 2 * scale)],
-                                positions="generated") as report:
+    with (
+        torch.no_grad(),
+        steer(
+            model, [add_direction(hook, direction / direction.norm(), 2 * scale)], positions="generated"
+        ) as report,
+    ):
         steered = model.generate(prompt, max_new_tokens=6)
     assert report.positions_edited == {hook: 5} and report.passes == {hook: 6}
     first = model.generate(prompt, max_new_tokens=1)

@@ -14,7 +14,11 @@ from workbench.files import atomic_open, first_non_finite_row, remove_stale_temp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
 def test_streamed_safetensors_equal_the_library(tmp_path, dtype):
-    tensors = {"a": (torch.randn(7, 5) * 10).to(dtype), "b": torch.arange(3).to(dtype), "empty": torch.zeros(0, 4, dtype=dtype)}
+    tensors = {
+        "a": (torch.randn(7, 5) * 10).to(dtype),
+        "b": torch.arange(3).to(dtype),
+        "empty": torch.zeros(0, 4, dtype=dtype),
+    }
     path = tmp_path / "x.safetensors"
     sha = save_tensors_atomic(path, tensors, metadata={"k": "v"})
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -22,7 +26,9 @@ def test_streamed_safetensors_equal_the_library(tmp_path, dtype):
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert loaded[name].dtype == dtype and torch.equal(loaded[name], tensor)
-    assert path.read_bytes()[8:].startswith(b"{") and len(path.read_bytes()) == len(save(tensors, metadata={"k": "v"}))
+    assert path.read_bytes()[8:].startswith(b"{") and len(path.read_bytes()) == len(
+        save(tensors, metadata={"k": "v"})
+    )
 
 
 def test_non_contiguous_input_is_stored_as_its_values(tmp_path):

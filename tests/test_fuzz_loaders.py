@@ -12,13 +12,21 @@ from workbench.errors import CacheError, ConfigError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
 VALID = {
-    "format_version": 1, "model": "demo", "dtype": "float32", "context_length": 4, "n_windows": 2,
-    "bos_token_id": 0, "tokens_sha256": "ab", "config": {},
+    "format_version": 1,
+    "model": "demo",
+    "dtype": "float32",
+    "context_length": 4,
+    "n_windows": 2,
+    "bos_token_id": 0,
+    "tokens_sha256": "ab",
+    "config": {},
     "hooks": {"h": {"d": 3, "shards": [{"file": "h/shard-00000.safetensors", "rows": 8, "sha256": "cd"}]}},
 }
 
@@ -46,7 +54,11 @@ def test_the_valid_manifest_parses():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from(["model", "hooks", "tokens", "dtype", "seed", "split"]), json_values, max_size=5))
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "hooks", "tokens", "dtype", "seed", "split"]), json_values, max_size=5
+    )
+)
 def test_config_files_raise_only_config_errors(tmp_path_factory, fields):
     import argparse
 
@@ -62,18 +74,42 @@ def test_config_files_raise_only_config_errors(tmp_path_factory, fields):
 
 
 VALID_CIRCUIT = {
-    "format_version": 1, "task": "t", "method": "eap", "metrics": {},
+    "format_version": 1,
+    "task": "t",
+    "method": "eap",
+    "metrics": {},
     "nodes": [{"id": "embed", "kind": "embed", "layer": 0}, {"id": "logits", "kind": "logits", "layer": 1}],
     "edges": [{"source": "embed", "target": "logits", "score": 0.5}],
 }
 node_or_edge_fields = st.dictionaries(
-    st.sampled_from(["id", "kind", "layer", "label", "score", "in_circuit", "hook", "feature", "store", "source",
-                     "target", "input", "extra"]), json_values, max_size=5)
+    st.sampled_from(
+        [
+            "id",
+            "kind",
+            "layer",
+            "label",
+            "score",
+            "in_circuit",
+            "hook",
+            "feature",
+            "store",
+            "source",
+            "target",
+            "input",
+            "extra",
+        ]
+    ),
+    json_values,
+    max_size=5,
+)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(VALID_CIRCUIT)), json_values, max_size=6),
-       st.lists(node_or_edge_fields, max_size=3), st.lists(node_or_edge_fields, max_size=3))
+@given(
+    st.dictionaries(st.sampled_from(sorted(VALID_CIRCUIT)), json_values, max_size=6),
+    st.lists(node_or_edge_fields, max_size=3),
+    st.lists(node_or_edge_fields, max_size=3),
+)
 def test_circuit_json_mutations_raise_only_circuit_errors(changes, nodes, edges):
     from circuits.graph import Circuit, CircuitError
 

@@ -75,8 +75,12 @@ def random_block(rng: random.Random, depth: int, kind: str | None = None, hook: 
             children.append({"kind": "forward"})
         else:
             children.append({"kind": "cache", "hook": rng.choice(list(SITES))})
-    return {"kind": kind or rng.choice(["steer", "splice", "capture"]), "hook": hook or rng.choice(list(SITES)),
-            "children": children, "raise_at": rng.randrange(len(children) + 1) if rng.random() < 0.3 else None}
+    return {
+        "kind": kind or rng.choice(["steer", "splice", "capture"]),
+        "hook": hook or rng.choice(list(SITES)),
+        "children": children,
+        "raise_at": rng.randrange(len(children) + 1) if rng.random() < 0.3 else None,
+    }
 
 
 def conflicts(hook: str, active: list[tuple[str, str]]) -> bool:
@@ -146,9 +150,11 @@ class Runner:
                 with pytest.raises(WorkbenchError, match="cannot fire together"):
                     self.model.run_with_cache(self.tokens, [hook])
                 return
-            self.caches.append((tuple(self.active), hook, self.model.run_with_cache(self.tokens, [hook])[hook]))
+            self.caches.append(
+                (tuple(self.active), hook, self.model.run_with_cache(self.tokens, [hook])[hook])
+            )
             for counter in self.open_steers:  # the pass stops after the cached hook's block (the
-                steered = counter["hook"]     # next block's input hook still fires)
+                steered = counter["hook"]  # next block's input hook still fires)
                 counter["passes"] += layer(steered) <= layer(hook) + steered.endswith("hook_resid_pre")
         else:
             self.block(node)
@@ -162,10 +168,12 @@ def by_hand(model, tokens, directions, dictionaries, active: tuple, grab: str | 
         if kind == "steer":
             fns.append((hook, lambda a, hook=None, h=hook: (a.flatten(2) + directions[h]).view(a.shape)))
         elif kind == "splice":
+
             def rebuild(a, hook=None, d=dictionaries[hook]):
                 out = a.clone()
                 out[:, 1:] = d(a[:, 1:].reshape(-1, d.d_in)).reshape(a[:, 1:].shape)
                 return out
+
             fns.append((hook, rebuild))
     if grab:
         fns.append((grab, lambda a, hook=None: seen.update(x=a.detach().flatten(2))))  # returns None: no edit
@@ -203,10 +211,17 @@ def test_random_nestings_equal_the_edits_applied_by_hand_and_restore_the_modes(d
     for active, logits in runner.forwards:
         if active not in references:
             references[active] = by_hand(model, tokens, directions, dictionaries, active)[0]
-        torch.testing.assert_close(logits, references[active], atol=1e-4, rtol=1e-4, msg=lambda m: f"{active}: {m}")
+        torch.testing.assert_close(
+            logits, references[active], atol=1e-4, rtol=1e-4, msg=lambda m: f"{active}: {m}"
+        )
     for active, hook, x in runner.caches:
-        torch.testing.assert_close(x, by_hand(model, tokens, directions, dictionaries, active, grab=hook)[1],
-                                   atol=1e-4, rtol=1e-4, msg=lambda m: f"{active} at {hook}: {m}")
+        torch.testing.assert_close(
+            x,
+            by_hand(model, tokens, directions, dictionaries, active, grab=hook)[1],
+            atol=1e-4,
+            rtol=1e-4,
+            msg=lambda m: f"{active} at {hook}: {m}",
+        )
 
 
 def test_a_nested_helper_keeps_the_outer_steer_at_every_gated_hook(demo):
@@ -235,9 +250,11 @@ def test_hooks_that_cannot_fire_together_are_refused_before_anything_is_attached
     modes exclude each other: nesting such hooks is a one-line error, not a silent no-op."""
     model, tokens, directions, _ = demo
     before = attached(model)
-    for outer, inner in (("blocks.1.attn.hook_result", "blocks.1.attn.o.hook_out"),
-                         ("blocks.1.attn.o.hook_out", "blocks.1.attn.hook_result"),
-                         ("blocks.0.hook_q_input", "blocks.1.hook_attn_in")):
+    for outer, inner in (
+        ("blocks.1.attn.hook_result", "blocks.1.attn.o.hook_out"),
+        ("blocks.1.attn.o.hook_out", "blocks.1.attn.hook_result"),
+        ("blocks.0.hook_q_input", "blocks.1.hook_attn_in"),
+    ):
         direction = torch.zeros(model.width(outer))
         with steer(model, [add_direction(outer, direction)]):
             flags = modes(model)

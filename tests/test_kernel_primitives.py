@@ -85,7 +85,11 @@ def test_torch_primitives_property(counts, m, d, seed):
 
 
 @settings(max_examples=8, deadline=None)
-@given(counts=st.lists(st.integers(0, 4), min_size=1, max_size=4), m=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    counts=st.lists(st.integers(0, 4), min_size=1, max_size=4),
+    m=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_primitives_property(counts, m, seed):
     ops = list(backends())[-1]
     codes = csr_codes(counts, m, dtype=torch.float32, seed=seed)
@@ -93,7 +97,11 @@ def test_triton_primitives_property(counts, m, seed):
     g = torch.Generator().manual_seed(seed)
     table, dense = torch.randn(m, 3, generator=g), torch.randn(len(counts), 3, generator=g)
     for got, want in zip(
-        (ops.decode(pattern, codes.flat_values(), table), ops.gather_dot(pattern, dense, table), ops.scatter_rows(pattern, codes.flat_values(), dense)),
+        (
+            ops.decode(pattern, codes.flat_values(), table),
+            ops.gather_dot(pattern, dense, table),
+            ops.scatter_rows(pattern, codes.flat_values(), dense),
+        ),
         reference(codes, table, dense),
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

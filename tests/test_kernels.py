@@ -49,13 +49,21 @@ ENCODERS = {
     "topk k=1": lambda x, w, b: encode_topk(x, w, b, 1),
     "topk k=m": lambda x, w, b: encode_topk(x, w, b, M),
     "topk + aux": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0),
-    "topk + aux on every 2nd row": lambda x, w, b: encode_topk(x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0, aux_stride=2),
+    "topk + aux on every 2nd row": lambda x, w, b: encode_topk(
+        x, w, b, 3, aux_k=2, aux_mask=torch.arange(M) % 3 == 0, aux_stride=2
+    ),
     "batch topk": lambda x, w, b: encode_batch_topk(x, w, b, 3),
-    "batch topk + aux": lambda x, w, b: encode_batch_topk(x, w, b, 2, aux_k=2, aux_mask=torch.arange(M) % 2 == 1),
+    "batch topk + aux": lambda x, w, b: encode_batch_topk(
+        x, w, b, 2, aux_k=2, aux_mask=torch.arange(M) % 2 == 1
+    ),
     # row 1 owns more than its 2 candidates: the second round recomputes it in full
-    "batch topk, one row owns most": lambda x, w, b: encode_batch_topk(x * ROW_SCALE.to(x.dtype)[:, None], w, b, 1),
+    "batch topk, one row owns most": lambda x, w, b: encode_batch_topk(
+        x * ROW_SCALE.to(x.dtype)[:, None], w, b, 1
+    ),
     "feature choice": lambda x, w, b: encode_feature_choice(x, w, b, 2),
-    "threshold + window": lambda x, w, b: encode_threshold(x, w, b, torch.full((M,), 0.2, dtype=x.dtype), window=0.5),
+    "threshold + window": lambda x, w, b: encode_threshold(
+        x, w, b, torch.full((M,), 0.2, dtype=x.dtype), window=0.5
+    ),
     "given indices": lambda x, w, b: encode_at(x, w, b, csr_codes([0, 3, 1, 4, 0, 2], M)),
 }
 
@@ -90,10 +98,14 @@ def test_a_saturated_row_is_recomputed_in_full():
     pre[1] += 10
     asked = []
     values, indices = select.batch_candidates(pre, 1)
-    codes = select.batch_top_k_of(values, indices, 1, M, lambda rows: asked.append(rows.tolist()) or pre[rows])
+    codes = select.batch_top_k_of(
+        values, indices, 1, M, lambda rows: asked.append(rows.tolist()) or pre[rows]
+    )
     assert len(asked) == 1 and 1 in asked[0]  # one second round, row 1 among the rows recomputed
     assert codes.l0()[1] > values.shape[1]  # row 1 owns more than its 2 candidates
-    assert sorted((codes.row_ids() * M + codes.flat_indices()).tolist()) == sorted(pre.reshape(-1).topk(N).indices.tolist())
+    assert sorted((codes.row_ids() * M + codes.flat_indices()).tolist()) == sorted(
+        pre.reshape(-1).topk(N).indices.tolist()
+    )
 
 
 def test_triton_backend_equals_eager_twin(monkeypatch):
@@ -113,8 +125,14 @@ def test_strided_aux_selects_on_every_sth_row_what_the_full_selection_does(batch
     strided = batch(x, w_enc, b_enc, 2, aux_k=3, aux_mask=dead, aux_stride=2).extra
     assert strided.n_rows == N and strided.l0().tolist() == [3, 0, 3, 0, 3, 0]
     for row in range(0, N, 2):
-        take = lambda c: sorted(zip(c.indices[c.offsets[row]:c.offsets[row + 1]].tolist(),  # noqa: E731
-                                    c.values[c.offsets[row]:c.offsets[row + 1]].tolist()))
+        take = (
+            lambda c: sorted(
+                zip(
+                    c.indices[c.offsets[row] : c.offsets[row + 1]].tolist(),  # noqa: E731
+                    c.values[c.offsets[row] : c.offsets[row + 1]].tolist(),
+                )
+            )
+        )
         assert take(strided) == take(full)
     with pytest.raises(KernelInputError, match="aux_stride must divide"):
         encode_topk(x, w_enc, b_enc, 2, aux_k=3, aux_mask=dead, aux_stride=3)
@@ -131,8 +149,10 @@ def test_approximate_top_k_keeps_rows_whose_exact_values_are_zero(monkeypatch):
     assert codes.n_rows == 16 and codes.nnz == 64 and codes.row_offsets().diff().tolist() == [4] * 16
     exact = (x @ w.t()).topk(4, dim=1).indices
     for row in (4, 9, 15):  # rows after the zero row keep their own latents
-        assert sorted(codes.to_csr().indices[4 * row:4 * row + 4].tolist()) == sorted(exact[row].tolist())
-    strided = encode_topk(x, w, None, 2, approximate=True, aux_k=3, aux_mask=torch.arange(64) % 2 == 0, aux_stride=2).extra
+        assert sorted(codes.to_csr().indices[4 * row : 4 * row + 4].tolist()) == sorted(exact[row].tolist())
+    strided = encode_topk(
+        x, w, None, 2, approximate=True, aux_k=3, aux_mask=torch.arange(64) % 2 == 0, aux_stride=2
+    ).extra
     assert strided.row_offsets().diff().tolist() == [3, 0] * 8
 
 
@@ -154,9 +174,14 @@ def test_gradcheck_preacts_and_decode():
     codes = csr_codes([2, 0, 3, 1], 5, seed=3)
     pattern = pattern_of(codes)
     x, w, b, _, _ = encoder(4, 3, 5, seed=4)
-    assert torch.autograd.gradcheck(lambda x, w, b: PreactsAt.apply(x, w, b, None, None, pattern, torch_ops), (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: PreactsAt.apply(x, w, b, None, None, pattern, torch_ops), (x, w, b)
+    )
     shift = (0.1 * torch.randn(3, dtype=torch.float64)).requires_grad_()  # PreactsAt takes x already centred
-    assert torch.autograd.gradcheck(lambda x, w, b, s: PreactsAt.apply(x - s.detach(), w, b, s, None, pattern, torch_ops), (x, w, b, shift))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, s: PreactsAt.apply(x - s.detach(), w, b, s, None, pattern, torch_ops),
+        (x, w, b, shift),
+    )
     values = codes.flat_values().clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda v, w: SparseDecode.apply(v, w, pattern, torch_ops), (values, w))
 
@@ -170,9 +195,11 @@ def test_gradcheck_whole_topk_sae(fused, monkeypatch):
     x, w_enc, b_enc, w_dec, b_dec = encoder(3, 4, 6, seed=5)
     with torch.no_grad():
         b_enc += torch.tensor([3.0, 0, 3.0, 0, 0, 3.0])  # latents 0, 2, 5 win by a margin
+
     def f(w_enc, b_enc, w_dec, b_dec):
         codes = encode_topk(x.detach(), w_enc, b_enc, 3, shift=b_dec)  # an SAE: encode x - b_dec
         return decode(codes.with_values(codes.values.relu()), w_dec, b_dec)
+
     assert torch.autograd.gradcheck(f, (w_enc, b_enc, w_dec, b_dec))
 
 
@@ -187,9 +214,18 @@ def test_shift_gets_the_gradient_of_subtracting_it_first(needs_input_grad, monke
         dead = torch.zeros(M, dtype=torch.bool)
         dead[::3] = True
         kwargs = {"aux_k": 2, "aux_mask": dead}
-        codes = encode_topk(x, w_enc, b_enc, 4, shift=b_dec, **kwargs) if how == "shift" else encode_topk(x - b_dec, w_enc, b_enc, 4, **kwargs)
-        (decode(codes.with_values(codes.values.relu()), w_dec, b_dec).pow(2).sum() + codes.extra.values.pow(2).sum()).backward()
-        results[how] = [codes.values, w_enc.grad, b_enc.grad, w_dec.grad, b_dec.grad] + ([x.grad] if needs_input_grad else [])
+        codes = (
+            encode_topk(x, w_enc, b_enc, 4, shift=b_dec, **kwargs)
+            if how == "shift"
+            else encode_topk(x - b_dec, w_enc, b_enc, 4, **kwargs)
+        )
+        (
+            decode(codes.with_values(codes.values.relu()), w_dec, b_dec).pow(2).sum()
+            + codes.extra.values.pow(2).sum()
+        ).backward()
+        results[how] = [codes.values, w_enc.grad, b_enc.grad, w_dec.grad, b_dec.grad] + (
+            [x.grad] if needs_input_grad else []
+        )
     for shifted, subtracted in zip(results["shift"], results["subtract"]):
         torch.testing.assert_close(shifted, subtracted)
 
@@ -212,7 +248,9 @@ def test_matryoshka_prefixes_equal_dense_prefix_decodes(prefixes, monkeypatch):
     _, _, _, w_dec, b_dec = encoder(N, D, M)
     dense = codes.to_dense()
     for p, end in enumerate(prefixes):
-        torch.testing.assert_close(results["torch"][0][p], dense[:, :end] @ w_dec[:end].detach() + b_dec.detach())
+        torch.testing.assert_close(
+            results["torch"][0][p], dense[:, :end] @ w_dec[:end].detach() + b_dec.detach()
+        )
 
 
 def test_column_top_k_keeps_each_latents_largest_rows():
@@ -267,7 +305,9 @@ def test_codebook_lookup(monkeypatch):
     upstream = torch.randn(5, 4, dtype=torch.float64)
     (out * upstream).sum().backward()
     torch.testing.assert_close(acts.grad, upstream)  # straight through
-    want_grad = torch.zeros_like(codebook).index_add_(0, codes.flat_indices(), upstream.repeat_interleave(2, 0))
+    want_grad = torch.zeros_like(codebook).index_add_(
+        0, codes.flat_indices(), upstream.repeat_interleave(2, 0)
+    )
     torch.testing.assert_close(codebook.grad, want_grad)
     dot_out, dot_codes = codebook_lookup(acts, codebook, 1, metric="dot", straight_through=False)
     assert dot_codes.indices[:, 0].tolist() == (acts @ codebook.T).argmax(1).tolist()
@@ -309,7 +349,10 @@ def test_bad_inputs_get_one_line_errors(monkeypatch):
     with pytest.raises(KernelInputError, match="prefix_ends"):
         decode_prefixes(fixed_codes(N, M, 2), w_dec, b_dec, [6, 3, M])
     with pytest.raises(KernelInputError, match="offsets"):
-        decode(csr_codes([1, 2], M).__class__(torch.tensor([1, 2]), torch.ones(2), M, torch.tensor([0, 1, 3])), w_dec)
+        decode(
+            csr_codes([1, 2], M).__class__(torch.tensor([1, 2]), torch.ones(2), M, torch.tensor([0, 1, 3])),
+            w_dec,
+        )
     monkeypatch.setenv("WORKBENCH_KERNELS", "fast")
     with pytest.raises(ConfigError, match="WORKBENCH_KERNELS"):
         encode_topk(x, w_enc, b_enc, 2)
@@ -346,8 +389,12 @@ def test_column_top_k_gives_tied_entries_to_the_earliest_rows(n, m, per, seed):
 @given(n=st.integers(1, 10), k=st.integers(1, 6), seed=st.integers(0, 999))
 def test_batch_top_k_gives_tied_entries_to_the_earliest_rows(n, k, seed):
     m = 8
-    distinct = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).float()[None] * torch.tensor([[1.0], [0.5], [2.0]])
-    pre = distinct[torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))] + 1  # rows repeat
+    distinct = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).float()[None] * torch.tensor(
+        [[1.0], [0.5], [2.0]]
+    )
+    pre = (
+        distinct[torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))] + 1
+    )  # rows repeat
     k = min(k, m)
     codes = select.batch_top_k(pre, k)
     got = sorted((codes.row_ids() * m + codes.flat_indices()).tolist())
@@ -366,9 +413,22 @@ def test_two_ranks_select_what_one_process_selects_on_tied_rows(tmp_path):
 
     from tests.distributed_selection import selections, tie_heavy_batch
 
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "-m", "tests.distributed_selection", str(tmp_path)], check=True, timeout=120,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tests.distributed_selection",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+    )
     one = selections(tie_heavy_batch(), 0)
     parts = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     for name in ("batch", "column"):
@@ -379,7 +439,11 @@ def test_two_ranks_select_what_one_process_selects_on_tied_rows(tmp_path):
 def _random_encoder(n=64, d=48, m=512, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
-    return x, (torch.randn(m, d, generator=g, dtype=dtype) / d**0.5).requires_grad_(), (0.1 * torch.randn(m, generator=g, dtype=dtype)).requires_grad_()
+    return (
+        x,
+        (torch.randn(m, d, generator=g, dtype=dtype) / d**0.5).requires_grad_(),
+        (0.1 * torch.randn(m, generator=g, dtype=dtype)).requires_grad_(),
+    )
 
 
 def test_int8_scores_approximate_the_preactivations():
@@ -388,7 +452,9 @@ def test_int8_scores_approximate_the_preactivations():
     x, w, b = _random_encoder()
     exact = (x @ w.t() + b).detach()
     approx = Int8Encoder.of(w.detach()).scores(x, b.detach(), torch.empty_like(exact))
-    assert float((approx - exact).abs().max()) < 0.03 * float(exact.abs().max())  # int8 rounding of both sides
+    assert float((approx - exact).abs().max()) < 0.03 * float(
+        exact.abs().max()
+    )  # int8 rounding of both sides
     assert float((approx - exact).abs().max()) > 0  # and it is an approximation
 
 
@@ -410,7 +476,11 @@ def test_approximate_top_k_trains_like_the_exact_one_when_it_selects_the_same(mo
     """Same selection -> same values and the same sparse gradients; the eager twin (dense
     pre-activations, the same int8 candidates) agrees too."""
     results = {}
-    for name, mode, approximate in (("exact", "torch", False), ("approx", "torch", True), ("approx eager", "eager", True)):
+    for name, mode, approximate in (
+        ("exact", "torch", False),
+        ("approx", "torch", True),
+        ("approx eager", "eager", True),
+    ):
         monkeypatch.setenv("WORKBENCH_KERNELS", mode)
         x, w, b = _random_encoder(dtype=torch.float64)
         codes = encode_topk(x, w, b, 8, approximate=approximate, aux_k=4, aux_mask=torch.arange(512) % 5 == 0)

@@ -58,15 +58,21 @@ def test_importing_every_module_prints_nothing_and_loads_no_model_library():
         "    importlib.import_module(name)\n"
         "assert 'transformer_lens' not in sys.modules, 'transformer_lens imported at import time'\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
 
 
 def test_no_module_imports_a_page_script():
     scripts = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in SCRIPTS}
-    importers = [str(p.relative_to(ROOT)) for p in modules() for node in ast.walk(ast.parse(p.read_text()))
-                 if isinstance(node, ast.ImportFrom) and node.module in scripts]
+    importers = [
+        str(p.relative_to(ROOT))
+        for p in modules()
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module in scripts
+    ]
     assert len(SCRIPTS) >= 6 and not importers, importers
 
 
@@ -123,7 +129,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt]
+                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
             if nxt not in state and (cycle := visit(nxt, path + [node])):
                 return cycle
         state[node] = 2
@@ -160,8 +166,12 @@ def private_uses(name: str, text: str) -> list[str]:
     bound = {}  # local name -> our module it refers to
     for node in import_nodes(tree, module_level=False):
         if isinstance(node, ast.Import):
-            bound |= {alias.asname or alias.name.split(".")[0]: alias.name if alias.asname else alias.name.split(".")[0]
-                      for alias in node.names}
+            bound |= {
+                alias.asname or alias.name.split(".")[0]: alias.name
+                if alias.asname
+                else alias.name.split(".")[0]
+                for alias in node.names
+            }
             continue
         source = resolve(node.module, node.level, name)
         for alias in node.names:
@@ -183,10 +193,16 @@ def private_uses(name: str, text: str) -> list[str]:
 
 
 def test_the_private_name_check_finds_imports_and_module_attributes():
-    text = ("from sae.analyze import _stream, AnalyzeConfig\nfrom . import io as sae_io\nimport sae.base\n"
-            "def f(x):\n    from workbench import files\n    return sae_io._load_ours, sae.base._REGISTRY, files._x, x._y, __name__\n")
+    text = (
+        "from sae.analyze import _stream, AnalyzeConfig\nfrom . import io as sae_io\nimport sae.base\n"
+        "def f(x):\n    from workbench import files\n    return sae_io._load_ours, sae.base._REGISTRY, files._x, x._y, __name__\n"
+    )
     assert [use.split(" ", 1)[1] for use in private_uses("sae.peers", text)] == [
-        "imports _stream from sae.analyze", "uses sae.io._load_ours", "uses sae.base._REGISTRY", "uses workbench.files._x"]
+        "imports _stream from sae.analyze",
+        "uses sae.io._load_ours",
+        "uses sae.base._REGISTRY",
+        "uses workbench.files._x",
+    ]
 
 
 def test_no_module_uses_another_modules_private_names():

@@ -85,7 +85,9 @@ def test_generate_is_greedy_decoding_with_kv_cache(tiny_model, hf_model):
         tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     assert text == tiny_model.tokenizer.decode(tokens[0, 1:])
     with torch.no_grad():
-        out = hf_model.generate(tiny_model.tokenize(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        out = hf_model.generate(
+            tiny_model.tokenize(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
     assert torch.equal(out, tokens)
 
 

@@ -11,8 +11,12 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_the_four_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_steering.ipynb", "03_circuits.ipynb",
-                                           "04_codebooks_and_probes.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_quickstart.ipynb",
+        "02_steering.ipynb",
+        "03_circuits.ipynb",
+        "04_codebooks_and_probes.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -20,5 +24,7 @@ def test_notebook_is_stripped_and_asserts(path):
     notebook = json.loads(path.read_text())
     code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in code), "outputs must be stripped"
-    assert sum("assert " in "".join(c["source"]) for c in code) >= len(code) - 1  # (nearly) every cell checks itself
+    assert (
+        sum("assert " in "".join(c["source"]) for c in code) >= len(code) - 1
+    )  # (nearly) every cell checks itself
     assert notebook["metadata"]["kernelspec"]["name"] == "python3"

@@ -40,7 +40,9 @@ class Clusters:
 
 def test_codes_find_planted_clusters(tmp_path):
     data = Clusters(samples=120_000)
-    config = TrainConfig(architectures=("codebook",), k=(1,), codes=16, batch_size=512, out=str(tmp_path), log_every=20)
+    config = TrainConfig(
+        architectures=("codebook",), k=(1,), codes=16, batch_size=512, out=str(tmp_path), log_every=20
+    )
     folder = train(config, source=data, progress=False)[0]
     codebook = io.load(folder)
     cos = F.normalize(data.centres, dim=1) @ F.normalize(codebook.W_dec, dim=1).t()

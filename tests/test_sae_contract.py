@@ -15,7 +15,16 @@ from workbench.kernels import use_kernels
 
 
 def test_every_issue_architecture_is_registered():
-    assert set(architectures()) >= {"relu", "topk", "batchtopk", "gated", "jumprelu", "matryoshka", "feature_choice", "mutual_choice"}
+    assert set(architectures()) >= {
+        "relu",
+        "topk",
+        "batchtopk",
+        "gated",
+        "jumprelu",
+        "matryoshka",
+        "feature_choice",
+        "mutual_choice",
+    }
 
 
 def test_package_exports_load_lazily():

@@ -93,8 +93,16 @@ def ref_codebook(d, x):
     return mse(x, d.W_dec[chosen].sum(dim=1))
 
 
-REFERENCES = {"codebook": ref_codebook, "topk": ref_topk, "batchtopk": ref_batchtopk, "mutual_choice": ref_batchtopk, "matryoshka": ref_matryoshka,
-              "feature_choice": ref_feature_choice, "relu": ref_relu, "gated": ref_gated}
+REFERENCES = {
+    "codebook": ref_codebook,
+    "topk": ref_topk,
+    "batchtopk": ref_batchtopk,
+    "mutual_choice": ref_batchtopk,
+    "matryoshka": ref_matryoshka,
+    "feature_choice": ref_feature_choice,
+    "relu": ref_relu,
+    "gated": ref_gated,
+}
 
 
 def ours_and_reference(arch, reference):
@@ -112,7 +120,9 @@ def test_loss_and_gradients_equal_the_formula(arch):
     d, twin, loss, expected = ours_and_reference(arch, REFERENCES[arch])
     torch.testing.assert_close(loss, expected)
     for (name, param), (_, ref) in zip(d.named_parameters(), twin.named_parameters()):
-        torch.testing.assert_close(param.grad, ref.grad, msg=f"{arch}: gradient of {name}", rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            param.grad, ref.grad, msg=f"{arch}: gradient of {name}", rtol=1e-4, atol=1e-5
+        )
 
 
 def test_gated_auxiliary_term_does_not_move_the_decoder():
@@ -122,7 +132,10 @@ def test_gated_auxiliary_term_does_not_move_the_decoder():
     pi = pre(twin, x, twin.b_gate)
     mag = (x - twin.b_dec) @ (twin.W_enc * twin.r_mag.exp()[:, None]).t() + twin.b_mag
     f = (pi > 0).float() * mag.relu()
-    without_aux = mse(x, f @ twin.W_dec + twin.b_dec) + twin.config.l1_coef * 0.4 * (pi.relu() * twin.W_dec.norm(dim=1)).sum(-1).mean()
+    without_aux = (
+        mse(x, f @ twin.W_dec + twin.b_dec)
+        + twin.config.l1_coef * 0.4 * (pi.relu() * twin.W_dec.norm(dim=1)).sum(-1).mean()
+    )
     without_aux.backward()
     torch.testing.assert_close(d.W_dec.grad, twin.W_dec.grad, rtol=1e-4, atol=1e-6)
 
@@ -150,7 +163,9 @@ def test_jumprelu_loss_and_threshold_pseudo_gradient_equal_the_formula():
     # L0 term sends nothing to the encoder.
     mse(x, (z * active) @ twin.W_dec + twin.b_dec).backward()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        torch.testing.assert_close(getattr(d, name).grad, getattr(twin, name).grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            getattr(d, name).grad, getattr(twin, name).grad, rtol=1e-4, atol=1e-5, msg=name
+        )
 
 
 def test_jumprelu_functions_have_the_documented_gradients():
@@ -163,8 +178,12 @@ def test_jumprelu_functions_have_the_documented_gradients():
     StepFunction.apply(z, theta, 0.1).sum().backward()
     assert z.grad is None or float(z.grad.abs().sum()) == 0
     torch.testing.assert_close(theta.grad, torch.tensor([0, -10, -10, 0, 0], dtype=torch.float64))
-    away = torch.tensor([0.1, 0.6, 0.9], dtype=torch.float64, requires_grad=True)  # true derivative off the jump
-    assert torch.autograd.gradcheck(lambda v: JumpReLUFunction.apply(v, torch.full((3,), 0.3, dtype=torch.float64), 0.1), (away,))
+    away = torch.tensor(
+        [0.1, 0.6, 0.9], dtype=torch.float64, requires_grad=True
+    )  # true derivative off the jump
+    assert torch.autograd.gradcheck(
+        lambda v: JumpReLUFunction.apply(v, torch.full((3,), 0.3, dtype=torch.float64), 0.1), (away,)
+    )
 
 
 def test_auxk_gradient_reaches_the_encoder_rows_of_dead_latents():

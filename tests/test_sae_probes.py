@@ -29,8 +29,26 @@ def test_ranking_needs_both_classes():
 def test_task_labels_follow_the_text():
     strings = ["", "\n", "BEN", "EDICK", ":", "\n", "A", " mir", "acle", "!", "\n", "9", ":", "29", " And"]
     assert speaker_name(strings) == [False, False, True, True, False, False] + [False] * 9
-    assert line_start(strings) == [False, False, True, False, False, False, True, False, False, False, False, True, False, False, False]
-    assert word_continuation(strings)[8] and word_continuation(strings)[3] and not word_continuation(strings)[7]
+    assert line_start(strings) == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert (
+        word_continuation(strings)[8] and word_continuation(strings)[3] and not word_continuation(strings)[7]
+    )
     assert verse_reference(strings) == [False] * 11 + [True, False, True, False]
     windows = torch.tensor([[0, 1, 2], [0, 2, 1]])
     labels = task_labels("line_start", windows, {0: "<bos>", 1: "\n", 2: "Hark"}.__getitem__)

@@ -22,9 +22,9 @@ def test_sequences_spell_walks_of_the_machine():
 def test_code_state_scores_on_a_known_assignment():
     states = torch.tensor([0, 0, 1, 1, 2, 2])
     active = torch.zeros(6, 4, dtype=torch.bool)
-    active[[0, 1], 0] = True        # code 0: exactly state 0
-    active[[2, 4], 1] = True        # code 1: half state 1, half state 2
-    active[[3], 2] = True           # code 2: one of state 1's two positions
+    active[[0, 1], 0] = True  # code 0: exactly state 0
+    active[[2, 4], 1] = True  # code 1: half state 1, half state 2
+    active[[3], 2] = True  # code 2: one of state 1's two positions
     rows = code_state_scores(active, states, 3)
     assert rows[0] == {"state": 0, "code": 0, "precision": 1.0, "recall": 1.0}
     assert rows[1]["precision"] == pytest.approx(1.0) and rows[1]["recall"] == pytest.approx(0.5)
@@ -34,5 +34,7 @@ def test_code_state_scores_on_a_known_assignment():
 def test_most_states_get_a_precise_code():
     """Issue 5: in a test-sized TokFSM, most states have a code with precision >= 0.9."""
     result = run_tokfsm_benchmark()
-    assert result["lm_loss_last"] < result["model_loss"] + 0.1  # the codebook bottleneck keeps the model working
+    assert (
+        result["lm_loss_last"] < result["model_loss"] + 0.1
+    )  # the codebook bottleneck keeps the model working
     assert result["states_with_precision_0.9"] > result["states"] / 2, result["states_with_precision_0.9"]

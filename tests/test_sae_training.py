@@ -24,7 +24,15 @@ SMALL_DATA = PlantedConfig(d_in=16, n_planted=32, samples=8192, seed=3)
 
 
 def small_config(out, **overrides) -> TrainConfig:
-    settings = dict(architectures=("topk",), k=(2,), n_latents=32, batch_size=256, log_every=4, checkpoint_every=5, out=str(out))
+    settings = dict(
+        architectures=("topk",),
+        k=(2,),
+        n_latents=32,
+        batch_size=256,
+        log_every=4,
+        checkpoint_every=5,
+        out=str(out),
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -35,7 +43,11 @@ def weights(folder):
 
 def test_one_read_trains_several_dictionaries_as_if_alone(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
-    together = train(small_config(tmp_path / "a", architectures=("topk", "jumprelu", "matryoshka")), source=data, progress=False)
+    together = train(
+        small_config(tmp_path / "a", architectures=("topk", "jumprelu", "matryoshka")),
+        source=data,
+        progress=False,
+    )
     alone = train(small_config(tmp_path / "b"), source=data, progress=False)
     assert [f.name for f in together] == ["topk-k2-m32", "jumprelu-k2-m32", "matryoshka-k2-m32"]
     first, solo = weights(together[0]), weights(alone[0])
@@ -46,7 +58,9 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
     config = dict(architectures=("batchtopk", "jumprelu"), resample_every=6, resample_until=0.9)
     uninterrupted = train(small_config(tmp_path / "u", **config), source=data, progress=False)
-    assert train(small_config(tmp_path / "k", **config), source=data, progress=False, stop_after_step=13) == []
+    assert (
+        train(small_config(tmp_path / "k", **config), source=data, progress=False, stop_after_step=13) == []
+    )
     state = json.loads((tmp_path / "k" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 10  # the kill lost steps 11-13; they are redone
     resumed = train(small_config(tmp_path / "k", **config), source=data, progress=False)
@@ -57,7 +71,9 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path):
         steps = [r["step"] for r in records if "event" not in r]
         assert steps == sorted(set(steps)) and steps[-1] == 32  # no duplicated records after the resume
         untimed = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
-        assert untimed(records) == untimed(read_jsonl(a / "log.jsonl"))  # resampling events included, once each
+        assert untimed(records) == untimed(
+            read_jsonl(a / "log.jsonl")
+        )  # resampling events included, once each
 
 
 def test_a_finished_run_is_not_retrained_and_another_run_is_refused(tmp_path):
@@ -84,20 +100,49 @@ def test_logs_and_saved_config_describe_the_run(tmp_path):
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
-V1_DICTIONARY_FIELDS = ("metric", "aux_k", "aux_coef", "l1_coef", "target_l0", "controller_rate", "bandwidth", "prefixes", "aux_zipf", "approx_topk")
+V1_DICTIONARY_FIELDS = (
+    "metric",
+    "aux_k",
+    "aux_coef",
+    "l1_coef",
+    "target_l0",
+    "controller_rate",
+    "bandwidth",
+    "prefixes",
+    "aux_zipf",
+    "approx_topk",
+)
 
 
 def test_format_version_1_train_configs_load_as_they_were_written():
     """Version 1 (flat) files, written by `workbench train` before the coefficients moved into
     TrainConfig.dictionary, give the same run and the same dictionaries."""
-    written = TrainConfig(cache="runs/cache-demo-default-train", architectures=("topk", "jumprelu", "relu", "codebook", "matryoshka", "mutual_choice"),
-                          k=(8,), expansion=(2,), tokens=16384, batch_size=512, out="/tmp/tc_base/b",
-                          dictionary=DictionaryConfig(aux_k=16, aux_coef=0.05, l1_coef=3.0, target_l0=6.0, bandwidth=0.1, controller_rate=0.05,
-                                                      prefixes=(0.25, 0.5, 1.0), metric="dot", aux_zipf=False))
+    written = TrainConfig(
+        cache="runs/cache-demo-default-train",
+        architectures=("topk", "jumprelu", "relu", "codebook", "matryoshka", "mutual_choice"),
+        k=(8,),
+        expansion=(2,),
+        tokens=16384,
+        batch_size=512,
+        out="/tmp/tc_base/b",
+        dictionary=DictionaryConfig(
+            aux_k=16,
+            aux_coef=0.05,
+            l1_coef=3.0,
+            target_l0=6.0,
+            bandwidth=0.1,
+            controller_rate=0.05,
+            prefixes=(0.25, 0.5, 1.0),
+            metric="dot",
+            aux_zipf=False,
+        ),
+    )
     assert TrainConfig.from_json(json.loads((FIXTURES / "train-config-v1.json").read_text())) == written
     folder = json.loads((FIXTURES / "dictionary-config-v1.json").read_text())
     assert TrainConfig.from_json(folder["config"]) == written.for_one("topk", 8, 2)
-    assert written.dictionary_config("topk", 8, 2, 256).to_json() == folder["dictionary"]  # the dictionary it trained
+    assert (
+        written.dictionary_config("topk", 8, 2, 256).to_json() == folder["dictionary"]
+    )  # the dictionary it trained
     assert written.to_json()["format_version"] == 3 and TrainConfig.from_json(written.to_json()) == written
     with pytest.raises(ConfigError, match="format_version 4"):
         TrainConfig.from_json({**written.to_json(), "format_version": 4})
@@ -110,10 +155,23 @@ def test_format_version_2_train_configs_load_under_the_renamed_fields():
     assert saved["format_version"] == 2
     assert saved["arch"] == ["topk", "jumprelu", "codebook"] and saved["latents"] == 96
     config = TrainConfig.from_json(saved)
-    assert config == TrainConfig(cache="runs/cache-demo-default-train", architectures=("topk", "jumprelu", "codebook"),
-                                 k=(8,), n_latents=96, codes=64, tokens=16384, batch_size=512, lr=3e-4,
-                                 out="/tmp/tc_base/v2", dictionary=DictionaryConfig(aux_k=16, target_l0=6.0, bandwidth=0.1))
-    assert [config.name_of(*g) for g in config.grid()] == ["topk-k8-m96", "jumprelu-k8-m96", "codebook-k8-c64"]
+    assert config == TrainConfig(
+        cache="runs/cache-demo-default-train",
+        architectures=("topk", "jumprelu", "codebook"),
+        k=(8,),
+        n_latents=96,
+        codes=64,
+        tokens=16384,
+        batch_size=512,
+        lr=3e-4,
+        out="/tmp/tc_base/v2",
+        dictionary=DictionaryConfig(aux_k=16, target_l0=6.0, bandwidth=0.1),
+    )
+    assert [config.name_of(*g) for g in config.grid()] == [
+        "topk-k8-m96",
+        "jumprelu-k8-m96",
+        "codebook-k8-c64",
+    ]
     assert config.dictionary_config("topk", 8, 0, 256).n_latents == 96 and config.lr_for(96) == 3e-4
     with pytest.raises(ConfigError, match="arch"):  # version 3 knows only the new names
         TrainConfig.from_json({**saved, "format_version": 3})
@@ -127,7 +185,9 @@ def test_a_run_recorded_in_format_version_1_is_still_the_same_run(tmp_path):
     assert saved["dictionary"]["aux_k"] == 4 and "k" not in saved["dictionary"] and "aux_k" not in saved
     old_names = {new: old for old, new in RENAMED_IN_3.items()}
     flat = {old_names.get(k, k): v for k, v in saved.items() if k not in ("format_version", "dictionary")}
-    (tmp_path / "train-config.json").write_text(json.dumps({**flat, **{k: saved["dictionary"][k] for k in V1_DICTIONARY_FIELDS}}))
+    (tmp_path / "train-config.json").write_text(
+        json.dumps({**flat, **{k: saved["dictionary"][k] for k in V1_DICTIONARY_FIELDS}})
+    )
     stamp = (folders[0] / io.WEIGHTS).stat().st_mtime_ns
     assert train(config, source=data, progress=False) == folders
     assert (folders[0] / io.WEIGHTS).stat().st_mtime_ns == stamp
@@ -147,12 +207,18 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         TrainConfig(batch_size=-1)
     with pytest.raises(ConfigError, match="dictionary.k is set per dictionary by the grid"):
         TrainConfig(dictionary=DictionaryConfig(k=4))
-    with pytest.raises(ConfigError, match="k=64 exceeds the dictionary width 32"):  # the template's width is 0: no check there
+    with pytest.raises(
+        ConfigError, match="k=64 exceeds the dictionary width 32"
+    ):  # the template's width is 0: no check there
         train(small_config(tmp_path / "w", k=(64,)), source=PlantedFeatures(SMALL_DATA), progress=False)
     with pytest.raises(ConfigError, match="no full batch"):
         train(small_config(tmp_path, batch_size=10_000), source=PlantedFeatures(SMALL_DATA), progress=False)
     with pytest.raises(ConfigError, match="unknown architecture"):
-        train(small_config(tmp_path / "x", architectures=("topkk",)), source=PlantedFeatures(SMALL_DATA), progress=False)
+        train(
+            small_config(tmp_path / "x", architectures=("topkk",)),
+            source=PlantedFeatures(SMALL_DATA),
+            progress=False,
+        )
 
 
 class _PoisonedData(PlantedFeatures):
@@ -177,8 +243,15 @@ def test_wandb_logging_works_offline(tmp_path, monkeypatch):
 
 def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_path):
     data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=64, samples=150_000, seed=1))
-    config = TrainConfig(architectures=("jumprelu",), k=(3,), dictionary=DictionaryConfig(target_l0=3.0), n_latents=64, batch_size=512,
-                         out=str(tmp_path), log_every=10)
+    config = TrainConfig(
+        architectures=("jumprelu",),
+        k=(3,),
+        dictionary=DictionaryConfig(target_l0=3.0),
+        n_latents=64,
+        batch_size=512,
+        out=str(tmp_path),
+        log_every=10,
+    )
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]  # not the resampling records
     late = [r["l0"] for r in records[-10:]]
@@ -190,18 +263,30 @@ def test_jumprelu_threshold_moves_and_the_controller_reaches_the_target_l0(tmp_p
 
 def test_the_batch_size_adapts_to_the_token_budget(tmp_path):
     """Issue 16: batch 4,096 left a 2M-token run 488 steps (planted-feature MCC 0.64)."""
-    assert [auto_batch_size(t) for t in (1_000, 991_232, 2_000_000, 5_000_000, 100_000_000)] == [256, 256, 512, 2048, 4096]
+    assert [auto_batch_size(t) for t in (1_000, 991_232, 2_000_000, 5_000_000, 100_000_000)] == [
+        256,
+        256,
+        512,
+        2048,
+        4096,
+    ]
     data = PlantedFeatures(PlantedConfig(d_in=16, n_planted=32, samples=300_000, seed=3))
     folder = train(small_config(tmp_path, batch_size=0, log_every=50), source=data, progress=False)[0]
     meta = json.loads((folder / io.CONFIG).read_text())
-    assert meta["tokens_trained"] == 300_000 // 256 * 256 and meta["config"]["batch_size"] == 0  # 0 means auto
+    assert (
+        meta["tokens_trained"] == 300_000 // 256 * 256 and meta["config"]["batch_size"] == 0
+    )  # 0 means auto
 
 
 def test_every_resampling_is_logged_with_the_latents_it_moved(tmp_path):
     """A resampling that moves nothing used to be a silent no-op; now each one is a log record
     and the totals are in the final metrics."""
     data = PlantedFeatures(SMALL_DATA)
-    folder = train(small_config(tmp_path, resample_every=5, resample_until=1.0, resample_below=0.5), source=data, progress=False)[0]
+    folder = train(
+        small_config(tmp_path, resample_every=5, resample_until=1.0, resample_below=0.5),
+        source=data,
+        progress=False,
+    )[0]
     events = [r for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resample"]
     assert [e["step"] for e in events] == [5, 10, 15, 20, 25, 30]
     metrics = json.loads((folder / io.CONFIG).read_text())["metrics"]
@@ -219,7 +304,13 @@ def test_saved_batch_selecting_dictionaries_deliver_their_k_on_fresh_rows(steps,
 
     data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=128, samples=256 * steps, seed=1))
     fresh = data.generate(16_384, generator(5, "fresh rows"))[0]
-    config = small_config(tmp_path, architectures=("batchtopk", "matryoshka", "feature_choice"), k=(6,), n_latents=128, log_every=16)
+    config = small_config(
+        tmp_path,
+        architectures=("batchtopk", "matryoshka", "feature_choice"),
+        k=(6,),
+        n_latents=128,
+        log_every=16,
+    )
     for folder in train(config, source=data, progress=False):
         dictionary = io.load(folder)
         l0 = dictionary.encode(fresh).nnz / fresh.shape[0]
@@ -232,16 +323,27 @@ def test_relu_and_gated_find_their_sparsity_coefficient_for_the_target_l0(arch, 
     """The controller at 10x its default rate, for a short run (the default reaches the target
     over a few thousand steps: `workbench bench sae`)."""
     data = PlantedFeatures(PlantedConfig(d_in=16, n_planted=32, samples=200_000, seed=1))
-    config = TrainConfig(architectures=(arch,), k=(3,), n_latents=32, batch_size=256, out=str(tmp_path), log_every=10,
-                         dictionary=DictionaryConfig(controller_rate=0.2))
+    config = TrainConfig(
+        architectures=(arch,),
+        k=(3,),
+        n_latents=32,
+        batch_size=256,
+        out=str(tmp_path),
+        log_every=10,
+        dictionary=DictionaryConfig(controller_rate=0.2),
+    )
     folder = train(config, source=data, progress=False)[0]
     records = [r for r in read_jsonl(folder / "log.jsonl") if "event" not in r]
     late = [r["l0"] for r in records[-10:]]
     assert abs(sum(late) / len(late) - 3.0) <= 0.45, late
     assert records[-1]["lambda"] != pytest.approx(5.0)  # moved from --l1-coef
-    fixed_config = replace(config, dictionary=replace(config.dictionary, controller_rate=0.0), out=str(tmp_path / "fixed"))
+    fixed_config = replace(
+        config, dictionary=replace(config.dictionary, controller_rate=0.0), out=str(tmp_path / "fixed")
+    )
     fixed = train(fixed_config, source=data, progress=False)[0]
-    assert [r["lambda"] for r in read_jsonl(fixed / "log.jsonl") if "event" not in r][-1] == pytest.approx(5.0)
+    assert [r["lambda"] for r in read_jsonl(fixed / "log.jsonl") if "event" not in r][-1] == pytest.approx(
+        5.0
+    )
 
 
 def test_mutual_choice_trains_its_underused_latents_with_aux_zipf():
@@ -252,9 +354,13 @@ def test_mutual_choice_trains_its_underused_latents_with_aux_zipf():
     from sae.dictionaries.choice import zipf_underused
 
     rates = 0.05 / torch.arange(1, 129).float()  # a Zipf law by rank ...
-    rates[[5, 40, 90]] = 1e-6  # ... but for three latents that hardly fire: the lower end falls off the fitted law
+    rates[[5, 40, 90]] = (
+        1e-6  # ... but for three latents that hardly fire: the lower end falls off the fitted law
+    )
     rates = rates[torch.randperm(128, generator=torch.Generator().manual_seed(0))]
-    assert sorted(zipf_underused(rates).nonzero().squeeze(1).tolist()) == sorted((rates == 1e-6).nonzero().squeeze(1).tolist())
+    assert sorted(zipf_underused(rates).nonzero().squeeze(1).tolist()) == sorted(
+        (rates == 1e-6).nonzero().squeeze(1).tolist()
+    )
     assert not zipf_underused(0.05 / torch.arange(1, 129).float()).any()
     x = torch.randn(64, 16)
     for arch, expected in (("mutual_choice", True), ("batchtopk", False)):
@@ -262,16 +368,24 @@ def test_mutual_choice_trains_its_underused_latents_with_aux_zipf():
         out = d.training_step(x, StepContext(torch.zeros(128, dtype=torch.bool), 0.5, rates))
         assert ("auxk" in out.terms) == expected, arch
     plain = create(DictionaryConfig("mutual_choice", d_in=16, n_latents=128, k=4, aux_zipf=False))
-    assert "auxk" not in plain.training_step(x, StepContext(torch.zeros(128, dtype=torch.bool), 0.5, rates)).terms
+    assert (
+        "auxk"
+        not in plain.training_step(x, StepContext(torch.zeros(128, dtype=torch.bool), 0.5, rates)).terms
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "matryoshka", "mutual_choice", "feature_choice", "relu", "gated"])
+@pytest.mark.parametrize(
+    "arch",
+    ["topk", "batchtopk", "jumprelu", "matryoshka", "mutual_choice", "feature_choice", "relu", "gated"],
+)
 def test_planted_features_are_recovered_at_default_flags(arch, tmp_path):
     """Issue 16 at test size (`workbench bench sae` runs the full size): default flags but the
     architecture, k, width and seed; an offset on every sample, as in SAELens's synthetic model."""
     data = PlantedFeatures(PlantedConfig(d_in=32, n_planted=64, samples=200_000, seed=0, bias_norm=1.0))
-    config = TrainConfig(architectures=(arch,), k=(round(data.config.expected_l0),), n_latents=64, out=str(tmp_path))
+    config = TrainConfig(
+        architectures=(arch,), k=(round(data.config.expected_l0),), n_latents=64, out=str(tmp_path)
+    )
     folder = train(config, source=data, progress=False)[0]
     recovery = feature_recovery(io.load(folder).W_dec, data.features)
     assert recovery["mcc"] >= FLOORS.get(arch, 0.9), recovery

@@ -19,7 +19,9 @@ def test_the_initial_decoder_is_not_the_global_rng_stream(arch):
     torch.manual_seed(0)
     truth = F.normalize(torch.randn(1024, 256), dim=1)
     for seed in (0, 1):
-        decoder = F.normalize(create(DictionaryConfig(arch, d_in=256, n_latents=1024, k=12), seed=seed).W_dec.detach(), dim=1)
+        decoder = F.normalize(
+            create(DictionaryConfig(arch, d_in=256, n_latents=1024, k=12), seed=seed).W_dec.detach(), dim=1
+        )
         assert float((decoder * truth).sum(1).abs().max()) < 0.5  # row by row: unrelated random vectors
 
 

@@ -25,7 +25,9 @@ def _sae_exports() -> list[str]:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_ruff_finds_no_unused_or_undefined_names_and_no_unsorted_imports():
@@ -67,11 +69,16 @@ def test_lazy_sae_exports_are_the_names_type_checkers_see():
 
 # The import system binds a loaded submodule sae.X to the attribute X of `sae`: an export named
 # like its own module is the module, not the function, once anything has imported that module.
-SHADOWED = pytest.mark.xfail(strict=True, reason="sae.train is the module sae/train.py once it is loaded; "
-                             "renaming that module (as sae.splicing/sae.steering were) fixes it")
+SHADOWED = pytest.mark.xfail(
+    strict=True,
+    reason="sae.train is the module sae/train.py once it is loaded; "
+    "renaming that module (as sae.splicing/sae.steering were) fixes it",
+)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SHADOWED) if n == "train" else n for n in _sae_exports()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=SHADOWED) if n == "train" else n for n in _sae_exports()]
+)
 def test_lazy_sae_export_is_still_the_export_after_its_module_loads(name):
     import sae
 

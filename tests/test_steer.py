@@ -19,7 +19,7 @@ def test_cached_generation_is_steered_on_every_token(tiny_model, tiny_cache):
     with torch.no_grad(), steer(tiny_model, edits):
         logits = tiny_model(tokens)  # one full pass over prompt + generated tokens, steered everywhere
     # greedy decoding with the KV cache chose, at every step, what the full steered pass predicts
-    assert torch.equal(logits[0, n_prompt - 1:-1].argmax(-1), tokens[0, n_prompt:])
+    assert torch.equal(logits[0, n_prompt - 1 : -1].argmax(-1), tokens[0, n_prompt:])
 
 
 def test_steering_adds_the_decoder_direction_at_the_hook(tiny_model, tiny_cache):
@@ -49,11 +49,15 @@ def test_clamp_and_ablate_move_only_the_features_contribution(tiny_model, tiny_c
     silent = int((acts > 0).sum(0).argmin())
     assert (acts[:, silent] == 0).all() and (acts[:, fires] > 0).sum() >= 2
     d = dictionary.W_dec.detach()
-    for edit, expected in ((ablate(dictionary, fires), x - acts[:, fires].view(1, -1, 1) * d[fires]),
-                           (clamp(dictionary, fires, 5.0), x + (5.0 - acts[:, fires]).view(1, -1, 1) * d[fires])):
+    for edit, expected in (
+        (ablate(dictionary, fires), x - acts[:, fires].view(1, -1, 1) * d[fires]),
+        (clamp(dictionary, fires, 5.0), x + (5.0 - acts[:, fires]).view(1, -1, 1) * d[fires]),
+    ):
         seen = []
         with steer(tiny_model, [edit]):
-            with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]):
+            with tiny_model.hooks(
+                [("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]
+            ):
                 tiny_model(tokens)
         torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
@@ -68,7 +72,17 @@ def test_public_names_stay_callable_after_their_modules_load():
     import sae.evals  # noqa: F401 - imports sae.splicing
     import sae.steering  # noqa: F401
 
-    for name in ("splice", "steer", "add", "clamp", "ablate", "add_direction", "code_on", "code_off", "sweep"):
+    for name in (
+        "splice",
+        "steer",
+        "add",
+        "clamp",
+        "ablate",
+        "add_direction",
+        "code_on",
+        "code_off",
+        "sweep",
+    ):
         assert callable(getattr(sae, name)) and not isinstance(getattr(sae, name), type(sae)), name
 
 
@@ -86,7 +100,7 @@ def _greedy_matches_full_pass(model, edits, prompt, positions_of, max_new_tokens
         mask = positions_of(kind, n_prompt, tokens.shape[1])
         with torch.no_grad(), steer(model, edits, positions=mask):
             logits = model(tokens)
-        assert torch.equal(logits[0, n_prompt - 1:-1].argmax(-1), tokens[0, n_prompt:]), kind
+        assert torch.equal(logits[0, n_prompt - 1 : -1].argmax(-1), tokens[0, n_prompt:]), kind
         results[kind] = (text, report)
     return n_prompt, results
 
@@ -104,10 +118,14 @@ def test_positions_prompt_and_generated_match_full_recomputation(tiny_model, tin
     baseline = tiny_model.generate(prompt, max_new_tokens=10)
     everywhere = generate_pair(tiny_model, edits, prompt, max_new_tokens=10, do_sample=False)[1]
     assert results["prompt"][0] != baseline and results["generated"][0] != baseline
-    assert len({results["prompt"][0], results["generated"][0], everywhere}) == 3  # three different interventions
+    assert (
+        len({results["prompt"][0], results["generated"][0], everywhere}) == 3
+    )  # three different interventions
     # the report counts what was edited: the prompt once; then 9 decode passes of one token each
     assert results["prompt"][1].positions_edited == {STORE_HOOK: n_prompt}
-    assert results["generated"][1].positions_edited == {STORE_HOOK: 9} and results["generated"][1].passes == {STORE_HOOK: 10}
+    assert results["generated"][1].positions_edited == {STORE_HOOK: 9} and results["generated"][1].passes == {
+        STORE_HOOK: 10
+    }
     assert "9 positions in 10 passes" in str(results["generated"][1])
 
 
@@ -152,11 +170,15 @@ def test_code_on_and_code_off_move_exactly_one_code(tiny_model, tiny_cache):
         chosen = book.encode(x[0]).to_dense()  # [P, codes], 1 where a code is chosen
     code = int(chosen.sum(0).argmax())
     c = book.W_dec[code].detach()
-    for edit, expected in ((code_off(book, code), x - chosen[:, code].view(1, -1, 1) * c),
-                           (code_on(book, code), x + (1 - chosen[:, code]).view(1, -1, 1) * c)):
+    for edit, expected in (
+        (code_off(book, code), x - chosen[:, code].view(1, -1, 1) * c),
+        (code_on(book, code), x + (1 - chosen[:, code]).view(1, -1, 1) * c),
+    ):
         seen = []
         with steer(tiny_model, [edit]):
-            with tiny_model.hooks([("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]):
+            with tiny_model.hooks(
+                [("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.detach()))]
+            ):
                 tiny_model(tokens)
         torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(DictionaryError, match="codebook"):
@@ -190,8 +212,15 @@ def test_sweep_is_a_dose_response(tiny_model, tiny_cache):
         promoted = int((dictionary.W_dec[feature] @ tiny_model.unembed).argmax())
     prompts = ["ROMEO:\nBut soft", "JULIET:\nO Romeo"]
     neutral = "KING HENRY:\nOnce more unto the breach, dear friends, once more"
-    rows = sweep(tiny_model, add(dictionary, feature, 0.0), [0.0, 8.0, 24.0], prompts, concept=[promoted],
-                 neutral_text=neutral, max_new_tokens=8)
+    rows = sweep(
+        tiny_model,
+        add(dictionary, feature, 0.0),
+        [0.0, 8.0, 24.0],
+        prompts,
+        concept=[promoted],
+        neutral_text=neutral,
+        max_new_tokens=8,
+    )
     assert [r.strength for r in rows] == [0.0, 8.0, 24.0]
     assert rows[0].kl_neutral == pytest.approx(0.0, abs=1e-6)
     assert rows[0].example == tiny_model.generate(prompts[0], max_new_tokens=8)  # strength 0 = the model
@@ -199,8 +228,15 @@ def test_sweep_is_a_dose_response(tiny_model, tiny_cache):
     assert rows[2].fluency < rows[0].fluency  # the unsteered model finds the steered text less likely
     fig = figure(rows)
     assert [list(t.y) for t in fig.data] == [[r.concept_rate for r in rows], [r.kl_neutral for r in rows]]
-    scored = sweep(tiny_model, add(dictionary, feature, 0.0), [0.0], prompts[:1], concept=lambda text: float(len(text)),
-                   neutral_text=neutral, max_new_tokens=4)
+    scored = sweep(
+        tiny_model,
+        add(dictionary, feature, 0.0),
+        [0.0],
+        prompts[:1],
+        concept=lambda text: float(len(text)),
+        neutral_text=neutral,
+        max_new_tokens=4,
+    )
     assert scored[0].concept_rate > 0
     with pytest.raises(DictionaryError, match="at least one prompt"):
         sweep(tiny_model, add(dictionary, feature, 0.0), [1.0], [], concept=[promoted], neutral_text=neutral)

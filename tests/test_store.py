@@ -30,7 +30,7 @@ def test_search_by_token_finds_the_feature_that_peaks_on_it(tiny_run):
     peak = store.token_texts([example.tokens[example.position - example.start]])[0]
     hits = store.search_tokens(peak)
     assert feature in hits.feature.tolist()
-    assert store.search_tokens("") .empty
+    assert store.search_tokens("").empty
 
 
 def test_bad_stores_are_refused_in_one_line(tiny_run, tmp_path):
@@ -56,7 +56,19 @@ def test_bad_stores_are_refused_in_one_line(tiny_run, tmp_path):
 
 def test_cli_analyze_writes_a_store_and_refuses_bad_runs(capsys, tiny_run, tmp_path):
     out = tmp_path / "again.duckdb"
-    code, stdout, err = run_cli(capsys, "analyze", str(tiny_run), "--out", str(out), "--tokens", "640", "--top", "3", "--quiet", "--json")
+    code, stdout, err = run_cli(
+        capsys,
+        "analyze",
+        str(tiny_run),
+        "--out",
+        str(out),
+        "--tokens",
+        "640",
+        "--top",
+        "3",
+        "--quiet",
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["store"] == str(out) and summary["tokens"] == 20 * 31 and summary["features"] == 48

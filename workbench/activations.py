@@ -137,8 +137,14 @@ def select_windows(config: CacheConfig, model) -> torch.Tensor:
     if wanted and config.corpus.startswith("hf:"):  # never stream a whole hub dataset
         limit = math.ceil(wanted / (1 - config.validation_fraction)) + 64
     windows = token_windows(
-        iter_documents(config.corpus), model.tokenizer, context, model.bos_token_id,
-        model.separator_token_ids, config.validation_fraction, limit, corpus_name=f"corpus {config.corpus!r}",
+        iter_documents(config.corpus),
+        model.tokenizer,
+        context,
+        model.bos_token_id,
+        model.separator_token_ids,
+        config.validation_fraction,
+        limit,
+        corpus_name=f"corpus {config.corpus!r}",
     )
     indices = windows.split(config.split)
     if len(indices) == 0:
@@ -167,8 +173,15 @@ def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
     return out
 
 
-def write_cache(out: Path, config: CacheConfig, model, hooks: list[str], windows: torch.Tensor,
-                state: dict | None = None, progress: bool = True) -> None:
+def write_cache(
+    out: Path,
+    config: CacheConfig,
+    model,
+    hooks: list[str],
+    windows: torch.Tensor,
+    state: dict | None = None,
+    progress: bool = True,
+) -> None:
     """Write the cache of `windows` into `out`, continuing from a progress record `state`."""
     where = ranks()
     if where.is_main:
@@ -178,7 +191,9 @@ def write_cache(out: Path, config: CacheConfig, model, hooks: list[str], windows
     barrier()
     done = state or {"config": config.identity(), "hooks": hooks, "shards": []}
     if done["hooks"] != hooks:
-        raise CacheError(f"{out} holds a partial cache of hooks {done['hooks']}, not {hooks}; use another --out")
+        raise CacheError(
+            f"{out} holds a partial cache of hooks {done['hooks']}, not {hooks}; use another --out"
+        )
     _write_shards(out, config, model, hooks, windows, done, progress and where.is_main, where)
     barrier()
     if where.is_main:
@@ -224,7 +239,9 @@ def _progress_record(out: Path, config: CacheConfig) -> dict | None:
 def _check_identity(out: Path, record: dict, config: CacheConfig) -> None:
     theirs = record.get("config", {})
     if theirs != config.identity():
-        diff = sorted(k for k in set(theirs) | set(config.identity()) if theirs.get(k) != config.identity().get(k))
+        diff = sorted(
+            k for k in set(theirs) | set(config.identity()) if theirs.get(k) != config.identity().get(k)
+        )
         raise CacheError(
             f"{out} already holds a cache with a different configuration (differs in: {', '.join(diff)}); "
             "choose another --out or delete it"
@@ -252,13 +269,21 @@ def _write_shards(out, config, model, hooks, windows, done, progress, where: Ran
     finished = {e["index"] for e in done["shards"]}
     todo = [i for i in range(n_shards) if i not in finished and where.owns(i)]
     dtype = DTYPES[config.dtype]
-    bar = tqdm(total=len(windows) * context, initial=len(finished) * per_shard * context,
-               unit="tok", unit_scale=True, desc="cache", disable=not progress)
+    bar = tqdm(
+        total=len(windows) * context,
+        initial=len(finished) * per_shard * context,
+        unit="tok",
+        unit_scale=True,
+        desc="cache",
+        disable=not progress,
+    )
     name = _progress_name(where)
     with _BackgroundWriter() as writer:
         for index in todo:
             shard_windows = windows[index * per_shard : (index + 1) * per_shard]
-            acts = _forward_shard(model, hooks, shard_windows, config.batch_size, dtype, first_window=index * per_shard)
+            acts = _forward_shard(
+                model, hooks, shard_windows, config.batch_size, dtype, first_window=index * per_shard
+            )
             writer.submit(lambda index=index, acts=acts: _save_shard(out, index, acts, done, name))
             bar.update(shard_windows.numel() * where.world)
     bar.close()
@@ -282,7 +307,9 @@ def _forward_shard(model, hooks, windows, batch_size, dtype, first_window) -> di
     return acts
 
 
-def _save_shard(out: Path, index: int, acts: dict[str, torch.Tensor], done: dict, progress_name: str = PROGRESS) -> None:
+def _save_shard(
+    out: Path, index: int, acts: dict[str, torch.Tensor], done: dict, progress_name: str = PROGRESS
+) -> None:
     entry = {}
     for hook, x in acts.items():
         sha = save_tensors_atomic(out / shard_path(hook, index), {"activations": x})
@@ -297,7 +324,9 @@ def _write_manifest(out, config, model, hooks, windows, done) -> None:
     n_windows, context = windows.shape
     n_shards = math.ceil(n_windows / config.windows_per_shard(context))
     if [e["index"] for e in done["shards"]] != list(range(n_shards)):
-        raise CacheError(f"{out}: the progress files record {len(done['shards'])} of {n_shards} shards; rerun to finish")
+        raise CacheError(
+            f"{out}: the progress files record {len(done['shards'])} of {n_shards} shards; rerun to finish"
+        )
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": "workbench.activation_cache",

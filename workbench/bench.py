@@ -14,7 +14,9 @@ from typing import Callable
 import torch
 
 
-def interleaved(cases: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    cases: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1
+) -> dict[str, list[float]]:
     """Seconds per call of each case, `reps` rounds after `warmup` untimed rounds."""
     torch.set_num_threads(torch.get_num_threads())  # fixed for the whole run
     times: dict[str, list[float]] = {name: [] for name in cases}

@@ -65,7 +65,9 @@ def run_cache_benchmark(model_spec: str = "demo", tokens: int = 262_144, reps: i
         def write():
             write_cache(root / f"cache-{next(counter)}", config, model, hooks, windows, progress=False)
 
-        times = interleaved({"forward_only": forward_only, "forward_to_hook": forward_to_hook, "cache_write": write}, reps)
+        times = interleaved(
+            {"forward_only": forward_only, "forward_to_hook": forward_to_hook, "cache_write": write}, reps
+        )
         rows = [_row(name, median(t), n_tokens, median(times["forward_only"])) for name, t in times.items()]
         rows += _reader_rows(root / "cache-0", hooks[0], reps)
         return rows
@@ -78,6 +80,7 @@ def _reader_rows(folder: Path, hook: str, reps: int) -> list[dict]:
         def run():
             for _ in ActivationCache(folder).batches(hook, 4096, shuffle=shuffle):
                 pass
+
         return run
 
     times = interleaved({"read_sequential": read(False), "read_shuffled": read(True)}, reps)

@@ -97,7 +97,10 @@ class KernelBenchConfig:
         if unknown:
             raise ConfigError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
         cases = kernel_cases(self)
-        if min(self.batch_size, self.d_in, self.k, self.reps, self.threads, *(c.n_latents for c in cases)) < 1:
+        if (
+            min(self.batch_size, self.d_in, self.k, self.reps, self.threads, *(c.n_latents for c in cases))
+            < 1
+        ):
             raise ConfigError("batch_size, d_in, k, reps, threads and n_latents must be positive")
         if any(self.k > c.n_latents // 8 for c in cases):
             raise ConfigError("k must be at most n_latents / 8 (Matryoshka's smallest prefix)")
@@ -124,7 +127,9 @@ def kernel_cases(config: KernelBenchConfig) -> list[KernelBenchCase]:
 class _Step:
     """One architecture's parameters, optimizer and training step."""
 
-    def __init__(self, architecture: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False):
+    def __init__(
+        self, architecture: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False
+    ):
         g = torch.Generator().manual_seed(seed)
         d = x.shape[1]
         self.architecture, self.x, self.k, self.approximate = architecture, x, k, approximate
@@ -162,7 +167,9 @@ class _Step:
             l0 = -(p["threshold"][window.flat_indices()] / 0.01).sum() / x.shape[0]
             return (decode(codes, p["w_dec"], p["b_dec"]) - x).pow(2).sum(-1).mean() + 1e-3 * l0
         if self.architecture == "batchtopk":
-            codes = encode_batch_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"])  # encodes x - b_dec, as the SAEs do
+            codes = encode_batch_topk(
+                x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"]
+            )  # encodes x - b_dec, as the SAEs do
         else:
             codes = encode_topk(x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=self.approximate)
         codes = codes.with_values(codes.values.relu())
@@ -181,7 +188,9 @@ class _Step:
 
     def persistent_bytes(self) -> int:
         tensors = list(self.params.values())
-        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        tensors += [
+            t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -189,8 +198,15 @@ ExtraPaths = Callable[[KernelBenchCase, torch.Tensor, int], dict[str, Callable[[
 
 
 def run_kernel_benchmark(
-    cases=DEFAULT_CASES, batch_size: int = 4096, d_in: int = 768, k: int = 32, reps: int = 5, threads: int = 2, seed: int = 0,
-    approximate: bool = False, extra_paths: Optional[ExtraPaths] = None,
+    cases=DEFAULT_CASES,
+    batch_size: int = 4096,
+    d_in: int = 768,
+    k: int = 32,
+    reps: int = 5,
+    threads: int = 2,
+    seed: int = 0,
+    approximate: bool = False,
+    extra_paths: Optional[ExtraPaths] = None,
 ) -> list[dict]:
     """Rows per case: limit, dense, fused; with `approximate`, TopK cases add `approx` (int8
     candidates, `workbench.kernels.approx`) and its top-k recall against the exact selection.
@@ -212,15 +228,32 @@ def bench_inputs(batch_size: int, d_in: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch_size, d_in, generator=torch.Generator().manual_seed(seed))
 
 
-def _bench_case(case: KernelBenchCase, x: torch.Tensor, k: int, reps: int, seed: int, approximate: bool,
-                extra: Optional[dict[str, Callable[[], None]]] = None) -> list[dict]:
-    steps = {"dense": _Step(case.architecture, x, case.n_latents, k, seed), "fused": _Step(case.architecture, x, case.n_latents, k, seed)}
+def _bench_case(
+    case: KernelBenchCase,
+    x: torch.Tensor,
+    k: int,
+    reps: int,
+    seed: int,
+    approximate: bool,
+    extra: Optional[dict[str, Callable[[], None]]] = None,
+) -> list[dict]:
+    steps = {
+        "dense": _Step(case.architecture, x, case.n_latents, k, seed),
+        "fused": _Step(case.architecture, x, case.n_latents, k, seed),
+    }
     if approximate:
         steps["approx"] = _Step(case.architecture, x, case.n_latents, k, seed, approximate=True)
-    runs = {"limit": steps["fused"].limit, **{path: _in_mode(step, path) for path, step in steps.items()}, **(extra or {})}
+    runs = {
+        "limit": steps["fused"].limit,
+        **{path: _in_mode(step, path) for path, step in steps.items()},
+        **(extra or {}),
+    }
     recall = _top_k_recall(steps["approx"], k) if approximate else None
     times = {name: median(t) for name, t in interleaved(runs, reps).items()}
-    memory: dict[str, Optional[int]] = {"limit": _peak_bytes(runs["limit"]), **{name: None for name in extra or {}}}
+    memory: dict[str, Optional[int]] = {
+        "limit": _peak_bytes(runs["limit"]),
+        **{name: None for name in extra or {}},
+    }
     for path, step in steps.items():
         release_workspace()  # each path's measured step allocates the buffers it uses
         memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes()
@@ -255,7 +288,9 @@ def _top_k_recall(step: _Step, k: int) -> float:
     """The share of the exact per-row top-k latents that the approximate selection keeps."""
     p = step.params
     with use_kernels("auto"):
-        approximate = encode_topk(step.x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=True).indices
+        approximate = encode_topk(
+            step.x, p["w_enc"], p["b_enc"], k, shift=p["b_dec"], approximate=True
+        ).indices
     exact = torch.addmm(p["b_enc"], step.x - p["b_dec"], p["w_enc"].t()).topk(k, dim=1).indices
     return float((approximate[:, :, None] == exact[:, None, :]).any(-1).float().mean())
 

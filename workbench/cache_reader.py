@@ -65,7 +65,9 @@ class Manifest:
         get = _Getter(obj, where)
         version = obj.get("format_version")
         if version != FORMAT_VERSION or isinstance(version, bool):
-            raise CacheError(f"{where}: unknown format_version {version!r} (this workbench reads {FORMAT_VERSION})")
+            raise CacheError(
+                f"{where}: unknown format_version {version!r} (this workbench reads {FORMAT_VERSION})"
+            )
         dtype = get("dtype", str)
         if dtype not in _DTYPES:
             raise CacheError(f"{where}: unknown dtype {dtype!r}")
@@ -79,10 +81,25 @@ class Manifest:
             raise CacheError(f"{where}: field 'has_tokens' must be true, or false with context_length 1")
         held = get("held_out", dict) if not has_tokens else {"fraction": 0.0, "seed": 0}
         fraction, seed = held.get("fraction"), held.get("seed")
-        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1 or not isinstance(seed, int):
+        if (
+            not isinstance(fraction, (int, float))
+            or isinstance(fraction, bool)
+            or not 0 <= fraction < 1
+            or not isinstance(seed, int)
+        ):
             raise CacheError(f"{where}: field 'held_out' must hold a fraction in [0, 1) and an integer seed")
-        return cls(get("model", str), hooks, dtype, context, n_windows, get("bos_token_id", int),
-                   get("tokens_sha256", str), get("config", dict), has_tokens, (float(fraction), seed))
+        return cls(
+            get("model", str),
+            hooks,
+            dtype,
+            context,
+            n_windows,
+            get("bos_token_id", int),
+            get("tokens_sha256", str),
+            get("config", dict),
+            has_tokens,
+            (float(fraction), seed),
+        )
 
 
 class _Getter:
@@ -94,7 +111,9 @@ class _Getter:
     def __call__(self, key: str, kind: type, positive: bool = False):
         value = self.obj.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (positive and value <= 0):
-            raise CacheError(f"{self.where}: field {key!r} must be a {'positive ' if positive else ''}{kind.__name__}")
+            raise CacheError(
+                f"{self.where}: field {key!r} must be a {'positive ' if positive else ''}{kind.__name__}"
+            )
         return value
 
 
@@ -109,7 +128,9 @@ def _parse_hook(hook: str, spec: object, total_rows: int, where: str) -> tuple[i
             raise CacheError(f"{where}: shard path {file!r} leaves the cache folder")
         shards.append(Shard(file, sget("rows", int, positive=True), sget("sha256", str)))
     if sum(s.rows for s in shards) != total_rows:
-        raise CacheError(f"{where}: hook {hook} shards hold {sum(s.rows for s in shards)} rows, expected {total_rows}")
+        raise CacheError(
+            f"{where}: hook {hook} shards hold {sum(s.rows for s in shards)} rows, expected {total_rows}"
+        )
     return d, tuple(shards)
 
 
@@ -126,10 +147,16 @@ class ActivationCache:
     def __init__(self, folder: str | Path):
         self.path = Path(folder)
         if not self.path.is_dir():
-            raise CacheError(f"{self.path}: no activation cache here (run `workbench cache --out {self.path}`)")
+            raise CacheError(
+                f"{self.path}: no activation cache here (run `workbench cache --out {self.path}`)"
+            )
         manifest = self.path / MANIFEST
         if not manifest.exists():
-            hint = "rerun the same `workbench cache` command to finish it" if (self.path / "progress.json").exists() else "not a cache folder"
+            hint = (
+                "rerun the same `workbench cache` command to finish it"
+                if (self.path / "progress.json").exists()
+                else "not a cache folder"
+            )
             raise CacheError(f"{self.path}: incomplete cache, no {MANIFEST} ({hint})")
         self.manifest = Manifest.parse(read_json(manifest, "cache manifest", CacheError), str(manifest))
         self._verified: set[str] = set()
@@ -186,8 +213,10 @@ class ActivationCache:
     def require_tokens(self, what: str) -> None:
         """Refuse, in one line, a consumer that needs token windows on a cache that has none."""
         if not self.has_tokens:
-            raise CacheError(f"{self.path}: {what} needs token windows, and this cache holds activations only "
-                             "(made with `workbench cache --from`)")
+            raise CacheError(
+                f"{self.path}: {what} needs token windows, and this cache holds activations only "
+                "(made with `workbench cache --from`)"
+            )
 
     @property
     def training_rows(self) -> int:
@@ -195,8 +224,10 @@ class ActivationCache:
         if self.has_tokens:
             return self.manifest.n_windows * (self.context_length - 1)
         fraction, seed = self.manifest.held_out
-        return self.n_rows - sum(int(held_out_rows(torch.arange(s, min(s + _HELD_BLOCK, self.n_rows)), fraction, seed).sum())
-                                 for s in range(0, self.n_rows, _HELD_BLOCK))
+        return self.n_rows - sum(
+            int(held_out_rows(torch.arange(s, min(s + _HELD_BLOCK, self.n_rows)), fraction, seed).sum())
+            for s in range(0, self.n_rows, _HELD_BLOCK)
+        )
 
     @property
     def tokens(self) -> Int[Tensor, "n_windows context"]:
@@ -206,7 +237,9 @@ class ActivationCache:
             data = self._read_verified(TOKENS_FILE, self.manifest.tokens_sha256)
             self._tokens = data["tokens"]
             if tuple(self._tokens.shape) != (self.manifest.n_windows, self.context_length):
-                raise CacheError(f"{self.path / TOKENS_FILE}: shape {tuple(self._tokens.shape)} does not match the manifest")
+                raise CacheError(
+                    f"{self.path / TOKENS_FILE}: shape {tuple(self._tokens.shape)} does not match the manifest"
+                )
         return self._tokens
 
     def window_position(self, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,7 +251,9 @@ class ActivationCache:
         x = self._read_verified(info.file, info.sha256).get("activations")
         if x is None or tuple(x.shape) != (info.rows, d) or x.dtype != self.dtype:
             got = None if x is None else (tuple(x.shape), str(x.dtype).replace("torch.", ""))
-            raise CacheError(f"{self.path / info.file}: expected activations {(info.rows, d)} {self.manifest.dtype}, got {got}")
+            raise CacheError(
+                f"{self.path / info.file}: expected activations {(info.rows, d)} {self.manifest.dtype}, got {got}"
+            )
         bad = first_non_finite_row(x)
         if bad is not None:
             raise CacheError(f"{self.path / info.file}: non-finite activation (NaN/Inf) in row {bad}")
@@ -248,8 +283,17 @@ class ActivationCache:
         return spans
 
     def batches(
-        self, hook: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-        buffer_rows: int = 1 << 18, skip_bos: bool = True, drop_last: bool = False, subset: str = "train",
+        self,
+        hook: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        buffer_rows: int = 1 << 18,
+        skip_bos: bool = True,
+        drop_last: bool = False,
+        subset: str = "train",
     ) -> Iterator[Batch]:
         """One epoch of minibatches (see the module docstring); every kept row exactly once.
 
@@ -276,8 +320,9 @@ class ActivationCache:
                 pool, pooled = yield from _emit(pool, batch_size, generator, keep_fraction=0.5)
             elif not shuffle:
                 pool, pooled = yield from _emit(pool, batch_size, None, keep_fraction=0.0)
-        yield from _emit(pool, batch_size, generator if shuffle else None, keep_fraction=0.0, drop_last=drop_last)
-
+        yield from _emit(
+            pool, batch_size, generator if shuffle else None, keep_fraction=0.0, drop_last=drop_last
+        )
 
     def _kept(self, rows: Tensor, skip_bos: bool, subset: str) -> Tensor | None:
         """bool mask of `rows` to keep, or None for all of them."""

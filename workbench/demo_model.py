@@ -65,7 +65,15 @@ class DemoModelConfig:
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "batch_size", "steps", "eval_every"):
+        for name in (
+            "vocab_size",
+            "context_length",
+            "d_model",
+            "n_layers",
+            "batch_size",
+            "steps",
+            "eval_every",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -147,7 +155,10 @@ def mean_loss(model, windows: torch.Tensor, batch_size: int = 64) -> float:
 def _optimizer(model, config: DemoModelConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
@@ -167,7 +178,12 @@ def train_demo_model(config: DemoModelConfig, progress: bool = True) -> dict:
     tokenizer = train_tokenizer([d.text for d in documents], config.vocab_size)
     eos = tokenizer.eos_token_id
     windows = token_windows(
-        documents, tokenizer, config.context_length, bos_id=eos, separator_ids=[eos], corpus_name=f"corpus {config.corpus!r}"
+        documents,
+        tokenizer,
+        config.context_length,
+        bos_id=eos,
+        separator_ids=[eos],
+        corpus_name=f"corpus {config.corpus!r}",
     )
     train, validation = windows.tokens[windows.split("train")], windows.tokens[windows.split("validation")]
     model = build_model(config, len(tokenizer))
@@ -201,7 +217,9 @@ def greedy_sample(model, tokenizer, prompt: str = "ROMEO:", new_tokens: int = 60
     ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     new_tokens = min(new_tokens, model.config.n_positions - ids.shape[1])
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     return tokenizer.decode(out[0, 1:])
 
 

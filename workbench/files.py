@@ -62,8 +62,16 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
 
 
 _SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -82,8 +90,11 @@ def save_tensors_atomic(
         if tensor.dtype not in _SAFETENSORS_DTYPES:
             raise TypeError(f"cannot store dtype {tensor.dtype} in safetensors")
         flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + flat.nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + flat.nbytes],
+        }
         blobs.append(flat)
         offset += flat.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()

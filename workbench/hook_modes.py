@@ -108,9 +108,13 @@ def _refuse_conflicts(needs: Needs, where: str) -> None:
     for mode, hook in needs.on.items():
         if mode in needs.off:
             other = needs.off[mode]
-            raise WorkbenchError(f"hooks {hook} and {other} cannot fire together {where} "
-                                 f"(TransformerLens fires {hook} only with {mode} on, {other} only with it off)")
+            raise WorkbenchError(
+                f"hooks {hook} and {other} cannot fire together {where} "
+                f"(TransformerLens fires {hook} only with {mode} on, {other} only with it off)"
+            )
     if EXCLUSIVE <= needs.on.keys():
         a, b = (needs.on[m] for m in sorted(EXCLUSIVE))
-        raise WorkbenchError(f"hooks {a} and {b} cannot fire together {where} "
-                             f"(TransformerLens: {' and '.join(sorted(EXCLUSIVE))} exclude each other)")
+        raise WorkbenchError(
+            f"hooks {a} and {b} cannot fire together {where} "
+            f"(TransformerLens: {' and '.join(sorted(EXCLUSIVE))} exclude each other)"
+        )

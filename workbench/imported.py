@@ -53,7 +53,9 @@ class Array:
         """Rows [start, stop) as a float tensor (copied out of the file)."""
         if self.file.suffix == ".npy":
             block = np.load(self.file, mmap_mode="r")[start:stop]
-            native = np.float64 if block.dtype.itemsize > 8 else block.dtype.newbyteorder("=")  # big-endian, float128
+            native = (
+                np.float64 if block.dtype.itemsize > 8 else block.dtype.newbyteorder("=")
+            )  # big-endian, float128
             return torch.from_numpy(np.array(block, dtype=native))
         from safetensors import safe_open
 
@@ -74,18 +76,24 @@ def find_arrays(source: str, hooks: tuple[str, ...] = ()) -> dict[str, Array]:
         for array in _arrays_in(file):
             name = array.key if file.suffix == ".safetensors" else file.stem
             if name in arrays:
-                raise CacheError(f"--from {source}: two arrays are named {name!r} ({arrays[name].file.name}, {file.name})")
+                raise CacheError(
+                    f"--from {source}: two arrays are named {name!r} ({arrays[name].file.name}, {file.name})"
+                )
             arrays[name] = array
     arrays = _select(arrays, hooks, source)
     counts = {name: a.rows for name, a in arrays.items()}
     if len(set(counts.values())) != 1:
-        raise CacheError(f"--from {source}: the arrays have different row counts {counts}; every hook needs the same rows")
+        raise CacheError(
+            f"--from {source}: the arrays have different row counts {counts}; every hook needs the same rows"
+        )
     return arrays
 
 
 def _arrays_in(file: Path) -> list[Array]:
     if file.suffix in PICKLE_SUFFIXES:
-        raise CacheError(f"{file}: pickle files can run code and are not read; save the tensor with numpy.save or safetensors")
+        raise CacheError(
+            f"{file}: pickle files can run code and are not read; save the tensor with numpy.save or safetensors"
+        )
     if file.suffix == ".npy":
         try:
             array = np.load(file, mmap_mode="r")
@@ -127,12 +135,16 @@ def _select(arrays: dict[str, Array], hooks: tuple[str, ...], source: str) -> di
     else:
         missing = [h for h in hooks if h not in arrays]
         if missing:
-            raise CacheError(f"--from {source}: no array named {', '.join(map(repr, missing))} (it has {', '.join(arrays)})")
+            raise CacheError(
+                f"--from {source}: no array named {', '.join(map(repr, missing))} (it has {', '.join(arrays)})"
+            )
         chosen = {h: arrays[h] for h in hooks}
     for name in chosen:
         parts = PurePosixPath(name).parts
         if not name or name.startswith(".") or len(parts) != 1 or ".." in parts or "\\" in name:
-            raise CacheError(f"--from {source}: {name!r} cannot name a hook (it becomes a folder name); pass --hook NAME")
+            raise CacheError(
+                f"--from {source}: {name!r} cannot name a hook (it becomes a folder name); pass --hook NAME"
+            )
     return chosen
 
 
@@ -145,7 +157,9 @@ def import_activations(config, progress: bool = True) -> Path:
     if manifest_path.exists():
         old = read_json(manifest_path, "cache manifest", CacheError)
         if old.get("config") != config.identity():
-            raise CacheError(f"{out} already holds a cache with a different configuration; choose another --out or delete it")
+            raise CacheError(
+                f"{out} already holds a cache with a different configuration; choose another --out or delete it"
+            )
         if old.get("source") == signature:
             return out
         manifest_path.unlink()  # the input changed since: import it again
@@ -186,11 +200,21 @@ def _dtype(name: str) -> torch.dtype:
 
 def _signature(arrays: dict[str, Array]) -> dict:
     """What identifies the input: each array's file, key, shape, size and modification time."""
-    return {hook: {"file": str(a.file.resolve()), "key": a.key, "shape": [a.rows, a.width],
-                   "bytes": a.file.stat().st_size, "mtime_ns": a.file.stat().st_mtime_ns} for hook, a in arrays.items()}
+    return {
+        hook: {
+            "file": str(a.file.resolve()),
+            "key": a.key,
+            "shape": [a.rows, a.width],
+            "bytes": a.file.stat().st_size,
+            "mtime_ns": a.file.stat().st_mtime_ns,
+        }
+        for hook, a in arrays.items()
+    }
 
 
-def _manifest(config, arrays: dict[str, Array], shards: dict[str, list[dict]], n_rows: int, signature: dict) -> dict:
+def _manifest(
+    config, arrays: dict[str, Array], shards: dict[str, list[dict]], n_rows: int, signature: dict
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "kind": "workbench.activation_cache",

@@ -47,7 +47,10 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(spec, str(assets_dir() / "demo-model"), is_local=True)
     if spec == "minilm":
         return ModelSource(
-            spec, str(_minilm_dir()), is_local=True, causal=False,
+            spec,
+            str(_minilm_dir()),
+            is_local=True,
+            causal=False,
             note="encoder: use residual-stream hooks; the MLM head is randomly initialised, so logits mean nothing",
         )
     if spec == "gemma-3-270m":

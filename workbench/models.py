@@ -53,7 +53,10 @@ class Model:
         """Whether `spec`, as a dictionary records it, names this model: the same spec, or the same
         folder or hub name up to its parent folders or organisation, case and TransformerLens
         aliases ("gpt2-small", "openai-community/gpt2" and "gpt2" are one model)."""
-        return spec == self.spec or _model_name(spec) in {_model_name(self.spec), _model_name(self.source.name_or_path)}
+        return spec == self.spec or _model_name(spec) in {
+            _model_name(self.spec),
+            _model_name(self.source.name_or_path),
+        }
 
     @property
     def tokenizer(self):
@@ -112,8 +115,14 @@ class Model:
             if hook not in widths and hook not in self._other_hooks:
                 known = [*widths, *self._other_hooks]
                 close = difflib.get_close_matches(hook, sorted(known), n=4, cutoff=0.6)
-                hint = f"; close matches: {', '.join(close)}" if close else "; see `workbench models --model ...`"
-                what = "never fires for this architecture" if hook in self.bridge.hook_dict else "does not exist"
+                hint = (
+                    f"; close matches: {', '.join(close)}"
+                    if close
+                    else "; see `workbench models --model ...`"
+                )
+                what = (
+                    "never fires for this architecture" if hook in self.bridge.hook_dict else "does not exist"
+                )
                 raise UnknownHookError(f"model {self.spec!r}: hook {hook!r} {what}{hint}")
 
     def width(self, hook: str) -> int:
@@ -154,7 +163,9 @@ class Model:
                 self._dims[hook] = math.prod(shape[2:])
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable]] = (), bwd_hooks: Sequence = ()) -> Iterator["Model"]:
+    def hooks(
+        self, fwd_hooks: Sequence[tuple[str, Callable]] = (), bwd_hooks: Sequence = ()
+    ) -> Iterator["Model"]:
         """Attach hooks `(name, fn(activation, hook) -> activation | None)` for the block; always
         removed, and the hook modes put back as found. Raises UnknownHookError for a hook that
         does not fire, WorkbenchError for hooks that cannot fire together with those of the
@@ -170,7 +181,10 @@ class Model:
         need, keeps what enclosing blocks need, and restores every flag on exit."""
         if needs is None:
             needs = self._modes.needs([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
-        with self._modes.scope(needs), self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)):
+        with (
+            self._modes.scope(needs),
+            self.bridge.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks)),
+        ):
             yield
 
     # --- running --------------------------------------------------------------------------
@@ -207,21 +221,31 @@ class Model:
         stop = _stop_layer(hooks, self.n_layers) if stop_early else None
         captured = self._capture(tokens, hooks, stop)
         if missing := [h for h in hooks if h not in captured]:
-            raise UnknownHookError(f"model {self.spec!r}: hook {missing[0]!r} does not fire together with {', '.join(h for h in hooks if h in captured)}")
+            raise UnknownHookError(
+                f"model {self.spec!r}: hook {missing[0]!r} does not fire together with {', '.join(h for h in hooks if h in captured)}"
+            )
         return captured
 
-    def _capture(self, tokens: Tensor, hooks: Sequence[str], stop: int | None, shapes_only: bool = False,
-                 needs: Needs | None = None) -> dict:
+    def _capture(
+        self,
+        tokens: Tensor,
+        hooks: Sequence[str],
+        stop: int | None,
+        shapes_only: bool = False,
+        needs: Needs | None = None,
+    ) -> dict:
         captured: dict = {}
 
         def grab(name: str):
             def hook_fn(activation, hook):
                 captured[name] = tuple(activation.shape) if shapes_only else activation.detach().flatten(2)
+
             return hook_fn
 
         with torch.no_grad(), self._bridge_hooks([(name, grab(name)) for name in hooks], needs=needs):
-            self.bridge.run_with_hooks(tokens, return_type=None, stop_at_layer=stop,
-                                       attention_mask=self._padding_mask(tokens))
+            self.bridge.run_with_hooks(
+                tokens, return_type=None, stop_at_layer=stop, attention_mask=self._padding_mask(tokens)
+            )
         return captured
 
     @property
@@ -230,7 +254,11 @@ class Model:
         return self.bridge.W_U.detach()
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 30, do_sample: bool = False, temperature: float = 1.0,
+        self,
+        prompt: str,
+        max_new_tokens: int = 30,
+        do_sample: bool = False,
+        temperature: float = 1.0,
         seed: int | None = 0,
     ) -> str:
         """Prompt + continuation as text (greedy unless `do_sample`; seeded when sampling)."""
@@ -239,8 +267,14 @@ class Model:
         if do_sample and seed is not None:
             torch.manual_seed(seed)
         return self.bridge.generate(
-            prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-            use_past_kv_cache=True, return_type="str", verbose=False, stop_at_eos=False,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            use_past_kv_cache=True,
+            return_type="str",
+            verbose=False,
+            stop_at_eos=False,
         )
 
 
@@ -291,9 +325,17 @@ def load_model(spec: str = "demo", device: str = "cpu", dtype: torch.dtype = tor
         with quiet_transformers():
             bridge = TransformerBridge.boot_transformers(source.name_or_path, device=device, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        where = "local folder" if source.is_local else "hub name (is the hub reachable? HF_HUB_OFFLINE is " + os.environ.get("HF_HUB_OFFLINE", "unset") + ")"
+        where = (
+            "local folder"
+            if source.is_local
+            else "hub name (is the hub reachable? HF_HUB_OFFLINE is "
+            + os.environ.get("HF_HUB_OFFLINE", "unset")
+            + ")"
+        )
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         known = ", ".join(BUILTIN_MODELS)
-        raise UnknownModelError(f"cannot load model {spec!r} as a {where}: {first} (built-in: {known})") from None
+        raise UnknownModelError(
+            f"cannot load model {spec!r} as a {where}: {first} (built-in: {known})"
+        ) from None
     bridge.eval()
     return Model(source, bridge)

@@ -38,9 +38,9 @@ STORE_FILE = "features.duckdb"
 _TABLES = {
     "meta": "key VARCHAR PRIMARY KEY, value VARCHAR",
     "features": "feature INTEGER PRIMARY KEY, fired BIGINT, density DOUBLE, mean_activation DOUBLE, "
-                "max_activation DOUBLE, histogram INTEGER[]",
+    "max_activation DOUBLE, histogram INTEGER[]",
     "examples": "feature INTEGER, kind VARCHAR, bin SMALLINT, rank SMALLINT, activation REAL, window_id INTEGER, "
-                "position SMALLINT, start SMALLINT, tokens INTEGER[], activations REAL[]",
+    "position SMALLINT, start SMALLINT, tokens INTEGER[], activations REAL[]",
     "logits": "feature INTEGER, side VARCHAR, rank SMALLINT, token INTEGER, effect REAL",
     "neighbours": "feature INTEGER, rank SMALLINT, other INTEGER, cosine REAL",
     "neurons": "feature INTEGER, rank SMALLINT, neuron INTEGER, correlation REAL",
@@ -96,7 +96,9 @@ def list_column(rows: np.ndarray, dtype: pa.DataType) -> pa.Array:
     """A [n, width] array as an Arrow list column (every list `width` long)."""
     rows = np.ascontiguousarray(rows)
     flat = pa.array(rows.reshape(-1), type=dtype)
-    offsets = pa.array(np.arange(0, rows.size + 1, max(rows.shape[1], 1) if rows.ndim == 2 else 1, dtype=np.int32))
+    offsets = pa.array(
+        np.arange(0, rows.size + 1, max(rows.shape[1], 1) if rows.ndim == 2 else 1, dtype=np.int32)
+    )
     return pa.ListArray.from_arrays(offsets, flat)
 
 
@@ -147,12 +149,16 @@ class FeatureStore:
             self._con = duckdb.connect(str(self.path), read_only=True)
             pairs = self._con.execute("SELECT key, value FROM meta").fetchall()
         except duckdb.Error as exc:
-            raise StoreError(f"{self.path}: not a readable feature store ({str(exc).splitlines()[0]})") from None
+            raise StoreError(
+                f"{self.path}: not a readable feature store ({str(exc).splitlines()[0]})"
+            ) from None
         self.meta = {key: json.loads(value) for key, value in pairs}
         version = self.meta.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema version {version!r}, this workbench reads "
-                             f"{SCHEMA_VERSION}; rebuild it with `workbench analyze`")
+            raise StoreError(
+                f"{self.path}: store schema version {version!r}, this workbench reads "
+                f"{SCHEMA_VERSION}; rebuild it with `workbench analyze`"
+            )
         self.n_latents = int(self.meta.get("n_latents", 0))
         self._vocab: dict[int, str] | None = None
 
@@ -163,8 +169,15 @@ class FeatureStore:
         self._con.close()
 
     # --- tables --------------------------------------------------------------------------
-    def features(self, order_by: str = "density", descending: bool = True, min_density: float = 0.0,
-                 max_density: float = 1.0, limit: int = 1000, offset: int = 0) -> pd.DataFrame:
+    def features(
+        self,
+        order_by: str = "density",
+        descending: bool = True,
+        min_density: float = 0.0,
+        max_density: float = 1.0,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> pd.DataFrame:
         """The per-feature statistics, sorted and filtered by density."""
         if order_by not in _SORTABLE:
             raise StoreError(f"cannot sort features by {order_by!r} (one of {', '.join(sorted(_SORTABLE))})")
@@ -172,7 +185,11 @@ class FeatureStore:
         return self._query(
             f"SELECT feature, fired, density, mean_activation, max_activation FROM features "
             f"WHERE density >= ? AND density <= ? ORDER BY {order_by} {direction}, feature LIMIT ? OFFSET ?",
-            min_density, max_density, int(limit), int(offset))
+            min_density,
+            max_density,
+            int(limit),
+            int(offset),
+        )
 
     def histogram_edges(self) -> list[float]:
         return list(self.meta["histogram_edges"])
@@ -196,17 +213,41 @@ class FeatureStore:
         if stats.empty:
             raise StoreError(f"feature {feature} is not in {self.path}")
         row = stats.iloc[0]
-        examples = self._query("SELECT * FROM examples WHERE feature = ? ORDER BY kind, bin DESC, rank", int(feature))
-        page = FeaturePage(int(feature), int(row.fired), float(row.density), float(row.mean_activation),
-                           float(row.max_activation), [int(c) for c in row.histogram])
+        examples = self._query(
+            "SELECT * FROM examples WHERE feature = ? ORDER BY kind, bin DESC, rank", int(feature)
+        )
+        page = FeaturePage(
+            int(feature),
+            int(row.fired),
+            float(row.density),
+            float(row.mean_activation),
+            float(row.max_activation),
+            [int(c) for c in row.histogram],
+        )
         for ex in examples.itertuples():
-            item = Example(float(ex.activation), int(ex.window_id), int(ex.position), int(ex.start),
-                           [int(t) for t in ex.tokens], [float(a) for a in ex.activations], int(ex.bin))
+            item = Example(
+                float(ex.activation),
+                int(ex.window_id),
+                int(ex.position),
+                int(ex.start),
+                [int(t) for t in ex.tokens],
+                [float(a) for a in ex.activations],
+                int(ex.bin),
+            )
             (page.top if ex.kind == "top" else page.quantiles).append(item)
-        page.logits = self._query("SELECT side, rank, token, effect FROM logits WHERE feature = ? ORDER BY side DESC, rank", int(feature))
+        page.logits = self._query(
+            "SELECT side, rank, token, effect FROM logits WHERE feature = ? ORDER BY side DESC, rank",
+            int(feature),
+        )
         page.logits["text"] = self.token_texts(page.logits["token"].tolist())
         for name, order in (("neighbours", "rank"), ("neurons", "rank"), ("cooccurrence", "rank")):
-            setattr(page, name, self._query(f"SELECT * EXCLUDE (feature) FROM {name} WHERE feature = ? ORDER BY {order}", int(feature)))
+            setattr(
+                page,
+                name,
+                self._query(
+                    f"SELECT * EXCLUDE (feature) FROM {name} WHERE feature = ? ORDER BY {order}", int(feature)
+                ),
+            )
         return page
 
     def search_tokens(self, text: str, limit: int = 20) -> pd.DataFrame:
@@ -221,7 +262,9 @@ class FeatureStore:
             "SELECT p.feature, count(*) AS hits, max(p.activation) AS max_activation, any_value(f.density) AS density "
             "FROM peaks p JOIN vocab v ON v.token = p.token JOIN features f ON f.feature = p.feature "
             "WHERE strpos(lower(v.text), ?) > 0 GROUP BY p.feature ORDER BY hits DESC, max_activation DESC LIMIT ?",
-            needle, int(limit))
+            needle,
+            int(limit),
+        )
 
 
 def find_stores(roots: list[str | os.PathLike]) -> list[Path]:

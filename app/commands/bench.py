@@ -23,9 +23,16 @@ def cmd_bench_kernels(args) -> None:
     from workbench.bench_kernels import KernelBenchConfig, kernel_cases, run_kernel_benchmark
 
     config = config_from_args(KernelBenchConfig, args)
-    rows = run_kernel_benchmark(kernel_cases(config), batch_size=config.batch_size, d_in=config.d_in, k=config.k,
-                                reps=config.reps, threads=config.threads, approximate=config.approx_topk,
-                                extra_paths=trainer_paths if config.trainer else None)
+    rows = run_kernel_benchmark(
+        kernel_cases(config),
+        batch_size=config.batch_size,
+        d_in=config.d_in,
+        k=config.k,
+        reps=config.reps,
+        threads=config.threads,
+        approximate=config.approx_topk,
+        extra_paths=trainer_paths if config.trainer else None,
+    )
     print_rows(rows, args.json)
 
 

@@ -30,26 +30,49 @@ def cmd_circuits(args) -> None:
         raise WorkbenchError(f"--method {config.method}: one method per circuit (a list is for --benchmark)")
     config = dataclasses.replace(config, method=config.method or "eap-ig")
     graph, task = load_task(config.task, config.model, config.prompts, config.length, config.seed)
-    found = discover(graph, task, config.method, ablation=config.ablation, steps=config.steps,
-                     n_edges=config.edges)
+    found = discover(
+        graph, task, config.method, ablation=config.ablation, steps=config.steps, n_edges=config.edges
+    )
     faithful = faithfulness_all(graph, task, found.mask(graph))
     planted = config.task in GROUND_TRUTH_TASKS
     model_name = "built-in" if planted else config.model or "demo"
-    metrics = {"faithfulness": faithful, "model": model_name, "ablation": config.ablation,
-               "seconds": round(found.seconds, 2)}
+    metrics = {
+        "faithfulness": faithful,
+        "model": model_name,
+        "ablation": config.ablation,
+        "seconds": round(found.seconds, 2),
+    }
     circuit = to_circuit(graph, task, found, metrics=metrics)
     out = _save_circuit(circuit, config, args.out, "" if planted else model_name, task.name, config.method)
     top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
     if args.json:
-        print(json.dumps({"circuit": str(out), "method": config.method, "edges_kept": int(found.kept.sum()),
-                          "faithfulness": faithful, "seconds": round(found.seconds, 2),
-                          "top_edges": [e.__dict__ for e in top]}))
+        print(
+            json.dumps(
+                {
+                    "circuit": str(out),
+                    "method": config.method,
+                    "edges_kept": int(found.kept.sum()),
+                    "faithfulness": faithful,
+                    "seconds": round(found.seconds, 2),
+                    "top_edges": [e.__dict__ for e in top],
+                }
+            )
+        )
         return
-    print_rows([{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)}
-                for e in top], False)
-    print_summary({"circuit": str(out), "edges_kept": int(found.kept.sum()), "of_edges": len(circuit.edges),
-                   **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
-                   "seconds": round(found.seconds, 2)}, False)
+    print_rows(
+        [{"source": e.source, "target": e.target, "input": e.input, "score": round(e.score, 5)} for e in top],
+        False,
+    )
+    print_summary(
+        {
+            "circuit": str(out),
+            "edges_kept": int(found.kept.sum()),
+            "of_edges": len(circuit.edges),
+            **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
+            "seconds": round(found.seconds, 2),
+        },
+        False,
+    )
 
 
 def _feature_circuit(config, args) -> None:
@@ -73,12 +96,14 @@ def _feature_circuit(config, args) -> None:
     model = load_model(spec)
     for hook, dictionary in dictionaries.items():
         if model.width(hook) != dictionary.d_in:
-            raise WorkbenchError(f"dictionary for {hook} reads {dictionary.d_in} dims; "
-                                 f"{spec} has {model.width(hook)} there")
+            raise WorkbenchError(
+                f"dictionary for {hook} reads {dictionary.d_in} dims; {spec} has {model.width(hook)} there"
+            )
     task = model_task(config.task, model, config.prompts, config.length, config.seed)
     started = time.perf_counter()
-    circuit = feature_circuit(model, task, dictionaries, steps=config.steps,
-                              per_hook=config.features_per_hook, stores=stores)
+    circuit = feature_circuit(
+        model, task, dictionaries, steps=config.steps, per_hook=config.features_per_hook, stores=stores
+    )
     circuit.metrics.update(model=spec, seconds=round(time.perf_counter() - started, 2))
     out = _save_circuit(circuit, config, args.out, spec, task.name, "features")
     top = sorted((n for n in circuit.nodes if n.kind != "logits"), key=lambda n: -abs(n.score))[: args.top]

@@ -23,8 +23,10 @@ def cmd_models(args) -> None:
             return
         for name, text in BUILTIN_MODELS.items():
             print(f"{name:14s} {text}")
-        print("also: a local HuggingFace folder, or a hub name such as gpt2 (needs the hub); "
-              "`workbench models --model NAME` lists hooks")
+        print(
+            "also: a local HuggingFace folder, or a hub name such as gpt2 (needs the hub); "
+            "`workbench models --model NAME` lists hooks"
+        )
         return
     from workbench.models import load_model
 
@@ -33,7 +35,9 @@ def cmd_models(args) -> None:
     if args.json:
         print(json.dumps({"model": args.model, "default_hook": model.default_hook, "hooks": hooks}, indent=2))
         return
-    print(f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, vocab {model.d_vocab}, n_ctx {model.n_ctx}")
+    print(
+        f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, vocab {model.d_vocab}, n_ctx {model.n_ctx}"
+    )
     if model.source.note:
         print(f"note: {model.source.note}")
     print(f"default hook: {model.default_hook}")
@@ -46,7 +50,9 @@ def cmd_corpora(args) -> None:
 
     for name, text in BUILTIN_CORPORA.items():
         print(f"{name:17s} {text}")
-    print("also: --corpus PATH (.txt files, .jsonl with a 'text' field, or a folder of them), --corpus hf:NAME[:SPLIT]")
+    print(
+        "also: --corpus PATH (.txt files, .jsonl with a 'text' field, or a folder of them), --corpus hf:NAME[:SPLIT]"
+    )
 
 
 def cmd_cache(args) -> None:
@@ -68,8 +74,15 @@ def cmd_cache(args) -> None:
         "cache": str(out),
         "model": cache.model,
         "hooks": {h: cache.width(h) for h in cache.hooks},
-        **({"tokens": cache.n_rows, "windows": cache.manifest.n_windows, "context_length": cache.context_length}
-           if cache.has_tokens else {"rows": cache.n_rows, "training_rows": cache.training_rows}),
+        **(
+            {
+                "tokens": cache.n_rows,
+                "windows": cache.manifest.n_windows,
+                "context_length": cache.context_length,
+            }
+            if cache.has_tokens
+            else {"rows": cache.n_rows, "training_rows": cache.training_rows}
+        ),
         "dtype": cache.manifest.dtype,
         "shards_per_hook": cache.n_shards(cache.hooks[0]),
         "size_mb": round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1),
@@ -96,14 +109,27 @@ def relaunch_under_torchrun(args) -> None:
             skip = item == "--nproc"
             continue
         argv.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "app.cli", *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "app.cli",
+        *argv,
+    ]
     result = run_child(command)
     if result.signal is not None:  # stopped from outside, not failed: the runs resume when rerun
-        print(f"stopped by {signal.Signals(result.signal).name} (`workbench cache` and `workbench train` resume when rerun with the same flags)", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(result.signal).name} (`workbench cache` and `workbench train` resume when rerun with the same flags)",
+            file=sys.stderr,
+        )
         raise SystemExit(result.status)
     if result.status:
-        raise WorkbenchError(f"torchrun exited with status {result.status} (the ranks' own errors are printed above)")
+        raise WorkbenchError(
+            f"torchrun exited with status {result.status} (the ranks' own errors are printed above)"
+        )
 
 
 def cmd_demo_train(args) -> None:

@@ -24,7 +24,9 @@ def cmd_train(args) -> None:
         from sae.train import check_data_parallel
         from workbench.distributed import Ranks
 
-        check_data_parallel(config.batch_size or args.nproc, Ranks(0, args.nproc))  # refuse here, in one line, before launching ranks
+        check_data_parallel(
+            config.batch_size or args.nproc, Ranks(0, args.nproc)
+        )  # refuse here, in one line, before launching ranks
         return relaunch_under_torchrun(args)
     folders = train(config, progress=not args.quiet)
     if not ranks().is_main:
@@ -33,12 +35,24 @@ def cmd_train(args) -> None:
     for folder in folders:
         meta = read_json(folder / "config.json", "dictionary config")
         metrics = meta.get("metrics", {})
-        rows.append({"dictionary": folder.name, "latents": meta["dictionary"]["n_latents"], "k": meta["dictionary"]["k"],
-                     "fvu": round(metrics.get("fvu", float("nan")), 4), "l0": round(metrics.get("l0", float("nan")), 2),
-                     "l0_inference": round(metrics.get("inference_l0", float("nan")), 2),
-                     "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
-                     **({"resampled": f"{metrics['resampled_total']} in {metrics['resamplings']}"} if metrics.get("resamplings") else {}),
-                     "tokens": meta.get("tokens_trained"), "folder": str(folder)})
+        rows.append(
+            {
+                "dictionary": folder.name,
+                "latents": meta["dictionary"]["n_latents"],
+                "k": meta["dictionary"]["k"],
+                "fvu": round(metrics.get("fvu", float("nan")), 4),
+                "l0": round(metrics.get("l0", float("nan")), 2),
+                "l0_inference": round(metrics.get("inference_l0", float("nan")), 2),
+                "dead_%": round(100 * metrics.get("dead_fraction", float("nan")), 2),
+                **(
+                    {"resampled": f"{metrics['resampled_total']} in {metrics['resamplings']}"}
+                    if metrics.get("resamplings")
+                    else {}
+                ),
+                "tokens": meta.get("tokens_trained"),
+                "folder": str(folder),
+            }
+        )
     print_rows(rows, args.json)
 
 
@@ -52,7 +66,10 @@ def cmd_eval(args) -> None:
         metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
         if (folder / "config.json").exists():
             write_json_atomic(folder / "eval.json", metrics)
-        shown = {"dictionary": str(folder), **{k: v for k, v in metrics.items() if k != "log_density_histogram"}}
+        shown = {
+            "dictionary": str(folder),
+            **{k: v for k, v in metrics.items() if k != "log_density_histogram"},
+        }
         if args.json:
             print(json.dumps({"dictionary": str(folder), **metrics}))
         else:
@@ -72,9 +89,17 @@ def cmd_analyze(args) -> None:
         store = FeatureStore(path)
         alive = store.features(min_density=1e-12, limit=store.n_latents)
         median_density = float(alive.density.median()) if len(alive) else 0.0
-        print_summary({"store": str(path), "features": store.n_latents, "alive": len(alive),
-                       "tokens": store.meta["tokens_analyzed"], "median_density": median_density,
-                       "seconds": store.meta["seconds"]}, args.json)
+        print_summary(
+            {
+                "store": str(path),
+                "features": store.n_latents,
+                "alive": len(alive),
+                "tokens": store.meta["tokens_analyzed"],
+                "median_density": median_density,
+                "seconds": store.meta["seconds"],
+            },
+            args.json,
+        )
         store.close()
 
 
@@ -83,7 +108,10 @@ def cmd_probe(args) -> None:
 
     config = config_from_args(ProbeConfig, args)
     rows = run_probes(config)
-    shown = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "features_chosen"} for r in rows]
+    shown = [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "features_chosen"}
+        for r in rows
+    ]
     print_rows(rows if args.json else shown, args.json)
     if not args.json:
         print(f"saved: {default_output(config)}")

@@ -16,9 +16,27 @@ STORES_ENV = "WORKBENCH_STORES"
 
 
 def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
-    return [sys.executable, "-m", "streamlit", "run", str(MAIN), "--server.headless", "true",
-            "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--global.developmentMode", "false", "--client.toolbarMode", "minimal"]
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(MAIN),
+        "--server.headless",
+        "true",
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--global.developmentMode",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
+    ]
 
 
 def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
@@ -26,7 +44,9 @@ def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
     stopped; returns the server's exit status. Raises WorkbenchError if no store is found."""
     stores = find_stores(roots)
     if not stores:
-        raise WorkbenchError(f"no feature store under {', '.join(map(str, roots))} (run `workbench analyze` first)")
+        raise WorkbenchError(
+            f"no feature store under {', '.join(map(str, roots))} (run `workbench analyze` first)"
+        )
     # The roots, not the stores found: stores added later show up, and the Circuits page looks
     # for *.circuit.json under the same folders.
     env = {**os.environ, STORES_ENV: os.pathsep.join(str(Path(root).resolve()) for root in roots)}

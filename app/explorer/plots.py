@@ -13,24 +13,46 @@ from circuits.graph import Circuit
 ACCENT = "255, 110, 30"
 
 
-def histogram_figure(edges: Sequence[float], counts: Sequence[int], title: str = "Activation histogram") -> go.Figure:
+def histogram_figure(
+    edges: Sequence[float], counts: Sequence[int], title: str = "Activation histogram"
+) -> go.Figure:
     """Counts over log-spaced bins, drawn on a log x axis (bars span their bin)."""
     edges = np.asarray(edges, dtype=float)
     centres = np.sqrt(edges[:-1] * edges[1:])
-    figure = go.Figure(go.Bar(x=centres, y=list(counts), width=np.diff(edges), marker_color=f"rgb({ACCENT})",
-                              hovertemplate="activation %{x:.3g}<br>count %{y}<extra></extra>"))
-    figure.update_layout(title=title, xaxis_type="log", xaxis_title="activation", yaxis_title="tokens",
-                         height=280, margin=dict(l=40, r=10, t=40, b=40), bargap=0)
+    figure = go.Figure(
+        go.Bar(
+            x=centres,
+            y=list(counts),
+            width=np.diff(edges),
+            marker_color=f"rgb({ACCENT})",
+            hovertemplate="activation %{x:.3g}<br>count %{y}<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title=title,
+        xaxis_type="log",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        height=280,
+        margin=dict(l=40, r=10, t=40, b=40),
+        bargap=0,
+    )
     return figure
 
 
-def logit_figure(texts: Sequence[str], token_ids: Sequence[int], effects: Sequence[float], title: str) -> go.Figure:
+def logit_figure(
+    texts: Sequence[str], token_ids: Sequence[int], effects: Sequence[float], title: str
+) -> go.Figure:
     """Horizontal bars, one per token; labels carry the id, as distinct tokens can print alike."""
     colour = "rgb(40, 120, 200)" if title.lower().startswith("top") else "rgb(200, 60, 60)"
     labels = [f"{t!r} · {i}" for t, i in zip(texts, token_ids)]
     figure = go.Figure(go.Bar(x=list(effects), y=labels, orientation="h", marker_color=colour))
-    figure.update_layout(title=title, height=40 + 22 * len(labels), margin=dict(l=10, r=10, t=40, b=20),
-                         yaxis=dict(autorange="reversed"))
+    figure.update_layout(
+        title=title,
+        height=40 + 22 * len(labels),
+        margin=dict(l=10, r=10, t=40, b=20),
+        yaxis=dict(autorange="reversed"),
+    )
     return figure
 
 
@@ -39,7 +61,9 @@ def token_html(text: str) -> str:
     return html.escape(text).replace("\n", "↵").replace(" ", "&nbsp;") or "&#8203;"
 
 
-def highlight_html(tokens: Sequence[str], activations: Sequence[float], scale: float, peak: int | None = None) -> str:
+def highlight_html(
+    tokens: Sequence[str], activations: Sequence[float], scale: float, peak: int | None = None
+) -> str:
     """Tokens with a background whose opacity is activation / scale; the peak is underlined."""
     scale = scale if scale > 0 else 1.0
     spans = []
@@ -48,8 +72,12 @@ def highlight_html(tokens: Sequence[str], activations: Sequence[float], scale: f
         style = f"background: rgba({ACCENT}, {alpha:.2f}); border-radius: 3px; padding: 0 1px;"
         if i == peak:
             style += " border-bottom: 2px solid black;"
-        spans.append(f'<span class="tok" title="{float(value):.3f}" style="{style}">{token_html(token)}</span>')
-    return '<div class="example" style="font-family: monospace; line-height: 1.8;">' + "".join(spans) + "</div>"
+        spans.append(
+            f'<span class="tok" title="{float(value):.3f}" style="{style}">{token_html(token)}</span>'
+        )
+    return (
+        '<div class="example" style="font-family: monospace; line-height: 1.8;">' + "".join(spans) + "</div>"
+    )
 
 
 def circuit_figure(circuit: Circuit, only_circuit: bool = False) -> go.Figure:
@@ -57,7 +85,9 @@ def circuit_figure(circuit: Circuit, only_circuit: bool = False) -> go.Figure:
     follows |score|. Each node's id rides in `customdata`, so a click can be resolved."""
     nodes = [n for n in circuit.nodes if n.in_circuit or not only_circuit]
     ids = {n.id for n in nodes}
-    edges = [e for e in circuit.edges if e.source in ids and e.target in ids and (e.in_circuit or not only_circuit)]
+    edges = [
+        e for e in circuit.edges if e.source in ids and e.target in ids and (e.in_circuit or not only_circuit)
+    ]
     position, per_layer = {}, {}
     for node in sorted(nodes, key=lambda n: (n.layer, n.kind, n.id)):
         per_layer.setdefault(node.layer, []).append(node.id)
@@ -69,14 +99,41 @@ def circuit_figure(circuit: Circuit, only_circuit: bool = False) -> go.Figure:
     for edge in edges:
         (x0, y0), (x1, y1) = position[edge.source], position[edge.target]
         colour = "rgba(40, 120, 200, 0.6)" if edge.score >= 0 else "rgba(200, 60, 60, 0.6)"
-        figure.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                                    line=dict(width=0.5 + 5 * abs(edge.score) / top, color=colour)))
-    figure.add_trace(go.Scatter(
-        x=[position[n.id][0] for n in nodes], y=[position[n.id][1] for n in nodes], mode="markers+text",
-        text=[n.label or n.id for n in nodes], textposition="top center", customdata=[n.id for n in nodes],
-        marker=dict(size=16, color=[abs(n.score) for n in nodes], colorscale="Oranges", line=dict(width=1, color="black"),
-                    symbol=["diamond" if n.kind == "feature" else "circle" for n in nodes]),
-        hovertemplate="%{customdata}<br>score %{marker.color:.3g}<extra></extra>", showlegend=False, name="nodes"))
-    figure.update_layout(height=520, margin=dict(l=20, r=20, t=30, b=30), xaxis_title="layer",
-                         yaxis=dict(showticklabels=False), title=f"{circuit.task} · {circuit.method}")
+        figure.add_trace(
+            go.Scatter(
+                x=[x0, x1],
+                y=[y0, y1],
+                mode="lines",
+                hoverinfo="skip",
+                showlegend=False,
+                line=dict(width=0.5 + 5 * abs(edge.score) / top, color=colour),
+            )
+        )
+    figure.add_trace(
+        go.Scatter(
+            x=[position[n.id][0] for n in nodes],
+            y=[position[n.id][1] for n in nodes],
+            mode="markers+text",
+            text=[n.label or n.id for n in nodes],
+            textposition="top center",
+            customdata=[n.id for n in nodes],
+            marker=dict(
+                size=16,
+                color=[abs(n.score) for n in nodes],
+                colorscale="Oranges",
+                line=dict(width=1, color="black"),
+                symbol=["diamond" if n.kind == "feature" else "circle" for n in nodes],
+            ),
+            hovertemplate="%{customdata}<br>score %{marker.color:.3g}<extra></extra>",
+            showlegend=False,
+            name="nodes",
+        )
+    )
+    figure.update_layout(
+        height=520,
+        margin=dict(l=20, r=20, t=30, b=30),
+        xaxis_title="layer",
+        yaxis=dict(showticklabels=False),
+        title=f"{circuit.task} · {circuit.method}",
+    )
     return figure

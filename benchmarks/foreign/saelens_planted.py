@@ -33,10 +33,12 @@ def make(out: Path, samples: int, seed: int, chunk: int = 65_536) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = SyntheticModel(SyntheticModelConfig(num_features=1024, hidden_dim=256, seed=seed))
     torch.manual_seed(seed + 12345)  # the generator samples from the global RNG
-    rows = np.lib.format.open_memmap(out / "activations.npy", mode="w+", dtype=np.float32, shape=(samples, 256))
+    rows = np.lib.format.open_memmap(
+        out / "activations.npy", mode="w+", dtype=np.float32, shape=(samples, 256)
+    )
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
-        rows[start:start + n] = model.sample(n).numpy()
+        rows[start : start + n] = model.sample(n).numpy()
     rows.flush()
     np.save(out / "truth.npy", model.feature_dict.feature_vectors.detach().numpy())
     l0 = float(model.activation_generator.firing_probabilities.sum())
@@ -48,12 +50,22 @@ def score(truth: Path, folders: list[Path]) -> None:
     for folder in folders:
         decoder = load_file(str(folder / "weights.safetensors"))["W_dec"].float()
         mcc = mean_correlation_coefficient(features, decoder)
-        cos = torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(decoder, dim=1).t()
+        cos = (
+            torch.nn.functional.normalize(features, dim=1) @ torch.nn.functional.normalize(decoder, dim=1).t()
+        )
         rows, cols = linear_sum_assignment(-cos.abs().numpy())
         matched = cos.abs()[torch.as_tensor(rows), torch.as_tensor(cols)]
         config = json.loads((folder / "config.json").read_text())
-        print(json.dumps({"folder": str(folder), "arch": config.get("architecture"), "mcc": round(mcc, 4),
-                          "recovered_0.9": round(float((matched >= 0.9).float().mean()), 4)}))
+        print(
+            json.dumps(
+                {
+                    "folder": str(folder),
+                    "arch": config.get("architecture"),
+                    "mcc": round(mcc, 4),
+                    "recovered_0.9": round(float((matched >= 0.9).float().mean()), 4),
+                }
+            )
+        )
 
 
 def main() -> None:

@@ -27,8 +27,16 @@ class BatchTopK(AuxKDictionary):
 
     def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
-        return encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec,
-                                 aux_stride=self.aux_stride(x.shape[0]))
+        return encode_batch_topk(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.config.k,
+            aux_k=k_aux,
+            aux_mask=aux_mask,
+            shift=self.b_dec,
+            aux_stride=self.aux_stride(x.shape[0]),
+        )
 
     @torch.no_grad()
     def _observe(self, f):

@@ -52,7 +52,8 @@ class FeatureChoice(AuxKDictionary):
         values, latents = f.flat_values(), f.flat_indices()
         positive = values > 0
         smallest = torch.full_like(self.threshold, float("inf")).scatter_reduce(
-            0, latents[positive], values[positive], reduce="amin")
+            0, latents[positive], values[positive], reduce="amin"
+        )
         smallest = min_over_ranks(smallest)
         seen = torch.isfinite(smallest)
         eta = self.config.threshold_momentum
@@ -69,7 +70,9 @@ class FeatureChoice(AuxKDictionary):
     def _encode(self, x):
         if not bool(self.threshold_seen.any()):
             return relu_values(self._select(x, None))
-        theta = torch.where(self.threshold_seen, self.threshold, torch.full_like(self.threshold, float("inf")))
+        theta = torch.where(
+            self.threshold_seen, self.threshold, torch.full_like(self.threshold, float("inf"))
+        )
         return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.b_dec)
 
 
@@ -84,7 +87,9 @@ def zipf_underused(firing_rate: Tensor, shortfall: float = ZIPF_SHORTFALL) -> Te
     rank = torch.arange(1, m + 1, dtype=torch.float32, device=rates.device)
     head = slice(0, max(2, m // 2))
     log_rank, log_rate = rank[head].log(), rates[head].clamp_min(1e-12).log()
-    slope = ((log_rank - log_rank.mean()) * (log_rate - log_rate.mean())).sum() / (log_rank - log_rank.mean()).pow(2).sum()
+    slope = ((log_rank - log_rank.mean()) * (log_rate - log_rate.mean())).sum() / (
+        log_rank - log_rank.mean()
+    ).pow(2).sum()
     intercept = log_rate.mean() - slope * log_rank.mean()
     expected = (intercept + slope * rank.log()).exp()
     under = torch.zeros(m, dtype=torch.bool, device=rates.device)

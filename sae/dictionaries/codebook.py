@@ -38,7 +38,9 @@ class Codebook(Dictionary):
         super().__init__(config, generator)
         del self.W_enc, self.b_dec  # a codebook has only its codes (W_dec) and no bias
         if config.metric not in ("cosine", "dot") or config.aggregate not in ("sum", "mean"):
-            raise DictionaryError(f"codebook: metric must be cosine|dot and aggregate sum|mean, got {config.metric}, {config.aggregate}")
+            raise DictionaryError(
+                f"codebook: metric must be cosine|dot and aggregate sum|mean, got {config.metric}, {config.aggregate}"
+            )
         self.register_buffer("uses_since_check", torch.zeros(config.n_latents, dtype=torch.long))
         self.register_buffer("steps_since_check", torch.zeros((), dtype=torch.long))
         self.register_buffer("replacements", torch.zeros((), dtype=torch.long))
@@ -54,26 +56,36 @@ class Codebook(Dictionary):
         """(output [N, d_in], codes) for the rows `x` as given (no input checks): the k chosen
         codes summed, or averaged with aggregate "mean". With `straight_through`, `x` receives the
         output's gradient as if the bottleneck were the identity (`sae.codebook_finetune`)."""
-        output, chosen = codebook_lookup(x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=straight_through)
+        output, chosen = codebook_lookup(
+            x, self.W_dec, self.config.k, metric=self.config.metric, straight_through=straight_through
+        )
         weight = 1.0 / self.config.k if self.config.aggregate == "mean" else 1.0
-        codes = SparseCodes(chosen.indices, torch.full_like(chosen.values, weight), self.n_latents, extra=chosen.extra)
+        codes = SparseCodes(
+            chosen.indices, torch.full_like(chosen.values, weight), self.n_latents, extra=chosen.extra
+        )
         return output * weight, codes
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         x_hat, codes = self.lookup(x)
         mse = reconstruction_loss(x, x_hat)
         self._replace_dead_codes(x, x_hat.detach(), codes)
-        return StepOutput(mse, x_hat, codes, {"mse": mse.detach(), "replaced_codes": self.replacements.clone()})
+        return StepOutput(
+            mse, x_hat, codes, {"mse": mse.detach(), "replaced_codes": self.replacements.clone()}
+        )
 
     @torch.no_grad()
     def _replace_dead_codes(self, x: Tensor, x_hat: Tensor, codes: SparseCodes) -> None:
         """Every DEAD_CODE_STEPS steps: codes chosen by no token since the last check, or nearly
         duplicating a busier code, move to badly reconstructed inputs."""
-        self.uses_since_check += all_reduce_sum(torch.bincount(codes.flat_indices(), minlength=self.n_latents))
+        self.uses_since_check += all_reduce_sum(
+            torch.bincount(codes.flat_indices(), minlength=self.n_latents)
+        )
         self.steps_since_check += 1
         if int(self.steps_since_check) < DEAD_CODE_STEPS:
             return
-        stale = latents_to_resample(self, self.uses_since_check, min_fires=1, duplicate_cosine=DUPLICATE_COSINE)
+        stale = latents_to_resample(
+            self, self.uses_since_check, min_fires=1, duplicate_cosine=DUPLICATE_COSINE
+        )
         self.uses_since_check.zero_()
         self.steps_since_check.zero_()
         dead = stale.nonzero().squeeze(1)
@@ -82,7 +94,9 @@ class Codebook(Dictionary):
         x, x_hat = gather_rows(x), gather_rows(x_hat)  # under torchrun: the whole batch, on every rank
         generator = seeding.generator(self.seed, "replace codes", int(self.replacements))
         error = (x - x_hat).pow(2).sum(dim=1).cpu() + 1e-12
-        rows = torch.multinomial(error, dead.numel(), replacement=dead.numel() > x.shape[0], generator=generator).to(x.device)
+        rows = torch.multinomial(
+            error, dead.numel(), replacement=dead.numel() > x.shape[0], generator=generator
+        ).to(x.device)
         self._pending = (dead, x[rows] * self._code_scale())  # applied after the optimizer step
         self.replacements += dead.numel()
 
@@ -107,7 +121,9 @@ class Codebook(Dictionary):
         points = F.normalize(sample, dim=1) if spherical else sample
         for _ in range(KMEANS_ITERATIONS):
             keys = F.normalize(centres, dim=1) if spherical else centres
-            assign = (points @ keys.t()).argmax(dim=1) if spherical else torch.cdist(points, centres).argmin(dim=1)
+            assign = (
+                (points @ keys.t()).argmax(dim=1) if spherical else torch.cdist(points, centres).argmin(dim=1)
+            )
             sums = torch.zeros_like(centres).index_add_(0, assign, sample)
             counts = torch.bincount(assign, minlength=self.n_latents)
             centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)

@@ -46,7 +46,9 @@ class Gated(L0Steered):
         zero = torch.zeros(self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
         gate = encode_threshold(x, self.W_enc, self.b_gate, zero, shift=self.b_dec)  # entries with pi > 0
         scale = gather_per_latent(self.r_mag.exp(), gate)
-        magnitude = scale * (gate.values - gather_per_latent(self.b_gate, gate)) + gather_per_latent(self.b_mag, gate)
+        magnitude = scale * (gate.values - gather_per_latent(self.b_gate, gate)) + gather_per_latent(
+            self.b_mag, gate
+        )
         return gate, relu_values(gate.with_values(magnitude))
 
     def _encode(self, x):
@@ -62,5 +64,10 @@ class Gated(L0Steered):
         aux = reconstruction_loss(x, gate_only)
         lam = self.sparsity_coefficient(context.progress)
         self.steer(f.flat_values().gt(0).sum() / x.shape[0], context.progress)
-        terms = {"mse": mse.detach(), "l1": sparsity.detach(), "gate_mse": aux.detach(), "lambda": self.l1_scale.new_tensor(lam)}
+        terms = {
+            "mse": mse.detach(),
+            "l1": sparsity.detach(),
+            "gate_mse": aux.detach(),
+            "lambda": self.l1_scale.new_tensor(lam),
+        }
         return StepOutput(mse + lam * sparsity + aux, x_hat, f, terms)

@@ -72,7 +72,9 @@ class JumpReLU(Dictionary):
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         eps = self.config.bandwidth
-        candidates = encode_threshold(x, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2, shift=self.b_dec)
+        candidates = encode_threshold(
+            x, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2, shift=self.b_dec
+        )
         theta = gather_per_latent(self.threshold, candidates)
         f = candidates.with_values(JumpReLUFunction.apply(candidates.values, theta, eps))
         x_hat = decode(f, self.W_dec, self.b_dec)
@@ -81,8 +83,12 @@ class JumpReLU(Dictionary):
         # under torchrun the controller sees the whole batch: every rank steers alike
         coefficient = self.multiplier * mean_over_ranks(mse.detach()) / self.config.effective_target_l0
         self._steer(mean_over_ranks(l0.detach()))
-        terms = {"mse": mse.detach(), "l0_penalty": l0.detach(), "lambda": coefficient.detach().clone(),
-                 "threshold_mean": self.threshold.detach().mean()}
+        terms = {
+            "mse": mse.detach(),
+            "l0_penalty": l0.detach(),
+            "lambda": coefficient.detach().clone(),
+            "threshold_mean": self.threshold.detach().mean(),
+        }
         return StepOutput(mse + coefficient * l0, x_hat, f, terms)
 
     @torch.no_grad()

@@ -74,4 +74,9 @@ class ReLU(L0Steered):
         sparsity = (f.values * norms).sum() / x.shape[0]
         lam = self.sparsity_coefficient(context.progress)
         self.steer((f.values > 0).sum() / x.shape[0], context.progress)
-        return StepOutput(mse + lam * sparsity, x_hat, f, {"mse": mse.detach(), "l1": sparsity.detach(), "lambda": self.l1_scale.new_tensor(lam)})
+        return StepOutput(
+            mse + lam * sparsity,
+            x_hat,
+            f,
+            {"mse": mse.detach(), "l1": sparsity.detach(), "lambda": self.l1_scale.new_tensor(lam)},
+        )

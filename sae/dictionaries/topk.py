@@ -16,8 +16,17 @@ from workbench.kernels import encode_topk
 class TopK(AuxKDictionary):
     def _select(self, x, aux_mask):
         k_aux = self.config.effective_aux_k
-        return encode_topk(x, self.W_enc, self.b_enc, self.config.k, aux_k=k_aux, aux_mask=aux_mask, shift=self.b_dec,
-                           approximate=self.config.approx_topk, aux_stride=self.aux_stride(x.shape[0]))
+        return encode_topk(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.config.k,
+            aux_k=k_aux,
+            aux_mask=aux_mask,
+            shift=self.b_dec,
+            approximate=self.config.approx_topk,
+            aux_stride=self.aux_stride(x.shape[0]),
+        )
 
     def _encode(self, x):
         return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))

@@ -48,7 +48,11 @@ class Int8Encoder:
         """Approximate x @ W.T + b into `out` [n, m] (fp32): int32 products, converted in place."""
         x_scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_min(1e-12) / 127
         same_bytes = out.dtype == torch.float32  # fp32: the int32 products share `out`'s memory
-        products = out.view(torch.int32) if same_bytes else torch.empty(out.shape, dtype=torch.int32, device=out.device)
+        products = (
+            out.view(torch.int32)
+            if same_bytes
+            else torch.empty(out.shape, dtype=torch.int32, device=out.device)
+        )
         x_int8 = (x / x_scale).round_().to(torch.int8)
         # torch's int8 x int8 -> int32 matmul has no public name.
         torch._int_mm(x_int8, self.weight_t, out=products)  # pyright: ignore[reportPrivateImportUsage]

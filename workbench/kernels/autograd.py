@@ -37,8 +37,16 @@ class SparseDecode(Function):
 
 class PreactsAt(Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor], known: Optional[Tensor],
-                pattern: Pattern, ops: ModuleType) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        shift: Optional[Tensor],
+        known: Optional[Tensor],
+        pattern: Pattern,
+        ops: ModuleType,
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.pattern, ctx.ops, ctx.has_bias, ctx.has_shift = pattern, ops, bias is not None, shift is not None
         if known is not None:
@@ -54,7 +62,11 @@ class PreactsAt(Function):
         grad_x = ops.decode(pattern, grad_values, weight) if needs[0] else None
         grad_weight = ops.scatter_rows(pattern, grad_values, x) if needs[1] else None
         wants_bias, wants_shift = ctx.has_bias and needs[2], ctx.has_shift and needs[3]
-        per_latent = grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values) if wants_bias or wants_shift else None
+        per_latent = (
+            grad_values.new_zeros(pattern.n_latents).index_add_(0, pattern.indices, grad_values)
+            if wants_bias or wants_shift
+            else None
+        )
         grad_shift = None
         if wants_shift and per_latent is not None:
             grad_shift = -(per_latent.to(weight.dtype) @ weight)  # = -sum over rows of grad_x
@@ -68,7 +80,9 @@ class PrefixDecode(Function):
     reverse running sum over the output gradient, in place, then the bucketed sparse backward."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, weight: Tensor, pattern: Pattern, n_prefixes: int, ops: ModuleType) -> Tensor:
+    def forward(
+        ctx, values: Tensor, weight: Tensor, pattern: Pattern, n_prefixes: int, ops: ModuleType
+    ) -> Tensor:
         ctx.save_for_backward(values, weight)
         ctx.pattern, ctx.ops = pattern, ops
         out = ops.decode(pattern, values.reshape(-1), weight).view(n_prefixes, -1, weight.shape[1])
@@ -88,6 +102,10 @@ def _decode_backward(ctx, grad_out: Tensor) -> tuple[Optional[Tensor], Optional[
     """Gradients of a sparse decode for its values and weight, given the output gradient."""
     values, weight = ctx.saved_tensors
     pattern, ops = ctx.pattern, ctx.ops
-    grad_values = ops.gather_dot(pattern, grad_out, weight).to(values.dtype).view_as(values) if ctx.needs_input_grad[0] else None
+    grad_values = (
+        ops.gather_dot(pattern, grad_out, weight).to(values.dtype).view_as(values)
+        if ctx.needs_input_grad[0]
+        else None
+    )
     grad_weight = ops.scatter_rows(pattern, values.reshape(-1), grad_out) if ctx.needs_input_grad[1] else None
     return grad_values, grad_weight

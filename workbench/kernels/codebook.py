@@ -22,14 +22,20 @@ from workbench.kernels.decode import decode
 
 
 def codebook_lookup(
-    activations: Float[Tensor, "batch d"], codebook: Float[Tensor, "n_codes d"], k: int, *,
-    metric: Literal["cosine", "dot"] = "cosine", straight_through: bool = True,
+    activations: Float[Tensor, "batch d"],
+    codebook: Float[Tensor, "n_codes d"],
+    k: int,
+    *,
+    metric: Literal["cosine", "dot"] = "cosine",
+    straight_through: bool = True,
 ) -> tuple[Float[Tensor, "batch d"], SparseCodes]:
     """(output [N, d], codes [N, k] with the chosen codes' similarities as `extra` values).
 
     output = sum of the chosen codebook rows (+ the straight-through term, whose value is 0)."""
     if activations.dim() != 2 or codebook.dim() != 2 or activations.shape[1] != codebook.shape[1]:
-        raise KernelInputError(f"codebook: activations must be [N, d] and codebook [C, d], got {tuple(activations.shape)} and {tuple(codebook.shape)}")
+        raise KernelInputError(
+            f"codebook: activations must be [N, d] and codebook [C, d], got {tuple(activations.shape)} and {tuple(codebook.shape)}"
+        )
     if metric not in ("cosine", "dot"):
         raise KernelInputError(f"codebook: metric must be 'cosine' or 'dot', got {metric!r}")
     with torch.no_grad():

@@ -49,11 +49,15 @@ class SparseCodes:
 
     def __post_init__(self) -> None:
         if self.indices.shape != self.values.shape:
-            raise KernelInputError(f"SparseCodes: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} differ in shape")
+            raise KernelInputError(
+                f"SparseCodes: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} differ in shape"
+            )
         if self.indices.dtype != torch.long:
             raise KernelInputError(f"SparseCodes: indices must be int64, got {self.indices.dtype}")
         if self.offsets is None and self.indices.dim() != 2:
-            raise KernelInputError(f"SparseCodes: fixed-k indices must be [N, k], got {tuple(self.indices.shape)}")
+            raise KernelInputError(
+                f"SparseCodes: fixed-k indices must be [N, k], got {tuple(self.indices.shape)}"
+            )
         if self.offsets is not None and (self.indices.dim() != 1 or self.offsets.dim() != 1):
             raise KernelInputError("SparseCodes: CSR codes need flat indices/values and 1-D offsets")
 
@@ -89,7 +93,9 @@ class SparseCodes:
     def l0(self) -> Int[Tensor, " batch"]:
         """Active entries per row (nonzero values), [N]."""
         nonzero = (self.flat_values() != 0).to(torch.long)
-        return torch.zeros(self.n_rows, dtype=torch.long, device=nonzero.device).index_add_(0, self.row_ids(), nonzero)
+        return torch.zeros(self.n_rows, dtype=torch.long, device=nonzero.device).index_add_(
+            0, self.row_ids(), nonzero
+        )
 
     def with_values(self, values: Tensor) -> "SparseCodes":
         return replace(self, values=values)
@@ -103,7 +109,14 @@ class SparseCodes:
     def to_csr(self) -> "SparseCodes":
         if self.offsets is not None:
             return self
-        return SparseCodes(self.flat_indices(), self.flat_values(), self.n_latents, self.row_offsets(), self.extra, self.cache)
+        return SparseCodes(
+            self.flat_indices(),
+            self.flat_values(),
+            self.n_latents,
+            self.row_offsets(),
+            self.extra,
+            self.cache,
+        )
 
     @staticmethod
     def from_dense(dense: Float[Tensor, "batch n_latents"]) -> "SparseCodes":
@@ -117,8 +130,16 @@ class SparseCodes:
             raise KernelInputError(f"SparseCodes: latent indices outside [0, {self.n_latents})")
         if self.offsets is not None:
             off = self.offsets
-            if off.dtype != torch.long or off.numel() < 1 or int(off[0]) != 0 or int(off[-1]) != self.nnz or bool((off.diff() < 0).any()):
-                raise KernelInputError("SparseCodes: offsets must be int64, start at 0, never decrease, and end at nnz")
+            if (
+                off.dtype != torch.long
+                or off.numel() < 1
+                or int(off[0]) != 0
+                or int(off[-1]) != self.nnz
+                or bool((off.diff() < 0).any())
+            ):
+                raise KernelInputError(
+                    "SparseCodes: offsets must be int64, start at 0, never decrease, and end at nnz"
+                )
         return self
 
 
@@ -133,9 +154,20 @@ def stack_rows(parts: list[SparseCodes]) -> SparseCodes:
     extra = stack_rows(extras) if extras else None
     n_latents = parts[0].n_latents
     if all(p.is_fixed_k for p in parts) and len({p.indices.shape[1] for p in parts}) == 1:
-        return SparseCodes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]), n_latents, extra=extra)
+        return SparseCodes(
+            torch.cat([p.indices for p in parts]),
+            torch.cat([p.values for p in parts]),
+            n_latents,
+            extra=extra,
+        )
     blocks = [p.to_csr() for p in parts]
     starts = torch.tensor([0] + [b.nnz for b in blocks], device=blocks[0].indices.device).cumsum(0)
     block_offsets = [b.row_offsets() for b in blocks]
     offsets = torch.cat([block_offsets[0][:1]] + [o[1:] + starts[i] for i, o in enumerate(block_offsets)])
-    return SparseCodes(torch.cat([b.indices for b in blocks]), torch.cat([b.values for b in blocks]), n_latents, offsets, extra)
+    return SparseCodes(
+        torch.cat([b.indices for b in blocks]),
+        torch.cat([b.values for b in blocks]),
+        n_latents,
+        offsets,
+        extra,
+    )

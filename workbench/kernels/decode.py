@@ -15,7 +15,8 @@ from workbench.kernels.pattern import pattern_of
 
 
 def decode(
-    codes: SparseCodes, weight: Float[Tensor, "n_latents d_out"],
+    codes: SparseCodes,
+    weight: Float[Tensor, "n_latents d_out"],
     bias: Optional[Float[Tensor, " d_out"]] = None,
 ) -> Float[Tensor, "batch d_out"]:
     """[N, d] reconstruction from codes over the rows of `weight` [m, d]."""
@@ -28,7 +29,9 @@ def decode(
 
 
 def decode_prefixes(
-    codes: SparseCodes, weight: Float[Tensor, "n_latents d_out"], bias: Optional[Float[Tensor, " d_out"]],
+    codes: SparseCodes,
+    weight: Float[Tensor, "n_latents d_out"],
+    bias: Optional[Float[Tensor, " d_out"]],
     prefix_ends: Sequence[int],
 ) -> Float[Tensor, "n_prefixes batch d_out"]:
     """[P, N, d]: the reconstruction from latents [0, e) for each e in prefix_ends (ascending,
@@ -45,7 +48,9 @@ def decode_prefixes(
         boundaries = torch.tensor(ends, device=pattern.indices.device)
         group = torch.searchsorted(boundaries, pattern.indices, right=True)
         grouped, order = pattern.regrouped(group, len(ends))
-        out = PrefixDecode.apply(codes.flat_values()[order], weight, grouped, len(ends), sparse_ops(weight.device))
+        out = PrefixDecode.apply(
+            codes.flat_values()[order], weight, grouped, len(ends), sparse_ops(weight.device)
+        )
     return out + bias if bias is not None else out
 
 
@@ -58,7 +63,9 @@ def _prefix_ends(prefix_ends: Sequence[int], m: int) -> list[int]:
 
 def _check(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor]) -> None:
     if weight.dim() != 2 or codes.n_latents != weight.shape[0]:
-        raise KernelInputError(f"decode: codes over {codes.n_latents} latents need weight [{codes.n_latents}, d], got {tuple(weight.shape)}")
+        raise KernelInputError(
+            f"decode: codes over {codes.n_latents} latents need weight [{codes.n_latents}, d], got {tuple(weight.shape)}"
+        )
     if bias is not None and bias.shape != (weight.shape[1],):
         raise KernelInputError(f"decode: bias must be [{weight.shape[1]}], got {tuple(bias.shape)}")
     if codes.indices.device != weight.device:

@@ -31,7 +31,11 @@ class _Batch:
         self.x, self.weight, self.bias, self.dense = x, weight, bias, dense
 
     def full_rows(self, rows: Tensor) -> Tensor:
-        return self.dense[rows] if self.dense is not None else _dense_preacts(self.x[rows], self.weight, self.bias)
+        return (
+            self.dense[rows]
+            if self.dense is not None
+            else _dense_preacts(self.x[rows], self.weight, self.bias)
+        )
 
     def values_at(self, codes: SparseCodes) -> Tensor:
         if self.dense is not None:
@@ -47,6 +51,7 @@ class _Selection:
     exact pre-activations, or `scores(x_block, out)` when given: a cheaper approximation);
     `finish` turns the blocks' results (in row order) into SparseCodes with exact values,
     asking the `_Batch` for any it needs. `whole_batch` selections see the batch in one block."""
+
     rows: Callable[[Tensor], Any]
     finish: Callable[[list, _Batch], SparseCodes] = lambda parts, batch: stack_rows(parts)
     whole_batch: bool = False
@@ -54,10 +59,16 @@ class _Selection:
 
 
 def encode_topk(
-    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
-    bias: Optional[Float[Tensor, " n_latents"]], k: int, *,
-    aux_k: int = 0, aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
-    shift: Optional[Float[Tensor, " d_in"]] = None, approximate: bool = False, aux_stride: int = 1,
+    x: Float[Tensor, "batch d_in"],
+    weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]],
+    k: int,
+    *,
+    aux_k: int = 0,
+    aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
+    shift: Optional[Float[Tensor, " d_in"]] = None,
+    approximate: bool = False,
+    aux_stride: int = 1,
 ) -> SparseCodes:
     """Per-row top-k. With aux_k and aux_mask (bool [m], e.g. dead latents), `extra` holds each
     row's top-aux_k among the masked latents, from the same pass, with gradients to the encoder;
@@ -74,8 +85,11 @@ def _approximate_top_k(weight: Tensor, bias: Optional[Tensor], k: int) -> _Selec
     select.check_k(k, weight.shape[0])  # candidates are capped at m: k itself must fit
     int8 = approx.Int8Encoder.of(weight.detach())
     candidates = min(weight.shape[0], approx.CANDIDATES_PER_K * k)
-    return _Selection(lambda scores: select.top_k(scores, candidates), lambda parts, batch: _rerank(stack_rows(parts), batch, k),
-                      scores=lambda x_block, out: int8.scores(x_block, None if bias is None else bias.detach(), out))
+    return _Selection(
+        lambda scores: select.top_k(scores, candidates),
+        lambda parts, batch: _rerank(stack_rows(parts), batch, k),
+        scores=lambda x_block, out: int8.scores(x_block, None if bias is None else bias.detach(), out),
+    )
 
 
 def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
@@ -97,28 +111,47 @@ def _rerank(listed: SparseCodes, batch: _Batch, k: int) -> SparseCodes:
 
 
 def encode_batch_topk(
-    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
-    bias: Optional[Float[Tensor, " n_latents"]], k: int, *,
-    aux_k: int = 0, aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
-    shift: Optional[Float[Tensor, " d_in"]] = None, aux_stride: int = 1,
+    x: Float[Tensor, "batch d_in"],
+    weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]],
+    k: int,
+    *,
+    aux_k: int = 0,
+    aux_mask: Optional[Bool[Tensor, " n_latents"]] = None,
+    shift: Optional[Float[Tensor, " d_in"]] = None,
+    aux_stride: int = 1,
 ) -> SparseCodes:
     """The N * k largest pre-activations of the batch (k per row on average), as CSR; AuxK's
     selection in `extra` as for `encode_topk`. Each pass keeps its rows' candidates; the cut
     over the batch comes after the last pass."""
+
     def finish(parts, batch):
         values, indices = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         return select.batch_top_k_of(values, indices, k, weight.shape[0], batch.full_rows)
 
-    return _encode(x, weight, bias, _with_aux(_Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask, aux_stride), shift)
+    return _encode(
+        x,
+        weight,
+        bias,
+        _with_aux(
+            _Selection(lambda pre: select.batch_candidates(pre, k), finish), aux_k, aux_mask, aux_stride
+        ),
+        shift,
+    )
 
 
 def encode_feature_choice(
-    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
-    bias: Optional[Float[Tensor, " n_latents"]], per_latent: int, *,
+    x: Float[Tensor, "batch d_in"],
+    weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]],
+    per_latent: int,
+    *,
     shift: Optional[Float[Tensor, " d_in"]] = None,
 ) -> SparseCodes:
     """Each latent's `per_latent` largest pre-activations over the batch (Feature Choice), as CSR."""
-    return _encode(x, weight, bias, _Selection(lambda pre: select.column_top_k(pre, per_latent), whole_batch=True), shift)
+    return _encode(
+        x, weight, bias, _Selection(lambda pre: select.column_top_k(pre, per_latent), whole_batch=True), shift
+    )
 
 
 def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor], stride: int = 1) -> _Selection:
@@ -135,31 +168,49 @@ def _with_aux(selection: _Selection, aux_k: int, aux_mask: Optional[Tensor], str
 
     def finish(parts: list, batch: _Batch) -> SparseCodes:
         extra = stack_rows([p[1] for p in parts])
-        return replace(selection.finish([p[0] for p in parts], batch), extra=_rerank(extra, batch, aux_k) if approximate else extra)
+        return replace(
+            selection.finish([p[0] for p in parts], batch),
+            extra=_rerank(extra, batch, aux_k) if approximate else extra,
+        )
 
-    return _Selection(lambda pre: (selection.rows(pre), aux_rows(pre)), finish,
-                      selection.whole_batch, selection.scores)
+    return _Selection(
+        lambda pre: (selection.rows(pre), aux_rows(pre)), finish, selection.whole_batch, selection.scores
+    )
 
 
 def encode_threshold(
-    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
-    bias: Optional[Float[Tensor, " n_latents"]], threshold: Float[Tensor, " n_latents"], *,
-    window: float = 0.0, shift: Optional[Float[Tensor, " d_in"]] = None,
+    x: Float[Tensor, "batch d_in"],
+    weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]],
+    threshold: Float[Tensor, " n_latents"],
+    *,
+    window: float = 0.0,
+    shift: Optional[Float[Tensor, " d_in"]] = None,
 ) -> SparseCodes:
     """Entries above a per-latent threshold (JumpReLU, Gated), as CSR; with window > 0, `extra`
     holds the near-threshold entries the JumpReLU threshold gradient needs."""
-    return _encode(x, weight, bias, _Selection(lambda pre: select.above_threshold(pre, threshold.detach(), window=window)), shift)
+    return _encode(
+        x,
+        weight,
+        bias,
+        _Selection(lambda pre: select.above_threshold(pre, threshold.detach(), window=window)),
+        shift,
+    )
 
 
 def encode_at(
-    x: Float[Tensor, "batch d_in"], weight: Float[Tensor, "n_latents d_in"],
-    bias: Optional[Float[Tensor, " n_latents"]], codes: SparseCodes,
+    x: Float[Tensor, "batch d_in"],
+    weight: Float[Tensor, "n_latents d_in"],
+    bias: Optional[Float[Tensor, " n_latents"]],
+    codes: SparseCodes,
 ) -> SparseCodes:
     """Pre-activations at a given pattern (any index set), without a dense pass."""
     _check(x, weight, bias)
     codes.check()
     if codes.n_rows != x.shape[0] or codes.n_latents != weight.shape[0]:
-        raise KernelInputError(f"encode_at: codes are {codes.n_rows} x {codes.n_latents}, inputs need {x.shape[0]} x {weight.shape[0]}")
+        raise KernelInputError(
+            f"encode_at: codes are {codes.n_rows} x {codes.n_latents}, inputs need {x.shape[0]} x {weight.shape[0]}"
+        )
     if is_eager():
         return _gathered(codes, _dense_preacts(x, weight, bias))
     pattern = pattern_of(codes)
@@ -173,7 +224,9 @@ def encode_at(
 ROWS_PER_PASS = 2048
 
 
-def _encode(x: Tensor, weight: Tensor, bias: Optional[Tensor], selection: _Selection, shift: Optional[Tensor] = None) -> SparseCodes:
+def _encode(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], selection: _Selection, shift: Optional[Tensor] = None
+) -> SparseCodes:
     """Encode x - shift (shift: b_dec, or None). The fused path gives `shift` its gradient from
     the per-latent gradient sums (-g @ W, O(m d)) instead of a decode back to every row (O(N k d))."""
     _check(x, weight, bias)
@@ -182,7 +235,11 @@ def _encode(x: Tensor, weight: Tensor, bias: Optional[Tensor], selection: _Selec
     if is_eager():
         pre = _dense_preacts(x if shift is None else x - shift, weight, bias)
         dense = pre.detach()
-        scores = dense if selection.scores is None else selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
+        scores = (
+            dense
+            if selection.scores is None
+            else selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
+        )
         return _gathered(selection.finish([selection.rows(scores)], _Batch(x, weight, bias, dense)), pre)
     centred = (x if shift is None else x - shift.detach()).contiguous()
     with torch.no_grad():
@@ -190,8 +247,12 @@ def _encode(x: Tensor, weight: Tensor, bias: Optional[Tensor], selection: _Selec
         buffer = _workspace(min(n, step), weight.shape[0], x)
         parts = []
         for start in range(0, n, step):
-            block, out = centred[start:start + step], buffer[:min(step, n - start)]
-            scores = _dense_preacts(block, weight, bias, out=out) if selection.scores is None else selection.scores(block, out)
+            block, out = centred[start : start + step], buffer[: min(step, n - start)]
+            scores = (
+                _dense_preacts(block, weight, bias, out=out)
+                if selection.scores is None
+                else selection.scores(block, out)
+            )
             parts.append(selection.rows(scores))
         chosen = selection.finish(parts, _Batch(centred, weight, bias))
     return _differentiable(chosen, centred, weight, bias, shift)
@@ -217,15 +278,25 @@ def _workspace(n: int, m: int, like: Tensor) -> Tensor:
     for). A fresh 134 MB tensor per pass costs ~12 ms of page faults on the CPU; selections copy
     what they keep out of it."""
     buf = _WORKSPACE.get("pre")
-    if buf is None or buf.shape[0] < n or buf.shape[1] != m or buf.dtype != like.dtype or buf.device != like.device:
+    if (
+        buf is None
+        or buf.shape[0] < n
+        or buf.shape[1] != m
+        or buf.dtype != like.dtype
+        or buf.device != like.device
+    ):
         _WORKSPACE.pop("pre", None)
         buf = _WORKSPACE["pre"] = torch.empty(n, m, dtype=like.dtype, device=like.device)
     return buf[:n]
 
 
-def _differentiable(codes: SparseCodes, x: Tensor, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor] = None) -> SparseCodes:
+def _differentiable(
+    codes: SparseCodes, x: Tensor, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor] = None
+) -> SparseCodes:
     ops = sparse_ops(x.device)
-    values = PreactsAt.apply(x, weight, bias, shift, codes.values, pattern_of(codes), ops).view_as(codes.indices)
+    values = PreactsAt.apply(x, weight, bias, shift, codes.values, pattern_of(codes), ops).view_as(
+        codes.indices
+    )
     extra = _differentiable(codes.extra, x, weight, bias, shift) if codes.extra is not None else None
     return SparseCodes(codes.indices, values, codes.n_latents, codes.offsets, extra, codes.cache)
 
@@ -246,10 +317,14 @@ def _gathered(codes: SparseCodes, pre: Tensor) -> SparseCodes:
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise KernelInputError(f"encode: x must be [N, d] and weight [m, d], got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise KernelInputError(
+            f"encode: x must be [N, d] and weight [m, d], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise KernelInputError(f"encode: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if not (x.is_floating_point() and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)):
-        raise KernelInputError(f"encode: x, weight and bias need one floating dtype, got {x.dtype}, {weight.dtype}")
+        raise KernelInputError(
+            f"encode: x, weight and bias need one floating dtype, got {x.dtype}, {weight.dtype}"
+        )
     if x.device != weight.device:
         raise KernelInputError(f"encode: x is on {x.device} but weight on {weight.device}")

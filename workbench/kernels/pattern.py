@@ -48,7 +48,9 @@ class Pattern:
         """A pattern over n_groups * N rows (row g * N + n), and the entry order that builds it."""
         new_rows = group_of_entry * self.n_rows + self.row_ids()
         order = torch.sort(new_rows, stable=True).indices
-        return Pattern(self.indices[order], csr_offsets(new_rows, n_groups * self.n_rows), self.n_latents), order
+        return Pattern(
+            self.indices[order], csr_offsets(new_rows, n_groups * self.n_rows), self.n_latents
+        ), order
 
 
 def pattern_of(codes: SparseCodes) -> Pattern:

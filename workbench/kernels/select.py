@@ -31,7 +31,7 @@ def _ties_to_take(greater: Tensor, ties: Tensor, wanted: int) -> Tensor:
     positions) are chosen the same way with any number of ranks and on every run."""
     counts = gather_rows(torch.stack([greater, ties])[None])  # [ranks, 2, groups]
     need = wanted - counts[:, 0].sum(dim=0)
-    before = counts[:rank_index(), 1].sum(dim=0)
+    before = counts[: rank_index(), 1].sum(dim=0)
     return (need - before).clamp_min(0).minimum(ties)
 
 
@@ -44,7 +44,9 @@ def masked_top_k(pre: Tensor, k: int, mask: Tensor) -> SparseCodes:
     """Per-row top-k among the latents where `mask` [m] is true (AuxK's dead latents), as CSR:
     k is capped at the number of such latents, and rows with none are empty."""
     if mask.shape != (pre.shape[1],) or mask.dtype != torch.bool:
-        raise KernelInputError(f"masked top-k: mask must be bool [{pre.shape[1]}], got {mask.dtype} {tuple(mask.shape)}")
+        raise KernelInputError(
+            f"masked top-k: mask must be bool [{pre.shape[1]}], got {mask.dtype} {tuple(mask.shape)}"
+        )
     allowed = mask.nonzero().squeeze(1)
     k = min(k, allowed.numel())
     n = pre.shape[0]
@@ -80,7 +82,9 @@ def batch_candidates(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return pre.topk(min(m, 2 * k), dim=1, sorted=False)
 
 
-def batch_top_k_of(values: Tensor, indices: Tensor, k: int, m: int, full_rows: Callable[[Tensor], Tensor]) -> SparseCodes:
+def batch_top_k_of(
+    values: Tensor, indices: Tensor, k: int, m: int, full_rows: Callable[[Tensor], Tensor]
+) -> SparseCodes:
     """The N * k largest entries of the batch from each row's candidates [N, c], as CSR.
 
     Exact without sorting all N * m entries: the answer is the candidates' top N*k unless a row
@@ -93,11 +97,19 @@ def batch_top_k_of(values: Tensor, indices: Tensor, k: int, m: int, full_rows: C
     largest of all ranks' candidates (all ranks hold equally many rows)."""
     n, c = values.shape
     total = n * k * world_size()
-    flat_values, flat_indices, offsets = values.reshape(-1), indices.reshape(-1), torch.arange(n + 1, device=values.device) * c
+    flat_values, flat_indices, offsets = (
+        values.reshape(-1),
+        indices.reshape(-1),
+        torch.arange(n + 1, device=values.device) * c,
+    )
     cut = _kth_largest(flat_values, total)
-    saturated = (values >= cut).all(dim=1) if c < m else torch.zeros(n, dtype=torch.bool, device=values.device)
+    saturated = (
+        (values >= cut).all(dim=1) if c < m else torch.zeros(n, dtype=torch.bool, device=values.device)
+    )
     if bool(all_reduce_sum(saturated.any().reshape(1).long()).item()):  # every rank takes the second round
-        flat_values, flat_indices, offsets = _with_full_rows(values, indices, saturated, full_rows(saturated.nonzero().squeeze(1)))
+        flat_values, flat_indices, offsets = _with_full_rows(
+            values, indices, saturated, full_rows(saturated.nonzero().squeeze(1))
+        )
         cut = _kth_largest(flat_values, total)
     above, tied = flat_values > cut, flat_values == cut
     take = _ties_to_take(above.sum().reshape(1), tied.sum().reshape(1), total)
@@ -115,7 +127,9 @@ def _kth_largest(values: Tensor, k: int) -> Tensor:
     return everyone.kthvalue(everyone.numel() - k + 1).values
 
 
-def _with_full_rows(values: Tensor, indices: Tensor, saturated: Tensor, full: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _with_full_rows(
+    values: Tensor, indices: Tensor, saturated: Tensor, full: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Candidates as CSR (flat values, latents, offsets): the saturated rows' lists replaced by
     all m entries of their rows (`full`, [r, m]), rows kept in order."""
     n, c = values.shape
@@ -128,7 +142,10 @@ def _with_full_rows(values: Tensor, indices: Tensor, saturated: Tensor, full: Te
     at = offsets[kept][:, None] + torch.arange(c, device=values.device)
     flat_values[at], flat_indices[at] = values[kept], indices[kept]
     at = offsets[saturated.nonzero().squeeze(1)][:, None] + torch.arange(m, device=values.device)
-    flat_values[at], flat_indices[at] = full.to(values.dtype), torch.arange(m, device=values.device).expand_as(at)
+    flat_values[at], flat_indices[at] = (
+        full.to(values.dtype),
+        torch.arange(m, device=values.device).expand_as(at),
+    )
     return flat_values, flat_indices, offsets
 
 
@@ -142,7 +159,9 @@ def column_top_k(pre: Tensor, per_column: int) -> SparseCodes:
     n, m = pre.shape
     world = world_size()
     if not 0 < per_column <= n * world:
-        raise KernelInputError(f"column top-k: per-latent count must be in [1, {n * world}], got {per_column}")
+        raise KernelInputError(
+            f"column top-k: per-latent count must be in [1, {n * world}], got {per_column}"
+        )
     values, rows = pre.topk(min(per_column, n), dim=0, sorted=False)  # [per_column, m]
     cut = gather_rows(values).topk(per_column, dim=0).values[-1]  # [m]
     ties = (pre == cut).sum(dim=0)  # every tie, listed or not (topk picks among ties arbitrarily)

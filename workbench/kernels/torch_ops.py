@@ -24,9 +24,16 @@ def decode(pattern: Pattern, values: Tensor, weight: Tensor) -> Tensor:
     values = values.to(weight.dtype)
     if pattern.fixed_k is not None:
         k = pattern.fixed_k
-        return F.embedding_bag(pattern.indices.view(-1, k), weight, per_sample_weights=values.view(-1, k), mode="sum")
+        return F.embedding_bag(
+            pattern.indices.view(-1, k), weight, per_sample_weights=values.view(-1, k), mode="sum"
+        )
     return F.embedding_bag(
-        pattern.indices, weight, pattern.offsets, mode="sum", per_sample_weights=values, include_last_offset=True
+        pattern.indices,
+        weight,
+        pattern.offsets,
+        mode="sum",
+        per_sample_weights=values,
+        include_last_offset=True,
     )
 
 
@@ -39,7 +46,9 @@ def gather_dot(pattern: Pattern, dense: Tensor, weight: Tensor) -> Tensor:
     shape = (pattern.n_rows, pattern.n_latents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        mask = torch.sparse_csr_tensor(pattern.offsets, pattern.indices, dense.new_zeros(pattern.nnz), shape, check_invariants=False)
+        mask = torch.sparse_csr_tensor(
+            pattern.offsets, pattern.indices, dense.new_zeros(pattern.nnz), shape, check_invariants=False
+        )
         return torch.sparse.sampled_addmm(mask, dense, weight.t(), beta=0.0).values()
 
 
@@ -52,5 +61,10 @@ def scatter_rows(pattern: Pattern, weights: Tensor, dense: Tensor) -> Tensor:
     order, latent_offsets = pattern.by_latent()
     rows = pattern.row_ids()[order]
     return F.embedding_bag(
-        rows, dense, latent_offsets, mode="sum", per_sample_weights=weights[order].to(dense.dtype), include_last_offset=True
+        rows,
+        dense,
+        latent_offsets,
+        mode="sum",
+        per_sample_weights=weights[order].to(dense.dtype),
+        include_last_offset=True,
     )

@@ -21,8 +21,18 @@ BLOCK_E = 32
 
 
 @triton.jit
-def _segment_rowsum(index_ptr, weight_ptr, offsets_ptr, table_ptr, out_ptr, d, table_stride, out_stride,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _segment_rowsum(
+    index_ptr,
+    weight_ptr,
+    offsets_ptr,
+    table_ptr,
+    out_ptr,
+    d,
+    table_stride,
+    out_stride,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     segment = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_range = cols < d
@@ -37,8 +47,20 @@ def _segment_rowsum(index_ptr, weight_ptr, offsets_ptr, table_ptr, out_ptr, d, t
 
 
 @triton.jit
-def _gather_dot(rows_ptr, index_ptr, dense_ptr, table_ptr, out_ptr, nnz, d, dense_stride, table_stride,
-                ACC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_dot(
+    rows_ptr,
+    index_ptr,
+    dense_ptr,
+    table_ptr,
+    out_ptr,
+    nnz,
+    d,
+    dense_stride,
+    table_stride,
+    ACC: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     live = entries < nnz
     rows = tl.load(rows_ptr + entries, mask=live, other=0)
@@ -65,9 +87,18 @@ def _rowsum(index: Tensor, weights: Tensor, offsets: Tensor, table: Tensor) -> T
         return out
     grid = (segments, triton.cdiv(d, BLOCK_D))
     # Triton's JIT takes plain values for tl.constexpr parameters; pyright reads the annotation.
-    _segment_rowsum[grid](index.contiguous(), weights.contiguous(), offsets.contiguous(), table, out, d,
-                          table.stride(0), out.stride(0),
-                          ACC=_acc(table.dtype), BLOCK=BLOCK_D)  # pyright: ignore[reportArgumentType]
+    _segment_rowsum[grid](
+        index.contiguous(),
+        weights.contiguous(),
+        offsets.contiguous(),
+        table,
+        out,
+        d,
+        table.stride(0),
+        out.stride(0),
+        ACC=_acc(table.dtype),
+        BLOCK=BLOCK_D,
+    )  # pyright: ignore[reportArgumentType]
     return out
 
 
@@ -88,7 +119,18 @@ def gather_dot(pattern: Pattern, dense: Tensor, weight: Tensor) -> Tensor:
     grid = (triton.cdiv(pattern.nnz, BLOCK_E),)
     acc = _acc(dense.dtype)
     # Triton's JIT takes plain values for tl.constexpr parameters; pyright reads the annotation.
-    _gather_dot[grid](pattern.row_ids(), pattern.indices, dense, weight, out, pattern.nnz, dense.shape[1],
-                      dense.stride(0), weight.stride(0),
-                      ACC=acc, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)  # pyright: ignore[reportArgumentType]
+    _gather_dot[grid](
+        pattern.row_ids(),
+        pattern.indices,
+        dense,
+        weight,
+        out,
+        pattern.nnz,
+        dense.shape[1],
+        dense.stride(0),
+        weight.stride(0),
+        ACC=acc,
+        BLOCK_E=BLOCK_E,
+        BLOCK_D=BLOCK_D,
+    )  # pyright: ignore[reportArgumentType]
     return out

@@ -44,7 +44,9 @@ except (CircuitError, ValueError) as exc:
 if circuit.metrics:
     st.json(circuit.metrics, expanded=False)
 only = st.toggle("Only nodes and edges in the circuit", value=True, key="only_circuit")
-event = st.plotly_chart(circuit_figure(circuit, only), on_select="rerun", selection_mode="points", key="circuit_graph")
+event = st.plotly_chart(
+    circuit_figure(circuit, only), on_select="rerun", selection_mode="points", key="circuit_graph"
+)
 points = event.selection.points if event is not None and event.selection else []
 target = clicked_feature(circuit, points)
 if target is not None:

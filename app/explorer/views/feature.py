@@ -12,9 +12,18 @@ if store is None:
 
 if "feature_id" not in st.session_state:
     from_url = st.query_params.get("feature", "")
-    st.session_state["feature_id"] = int(from_url) if from_url.isdigit() else int(store.features(limit=1).feature[0])
-feature = int(st.number_input("Feature", min_value=0, max_value=store.n_latents - 1, step=1,
-                              value=min(int(st.session_state["feature_id"]), store.n_latents - 1)))
+    st.session_state["feature_id"] = (
+        int(from_url) if from_url.isdigit() else int(store.features(limit=1).feature[0])
+    )
+feature = int(
+    st.number_input(
+        "Feature",
+        min_value=0,
+        max_value=store.n_latents - 1,
+        step=1,
+        value=min(int(st.session_state["feature_id"]), store.n_latents - 1),
+    )
+)
 st.session_state["feature_id"] = feature
 st.query_params["feature"] = str(feature)
 try:
@@ -39,16 +48,31 @@ with left:
     if not page.top:
         st.write("This feature never fired on the analyzed tokens.")
     for example in page.top:
-        st.html(highlight_html(store.token_texts(example.tokens), example.activations, page.max_activation,
-                               peak=example.position - example.start))
+        st.html(
+            highlight_html(
+                store.token_texts(example.tokens),
+                example.activations,
+                page.max_activation,
+                peak=example.position - example.start,
+            )
+        )
     st.subheader("Quantile groups")
     for group in sorted({e.bin for e in page.quantiles}, reverse=True):
         members = [e for e in page.quantiles if e.bin == group]
         low, high = min(e.activation for e in members), max(e.activation for e in members)
-        with st.expander(f"group {group + 1}: activations {low:.3g} – {high:.3g}", expanded=group == max(e.bin for e in page.quantiles)):
+        with st.expander(
+            f"group {group + 1}: activations {low:.3g} – {high:.3g}",
+            expanded=group == max(e.bin for e in page.quantiles),
+        ):
             for example in members:
-                st.html(highlight_html(store.token_texts(example.tokens), example.activations, page.max_activation,
-                                       peak=example.position - example.start))
+                st.html(
+                    highlight_html(
+                        store.token_texts(example.tokens),
+                        example.activations,
+                        page.max_activation,
+                        peak=example.position - example.start,
+                    )
+                )
 with right:
     logits = page.logits
     if logits.empty:
@@ -56,11 +80,18 @@ with right:
     for side, title in (("top", "Top logit effects"), ("bottom", "Bottom logit effects")):
         part = logits[logits.side == side]
         if not part.empty:
-            st.plotly_chart(logit_figure(part.text.tolist(), part.token.tolist(), part.effect.tolist(), title), key=f"logits_{side}")
+            st.plotly_chart(
+                logit_figure(part.text.tolist(), part.token.tolist(), part.effect.tolist(), title),
+                key=f"logits_{side}",
+            )
     st.subheader("Decoder neighbours")
     for row in page.neighbours.itertuples():
-        st.button(f"feature {row.other} · cosine {row.cosine:.3f}", key=f"neighbour_{row.other}",
-                  on_click=show_feature, args=(row.other,))
+        st.button(
+            f"feature {row.other} · cosine {row.cosine:.3f}",
+            key=f"neighbour_{row.other}",
+            on_click=show_feature,
+            args=(row.other,),
+        )
     st.subheader("Correlated neurons")
     st.dataframe(page.neurons, hide_index=True)
     st.subheader("Co-occurring features")
@@ -73,4 +104,6 @@ if st.button("Run", key="live_run") and text.strip():
         tokens, acts = live_activations(store, text)
         column = acts[:, feature]
         st.html(highlight_html(tokens, column, max(page.max_activation, float(column.max()))))
-        st.caption(f"max activation on your text: {column.max():.3g} (fired on {(column > 0).sum()} of {len(tokens)} tokens)")
+        st.caption(
+            f"max activation on your text: {column.max():.3g} (fired on {(column > 0).sum()} of {len(tokens)} tokens)"
+        )

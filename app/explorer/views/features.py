@@ -28,10 +28,14 @@ with by_text:
             peak = acts.max(axis=0)
             ranked = np.argsort(-peak)[:20]
             ranked = ranked[peak[ranked] > 0]
-            st.session_state["text_hits"] = pd.DataFrame({
-                "feature": ranked, "max_activation": peak[ranked],
-                "on_token": [tokens[int(acts[:, f].argmax())] for f in ranked],
-                "tokens_fired": (acts[:, ranked] > 0).sum(axis=0)})
+            st.session_state["text_hits"] = pd.DataFrame(
+                {
+                    "feature": ranked,
+                    "max_activation": peak[ranked],
+                    "on_token": [tokens[int(acts[:, f].argmax())] for f in ranked],
+                    "tokens_fired": (acts[:, ranked] > 0).sum(axis=0),
+                }
+            )
     if "text_hits" in st.session_state:
         st.dataframe(st.session_state["text_hits"], hide_index=True, key="text_hits_table")
 
@@ -40,13 +44,23 @@ left, middle, right = st.columns(3)
 order = left.selectbox("Sort by", ["density", "max_activation", "mean_activation", "feature"], key="order_by")
 descending = middle.toggle("Descending", value=True, key="descending")
 low, high = right.slider("log10 density", -8.0, 0.0, (-8.0, 0.0), step=0.5, key="density_range")
-table = store.features(order, descending, min_density=10 ** low if low > -8 else 0.0, max_density=10 ** high,
-                       limit=5000)
-event = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="feature_table",
-                     width="stretch", height=360)
+table = store.features(
+    order, descending, min_density=10**low if low > -8 else 0.0, max_density=10**high, limit=5000
+)
+event = st.dataframe(
+    table,
+    hide_index=True,
+    on_select="rerun",
+    selection_mode="single-row",
+    key="feature_table",
+    width="stretch",
+    height=360,
+)
 chosen = event.selection.rows if event is not None else []
 pick, go = st.columns([3, 1])
-number = pick.number_input("Open feature", min_value=0, max_value=store.n_latents - 1, step=1, key="open_number")
+number = pick.number_input(
+    "Open feature", min_value=0, max_value=store.n_latents - 1, step=1, key="open_number"
+)
 if chosen:
     go_to_feature(int(table.iloc[chosen[0]].feature))
 if go.button("Open", key="open_feature"):

@@ -11,9 +11,13 @@ st.title("Steering")
 if not live_or_warn(store, "Steering"):
     st.stop()
 
-features = st.multiselect("Features", list(range(store.n_latents)), default=st.session_state.get("steer_features", []))
+features = st.multiselect(
+    "Features", list(range(store.n_latents)), default=st.session_state.get("steer_features", [])
+)
 st.session_state["steer_features"] = features
-strengths = {f: st.number_input(f"strength of feature {f}", value=8.0, step=1.0, key=f"strength_{f}") for f in features}
+strengths = {
+    f: st.number_input(f"strength of feature {f}", value=8.0, step=1.0, key=f"strength_{f}") for f in features
+}
 prompt = st.text_input("Prompt", value="ROMEO:", key="steer_prompt")
 left, middle, right = st.columns(3)
 tokens = left.slider("New tokens", 5, 100, 30, key="steer_tokens")
@@ -25,7 +29,9 @@ if st.button("Generate", key="steer_generate", disabled=not features):
     model = live_model(store.meta["model"])
     dictionary = live_dictionary(store.meta["dictionary_path"])
     edits = [add(dictionary, f, s) for f, s in strengths.items()]
-    baseline, steered = generate_pair(model, edits, prompt, max_new_tokens=tokens, seed=int(seed), do_sample=sample)
+    baseline, steered = generate_pair(
+        model, edits, prompt, max_new_tokens=tokens, seed=int(seed), do_sample=sample
+    )
     st.session_state["steer_result"] = (baseline, steered, ", ".join(e.label for e in edits))
 if "steer_result" in st.session_state:
     baseline, steered, label = st.session_state["steer_result"]
