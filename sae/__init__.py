@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from sae.io import load, save
     from sae.splicing import splice
     from sae.steering import ablate, add, add_direction, clamp, code_off, code_on, steer
-    from sae.train import train
     from sae.train_config import TrainConfig
+    from sae.training import train
 
 _EXPORTS = {
     "load": "sae.io",
@@ -27,7 +27,7 @@ _EXPORTS = {
     "create": "sae.base",
     "DictionaryConfig": "sae.config",
     "TrainConfig": "sae.train_config",
-    "train": "sae.train",
+    "train": "sae.training",
     "evaluate": "sae.evals",
     "splice": "sae.splicing",
     "steer": "sae.steering",

@@ -27,8 +27,8 @@ import torch
 from sae import io
 from sae.bench_config import SaeBenchConfig
 from sae.synthetic import PlantedConfig, PlantedFeatures, absorption, feature_recovery, matching
-from sae.train import train
 from sae.train_config import TrainConfig
+from sae.training import train
 from workbench.seeding import generator
 
 SCENARIOS = {  # the names are listed in sae.bench_config.SCENARIO_NAMES

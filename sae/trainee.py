@@ -1,6 +1,6 @@
 """One dictionary in training: its optimizer, dead-latent counters and step.
 
-Several trainees share one stream of batches (`sae.train`). Everything that changes during
+Several trainees share one stream of batches (`sae.training`). Everything that changes during
 training (weights, buffers, Adam moments, counters) round-trips through `state_tensors` /
 `load_state_tensors`, so a resumed run continues bit for bit. Under torchrun each rank steps on
 its share of the batch: gradients are averaged and firing counts summed over the ranks before

@@ -10,8 +10,8 @@ from sae import io
 from sae.base import StepContext, create
 from sae.config import DictionaryConfig
 from sae.dictionaries.codebook import DEAD_CODE_STEPS
-from sae.train import train
 from sae.train_config import TrainConfig
+from sae.training import train
 
 
 class Clusters:

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from sae import io
 from sae.config import DictionaryConfig
 from sae.synthetic import PlantedConfig, PlantedFeatures, feature_recovery
-from sae.train import train
 from sae.train_config import RENAMED_IN_3, TrainConfig, auto_batch_size, lr_at
 from sae.trainee import TrainingDivergedError
+from sae.training import train
 from workbench.errors import ConfigError, WorkbenchError
 from workbench.logs import read_jsonl
 

@@ -68,17 +68,8 @@ def test_lazy_sae_exports_are_the_names_type_checkers_see():
 
 
 # The import system binds a loaded submodule sae.X to the attribute X of `sae`: an export named
-# like its own module is the module, not the function, once anything has imported that module.
-SHADOWED = pytest.mark.xfail(
-    strict=True,
-    reason="sae.train is the module sae/train.py once it is loaded; "
-    "renaming that module (as sae.splicing/sae.steering were) fixes it",
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=SHADOWED) if n == "train" else n for n in _sae_exports()]
-)
+# like its own module would become the module once anything imported that module (sae.train was).
+@pytest.mark.parametrize("name", _sae_exports())
 def test_lazy_sae_export_is_still_the_export_after_its_module_loads(name):
     import sae
 

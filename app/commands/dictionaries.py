@@ -14,14 +14,14 @@ from workbench.errors import WorkbenchError
 
 
 def cmd_train(args) -> None:
-    from sae.train import train
     from sae.train_config import TrainConfig
+    from sae.training import train
     from workbench.distributed import ranks
     from workbench.files import read_json
 
     config = config_from_args(TrainConfig, args)
     if wants_torchrun(args):
-        from sae.train import check_data_parallel
+        from sae.training import check_data_parallel
         from workbench.distributed import Ranks
 
         check_data_parallel(
@@ -148,8 +148,8 @@ def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):
 def _dictionary_folders(run: Path | None) -> list[Path]:
     """RUN itself if it holds a dictionary, else the dictionaries directly inside it."""
     from sae.io import CONFIG, is_dictionary_folder
-    from sae.train import default_output_dir
     from sae.train_config import TrainConfig
+    from sae.training import default_output_dir
 
     if run is None:  # the default `workbench train` run: on the default cache's first hook
         from workbench.activations import CacheConfig

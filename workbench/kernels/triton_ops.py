@@ -96,9 +96,9 @@ def _rowsum(index: Tensor, weights: Tensor, offsets: Tensor, table: Tensor) -> T
         d,
         table.stride(0),
         out.stride(0),
-        ACC=_acc(table.dtype),
-        BLOCK=BLOCK_D,
-    )  # pyright: ignore[reportArgumentType]
+        ACC=_acc(table.dtype),  # pyright: ignore[reportArgumentType]
+        BLOCK=BLOCK_D,  # pyright: ignore[reportArgumentType]
+    )
     return out
 
 
@@ -129,8 +129,8 @@ def gather_dot(pattern: Pattern, dense: Tensor, weight: Tensor) -> Tensor:
         dense.shape[1],
         dense.stride(0),
         weight.stride(0),
-        ACC=acc,
-        BLOCK_E=BLOCK_E,
-        BLOCK_D=BLOCK_D,
-    )  # pyright: ignore[reportArgumentType]
+        ACC=acc,  # pyright: ignore[reportArgumentType]
+        BLOCK_E=BLOCK_E,  # pyright: ignore[reportArgumentType]
+        BLOCK_D=BLOCK_D,  # pyright: ignore[reportArgumentType]
+    )
     return out

@@ -1,0 +1,355 @@
+"""One training loop for a grid of dictionaries, all fed by one read of the activation cache.
+
+Each batch is scaled so that E|x| = sqrt(d) (the factor is measured once on a sample and
+folded into the saved weights), then every dictionary of the grid takes an Adam step on it.
+The data order depends only on (seed, epoch): a checkpoint records (epoch, batch) and a resumed
+run replays the epoch up to there, so a killed run resumed with the same command ends with the
+same weights, bit for bit on the CPU, as one never interrupted. Metrics go to each
+dictionary's `log.jsonl` (and to W&B with --wandb); the progress bar shows FVU / L0 / dead %.
+
+Under torchrun every rank reads the same batches and trains on its contiguous share of each;
+gradients are averaged and firing counts summed across ranks (`sae.trainee`), so the weights
+stay identical on every rank and equal, to float rounding, single-process training on the same
+global batch. Rank 0 alone writes the folder, the checkpoints, the logs and the final weights;
+a checkpoint holds the global position, so a run resumes with any number of ranks.
+JumpReLU's L0 controller reads the rank-mean L0 and MSE; BatchTopK's and Feature Choice's
+selections and thresholds are global (`workbench.kernels.select`); resampling and codebooks'
+dead-code replacement count firings over every rank and draw from the whole (gathered) batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from sae import io
+from sae.base import create
+from sae.calibrate import inference_l0
+from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sae.sources import BatchSource, draw, input_scale, open_cache_source
+from sae.train_config import TrainConfig, auto_batch_size, lr_at
+from sae.trainee import Trainee
+from workbench import seeding
+from workbench.distributed import Ranks, alone, barrier, ranks
+from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
+from workbench.files import write_bytes_atomic, write_json_atomic
+from workbench.logs import JsonlLogger, read_jsonl
+from workbench.paths import DEFAULT_RUNS_DIR
+
+RUN_CONFIG = "train-config.json"
+INIT_SAMPLE_ROWS = 16_384
+CALIBRATION_ROWS = 16_384
+
+
+@dataclass
+class Plan:
+    config: TrainConfig
+    source: BatchSource
+    out: Path
+    batch_size: int
+    """--batch-size, or the auto size for the token budget."""
+    total_steps: int
+    dead_after_tokens: int
+    checkpoint_every: int
+    warmup_steps: int
+
+
+def train(
+    config: TrainConfig,
+    *,
+    source: Optional[BatchSource] = None,
+    progress: bool = True,
+    stop_after_step: Optional[int] = None,
+) -> list[Path]:
+    """Train (or resume, or find finished) every dictionary of `config`; return their folders.
+
+    `stop_after_step` ends the run after that step without saving anything beyond the last
+    checkpoint, as a kill would (used to test resumption)."""
+    source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
+    where = ranks()
+    plan = _plan(config, source, where.world)
+    check_data_parallel(plan.batch_size, where)
+    folders = [plan.out / name for name in _names(config)]
+    if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
+        return folders
+    if where.is_main:
+        _claim_folder(plan)
+    barrier()
+    trainees = _build_trainees(plan)
+    state = load_checkpoint(plan.out, trainees)
+    if state is None:
+        state = _initialize(plan, trainees)
+    elif state.batch_size and state.batch_size != plan.batch_size:  # auto size under another rank count
+        raise ConfigError(
+            f"{plan.out} was checkpointed at batch {state.batch_size}, this run would use {plan.batch_size}; "
+            f"resume with --batch-size {state.batch_size}"
+        )
+    loggers = _open_logs(plan, trainees, state.step) if where.is_main else {}
+    try:
+        finished = _loop(plan, trainees, state, loggers, progress and where.is_main, stop_after_step, where)
+    finally:
+        for logger in loggers.values():
+            logger.close()
+    if not finished:
+        return []
+    saved = [_save_final(plan, t, state) for t in trainees] if where.is_main else folders
+    barrier()  # every rank returns once the weights are on disk
+    return saved
+
+
+def check_data_parallel(batch_size: int, where: Ranks) -> None:
+    if where.world == 1:
+        return
+    if batch_size % where.world:
+        raise ConfigError(f"--batch-size {batch_size} must split evenly over {where.world} ranks")
+
+
+def _names(config: TrainConfig) -> list[str]:
+    return [config.name_of(*g) for g in config.grid()]
+
+
+def _plan(config: TrainConfig, source: BatchSource, world: int = 1) -> Plan:
+    tokens = config.tokens or source.rows_per_epoch
+    batch = config.batch_size or -(-auto_batch_size(tokens) // world) * world  # auto: a multiple of the ranks
+    total = tokens // batch
+    if source.rows_per_epoch < batch or total < 1:
+        advice = (
+            "lower --batch-size" if config.batch_size else "train on more rows (--tokens, or a larger cache)"
+        )
+        raise ConfigError(
+            f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; {advice}"
+        )
+    out = default_output_dir(config, source.describe().get("hook", "synthetic"))
+    dead = config.dead_after_tokens or min(10_000_000, max(batch, tokens // 10))
+    every = config.checkpoint_every or max(1, total // 10)
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else min(1000, total // 20)
+    return Plan(config, source, out, batch, total, dead, every, warmup)
+
+
+def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
+    """--out, else runs/sae-<hook>."""
+    if config.out:
+        return Path(config.out)
+    hook = config.hook or hook
+    return DEFAULT_RUNS_DIR / (f"sae-{hook}" if hook else "sae")
+
+
+def _same_run(plan: Plan) -> bool:
+    """The folder records this run (in any format_version); fields added since it was written
+    count at their defaults."""
+    path = plan.out / RUN_CONFIG
+    if not path.exists():
+        return False
+    try:
+        return TrainConfig.from_json(json.loads(path.read_text())).to_json() == plan.config.to_json()
+    except ConfigError:  # fields this version does not know: another run
+        return False
+
+
+def _claim_folder(plan: Plan) -> None:
+    """Refuse an output folder that holds a different run; record ours."""
+    path = plan.out / RUN_CONFIG
+    if path.exists() and not _same_run(plan):
+        raise WorkbenchError(
+            f"{plan.out} holds a different training run ({RUN_CONFIG} differs); choose another --out"
+        )
+    write_json_atomic(path, plan.config.to_json())
+
+
+def _build_trainees(plan: Plan) -> list[Trainee]:
+    trainees = []
+    for architecture, k, expansion in plan.config.grid():
+        dict_config = plan.config.dictionary_config(architecture, k, expansion, plan.source.d_in)
+        name = plan.config.name_of(architecture, k, expansion)
+        dictionary = create(dict_config, seed=plan.config.seed, salt=name)
+        lr = plan.config.lr_for(dict_config.n_latents)
+        trainees.append(
+            Trainee(
+                name,
+                dictionary,
+                lr,
+                plan.config.clip_grad,
+                plan.dead_after_tokens,
+                plan.config.starving_below,
+            )
+        )
+    return trainees
+
+
+def _initialize(plan: Plan, trainees: list[Trainee]) -> TrainState:
+    sample = plan.source.sample(INIT_SAMPLE_ROWS)
+    scale = input_scale(sample)
+    for trainee in trainees:
+        trainee.dictionary.initialize_from(sample * scale)
+    return TrainState(
+        step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size
+    )
+
+
+def _open_logs(plan: Plan, trainees: list[Trainee], step: int) -> dict[str, JsonlLogger]:
+    loggers = {}
+    for trainee in trainees:
+        path = plan.out / trainee.name / "log.jsonl"
+        if path.exists():  # drop records past the checkpoint we resume from
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+            write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        loggers[trainee.name] = JsonlLogger(path)
+    return loggers
+
+
+def _loop(
+    plan: Plan,
+    trainees: list[Trainee],
+    state: TrainState,
+    loggers: dict,
+    progress: bool,
+    stop_after_step: Optional[int],
+    where: Ranks = Ranks(),
+) -> bool:
+    config, total = plan.config, plan.total_steps
+    wandb_run = _wandb(plan) if config.wandb and where.is_main else None
+    bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", desc="train")
+    scale = state.input_scale
+    try:
+        while state.step < total:
+            skip = state.batch_in_epoch
+            for index, batch in enumerate(plan.source.epoch(state.epoch, plan.batch_size)):
+                if index < skip:
+                    continue
+                x = batch.to(trainees[0].dictionary.W_dec.device) * scale
+                if where.world > 1:  # this rank's contiguous share of the global batch
+                    x = x.chunk(where.world)[where.rank]
+                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world)
+                state.batch_in_epoch = index + 1
+                if (state.step % plan.checkpoint_every == 0 or state.step == total) and where.is_main:
+                    save_checkpoint(plan.out, state, trainees)
+                if stop_after_step is not None and state.step >= stop_after_step:
+                    return False
+                if state.step >= total:
+                    return True
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    finally:
+        bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    return True
+
+
+def _train_step(
+    plan: Plan,
+    trainees: list[Trainee],
+    x: torch.Tensor,
+    state: TrainState,
+    loggers,
+    wandb_run,
+    bar,
+    world: int = 1,
+) -> None:
+    step, total, config = state.step, plan.total_steps, plan.config
+    progress = step / total
+    records = {}
+    for trainee in trainees:
+        lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
+        out = trainee.step(x, lr, progress, step)
+        if _resample_due(plan, step + 1) and trainee.can_resample:
+            moved = trainee.resample(
+                x,
+                out,
+                config.resample_below,
+                config.resample_duplicate_cosine,
+                seeding.generator(config.seed, "resample", trainee.name, step),
+            )
+            if trainee.name in loggers:  # every resampling is recorded, however many it moved
+                loggers[trainee.name].log(step=step + 1, event="resample", latents=moved)
+        if (step + 1) % config.log_every == 0 or step + 1 == total:
+            records[trainee.name] = {
+                "step": step + 1,
+                "tokens": state.tokens + x.shape[0] * world,
+                "lr": lr,
+                **trainee.metrics(x, out),
+            }
+    state.step = step + 1
+    state.tokens += x.shape[0] * world
+    for name, record in records.items():
+        if name in loggers:
+            loggers[name].log(**record)
+    if records:
+        first = records[trainees[0].name]
+        bar.set_postfix_str(
+            f"fvu {first['fvu']:.3f} l0 {first['l0']:.1f} dead {100 * first['dead_fraction']:.1f}%"
+        )
+        if wandb_run is not None:
+            wandb_run.log(
+                {f"{name}/{k}": v for name, r in records.items() for k, v in r.items()}, step=step + 1
+            )
+    bar.update(1)
+
+
+def _resample_due(plan: Plan, step: int) -> bool:
+    every = plan.config.resample_every
+    return every > 0 and step % every == 0 and step <= plan.config.resample_until * plan.total_steps
+
+
+def _wandb(plan: Plan):
+    try:
+        import wandb
+    except ImportError:
+        raise MissingExtraError("--wandb needs the wandb package: pip install wandb") from None
+    # Never block on a login prompt: without an explicit mode or a key, log offline.
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(
+        project=plan.config.wandb_project,
+        name=plan.out.name,
+        dir=str(plan.out),
+        config=plan.config.to_json(),
+        mode=mode,
+        reinit="finish_previous",
+    )
+
+
+def _save_final(plan: Plan, trainee: Trainee, state: TrainState) -> Path:
+    folder = plan.out / trainee.name
+    architecture, k, expansion = next(
+        g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name
+    )
+    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, state)}
+    io.save(
+        trainee.dictionary,
+        folder,
+        input_scale=state.input_scale,
+        **plan.source.describe(),
+        config=plan.config.for_one(architecture, k, expansion).to_json(),
+        metrics=metrics,
+        tokens_trained=state.tokens,
+        batch_size=plan.batch_size,
+    )
+    return folder
+
+
+def _calibrate(plan: Plan, trainee: Trainee, state: TrainState) -> dict:
+    """Set the inference thresholds from rows drawn apart from training (`sae.calibrate`) and
+    measure the saved dictionary's inference L0 on other such rows."""
+    scale, device = state.input_scale, trainee.dictionary.W_dec.device
+    with alone():  # rank 0 alone saves: no selection may wait for the other ranks
+        trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
+        check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
+        return {"inference_l0": round(inference_l0(trainee.dictionary, check, min(plan.batch_size, 4096)), 4)}
+
+
+def final_metrics(log_path: Path, last: int = 10) -> dict:
+    """Means of the last `last` logged records (training batches) of the headline metrics."""
+    records = [r for r in read_jsonl(log_path) if "event" not in r][-last:] if log_path.exists() else []
+    keys = ("fvu", "l0", "dead_fraction", "loss")
+    return {
+        k: round(statistics.fmean(r[k] for r in records), 6)
+        for k in keys
+        if records and all(k in r for r in records)
+    }
