@@ -4,7 +4,8 @@ Each field becomes `--field-name` with the field's type, default and docstring (
 literal under the field) as help. `tuple[str, ...]` fields take one or more values and may be
 repeated; their singular form is an alias (`--hooks a b` == `--hook a --hook b`). Their values may also be
 comma-separated (`--k 16,32`). A class may give a field extra flag names in `FLAG_ALIASES`
-(`--from` for `from_activations`, `--arch` for `architectures`), shown first in usage lines. `bool` fields get `--x/--no-x`. A field that is itself a
+(`--from` for `from_activations`, `--arch` for `architectures`), shown first in usage lines. `bool`
+fields get `--x/--no-x`. A field that is itself a
 dataclass (TrainConfig.dictionary) gives each of its fields a flag of its own name, except those
 the outer class lists in `NESTED_NOT_FLAGS`. `--config FILE.json` loads a saved config as the defaults, so
 `workbench cache --config runs/x/config.json` reproduces a run and flags still override it; a class
@@ -82,7 +83,8 @@ def _add_flag(group, cls: type, field: dataclasses.Field, default: object) -> No
         )
     elif typing.get_origin(kind) is tuple:
         (item, _) = typing.get_args(kind)
-        names = [*aliases, flag] + ([flag[:-1]] if flag.endswith("s") else [])
+        singular = "--" + _singular(field.name).replace("_", "-")
+        names = [*aliases, flag] + ([singular] if singular != flag else [])
         group.add_argument(
             *names,
             dest=field.name,
@@ -146,6 +148,9 @@ def _tuples(cls: type, values: dict) -> dict:
 
 
 def _singular(name: str) -> str:
+    """hooks -> hook, prefixes -> prefix, batches -> batch; a name not ending in "s" is kept."""
+    if name.endswith(("xes", "ches", "shes", "sses")):
+        return name[:-2]
     return name[:-1] if name.endswith("s") else name
 
 

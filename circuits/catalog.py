@@ -72,7 +72,8 @@ def model_task(task: str, model, prompts: int = 32, length: int = 33, seed: int 
         return induction_task(model.d_vocab, n=prompts, length=length, bos=model.bos_token_id, seed=seed)
     if not task.endswith(".json"):
         raise TaskError(
-            f"task {task!r} needs a hand-set model; with a model or dictionaries use induction or a task .json file"
+            f"task {task!r} needs a hand-set model; "
+            "with a model or dictionaries use induction or a task .json file"
         )
     return task_from_file(task, model)
 
@@ -86,7 +87,8 @@ def task_from_file(path: str | Path, model) -> Task:
     clean, corrupted = (_prompts(spec[k], model, f"{where}: {k!r}") for k in ("clean", "corrupted"))
     if clean.shape != corrupted.shape:
         raise TaskError(
-            f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} prompts differ in shape"
+            f"{where}: clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} "
+            "prompts differ in shape"
         )
     vocab = model.d_vocab
     if int(clean.max()) >= vocab or int(corrupted.max()) >= vocab or clean.shape[1] > model.n_ctx:

@@ -86,7 +86,8 @@ class Circuit:
             raise CircuitError(f"{where}: expected a JSON object")
         if obj.get("format_version") != FORMAT_VERSION:
             raise CircuitError(
-                f"{where}: unknown format_version {obj.get('format_version')!r} (this workbench reads {FORMAT_VERSION})"
+                f"{where}: unknown format_version {obj.get('format_version')!r} "
+                f"(this workbench reads {FORMAT_VERSION})"
             )
         nodes = [_build(Node, n, f"{where}: node {i}") for i, n in enumerate(_list(obj, "nodes", where))]
         ids = {n.id for n in nodes}
@@ -95,7 +96,8 @@ class Circuit:
         for node in nodes:
             if node.kind not in NODE_KINDS:
                 raise CircuitError(
-                    f"{where}: node {node.id!r} has unknown kind {node.kind!r} (one of {', '.join(NODE_KINDS)})"
+                    f"{where}: node {node.id!r} has unknown kind {node.kind!r} "
+                    f"(one of {', '.join(NODE_KINDS)})"
                 )
         edges = [_build(Edge, e, f"{where}: edge {i}") for i, e in enumerate(_list(obj, "edges", where))]
         for edge in edges:

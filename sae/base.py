@@ -101,7 +101,8 @@ class Dictionary(nn.Module):
     unit_norm_decoder: ClassVar[bool] = True
     """Keep decoder rows at unit norm (projected gradient); False where the loss carries |d_i|."""
     defaulted_buffers: ClassVar[tuple[str, ...]] = ()
-    """Training-state buffers added after format_version 1 was fixed: a folder may lack them (initial values)."""
+    """Training-state buffers added after format_version 1 was fixed: a folder may lack them
+    (initial values)."""
 
     def __init__(self, config: DictionaryConfig, generator: Optional[torch.Generator] = None):
         """Random unit decoder rows drawn from `generator` (default: the stream of seed 0; use

@@ -37,7 +37,8 @@ class SaeBenchConfig:
         unknown = sorted(set(self.scenario) - set(SCENARIO_NAMES))
         if unknown or not self.scenario:
             raise ConfigError(
-                f"unknown scenario {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(SCENARIO_NAMES)}"
+                f"unknown scenario {unknown[0] if unknown else '(none)'!r}; "
+                f"choose from {', '.join(SCENARIO_NAMES)}"
             )
         if self.samples <= 0 or not self.seeds or self.n_planted < 0 or self.d_in < 0:
             raise ConfigError(

@@ -75,7 +75,8 @@ def load_checkpoint(out: Path, trainees: list[Trainee]) -> TrainState | None:
             trainee.load_state_tensors(load_file(path))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise WorkbenchError(
-                f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); delete {out / FOLDER} to restart"
+                f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
+                f"delete {out / FOLDER} to restart"
             ) from None
     try:
         return TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})

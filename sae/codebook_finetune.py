@@ -1,10 +1,11 @@
 """Codebook features inserted into a model and trained end to end with the language-modelling
 loss (Tamkin et al. 2023): the hook's activation is replaced by the sum of its k most similar
-codes; the model is frozen and the codes learn from the next-token loss of the whole network. With `unfreeze`, the
-model's weights train too (at a tenth of the codes' learning rate; layers before the hook
-learn through the straight-through gradient) and the fine-tuned model is saved beside the
-codebook (`<out>/model`, which the codebook's folder then names as its model). The codes start at k-means centres of the hook's activations, and unused or
-duplicated codes move to badly reconstructed activations as in `sae.dictionaries.codebook`.
+codes; the model is frozen and the codes learn from the next-token loss of the whole network.
+With `unfreeze`, the model's weights train too (at a tenth of the codes' learning rate; layers
+before the hook learn through the straight-through gradient) and the fine-tuned model is saved
+beside the codebook (`<out>/model`, which the codebook's folder then names as its model). The
+codes start at k-means centres of the hook's activations, and unused or duplicated codes move to
+badly reconstructed activations as in `sae.dictionaries.codebook`.
 """
 
 from __future__ import annotations

@@ -20,13 +20,16 @@ class DictionaryConfig:
     n_latents: int = 0
     """Dictionary width."""
     k: int = 32
-    """Active latents per token: TopK's k, BatchTopK/Matryoshka/Mutual Choice's mean k, Feature Choice's mean k."""
+    """Active latents per token: TopK's k, BatchTopK/Matryoshka/Mutual Choice's mean k,
+    Feature Choice's mean k."""
     aux_k: int = 0
-    """AuxK: dead latents per token that reconstruct the residual; 0 means d_in // 2 (topk, batchtopk, matryoshka, mutual_choice)."""
+    """AuxK: dead latents per token that reconstruct the residual; 0 means d_in // 2
+    (topk, batchtopk, matryoshka, mutual_choice)."""
     aux_coef: float = 1 / 32
     """AuxK loss coefficient (alpha)."""
     l1_coef: float = 5.0
-    """Sparsity coefficient lambda (relu: L1 of f_i * |d_i|; gated: ReLU(pi_i) * |d_i|); the L0 controller's starting value."""
+    """Sparsity coefficient lambda (relu: L1 of f_i * |d_i|; gated: ReLU(pi_i) * |d_i|);
+    the L0 controller's starting value."""
     l1_warmup_fraction: float = 0.05
     """relu/gated: fraction of training over which lambda ramps up linearly from 0."""
     target_l0: float = 0.0
@@ -34,7 +37,8 @@ class DictionaryConfig:
     bandwidth: float = 0.05
     """jumprelu: width epsilon of the rectangle kernel of the threshold pseudo-gradient."""
     controller_rate: float = 0.02
-    """jumprelu, relu, gated: step of the L0 controller per step, per unit of relative L0 error (0: relu/gated keep lambda = l1_coef)."""
+    """jumprelu, relu, gated: step of the L0 controller per step, per unit of relative L0 error
+    (0: relu/gated keep lambda = l1_coef)."""
     threshold_momentum: float = 0.01
     """batchtopk/matryoshka/feature_choice: eta of the running inference threshold."""
     prefixes: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
@@ -44,9 +48,11 @@ class DictionaryConfig:
     aggregate: str = "sum"
     """codebook: the chosen codes' sum or mean replaces the activation."""
     aux_zipf: bool = True
-    """mutual_choice: aux_zipf_loss (AuxK over latents firing below a Zipf fit of the densities, dead ones included); False: plain AuxK."""
+    """mutual_choice: aux_zipf_loss (AuxK over latents firing below a Zipf fit of the densities,
+    dead ones included); False: plain AuxK."""
     approx_topk: bool = False
-    """topk: training selects from int8-matmul candidates re-ranked exactly (`workbench.kernels.approx`); inference stays exact."""
+    """topk: training selects from int8-matmul candidates re-ranked exactly
+    (`workbench.kernels.approx`); inference stays exact."""
 
     def __post_init__(self):
         if self.d_in < 0 or self.n_latents < 0:

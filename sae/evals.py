@@ -50,7 +50,9 @@ class EvalConfig:
     probe_tokens: int = 8192
     """Tokens of the eval set the probes use (latents are held densely)."""
     cache: str = ""
-    """Score on this cache's rows instead of held-out text (its held-out rows if made with --from, else all non-BOS rows); empty means held-out text, or the dictionary's own cache when it records no model."""
+    """Score on this cache's rows instead of held-out text (its held-out rows if made with --from,
+    else all non-BOS rows); empty means held-out text, or the dictionary's own cache when it
+    records no model."""
 
 
 def evaluate(
@@ -122,7 +124,8 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
                 break
     if totals.n == 0:
         raise DictionaryError(
-            f"{cache.path}: no {subset.replace('_', '-')} rows to evaluate on (import with --validation-fraction > 0)"
+            f"{cache.path}: no {subset.replace('_', '-')} rows to evaluate on "
+            "(import with --validation-fraction > 0)"
         )
     return {"hook": hook, "cache": str(cache.path), "rows": subset, **totals.reconstruction_metrics()}
 

@@ -68,7 +68,8 @@ def load(path: str | Path, device: str = "cpu") -> Dictionary:
     if (folder / peers.SPARSIFY_WEIGHTS).exists():
         return peers.load_sparsify(folder).to(device)
     raise DictionaryError(
-        f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) nor {peers.SPARSIFY_WEIGHTS} (sparsify)"
+        f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) "
+        f"nor {peers.SPARSIFY_WEIGHTS} (sparsify)"
     )
 
 
@@ -76,7 +77,8 @@ def _load_ours(folder: Path) -> Dictionary:
     meta = read_json(folder / CONFIG, "dictionary config", DictionaryError)
     if meta.get("format_version") != FORMAT_VERSION:
         raise DictionaryError(
-            f"{folder / CONFIG}: unknown format_version {meta.get('format_version')!r} (this workbench reads {FORMAT_VERSION})"
+            f"{folder / CONFIG}: unknown format_version {meta.get('format_version')!r} "
+            f"(this workbench reads {FORMAT_VERSION})"
         )
     if not isinstance(meta.get("dictionary"), dict):
         raise DictionaryError(f"{folder / CONFIG}: no 'dictionary' object")

@@ -164,7 +164,8 @@ def _saelens_architecture(cfg: _Fields, legacy: bool) -> tuple[str, str, int | N
             raise cfg.error(f"activation_fn_kwargs.k must be a positive integer, got {k!r}")
     if label not in _SAELENS_ARCHITECTURES:
         raise cfg.error(
-            f"SAELens architecture {label!r} is not supported (supported: {', '.join(_SAELENS_ARCHITECTURES)})"
+            f"SAELens architecture {label!r} is not supported "
+            f"(supported: {', '.join(_SAELENS_ARCHITECTURES)})"
         )
     return _SAELENS_ARCHITECTURES[label], label, k
 
@@ -177,7 +178,8 @@ def _saelens_normalisation(cfg: _Fields, legacy: bool) -> None:
         norm = cfg.defaulted["normalize_activations"] = "none"
     if norm not in _FOLDED_NORMALISATIONS:
         raise cfg.error(
-            f"normalize_activations={norm!r} is not supported: only norms folded into the weights are ({', '.join(_FOLDED_NORMALISATIONS)})"
+            f"normalize_activations={norm!r} is not supported: only norms folded into the weights are "
+            f"({', '.join(_FOLDED_NORMALISATIONS)})"
         )
 
 
@@ -199,11 +201,13 @@ def _saelens_tensors(
         if not torch.equal(s, torch.ones_like(s)):
             if not scaling:
                 raise DictionaryError(
-                    f"{folder}: {SAELENS_WEIGHTS} holds scaling_factor (not all ones), but cfg.json does not set finetuning_scaling_factor"
+                    f"{folder}: {SAELENS_WEIGHTS} holds scaling_factor (not all ones), "
+                    "but cfg.json does not set finetuning_scaling_factor"
                 )
             if s.shape != ours["W_dec"].shape[:1]:
                 raise DictionaryError(
-                    f"{where}: scaling_factor has shape {tuple(s.shape)}, expected {tuple(ours['W_dec'].shape[:1])}"
+                    f"{where}: scaling_factor has shape {tuple(s.shape)}, "
+                    f"expected {tuple(ours['W_dec'].shape[:1])}"
                 )
             ours["W_dec"] = ours["W_dec"] * s[:, None]
     ours["W_enc"] = ours["W_enc"].t().contiguous()  # SAELens keeps W_enc as [d_in, d_sae]
@@ -263,8 +267,8 @@ def load_sparsify(folder: Path) -> Dictionary:
         raise DictionaryError(f"{where}: sparsify weights lack {', '.join(missing)}")
     if unused := sorted(set(t) - set(needed)):
         raise DictionaryError(
-            f"{folder}: {SPARSIFY_WEIGHTS} holds {', '.join(map(repr, unused))}, which a sparsify autoencoder "
-            "without skip connection does not use; refusing to drop it"
+            f"{folder}: {SPARSIFY_WEIGHTS} holds {', '.join(map(repr, unused))}, "
+            "which a sparsify autoencoder without skip connection does not use; refusing to drop it"
         )
     if tuple(t["encoder.weight"].shape) != (m, d):
         raise DictionaryError(

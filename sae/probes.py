@@ -42,7 +42,10 @@ class ProbeConfig:
     seed: int = 0
     """Seeds the window split."""
     labels: str = ""
-    """A JSON file of your own labels for the cache's first windows, probed instead of the built-in tasks: {"task": NAME, "token_labels": [[0|1 per token] per window]} or {"task": NAME, "window_labels": [0|1 per window]} (per-sequence: features are mean-pooled over the window)."""
+    """A JSON file of your own labels for the cache's first windows, probed instead of the built-in
+    tasks: {"task": NAME, "token_labels": [[0|1 per token] per window]} or
+    {"task": NAME, "window_labels": [0|1 per window]} (per-sequence: features are mean-pooled over
+    the window)."""
     out: str = ""
     """Where to save the sweep (JSON); empty means runs/probes/<features>.json."""
 
@@ -201,7 +204,8 @@ def read_labels(path: str, shape: torch.Size) -> tuple[str, Tensor]:
         raise ConfigError(f"{path}: window_labels must be one label per window")
     if not 2 <= len(labels) <= shape[0] or bool(((labels != 0) & (labels != 1)).any()):
         raise ConfigError(
-            f"{path}: need 0/1 labels for between 2 and {shape[0]} windows (raise --tokens for more), got {len(labels)}"
+            f"{path}: need 0/1 labels for between 2 and {shape[0]} windows (raise --tokens for more), "
+            f"got {len(labels)}"
         )
     labels = labels.bool()
     if labels.dim() == 2:

@@ -75,7 +75,8 @@ class PlantedConfig:
             raise ConfigError("need 0 < min_probability <= max_probability <= 1")
         if self.hierarchy < 0 or self.children < 1 or self.hierarchy * (1 + self.children) > self.n_planted:
             raise ConfigError(
-                f"hierarchy {self.hierarchy} x (1 + {self.children} children) needs that many of the {self.n_planted} features"
+                f"hierarchy {self.hierarchy} x (1 + {self.children} children) "
+                f"needs that many of the {self.n_planted} features"
             )
         if (
             not 0 <= self.correlation < 1

@@ -45,11 +45,13 @@ class TrainConfig:
     codes: int = 0
     """codebook: number of codes (its width); 0 means as --n-latents / --expansion."""
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
-    """Every dictionary of the grid: its coefficients (flags of their own names, e.g. --aux-k); the grid sets architecture, d_in, n_latents and k."""
+    """Every dictionary of the grid: its coefficients (flags of their own names, e.g. --aux-k);
+    the grid sets architecture, d_in, n_latents and k."""
     tokens: int = 0
     """Training tokens; 0 means one pass over the cache (BOS rows are skipped)."""
     batch_size: int = 0
-    """Tokens per step; 0 means auto: the largest power of two in [256, 4096] that gives at least 2,000 steps (`auto_batch_size`)."""
+    """Tokens per step; 0 means auto: the largest power of two in [256, 4096] that gives
+    at least 2,000 steps (`auto_batch_size`)."""
     lr: float = 0.0
     """Adam learning rate; 0 means 2e-4 / sqrt(n_latents / 2**14)."""
     warmup_steps: int = -1
@@ -59,17 +61,21 @@ class TrainConfig:
     clip_grad: float = 1.0
     """Gradient-norm clip per dictionary; 0 disables it."""
     dead_after_tokens: int = 0
-    """A latent that has not fired for this many tokens is dead (AuxK, dead %); 0 means min(10M, tokens / 10)."""
+    """A latent that has not fired for this many tokens is dead (AuxK, dead %);
+    0 means min(10M, tokens / 10)."""
     starving_below: float = 0.0
-    """AuxK also trains latents whose running firing rate is below this fraction of the mean rate (0: dead latents only)."""
+    """AuxK also trains latents whose running firing rate is below this fraction of the mean rate
+    (0: dead latents only)."""
     resample_every: int = 50
     """Steps between resamplings of latents that do not earn their place (see sae.resample); 0 disables it."""
     resample_until: float = 0.95
     """Fraction of training after which no more resampling happens."""
     resample_below: float = 0.02
-    """A latent whose firing rate since the last resampling is below this fraction of the mean rate (k / n_latents) is resampled."""
+    """A latent whose firing rate since the last resampling is below this fraction of the mean rate
+    (k / n_latents) is resampled."""
     resample_duplicate_cosine: float = 1.0
-    """A latent whose decoder row has this cosine with a busier latent's is resampled (1 disables: it costs an n_latents^2 matrix)."""
+    """A latent whose decoder row has this cosine with a busier latent's is resampled
+    (1 disables: it costs an n_latents^2 matrix)."""
     seed: int = 0
     """Seeds initialisation and the data order."""
     checkpoint_every: int = 0
@@ -92,7 +98,8 @@ class TrainConfig:
         for name in self.NESTED_NOT_FLAGS["dictionary"]:
             if getattr(self.dictionary, name) != getattr(template, name):
                 raise ConfigError(
-                    f"dictionary.{name} is set per dictionary by the grid (--arch, --k, --expansion, --n-latents); leave it at its default"
+                    f"dictionary.{name} is set per dictionary by the grid "
+                    "(--arch, --k, --expansion, --n-latents); leave it at its default"
                 )
         positive = {"log_every": self.log_every}
         for name, value in positive.items():
@@ -141,7 +148,8 @@ class TrainConfig:
         return replace(self, architectures=(architecture,), k=(k,), expansion=(expansion,))
 
     def name_of(self, architecture: str, k: int, expansion: int) -> str:
-        """The folder name of one dictionary of the grid: <architecture>-k<k>-x<expansion> (or -m<n_latents>, -c<codes>)."""
+        """The folder name of one dictionary of the grid: <architecture>-k<k>-x<expansion>
+        (or -m<n_latents>, -c<codes>)."""
         if architecture == "codebook" and self.codes:
             width = f"c{self.codes}"
         else:
@@ -167,7 +175,8 @@ class TrainConfig:
         version = obj.get("format_version", 1)
         if version not in (1, 2, FORMAT_VERSION):
             raise ConfigError(
-                f"unknown train config format_version {version!r} (this workbench reads 1 to {FORMAT_VERSION})"
+                f"unknown train config format_version {version!r} "
+                f"(this workbench reads 1 to {FORMAT_VERSION})"
             )
         obj = {k: v for k, v in obj.items() if k != "format_version"}
         if version == 1:

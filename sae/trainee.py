@@ -80,7 +80,8 @@ class Trainee:
         out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate))
         if not math.isfinite(float(out.loss.detach())):
             raise TrainingDivergedError(
-                f"{self.name}: loss is {float(out.loss.detach())} at step {step} (lower --lr; the last checkpoint is intact)"
+                f"{self.name}: loss is {float(out.loss.detach())} at step {step} "
+                "(lower --lr; the last checkpoint is intact)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -124,7 +124,8 @@ def _plan(config: TrainConfig, source: BatchSource, world: int = 1) -> Plan:
             "lower --batch-size" if config.batch_size else "train on more rows (--tokens, or a larger cache)"
         )
         raise ConfigError(
-            f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; {advice}"
+            f"{source.rows_per_epoch} rows per epoch and {tokens} tokens give no full batch of {batch}; "
+            f"{advice}"
         )
     out = default_output_dir(config, source.describe().get("hook", "synthetic"))
     dead = config.dead_after_tokens or min(10_000_000, max(batch, tokens // 10))

@@ -41,7 +41,8 @@ def from_tensors(
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise DictionaryError(
-            f"{where}: tensors do not fit a {cls.architecture} dictionary (missing {missing}, unexpected {unexpected})"
+            f"{where}: tensors do not fit a {cls.architecture} dictionary "
+            f"(missing {missing}, unexpected {unexpected})"
         )
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):

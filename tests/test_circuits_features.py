@@ -90,7 +90,8 @@ def test_exact_latent_patching_by_hand(tiny_model, task, dictionaries):
 
 
 def test_an_edge_is_the_directional_derivative_of_the_downstream_term(tiny_model, task, dictionaries):
-    """edge(u_i -> d_j) = d/dε Σ w_j f_d_j (f_u + ε Δf_u_i) at ε = 0, w_j = ∂m/∂f_d_j (central differences)."""
+    """edge(u_i -> d_j) = d/dε Σ w_j f_d_j (f_u + ε Δf_u_i) at ε = 0, w_j = ∂m/∂f_d_j
+    (central differences)."""
     found = feature_effects(tiny_model, task, dictionaries, steps=4)
     feature_edges(tiny_model, task, dictionaries, found, per_hook=4)
     up, down = HOOKS

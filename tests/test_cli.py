@@ -164,3 +164,12 @@ def test_default_context_fits_the_model(capsys, tiny_model_dir, tmp_path):
         "--json",
     )
     assert code == 0 and json.loads(out)["context_length"] == 64  # the tiny model's n_ctx
+
+
+def test_tuple_flags_take_their_singular_as_an_alias(capsys):
+    """`--prefixes` -> `--prefix` (not `--prefixe`); `--hooks` -> `--hook`."""
+    from app.flags import _singular
+
+    assert [_singular(n) for n in ("hooks", "prefixes", "batches", "k")] == ["hook", "prefix", "batch", "k"]
+    code, out, _ = run_cli(capsys, "train", "--help")
+    assert code == 0 and "--prefix PREFIX" in out and "PREFIXE" not in out

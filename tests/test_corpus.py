@@ -43,7 +43,10 @@ def test_builtin_corpora_are_the_promised_texts():
 
 
 def test_play_markdown_becomes_speaker_lines():
-    markdown = "# Othello\n\n## ACT I\n\n_Enter RODERIGO_\n\n**RODERIGO**  \nTush! never tell me;  \n__\\[Aside]_  \nI\\--no\n"
+    markdown = (
+        "# Othello\n\n## ACT I\n\n_Enter RODERIGO_\n\n"
+        "**RODERIGO**  \nTush! never tell me;  \n__\\[Aside]_  \nI\\--no\n"
+    )
     text = play_markdown_to_text(markdown)
     assert text == "Othello\n\nACT I\n\nEnter RODERIGO\n\nRODERIGO:\nTush! never tell me;\n[Aside]\nI--no\n"
 

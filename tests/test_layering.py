@@ -195,7 +195,8 @@ def private_uses(name: str, text: str) -> list[str]:
 def test_the_private_name_check_finds_imports_and_module_attributes():
     text = (
         "from sae.analyze import _stream, AnalyzeConfig\nfrom . import io as sae_io\nimport sae.base\n"
-        "def f(x):\n    from workbench import files\n    return sae_io._load_ours, sae.base._REGISTRY, files._x, x._y, __name__\n"
+        "def f(x):\n    from workbench import files\n"
+        "    return sae_io._load_ours, sae.base._REGISTRY, files._x, x._y, __name__\n"
     )
     assert [use.split(" ", 1)[1] for use in private_uses("sae.peers", text)] == [
         "imports _stream from sae.analyze",

@@ -173,7 +173,8 @@ def test_splice_and_replace_activation_check_before_any_pass(demo):
     for block, expected in (
         (
             lambda: splice(model, dictionary(hook="blocks.1.hook_resid_post"), RESID),
-            "splice at blocks.0.hook_resid_post: the dictionary was trained at hook blocks.1.hook_resid_post, not blocks.0.hook_resid_post",
+            "splice at blocks.0.hook_resid_post: the dictionary was trained at hook "
+            "blocks.1.hook_resid_post, not blocks.0.hook_resid_post",
         ),
         (
             lambda: splice(model, dictionary(model="gpt2")),

@@ -70,11 +70,14 @@ class CacheConfig:
     seed: int = 0
     """Seeds which windows are taken and their order."""
     validation_fraction: float = 0.02
-    """Fraction of the corpus held out as the validation split (with --from: of the rows, held out for eval)."""
+    """Fraction of the corpus held out as the validation split
+    (with --from: of the rows, held out for eval)."""
     out: str = ""
     """Output folder; empty means runs/cache-<model>-<corpus>-<split> (runs/cache-<file> with --from)."""
     from_activations: str = ""
-    """Activations you bring instead of a model: FILE.npy, FILE.safetensors or a FOLDER of them, rows [N, d]; a cache without token windows (every row is taken, --validation-fraction of them held out for eval; see workbench.imported)."""
+    """Activations you bring instead of a model: FILE.npy, FILE.safetensors or a FOLDER of them,
+    rows [N, d]; a cache without token windows (every row is taken, --validation-fraction of them
+    held out for eval; see workbench.imported)."""
 
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"from_activations": ("--from",)}
 

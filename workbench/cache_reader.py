@@ -238,7 +238,8 @@ class ActivationCache:
             self._tokens = data["tokens"]
             if tuple(self._tokens.shape) != (self.manifest.n_windows, self.context_length):
                 raise CacheError(
-                    f"{self.path / TOKENS_FILE}: shape {tuple(self._tokens.shape)} does not match the manifest"
+                    f"{self.path / TOKENS_FILE}: shape {tuple(self._tokens.shape)} "
+                    "does not match the manifest"
                 )
         return self._tokens
 
@@ -252,7 +253,8 @@ class ActivationCache:
         if x is None or tuple(x.shape) != (info.rows, d) or x.dtype != self.dtype:
             got = None if x is None else (tuple(x.shape), str(x.dtype).replace("torch.", ""))
             raise CacheError(
-                f"{self.path / info.file}: expected activations {(info.rows, d)} {self.manifest.dtype}, got {got}"
+                f"{self.path / info.file}: expected activations {(info.rows, d)} {self.manifest.dtype}, "
+                f"got {got}"
             )
         bad = first_non_finite_row(x)
         if bad is not None:

@@ -92,7 +92,8 @@ def find_arrays(source: str, hooks: tuple[str, ...] = ()) -> dict[str, Array]:
 def _arrays_in(file: Path) -> list[Array]:
     if file.suffix in PICKLE_SUFFIXES:
         raise CacheError(
-            f"{file}: pickle files can run code and are not read; save the tensor with numpy.save or safetensors"
+            f"{file}: pickle files can run code and are not read; "
+            "save the tensor with numpy.save or safetensors"
         )
     if file.suffix == ".npy":
         try:
@@ -136,7 +137,8 @@ def _select(arrays: dict[str, Array], hooks: tuple[str, ...], source: str) -> di
         missing = [h for h in hooks if h not in arrays]
         if missing:
             raise CacheError(
-                f"--from {source}: no array named {', '.join(map(repr, missing))} (it has {', '.join(arrays)})"
+                f"--from {source}: no array named {', '.join(map(repr, missing))} "
+                f"(it has {', '.join(arrays)})"
             )
         chosen = {h: arrays[h] for h in hooks}
     for name in chosen:
@@ -158,7 +160,8 @@ def import_activations(config, progress: bool = True) -> Path:
         old = read_json(manifest_path, "cache manifest", CacheError)
         if old.get("config") != config.identity():
             raise CacheError(
-                f"{out} already holds a cache with a different configuration; choose another --out or delete it"
+                f"{out} already holds a cache with a different configuration; "
+                "choose another --out or delete it"
             )
         if old.get("source") == signature:
             return out

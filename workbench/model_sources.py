@@ -38,7 +38,8 @@ class ModelSource:
 BUILTIN_MODELS = {
     "demo": "the built-in GPT-2 (4 layers, d_model 256) trained on Shakespeare + KJV; offline",
     "gemma-3-270m": "Google Gemma-3-270M, dequantized from the PyPI GGUF packages (extra 'gemma'); offline",
-    "minilm": "all-MiniLM-L6-v2 BERT encoder from PyPI (extra 'minilm'); residual hooks only, its MLM head is random",
+    "minilm": "all-MiniLM-L6-v2 BERT encoder from PyPI (extra 'minilm'); "
+    "residual hooks only, its MLM head is random",
 }
 
 
@@ -51,7 +52,8 @@ def resolve(spec: str) -> ModelSource:
             str(_minilm_dir()),
             is_local=True,
             causal=False,
-            note="encoder: use residual-stream hooks; the MLM head is randomly initialised, so logits mean nothing",
+            note="encoder: use residual-stream hooks; "
+            "the MLM head is randomly initialised, so logits mean nothing",
         )
     if spec == "gemma-3-270m":
         return ModelSource(spec, str(gemma_dir()), is_local=True, note="Gemma Terms of Use apply")

@@ -222,7 +222,8 @@ class Model:
         captured = self._capture(tokens, hooks, stop)
         if missing := [h for h in hooks if h not in captured]:
             raise UnknownHookError(
-                f"model {self.spec!r}: hook {missing[0]!r} does not fire together with {', '.join(h for h in hooks if h in captured)}"
+                f"model {self.spec!r}: hook {missing[0]!r} does not fire together with "
+                f"{', '.join(h for h in hooks if h in captured)}"
             )
         return captured
 

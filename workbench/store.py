@@ -39,8 +39,8 @@ _TABLES = {
     "meta": "key VARCHAR PRIMARY KEY, value VARCHAR",
     "features": "feature INTEGER PRIMARY KEY, fired BIGINT, density DOUBLE, mean_activation DOUBLE, "
     "max_activation DOUBLE, histogram INTEGER[]",
-    "examples": "feature INTEGER, kind VARCHAR, bin SMALLINT, rank SMALLINT, activation REAL, window_id INTEGER, "
-    "position SMALLINT, start SMALLINT, tokens INTEGER[], activations REAL[]",
+    "examples": "feature INTEGER, kind VARCHAR, bin SMALLINT, rank SMALLINT, activation REAL, "
+    "window_id INTEGER, position SMALLINT, start SMALLINT, tokens INTEGER[], activations REAL[]",
     "logits": "feature INTEGER, side VARCHAR, rank SMALLINT, token INTEGER, effect REAL",
     "neighbours": "feature INTEGER, rank SMALLINT, other INTEGER, cosine REAL",
     "neurons": "feature INTEGER, rank SMALLINT, neuron INTEGER, correlation REAL",
@@ -259,9 +259,11 @@ class FeatureStore:
         return self._query(
             "WITH peaks AS (SELECT feature, activation, tokens[position - start + 1] AS token FROM examples "
             "WHERE kind = 'top') "
-            "SELECT p.feature, count(*) AS hits, max(p.activation) AS max_activation, any_value(f.density) AS density "
+            "SELECT p.feature, count(*) AS hits, max(p.activation) AS max_activation, "
+            "any_value(f.density) AS density "
             "FROM peaks p JOIN vocab v ON v.token = p.token JOIN features f ON f.feature = p.feature "
-            "WHERE strpos(lower(v.text), ?) > 0 GROUP BY p.feature ORDER BY hits DESC, max_activation DESC LIMIT ?",
+            "WHERE strpos(lower(v.text), ?) > 0 GROUP BY p.feature "
+            "ORDER BY hits DESC, max_activation DESC LIMIT ?",
             needle,
             int(limit),
         )

@@ -36,7 +36,8 @@ def cmd_models(args) -> None:
         print(json.dumps({"model": args.model, "default_hook": model.default_hook, "hooks": hooks}, indent=2))
         return
     print(
-        f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, vocab {model.d_vocab}, n_ctx {model.n_ctx}"
+        f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, "
+        f"vocab {model.d_vocab}, n_ctx {model.n_ctx}"
     )
     if model.source.note:
         print(f"note: {model.source.note}")
@@ -51,7 +52,8 @@ def cmd_corpora(args) -> None:
     for name, text in BUILTIN_CORPORA.items():
         print(f"{name:17s} {text}")
     print(
-        "also: --corpus PATH (.txt files, .jsonl with a 'text' field, or a folder of them), --corpus hf:NAME[:SPLIT]"
+        "also: --corpus PATH (.txt files, .jsonl with a 'text' field, or a folder of them), "
+        "--corpus hf:NAME[:SPLIT]"
     )
 
 
@@ -99,7 +101,8 @@ def wants_torchrun(args) -> bool:
 
 
 def relaunch_under_torchrun(args) -> None:
-    """`workbench cache|train --nproc N ...` = `torchrun --standalone --nproc_per_node N -m app.cli cache|train ...`.
+    """`workbench cache|train --nproc N ...` =
+    `torchrun --standalone --nproc_per_node N -m app.cli cache|train ...`.
     SIGTERM/SIGINT reach torchrun, which stops the ranks; this process then exits with its status."""
     from workbench.processes import run_child
 
@@ -122,7 +125,8 @@ def relaunch_under_torchrun(args) -> None:
     result = run_child(command)
     if result.signal is not None:  # stopped from outside, not failed: the runs resume when rerun
         print(
-            f"stopped by {signal.Signals(result.signal).name} (`workbench cache` and `workbench train` resume when rerun with the same flags)",
+            f"stopped by {signal.Signals(result.signal).name} "
+            "(`workbench cache` and `workbench train` resume when rerun with the same flags)",
             file=sys.stderr,
         )
         raise SystemExit(result.status)

@@ -7,7 +7,8 @@ A code is a binary feature: `encode` gives value 1 (1/k for the mean) at the cho
 `decode(encode(x))` is the bottleneck's output. Loss = |x - x_hat|^2; the search has no
 gradient, so the chosen codes' rows learn (the kernels' sparse decode backward touches only
 them). Codes start at spherical k-means centres of a sample (scaled by 1/k for sums); a code
-chosen by no token for `DEAD_CODE_STEPS` steps, or nearly duplicating a busier code, is replaced by an input of the batch drawn with
+chosen by no token for `DEAD_CODE_STEPS` steps, or nearly duplicating a busier code, is
+replaced by an input of the batch drawn with
 probability proportional to its squared error (scaled likewise), so it goes where codes are
 missing. Inserting codebooks into a model and fine-tuning end to end is
 `workbench codebook-finetune` (not yet built).
@@ -39,7 +40,8 @@ class Codebook(Dictionary):
         del self.W_enc, self.b_dec  # a codebook has only its codes (W_dec) and no bias
         if config.metric not in ("cosine", "dot") or config.aggregate not in ("sum", "mean"):
             raise DictionaryError(
-                f"codebook: metric must be cosine|dot and aggregate sum|mean, got {config.metric}, {config.aggregate}"
+                "codebook: metric must be cosine|dot and aggregate sum|mean, "
+                f"got {config.metric}, {config.aggregate}"
             )
         self.register_buffer("uses_since_check", torch.zeros(config.n_latents, dtype=torch.long))
         self.register_buffer("steps_since_check", torch.zeros((), dtype=torch.long))

@@ -11,8 +11,8 @@ and mu += rate * clip(L0 / target - 1, -1, 1) each step. mu is a Lagrange multip
 constraint L0 = target and may turn negative: then the penalty rewards firing, for targets the
 reconstruction alone would not reach. Since Adam moves theta by about lr per step however
 large the penalty, the controller also multiplies every theta by exp(rate * error) each step,
-which reaches the target in a few hundred steps. theta starts at each latent's (1 - target / n_latents) quantile on the init sample,
-so training starts near the target L0.
+which reaches the target in a few hundred steps. theta starts at each latent's
+(1 - target / n_latents) quantile on the init sample, so training starts near the target L0.
 
 The encoder pass keeps every entry with z > theta - eps / 2: the active ones and the window
 below the threshold whose pseudo-gradients theta needs; window entries carry f = 0.

@@ -34,7 +34,8 @@ def codebook_lookup(
     output = sum of the chosen codebook rows (+ the straight-through term, whose value is 0)."""
     if activations.dim() != 2 or codebook.dim() != 2 or activations.shape[1] != codebook.shape[1]:
         raise KernelInputError(
-            f"codebook: activations must be [N, d] and codebook [C, d], got {tuple(activations.shape)} and {tuple(codebook.shape)}"
+            "codebook: activations must be [N, d] and codebook [C, d], "
+            f"got {tuple(activations.shape)} and {tuple(codebook.shape)}"
         )
     if metric not in ("cosine", "dot"):
         raise KernelInputError(f"codebook: metric must be 'cosine' or 'dot', got {metric!r}")

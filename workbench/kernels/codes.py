@@ -50,7 +50,8 @@ class SparseCodes:
     def __post_init__(self) -> None:
         if self.indices.shape != self.values.shape:
             raise KernelInputError(
-                f"SparseCodes: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} differ in shape"
+                f"SparseCodes: indices {tuple(self.indices.shape)} and values {tuple(self.values.shape)} "
+                "differ in shape"
             )
         if self.indices.dtype != torch.long:
             raise KernelInputError(f"SparseCodes: indices must be int64, got {self.indices.dtype}")

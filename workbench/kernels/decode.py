@@ -64,7 +64,8 @@ def _prefix_ends(prefix_ends: Sequence[int], m: int) -> list[int]:
 def _check(codes: SparseCodes, weight: Tensor, bias: Optional[Tensor]) -> None:
     if weight.dim() != 2 or codes.n_latents != weight.shape[0]:
         raise KernelInputError(
-            f"decode: codes over {codes.n_latents} latents need weight [{codes.n_latents}, d], got {tuple(weight.shape)}"
+            f"decode: codes over {codes.n_latents} latents need weight [{codes.n_latents}, d], "
+            f"got {tuple(weight.shape)}"
         )
     if bias is not None and bias.shape != (weight.shape[1],):
         raise KernelInputError(f"decode: bias must be [{weight.shape[1]}], got {tuple(bias.shape)}")

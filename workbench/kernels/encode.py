@@ -209,7 +209,8 @@ def encode_at(
     codes.check()
     if codes.n_rows != x.shape[0] or codes.n_latents != weight.shape[0]:
         raise KernelInputError(
-            f"encode_at: codes are {codes.n_rows} x {codes.n_latents}, inputs need {x.shape[0]} x {weight.shape[0]}"
+            f"encode_at: codes are {codes.n_rows} x {codes.n_latents}, "
+            f"inputs need {x.shape[0]} x {weight.shape[0]}"
         )
     if is_eager():
         return _gathered(codes, _dense_preacts(x, weight, bias))

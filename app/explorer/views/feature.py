@@ -105,5 +105,6 @@ if st.button("Run", key="live_run") and text.strip():
         column = acts[:, feature]
         st.html(highlight_html(tokens, column, max(page.max_activation, float(column.max()))))
         st.caption(
-            f"max activation on your text: {column.max():.3g} (fired on {(column > 0).sum()} of {len(tokens)} tokens)"
+            f"max activation on your text: {column.max():.3g} "
+            f"(fired on {(column > 0).sum()} of {len(tokens)} tokens)"
         )
