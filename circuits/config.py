@@ -53,8 +53,12 @@ class CircuitConfig:
             raise ConfigError(f"unknown method {unknown[0]!r} (one of {', '.join(METHODS)})")
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"unknown ablation {self.ablation!r} (one of {', '.join(ABLATIONS)})")
-        if min(self.prompts, self.length, self.steps, self.features_per_hook) < 1 or self.edges < 0:
-            raise ConfigError("prompts, length, steps and features_per_hook must be positive, and edges >= 0")
+        positive = dict(prompts=self.prompts, length=self.length, steps=self.steps)
+        for name, value in {**positive, "features_per_hook": self.features_per_hook}.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.edges < 0:
+            raise ConfigError(f"edges must be >= 0, got {self.edges}")
 
 
 def config_json(config: CircuitConfig) -> dict:

@@ -6,9 +6,21 @@ and say so), so one `workbench train --arch topk,jumprelu` command can build sev
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from workbench.errors import ConfigError
+
+METRICS = ("cosine", "dot")
+"""codebook: how codes are scored against an activation."""
+AGGREGATES = ("sum", "mean")
+"""codebook: how the chosen codes combine."""
+
+
+def _at_least(low: float, **values: float) -> None:
+    for name, value in values.items():
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -55,16 +67,25 @@ class DictionaryConfig:
     (`workbench.kernels.approx`); inference stays exact."""
 
     def __post_init__(self):
-        if self.d_in < 0 or self.n_latents < 0:
-            raise ConfigError(f"d_in and n_latents must be >= 0, got {self.d_in} and {self.n_latents}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{field.name} must be finite, got {value}")
+        _at_least(0, d_in=self.d_in, n_latents=self.n_latents, aux_k=self.aux_k, aux_coef=self.aux_coef)
+        _at_least(0, l1_coef=self.l1_coef, target_l0=self.target_l0, controller_rate=self.controller_rate)
         if self.k <= 0 or (self.n_latents and self.k > self.n_latents):
             raise ConfigError(f"k must be in [1, n_latents], got {self.k} for {self.n_latents} latents")
-        if self.aux_k < 0 or self.aux_coef < 0 or self.l1_coef < 0 or self.target_l0 < 0:
-            raise ConfigError("aux_k, aux_coef, l1_coef and target_l0 must be >= 0")
-        if not 0 <= self.l1_warmup_fraction <= 1 or not 0 < self.threshold_momentum <= 1:
-            raise ConfigError("l1_warmup_fraction must be in [0, 1] and threshold_momentum in (0, 1]")
-        if self.bandwidth <= 0 or self.controller_rate < 0:
-            raise ConfigError("bandwidth must be > 0 and controller_rate >= 0")
+        if not 0 <= self.l1_warmup_fraction <= 1:
+            raise ConfigError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction}")
+        if not 0 < self.threshold_momentum <= 1:
+            raise ConfigError(f"threshold_momentum must be in (0, 1], got {self.threshold_momentum}")
+        if self.bandwidth <= 0:
+            raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
+        if self.metric not in METRICS or self.aggregate not in AGGREGATES:
+            raise ConfigError(
+                f"metric must be {' or '.join(METRICS)} and aggregate {' or '.join(AGGREGATES)}, "
+                f"got {self.metric!r} and {self.aggregate!r}"
+            )
         p = self.prefixes
         if not p or p[-1] != 1.0 or p[0] <= 0 or any(b <= a for a, b in zip(p, p[1:])):
             raise ConfigError(f"prefixes must ascend from > 0 to 1.0, got {list(p)}")

@@ -90,6 +90,14 @@ class TrainConfig:
     """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>."""
 
     def __post_init__(self):
+        for name in ("architectures", "k", "expansion"):  # TrainConfig(k=8) means k=(8,)
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                object.__setattr__(self, name, (value,))
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{item.name} must be finite, got {value}")
         if not self.architectures or not self.k or not self.expansion:
             raise ConfigError("--arch, --k and --expansion need at least one value")
         if not isinstance(self.dictionary, DictionaryConfig):

@@ -207,8 +207,9 @@ def test_a_circuit_of_a_task_file_reruns_from_another_folder(capsys, tiny_model_
     [
         (["--method", "eap,magic"], "unknown method 'magic'"),
         (["--ablation", "blur"], "unknown ablation 'blur'"),
-        (["--prompts", "0"], "must be positive"),
-        (["--edges", "-1"], "edges >= 0"),
+        (["--prompts", "0"], "prompts must be positive, got 0"),
+        (["--steps", "-3"], "steps must be positive, got -3"),
+        (["--edges", "-1"], "edges must be >= 0, got -1"),
         (["--method", "eap,acdc"], "one method per circuit"),
     ],
 )

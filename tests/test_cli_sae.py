@@ -211,6 +211,34 @@ def test_bad_input_is_one_line(capsys, cache, tmp_path, argv, expected):
     assert code == 2 and err.count("\n") == 1 and expected in err
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--arch", "codebook", "--aggregate", "max"], "aggregate sum or mean, got 'cosine' and 'max'"),
+        (["--arch", "relu", "--metric", "euclid"], "metric must be cosine or dot"),
+        (["--arch", "relu", "--l1-coef", "nan"], "l1_coef must be finite, got nan"),
+        (["--l1-warmup-fraction", "2"], "l1_warmup_fraction must be in [0, 1], got 2.0"),
+        (["--threshold-momentum", "0"], "threshold_momentum must be in (0, 1], got 0.0"),
+        (["--controller-rate", "-1"], "controller_rate must be >= 0, got -1.0"),
+    ],
+)
+def test_bad_dictionary_flags_name_the_field_and_leave_no_folder(capsys, cache, tmp_path, flags, expected):
+    """Checked when the config is built, before anything is written: a codebook --aggregate
+    max used to leave a train-config.json that refused the corrected command, and a NaN
+    l1_coef trained to 'loss is nan at step 0'."""
+    out = tmp_path / "o"
+    code, _, err = run_cli(capsys, "train", "--cache", str(cache), "--out", str(out), "--quiet", *flags)
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_train_config_takes_a_single_architecture_or_k_from_python():
+    from sae.train_config import TrainConfig
+
+    config = TrainConfig(architectures="topk", k=8, expansion=2)
+    assert config.grid() == [("topk", 8, 2)]
+
+
 def test_bench_sae_reports_recovery_per_seed_and_the_worst_seed(capsys):
     code, out, _ = run_cli(
         capsys,

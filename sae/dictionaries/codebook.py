@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae.base import Dictionary, DictionaryError, StepContext, StepOutput, reconstruction_loss, register
+from sae.base import Dictionary, StepContext, StepOutput, reconstruction_loss, register
 from sae.resample import latents_to_resample
 from workbench import seeding
 from workbench.distributed import all_reduce_sum, gather_rows
@@ -38,11 +38,6 @@ class Codebook(Dictionary):
     def __init__(self, config, generator=None):
         super().__init__(config, generator)
         del self.W_enc, self.b_dec  # a codebook has only its codes (W_dec) and no bias
-        if config.metric not in ("cosine", "dot") or config.aggregate not in ("sum", "mean"):
-            raise DictionaryError(
-                "codebook: metric must be cosine|dot and aggregate sum|mean, "
-                f"got {config.metric}, {config.aggregate}"
-            )
         self.register_buffer("uses_since_check", torch.zeros(config.n_latents, dtype=torch.long))
         self.register_buffer("steps_since_check", torch.zeros((), dtype=torch.long))
         self.register_buffer("replacements", torch.zeros((), dtype=torch.long))
