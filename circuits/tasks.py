@@ -75,6 +75,8 @@ def induction_task(
     """Repeated random tokens: [BOS, filler, segment, segment, filler] with the segment's length
     and offset random per prompt; corrupted prompts are unrelated random tokens. The metric is
     the mean log-prob of the next token inside the second copy, where only induction helps."""
+    if length < 9:  # BOS + two copies of a segment of at least 4 tokens
+        raise TaskError(f"an induction prompt needs length >= 9 (BOS and two 4-token copies), got {length}")
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(1, vocab, (n, length), generator=generator)
     tokens[:, 0] = bos

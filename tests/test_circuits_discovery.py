@@ -219,3 +219,12 @@ def test_bad_circuit_flags_are_one_line_errors(capsys, tmp_path, flags, message)
     code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", *flags, "--out", str(tmp_path / "c.json"))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "c.json").exists()
+
+
+def test_an_induction_task_too_short_for_two_copies_is_a_config_error():
+    """--length 2..8 reached torch.randint as 'from=4 >= to=1' (a traceback, exit 1)."""
+    from circuits.tasks import TaskError, induction_task
+
+    with pytest.raises(TaskError, match="length >= 9"):
+        induction_task(vocab=50, n=4, length=8)
+    assert induction_task(vocab=50, n=4, length=9).clean.shape == (4, 9)
