@@ -148,7 +148,10 @@ def _tuples(cls: type, values: dict) -> dict:
 
 
 def _singular(name: str) -> str:
-    """hooks -> hook, prefixes -> prefix, batches -> batch; a name not ending in "s" is kept."""
+    """hooks -> hook, prefixes -> prefix, batches -> batch; a count (n_latents) or a name not
+    ending in "s" is kept."""
+    if name.startswith("n_"):
+        return name
     if name.endswith(("xes", "ches", "shes", "sses")):
         return name[:-2]
     return name[:-1] if name.endswith("s") else name

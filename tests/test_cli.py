@@ -170,6 +170,9 @@ def test_tuple_flags_take_their_singular_as_an_alias(capsys):
     """`--prefixes` -> `--prefix` (not `--prefixe`); `--hooks` -> `--hook`."""
     from app.flags import _singular
 
-    assert [_singular(n) for n in ("hooks", "prefixes", "batches", "k")] == ["hook", "prefix", "batch", "k"]
+    names = ("hooks", "prefixes", "batches", "k", "n_latents")
+    assert [_singular(n) for n in names] == ["hook", "prefix", "batch", "k", "n_latents"]
     code, out, _ = run_cli(capsys, "train", "--help")
     assert code == 0 and "--prefix PREFIX" in out and "PREFIXE" not in out
+    code, out, _ = run_cli(capsys, "bench", "kernels", "--help")
+    assert code == 0 and "--n-latents N_LATENTS" in out and "--n-latent " not in out
