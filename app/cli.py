@@ -23,7 +23,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and still exit status 2)."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+        renamed = [f"{old} is now {new}" for old, new in RENAMED_FLAGS.items() if old in message.split()]
+        hint = f"; {', '.join(renamed)}" if message.startswith("unrecognized arguments") and renamed else ""
+        self.exit(2, f"error: {message}{hint} (see `{self.prog} --help`)\n")
+
+
+# Flags renamed to one word per concept (issue 18; README, Glossary): a user's old command is
+# told the new name instead of only "unrecognized".
+RENAMED_FLAGS = {"--latents": "--n-latents", "--features": "--n-planted", "--learning-rate": "--lr"}
 
 
 class Command(NamedTuple):

@@ -176,3 +176,12 @@ def test_tuple_flags_take_their_singular_as_an_alias(capsys):
     assert code == 0 and "--prefix PREFIX" in out and "PREFIXE" not in out
     code, out, _ = run_cli(capsys, "bench", "kernels", "--help")
     assert code == 0 and "--n-latents N_LATENTS" in out and "--n-latent " not in out
+
+
+@pytest.mark.parametrize(
+    "argv, new",
+    [(["train", "--latents", "96"], "--n-latents"), (["bench", "sae", "--features", "64"], "--n-planted")],
+)
+def test_a_renamed_flag_is_told_its_new_name(capsys, argv, new):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and f"is now {new}" in err
