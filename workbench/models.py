@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from workbench.devices import model_dtype, resolve_device
 from workbench.errors import UnknownHookError, UnknownModelError, WorkbenchError
 from workbench.hook_modes import MODES, HookModes, Needs
 from workbench.model_sources import BUILTIN_MODELS, ModelSource, resolve
@@ -57,6 +58,16 @@ class Model:
             _model_name(self.spec),
             _model_name(self.source.name_or_path),
         }
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (and where its activations and logits come out)."""
+        return _first_device(self.bridge)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's forward (`--model-dtype`)."""
+        return next(self.bridge.parameters()).dtype
 
     @property
     def tokenizer(self):
@@ -202,6 +213,8 @@ class Model:
         return [self.tokenizer.decode([int(t)]) for t in tokens.reshape(-1)]
 
     def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
+        """Logits on the model's device; `tokens` may be on any device."""
+        tokens = tokens.to(self.device)
         return self.bridge(tokens, return_type="logits", attention_mask=self._padding_mask(tokens))
 
     def _padding_mask(self, tokens: Tensor) -> Tensor | None:
@@ -236,6 +249,7 @@ class Model:
         needs: Needs | None = None,
     ) -> dict:
         captured: dict = {}
+        tokens = tokens.to(self.device)
 
         def grab(name: str):
             def hook_fn(activation, hook):
@@ -279,6 +293,11 @@ class Model:
         )
 
 
+def _first_device(bridge) -> torch.device:
+    first = next(bridge.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _model_name(spec: str) -> str:
     """A spec's folder or hub name without its parents or organisation, lowercased, with
     TransformerLens aliases resolved ("gpt2-small" -> "gpt2"); resolves no hub or packaged model.
@@ -317,8 +336,16 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_model(spec: str = "demo", device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
-    """Load a model by spec: 'demo', a local HF folder, 'gemma-3-270m', 'minilm', or a hub name."""
+def load_model(
+    spec: str = "demo", device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32
+) -> Model:
+    """Load a model by spec: 'demo', a local HF folder, 'gemma-3-270m', 'minilm', or a hub name.
+
+    `device`: a `--device` value (auto, cpu, cuda, cuda:N; `workbench.devices.resolve_device`);
+    `dtype`: the forward's dtype, a torch.dtype or a `--model-dtype` name (float32, bfloat16,
+    float16). Raises UnknownModelError, or DeviceError for a device this machine lacks."""
+    device = resolve_device(device)
+    dtype = model_dtype(dtype) if isinstance(dtype, str) else dtype
     source = resolve(spec)
     from transformer_lens.model_bridge import TransformerBridge
 
