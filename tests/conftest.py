@@ -153,3 +153,17 @@ def run_and_kill(command: list[str], ready, env: dict | None = None, seconds: fl
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def _cuda_param():
+    from workbench.devices import cuda_count
+
+    reason = "no usable CUDA device on this machine (the GPU check, scripts/gpu-check.sh, runs these)"
+    return pytest.param("cuda", marks=pytest.mark.skipif(cuda_count() == 0, reason=reason))
+
+
+@pytest.fixture(params=["cpu", _cuda_param()])
+def device(request) -> str:
+    """Each device a test should pass on: the CPU always, CUDA where present (skipped, with the
+    reason, elsewhere)."""
+    return request.param
