@@ -87,7 +87,9 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if count == 0:
         raise DeviceError(f"--device {spec}: no usable CUDA device here ({_why_no_cuda()}); use --device cpu")
     if index >= count:
-        raise DeviceError(f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        raise DeviceError(
+            f"--device {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+        )
     return torch.device("cuda", index)
 
 
@@ -125,10 +127,38 @@ def peak_memory(device: torch.device | str) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if is_cuda(device) else None
 
 
+def allocated_memory(device: torch.device | str) -> int | None:
+    """Bytes of device memory allocated now (the base of a peak's growth); None on the CPU."""
+    return int(torch.cuda.memory_allocated(device)) if is_cuda(device) else None
+
+
+def record_event(device: torch.device | str):
+    """A marker after the work queued so far on `device`'s current stream, for `wait_event`
+    (None on the CPU, whose work is done when queued): a copy to pinned host memory started with
+    non_blocking=True may be read once its event is waited for, while later work keeps running."""
+    if not is_cuda(device):
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def wait_event(event) -> None:
+    """Block until the work queued before `event` (from `record_event`) is done; no-op for None."""
+    if event is not None:
+        event.synchronize()
+
+
 def pin(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` in page-locked host memory, so a non-blocking copy to a GPU overlaps compute
     (the tensor itself when no CUDA device is usable: pinning needs the driver)."""
     return tensor.pin_memory() if cuda_count() and not tensor.is_pinned() else tensor
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised host tensor in page-locked memory (plain memory when no CUDA device is
+    usable), the destination of non-blocking copies out of a GPU."""
+    return torch.empty(shape, dtype=dtype, pin_memory=bool(cuda_count()))
 
 
 def describe(device: torch.device) -> str:
