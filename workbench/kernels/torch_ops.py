@@ -16,6 +16,8 @@ from torch import Tensor
 
 from workbench.kernels.pattern import Pattern
 
+_UPCAST = (torch.bfloat16, torch.float16)
+
 
 def decode(pattern: Pattern, values: Tensor, weight: Tensor) -> Tensor:
     """[N, d]: row n = sum over its entries of value * weight[latent]."""
@@ -43,6 +45,8 @@ def gather_dot(pattern: Pattern, dense: Tensor, weight: Tensor) -> Tensor:
         return dense.new_zeros(0)
     if pattern.nnz > pattern.n_rows * pattern.n_latents:  # more entries than cells: repeats in a row
         return (dense[pattern.row_ids()] * weight[pattern.indices]).sum(1)
+    if dense.dtype in _UPCAST:  # sampled_addmm takes no half types; accumulate in fp32 as Triton does
+        return gather_dot(pattern, dense.float(), weight.float()).to(dense.dtype)
     shape = (pattern.n_rows, pattern.n_latents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
