@@ -10,6 +10,14 @@ r // context_length. Every file is written to a temporary name and renamed; afte
 complete shard. Shards and forward batches are aligned, so a resumed run computes exactly the
 batches an uninterrupted one would and the bytes are identical (on the same machine).
 
+On a GPU (`--device`) the model runs there, each batch's activations are cast to the storage
+dtype on the device and copied to pinned host memory without blocking, and a shard is checked and
+handed to the writer thread only after the next shard's forward passes are queued, so the device
+never waits for the host. On the CPU each shard is computed, checked and handed over in turn.
+`--device` is where, not what: it is not part of the cache's identity (a cache started on one
+device resumes on another); `--model-dtype` is (other than float32, the default, it changes the
+activations).
+
 Under torchrun, rank r computes the shards whose index ≡ r (mod world size) and records them
 in `progress-rank{r}.json`; rank 0 writes the tokens first and the manifest last, after every
 rank is done. The cache is the one a single process writes, byte for byte, and a partial run
@@ -19,26 +27,20 @@ resumes with any number of ranks (every progress file counts).
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from workbench.cache_reader import FORMAT_VERSION, MANIFEST, PROGRESS, TOKENS_FILE, shard_path
+from workbench.cache_shards import BackgroundWriter, Shard, forward_shard, forward_shard_on_device
 from workbench.corpus import iter_documents, token_windows
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, is_cuda
 from workbench.distributed import Ranks, barrier, ranks
 from workbench.errors import CacheError, ConfigError
-from workbench.files import (
-    first_non_finite_row,
-    read_json,
-    remove_stale_temporaries,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from workbench.files import read_json, remove_stale_temporaries, save_tensors_atomic, write_json_atomic
 from workbench.paths import DEFAULT_RUNS_DIR
 
 DEFAULT_CONTEXT = 128
@@ -63,12 +65,16 @@ class CacheConfig:
     """Tokens per window, BOS included; 0 means min(128, the model's n_ctx)."""
     dtype: str = "float32"
     """Storage dtype: float32, float16 or bfloat16."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
     batch_size: int = 32
     """Windows per forward pass."""
     shard_tokens: int = 65_536
     """Tokens per shard file (rounded down to whole batches of windows)."""
     seed: int = 0
     """Seeds which windows are taken and their order."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
     validation_fraction: float = 0.02
     """Fraction of the corpus held out as the validation split
     (with --from: of the rows, held out for eval)."""
@@ -88,6 +94,8 @@ class CacheConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.split not in ("train", "validation"):
             raise ConfigError(f"unknown split {self.split!r}; use train or validation")
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
         for name in ("batch_size", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -119,9 +127,13 @@ class CacheConfig:
         return DEFAULT_RUNS_DIR / f"cache-{slug}"
 
     def identity(self) -> dict:
-        """Everything that determines the cache's bytes (not where it is written)."""
+        """Everything that determines the cache's bytes (not where it is written, nor the device
+        that computed them)."""
         fields = asdict(self)
         fields.pop("out")
+        fields.pop("device")
+        if fields["model_dtype"] == "float32":  # caches written before --model-dtype keep their identity
+            fields.pop("model_dtype")
         if not fields["from_activations"]:  # caches written before --from existed keep their identity
             fields.pop("from_activations")
         fields["hooks"] = list(fields["hooks"])
@@ -162,6 +174,12 @@ def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
         from workbench.imported import import_activations, imported_config
 
         return import_activations(imported_config(config), progress)
+    device = None
+    if model is None:  # a device this machine lacks is a one-line error, even for a complete cache
+        from workbench.devices import activate, resolve_device
+
+        device = resolve_device(config.device)
+        activate(device)  # under torchrun: this rank's GPU, before the process group is joined
     out = config.output_dir()
     state = _resume_state(out, config)
     if state == "complete":
@@ -169,7 +187,7 @@ def build_cache(config: CacheConfig, model=None, progress: bool = True) -> Path:
     if model is None:
         from workbench.models import load_model
 
-        model = load_model(config.model)
+        model = load_model(config.model, device=device, dtype=config.model_dtype)
     hooks = list(config.hooks) or [model.default_hook]
     model.check_hooks(hooks)
     write_cache(out, config, model, hooks, select_windows(config, model), state, progress)
@@ -266,6 +284,8 @@ def _write_or_check_tokens(out: Path, windows: torch.Tensor) -> None:
 
 
 def _write_shards(out, config, model, hooks, windows, done, progress, where: Ranks = Ranks()) -> None:
+    """Compute this rank's missing shards and write them on the writer thread. On a GPU shard i
+    is handed over once shard i+1's forward passes are queued (`Shard`); on the CPU at once."""
     context = windows.shape[1]
     per_shard = config.windows_per_shard(context)
     n_shards = math.ceil(len(windows) / per_shard)
@@ -281,33 +301,24 @@ def _write_shards(out, config, model, hooks, windows, done, progress, where: Ran
         disable=not progress,
     )
     name = _progress_name(where)
-    with _BackgroundWriter() as writer:
+    on_device = is_cuda(model.device)
+    in_flight: list[tuple[int, Shard]] = []
+
+    def hand_over(index: int, shard: Shard) -> None:
+        acts = shard.finish(first_window=index * per_shard)
+        writer.submit(lambda: _save_shard(out, index, acts, done, name))
+        bar.update(shard.n_tokens * where.world)
+
+    with BackgroundWriter() as writer:
         for index in todo:
             shard_windows = windows[index * per_shard : (index + 1) * per_shard]
-            acts = _forward_shard(
-                model, hooks, shard_windows, config.batch_size, dtype, first_window=index * per_shard
-            )
-            writer.submit(lambda index=index, acts=acts: _save_shard(out, index, acts, done, name))
-            bar.update(shard_windows.numel() * where.world)
+            start = forward_shard_on_device if on_device else forward_shard
+            in_flight.append((index, start(model, hooks, shard_windows, config.batch_size, dtype)))
+            if len(in_flight) > int(on_device):
+                hand_over(*in_flight.pop(0))
+        for item in in_flight:
+            hand_over(*item)
     bar.close()
-
-
-def _forward_shard(model, hooks, windows, batch_size, dtype, first_window) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for start in range(0, len(windows), batch_size):
-        captured = model.run_with_cache(windows[start : start + batch_size], hooks)
-        for hook in hooks:
-            parts[hook].append(captured[hook].reshape(-1, captured[hook].shape[-1]).to(dtype))
-    acts = {hook: torch.cat(chunks) for hook, chunks in parts.items()}
-    for hook, x in acts.items():
-        bad = first_non_finite_row(x)
-        if bad is not None:
-            row = bad + first_window * windows.shape[1]
-            raise CacheError(
-                f"non-finite activation (NaN/Inf) at hook {hook}, window {row // windows.shape[1]}, "
-                f"position {row % windows.shape[1]}; try --dtype float32"
-            )
-    return acts
 
 
 def _save_shard(
@@ -346,38 +357,3 @@ def _write_manifest(out, config, model, hooks, windows, done) -> None:
         "config": config.identity(),
     }
     write_json_atomic(out / MANIFEST, manifest)
-
-
-class _BackgroundWriter:
-    """Runs write jobs on one thread so the next forward pass overlaps the previous shard's I/O.
-
-    At most one job waits in the queue (bounded memory); the first error is re-raised on exit.
-    """
-
-    def __init__(self):
-        self._jobs: queue.Queue = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "_BackgroundWriter":
-        self._thread.start()
-        return self
-
-    def submit(self, job: Callable[[], None]) -> None:
-        if self._error is not None:
-            raise self._error
-        self._jobs.put(job)
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._error is None:
-                try:
-                    job()
-                except BaseException as exc:  # surfaced in the main thread
-                    self._error = exc
-
-    def __exit__(self, *exc) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-        if self._error is not None and exc[0] is None:
-            raise self._error

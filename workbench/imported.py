@@ -245,5 +245,5 @@ def default_output_dir(source: str) -> Path:
 
 
 def imported_config(config):
-    """The config as an import records it: the model, corpus and split do not apply."""
-    return replace(config, model="", corpus="", split="train")
+    """The config as an import records it: the model, corpus, split and model dtype do not apply."""
+    return replace(config, model="", corpus="", split="train", model_dtype="float32")
