@@ -4,6 +4,10 @@
 - eager: the dense twins everywhere (dense pre-activations, dense decode, dense backward), the
   reference every fused path is tested against and the "dense" row of `workbench bench kernels`;
 - torch / triton: force one sparse backend (triton on CPU tensors needs TRITON_INTERPRET=1).
+
+`use_matmul_dtype(torch.bfloat16)` runs the encoders' dense pre-activation matmul, the one that
+only chooses entries, in bf16 (`workbench train --matmul-dtype bfloat16`); the chosen entries'
+values and every gradient stay exact fp32 (`workbench.kernels.encode`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,30 @@ def use_kernels(mode: str) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+_selection_dtype: Optional[torch.dtype] = None
+
+
+@contextlib.contextmanager
+def use_matmul_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Run a block with the encoders' selection matmul in `dtype` (float32: as outside the block;
+    bfloat16: bf16 inputs, fp32 accumulation, bf16 scores). Only which entries are selected can
+    change: their values and gradients are recomputed in the inputs' own dtype. Raises ConfigError
+    for another dtype."""
+    global _selection_dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"matmul dtype {dtype} is not one of float32, bfloat16")
+    previous, _selection_dtype = _selection_dtype, None if dtype == torch.float32 else dtype
+    try:
+        yield
+    finally:
+        _selection_dtype = previous
+
+
+def selection_dtype() -> Optional[torch.dtype]:
+    """The dtype `use_matmul_dtype` asked the selection matmul to run in; None for the inputs' own."""
+    return _selection_dtype
 
 
 def kernel_mode() -> str:

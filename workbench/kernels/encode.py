@@ -5,6 +5,11 @@ the selected values to `PreactsAt`, whose backward touches only the selected lat
 eager twin (WORKBENCH_KERNELS=eager) keeps the dense pre-activations in the graph and gathers
 from them: same selection, dense backward. Values are pre-activations: the caller applies its
 activation (ReLU, JumpReLU) to `codes.values`, which autograd differentiates cheaply.
+
+Inside `use_matmul_dtype(torch.bfloat16)` the pre-activations that choose the entries come
+from a bf16 matmul; the chosen entries' values are then recomputed exactly (`gather_dot` in
+fp32, as `approximate` re-ranks its int8 candidates), so values and gradients are those of the
+fp32 encoder at the chosen entries and only the choice itself can differ near its cut.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from torch import Tensor
 
 from workbench.kernels import approx, select
 from workbench.kernels.autograd import PreactsAt
-from workbench.kernels.backend import is_eager, sparse_ops
+from workbench.kernels.backend import is_eager, selection_dtype, sparse_ops
 from workbench.kernels.codes import KernelInputError, SparseCodes, stack_rows
 from workbench.kernels.pattern import pattern_of
 
@@ -233,30 +238,33 @@ def _encode(
     _check(x, weight, bias)
     if shift is not None and shift.shape != (x.shape[1],):
         raise KernelInputError(f"encode: shift must be [{x.shape[1]}], got {tuple(shift.shape)}")
+    low = _low_precision(x, selection)
     if is_eager():
         pre = _dense_preacts(x if shift is None else x - shift, weight, bias)
         dense = pre.detach()
-        scores = (
-            dense
-            if selection.scores is None
-            else selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
-        )
+        if selection.scores is not None:
+            scores = selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
+        elif low is not None:
+            scores = _dense_preacts(*_cast(low, x if shift is None else x - shift.detach(), weight, bias))
+        else:
+            scores = dense
         return _gathered(selection.finish([selection.rows(scores)], _Batch(x, weight, bias, dense)), pre)
     centred = (x if shift is None else x - shift.detach()).contiguous()
     with torch.no_grad():
         n, step = x.shape[0], x.shape[0] if selection.whole_batch else ROWS_PER_PASS
-        buffer = _workspace(min(n, step), weight.shape[0], x)
+        score_weight, score_bias = _cast(low, weight, bias)
+        buffer = _workspace(min(n, step), weight.shape[0], x, low or x.dtype)
         parts = []
         for start in range(0, n, step):
             block, out = centred[start : start + step], buffer[: min(step, n - start)]
             scores = (
-                _dense_preacts(block, weight, bias, out=out)
+                _dense_preacts(*_cast(low, block), score_weight, score_bias, out=out)
                 if selection.scores is None
                 else selection.scores(block, out)
             )
             parts.append(selection.rows(scores))
         chosen = selection.finish(parts, _Batch(centred, weight, bias))
-    return _differentiable(chosen, centred, weight, bias, shift)
+    return _differentiable(chosen, centred, weight, bias, shift, exact=low is not None)
 
 
 def _dense_preacts(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
@@ -265,40 +273,60 @@ def _dense_preacts(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optio
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-_WORKSPACE: dict[str, Tensor] = {}
+def _low_precision(x: Tensor, selection: _Selection) -> Optional[torch.dtype]:
+    """The dtype of the selection matmul when `use_matmul_dtype` lowers it below x's; None for
+    x's own (and for selections with scores of their own: the int8 candidates)."""
+    low = selection_dtype()
+    if low is None or selection.scores is not None or low.itemsize >= x.dtype.itemsize:
+        return None
+    return low
+
+
+def _cast(low: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple:
+    """The tensors detached and cast to `low` for a selection-only matmul; themselves when
+    `low` is None."""
+    if low is None:
+        return tensors
+    return tuple(None if t is None else t.detach().to(low) for t in tensors)
+
+
+_WORKSPACE: dict[torch.dtype, Tensor] = {}
 
 
 def release_workspace() -> int:
-    """Free the encoder's reused pre-activation buffer; returns the bytes it held."""
-    buf = _WORKSPACE.pop("pre", None)
-    return 0 if buf is None else buf.numel() * buf.element_size()
+    """Free the encoder's reused pre-activation buffers; returns the bytes they held."""
+    held = sum(buf.numel() * buf.element_size() for buf in _WORKSPACE.values())
+    _WORKSPACE.clear()
+    return held
 
 
-def _workspace(n: int, m: int, like: Tensor) -> Tensor:
-    """A reused buffer for [n, m] no-grad pre-activations (the first n rows of the largest asked
-    for). A fresh 134 MB tensor per pass costs ~12 ms of page faults on the CPU; selections copy
-    what they keep out of it."""
-    buf = _WORKSPACE.get("pre")
-    if (
-        buf is None
-        or buf.shape[0] < n
-        or buf.shape[1] != m
-        or buf.dtype != like.dtype
-        or buf.device != like.device
-    ):
-        _WORKSPACE.pop("pre", None)
-        buf = _WORKSPACE["pre"] = torch.empty(n, m, dtype=like.dtype, device=like.device)
+def _workspace(n: int, m: int, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A reused buffer for [n, m] no-grad pre-activations in `dtype` (default like's) on like's
+    device (the first n rows of the largest asked for), one per dtype. A fresh 134 MB tensor per
+    pass costs ~12 ms of page faults on the CPU; selections copy what they keep out of it."""
+    dtype = dtype or like.dtype
+    buf = _WORKSPACE.get(dtype)
+    if buf is None or buf.shape[0] < n or buf.shape[1] != m or buf.device != like.device:
+        _WORKSPACE.pop(dtype, None)
+        buf = _WORKSPACE[dtype] = torch.empty(n, m, dtype=dtype, device=like.device)
     return buf[:n]
 
 
 def _differentiable(
-    codes: SparseCodes, x: Tensor, weight: Tensor, bias: Optional[Tensor], shift: Optional[Tensor] = None
+    codes: SparseCodes,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    shift: Optional[Tensor] = None,
+    exact: bool = False,
 ) -> SparseCodes:
+    """The codes' values as a function of the encoder (backward at the entries only); `exact`:
+    recompute them (`gather_dot`) instead of taking the selection's, which a low-precision
+    matmul chose."""
     ops = sparse_ops(x.device)
-    values = PreactsAt.apply(x, weight, bias, shift, codes.values, pattern_of(codes), ops).view_as(
-        codes.indices
-    )
-    extra = _differentiable(codes.extra, x, weight, bias, shift) if codes.extra is not None else None
+    known = None if exact else codes.values
+    values = PreactsAt.apply(x, weight, bias, shift, known, pattern_of(codes), ops).view_as(codes.indices)
+    extra = _differentiable(codes.extra, x, weight, bias, shift, exact) if codes.extra is not None else None
     return SparseCodes(codes.indices, values, codes.n_latents, codes.offsets, extra, codes.cache)
 
 
