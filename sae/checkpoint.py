@@ -1,6 +1,7 @@
 """Training checkpoints: every trainee's state at one step, written so a kill never leaves a
 mix of steps. Each trainee's tensors go to `<name>-<step>.safetensors`; `state.json`, written
 last and atomically, names the files of the step it describes; older files are then removed.
+Tensors load onto the device of the trainee's parameters, whatever device wrote them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def save_checkpoint(out: Path, state: TrainState, trainees: list[Trainee]) -> No
 
 
 def load_checkpoint(out: Path, trainees: list[Trainee]) -> TrainState | None:
-    """Restore the trainees from the last checkpoint; return its state, or None if none."""
+    """Restore the trainees from the last checkpoint (onto each one's device: Adam moments
+    included); return its state, or None if none."""
     state_path = out / FOLDER / STATE
     if not state_path.exists():
         return None
@@ -72,7 +74,7 @@ def load_checkpoint(out: Path, trainees: list[Trainee]) -> TrainState | None:
             )
         path = out / FOLDER / files[trainee.name]
         try:
-            trainee.load_state_tensors(load_file(path))
+            trainee.load_state_tensors(load_file(path, device=str(trainee.dictionary.W_dec.device)))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise WorkbenchError(
                 f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "

@@ -43,9 +43,8 @@ def latents_to_resample(
         cos = directions @ directions.t()
         cos.fill_diagonal_(0)
         busier = fires[None, :] > fires[:, None]  # [i, j]: j fired more than i
-        tie = (fires[None, :] == fires[:, None]) & (
-            torch.arange(len(fires))[None, :] < torch.arange(len(fires))[:, None]
-        )
+        order = torch.arange(len(fires), device=fires.device)
+        tie = (fires[None, :] == fires[:, None]) & (order[None, :] < order[:, None])
         chosen |= ((cos > duplicate_cosine) & (busier | tie)).any(dim=1)
     return chosen
 

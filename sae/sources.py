@@ -1,17 +1,24 @@
 """Where training batches come from: an activation cache (or, for benchmarks, a generator).
 
 A source yields epochs of [batch, d_in] float tensors whose order depends only on (seed, epoch),
-so a resumed run can replay an epoch up to where it stopped.
+so a resumed run can replay an epoch up to where it stopped. `Prefetcher` carries the batches to
+the training device: on CUDA a thread reads the next batches (shards, shuffles) and pins them
+while the GPU steps, and the copies are non-blocking; `FeedClock` measures how long the loop
+still waits for them.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Iterator, Protocol
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
+import torch
 from torch import Tensor
 
-from workbench import seeding
+from workbench import devices, seeding
 from workbench.cache_reader import ActivationCache
 
 
@@ -94,3 +101,166 @@ def open_cache_source(cache: str = "", hook: str = "", seed: int = 0) -> CacheSo
         build_cache(CacheConfig())
     opened = ActivationCache(folder)
     return CacheSource(opened, hook or opened.hooks[0], seed=seed)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def _each_tensor(item: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`item` (a tensor, or a tuple of tensors and other values) with fn applied to its tensors."""
+    if isinstance(item, Tensor):
+        return fn(item)
+    if isinstance(item, tuple):
+        return tuple(_each_tensor(part, fn) for part in item)
+    return item
+
+
+class Prefetcher:
+    """The items of `items` (tensors, or tuples holding tensors), in their order, with their
+    tensors on `device`. With `depth` > 0 a thread runs `items` (and `transform`) up to `depth`
+    items ahead and pins their tensors (CUDA), and the copies to the device are non-blocking;
+    `depth` 0 is the plain loop in the calling thread.
+
+    An exception raised by `items` is raised by `next()` here, after the tensors before it.
+    `close()` (or leaving the `with` block, or the loop's end) stops the thread and closes
+    `items`; nothing is left running."""
+
+    def __init__(
+        self,
+        items: Iterable[Any],
+        device: torch.device | str,
+        depth: int = 0,
+        transform: Optional[Callable[[Any], Any]] = None,
+    ):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.device, self.depth = torch.device(device), depth
+        self._items, self._transform = iter(items), transform or (lambda t: t)
+        self._pin = depth > 0 and devices.is_cuda(self.device)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._done = False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        if self.depth == 0:
+            try:
+                item = self._transform(next(self._items))
+            except StopIteration:
+                self._done = True
+                raise
+            return _each_tensor(item, lambda t: t.to(self.device))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name="prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if item is _END or isinstance(item, _Failed):
+            self.close()
+            if isinstance(item, _Failed):
+                raise item.error
+            raise StopIteration
+        return _each_tensor(item, lambda t: t.to(self.device, non_blocking=True))
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                item = self._transform(item)
+                if not self._put(_each_tensor(item, devices.pin) if self._pin else item):
+                    return
+            self._put(_END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._put(_Failed(error))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, item: Any) -> bool:
+        """Queue `item` unless the consumer stopped; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """Stop the thread (waiting for the item it is reading) and close the items."""
+        self._done = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()  # it closes the items
+        else:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._stop.set()  # an abandoned prefetcher's thread ends at its next put
+
+
+class FeedClock:
+    """Seconds the training loop spent blocked waiting for batches (`waiting` around `next()`)
+    against its wall time, and tokens per second: over the whole run (`totals`) and since the
+    previous `lap`. Host time: on CUDA the steps' own waits for the GPU count as step time."""
+
+    def __init__(self):
+        self.start = self.lap_start = time.perf_counter()
+        self.wait = self.lap_wait = 0.0
+        self.tokens = self.lap_tokens = 0
+
+    def waiting(self, feed: Iterator[Any]) -> Any:
+        """next(feed), timed as waiting for data."""
+        began = time.perf_counter()
+        try:
+            return next(feed)
+        finally:
+            spent = time.perf_counter() - began
+            self.wait += spent
+            self.lap_wait += spent
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.lap_tokens += tokens
+
+    def lap(self) -> dict[str, float]:
+        """tokens_per_s and data_wait_fraction since the previous lap (or the start)."""
+        now = time.perf_counter()
+        out = _rates(self.lap_tokens, self.lap_wait, now - self.lap_start)
+        self.lap_start, self.lap_wait, self.lap_tokens = now, 0.0, 0
+        return out
+
+    def totals(self) -> dict[str, float]:
+        """tokens_per_s and data_wait_fraction over every step this clock timed ({} for none)."""
+        if not self.tokens:
+            return {}
+        return _rates(self.tokens, self.wait, time.perf_counter() - self.start)
+
+
+TIMING = ("tokens_per_s", "data_wait_fraction")
+"""The keys `FeedClock` adds to log records and final metrics (they vary from run to run)."""
+
+
+def _rates(tokens: int, wait: float, seconds: float) -> dict[str, float]:
+    seconds = max(seconds, 1e-9)
+    return {
+        "tokens_per_s": round(tokens / seconds, 1),
+        "data_wait_fraction": round(min(1.0, wait / seconds), 4),
+    }

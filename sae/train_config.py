@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
 from sae.config import DictionaryConfig
+from workbench.devices import MATMUL_DTYPES, check_device_spec, check_dtype_name
 from workbench.errors import ConfigError
 
 FORMAT_VERSION = 3
 """Saved train configs: 3 names the grid's fields `architectures` and `n_latents` (2 and 1 said
 `arch` and `latents`); 2 nests the dictionaries' coefficients under "dictionary", 1 (or no
-format_version) had them at the top level. Every version is still read (`TrainConfig.upgrade_json`)."""
+format_version) had them at the top level. Every version is still read (`TrainConfig.upgrade_json`);
+fields added since a file was written (device, matmul_dtype) read as their defaults."""
 
 RENAMED_IN_3 = {"arch": "architectures", "latents": "n_latents"}
 """Fields renamed in format_version 3 (issue 18: one word per concept): old name -> new name."""
@@ -86,6 +88,12 @@ class TrainConfig:
     """Also log to Weights & Biases (offline unless WANDB_MODE / an API key says otherwise)."""
     wandb_project: str = "workbench"
     """W&B project name."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N.
+    Not part of the run's identity: a run checkpointed on one device resumes on another."""
+    matmul_dtype: str = "float32"
+    """The encoders' selection matmul: float32, or bfloat16 (faster on GPUs; the selected values,
+    the gradients, the weights and the optimizer stay float32)."""
     out: str = ""
     """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>."""
 
@@ -98,6 +106,8 @@ class TrainConfig:
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{item.name} must be finite, got {value}")
+        check_device_spec(self.device)
+        check_dtype_name(self.matmul_dtype, MATMUL_DTYPES, "matmul_dtype")
         if not self.architectures or not self.k or not self.expansion:
             raise ConfigError("--arch, --k and --expansion need at least one value")
         if not isinstance(self.dictionary, DictionaryConfig):

@@ -7,6 +7,14 @@ run replays the epoch up to there, so a killed run resumed with the same command
 same weights, bit for bit on the CPU, as one never interrupted. Metrics go to each
 dictionary's `log.jsonl` (and to W&B with --wandb); the progress bar shows FVU / L0 / dead %.
 
+On a GPU (`--device`, default auto: the first usable one) the dictionaries, their Adam state
+and the steps live on the device; a thread reads and pins the next batches while it steps
+(`sae.sources.Prefetcher`), and the log records how long the loop still waited for data
+(`data_wait_fraction`) and its `tokens_per_s`. `--matmul-dtype bfloat16` runs the encoders'
+selection matmul in bf16 (`workbench.kernels.backend.use_matmul_dtype`); weights, optimizer and
+the selected values stay fp32. The device is where a run computes, not what it is: a run
+checkpointed on one device resumes on another (bit for bit only on the same kind).
+
 Under torchrun every rank reads the same batches and trains on its contiguous share of each;
 gradients are averaged and firing counts summed across ranks (`sae.trainee`), so the weights
 stay identical on every rank and equal, to float rounding, single-process training on the same
@@ -19,10 +27,11 @@ dead-code replacement count firings over every rank and draw from the whole (gat
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,19 +42,22 @@ from sae import io
 from sae.base import create
 from sae.calibrate import inference_l0
 from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from sae.sources import BatchSource, draw, input_scale, open_cache_source
+from sae.sources import BatchSource, FeedClock, Prefetcher, draw, input_scale, open_cache_source
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee
-from workbench import seeding
+from workbench import devices, seeding
 from workbench.distributed import Ranks, alone, barrier, ranks
 from workbench.errors import ConfigError, MissingExtraError, WorkbenchError
 from workbench.files import write_bytes_atomic, write_json_atomic
+from workbench.kernels.backend import use_matmul_dtype
 from workbench.logs import JsonlLogger, read_jsonl
 from workbench.paths import DEFAULT_RUNS_DIR
 
 RUN_CONFIG = "train-config.json"
 INIT_SAMPLE_ROWS = 16_384
 CALIBRATION_ROWS = 16_384
+PREFETCH_DEPTH = 2
+"""Batches the reading thread keeps ready on CUDA (on the CPU the loop reads them itself)."""
 
 
 @dataclass
@@ -67,13 +79,18 @@ def train(
     source: Optional[BatchSource] = None,
     progress: bool = True,
     stop_after_step: Optional[int] = None,
+    prefetch: Optional[int] = None,
 ) -> list[Path]:
-    """Train (or resume, or find finished) every dictionary of `config`; return their folders.
+    """Train (or resume, or find finished) every dictionary of `config` on `config.device`;
+    return their folders.
 
     `stop_after_step` ends the run after that step without saving anything beyond the last
-    checkpoint, as a kill would (used to test resumption)."""
+    checkpoint, as a kill would (used to test resumption). `prefetch`: batches a reading thread
+    keeps ready (None: PREFETCH_DEPTH on CUDA, 0 on the CPU: no thread). Raises DeviceError
+    (one line) for a device this machine lacks, before any data is read."""
+    device = devices.resolve_device(config.device)
     source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
-    where = ranks()
+    where = ranks(device)
     plan = _plan(config, source, where.world)
     check_data_parallel(plan.batch_size, where)
     folders = [plan.out / name for name in _names(config)]
@@ -82,7 +99,7 @@ def train(
     if where.is_main:
         _claim_folder(plan)
     barrier()
-    trainees = _build_trainees(plan)
+    trainees = _build_trainees(plan, device)
     state = load_checkpoint(plan.out, trainees)
     if state is None:
         state = _initialize(plan, trainees)
@@ -92,14 +109,19 @@ def train(
             f"resume with --batch-size {state.batch_size}"
         )
     loggers = _open_logs(plan, trainees, state.step) if where.is_main else {}
+    depth = prefetch if prefetch is not None else PREFETCH_DEPTH if devices.is_cuda(device) else 0
+    clock = FeedClock()
     try:
-        finished = _loop(plan, trainees, state, loggers, progress and where.is_main, stop_after_step, where)
+        finished = _loop(
+            plan, trainees, state, loggers, progress and where.is_main, stop_after_step, where, depth, clock
+        )
     finally:
         for logger in loggers.values():
             logger.close()
     if not finished:
         return []
-    saved = [_save_final(plan, t, state) for t in trainees] if where.is_main else folders
+    timing = clock.totals()
+    saved = [_save_final(plan, t, state, timing) for t in trainees] if where.is_main else folders
     barrier()  # every rank returns once the weights are on disk
     return saved
 
@@ -144,14 +166,20 @@ def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
 
 def _same_run(plan: Plan) -> bool:
     """The folder records this run (in any format_version); fields added since it was written
-    count at their defaults."""
+    count at their defaults. The device does not count: it is where the run computes."""
     path = plan.out / RUN_CONFIG
     if not path.exists():
         return False
     try:
-        return TrainConfig.from_json(json.loads(path.read_text())).to_json() == plan.config.to_json()
+        saved = TrainConfig.from_json(json.loads(path.read_text()))
     except ConfigError:  # fields this version does not know: another run
         return False
+    return _identity(saved) == _identity(plan.config)
+
+
+def _identity(config: TrainConfig) -> dict:
+    """What makes two configs the same run: everything but where it computes."""
+    return replace(config, device="auto").to_json()
 
 
 def _claim_folder(plan: Plan) -> None:
@@ -164,12 +192,14 @@ def _claim_folder(plan: Plan) -> None:
     write_json_atomic(path, plan.config.to_json())
 
 
-def _build_trainees(plan: Plan) -> list[Trainee]:
+def _build_trainees(plan: Plan, device: torch.device) -> list[Trainee]:
+    """The grid's dictionaries, drawn on the CPU (the same on every device), then moved to
+    `device` before their optimizers are built."""
     trainees = []
     for architecture, k, expansion in plan.config.grid():
         dict_config = plan.config.dictionary_config(architecture, k, expansion, plan.source.d_in)
         name = plan.config.name_of(architecture, k, expansion)
-        dictionary = create(dict_config, seed=plan.config.seed, salt=name)
+        dictionary = create(dict_config, seed=plan.config.seed, salt=name).to(device)
         lr = plan.config.lr_for(dict_config.n_latents)
         trainees.append(
             Trainee(
@@ -187,8 +217,9 @@ def _build_trainees(plan: Plan) -> list[Trainee]:
 def _initialize(plan: Plan, trainees: list[Trainee]) -> TrainState:
     sample = plan.source.sample(INIT_SAMPLE_ROWS)
     scale = input_scale(sample)
+    scaled = (sample * scale).to(trainees[0].dictionary.W_dec.device)
     for trainee in trainees:
-        trainee.dictionary.initialize_from(sample * scale)
+        trainee.dictionary.initialize_from(scaled)
     return TrainState(
         step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size
     )
@@ -213,35 +244,48 @@ def _loop(
     progress: bool,
     stop_after_step: Optional[int],
     where: Ranks = Ranks(),
+    prefetch: int = 0,
+    clock: Optional[FeedClock] = None,
 ) -> bool:
     config, total = plan.config, plan.total_steps
+    clock = clock or FeedClock()
     wandb_run = _wandb(plan) if config.wandb and where.is_main else None
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", desc="train")
     scale = state.input_scale
+    batches = _stream(plan.source, plan.batch_size, state.epoch, state.batch_in_epoch)
+    share = None
+    if where.world > 1:  # this rank's contiguous share of the global batch
+        share = lambda item: (*item[:2], item[2].chunk(where.world)[where.rank])  # noqa: E731
+    feed = Prefetcher(batches, trainees[0].dictionary.W_dec.device, prefetch, share)
     try:
-        while state.step < total:
-            skip = state.batch_in_epoch
-            for index, batch in enumerate(plan.source.epoch(state.epoch, plan.batch_size)):
-                if index < skip:
-                    continue
-                x = batch.to(trainees[0].dictionary.W_dec.device) * scale
-                if where.world > 1:  # this rank's contiguous share of the global batch
-                    x = x.chunk(where.world)[where.rank]
-                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world)
-                state.batch_in_epoch = index + 1
+        with feed, use_matmul_dtype(devices.matmul_dtype(config.matmul_dtype)):
+            while state.step < total:
+                epoch, index, batch = clock.waiting(feed)
+                x = batch * scale
+                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world, clock)
+                state.epoch, state.batch_in_epoch = epoch, index + 1
                 if (state.step % plan.checkpoint_every == 0 or state.step == total) and where.is_main:
                     save_checkpoint(plan.out, state, trainees)
                 if stop_after_step is not None and state.step >= stop_after_step:
                     return False
-                if state.step >= total:
-                    return True
-            state.epoch += 1
-            state.batch_in_epoch = 0
     finally:
         bar.close()
         if wandb_run is not None:
             wandb_run.finish()
     return True
+
+
+def _stream(source: BatchSource, batch_size: int, epoch: int, skip: int):
+    """(epoch, index in its epoch, batch [batch_size, d_in]) from batch `skip` of `epoch` on,
+    epoch after epoch: the order a run never interrupted reads."""
+    while True:
+        count = skip
+        for index, batch in enumerate(itertools.islice(source.epoch(epoch, batch_size), skip, None), skip):
+            count = index + 1
+            yield epoch, index, batch
+        if count == 0:
+            raise WorkbenchError(f"epoch {epoch} of the training data holds no batch of {batch_size} rows")
+        epoch, skip = epoch + 1, 0
 
 
 def _train_step(
@@ -253,6 +297,7 @@ def _train_step(
     wandb_run,
     bar,
     world: int = 1,
+    clock: Optional[FeedClock] = None,
 ) -> None:
     step, total, config = state.step, plan.total_steps, plan.config
     progress = step / total
@@ -279,6 +324,11 @@ def _train_step(
             }
     state.step = step + 1
     state.tokens += x.shape[0] * world
+    if clock is not None:
+        clock.count(x.shape[0] * world)
+        if records:  # the throughput since the previous record
+            timing = clock.lap()
+            records = {name: {**record, **timing} for name, record in records.items()}
     for name, record in records.items():
         if name in loggers:
             loggers[name].log(**record)
@@ -316,12 +366,19 @@ def _wandb(plan: Plan):
     )
 
 
-def _save_final(plan: Plan, trainee: Trainee, state: TrainState) -> Path:
+def _save_final(plan: Plan, trainee: Trainee, state: TrainState, timing: Optional[dict] = None) -> Path:
+    """Write the dictionary's folder; `timing` (tokens_per_s, data_wait_fraction of the steps
+    this process ran) joins its metrics."""
     folder = plan.out / trainee.name
     architecture, k, expansion = next(
         g for g in plan.config.grid() if plan.config.name_of(*g) == trainee.name
     )
-    metrics = {**final_metrics(folder / "log.jsonl"), **trainee.totals(), **_calibrate(plan, trainee, state)}
+    metrics = {
+        **final_metrics(folder / "log.jsonl"),
+        **trainee.totals(),
+        **_calibrate(plan, trainee, state),
+        **(timing or {}),
+    }
     io.save(
         trainee.dictionary,
         folder,

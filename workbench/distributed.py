@@ -1,7 +1,8 @@
 """torchrun support: which rank this process is, and barriers that cost nothing in one process.
 
 Under `torchrun --nproc_per_node N` (or `--nnodes`), torchrun sets RANK and WORLD_SIZE; the
-first call to `ranks()` joins the process group (gloo on CPU, NCCL when CUDA is there).
+first call to `ranks(device)` joins the process group with the backend of the device the ranks
+compute on (NCCL on CUDA, each process on its own `cuda:LOCAL_RANK`; gloo on the CPU).
 Without torchrun everything here is a no-op, so single-process code paths are unchanged.
 """
 
@@ -10,10 +11,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from workbench import devices
+from workbench.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,13 +34,35 @@ class Ranks:
         return index % self.world == self.rank
 
 
-def ranks() -> Ranks:
+def ranks(device: Optional[torch.device | str] = None) -> Ranks:
+    """This process's rank and the world size, joining the process group on the first call under
+    torchrun. `device`: where this rank computes (a resolved device, e.g. `cuda:LOCAL_RANK`):
+    it becomes the current CUDA device and picks the backend (`devices.distributed_backend`);
+    None means the CPU (gloo). Later calls return the joined group's ranks."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        where = torch.device(device if device is not None else "cpu")
+        devices.activate(where)
+        dist.init_process_group(devices.distributed_backend(where))
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def check_rank_devices(spec: str, nproc: int) -> torch.device:
+    """The device `spec` names here, refusing in one line (ConfigError) `nproc` > 1 ranks that
+    could not each compute on a GPU of their own (one named GPU, or fewer GPUs than ranks)."""
+    device = devices.resolve_device(spec)
+    if nproc <= 1 or not devices.is_cuda(device):
+        return device
+    if ":" in spec:
+        raise ConfigError(f"--device {spec} names one GPU and {nproc} ranks need one each; use --device cuda")
+    if nproc > devices.cuda_count():
+        raise ConfigError(
+            f"--nproc {nproc} needs {nproc} CUDA devices and this machine has {devices.cuda_count()}; "
+            "lower --nproc or use --device cpu"
+        )
+    return device
 
 
 def barrier() -> None:

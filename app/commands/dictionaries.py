@@ -16,10 +16,11 @@ from workbench.errors import WorkbenchError
 def cmd_train(args) -> None:
     from sae.train_config import TrainConfig
     from sae.training import train
-    from workbench.distributed import ranks
+    from workbench.distributed import check_rank_devices, ranks
     from workbench.files import read_json
 
     config = config_from_args(TrainConfig, args)
+    check_rank_devices(config.device, args.nproc)  # a device this machine lacks: one line, first
     if wants_torchrun(args):
         from sae.training import check_data_parallel
         from workbench.distributed import Ranks
@@ -50,6 +51,14 @@ def cmd_train(args) -> None:
                     else {}
                 ),
                 "tokens": meta.get("tokens_trained"),
+                **(
+                    {
+                        "tokens_per_s": round(metrics["tokens_per_s"]),
+                        "data_wait_%": round(100 * metrics["data_wait_fraction"], 1),
+                    }
+                    if "tokens_per_s" in metrics
+                    else {}
+                ),
                 "folder": str(folder),
             }
         )
