@@ -151,6 +151,12 @@ COMMANDS = (
             ),
             _flag("--port", type=int, default=8501, help="port to serve on"),
             _flag("--host", default="127.0.0.1", help="address to bind (default: this machine only)"),
+            _flag(
+                "--device",
+                default="auto",
+                help="where the live model runs: auto (the first usable CUDA device, else the CPU), "
+                "cpu, cuda or cuda:N",
+            ),
         ),
     ),
     Command(

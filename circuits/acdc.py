@@ -39,7 +39,8 @@ def acdc_mask(model: GraphTransformer, task: Task, ablated: Tensor, threshold: f
 def acdc_scores(
     model: GraphTransformer, task: Task, ablated: Tensor, thresholds: list[float] | None = None
 ) -> tuple[Tensor, dict]:
-    """Per edge, the largest swept τ at which it survives (0: never), and the masks per τ.
+    """Per edge (on the CPU), the largest swept τ at which it survives (0: never), and the masks
+    per τ (on the model's device).
     The default sweep spans 1e-4 to 0.5 of the gap between the clean and fully ablated scores."""
     if thresholds is None:
         gap = abs(task_score(model, task) - task_score(model, task, model.full_mask(0.0), ablated)) or 1.0
@@ -49,6 +50,6 @@ def acdc_scores(
     for tau in sorted(thresholds):
         mask = acdc_mask(model, task, ablated, tau)
         masks[tau] = mask
-        kept = model.graph.per_edge(mask) > 0
+        kept = (model.graph.per_edge(mask) > 0).cpu()
         scores[kept] = tau
     return scores, masks

@@ -9,6 +9,8 @@ the ablated value instead of the clean one:  s(u→r) ≈ m(M with edge u→r ab
 - eap-ig-activations: −∫₀¹ ∂m/∂M dα along M = α·1 (all edges interpolated together), which
   sums over edges to m(all ablated) − m(clean) (completeness, tested).
 Prompts are processed in chunks of `batch_size`, so attribution memory stays bounded.
+Everything runs on the model's device; gradients and activation differences are summed in at
+least float32 (a bfloat16 model's included), and every score vector comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def exact_scores(
     ablated: Float[Tensor, "sources batch pos d_model"],
     batch_size: int = 256,
 ) -> Float[Tensor, " edges"]:
-    """[edges]: m(edge ablated) − m(clean), one forward pass per edge."""
+    """[edges] on the CPU: m(edge ablated) − m(clean), one forward pass per edge."""
     full = model.full_mask()
     base = task_score(model, task, full, ablated, batch_size)
     scores = torch.zeros(len(model.graph.edges))
@@ -82,15 +84,24 @@ def exact_scores(
 def _mask_gradient(
     model: GraphTransformer, task: Task, ablated: Tensor, alpha: float, batch_size: int
 ) -> Tensor:
-    """∂m/∂M at M = alpha·1, [sources, receivers]."""
-    total = torch.zeros(len(model.graph.sources), len(model.graph.receivers), dtype=ablated.dtype)
+    """∂m/∂M at M = alpha·1, [sources, receivers] on the model's device, in `summing(ablated)`
+    (the mask itself is in that dtype, so its gradient arrives there)."""
+    dtype = summing(ablated.dtype)
+    total = torch.zeros(
+        len(model.graph.sources), len(model.graph.receivers), dtype=dtype, device=ablated.device
+    )
     n = len(task.clean)
     for rows in chunks(n, batch_size):
-        mask = model.full_mask(alpha).to(ablated.dtype).requires_grad_(True)
+        mask = model.full_mask(alpha).to(dtype).requires_grad_(True)
         logits = model(task.clean[rows], mask=mask, ablated=ablated[:, rows])
         (grad,) = torch.autograd.grad(task.metric(logits, rows).sum() / n, mask)
         total += grad
     return total
+
+
+def summing(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attribution sums in: float32, or the inputs' dtype when wider (float64)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def eap_scores(
@@ -99,6 +110,7 @@ def eap_scores(
     ablated: Float[Tensor, "sources batch pos d_model"],
     batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
+    """[edges] on the CPU: −∂m/∂M at M = 1."""
     return _per_edge(model, -_mask_gradient(model, task, ablated, 1.0, batch_size))
 
 
@@ -109,7 +121,7 @@ def eap_ig_activation_scores(
     steps: int = 8,
     batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
-    """Midpoint rule over α ∈ (0, 1) of −∂m/∂M at M = α·1."""
+    """[edges] on the CPU: the midpoint rule over α ∈ (0, 1) of −∂m/∂M at M = α·1."""
     alphas = [(i + 0.5) / steps for i in range(steps)]
     grad = torch.stack([_mask_gradient(model, task, ablated, alpha, batch_size) for alpha in alphas]).mean(0)
     return _per_edge(model, -grad)
@@ -122,26 +134,29 @@ def eap_ig_input_scores(
     steps: int = 8,
     batch_size: int = 64,
 ) -> Float[Tensor, " edges"]:
-    """(ablated_u − out_u) · mean over α of ∂m/∂input_r, the embeddings interpolated from the
-    corrupted (α = 0) to the clean (α = 1) prompts."""
+    """[edges] on the CPU: (ablated_u − out_u) · mean over α of ∂m/∂input_r, the embeddings
+    interpolated from the corrupted (α = 0) to the clean (α = 1) prompts."""
     n = len(task.clean)
-    scores = torch.zeros(len(model.graph.sources), len(model.graph.receivers))
+    dtype, device = summing(ablated.dtype), ablated.device
+    scores = torch.zeros(len(model.graph.sources), len(model.graph.receivers), dtype=dtype, device=device)
     for rows in chunks(n, batch_size):
         with torch.no_grad():
             clean_embed, corrupt_embed = model.embed(task.clean[rows]), model.embed(task.corrupted[rows])
-            delta = ablated[:, rows] - model(task.clean[rows], keep=True)[1]  # [sources, n, P, d]
-        grads = torch.zeros(len(model.graph.receivers), *clean_embed.shape)
+            outputs = model(task.clean[rows], keep=True)[1]
+            delta = ablated[:, rows].to(dtype) - outputs.to(dtype)  # [sources, n, P, d]
+        grads = torch.zeros(len(model.graph.receivers), *clean_embed.shape, dtype=dtype, device=device)
         for i in range(steps):
             embed = (corrupt_embed + (i + 0.5) / steps * (clean_embed - corrupt_embed)).requires_grad_(True)
             logits, _, inputs, _ = model(task.clean[rows], embed_override=embed, keep=True)
             value = task.metric(logits, rows).sum() / n
-            grads += torch.stack(torch.autograd.grad(value, inputs)) / steps
+            grads += torch.stack(torch.autograd.grad(value, inputs)).to(dtype) / steps
         scores += torch.einsum("snpd,rnpd->sr", delta, grads)
     return _per_edge(model, scores)
 
 
 def _per_edge(model: GraphTransformer, matrix: Tensor) -> Tensor:
-    return model.graph.per_edge(matrix).detach()
+    """[edges] entries of a [sources, receivers] score matrix, on the CPU."""
+    return model.graph.per_edge(matrix).detach().cpu()
 
 
 def node_of_receiver(receiver: str) -> str:

@@ -45,18 +45,24 @@ def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact
 
 
 def run_benchmark(
-    names: list[str] | None = None, methods: tuple[str, ...] = METHODS, prompts: int = 64
+    names: list[str] | None = None,
+    methods: tuple[str, ...] = METHODS,
+    prompts: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> Iterator[dict]:
     """One row per (task, method); exact patching runs first as the reference. By default the
     planted tasks (ground truth known); `induction` adds the demo model (no ground truth, so
-    only faithfulness and the audit against exact patching; minutes, ACDC most of them)."""
+    only faithfulness and the audit against exact patching; minutes, ACDC most of them).
+    `device`: where the models run (`load_task`); `dtype`: the demo model's (the planted
+    models refuse anything but float32)."""
     known = (*GROUND_TRUTH_TASKS, "induction")
     unknown = sorted(set(names or []) - set(known))
     if unknown:
         raise TaskError(f"unknown benchmark task {', '.join(unknown)} (one of {', '.join(known)})")
     for name in names or list(GROUND_TRUTH_TASKS):
         torch.manual_seed(0)
-        model, task = load_task(name, prompts=prompts)
+        model, task = load_task(name, prompts=prompts, device=device, dtype=dtype)
         n_edges = len(task.ground_truth.get("edges", [])) or 0
         exact = discover(model, task, "exact", n_edges=n_edges)
         for method in methods:

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from circuits.gates import gate_model, gate_task
 from circuits.induction import induction_model, planted_induction_task
-from circuits.tasks import Task, TaskError, induction_task, kl_to
+from circuits.tasks import Task, TaskError, induction_task, kl_to, widen
 from circuits.transformer import GraphTransformer, from_gpt2
+from workbench.devices import resolve_device
 from workbench.files import read_json
 
 
@@ -50,18 +51,30 @@ METRICS = ("logit_diff", "logprob", "kl")
 
 
 def load_task(
-    task: str, model_spec: str = "", prompts: int = 32, length: int = 33, seed: int = 0
+    task: str,
+    model_spec: str = "",
+    prompts: int = 32,
+    length: int = 33,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
 ) -> tuple[GraphTransformer, Task]:
-    """The graph model and task for a built-in task name or a task JSON file."""
+    """The graph model (on `device`, a `--device` value or torch.device) and task for a built-in
+    task name or a task JSON file; the task's prompts stay on the CPU. `dtype` (a `--model-dtype`
+    name) is the loaded model's; the ground-truth tasks' hand-set models are built (or trained) on
+    the CPU in float32, as everywhere, then moved. Raises TaskError, DeviceError."""
     if task in GROUND_TRUTH_TASKS:
         if model_spec:
             raise TaskError(f"task {task!r} runs on its own built-in model; drop --model")
-        return GROUND_TRUTH_TASKS[task](prompts, seed)
+        if dtype != "float32":
+            raise TaskError(f"task {task!r} runs on its own float32 model; drop --model-dtype {dtype}")
+        model, built = GROUND_TRUTH_TASKS[task](prompts, seed)
+        return model.to(resolve_device(device)), built
     if task != "induction" and not task.endswith(".json"):
         raise TaskError(f"unknown task {task!r} (one of {', '.join(TASKS)}, or a task .json file)")
     from workbench.models import load_model
 
-    model = load_model(model_spec or "demo")
+    model = load_model(model_spec or "demo", device=device, dtype=dtype)
     return from_gpt2(model), model_task(task, model, prompts, length, seed)
 
 
@@ -115,11 +128,11 @@ def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Ten
     """logit(answer) − logit(wrong) at the last position, or log p(answer) when `wrong` is None."""
 
     def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
-        last = logits[:, -1]
-        right = answers[rows].unsqueeze(1)
+        last = widen(logits[:, -1])
+        right = answers[rows].to(last.device).unsqueeze(1)
         if wrong is None:
             return last.log_softmax(-1).gather(1, right).squeeze(1)
-        return (last.gather(1, right) - last.gather(1, wrong[rows].unsqueeze(1))).squeeze(1)
+        return (last.gather(1, right) - last.gather(1, wrong[rows].to(last.device).unsqueeze(1))).squeeze(1)
 
     return metric
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from circuits.attribution import node_of_receiver
-from circuits.tasks import Task
+from circuits.tasks import Task, widen
 from circuits.transformer import GraphTransformer
 from sae.base import Dictionary, create
 from sae.config import DictionaryConfig
@@ -27,9 +27,10 @@ def head_names(model: GraphTransformer) -> list[str]:
 
 
 def head_outputs(model: GraphTransformer, tokens: Tensor) -> dict[str, Tensor]:
-    """head -> [N, P - 1, d] outputs at the positions after BOS."""
+    """head -> [N, P - 1, d] outputs at the positions after BOS, on the model's device, in at
+    least float32 (what the codebooks read)."""
     with torch.no_grad():
-        outputs = model(tokens, keep=True)[1]
+        outputs = widen(model(tokens, keep=True)[1])
     return {name: outputs[i, :, 1:] for i, name in enumerate(model.graph.sources) if name.startswith("a")}
 
 
@@ -43,6 +44,7 @@ def _fit(clean: dict[str, Tensor], corrupted: dict[str, Tensor], n_codes: int) -
     for head, outputs in clean.items():
         sample = torch.cat([outputs, corrupted[head]]).reshape(-1, outputs.shape[-1])
         book = create(DictionaryConfig(architecture="codebook", d_in=sample.shape[1], n_latents=n_codes, k=1))
+        book = book.to(sample.device)  # made on the CPU (its seeded draws too), then moved
         with torch.no_grad():
             book.initialize_from(sample)
         books[head] = book
@@ -50,7 +52,7 @@ def _fit(clean: dict[str, Tensor], corrupted: dict[str, Tensor], n_codes: int) -
 
 
 def code_ids(book: Dictionary, x: Tensor) -> Tensor:
-    """[rows] the code each row of x [..., d] picks."""
+    """[rows] the code each row of x [..., d] picks (x on the book's device)."""
     return book.encode(x.reshape(-1, x.shape[-1])).flat_indices()
 
 
@@ -63,7 +65,7 @@ def code_scores(
     scores = {}
     for head in head_names(model):
         positive = code_ids(books[head], clean[head])
-        negative = torch.zeros(books[head].n_latents, dtype=torch.bool)
+        negative = torch.zeros(books[head].n_latents, dtype=torch.bool, device=positive.device)
         negative[code_ids(books[head], corrupted[head])] = True
         scores[head] = float((~negative[positive]).float().mean())
     return scores

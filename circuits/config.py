@@ -1,8 +1,9 @@
 """What `workbench circuits` runs: one config, its flags derived from it, saved in every circuit JSON
 (as `"config"`), so `workbench circuits --config X.circuit.json` reruns the circuit to the same scores.
 
-The names of methods and ablations live here (not beside their code) so that validating a
-config, and building the command's flags, imports no torch.
+The names of methods and ablations live here (not beside their code) so that building the
+command's flags imports no torch (checking a device or dtype name imports `workbench.devices`).
+Files saved before `device` and `model_dtype` existed rerun with their defaults (auto, float32).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class CircuitConfig:
     """Edges kept in the circuit; 0 means 5% of the graph (at least 5)."""
     seed: int = 0
     """Seed of the task's prompts."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16 (a --model
+    only: the ground-truth tasks' hand-set models run in float32)."""
 
     def __post_init__(self):
         unknown = [m for m in self.method.split(",") if m not in METHODS] if self.method else []
@@ -59,6 +65,10 @@ class CircuitConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.edges < 0:
             raise ConfigError(f"edges must be >= 0, got {self.edges}")
+        from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name
+
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
 
 
 def config_json(config: CircuitConfig) -> dict:

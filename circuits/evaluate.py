@@ -35,12 +35,14 @@ def roc_auc(scores: dict[str, float] | list[float], positives: set[str] | list[b
 
 
 def mask_of_edges(model: GraphTransformer, kept: Tensor) -> Tensor:
-    """A 0/1 mask [sources, receivers] keeping the edges where `kept` [edges] is true."""
-    return model.graph.matrix(kept.to(torch.float32))
+    """A 0/1 mask [sources, receivers] on the model's device keeping the edges where `kept`
+    [edges] (on any device) is true."""
+    return model.graph.matrix(kept.to(model.device, torch.float32))
 
 
 def top_edges(scores: Tensor, n: int) -> Tensor:
-    kept = torch.zeros(len(scores), dtype=torch.bool)
+    """[edges] bool on the scores' device: the `n` largest |scores|."""
+    kept = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
     kept[scores.abs().topk(min(n, len(scores))).indices] = True
     return kept
 
@@ -61,7 +63,7 @@ def faithfulness_all(model: GraphTransformer, task: Task, circuit: Tensor) -> di
 def spearman(a: Tensor, b: Tensor) -> float:
     """Spearman rank correlation of two score vectors (negligible entries tie at 0); nan when
     either is constant."""
-    a, b = negligible_to_zero(a), negligible_to_zero(b)
+    a, b = negligible_to_zero(a.detach().cpu()), negligible_to_zero(b.detach().cpu())
     if bool((a == a[0]).all()) or bool((b == b[0]).all()):
         return float("nan")
     return float(spearmanr(a.numpy(), b.numpy()).statistic)

@@ -11,6 +11,9 @@ At every hook with a dictionary, x = decode(f) + ε (ε = x − decode(f), so th
 Latents of the last hook connect to `logits` with their node effect. Codebook codes are
 nodes too (their activations are the code weights); edges into a code are 0, since choosing a
 code has no gradient.
+The dictionaries must be on the model's device (`workbench circuits` moves them there); the
+activations they read are float32 whatever the model's dtype, and effects come out as floats or
+tensors on that device.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def feature_effects(model, task: Task, dictionaries: dict[str, Dictionary], step
         )
         splits[hook] = (f0, e0, f1, e1)
         grad_f, grad_e = torch.zeros_like(f0), torch.zeros_like(e0)
-        for alpha in (torch.arange(steps) + 0.5) / steps:
+        for alpha in (torch.arange(steps) + 0.5) / steps:  # 0-dim CPU tensors: scalars on any device
             f = (f0 + alpha * (f1 - f0)).requires_grad_(True)
             e = (e0 + alpha * (e1 - e0)).requires_grad_(True)
             with model.hooks([_replacement(hook, dictionary, f, e)]):

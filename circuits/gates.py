@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from circuits.tasks import Task, TaskError
+from circuits.tasks import Task, TaskError, widen
 from circuits.transformer import GraphTransformer, Shape
 
 GATES = ("or", "and")
@@ -88,8 +88,8 @@ def gate_task(gate: str, n: int = 64, seed: int = 0, saturated: bool = False) ->
     sign = answer.float() * 2 - 1
 
     def metric(logits, rows=slice(None)):
-        last = logits[:, -1]
-        return sign[rows].to(last.dtype) * (last[:, TRUE_TOKEN] - last[:, FALSE_TOKEN])
+        last = widen(logits[:, -1])
+        return sign[rows].to(last.device, last.dtype) * (last[:, TRUE_TOKEN] - last[:, FALSE_TOKEN])
 
     truth = {
         "heads": ["a0.0", "a0.1"],

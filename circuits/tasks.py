@@ -3,6 +3,10 @@
 The metric gives one value per prompt, higher meaning "the model does the task" (e.g. the mean
 log-prob of the right next tokens); the task's score is its mean over prompts. Metrics take
 the rows they score, so attribution can run on chunks of prompts with bounded memory.
+
+Prompts and what metrics hold (targets, answer ids) are built on the CPU; a metric moves what
+it reads to the logits' device and computes in at least float32 (`widen`), so a model on a GPU
+or in bfloat16 needs no other change.
 """
 
 from __future__ import annotations
@@ -44,12 +48,19 @@ class Task:
         return self.metric(logits, rows).mean()
 
 
+def widen(x: Tensor) -> Tensor:
+    """`x` in float32 when narrower (bfloat16, float16), else unchanged (the same tensor)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def next_token_logprob(tokens: Tensor, where: Tensor) -> Callable[[Tensor, slice], Tensor]:
     """Per prompt, the mean log-prob of the next token over the positions where `where` [N, P]
     is true (the logits at position p predict token p + 1)."""
 
     def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
-        targets, weights = tokens[rows, 1:], where[rows, :-1].to(logits.dtype)
+        logits = widen(logits)
+        targets = tokens[rows, 1:].to(logits.device)
+        weights = where[rows, :-1].to(logits.device, logits.dtype)
         logprobs = logits[:, :-1].log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (logprobs * weights).sum(1) / weights.sum(1).clamp_min(1)
 
@@ -61,8 +72,12 @@ def kl_to(clean_logits: Tensor) -> Callable[[Tensor, slice], Tensor]:
     reference = clean_logits.detach().log_softmax(-1)
 
     def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
+        logits = widen(logits)
         kl = torch.nn.functional.kl_div(
-            logits.log_softmax(-1), reference[rows], log_target=True, reduction="none"
+            logits.log_softmax(-1),
+            reference[rows].to(logits.device, logits.dtype),
+            log_target=True,
+            reduction="none",
         )
         return -kl.sum(-1).mean(-1)
 

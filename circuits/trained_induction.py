@@ -92,7 +92,9 @@ def train_induction_model(
 def load_or_train(
     folder: Path, recipe: InductionRecipe = InductionRecipe(), progress: bool = True
 ) -> GraphTransformer:
-    """The trained model saved under `folder` for this recipe, training and saving it first if needed."""
+    """The trained model saved under `folder` for this recipe, training and saving it first if
+    needed; on the CPU (trained there too, so the saved weights are the same on every machine:
+    move the model where it should run)."""
     from safetensors.torch import load_file
 
     weights, config = folder / "model.safetensors", folder / "recipe.json"
@@ -134,25 +136,19 @@ def head_roles(model: GraphTransformer, task: Task) -> dict[str, tuple[str, int,
     """head -> ("offset", o, mass) | ("induction", c, mass) | ("other", 0, best mass)."""
     with torch.no_grad():
         patterns = model(task.clean, keep=True)[3]
-    rows, queries, previous = repeated_positions(task)
+    rows, queries, previous = (t.to(model.device) for t in repeated_positions(task))
+    every = torch.arange(len(queries), device=model.device)
     roles = {}
     for head in range(model.shape.n_heads):
         attention = patterns[0][rows, head, queries]  # [n, P]
-        masses = [
-            float(attention[torch.arange(len(queries)), (queries - o).clamp(min=0)].mean())
-            for o in range(1, 8)
-        ]
+        masses = [float(attention[every, (queries - o).clamp(min=0)].mean()) for o in range(1, 8)]
         best = max(range(len(masses)), key=masses.__getitem__)
         roles[f"a0.{head}"] = (
             ("offset", best + 1, masses[best]) if masses[best] >= MIN_MASS else ("other", 0, masses[best])
         )
         attention = patterns[1][rows, head, queries]
         masses = [
-            float(
-                attention[
-                    torch.arange(len(queries)), (previous + c).clamp(max=task.clean.shape[1] - 1)
-                ].mean()
-            )
+            float(attention[every, (previous + c).clamp(max=task.clean.shape[1] - 1)].mean())
             for c in range(0, 8)
         ]
         best = max(range(len(masses)), key=masses.__getitem__)

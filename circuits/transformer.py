@@ -12,6 +12,9 @@ where `ablated_u` is node u's output on corrupted inputs (resample ablation), it
 ablation) or zero. M = 1 is the model itself (tested against HF GPT-2 logits); a 0/1 mask is
 edge patching (the downstream nodes recompute); the gradient with respect to M is EAP's edge
 attribution; integrating it along M = α·1 is EAP-IG over activations.
+
+The model computes where its parameters are (`model.to(device)`); tokens, masks and ablated
+outputs given to `forward` are moved there, and `full_mask` is made there.
 """
 
 from __future__ import annotations
@@ -69,14 +72,21 @@ class Graph:
         sources, receivers = zip(*self.edges)
         return torch.tensor(sources), torch.tensor(receivers)
 
+    def index_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """`edge_index` on `device` (the cached CPU tensors themselves on the CPU)."""
+        sources, receivers = self.edge_index
+        return sources.to(device), receivers.to(device)
+
     def per_edge(self, matrix: Tensor) -> Tensor:
-        """[edges] entries of a [sources, receivers] matrix."""
-        return matrix[self.edge_index]
+        """[edges] entries of a [sources, receivers] matrix, on the matrix's device."""
+        return matrix[self.index_on(matrix.device)]
 
     def matrix(self, per_edge: Tensor) -> Tensor:
-        """The [sources, receivers] matrix holding `per_edge` values (0 elsewhere)."""
-        out = torch.zeros(len(self.sources), len(self.receivers), dtype=per_edge.dtype)
-        out[self.edge_index] = per_edge
+        """The [sources, receivers] matrix holding `per_edge` values (0 elsewhere), on their device."""
+        out = torch.zeros(
+            len(self.sources), len(self.receivers), dtype=per_edge.dtype, device=per_edge.device
+        )
+        out[self.index_on(per_edge.device)] = per_edge
         return out
 
 
@@ -123,6 +133,16 @@ class GraphTransformer(nn.Module):
         self.ln_f = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.W_U = nn.Parameter(torch.randn(d, shape.d_vocab) / math.sqrt(d))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are (and the forward computes)."""
+        return self.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' (and the forward's) dtype."""
+        return self.W_E.dtype
+
     # --- the pieces ----------------------------------------------------------------------
     def _norm(self, x: Tensor, params: Tensor) -> Tensor:
         if not self.shape.layer_norm:
@@ -132,7 +152,7 @@ class GraphTransformer(nn.Module):
     def embed(self, tokens: Tensor) -> Tensor:
         if tokens.shape[1] > self.shape.n_ctx:
             raise WorkbenchError(f"prompt of {tokens.shape[1]} tokens exceeds n_ctx {self.shape.n_ctx}")
-        return self.W_E[tokens] + self.W_pos[: tokens.shape[1]]
+        return self.W_E[tokens.to(self.device)] + self.W_pos[: tokens.shape[1]]
 
     def heads(self, layer: int, qkv_in: Tensor) -> tuple[Tensor, Tensor]:
         """qkv_in [3, H, B, P, d] -> (per-head outputs [H, B, P, d], attention [B, H, P, P])."""
@@ -210,18 +230,22 @@ class GraphTransformer(nn.Module):
         n = len(outputs)
         if mask is None:
             return stack.sum(0).expand(count, *stack.shape[1:])
-        weights = mask[:n, first : first + count].to(stack.dtype)  # [n, count]
+        weights = mask[:n, first : first + count].to(stack.device, stack.dtype)  # [n, count]
         mixed = torch.einsum("nbpd,nc->cbpd", stack, weights)
         if ablated is not None:
-            mixed = mixed + torch.einsum("nbpd,nc->cbpd", ablated[:n].to(stack.dtype), 1 - weights)
+            mixed = mixed + torch.einsum(
+                "nbpd,nc->cbpd", ablated[:n].to(stack.device, stack.dtype), 1 - weights
+            )
         return mixed
 
     def full_mask(self, value: float = 1.0) -> Tensor:
-        return self.graph.allowed.to(torch.float32) * value
+        """[sources, receivers] float32 on the model's device: `value` on every edge, 0 elsewhere."""
+        return self.graph.allowed.to(self.device, torch.float32) * value
 
 
 def from_gpt2(model) -> GraphTransformer:
-    """The weights of a loaded GPT-2-architecture `workbench` Model as a GraphTransformer."""
+    """The weights of a loaded GPT-2-architecture `workbench` Model as a GraphTransformer, on the
+    model's device in the model's dtype (built on the CPU in float32, then moved)."""
     hf = model.bridge.original_model
     config = hf.config
     if getattr(config, "model_type", "") != "gpt2":
@@ -260,4 +284,4 @@ def from_gpt2(model) -> GraphTransformer:
             graph.b_out[layer].copy_(state[p + "mlp.c_proj.bias"])
         graph.ln_f.copy_(torch.stack([state["transformer.ln_f.weight"], state["transformer.ln_f.bias"]]))
         graph.W_U.copy_(state["lm_head.weight"].T)
-    return graph.eval()
+    return graph.eval().to(model.device, model.dtype)

@@ -148,6 +148,8 @@ def test_a_circuit_json_records_its_config_and_reruns_to_the_same_scores(capsys,
         "steps": 3,
         "edges": 6,
         "seed": 3,
+        "device": "auto",
+        "model_dtype": "float32",
     }
     code, _, err = run_cli(capsys, "circuits", "--config", str(first), "--out", str(second), "--json")
     assert code == 0, err

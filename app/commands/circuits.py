@@ -16,12 +16,14 @@ from workbench.errors import WorkbenchError
 
 def cmd_circuits(args) -> None:
     from circuits.config import CircuitConfig
+    from workbench.devices import resolve_device
 
     config = config_from_args(CircuitConfig, args)
+    device = resolve_device(config.device)  # before any model loads: `--device cuda` fails here
     if args.benchmark is not None:
-        return _benchmark(config, args)
+        return _benchmark(config, args, device)
     if config.dictionary:
-        return _feature_circuit(config, args)
+        return _feature_circuit(config, args, device)
     from circuits.catalog import GROUND_TRUTH_TASKS, load_task
     from circuits.discover import discover, to_circuit
     from circuits.evaluate import faithfulness_all
@@ -29,7 +31,9 @@ def cmd_circuits(args) -> None:
     if "," in config.method:
         raise WorkbenchError(f"--method {config.method}: one method per circuit (a list is for --benchmark)")
     config = dataclasses.replace(config, method=config.method or "eap-ig")
-    graph, task = load_task(config.task, config.model, config.prompts, config.length, config.seed)
+    graph, task = load_task(
+        config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
+    )
     found = discover(
         graph, task, config.method, ablation=config.ablation, steps=config.steps, n_edges=config.edges
     )
@@ -75,7 +79,7 @@ def cmd_circuits(args) -> None:
     )
 
 
-def _feature_circuit(config, args) -> None:
+def _feature_circuit(config, args, device) -> None:
     from circuits.catalog import model_task
     from circuits.features import feature_circuit
     from sae.io import load
@@ -93,12 +97,13 @@ def _feature_circuit(config, args) -> None:
         if (folder / STORE_FILE).exists():
             stores[hook] = str(folder / STORE_FILE)
     spec = config.model or next(iter(dictionaries.values())).meta.get("model") or "demo"
-    model = load_model(spec)
+    model = load_model(spec, device=device, dtype=config.model_dtype)
     for hook, dictionary in dictionaries.items():
         if model.width(hook) != dictionary.d_in:
             raise WorkbenchError(
                 f"dictionary for {hook} reads {dictionary.d_in} dims; {spec} has {model.width(hook)} there"
             )
+        dictionary.to(model.device)  # in place (a Module): the latents are computed where the model runs
     task = model_task(config.task, model, config.prompts, config.length, config.seed)
     started = time.perf_counter()
     circuit = feature_circuit(
@@ -128,14 +133,18 @@ def _save_circuit(circuit, config, out: str, model: str, task: str, method: str)
     return path
 
 
-def _benchmark(config, args) -> None:
-    """Every method (or `--method a,b`) on `--benchmark` tasks, `config.prompts` prompts each."""
+def _benchmark(config, args, device) -> None:
+    """Every method (or `--method a,b`) on `--benchmark` tasks, `config.prompts` prompts each, on
+    `device` (the ground-truth models are built on the CPU, then moved)."""
     from circuits.benchmark import run_benchmark
     from circuits.config import METHODS
 
     methods = tuple(config.method.split(",")) if config.method else METHODS
     table = []
-    for row in run_benchmark(args.benchmark or None, methods, prompts=config.prompts):
+    rows = run_benchmark(
+        args.benchmark or None, methods, prompts=config.prompts, device=device, dtype=config.model_dtype
+    )
+    for row in rows:
         if args.json:
             print(json.dumps(nan_to_none(row)), flush=True)
             continue

@@ -135,8 +135,10 @@ def cmd_codebook_finetune(args) -> None:
 
 def cmd_explore(args) -> None:
     from app.explorer.launch import launch
+    from workbench.devices import resolve_device
 
-    sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host))
+    device = resolve_device(args.device)  # a missing GPU is a one-line error before the server starts
+    sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host, device=str(device)))
 
 
 def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app.explorer.launch import STORES_ENV
+from app.explorer.launch import DEVICE_ENV, STORES_ENV
 from workbench.store import FeatureStore, StoreError, find_stores
 
 MAX_LIVE_TOKENS = 256
@@ -93,18 +93,28 @@ def clicked_feature(circuit, points: list) -> tuple[str | None, int] | None:
     return None
 
 
+def live_device():
+    """The torch.device of the live model and dictionaries: `workbench explore --device` (passed
+    in DEVICE_ENV), auto when unset. Raises DeviceError for a device this machine lacks."""
+    from workbench.devices import resolve_device
+
+    return resolve_device(os.environ.get(DEVICE_ENV) or "auto")
+
+
 @cached("cache_resource", show_spinner="Loading the model ...")
 def live_model(spec: str):
+    """The model `spec` on the live device."""
     from workbench.models import load_model
 
-    return load_model(spec)
+    return load_model(spec, device=live_device())
 
 
 @cached("cache_resource", show_spinner="Loading the dictionary ...")
 def live_dictionary(path: str):
+    """The dictionary folder `path` on the live device (where the live model runs)."""
     import sae
 
-    return sae.load(path)
+    return sae.load(path).to(live_device())
 
 
 def live_available(store: FeatureStore) -> str:
@@ -133,6 +143,6 @@ def live_activations(store: FeatureStore, text: str) -> tuple[list[str], np.ndar
     tokens = model.tokenize(text)[:, :MAX_LIVE_TOKENS]
     with torch.no_grad():
         x = model.run_with_cache(tokens, [store.meta["hook"]])[store.meta["hook"]][0]
-        acts = dictionary.encode(x).to_dense().numpy()
+        acts = dictionary.encode(x).to_dense().cpu().numpy()
     acts[0] = 0.0
     return model.to_str_tokens(tokens[0]), acts

@@ -13,6 +13,8 @@ from workbench.store import find_stores
 
 MAIN = Path(__file__).with_name("main.py")
 STORES_ENV = "WORKBENCH_STORES"
+DEVICE_ENV = "WORKBENCH_EXPLORER_DEVICE"
+"""Where the explorer's live model (and its dictionaries) run: a `--device` value (unset: auto)."""
 
 
 def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
@@ -39,9 +41,11 @@ def streamlit_command(port: int, host: str = "127.0.0.1") -> list[str]:
     ]
 
 
-def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
+def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1", device: str = "auto") -> int:
     """Serve the explorer on the stores under `roots` until the server exits or this process is
-    stopped; returns the server's exit status. Raises WorkbenchError if no store is found."""
+    stopped; returns the server's exit status. `device` (a `--device` value, resolved by the
+    caller so that a missing GPU fails before the server starts) is where the live model runs.
+    Raises WorkbenchError if no store is found."""
     stores = find_stores(roots)
     if not stores:
         raise WorkbenchError(
@@ -49,6 +53,10 @@ def launch(roots: list[str], port: int = 8501, host: str = "127.0.0.1") -> int:
         )
     # The roots, not the stores found: stores added later show up, and the Circuits page looks
     # for *.circuit.json under the same folders.
-    env = {**os.environ, STORES_ENV: os.pathsep.join(str(Path(root).resolve()) for root in roots)}
+    env = {
+        **os.environ,
+        STORES_ENV: os.pathsep.join(str(Path(root).resolve()) for root in roots),
+        DEVICE_ENV: device,
+    }
     print(f"explorer on http://{host}:{port} with {len(stores)} store(s); Ctrl-C stops it", flush=True)
     return run_child(streamlit_command(port, host), env=env).status
