@@ -9,6 +9,7 @@ Per strength (the edit's strength replaced; for a clamp, the held value):
 - fluency: the unsteered model's mean log-prob per token of the steered continuations (lower:
   text the model itself finds unlikely);
 and one example continuation. `figure(rows)` draws concept rate and KL against strength.
+Everything runs on the model's device (the edit is placed there by `sae.steering.steer`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.base import DictionaryError
-from sae.steering import Edit, check_edits, steer
+from sae.steering import Edit, check_edits, placed, steer
 
 
 @dataclass
@@ -51,7 +52,8 @@ def sweep(
     if not prompts or not strengths:
         raise DictionaryError("sweep needs at least one prompt and one strength")
     check_edits(model, [dataclasses.replace(edit, strength=float(s)) for s in strengths], positions)
-    neutral = model.tokenize(neutral_text)
+    edit = placed([edit], model.device)[0]  # one copy of a dictionary held elsewhere, not one per strength
+    neutral = model.tokenize(neutral_text).to(model.device)
     if neutral.shape[1] < 2:
         raise DictionaryError("the neutral text must be at least one token after BOS")
     concept_ids = None if callable(concept) else _token_set(model, concept)
@@ -113,7 +115,7 @@ def _fluency(model, prompts: Sequence[str], continuations: list[str]) -> float:
             if tokens.shape[1] <= n_prompt:
                 continue
             logprobs = model(tokens).float().log_softmax(-1)[0, n_prompt - 1 : -1]
-            total += float(logprobs.gather(-1, tokens[0, n_prompt:, None]).sum())
+            total += float(logprobs.gather(-1, tokens[0, n_prompt:, None].to(logprobs.device)).sum())
             count += tokens.shape[1] - n_prompt
     return total / max(count, 1)
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
+
 from sae import peers
 from sae.base import Dictionary, DictionaryError, dictionary_class
 from sae.config import DictionaryConfig
 from sae.weights import from_tensors, read_weights
+from workbench.devices import resolve_device
 from workbench.errors import ConfigError
 from workbench.files import read_json, save_tensors_atomic, write_json_atomic
 
@@ -55,9 +58,12 @@ def is_dictionary_folder(path: str | Path) -> bool:
     return any((folder / name).exists() for name in (CONFIG, peers.SAELENS_WEIGHTS, peers.SPARSIFY_WEIGHTS))
 
 
-def load(path: str | Path, device: str = "cpu") -> Dictionary:
-    """A dictionary from our folder, a SAELens folder or a sparsify folder. `.meta` holds the
-    folder's other fields (hook, model, metrics, ...)."""
+def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
+    """A dictionary from our folder, a SAELens folder or a sparsify folder, its weights on
+    `device` (a `--device` value: cpu, auto, cuda, cuda:N, or a torch.device). `.meta` holds the
+    folder's other fields (hook, model, metrics, ...). Raises DictionaryError for a folder it
+    cannot read, DeviceError for a device this machine lacks (before reading anything)."""
+    device = resolve_device(device)
     folder = Path(path)
     if not folder.is_dir():
         raise DictionaryError(f"{folder}: no dictionary folder here")

@@ -4,15 +4,22 @@
 the first are replaced, the BOS position is left alone by default, as the dictionaries are
 trained without BOS rows. `replace_activation` does the same with a fixed vector (zero- and
 mean-ablation baselines of the evals).
+
+Devices and dtypes: the edits run where the model is. A dictionary on another device is not
+refused: the block runs a copy of it on `model.device` (`on_device`; the caller's dictionary
+stays where it was). Activations of a bfloat16/float16 model are cast to the dictionary's dtype
+(float32) for the encoder and the reconstruction back to the activation's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 from typing import Callable, Iterator, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sae.base import Dictionary, DictionaryError
 
@@ -29,6 +36,22 @@ def _edit_positions(edit: Callable[[Tensor], Tensor], skip_bos: bool):
         return out
 
     return hook_fn
+
+
+def on_device(dictionary: Dictionary, device: torch.device | str) -> Dictionary:
+    """`dictionary` itself when its weights are on `device`, else a copy of it there (parameters,
+    buffers, config and meta; the caller's object is untouched). Copies straight to `device`:
+    no second host copy of the weights is made."""
+    device = torch.device(device)
+    if dictionary.W_dec.device == device:
+        return dictionary
+    memo: dict = {}
+    for tensor in itertools.chain(dictionary.parameters(), dictionary.buffers()):
+        moved = tensor.detach().to(device)
+        if isinstance(tensor, nn.Parameter):
+            moved = nn.Parameter(moved, requires_grad=tensor.requires_grad)
+        memo[id(tensor)] = moved
+    return copy.deepcopy(dictionary, memo)
 
 
 def hook_of(dictionary: Dictionary, hook: Optional[str]) -> str:
@@ -67,10 +90,12 @@ def splice(
 ) -> Iterator:
     """Run `model` with the hook's activation replaced by the dictionary's reconstruction x̂.
     error_term=True adds the error x − x̂ back: the output is the model's own (to float
-    rounding), with the activation routed through the dictionary's latents.
+    rounding), with the activation routed through the dictionary's latents. A dictionary on
+    another device than the model runs as a copy on `model.device` (see the module docstring).
     Raises (before anything is attached) what `check_trained_at` raises."""
     hook = hook_of(dictionary, hook)
     check_trained_at(model, dictionary, hook, f"splice at {hook}")
+    dictionary = on_device(dictionary, model.device)
     rebuild = _with_error(dictionary) if error_term else dictionary.forward
     with model.hooks([(hook, _edit_positions(rebuild, skip_bos))]):
         yield model
@@ -78,6 +103,7 @@ def splice(
 
 def _with_error(dictionary: Dictionary) -> Callable[[Tensor], Tensor]:
     def rebuild(flat: Tensor) -> Tensor:
+        flat = flat.to(dictionary.W_dec.dtype)  # a bf16 model's x - x̂ in float32: x comes back exactly
         reconstruction = dictionary.forward(flat)
         return reconstruction + (flat - reconstruction)
 
@@ -86,14 +112,15 @@ def _with_error(dictionary: Dictionary) -> Callable[[Tensor], Tensor]:
 
 @contextlib.contextmanager
 def replace_activation(model, hook: str, value: Tensor, *, skip_bos: bool = True) -> Iterator:
-    """Run `model` with the hook's activation replaced by `value` [d] at every edited position.
-    Raises UnknownHookError for an unknown hook, DictionaryError for a value not of shape [d] or
-    not finite (before anything is attached)."""
+    """Run `model` with the hook's activation replaced by `value` [d] (any device; cast to the
+    activation's dtype) at every edited position. Raises UnknownHookError for an unknown hook,
+    DictionaryError for a value not of shape [d] or not finite (before anything is attached)."""
     width = model.width(hook)
     if tuple(value.shape) != (width,):
         raise DictionaryError(f"replacement value has shape {tuple(value.shape)}, hook {hook} has d={width}")
     if not bool(torch.isfinite(value).all()):
         raise DictionaryError(f"replacement value at hook {hook} is not finite")
+    value = value.to(model.device)
     with model.hooks([(hook, _edit_positions(lambda flat: value.to(flat.dtype).expand_as(flat), skip_bos))]):
         yield model
 

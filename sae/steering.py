@@ -22,6 +22,11 @@ shows as 0 positions.
 per-token activations, the direction's width is the hook's, the feature is one of the
 dictionary's, strength and direction are finite, and the dictionary was trained at that hook of
 that model; a failed check is a one-line error and leaves nothing attached.
+
+Edits run where the model is: `steer` places each edit's direction on `model.device` and runs a
+clamp's dictionary there (a copy when it is elsewhere, made once per block; the caller's edits
+and dictionaries are untouched, `sae.splicing.on_device`). A bfloat16/float16 model's
+activations are encoded in the dictionary's dtype and the edit is added in the activation's.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError
-from sae.splicing import check_trained_at, hook_of
+from sae.splicing import check_trained_at, hook_of, on_device
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,16 @@ class Edit:
     """The dictionary whose feature `feature` the direction is (checked against the model by `steer`)."""
 
     def delta(self, x: Tensor) -> Tensor:
-        """What this edit adds to activations x [..., d]."""
-        direction = self.direction.to(x.dtype)
+        """What this edit adds to activations x [..., d], in x's dtype (direction and dictionary
+        on x's device: `steer` puts them there)."""
         if self.dictionary is None:
-            return self.strength * direction.expand_as(x)
+            return self.strength * self.direction.to(x.dtype).expand_as(x)
         flat = x.reshape(-1, x.shape[-1])
-        codes = self.dictionary.encode(flat)
+        codes = self.dictionary.encode(flat)  # in the dictionary's dtype
         chosen = (codes.flat_indices() == self.feature).to(codes.flat_values().dtype) * codes.flat_values()
         current = chosen.new_zeros(len(flat)).index_add_(0, codes.row_ids(), chosen)
-        return ((self.strength - current).unsqueeze(1) * direction).view(x.shape)
+        direction = self.direction.to(current.dtype)
+        return ((self.strength - current).unsqueeze(1) * direction).view(x.shape).to(x.dtype)
 
 
 def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None = None) -> Edit:
@@ -180,17 +186,38 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
 
 @contextlib.contextmanager
 def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iterator[SteeringReport]:
-    """Apply `edits` on every forward pass of `model` inside the block, at `positions`.
-    Raises what `check_edits` raises, before any pass and with nothing attached."""
+    """Apply `edits` on every forward pass of `model` inside the block, at `positions`, on the
+    model's device (edits made from a dictionary elsewhere are moved, not refused; see the module
+    docstring). Raises what `check_edits` raises, before any pass and with nothing attached."""
     check_edits(model, edits, positions)
     groups: dict[str, list[Edit]] = {}
-    for edit in edits:
+    for edit in placed(edits, model.device):
         groups.setdefault(edit.hook, []).append(edit)
     report = SteeringReport(edits, positions)
     with model.hooks(
         [(hook, _adder(hook, group, _Positions(positions), report)) for hook, group in groups.items()]
     ):
         yield report
+
+
+def placed(edits: Sequence[Edit], device: torch.device) -> list[Edit]:
+    """The edits with their directions on `device` and each clamp's dictionary there (one copy
+    per dictionary that is elsewhere); edits already there are returned as they are."""
+    copies: dict[int, Dictionary] = {}
+
+    def place(dictionary: Dictionary | None) -> Dictionary | None:
+        if dictionary is None:
+            return None
+        if id(dictionary) not in copies:
+            copies[id(dictionary)] = on_device(dictionary, device)
+        return copies[id(dictionary)]
+
+    out = []
+    for edit in edits:
+        direction, dictionary = edit.direction.to(device), place(edit.dictionary)
+        same = direction is edit.direction and dictionary is edit.dictionary
+        out.append(edit if same else dataclasses.replace(edit, direction=direction, dictionary=dictionary))
+    return out
 
 
 class _Positions:
@@ -200,8 +227,8 @@ class _Positions:
     def __init__(self, spec):
         self.spec, self.prompt_length, self.next = spec, 0, 0
 
-    def mask(self, batch: int, length: int) -> Tensor | None:
-        """[batch, length] bool of the positions to edit, or None for all of them."""
+    def mask(self, batch: int, length: int, device: torch.device) -> Tensor | None:
+        """[batch, length] bool of the positions to edit (on `device`), or None for all of them."""
         if length > 1 or self.next == 0:
             self.prompt_length, start = length, 0
         else:
@@ -212,22 +239,23 @@ class _Positions:
         absolute = torch.arange(start, start + length)
         if isinstance(self.spec, str):
             keep = absolute < self.prompt_length if self.spec == "prompt" else absolute >= self.prompt_length
-            return keep.expand(batch, length)
+            return keep.expand(batch, length).to(device)
         if self.spec.dim() == 2 and self.spec.shape[0] not in (1, batch):
             raise DictionaryError(
                 f"a positions mask of {self.spec.shape[0]} rows cannot steer a batch of {batch}"
             )
-        mask = self.spec if self.spec.dim() == 2 else self.spec.expand(batch, -1)
+        spec = self.spec.cpu()  # built on the host (a few bools), then moved
+        mask = spec if spec.dim() == 2 else spec.expand(batch, -1)
         inside = absolute < mask.shape[1]
         out = torch.zeros(mask.shape[0], length, dtype=torch.bool)
         out[:, inside] = mask[:, absolute[inside]]
-        return out.expand(batch, length)
+        return out.expand(batch, length).to(device)
 
 
 def _adder(name: str, group: list[Edit], where: _Positions, report: SteeringReport):
     def hook_fn(activation: Tensor, hook=None) -> Tensor:
         x = activation.flatten(2)  # [batch, pos, d] (attention hooks: heads flattened)
-        mask = where.mask(x.shape[0], x.shape[1])
+        mask = where.mask(x.shape[0], x.shape[1], x.device)
         with torch.no_grad():
             delta = sum(edit.delta(x) for edit in group)  # every edit sees the unedited activation
             if mask is not None:

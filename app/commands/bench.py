@@ -8,6 +8,7 @@ import json
 
 from app.commands.output import print_rows, print_summary
 from app.flags import config_from_args
+from workbench.devices import describe, matmul_dtype, resolve_device
 from workbench.errors import WorkbenchError
 
 
@@ -15,14 +16,23 @@ def cmd_bench_cache(args) -> None:
     from workbench.bench_cache import CacheBenchConfig, run_cache_benchmark
 
     config = config_from_args(CacheBenchConfig, args)
-    print_rows(run_cache_benchmark(config.model, tokens=config.tokens, reps=config.reps), args.json)
+    device = resolve_device(config.device)
+    if not args.json:
+        print(f"device {describe(device)}, model {config.model} in {config.model_dtype}")
+    rows = run_cache_benchmark(
+        config.model, tokens=config.tokens, reps=config.reps, device=device, model_dtype=config.model_dtype
+    )
+    print_rows(rows, args.json)
 
 
 def cmd_bench_kernels(args) -> None:
     from sae.bench_step import trainer_paths
-    from workbench.bench_kernels import KernelBenchConfig, kernel_cases, run_kernel_benchmark
+    from workbench.bench_kernels import KernelBenchConfig, describe_run, kernel_cases, run_kernel_benchmark
 
     config = config_from_args(KernelBenchConfig, args)
+    device = resolve_device(config.device)
+    if not args.json:
+        print(describe_run(device, config.matmul_dtype))
     rows = run_kernel_benchmark(
         kernel_cases(config),
         batch_size=config.batch_size,
@@ -32,6 +42,8 @@ def cmd_bench_kernels(args) -> None:
         threads=config.threads,
         approximate=config.approx_topk,
         extra_paths=trainer_paths if config.trainer else None,
+        device=device,
+        matmul_dtype=matmul_dtype(config.matmul_dtype),
     )
     print_rows(rows, args.json)
 
@@ -46,6 +58,7 @@ def cmd_bench_sae(args) -> None:
     unknown = sorted(set(chosen) - set(architectures()))
     if unknown:
         raise WorkbenchError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(architectures())}")
+    resolve_device(config.device)  # a device this machine lacks is refused before any data is made
     if not args.json:
         shown = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
         print(json.dumps({"config": shown}))
