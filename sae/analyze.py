@@ -14,10 +14,14 @@ feature, with memory bounded by [features, a few dozen] arrays whatever the toke
     set; rate = P(other fires | feature fires), lift = rate / density(other).
 At the end, from the weights: decoder cosine neighbours, and logit effects W_dec·W_U (through
 the final LayerNorm's centring and scale where the model has one; hooks of the residual width).
+The pass runs on the model's device (`--device`): each block is moved there, encoded, and every
+accumulator lives there; the random sample keys are drawn on the host (the same on any
+device); the finished accumulators come back to the host to build the tables.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -32,8 +36,9 @@ from tqdm.auto import tqdm
 
 from sae.base import Dictionary
 from sae.per_feature import SmallestKeys, ranked_within_groups
-from sae.splicing import hook_of
+from sae.splicing import hook_of, on_device
 from workbench.cache_reader import ActivationCache
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
 from workbench.kernels import SparseCodes
 from workbench.store import STORE_FILE, list_column, write_store
 
@@ -74,6 +79,14 @@ class AnalyzeConfig:
     """Active features remembered per sampled row (its largest); 0 means k for fixed-k codes, else 64."""
     seed: int = 0
     """Seed of the uniform example samples."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
+
+    def __post_init__(self):
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
 
 
 def analyze(
@@ -84,15 +97,22 @@ def analyze(
     model=None,
     progress: bool = True,
 ) -> Path:
-    """Build the store of `dictionary` (loaded from `folder`) and return its path."""
+    """Build the store of `dictionary` (loaded from `folder`) and return its path. Runs on
+    `model`'s device when a model is given, else loads the model on `config.device` (in
+    `config.model_dtype`); the dictionary, or a copy of it, runs there. Raises CacheError,
+    DictionaryError, DeviceError (a device this machine lacks), UnknownModelError."""
     from workbench.models import load_model
 
     started = time.perf_counter()
+    device = model.device if model is not None else resolve_device(config.device)
     hook = hook_of(dictionary, None)
     cache = ActivationCache(config.cache or dictionary.meta.get("cache") or _default_cache())
     cache.expect(hook=hook, width=dictionary.d_in)
     cache.require_tokens("workbench analyze (top examples, contexts, logit effects)")
-    model = model or load_model(dictionary.meta.get("model") or cache.model)
+    if model is None:
+        spec = dictionary.meta.get("model") or cache.model
+        model = load_model(spec, device=device, dtype=config.model_dtype)
+    dictionary = on_device(dictionary, device)
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache.tokens)
@@ -154,20 +174,31 @@ def window_blocks(
 
 class StreamStats:
     """Everything accumulated over the stream (see the module docstring): `add` each encoded
-    block, then `tables` builds the store's per-feature tables."""
+    block (on `device`), then `to("cpu")` and `tables` builds the store's per-feature tables."""
 
-    def __init__(self, n_latents: int, d_in: int, context: int, config: AnalyzeConfig):
+    MOVED = ("fired", "sum", "sum_sq", "max", "histogram", "sum_ax", "sum_x", "sum_xx")
+
+    def __init__(
+        self,
+        n_latents: int,
+        d_in: int,
+        context: int,
+        config: AnalyzeConfig,
+        device: torch.device | str = "cpu",
+    ):
         self.F, self.context, self.config = n_latents, context, config
+        self.device = torch.device(device)
         self.width = min(config.context_before + config.context_after + 1, context)
-        self.fired = torch.zeros(n_latents, dtype=torch.long)
-        self.sum = torch.zeros(n_latents, dtype=torch.float64)
-        self.sum_sq = torch.zeros(n_latents, dtype=torch.float64)
-        self.max = torch.zeros(n_latents)
-        self.histogram = torch.zeros(n_latents * config.histogram_bins, dtype=torch.long)
-        self.edges: Tensor | None = None
-        self.sum_ax = torch.zeros(n_latents, d_in, dtype=torch.float64)
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_xx = torch.zeros(d_in, dtype=torch.float64)
+        zeros = functools.partial(torch.zeros, device=self.device)
+        self.fired = zeros(n_latents, dtype=torch.long)
+        self.sum = zeros(n_latents, dtype=torch.float64)
+        self.sum_sq = zeros(n_latents, dtype=torch.float64)
+        self.max = zeros(n_latents)
+        self.histogram = zeros(n_latents * config.histogram_bins, dtype=torch.long)
+        self.edges: Tensor | None = None  # on the host
+        self.sum_ax = zeros(n_latents, d_in, dtype=torch.float64)
+        self.sum_x = zeros(d_in, dtype=torch.float64)
+        self.sum_xx = zeros(d_in, dtype=torch.float64)
         self.n_tokens = 0
         example = {
             "window": ((), torch.long),
@@ -176,27 +207,41 @@ class StreamStats:
             "value": ((), torch.float32),
             "context": ((self.width,), torch.float32),
         }
-        self.top = SmallestKeys(n_latents, config.top, example)
-        self.sample = SmallestKeys(n_latents, 2 * config.quantile_bins * config.per_bin, example)
+        self.top = SmallestKeys(n_latents, config.top, example, self.device)
+        self.sample = SmallestKeys(n_latents, 2 * config.quantile_bins * config.per_bin, example, self.device)
         self.co: SmallestKeys | None = None  # its width is known from the first block's codes
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # host draws: the same on any device
+
+    def to(self, device: torch.device | str) -> "StreamStats":
+        """Move every accumulator to `device` (in place; `tables` needs the host); returns self."""
+        self.device = torch.device(device)
+        for name in self.MOVED:
+            setattr(self, name, getattr(self, name).to(self.device))
+        for kept in (self.top, self.sample, self.co):
+            if kept is not None:
+                kept.to(self.device)
+        return self
 
     def add(self, first_window: int, x: Tensor, codes: SparseCodes) -> None:
+        """Accumulate one block: x [windows * context, d] and its codes, both on `self.device`."""
         rows, feats, vals = codes.row_ids(), codes.flat_indices(), codes.flat_values().float()
         keep = (vals > 0) & (rows % self.context != 0)  # BOS rows are not analyzed
         rows, feats, vals = rows[keep], feats[keep], vals[keep]
-        body = torch.arange(len(x)) % self.context != 0
+        body = torch.arange(len(x), device=x.device) % self.context != 0
         self.n_tokens += int(body.sum())
         self._moments(x[body], rows, feats, vals, len(x))
         lookup = _CodeLookup(rows, feats, vals, self.F)
         make = lambda idx: self._example(first_window, rows[idx], feats[idx], vals[idx], lookup)  # noqa: E731
         self.top.offer(feats, -vals, make)
-        uniform = torch.rand(len(feats), generator=self.generator)
+        uniform = torch.rand(len(feats), generator=self.generator).to(feats.device)
         self.sample.offer(feats, uniform, make)
         if self.co is None:
             width = self.config.cooccurrence_width or (codes.indices.shape[1] if codes.is_fixed_k else 64)
             self.co = SmallestKeys(
-                self.F, self.config.cooccurrence_rows, {"active": ((max(width, 1),), torch.int32)}
+                self.F,
+                self.config.cooccurrence_rows,
+                {"active": ((max(width, 1),), torch.int32)},
+                self.device,
             )
         active = _active_sets(rows, feats, vals, len(x), self.co.data["active"].shape[2])
         self.co.offer(feats, uniform, lambda idx: {"active": active[rows[idx]]})
@@ -211,10 +256,10 @@ class StreamStats:
             self.edges = torch.logspace(
                 math.log10(top) - 3, math.log10(top) + 0.6, self.config.histogram_bins + 1
             )
-        bins = torch.bucketize(vals, self.edges[1:-1].to(vals.dtype))
+        bins = torch.bucketize(vals, self.edges[1:-1].to(device=vals.device, dtype=vals.dtype))
         self.histogram.index_add_(0, feats * self.config.histogram_bins + bins, torch.ones_like(feats))
-        x_all = torch.zeros(n_rows, x_body.shape[1])
-        x_all[torch.arange(n_rows) % self.context != 0] = x_body
+        x_all = torch.zeros(n_rows, x_body.shape[1], device=x_body.device)
+        x_all[torch.arange(n_rows, device=x_body.device) % self.context != 0] = x_body
         coo = torch.sparse_coo_tensor(
             torch.stack([feats, rows]), vals, (self.F, n_rows), check_invariants=False
         )
@@ -227,7 +272,7 @@ class StreamStats:
     ) -> dict:
         position = rows % self.context
         start = (position - self.config.context_before).clamp(0, self.context - self.width)
-        window_rows = (rows - position + start).unsqueeze(1) + torch.arange(self.width)
+        window_rows = (rows - position + start).unsqueeze(1) + torch.arange(self.width, device=rows.device)
         context = lookup.values_at(window_rows, feats.unsqueeze(1).expand_as(window_rows))
         return {
             "window": first_window + rows // self.context,
@@ -393,14 +438,14 @@ class _CodeLookup:
     def values_at(self, rows: Tensor, feats: Tensor) -> Tensor:
         query = rows * self.n_latents + feats
         if self.keys.numel() == 0:
-            return torch.zeros(query.shape)
+            return torch.zeros(query.shape, device=query.device)
         at = torch.searchsorted(self.keys, query).clamp(max=self.keys.numel() - 1)
-        return torch.where(self.keys[at] == query, self.vals[at], torch.zeros(()))
+        return torch.where(self.keys[at] == query, self.vals[at], self.vals.new_zeros(()))
 
 
 def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: int) -> Tensor:
     """[n_rows, width] active features of each row (the largest `width`), -1 padded."""
-    out = torch.full((n_rows, width), -1, dtype=torch.long)
+    out = torch.full((n_rows, width), -1, dtype=torch.long, device=rows.device)
     if rows.numel() == 0:
         return out
     order, _, _, slot = ranked_within_groups(rows, -vals)  # each row's largest first
@@ -412,10 +457,13 @@ def _active_sets(rows: Tensor, feats: Tensor, vals: Tensor, n_rows: int, width: 
 def _stream(
     dictionary: Dictionary, cache: ActivationCache, hook: str, config: AnalyzeConfig, progress: bool
 ) -> StreamStats:
-    stats = StreamStats(dictionary.n_latents, cache.width(hook), cache.context_length, config)
+    """The accumulated pass, computed on the dictionary's device, returned on the host."""
+    device = dictionary.W_dec.device
+    stats = StreamStats(dictionary.n_latents, cache.width(hook), cache.context_length, config, device)
     total = min(config.tokens or cache.n_rows, cache.n_rows)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
     for first, x in window_blocks(cache, hook, config.block_windows, config.tokens):
+        x = x.to(device)
         stats.add(first, x, dictionary.encode(x))
         bar.update(len(x))
     bar.close()
@@ -423,7 +471,7 @@ def _stream(
         from workbench.errors import CacheError
 
         raise CacheError(f"{cache.path}: no tokens to analyze")
-    return stats
+    return stats.to("cpu")
 
 
 # --- from the weights ------------------------------------------------------------------------
@@ -433,8 +481,8 @@ def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.T
         {
             "feature": np.repeat(np.arange(n, dtype=np.int32), k),
             "rank": np.tile(np.arange(k, dtype=np.int16), n),
-            other: index.reshape(-1).int().numpy(),
-            value: values.reshape(-1).float().numpy(),
+            other: index.reshape(-1).int().cpu().numpy(),
+            value: values.reshape(-1).float().cpu().numpy(),
         }
     )
 
@@ -443,14 +491,16 @@ def weight_tables(
     dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024
 ) -> dict[str, pa.Table]:
     """The tables read off the weights: decoder cosine neighbours, and logit effects when `model`
-    is given and the dictionary has the residual width."""
+    is given and the dictionary has the residual width (computed where the dictionary is; the
+    model's unembedding and final norm scale are brought there)."""
     directions = dictionary.W_dec.detach().float()
     unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
     k = min(config.neighbours, dictionary.n_latents - 1)
     index, cosine = [], []
     for start in range(0, len(unit), chunk):
         sims = unit[start : start + chunk] @ unit.T
-        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -float("inf")
+        diagonal = torch.arange(len(sims), device=sims.device)
+        sims[diagonal, diagonal + start] = -float("inf")
         top = sims.topk(k, dim=1)
         index.append(top.indices)
         cosine.append(top.values)
@@ -474,7 +524,8 @@ def final_norm_map(model) -> tuple[bool, Tensor | None]:
 def logit_effects(directions: Tensor, model, n: int, chunk: int = 1024) -> pa.Table:
     """Top and bottom `n` tokens of each direction pushed through the final norm and W_U."""
     centres, scale = final_norm_map(model)
-    W_U = model.unembed.float()
+    W_U = model.unembed.float().to(directions.device)
+    scale = scale.to(directions.device) if scale is not None else None
     n = min(n, W_U.shape[1])
     parts = []
     for start in range(0, len(directions), chunk):

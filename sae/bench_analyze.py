@@ -4,7 +4,9 @@ The analysis pass (encode + every per-feature accumulator of `sae.analyze`) runs
 activations of the requested width, so the bench does not depend on a cache of that width;
 each block's encode is timed inside the same loop, giving the pass's cost as a multiple of the
 encode alone (its floor). The tables are then built and written to a temporary store, and
-random feature pages are read back from it, as the explorer does.
+random feature pages are read back from it, as the explorer does. With `--device cuda` the pass
+(encode and accumulators) runs on the GPU, timed with a synchronize after each part; the
+generated activations are drawn on the host (the same on any device) outside the timings.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sae.analyze import AnalyzeConfig, StreamStats, weight_tables
 from sae.base import create
 from sae.config import DictionaryConfig
 from workbench.bench import median
+from workbench.devices import check_device_spec, peak_memory, reset_peak_memory, resolve_device, synchronize
 from workbench.errors import ConfigError
 from workbench.store import FeatureStore, write_store
 
@@ -43,8 +46,11 @@ class AnalyzeBenchConfig:
     """Random feature pages read back."""
     threads: int = 2
     """torch threads."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
         if (
             min(self.n_latents, self.d_in, self.k, self.tokens, self.reads, self.threads) < 1
             or self.k > self.n_latents
@@ -73,38 +79,47 @@ def run_analyze_benchmark(
     context: int = 128,
     reads: int = 50,
     threads: int = 2,
+    device: str = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
+    """Timing rows (see the module docstring) on `device`. Raises DeviceError for a device this
+    machine lacks."""
+    where = resolve_device(device)
     torch.set_num_threads(threads)
+    reset_peak_memory(where)
     generator = torch.Generator().manual_seed(seed)
-    dictionary = create(DictionaryConfig("topk", d_in, n_latents, k=k), seed=seed)
+    dictionary = create(DictionaryConfig("topk", d_in, n_latents, k=k), seed=seed).to(where)
     config = AnalyzeConfig()
     block = config.block_windows * context
     n_blocks = max(1, tokens // block)
     mixing = torch.randn(d_in, d_in, generator=generator) / d_in**0.5  # correlated dimensions, as in a model
-    stats = StreamStats(n_latents, d_in, context, config)
+    stats = StreamStats(n_latents, d_in, context, config, where)
     encode_s = total_s = 0.0
     with torch.no_grad():
         for index in range(n_blocks):
-            x = torch.randn(block, d_in, generator=generator) @ mixing + 0.3
+            x = (torch.randn(block, d_in, generator=generator) @ mixing + 0.3).to(where)
+            synchronize(where)
             started = time.perf_counter()
             codes = dictionary.encode(x)
+            synchronize(where)
             encoded = time.perf_counter()
             stats.add(index * config.block_windows, x, codes)
+            synchronize(where)
             total_s += time.perf_counter() - started
             encode_s += encoded - started
         token_windows = torch.randint(
             0, 50_000, (n_blocks * config.block_windows, context), generator=generator
         )
         started = time.perf_counter()
-        tables = stats.tables(token_windows)
+        tables = stats.to("cpu").tables(token_windows)
         tables.update(weight_tables(dictionary, None, config))
         finish_s = time.perf_counter() - started
     n = n_blocks * block
     rows = [
         {
             "name": "encode only (floor)",
+            "device": str(where),
             "latents": n_latents,
             "d": d_in,
             "tokens": n,
@@ -115,6 +130,7 @@ def run_analyze_benchmark(
         },
         {
             "name": "analysis pass",
+            "device": str(where),
             "latents": n_latents,
             "d": d_in,
             "tokens": n,
@@ -139,6 +155,8 @@ def run_analyze_benchmark(
         )
         rows.append(_page_latency(path, n_latents, reads, generator))
     rows[-1]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if (peak := peak_memory(where)) is not None:
+        rows[-1]["peak_gpu_mb"] = round(peak / 2**20)
     return rows
 
 

@@ -6,6 +6,10 @@ before the hook learn through the straight-through gradient) and the fine-tuned 
 beside the codebook (`<out>/model`, which the codebook's folder then names as its model). The
 codes start at k-means centres of the hook's activations, and unused or duplicated codes move to
 badly reconstructed activations as in `sae.dictionaries.codebook`.
+
+The codebook trains where the model is (`--device`; `--model-dtype bfloat16` runs the model's
+forward in bf16 while the codes, their search and the loss stay float32); windows are drawn on
+the host and the model moves them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm.auto import tqdm
 from sae.base import StepContext, create
 from sae.config import DictionaryConfig
 from sae.dictionaries.codebook import Codebook
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
 from workbench.errors import ConfigError
 
 
@@ -51,8 +56,14 @@ class FinetuneConfig:
     """Also fine-tune the model's weights (lr / 10) and save the fine-tuned model in <out>/model."""
     out: str = ""
     """Output folder; empty means runs/codebook-<hook>-c<codes>-k<k>."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
         if min(self.codes, self.k, self.steps, self.batch_size) <= 0 or self.k > self.codes:
             raise ConfigError("codes, k, steps and batch_size must be positive, and k <= codes")
 
@@ -71,13 +82,17 @@ def insert_codebook(model, codebook: Codebook, hook: str, straight_through: bool
 
 
 def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy (float32, on the logits' device) of logits [B, T, V] for
+    tokens [B, T] (any device)."""
+    targets = tokens[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets)
 
 
 def finetune_codebook(
     model, hook: str, windows: Tensor, config: FinetuneConfig, progress: bool = True
 ) -> tuple[Codebook, dict]:
-    """Train a codebook at `hook` on `windows` with the frozen model's next-token loss."""
+    """Train a codebook at `hook` on `windows` [n, T] (any device) with the frozen model's
+    next-token loss, on the model's device."""
     for param in model.bridge.parameters():
         param.requires_grad_(config.unfreeze)
     sample = model.run_with_cache(windows[: max(1, 4096 // windows.shape[1] + 1)], [hook])[hook][:, 1:]
@@ -85,7 +100,7 @@ def finetune_codebook(
     codebook = create(
         DictionaryConfig(architecture="codebook", d_in=d, n_latents=config.codes, k=config.k),
         seed=config.seed,
-    )
+    ).to(sample.device)
     codebook.initialize_from(sample.reshape(-1, d).float())
     groups = [{"params": list(codebook.parameters()), "lr": config.lr}]
     if config.unfreeze:
@@ -130,7 +145,8 @@ def run_finetune(config: FinetuneConfig, progress: bool = True) -> FinetuneResul
     from workbench.models import load_model
     from workbench.paths import DEFAULT_RUNS_DIR
 
-    model = load_model(config.model)
+    device = resolve_device(config.device)
+    model = load_model(config.model, device=device, dtype=config.model_dtype)
     hook = config.hook or model.default_hook
     model.check_hooks([hook])
     cache_config = CacheConfig(
@@ -179,7 +195,7 @@ def run_finetune(config: FinetuneConfig, progress: bool = True) -> FinetuneResul
 
 def save_hf_model(model, folder, check_tokens: Tensor) -> str:
     """Save the bridge's (fine-tuned) HF model as a plain HF folder and check that it reloads
-    to the same logits; return the folder as a model spec."""
+    to the same logits (reloaded on its device, in its dtype); return the folder as a model spec."""
     from transformers import AutoModelForCausalLM
 
     from workbench.errors import WorkbenchError
@@ -200,7 +216,7 @@ def save_hf_model(model, folder, check_tokens: Tensor) -> str:
     plain.tie_weights()
     plain.save_pretrained(folder)
     model.tokenizer.save_pretrained(folder)
-    reloaded = load_model(str(folder))
+    reloaded = load_model(str(folder), device=model.device, dtype=model.dtype)
     with torch.no_grad():
         if not torch.allclose(reloaded(check_tokens), model(check_tokens), atol=1e-4, rtol=1e-4):
             raise WorkbenchError(

@@ -14,6 +14,8 @@ Reported (over non-BOS positions):
     sparse_probing_latents / _neurons: mean held-out balanced accuracy of k-sparse probes (k = 1)
     over the built-in probing tasks (`sae.probe_tasks`), on latents vs on the hook's neurons
     of the first eval windows (as SAEBench compares dictionaries)
+Everything runs on the model's device (`--device`; the dictionary is moved there, a given
+model is used where it is); the sums are float64 there and the numbers returned are Python's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.base import Dictionary, DictionaryError
-from sae.splicing import capture, hook_of, replace_activation, splice
+from sae.splicing import capture, hook_of, on_device, replace_activation, splice
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
 
 DENSITY_BINS = torch.arange(-8.0, 0.01, 0.5)
 
@@ -53,11 +56,23 @@ class EvalConfig:
     """Score on this cache's rows instead of held-out text (its held-out rows if made with --from,
     else all non-BOS rows); empty means held-out text, or the dictionary's own cache when it
     records no model."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
+
+    def __post_init__(self):
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
 
 
 def evaluate(
     dictionary: Dictionary, config: EvalConfig = EvalConfig(), model=None, progress: bool = True
 ) -> dict:
+    """The metrics of the module docstring on held-out text, run on `model` (default: the
+    config's or dictionary's model, loaded on `config.device` in `config.model_dtype`) where it
+    is, with the dictionary (or a copy of it) there; `evaluate_rows` when scoring a cache.
+    Raises DictionaryError, DeviceError (a device this machine lacks), UnknownModelError."""
     from workbench.activations import CacheConfig, select_windows
     from workbench.models import load_model
 
@@ -67,7 +82,7 @@ def evaluate(
     if config.cache or (model is None and not spec):
         return evaluate_rows(dictionary, config, progress)
     if model is None:
-        model = load_model(spec)
+        model = load_model(spec, device=resolve_device(config.device), dtype=config.model_dtype)
     corpus = config.corpus or meta.get("corpus") or "default"
     cache_config = CacheConfig(
         model=spec or "demo",
@@ -77,10 +92,10 @@ def evaluate(
         context_length=config.context_length or int(meta.get("context_length") or 0),
     )
     windows = select_windows(cache_config, model)
-    dictionary = dictionary.eval()
+    dictionary = on_device(dictionary, model.device).eval()
     with torch.no_grad():
         mean = _mean_activation(model, hook, windows, config.batch_size)
-        totals = _Totals(dictionary.n_latents)
+        totals = _Totals(dictionary.n_latents, model.device)
         probe_rows = _ProbeRows(config.probe_tokens if config.probe_k else 0)
         for start in tqdm(
             range(0, len(windows), config.batch_size), disable=not progress, desc="eval", unit="batch"
@@ -98,9 +113,11 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
     """Reconstruction metrics on cache rows alone (no model): mse, fvu, explained_variance, l0,
     dead_fraction, log_density_histogram, relative_reconstruction_bias over up to `config.tokens`
     rows of `config.cache` (default: the dictionary's own): the rows held out at import for a
-    cache made with --from, else every non-BOS row. Raises DictionaryError if there is none."""
+    cache made with --from, else every non-BOS row, on `config.device`. Raises DictionaryError if
+    there is none, DeviceError for a device this machine lacks."""
     from workbench.cache_reader import ActivationCache
 
+    device = resolve_device(config.device)
     where = config.cache or dictionary.meta.get("cache")
     if not where:
         raise DictionaryError("this dictionary records neither a model nor a cache; pass --model or --cache")
@@ -108,8 +125,8 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
     hook = hook_of(dictionary, config.hook or None)
     cache.expect(hook=hook, width=dictionary.d_in)
     subset = "all" if cache.has_tokens else "held_out"
-    totals = _Totals(dictionary.n_latents)
-    dictionary = dictionary.eval()
+    totals = _Totals(dictionary.n_latents, device)
+    dictionary = on_device(dictionary, device).eval()
     with torch.no_grad():
         for batch in tqdm(
             cache.batches(hook, 4096, shuffle=False, subset=subset),
@@ -117,7 +134,7 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
             desc="eval",
             unit="batch",
         ):
-            x = batch.activations[: config.tokens - totals.n].float()
+            x = batch.activations[: config.tokens - totals.n].to(device).float()
             codes = dictionary.encode(x)
             totals.add_reconstruction(x, dictionary.decode(codes), codes)
             if totals.n >= config.tokens:
@@ -200,13 +217,13 @@ class _ProbeRows:
 
 
 class _Totals:
-    """Float64 running sums over the eval set."""
+    """Float64 running sums over the eval set (per-latent counts on `device`, the rest Python floats)."""
 
-    def __init__(self, n_latents: int):
+    def __init__(self, n_latents: int, device: torch.device):
         self.n = 0
         self.sums = {k: 0.0 for k in ("sq_err", "x", "x_sq", "xhat_sq", "xhat_x", "l0")}
         self.x_sum: Tensor | None = None
-        self.fires = torch.zeros(n_latents, dtype=torch.float64)
+        self.fires = torch.zeros(n_latents, dtype=torch.float64, device=device)
         self.ce = {k: 0.0 for k in ("clean", "sae", "zero", "mean")}
         self.kl = {k: 0.0 for k in ("sae", "zero", "mean")}
         self.positions = 0
@@ -225,7 +242,7 @@ class _Totals:
         self.d = x.shape[1]
 
     def add_logits(self, tokens: Tensor, clean: Tensor, patched: dict[str, Tensor]) -> None:
-        targets = tokens[:, 1:].reshape(-1)
+        targets = tokens[:, 1:].reshape(-1).to(clean.device)
         clean_logp = F.log_softmax(clean[:, :-1].double(), dim=-1).reshape(targets.shape[0], -1)
         self.ce["clean"] += float(F.nll_loss(clean_logp, targets, reduction="sum"))
         for name, logits in patched.items():
@@ -237,10 +254,10 @@ class _Totals:
     def reconstruction_metrics(self) -> dict:
         if self.n == 0:
             raise DictionaryError("the eval set is empty")
-        s, n = self.sums, self.n
+        s, n, fires = self.sums, self.n, self.fires.cpu()  # torch.histogram runs on the CPU only
         variance = s["x_sq"] - float(self.x_sum.pow(2).sum()) / n
         fvu = s["sq_err"] / variance if variance > 0 else float("nan")
-        density = self.fires / n
+        density = fires / n
         alive = density[density > 0].log10().clamp(DENSITY_BINS[0].item(), 0)
         histogram = (
             torch.histogram(alive.float(), bins=DENSITY_BINS).hist
@@ -253,7 +270,7 @@ class _Totals:
             "fvu": fvu,
             "explained_variance": 1 - fvu,
             "l0": s["l0"] / n,
-            "dead_fraction": float((self.fires == 0).double().mean()),
+            "dead_fraction": float((fires == 0).double().mean()),
             "relative_reconstruction_bias": s["xhat_sq"] / s["xhat_x"] if s["xhat_x"] else float("nan"),
             "log_density_histogram": {
                 "bin_edges": [round(float(b), 2) for b in DENSITY_BINS],

@@ -6,7 +6,8 @@ is a uniform sample without replacement (a bottom-k sketch: the `size` smallest 
 are a uniform sample of it, and the smallest keys of a union are the smallest of the parts').
 Memory is [features, size] whatever the stream's length. Slots are unordered (`in_key_order`
 sorts them); an `offer` computes the payload only of the entries that get in and writes them
-into the slots they evict, so its cost follows the entries, not the store.
+into the slots they evict, so its cost follows the entries, not the store. The arrays live on
+the device given at construction (`to` moves them); offered entries must be there too.
 """
 
 from __future__ import annotations
@@ -25,19 +26,34 @@ def ranked_within_groups(groups: Tensor, keys: Tensor) -> tuple[Tensor, Tensor, 
     order = torch.argsort(keys, stable=True)
     order = order[torch.argsort(groups[order], stable=True)]
     distinct, sizes = torch.unique_consecutive(groups[order], return_counts=True)
-    rank = torch.arange(order.numel()) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    rank = torch.arange(order.numel(), device=order.device) - torch.repeat_interleave(
+        torch.cumsum(sizes, 0) - sizes, sizes
+    )
     return order, distinct, sizes, rank
 
 
 class SmallestKeys:
-    def __init__(self, n_latents: int, size: int, payload: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+    def __init__(
+        self,
+        n_latents: int,
+        size: int,
+        payload: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        device: torch.device | str = "cpu",
+    ):
         self.size = size
-        self.keys = torch.full((n_latents, size), float("inf"))
-        self.worst = torch.full((n_latents,), float("inf"))  # the largest key held, per feature
+        self.keys = torch.full((n_latents, size), float("inf"), device=device)
+        # the largest key held, per feature
+        self.worst = torch.full((n_latents,), float("inf"), device=device)
         self.data = {
-            name: torch.zeros((n_latents, size, *shape), dtype=dtype)
+            name: torch.zeros((n_latents, size, *shape), dtype=dtype, device=device)
             for name, (shape, dtype) in payload.items()
         }
+
+    def to(self, device: torch.device | str) -> "SmallestKeys":
+        """Move the arrays to `device` (in place); returns self."""
+        self.keys, self.worst = self.keys.to(device), self.worst.to(device)
+        self.data = {name: value.to(device) for name, value in self.data.items()}
+        return self
 
     def count(self) -> Tensor:
         """Entries held per feature, [features]."""
@@ -57,14 +73,17 @@ class SmallestKeys:
         order = beats[order]
         keep = rank < self.size
         candidates, rank = order[keep], rank[keep]
-        row = torch.repeat_interleave(torch.arange(touched.numel()), counts.clamp(max=self.size))
+        device = self.keys.device
+        row = torch.repeat_interleave(
+            torch.arange(touched.numel(), device=device), counts.clamp(max=self.size)
+        )
 
-        merged = torch.full((touched.numel(), 2 * self.size), float("inf"))
+        merged = torch.full((touched.numel(), 2 * self.size), float("inf"), device=device)
         merged[:, : self.size] = self.keys[touched]
         merged[row, self.size + rank] = keys[candidates].float()
         picked = torch.zeros_like(merged, dtype=torch.bool)
         picked.scatter_(1, merged.topk(self.size, dim=1, largest=False).indices, True)
-        index = torch.full((touched.numel(), self.size), -1, dtype=torch.long)
+        index = torch.full((touched.numel(), self.size), -1, dtype=torch.long, device=device)
         index[row, rank] = candidates
         entering = (picked[:, self.size :] & (index >= 0)).nonzero()  # row by row
         # Slots to write, per row: first those whose entry lost, then empty ones; as many as enter.
@@ -72,7 +91,9 @@ class SmallestKeys:
         priority = torch.where(picked[:, : self.size] & held, 2, torch.where(held, 0, 1))
         slot_order = torch.argsort(priority, dim=1, stable=True)
         n_enter = torch.bincount(entering[:, 0], minlength=touched.numel())
-        rows, columns = (torch.arange(self.size)[None, :] < n_enter[:, None]).nonzero(as_tuple=True)
+        rows, columns = (torch.arange(self.size, device=device)[None, :] < n_enter[:, None]).nonzero(
+            as_tuple=True
+        )
         winners = index[entering[:, 0], entering[:, 1]]
         features_hit, slots = touched[rows], slot_order[rows, columns]
         self.keys[features_hit, slots] = keys[winners].float()

@@ -6,6 +6,10 @@ classes (mean difference |mu_1 - mu_0| / pooled std, or the one-way ANOVA F stat
 class-balanced logistic regression (scikit-learn) is fit on the top k, for k in a sweep, and
 scored on held-out windows (accuracy, balanced accuracy, F1 of the positive class). Windows,
 not tokens, are split, so no text is seen on both sides.
+
+Devices (`--device`): the activations, the dictionary's latents, their standardisation and the
+feature ranking are on the device; only the k chosen columns go to the host, where
+scikit-learn fits the probe.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from workbench.devices import check_device_spec, resolve_device
 from workbench.errors import ConfigError
 
 RANKINGS = ("mean_diff", "f_stat")
@@ -48,8 +53,11 @@ class ProbeConfig:
     the window)."""
     out: str = ""
     """Where to save the sweep (JSON); empty means runs/probes/<features>.json."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
         if self.ranking not in RANKINGS:
             raise ConfigError(f"unknown ranking {self.ranking!r}; choose from {', '.join(RANKINGS)}")
         if not self.k or min(self.k) <= 0:
@@ -59,7 +67,8 @@ class ProbeConfig:
 
 
 def rank_features(x: Tensor, y: Tensor, ranking: str = "mean_diff") -> Tensor:
-    """Feature indices, best first, by how well each feature alone separates y (bool)."""
+    """Feature indices, best first, by how well each feature alone separates y (bool), on x's device."""
+    y = y.to(x.device)
     pos, neg = x[y].double(), x[~y].double()
     if len(pos) == 0 or len(neg) == 0:
         raise ConfigError("a probing task needs both classes in the training split")
@@ -84,20 +93,23 @@ def sweep(
     ks: tuple[int, ...],
     ranking: str = "mean_diff",
 ) -> list[dict]:
-    """One row per k: the chosen features and held-out accuracy, balanced accuracy and F1."""
+    """One row per k: the chosen features and held-out accuracy, balanced accuracy and F1.
+    x [rows, features] on any device (standardised and ranked there); y bool [rows]."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-    x_train, x_test = ((x_train - mean) / std).numpy(), ((x_test - mean) / std).numpy()
-    order = rank_features(torch.from_numpy(x_train), y_train, ranking)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    order = rank_features(x_train, y_train, ranking).cpu()
+    y_train, y_test = y_train.cpu(), y_test.cpu()
     rows = []
     for k in sorted(set(min(k, x_train.shape[1]) for k in ks)):
         chosen = order[:k].numpy()
+        columns = order[:k].to(x_train.device)
         model = LogisticRegression(class_weight="balanced", max_iter=1000).fit(
-            x_train[:, chosen], y_train.numpy()
+            x_train[:, columns].cpu().numpy(), y_train.numpy()
         )
-        predicted = model.predict(x_test[:, chosen])
+        predicted = model.predict(x_test[:, columns].cpu().numpy())
         rows.append(
             {
                 "k": k,
@@ -127,17 +139,20 @@ def default_output(config: ProbeConfig) -> Path:
 
 
 def run_probes(config: ProbeConfig, progress: bool = True) -> list[dict]:
-    """The k-sweep of every task of `config`, saved to `default_output(config)` as JSON."""
+    """The k-sweep of every task of `config`, saved to `default_output(config)` as JSON; the
+    features on `config.device`. Raises ConfigError, DeviceError (before reading the cache)."""
     from sae.probe_tasks import TASKS, task_labels
     from sae.sources import open_cache_source
     from workbench.files import write_json_atomic
     from workbench.models import load_model
 
+    device = resolve_device(config.device)
     tasks = list(config.task) or list(TASKS)
     if unknown := [t for t in tasks if t not in TASKS]:
         raise ConfigError(f"unknown probing task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     source = open_cache_source(config.cache, config.hook)
     windows, acts = _first_windows(source, config.tokens)
+    acts = acts.to(device)
     own = read_labels(config.labels, windows.shape) if config.labels else None
     if own is not None:
         tasks, windows, acts = [own[0]], windows[: len(own[1])], acts[: len(own[1])]
@@ -229,9 +244,10 @@ def _first_windows(source, tokens: int) -> tuple[Tensor, Tensor]:
 
 
 def _latents(folder: str, acts: Tensor) -> Tensor:
+    """Dense latents [n, T, n_latents] of acts [n, T, d], on acts' device."""
     from sae.io import load
 
-    dictionary = load(folder)
+    dictionary = load(folder, device=acts.device)
     n, t, d = acts.shape
     with torch.no_grad():
         dense = [dictionary.encode(chunk).to_dense() for chunk in acts.reshape(-1, d).split(8192)]

@@ -6,7 +6,8 @@ sequence is a random walk written out digit by digit after BOS, so a model must 
 state from several tokens. A small GPT-2 trained on such sequences (with this project's own
 recipe) gets a codebook inserted at a hook; each state's best code (by F1 over token
 positions) is scored by precision (of positions where the code is active, the share in that
-state) and recall.
+state) and recall. The model's training, the fine-tuning and the scoring pass run on
+`--device` (the sequences are drawn on the host, the same on any device).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
 from workbench.errors import ConfigError
 
 BOS = 10  # token ids 0-9 are the digits
@@ -49,8 +51,14 @@ class CodebookBenchConfig:
     """Codes in the codebook."""
     model_steps: int = 1200
     """Training steps of the FSM model."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
         if min(self.states, self.codes, self.model_steps) <= 0:
             raise ConfigError("states, codes and model_steps must be positive")
 
@@ -101,9 +109,11 @@ def train_fsm_model(
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> float:
-    """Train a small GPT-2 on the FSM's sequences and save it (with a digit tokenizer) as a HF
-    folder that `load_model` opens; return its final next-token loss on fresh sequences."""
+    """Train a small GPT-2 on the FSM's sequences on `device` (initialised on the host) and save
+    it (with a digit tokenizer) as a HF folder that `load_model` opens; return its final
+    next-token loss on fresh sequences."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     length = 1 + fsm.config.steps_per_sequence * fsm.config.digits
@@ -122,10 +132,10 @@ def train_fsm_model(
             bos_token_id=BOS,
             eos_token_id=BOS,
         )
-    )
+    ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
-        tokens, _ = fsm.sample(batch_size, seed=seed * 100_003 + step)
+        tokens = fsm.sample(batch_size, seed=seed * 100_003 + step)[0].to(device)
         logits = model(tokens).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +145,7 @@ def train_fsm_model(
     model.save_pretrained(folder)
     _digit_tokenizer().save_pretrained(folder)
     with torch.no_grad():
-        tokens, _ = fsm.sample(256, seed=10**9 + seed)
+        tokens = fsm.sample(256, seed=10**9 + seed)[0].to(device)
         logits = model(tokens).logits
         return float(F.cross_entropy(logits[:, :-1].reshape(-1, 11), tokens[:, 1:].reshape(-1)))
 
@@ -192,19 +202,23 @@ def run_tokfsm_benchmark(
     finetune_steps: int = 200,
     folder: Path | None = None,
     progress: bool = False,
+    device: str = "auto",
+    model_dtype: str = "float32",
 ) -> dict:
     """Train a model on the FSM, fine-tune a codebook into its last residual stream, score codes
-    against states at state-final positions on fresh sequences."""
+    against states at state-final positions on fresh sequences; on `device`, the fine-tuned
+    model's forward in `model_dtype`. Raises DeviceError for a device this machine lacks."""
     import tempfile
 
     from sae.codebook_finetune import FinetuneConfig, finetune_codebook
     from workbench.models import load_model
 
+    where = resolve_device(device)
     fsm = TokFSM(fsm_config)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = folder or Path(scratch) / "tokfsm-model"
-        model_loss = train_fsm_model(fsm, model_dir, steps=model_steps, seed=fsm_config.seed)
-        model = load_model(str(model_dir))
+        model_loss = train_fsm_model(fsm, model_dir, steps=model_steps, seed=fsm_config.seed, device=where)
+        model = load_model(str(model_dir), device=where, dtype=model_dtype)
         hook = f"blocks.{model.n_layers - 1}.hook_resid_post"
         tokens, _ = fsm.sample(512, seed=5)
         config = FinetuneConfig(
@@ -213,7 +227,7 @@ def run_tokfsm_benchmark(
         codebook, losses = finetune_codebook(model, hook, tokens, config, progress=progress)
         test_tokens, test_states = fsm.sample(256, seed=77)
         acts = model.run_with_cache(test_tokens, [hook])[hook][:, 1:].reshape(-1, codebook.d_in)
-    active = codebook.encode(acts).to_dense() > 0
+    active = (codebook.encode(acts).to_dense() > 0).cpu()
     keep = last_digit_mask(len(test_tokens), test_tokens.shape[1], fsm_config.digits)
     rows = code_state_scores(active[keep], test_states[:, 1:].reshape(-1)[keep], fsm_config.states)
     precise = sum(r["precision"] >= 0.9 for r in rows)

@@ -78,7 +78,13 @@ def cmd_bench_codebook(args) -> None:
     from sae.tokfsm import CodebookBenchConfig, bench_fsm, run_tokfsm_benchmark
 
     config = config_from_args(CodebookBenchConfig, args)
-    result = run_tokfsm_benchmark(bench_fsm(config), codes=config.codes, model_steps=config.model_steps)
+    result = run_tokfsm_benchmark(
+        bench_fsm(config),
+        codes=config.codes,
+        model_steps=config.model_steps,
+        device=config.device,
+        model_dtype=config.model_dtype,
+    )
     if args.json:
         print(json.dumps(result))
         return

@@ -67,11 +67,16 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from sae.evals import EvalConfig, evaluate
+    from workbench.devices import resolve_device
     from workbench.files import write_json_atomic
 
     config = config_from_args(EvalConfig, args)
+    device = resolve_device(config.device)  # a device this machine lacks: one line, before any loading
     folders = _dictionary_folders(Path(args.run) if args.run else None)
-    for folder, dictionary, model in _with_models(folders, config.model, load=not config.cache):
+    models = _with_models(
+        folders, config.model, load=not config.cache, device=device, dtype=config.model_dtype
+    )
+    for folder, dictionary, model in models:
         metrics = evaluate(dictionary, config, model=model, progress=not args.quiet)
         if (folder / "config.json").exists():
             write_json_atomic(folder / "eval.json", metrics)
@@ -87,13 +92,15 @@ def cmd_eval(args) -> None:
 
 def cmd_analyze(args) -> None:
     from sae.analyze import AnalyzeConfig, analyze
+    from workbench.devices import resolve_device
     from workbench.store import FeatureStore
 
     config = config_from_args(AnalyzeConfig, args)
+    device = resolve_device(config.device)  # a device this machine lacks: one line, before any loading
     folders = _dictionary_folders(Path(args.run) if args.run else None)
     if config.out and len(folders) > 1:
         raise WorkbenchError(f"--out names one store, but {args.run} holds {len(folders)} dictionaries")
-    for folder, dictionary, model in _with_models(folders):
+    for folder, dictionary, model in _with_models(folders, device=device, dtype=config.model_dtype):
         path = analyze(dictionary, config, folder=folder, model=model, progress=not args.quiet)
         store = FeatureStore(path)
         alive = store.features(min_density=1e-12, limit=store.n_latents)
@@ -141,18 +148,21 @@ def cmd_explore(args) -> None:
     sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host, device=str(device)))
 
 
-def _with_models(folders: list[Path], model_spec: str = "", load: bool = True):
-    """(folder, dictionary, model) per folder; each model (`model_spec`, else the dictionary's own)
-    is loaded once for consecutive dictionaries of it; None when neither names one (or not `load`)."""
+def _with_models(
+    folders: list[Path], model_spec: str = "", load: bool = True, device="cpu", dtype: str = "float32"
+):
+    """(folder, dictionary, model) per folder, both on `device` (the model's forward in `dtype`);
+    each model (`model_spec`, else the dictionary's own) is loaded once for consecutive
+    dictionaries of it; None when neither names one (or not `load`)."""
     from sae.io import load
     from workbench.models import load_model
 
     model = None
     for folder in folders:
-        dictionary = load(folder)
+        dictionary = load(folder, device=device)
         spec = (model_spec or dictionary.meta.get("model")) if load else ""
         if spec and (model is None or model.spec != spec):
-            model = load_model(spec)
+            model = load_model(spec, device=device, dtype=dtype)
         yield folder, dictionary, (model if spec else None)
 
 
