@@ -3,7 +3,8 @@
 Every architecture is trained with `workbench train`'s defaults (only the architecture, k,
 width, token budget and seed are set: width = the number of planted features, k = the data's
 expected L0 rounded, one pass over `samples`), all of one (scenario, seed) in one read of the
-generated data (`sae.synthetic`). Scenarios:
+generated data (`sae.synthetic`, always on the CPU, so every device sees the same samples; the
+dictionaries train on `--device` and are scored on the CPU). Scenarios:
     zipf        1,024 features in 256 dims (4x superposition), Zipf firing 0.3 -> 0.01, magnitudes
                 |N(1, 0.25)|, an offset of norm 1 on every sample
     hierarchy   zipf + 64 parents with 2 children each (a child fires only with its parent): absorption
@@ -56,19 +57,24 @@ def run_sae_benchmark(config: SaeBenchConfig, architectures: list[str], progress
             data = PlantedFeatures(replace(base, samples=config.samples, seed=seed, **sizes))
             rows += [
                 {"scenario": scenario, "seed": seed, **row}
-                for row in _train_and_score(data, architectures, seed, progress)
+                for row in _train_and_score(data, architectures, seed, progress, config.device)
             ]
     return rows + summarize(rows)
 
 
 def _train_and_score(
-    data: PlantedFeatures, architectures: list[str], seed: int, progress: bool
+    data: PlantedFeatures, architectures: list[str], seed: int, progress: bool, device: str = "auto"
 ) -> list[dict]:
     k = max(1, round(data.config.expected_l0))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
-            architectures=tuple(architectures), k=(k,), n_latents=data.config.n_planted, seed=seed, out=out
+            architectures=tuple(architectures),
+            k=(k,),
+            n_latents=data.config.n_planted,
+            seed=seed,
+            device=device,
+            out=out,
         )
         folders = train(config, source=data, progress=progress)
         seconds = (time.perf_counter() - started) / len(architectures)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from workbench.devices import check_device_spec
 from workbench.errors import ConfigError
 
 SCENARIO_NAMES = ("zipf", "hierarchy", "correlated", "16x")
@@ -32,8 +33,13 @@ class SaeBenchConfig:
     """Activation width; 0 means the scenario's (256)."""
     threads: int = 2
     """torch threads."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N.
+    The data are generated on the CPU (the same streams on every device), the dictionaries train
+    on the device and are scored on the CPU."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
         unknown = sorted(set(self.scenario) - set(SCENARIO_NAMES))
         if unknown or not self.scenario:
             raise ConfigError(

@@ -13,18 +13,27 @@ from typing import Callable
 
 import torch
 
+from workbench.devices import synchronize
+
 
 def interleaved(
-    cases: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1
+    cases: dict[str, Callable[[], object]],
+    reps: int = 5,
+    warmup: int = 1,
+    device: torch.device | str = "cpu",
 ) -> dict[str, list[float]]:
-    """Seconds per call of each case, `reps` rounds after `warmup` untimed rounds."""
+    """Seconds per call of each case, `reps` rounds after `warmup` untimed rounds. The cases'
+    work on `device` is waited for before the clock starts and before it stops (CUDA launches
+    return before the work is done; on the CPU nothing waits)."""
     torch.set_num_threads(torch.get_num_threads())  # fixed for the whole run
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(warmup + reps):
         for name, fn in cases.items():
             gc.collect()
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 times[name].append(elapsed)

@@ -7,6 +7,11 @@ writer (forward + shard serialization + sha256 + fsync + rename, I/O overlapped 
 model's forward-only throughput (goal >= 0.9). Reader rows stream one epoch of 4096-row batches,
 sequential and shuffled, from a fresh `ActivationCache` (sha256 verification included; the
 files are in the page cache, so this is the reader's CPU cost, not the disk's).
+
+With `--device cuda` the model runs on the GPU: the forward-only and forward-to-hook cases read
+windows already on the device (the model's best case), the cache writer uploads each shard's
+windows itself and copies the activations out while the next shard runs (`workbench.activations`),
+and every timed call ends when the device's queued work does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from workbench.activations import CacheConfig, select_windows, write_cache
 from workbench.bench import interleaved, median
 from workbench.cache_reader import ActivationCache
+from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name
 from workbench.errors import ConfigError
 
 
@@ -34,21 +40,36 @@ class CacheBenchConfig:
     """Tokens per timed pass (4 shards)."""
     reps: int = 5
     """Interleaved repetitions (medians reported)."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    model_dtype: str = "float32"
+    """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
 
     def __post_init__(self):
         if self.tokens < 1 or self.reps < 1:
             raise ConfigError("tokens and reps must be positive")
+        check_device_spec(self.device)
+        check_dtype_name(self.model_dtype, MODEL_DTYPES, "model_dtype")
 
 
-def run_cache_benchmark(model_spec: str = "demo", tokens: int = 262_144, reps: int = 5) -> list[dict]:
+def run_cache_benchmark(
+    model_spec: str = "demo",
+    tokens: int = 262_144,
+    reps: int = 5,
+    device: torch.device | str = "cpu",
+    model_dtype: str = "float32",
+) -> list[dict]:
+    """Rows: forward_only, forward_to_hook, cache_write (ms, tokens/s, vs_forward), then the
+    reader's read_sequential and read_shuffled (GB/s). The model runs on `device` in `model_dtype`;
+    raises DeviceError for a device this machine lacks."""
     from workbench.models import load_model
 
-    model = load_model(model_spec)
+    model = load_model(model_spec, device=device, dtype=model_dtype)
     hooks = [model.default_hook]
-    config = CacheConfig(model=model_spec, tokens=tokens)
+    config = CacheConfig(model=model_spec, tokens=tokens, model_dtype=model_dtype)
     windows = select_windows(config, model)
     n_tokens = windows.numel()
-    batches = windows.split(config.batch_size)
+    batches = windows.to(model.device).split(config.batch_size)  # the forward's best case: on the device
     root = Path(tempfile.mkdtemp(prefix="workbench-bench-cache-"))
     try:
         counter = iter(range(10**6))
@@ -66,7 +87,9 @@ def run_cache_benchmark(model_spec: str = "demo", tokens: int = 262_144, reps: i
             write_cache(root / f"cache-{next(counter)}", config, model, hooks, windows, progress=False)
 
         times = interleaved(
-            {"forward_only": forward_only, "forward_to_hook": forward_to_hook, "cache_write": write}, reps
+            {"forward_only": forward_only, "forward_to_hook": forward_to_hook, "cache_write": write},
+            reps,
+            device=model.device,
         )
         rows = [_row(name, median(t), n_tokens, median(times["forward_only"])) for name, t in times.items()]
         rows += _reader_rows(root / "cache-0", hooks[0], reps)

@@ -7,10 +7,18 @@ For each architecture three cases run interleaved in one process (medians over `
 - fused: the same step on the sparse kernels.
 A step is encode -> activation -> decode -> MSE (+ the architecture's extra terms) ->
 backward -> fused Adam. JumpReLU's threshold starts where k latents per token fire on
-average. Peak memory is sampled from the process RSS in one more, untimed step per path
-(allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS; the fused encoder's
-reused pre-activation buffer is released first, so the step allocates it again), plus the
-persistent state (weights, Adam moments).
+average. `peak_mb` is measured on the device the steps ran, in one more, untimed step per path
+(the fused encoder's reused pre-activation buffer is released first, so the step allocates it
+again), plus the persistent state (weights, Adam moments): on the CPU the growth of the process
+RSS (sampled; allocations >= 1 MB mmap'd for that pass, so freed memory leaves the RSS; the
+trainer's rows are not measured), on a GPU the growth of the CUDA allocator's peak
+(`devices.peak_memory`). `--device` puts the inputs, weights, optimizer and steps there (the
+inputs and weights are drawn on the CPU, so every device starts from the same numbers); the
+`auto` kernel backend is Triton on CUDA (`describe_run` says which ran). On CUDA the clock
+starts and stops after the device's queued work (`workbench.bench.interleaved`).
+`--matmul-dtype bfloat16` runs the selection matmul of the fused, approx and trainer steps in bf16
+(`workbench.kernels.use_matmul_dtype`) and the limit's matmul too (inputs and weights cast each
+step, as the fused step does); the dense step stays the fp32 reference.
 `mem_budget_mb` = dense pre-activation buffer + weights + Adam moments. With --approx-topk the
 TopK cases add a fourth, `approx`: the fused step with int8 top-k candidates re-ranked exactly,
 and its recall of the exact top-k.
@@ -18,10 +26,7 @@ and its recall of the exact top-k.
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -29,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from workbench.bench import interleaved, median
+from workbench.bench_memory import peak_device_bytes, peak_host_bytes
+from workbench.devices import MATMUL_DTYPES, check_device_spec, check_dtype_name, describe, is_cuda
 from workbench.errors import ConfigError
 from workbench.kernels import (
     codebook_lookup,
@@ -40,6 +47,7 @@ from workbench.kernels import (
     release_workspace,
     use_kernels,
 )
+from workbench.kernels.backend import use_matmul_dtype
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "matryoshka", "codebook")
 
@@ -91,8 +99,14 @@ class KernelBenchConfig:
     trainer: bool = True
     """Also time the trainer's real TopK step (no dead latents, and with AuxK on 1/8 dead); --no-trainer
     skips it."""
+    device: str = "auto"
+    """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
+    matmul_dtype: str = "float32"
+    """The encoders' selection matmul (and the limit's): float32, or bfloat16 (faster on GPUs)."""
 
     def __post_init__(self):
+        check_device_spec(self.device)
+        check_dtype_name(self.matmul_dtype, MATMUL_DTYPES, "matmul_dtype")
         unknown = sorted(set(self.architectures) - set(ARCHITECTURES))
         if unknown:
             raise ConfigError(f"unknown architecture {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -128,25 +142,35 @@ class _Step:
     """One architecture's parameters, optimizer and training step."""
 
     def __init__(
-        self, architecture: str, x: torch.Tensor, n_latents: int, k: int, seed: int, approximate: bool = False
+        self,
+        architecture: str,
+        x: torch.Tensor,
+        n_latents: int,
+        k: int,
+        seed: int,
+        approximate: bool = False,
+        matmul_dtype: torch.dtype = torch.float32,
     ):
         g = torch.Generator().manual_seed(seed)
-        d = x.shape[1]
+        d, device = x.shape[1], x.device
         self.architecture, self.x, self.k, self.approximate = architecture, x, k, approximate
-        w = torch.randn(n_latents, d, generator=g) / d**0.5
+        self.matmul_dtype = matmul_dtype
+        w = (torch.randn(n_latents, d, generator=g) / d**0.5).to(device)  # drawn on the CPU
         if architecture == "codebook":
             self.params = {"codebook": w.requires_grad_()}
         else:
             self.params = {
                 "w_enc": w.clone().requires_grad_(),
-                "b_enc": torch.zeros(n_latents, requires_grad=True),
+                "b_enc": torch.zeros(n_latents, device=device, requires_grad=True),
                 "w_dec": w.requires_grad_(),
-                "b_dec": torch.zeros(d, requires_grad=True),
+                "b_dec": torch.zeros(d, device=device, requires_grad=True),
             }
             if architecture == "jumprelu":  # calibrated so that k latents per token fire on average
                 with torch.no_grad():
                     cutoff = (x @ w.t()).view(-1).topk(x.shape[0] * k, sorted=False).values.min()
-                self.params["threshold"] = torch.full((n_latents,), float(cutoff), requires_grad=True)
+                self.params["threshold"] = torch.full(
+                    (n_latents,), float(cutoff), device=device, requires_grad=True
+                )
         self.optimizer = torch.optim.Adam(self.params.values(), lr=1e-4, fused=True)
 
     def __call__(self) -> None:
@@ -181,9 +205,12 @@ class _Step:
 
     def limit(self) -> None:
         with torch.no_grad():
-            w = self.params.get("w_enc", self.params.get("codebook"))
+            x, w = self.x, self.params.get("w_enc", self.params.get("codebook"))
             b = self.params.get("b_enc")
-            pre = torch.addmm(b, self.x, w.t()) if b is not None else self.x @ w.t()
+            if self.matmul_dtype != x.dtype:  # the casts are part of a low-precision matmul's cost
+                low = self.matmul_dtype
+                x, w, b = x.to(low), w.to(low), None if b is None else b.to(low)
+            pre = torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
             pre.topk(self.k, dim=1, sorted=False)
 
     def persistent_bytes(self) -> int:
@@ -207,25 +234,44 @@ def run_kernel_benchmark(
     seed: int = 0,
     approximate: bool = False,
     extra_paths: Optional[ExtraPaths] = None,
+    device: torch.device | str = "cpu",
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     """Rows per case: limit, dense, fused; with `approximate`, TopK cases add `approx` (int8
     candidates, `workbench.kernels.approx`) and its top-k recall against the exact selection.
     `extra_paths(case, x, k)` may add more steps to a case (name -> callable), interleaved with
     the others, so their ratios to the limit come from the same rounds (the trainer's real step,
-    `sae.bench_step`)."""
+    `sae.bench_step`). Everything runs on `device` (a resolved torch.device or its name); the
+    selection matmuls of all but the dense step in `matmul_dtype`."""
     torch.set_num_threads(threads)
-    x = bench_inputs(batch_size, d_in, seed)
+    x = bench_inputs(batch_size, d_in, seed).to(device)
     rows = []
     for case in cases:
         extra = extra_paths(case, x, k) if extra_paths is not None else {}
-        rows += _bench_case(case, x, k, reps, seed, approximate and case.architecture == "topk", extra)
+        rows += _bench_case(
+            case, x, k, reps, seed, approximate and case.architecture == "topk", extra, matmul_dtype
+        )
         gc.collect()
     return rows
 
 
 def bench_inputs(batch_size: int, d_in: int, seed: int = 0) -> torch.Tensor:
-    """The benchmark's activations [batch_size, d_in] (standard normal, seeded)."""
+    """The benchmark's activations [batch_size, d_in] (standard normal, seeded), on the CPU."""
     return torch.randn(batch_size, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+def describe_run(device: torch.device, matmul_dtype: str = "float32") -> str:
+    """The bench header: where the steps run, which sparse backend `auto` picks there, the
+    selection matmul's dtype, and what `peak_mb` measures."""
+    from workbench.kernels.backend import sparse_ops
+
+    with use_kernels("auto"):
+        backend = sparse_ops(device).__name__.rsplit(".", 1)[-1].removesuffix("_ops")
+    memory = "CUDA allocator peak" if is_cuda(device) else "process RSS"
+    return (
+        f"device {describe(device)}, kernels {backend} (auto), matmul {matmul_dtype}, "
+        f"peak_mb from the {memory}"
+    )
 
 
 def _bench_case(
@@ -236,27 +282,23 @@ def _bench_case(
     seed: int,
     approximate: bool,
     extra: Optional[dict[str, Callable[[], None]]] = None,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> list[dict]:
     steps = {
         "dense": _Step(case.architecture, x, case.n_latents, k, seed),
-        "fused": _Step(case.architecture, x, case.n_latents, k, seed),
+        "fused": _Step(case.architecture, x, case.n_latents, k, seed, matmul_dtype=matmul_dtype),
     }
     if approximate:
         steps["approx"] = _Step(case.architecture, x, case.n_latents, k, seed, approximate=True)
+    extra = {name: _in_matmul_dtype(fn, matmul_dtype) for name, fn in (extra or {}).items()}
     runs = {
         "limit": steps["fused"].limit,
-        **{path: _in_mode(step, path) for path, step in steps.items()},
-        **(extra or {}),
+        **{path: _in_mode(step, path, matmul_dtype) for path, step in steps.items()},
+        **extra,
     }
     recall = _top_k_recall(steps["approx"], k) if approximate else None
-    times = {name: median(t) for name, t in interleaved(runs, reps).items()}
-    memory: dict[str, Optional[int]] = {
-        "limit": _peak_bytes(runs["limit"]),
-        **{name: None for name in extra or {}},
-    }
-    for path, step in steps.items():
-        release_workspace()  # each path's measured step allocates the buffers it uses
-        memory[path] = _peak_bytes(runs[path]) + step.persistent_bytes()
+    times = {name: median(t) for name, t in interleaved(runs, reps, device=x.device).items()}
+    memory = _memory(runs, steps, extra, x.device)
     budget = x.shape[0] * case.n_latents * x.element_size() + steps["fused"].persistent_bytes()
     return [
         {
@@ -273,13 +315,45 @@ def _bench_case(
     ]
 
 
-def _in_mode(step: _Step, path: str) -> Callable[[], None]:
+def _memory(
+    runs: dict, steps: dict[str, _Step], extra: dict, device: torch.device
+) -> dict[str, Optional[int]]:
+    """Bytes per path at the peak of one untimed step: its growth plus the path's persistent state
+    (an extra path's `persistent_bytes()` where it has one; not measured on the CPU)."""
+    on_gpu = is_cuda(device)
+    measure = (lambda fn: peak_device_bytes(fn, device)) if on_gpu else peak_host_bytes
+    memory: dict[str, Optional[int]] = {"limit": measure(runs["limit"])}
+    for name, fn in extra.items():
+        persistent = getattr(fn, "persistent_bytes", None)
+        memory[name] = measure(fn) + persistent() if on_gpu and persistent is not None else None
+    for path, step in steps.items():
+        release_workspace()  # each path's measured step allocates the buffers it uses
+        memory[path] = measure(runs[path]) + step.persistent_bytes()
+    return memory
+
+
+def _in_mode(step: _Step, path: str, matmul_dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """The step in its kernel mode: the dense twins (fp32) for `dense`, else `auto` with the
+    selection matmul in `matmul_dtype`."""
     mode = "eager" if path == "dense" else "auto"
+    low = torch.float32 if path == "dense" else matmul_dtype
 
     def run() -> None:
-        with use_kernels(mode):
+        with use_kernels(mode), use_matmul_dtype(low):
             step()
 
+    return run
+
+
+def _in_matmul_dtype(fn: Callable[[], None], matmul_dtype: torch.dtype) -> Callable[[], None]:
+    """An extra path with its selection matmul in `matmul_dtype` (keeping its `persistent_bytes`)."""
+
+    def run() -> None:
+        with use_matmul_dtype(matmul_dtype):
+            fn()
+
+    if hasattr(fn, "persistent_bytes"):
+        run.persistent_bytes = fn.persistent_bytes  # type: ignore[attr-defined]
     return run
 
 
@@ -293,60 +367,3 @@ def _top_k_recall(step: _Step, k: int) -> float:
         ).indices
     exact = torch.addmm(p["b_enc"], step.x - p["b_dec"], p["w_enc"].t()).topk(k, dim=1).indices
     return float((approximate[:, :, None] == exact[:, None, :]).any(-1).float().mean())
-
-
-def _peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak RSS growth over one call (sampled every 0.5 ms), with big allocations mmap'd."""
-    with _mmap_allocations():
-        gc.collect()
-        base = _rss()
-        peak = [base]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                peak[0] = max(peak[0], _rss())
-                time.sleep(0.0005)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        try:
-            fn()
-        finally:
-            done.set()
-            sampler.join()
-        return max(0, max(peak[0], _rss()) - base)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
-
-
-_PAGE = 4096
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-class _mmap_allocations:
-    """glibc: serve allocations >= 1 MB by mmap while measuring, so frees shrink the RSS."""
-
-    def __enter__(self):
-        self.libc = _libc()
-        if self.libc is not None:
-            self.libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-            self.libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-        return self
-
-    def __exit__(self, *exc):
-        # glibc cannot report the previous settings: restore its defaults as fixed values (the
-        # dynamic mmap threshold stays off for the rest of this process).
-        if self.libc is not None:
-            self.libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            self.libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
