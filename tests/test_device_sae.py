@@ -117,7 +117,7 @@ def test_splice_moves_a_dictionary_held_elsewhere(models, tiny_cache, device):
             routed = model(tokens)
         clean = model(tokens)
     assert spliced.device.type == device and dictionary.W_dec.device.type == "cpu"
-    torch.testing.assert_close(spliced.cpu(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(spliced.cpu(), expected, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(routed, clean, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(spliced, clean, atol=1e-3)
 
@@ -138,7 +138,7 @@ def test_steer_moves_its_edits_to_the_model(models, tiny_cache, device):
             model.generate("ROMEO:", max_new_tokens=3)
     assert report.positions_edited[STORE_HOOK] == 4
     assert edits[0].direction.device.type == "cpu" and edits[1].dictionary is dictionary
-    torch.testing.assert_close(steered.cpu(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steered.cpu(), expected, atol=1e-3, rtol=1e-3)
 
 
 def test_sweep_runs_on_the_models_device(models, tiny_cache, device):
