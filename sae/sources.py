@@ -10,6 +10,7 @@ still waits for them.
 from __future__ import annotations
 
 import inspect
+import itertools
 import queue
 import threading
 import time
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from workbench import devices, seeding
 from workbench.cache_reader import ActivationCache
+from workbench.errors import CacheError
 
 
 class BatchSource(Protocol):
@@ -71,6 +73,21 @@ class CacheSource:
             "corpus": config.get("corpus", ""),
             "context_length": self.cache.context_length,
         }
+
+
+def training_order(
+    source: BatchSource, batch_size: int, epoch: int = 0, skip: int = 0
+) -> Iterator[tuple[int, int, Tensor]]:
+    """(epoch, index in its epoch, batch [batch_size, d_in]) from batch `skip` of `epoch` on,
+    epoch after epoch: the order a run never interrupted reads."""
+    while True:
+        count = skip
+        for index, batch in enumerate(itertools.islice(source.epoch(epoch, batch_size), skip, None), skip):
+            count = index + 1
+            yield epoch, index, batch
+        if count == 0:
+            raise CacheError(f"epoch {epoch} of the training data holds no batch of {batch_size} rows")
+        epoch, skip = epoch + 1, 0
 
 
 def draw(source: BatchSource, n: int, stream: str) -> Tensor:
@@ -213,7 +230,9 @@ class Prefetcher:
         self.close()
 
     def __del__(self) -> None:
-        self._stop.set()  # an abandoned prefetcher's thread ends at its next put
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()  # an abandoned prefetcher's thread ends at its next put
 
 
 class FeedClock:

@@ -27,7 +27,6 @@ dead-code replacement count firings over every rank and draw from the whole (gat
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import statistics
@@ -42,7 +41,15 @@ from sae import io
 from sae.base import create
 from sae.calibrate import inference_l0
 from sae.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from sae.sources import BatchSource, FeedClock, Prefetcher, draw, input_scale, open_cache_source
+from sae.sources import (
+    BatchSource,
+    FeedClock,
+    Prefetcher,
+    draw,
+    input_scale,
+    open_cache_source,
+    training_order,
+)
 from sae.train_config import TrainConfig, auto_batch_size, lr_at
 from sae.trainee import Trainee
 from workbench import devices, seeding
@@ -252,7 +259,7 @@ def _loop(
     wandb_run = _wandb(plan) if config.wandb and where.is_main else None
     bar = tqdm(total=total, initial=state.step, disable=not progress, unit="step", desc="train")
     scale = state.input_scale
-    batches = _stream(plan.source, plan.batch_size, state.epoch, state.batch_in_epoch)
+    batches = training_order(plan.source, plan.batch_size, state.epoch, state.batch_in_epoch)
     share = None
     if where.world > 1:  # this rank's contiguous share of the global batch
         share = lambda item: (*item[:2], item[2].chunk(where.world)[where.rank])  # noqa: E731
@@ -273,19 +280,6 @@ def _loop(
         if wandb_run is not None:
             wandb_run.finish()
     return True
-
-
-def _stream(source: BatchSource, batch_size: int, epoch: int, skip: int):
-    """(epoch, index in its epoch, batch [batch_size, d_in]) from batch `skip` of `epoch` on,
-    epoch after epoch: the order a run never interrupted reads."""
-    while True:
-        count = skip
-        for index, batch in enumerate(itertools.islice(source.epoch(epoch, batch_size), skip, None), skip):
-            count = index + 1
-            yield epoch, index, batch
-        if count == 0:
-            raise WorkbenchError(f"epoch {epoch} of the training data holds no batch of {batch_size} rows")
-        epoch, skip = epoch + 1, 0
 
 
 def _train_step(

@@ -245,20 +245,20 @@ def _encode(
         if selection.scores is not None:
             scores = selection.scores(x if shift is None else x - shift.detach(), torch.empty_like(dense))
         elif low is not None:
-            scores = _dense_preacts(*_cast(low, x if shift is None else x - shift.detach(), weight, bias))
+            scores = _dense_preacts(*_lowered(low, x if shift is None else x - shift.detach(), weight, bias))
         else:
             scores = dense
         return _gathered(selection.finish([selection.rows(scores)], _Batch(x, weight, bias, dense)), pre)
     centred = (x if shift is None else x - shift.detach()).contiguous()
     with torch.no_grad():
         n, step = x.shape[0], x.shape[0] if selection.whole_batch else ROWS_PER_PASS
-        score_weight, score_bias = _cast(low, weight, bias)
+        score_weight, score_bias = _lowered(low, x, weight, bias)[1:]  # cast once, used by every pass
         buffer = _workspace(min(n, step), weight.shape[0], x, low or x.dtype)
         parts = []
         for start in range(0, n, step):
             block, out = centred[start : start + step], buffer[: min(step, n - start)]
             scores = (
-                _dense_preacts(*_cast(low, block), score_weight, score_bias, out=out)
+                _dense_preacts(*_lowered(low, block, score_weight, score_bias), out=out)
                 if selection.scores is None
                 else selection.scores(block, out)
             )
@@ -282,12 +282,14 @@ def _low_precision(x: Tensor, selection: _Selection) -> Optional[torch.dtype]:
     return low
 
 
-def _cast(low: Optional[torch.dtype], *tensors: Optional[Tensor]) -> tuple:
-    """The tensors detached and cast to `low` for a selection-only matmul; themselves when
+def _lowered(
+    low: Optional[torch.dtype], x: Tensor, weight: Tensor, bias: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(x, weight, bias) detached and cast to `low` for a selection-only matmul; themselves when
     `low` is None."""
     if low is None:
-        return tensors
-    return tuple(None if t is None else t.detach().to(low) for t in tensors)
+        return x, weight, bias
+    return x.detach().to(low), weight.detach().to(low), None if bias is None else bias.detach().to(low)
 
 
 _WORKSPACE: dict[torch.dtype, Tensor] = {}
