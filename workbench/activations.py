@@ -203,8 +203,9 @@ def write_cache(
     state: dict | None = None,
     progress: bool = True,
 ) -> None:
-    """Write the cache of `windows` into `out`, continuing from a progress record `state`."""
-    where = ranks()
+    """Write the cache of `windows` into `out`, continuing from a progress record `state`. Under
+    torchrun the ranks join their group on the model's device (NCCL on CUDA, gloo on the CPU)."""
+    where = ranks(model.device)
     if where.is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)

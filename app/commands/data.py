@@ -60,13 +60,14 @@ def cmd_corpora(args) -> None:
 def cmd_cache(args) -> None:
     from workbench.activations import CacheConfig, build_cache
     from workbench.cache_reader import ActivationCache
-    from workbench.distributed import ranks
+    from workbench.distributed import check_rank_devices, ranks
 
-    if wants_torchrun(args):
-        if getattr(args, "from_activations", ""):
-            raise WorkbenchError("--from copies rows and runs no model: it takes one process (drop --nproc)")
-        return relaunch_under_torchrun(args)
     config = config_from_args(CacheConfig, args)
+    if wants_torchrun(args):
+        if config.from_activations:
+            raise WorkbenchError("--from copies rows and runs no model: it takes one process (drop --nproc)")
+        check_rank_devices(config.device, args.nproc)  # one GPU per rank, or one line before launching
+        return relaunch_under_torchrun(args)
     started = time.time()
     out = build_cache(config, progress=not args.quiet)
     if not ranks().is_main:  # under torchrun, rank 0 reports for everyone
