@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -333,7 +333,8 @@ class ActivationCache:
         if subset == "all":
             return None
         held = held_out_rows(rows, *self.manifest.held_out)
-        return held if subset == "held_out" else ~held
+        keep = held if subset == "held_out" else ~held
+        return None if bool(keep.all()) else keep  # all of them: no copy
 
 
 _HELD_BLOCK = 1 << 16
@@ -356,18 +357,27 @@ def held_out_rows(rows: Int[Tensor, " n"], fraction: float, seed: int) -> Tensor
 
 
 def _emit(pool: list[Batch], batch_size: int, generator, keep_fraction: float, drop_last: bool = True):
-    """Yield whole batches from the pool (shuffled if a generator is given); return the rest."""
+    """Yield whole batches from the pool (shuffled if a generator is given); return the rest.
+
+    A shuffled batch is gathered from the pool when it is yielded (the pool is never copied
+    whole into its shuffled order), so a reader ahead of the consumer spends the same time on
+    every batch instead of stalling once per pool."""
     if not pool:
         return [], 0
-    x = torch.cat([b.activations for b in pool])
-    rows = torch.cat([b.rows for b in pool])
-    if generator is not None:
-        perm = torch.randperm(len(rows), generator=generator)
-        x, rows = x[perm], rows[perm]
+    x = pool[0].activations if len(pool) == 1 else torch.cat([b.activations for b in pool])
+    rows = pool[0].rows if len(pool) == 1 else torch.cat([b.rows for b in pool])
+    perm = torch.randperm(len(rows), generator=generator) if generator is not None else None
+
+    def take(start: int, stop: Optional[int]) -> Batch:
+        if perm is None:
+            return Batch(x[start:stop], rows[start:stop])
+        picked = perm[start:stop]
+        return Batch(x.index_select(0, picked), rows.index_select(0, picked))
+
     n_out = int(len(rows) * (1 - keep_fraction)) // batch_size * batch_size
     if not drop_last and keep_fraction == 0.0:
         n_out = len(rows)
     for start in range(0, n_out, batch_size):
-        yield Batch(x[start : start + batch_size], rows[start : start + batch_size])
-    rest = Batch(x[n_out:], rows[n_out:])
+        yield take(start, start + batch_size)
+    rest = take(n_out, None)
     return ([rest] if len(rest.rows) else []), len(rest.rows)
