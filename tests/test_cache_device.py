@@ -156,4 +156,5 @@ def test_a_non_finite_row_is_named_on_either_path(tmp_path, monkeypatch, on_devi
     with pytest.raises(CacheError, match="hook a, window 9, position 5"):
         _stub_cache(tmp_path / "c", windows, on_device, monkeypatch)
     progress = json.loads((tmp_path / "c" / "progress.json").read_text())
-    assert [s["index"] for s in progress["shards"]] == [0, 1]  # the shards before it are kept
+    # the shards before it are kept (behind a GPU, three writer threads may finish them in any order)
+    assert sorted(s["index"] for s in progress["shards"]) == [0, 1]

@@ -12,8 +12,9 @@ batches an uninterrupted one would and the bytes are identical (on the same mach
 
 On a GPU (`--device`) the model runs there, each batch's activations are cast to the storage
 dtype on the device and copied to pinned host memory without blocking, and a shard is checked and
-handed to the writer thread only after the next shard's forward passes are queued, so the device
-never waits for the host. On the CPU each shard is computed, checked and handed over in turn.
+handed to the writer threads (three, so hashing and fsync keep up) only after the next shard's
+forward passes are queued, so the device never waits for the host. On the CPU each shard is
+computed, checked and handed to one writer thread in turn.
 `--device` is where, not what: it is not part of the cache's identity (a cache started on one
 device resumes on another); `--model-dtype` is (other than float32, the default, it changes the
 activations).
@@ -26,7 +27,9 @@ resumes with any number of ranks (every progress file counts).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -45,6 +48,9 @@ from workbench.paths import DEFAULT_RUNS_DIR
 
 DEFAULT_CONTEXT = 128
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WRITER_THREADS_ON_DEVICE = 3
+"""Shard writers behind a GPU (one on the CPU): hashing and fsync release the GIL, and one thread
+can fall behind a GPU's forward passes."""
 
 
 @dataclass(frozen=True)
@@ -307,10 +313,10 @@ def _write_shards(out, config, model, hooks, windows, done, progress, where: Ran
 
     def hand_over(index: int, shard: Shard) -> None:
         acts = shard.finish(first_window=index * per_shard)
-        writer.submit(lambda: _save_shard(out, index, acts, done, name))
+        writer.submit(lambda: _save_shard(out, index, acts, done, name, writer.lock))
         bar.update(shard.n_tokens * where.world)
 
-    with BackgroundWriter() as writer:
+    with BackgroundWriter(WRITER_THREADS_ON_DEVICE if on_device else 1) as writer:
         for index in todo:
             shard_windows = windows[index * per_shard : (index + 1) * per_shard]
             start = forward_shard_on_device if on_device else forward_shard
@@ -323,14 +329,22 @@ def _write_shards(out, config, model, hooks, windows, done, progress, where: Ran
 
 
 def _save_shard(
-    out: Path, index: int, acts: dict[str, torch.Tensor], done: dict, progress_name: str = PROGRESS
+    out: Path,
+    index: int,
+    acts: dict[str, torch.Tensor],
+    done: dict,
+    progress_name: str = PROGRESS,
+    lock: threading.Lock | None = None,
 ) -> None:
+    """Write one shard's files, then record it in the progress file (under `lock`: writer threads
+    share `done`, and the file must never lose a shard another thread recorded)."""
     entry = {}
     for hook, x in acts.items():
         sha = save_tensors_atomic(out / shard_path(hook, index), {"activations": x})
         entry[hook] = {"file": shard_path(hook, index), "rows": x.shape[0], "sha256": sha}
-    done["shards"].append({"index": index, **entry})
-    write_json_atomic(out / progress_name, done)
+    with lock or contextlib.nullcontext():
+        done["shards"].append({"index": index, **entry})
+        write_json_atomic(out / progress_name, done)
 
 
 def _write_manifest(out, config, model, hooks, windows, done) -> None:

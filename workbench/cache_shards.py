@@ -77,18 +77,22 @@ def forward_shard_on_device(model, hooks, windows, batch_size, dtype) -> Shard:
 
 
 class BackgroundWriter:
-    """Runs write jobs on one thread so the next forward pass overlaps the previous shard's I/O.
+    """Runs write jobs on `threads` threads so the next forward pass overlaps the previous shards'
+    I/O (one on the CPU; several behind a GPU, whose forward can outrun one thread's hashing and
+    fsync: jobs may then finish out of order, and what they share is updated under `lock`).
 
     At most one job waits in the queue (bounded memory); the first error is re-raised on exit.
     """
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.lock = threading.Lock()
 
     def __enter__(self) -> "BackgroundWriter":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -105,7 +109,9 @@ class BackgroundWriter:
                     self._error = exc
 
     def __exit__(self, *exc) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
         if self._error is not None and exc[0] is None:
             raise self._error
