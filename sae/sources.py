@@ -49,9 +49,14 @@ class CacheSource:
         self.d_in = cache.width(hook)
         self.rows_per_epoch = cache.training_rows
 
-    def epoch(self, epoch: int, batch_size: int) -> Iterator[Tensor]:
-        for batch in self.cache.batches(self.hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True):
-            yield batch.activations.float()
+    def epoch(self, epoch: int, batch_size: int, stored: bool = False) -> Iterator[Tensor]:
+        """Shuffled [batch_size, d_in] float32 batches; `stored`: in the cache's own dtype (half
+        the bytes to pin and copy for a 16-bit cache; the trainer converts them on its device)."""
+        batches = self.cache.batches(
+            self.hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True, read_ahead=True
+        )
+        for batch in batches:
+            yield batch.activations if stored else batch.activations.float()
 
     def sample(self, n: int, stream: str = "init") -> Tensor:
         """n rows (fewer if the cache is smaller) drawn independently of the training order;
@@ -79,10 +84,14 @@ def training_order(
     source: BatchSource, batch_size: int, epoch: int = 0, skip: int = 0
 ) -> Iterator[tuple[int, int, Tensor]]:
     """(epoch, index in its epoch, batch [batch_size, d_in]) from batch `skip` of `epoch` on,
-    epoch after epoch: the order a run never interrupted reads."""
+    epoch after epoch: the order a run never interrupted reads. Batches come in the source's
+    stored dtype where it has one (`CacheSource.epoch(stored=True)`): callers convert with `.float()`."""
+    reader: Any = source  # BatchSource.epoch need not take `stored`
+    stored = "stored" in inspect.signature(source.epoch).parameters
     while True:
         count = skip
-        for index, batch in enumerate(itertools.islice(source.epoch(epoch, batch_size), skip, None), skip):
+        batches = reader.epoch(epoch, batch_size, stored=True) if stored else source.epoch(epoch, batch_size)
+        for index, batch in enumerate(itertools.islice(batches, skip, None), skip):
             count = index + 1
             yield epoch, index, batch
         if count == 0:

@@ -268,7 +268,7 @@ def _loop(
         with feed, use_matmul_dtype(devices.matmul_dtype(config.matmul_dtype)):
             while state.step < total:
                 epoch, index, batch = clock.waiting(feed)
-                x = batch * scale
+                x = batch.float() * scale  # a 16-bit cache's rows travel as stored, converted here
                 _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world, clock)
                 state.epoch, state.batch_in_epoch = epoch, index + 1
                 if (state.step % plan.checkpoint_every == 0 or state.step == total) and where.is_main:

@@ -103,6 +103,51 @@ def test_a_consumer_that_stops_early_stops_the_thread_and_closes_the_source(dept
     assert len(read) <= 3 + depth + 1  # read ahead by at most the queue (and the item in hand)
 
 
+def small_cache(folder, shards: int = 4, rows: int = 300, d: int = 8):
+    """A --from style cache (no tokens) of `shards` float16 shards, written directly."""
+    from workbench.files import save_tensors_atomic
+
+    entries = []
+    for i in range(shards):
+        file = f"h/shard-{i:05d}.safetensors"
+        x = torch.randn(rows, d, generator=torch.Generator().manual_seed(i)).half()
+        entries.append(
+            {"file": file, "rows": rows, "sha256": save_tensors_atomic(folder / file, {"activations": x})}
+        )
+    manifest = {
+        "format_version": 1,
+        "model": "",
+        "has_tokens": False,
+        "hooks": {"h": {"d": d, "shards": entries}},
+    }
+    manifest.update(dtype="float16", context_length=1, n_windows=rows * shards, bos_token_id=-1)
+    manifest.update(tokens_sha256="", held_out={"fraction": 0.0, "seed": 0}, config={})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_reading_shards_ahead_gives_the_same_batches_and_the_same_errors(tmp_path):
+    from workbench.cache_reader import ActivationCache
+    from workbench.errors import CacheError
+
+    cache = ActivationCache(small_cache(tmp_path))
+    read = lambda ahead: list(cache.batches("h", 64, buffer_rows=500, read_ahead=ahead))  # noqa: E731
+    plain, ahead = read(False), read(True)
+    assert len(plain) == len(ahead) == 19
+    assert all(
+        torch.equal(a.activations, b.activations) and torch.equal(a.rows, b.rows)
+        for a, b in zip(plain, ahead)
+    )
+    third = tmp_path / "h" / "shard-00002.safetensors"  # the last shard read in epoch 0's order
+    third.write_bytes(third.read_bytes()[:-8])
+    for ahead in (False, True):
+        fresh, got = ActivationCache(tmp_path), []
+        with pytest.raises(CacheError, match="shard-00002"):
+            got.extend(fresh.batches("h", 64, buffer_rows=500, read_ahead=ahead))
+        assert len(got) == 9  # the batches made before the corrupt shard's turn
+    assert not [t for t in threading.enumerate() if t.name.startswith("cache-read-ahead")]
+
+
 def test_the_feed_clock_counts_waiting_against_wall_time():
     clock = FeedClock()
 

@@ -12,6 +12,7 @@ time this object reads it; a mismatch, a truncated file or a non-finite value ra
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterator, NamedTuple, Optional
@@ -296,11 +297,13 @@ class ActivationCache:
         skip_bos: bool = True,
         drop_last: bool = False,
         subset: str = "train",
+        read_ahead: bool = False,
     ) -> Iterator[Batch]:
         """One epoch of minibatches (see the module docstring); every kept row exactly once.
 
         Kept rows: all but BOS positions (`skip_bos`); for caches made with --from, which have
-        no BOS, `subset` picks "train" (rows not held out), "held_out" or "all"."""
+        no BOS, `subset` picks "train" (rows not held out), "held_out" or "all". `read_ahead`:
+        a thread reads (and verifies) the next shard while this one's batches are made."""
         if subset not in ("train", "held_out", "all"):
             raise CacheError(f"unknown subset {subset!r}: train, held_out or all")
         if batch_size <= 0:
@@ -310,8 +313,7 @@ class ActivationCache:
         order = torch.randperm(len(spans), generator=generator).tolist() if shuffle else range(len(spans))
         pool: list[Batch] = []
         pooled = 0
-        for index in order:
-            x = self.shard(hook, index)
+        for index, x in self._shards(hook, list(order), read_ahead):
             rows = torch.arange(spans[index][0], spans[index][0] + spans[index][1])
             keep = self._kept(rows, skip_bos, subset)
             if keep is not None:
@@ -325,6 +327,23 @@ class ActivationCache:
         yield from _emit(
             pool, batch_size, generator if shuffle else None, keep_fraction=0.0, drop_last=drop_last
         )
+
+    def _shards(self, hook: str, order: list[int], ahead: bool) -> Iterator[tuple[int, Tensor]]:
+        """(index, activations) of the shards in `order`; `ahead`: each read by a thread while
+        the one before it is used. A shard's error is raised when that shard's turn comes."""
+        if not ahead:
+            yield from ((index, self.shard(hook, index)) for index in order)
+            return
+        reader = ThreadPoolExecutor(1, thread_name_prefix="cache-read-ahead")
+        try:
+            pending = [reader.submit(self.shard, hook, index) for index in order[:1]]
+            for position, index in enumerate(order):
+                x = pending.pop().result()
+                if position + 1 < len(order):
+                    pending.append(reader.submit(self.shard, hook, order[position + 1]))
+                yield index, x
+        finally:
+            reader.shutdown(wait=True, cancel_futures=True)
 
     def _kept(self, rows: Tensor, skip_bos: bool, subset: str) -> Tensor | None:
         """bool mask of `rows` to keep, or None for all of them."""
