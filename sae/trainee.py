@@ -61,6 +61,8 @@ class Trainee:
         )
         # [resamplings done, latents they moved]: reported in the final metrics
         self.resampling = torch.zeros(2, dtype=torch.long)
+        self._unchecked: tuple[Tensor, int] | None = None
+        """The last step's loss and step number, until `check_loss` reads it."""
 
     @property
     def dead_mask(self) -> Tensor:
@@ -77,12 +79,9 @@ class Trainee:
 
     def step(self, x: Tensor, lr: float, progress: float, step: int) -> StepOutput:
         d = self.dictionary
+        self.check_loss()
         out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate))
-        if not math.isfinite(float(out.loss.detach())):
-            raise TrainingDivergedError(
-                f"{self.name}: loss is {float(out.loss.detach())} at step {step} "
-                "(lower --lr; the last checkpoint is intact)"
-            )
+        self._unchecked = (out.loss.detach(), step)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if world_size() > 1:
@@ -96,6 +95,19 @@ class Trainee:
         d.after_optimizer_step()
         self._count_firing(out, x.shape[0])
         return out
+
+    def check_loss(self) -> None:
+        """Raise TrainingDivergedError if the last step's loss was not finite. Read one step late
+        (at the next step, and by the loop before every checkpoint and at the end), so that on a
+        GPU the host does not wait for each step's work before queueing the next one."""
+        if self._unchecked is None:
+            return
+        loss, step = self._unchecked
+        self._unchecked = None
+        if not math.isfinite(value := float(loss)):
+            raise TrainingDivergedError(
+                f"{self.name}: loss is {value} at step {step} (lower --lr; the last checkpoint is intact)"
+            )
 
     @torch.no_grad()
     def _count_firing(self, out: StepOutput, n_tokens: int) -> None:

@@ -264,10 +264,15 @@ def _loop(
                 x = batch.float() * scale  # a 16-bit cache's rows travel as stored, converted here
                 _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world, clock)
                 state.epoch, state.batch_in_epoch = epoch, index + 1
-                if (state.step % plan.checkpoint_every == 0 or state.step == total) and where.is_main:
-                    save_checkpoint(plan.out, state, trainees)
+                if state.step % plan.checkpoint_every == 0 or state.step == total:
+                    for trainee in trainees:  # no diverged weights reach a checkpoint
+                        trainee.check_loss()
+                    if where.is_main:
+                        save_checkpoint(plan.out, state, trainees)
                 if stop_after_step is not None and state.step >= stop_after_step:
                     return False
+            for trainee in trainees:
+                trainee.check_loss()
     finally:
         bar.close()
         if wandb_run is not None:
@@ -292,7 +297,10 @@ def _train_step(
     for trainee in trainees:
         lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
         out = trainee.step(x, lr, progress, step)
-        if _resample_due(plan, step + 1) and trainee.can_resample:
+        resample = _resample_due(plan, step + 1) and trainee.can_resample
+        if resample or (step + 1) % config.log_every == 0 or step + 1 == total:
+            trainee.check_loss()  # these read the step's results anyway: a diverged one stops here
+        if resample:
             moved = trainee.resample(
                 x,
                 out,
