@@ -12,13 +12,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 export WORKBENCH_HOME=${WORKBENCH_HOME:-/tmp/workbench-home}
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
-WB=(python3 -m app.cli)
+WB=("${PYTHON:-python3}" -m app.cli)
 # DEVICE=cpu QUICK=1 rehearses the script here at toy sizes (every flag and step, no GPU numbers).
 DEVICE=${DEVICE:-cuda}
 if [[ ${QUICK:-0} == 1 ]]; then
@@ -49,7 +49,7 @@ from workbench import devices
 d = devices.resolve_device('auto')
 print('torch', torch.__version__, 'triton', triton.__version__, 'device', devices.describe(d))
 assert '$DEVICE' == 'cpu' or d.type == 'cuda', 'auto did not pick the GPU'"
-PYTEST=(python3 -m pytest -o addopts= -q -p no:cacheprovider)
+PYTEST=("${PYTHON:-python3}" -m pytest -o addopts= -q -p no:cacheprovider)
 step kernels 120 "${PYTEST[@]}" tests/test_kernels_device.py -k "$DEVICE"
 step cuda-tests 150 "${PYTEST[@]}" tests -k "cuda" \
   --ignore=tests/test_explorer.py --ignore=tests/test_explorer_browser.py --ignore=tests/test_notebooks.py \
