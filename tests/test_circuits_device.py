@@ -54,13 +54,17 @@ def test_every_method_runs_where_the_graph_model_is(device):
 
 
 def test_eap_and_exact_patching_on_the_tiny_gpt2(tiny_model, device):
+    """EAP's and exact patching's scores on the device equal the CPU's (exact patching, a forward
+    per edge, runs on the CPU in tests/test_circuits_attribution.py; here only where it is compared)."""
     graph = from_gpt2(tiny_model).to(device)
     task = induction_task(tiny_model.d_vocab, n=2, length=9, bos=tiny_model.bos_token_id, seed=2)
     ablated = ablated_outputs(graph, task)
     assert ablated.device.type == device
-    exact, eap = exact_scores(graph, task, ablated), eap_scores(graph, task, ablated)
-    assert exact.device.type == eap.device.type == "cpu"
+    eap = eap_scores(graph, task, ablated)
+    assert eap.device.type == "cpu" and bool(eap.abs().max() > 0)
     if device != "cpu":
+        exact = exact_scores(graph, task, ablated)
+        assert exact.device.type == "cpu"
         cpu = from_gpt2(tiny_model)
         cpu_ablated = ablated_outputs(cpu, task)
         close(exact, exact_scores(cpu, task, cpu_ablated))
@@ -74,7 +78,9 @@ def test_a_bfloat16_model_runs_eap_eap_ig_and_exact_patching(tiny_model_dir, dev
     graph = from_gpt2(model)
     assert graph.dtype == torch.bfloat16 and graph.device.type == device
     task = induction_task(model.d_vocab, n=2, length=9, bos=model.bos_token_id, seed=2)
-    for method in ("eap", "eap-ig", "exact"):
+    for method in (
+        ("eap", "eap-ig", "exact") if device != "cpu" else ("eap", "eap-ig")
+    ):  # bf16 is slow on CPUs
         found = discover(graph, task, method, steps=1)
         assert found.scores.dtype == torch.float32 and bool(found.scores.isfinite().all()), method
         assert found.scores.abs().max() > 0, method
