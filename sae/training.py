@@ -101,10 +101,10 @@ def train(
     folders = [plan.out / name for name in _names(config)]
     if all((f / io.CONFIG).exists() for f in folders) and _same_run(plan):
         return folders
+    trainees = _build_trainees(plan, device)  # an invalid grid (--arch) fails before the folder is claimed
     if where.is_main:
         _claim_folder(plan)
     barrier()
-    trainees = _build_trainees(plan, device)
     state = load_checkpoint(plan.out, trainees)
     if state is None:
         state = _initialize(plan, trainees)

@@ -87,6 +87,14 @@ def test_a_finished_run_is_not_retrained_and_another_run_is_refused(tmp_path):
         train(small_config(tmp_path, k=(3,)), source=data, progress=False)
 
 
+def test_an_unknown_architecture_is_refused_before_the_folder_is_claimed(tmp_path):
+    data = PlantedFeatures(SMALL_DATA)
+    with pytest.raises(ConfigError, match="unknown architecture 'nope'"):
+        train(small_config(tmp_path / "run", architectures=("topk", "nope")), source=data, progress=False)
+    assert not (tmp_path / "run").exists()  # the corrected command is not refused as another run
+    assert train(small_config(tmp_path / "run"), source=data, progress=False)
+
+
 def test_logs_and_saved_config_describe_the_run(tmp_path):
     data = PlantedFeatures(SMALL_DATA)
     folder = train(small_config(tmp_path, architectures=("matryoshka",)), source=data, progress=False)[0]
