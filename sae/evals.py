@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from sae.base import Dictionary, DictionaryError
 from sae.splicing import capture, hook_of, on_device, replace_activation, splice
 from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
+from workbench.errors import ConfigError
 
 DENSITY_BINS = torch.arange(-8.0, 0.01, 0.5)
 
@@ -80,6 +81,8 @@ def evaluate(
     hook = hook_of(dictionary, config.hook or None)
     spec = config.model or meta.get("model")
     if config.cache or (model is None and not spec):
+        if config.model_dtype != "float32":  # as circuits refuses it for tasks with a model of their own
+            raise ConfigError(f"eval on cache rows runs no model; drop --model-dtype {config.model_dtype}")
         return evaluate_rows(dictionary, config, progress)
     if model is None:
         model = load_model(spec, device=resolve_device(config.device), dtype=config.model_dtype)
@@ -103,7 +106,14 @@ def evaluate(
             _evaluate_batch(
                 model, dictionary, hook, windows[start : start + config.batch_size], mean, totals, probe_rows
             )
-    metrics = {"hook": hook, "model": spec, "corpus": corpus, **totals.metrics()}
+    metrics = {
+        "hook": hook,
+        "model": spec,
+        "corpus": corpus,
+        "model_dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+        **totals.metrics(),
+    }
     if config.probe_k:
         metrics.update(probe_rows.metrics(windows, model.tokenizer, config.probe_k))
     return metrics

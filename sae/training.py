@@ -186,10 +186,22 @@ def _claim_folder(plan: Plan) -> None:
     """Refuse an output folder that holds a different run; record ours."""
     path = plan.out / RUN_CONFIG
     if path.exists() and not _same_run(plan):
+        differs = _differing(path, plan.config)
         raise WorkbenchError(
-            f"{plan.out} holds a different training run ({RUN_CONFIG} differs); choose another --out"
+            f"{plan.out} holds a different training run ({RUN_CONFIG} differs{differs}); choose another --out"
         )
     write_json_atomic(path, plan.config.to_json())
+
+
+def _differing(path: Path, config: TrainConfig) -> str:
+    """' in: lr, k' naming the saved run's top-level fields that differ from `config`'s ('' if unreadable)."""
+    try:
+        saved = TrainConfig.from_json(json.loads(path.read_text())).to_json()
+    except (ConfigError, ValueError):
+        return ""
+    ours = config.to_json()
+    fields = [k for k in ours if k != "device" and saved.get(k) != ours[k]]
+    return f" in: {', '.join(fields)}" if fields else ""
 
 
 def _build_trainees(plan: Plan, device: torch.device) -> list[Trainee]:

@@ -192,6 +192,9 @@ def test_eval_runs_on_the_models_device(models, tiny_model_dir, device):
     )
     assert dictionary.W_dec.device.type == "cpu"
     assert metrics["fvu"] < 1e-10 and metrics["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)
+    assert (
+        metrics["device"] == str(model.device) and metrics["model_dtype"] == "float32"
+    )  # what made eval.json
     assert "sparse_probing_latents" in metrics or metrics.get("sparse_probing", {}).get("tasks") == {}
 
 
@@ -204,6 +207,12 @@ def test_eval_rows_runs_on_the_configs_device(tiny_cache, device):
     assert there["tokens"] == here["tokens"] == 1024
     assert there["fvu"] == pytest.approx(here["fvu"], rel=1e-4)
     assert there["l0"] == pytest.approx(here["l0"], abs=0.05)
+    from sae.evals import evaluate
+    from workbench.errors import ConfigError
+
+    no_model = EvalConfig(tokens=1024, cache=str(tiny_cache), model_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="eval on cache rows runs no model; drop --model-dtype bfloat16"):
+        evaluate(dictionary, no_model, progress=False)
 
 
 def test_analyze_runs_on_the_models_device(models, tiny_cache, tmp_path, device):

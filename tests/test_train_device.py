@@ -219,7 +219,9 @@ def test_the_device_is_not_part_of_the_run_but_the_matmul_dtype_is(tmp_path):
     stamp = (folders[0] / io.WEIGHTS).stat().st_mtime_ns
     assert train(config(tmp_path, device="auto"), source=data, progress=False) == folders
     assert (folders[0] / io.WEIGHTS).stat().st_mtime_ns == stamp  # found finished, not retrained
-    with pytest.raises(WorkbenchError, match="holds a different training run"):
+    with pytest.raises(
+        WorkbenchError, match=r"holds a different training run \(train-config.json differs in: matmul_dtype\)"
+    ):
         train(config(tmp_path, matmul_dtype="bfloat16"), source=data, progress=False)
 
 
