@@ -155,7 +155,7 @@ COMMANDS = (
                 "--device",
                 default="auto",
                 help="where the live model runs: auto (the first usable CUDA device, else the CPU), "
-                "cpu, cuda or cuda:N",
+                "cpu, cuda or cuda:N (default: auto)",
             ),
         ),
     ),

@@ -111,13 +111,16 @@ class Trainee:
 
     @torch.no_grad()
     def _count_firing(self, out: StepOutput, n_tokens: int) -> None:
-        fired = out.codes.flat_indices()[out.codes.flat_values() > 0]
-        counts = torch.bincount(fired, minlength=self.dictionary.n_latents)
+        # index_add_ and masked_fill_, not a boolean-mask gather and bincount: those read their
+        # output size on the host, which on a GPU waits for the step to finish
+        fired = (out.codes.flat_values() > 0).long()
+        counts = torch.zeros(self.dictionary.n_latents, dtype=torch.long, device=fired.device)
+        counts.index_add_(0, out.codes.flat_indices(), fired)
         world = world_size()
         if world > 1:  # the whole batch's counts, on every rank
             counts, n_tokens = all_reduce_sum(counts), n_tokens * world
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[counts > 0] = 0
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)
         self.fires_since_resample += counts
         self.firing_rate.lerp_(counts.to(self.firing_rate.dtype) / n_tokens, 0.01)
 
