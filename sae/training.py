@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -170,38 +170,33 @@ def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
 
 
 def _same_run(plan: Plan) -> bool:
-    """The folder records this run (in any format_version); fields added since it was written
-    count at their defaults. The device does not count: it is where the run computes."""
+    return _run_differences(plan) == []
+
+
+def _run_differences(plan: Plan) -> Optional[list[str]]:
+    """The top-level fields in which the run recorded in the folder (in any format_version) differs
+    from this one; fields added since it was written count at their defaults, and the device does
+    not count: it is where the run computes. None when the folder records no run this version reads."""
     path = plan.out / RUN_CONFIG
     if not path.exists():
-        return False
+        return None
     try:
-        saved = TrainConfig.from_json(json.loads(path.read_text()))
+        saved = TrainConfig.from_json(json.loads(path.read_text())).to_json()
     except ConfigError:  # fields this version does not know: another run
-        return False
-    return replace(saved, device="auto").to_json() == replace(plan.config, device="auto").to_json()
+        return None
+    ours = plan.config.to_json()
+    return [k for k in ours if k != "device" and saved.get(k) != ours[k]]
 
 
 def _claim_folder(plan: Plan) -> None:
-    """Refuse an output folder that holds a different run; record ours."""
+    """Refuse an output folder that holds a different run (naming what differs); record ours."""
     path = plan.out / RUN_CONFIG
-    if path.exists() and not _same_run(plan):
-        differs = _differing(path, plan.config)
+    if path.exists() and (differences := _run_differences(plan)) != []:
+        named = f" in: {', '.join(differences)}" if differences else ""
         raise WorkbenchError(
-            f"{plan.out} holds a different training run ({RUN_CONFIG} differs{differs}); choose another --out"
+            f"{plan.out} holds a different training run ({RUN_CONFIG} differs{named}); choose another --out"
         )
     write_json_atomic(path, plan.config.to_json())
-
-
-def _differing(path: Path, config: TrainConfig) -> str:
-    """' in: lr, k' naming the saved run's top-level fields that differ from `config`'s ('' if unreadable)."""
-    try:
-        saved = TrainConfig.from_json(json.loads(path.read_text())).to_json()
-    except (ConfigError, ValueError):
-        return ""
-    ours = config.to_json()
-    fields = [k for k in ours if k != "device" and saved.get(k) != ours[k]]
-    return f" in: {', '.join(fields)}" if fields else ""
 
 
 def _build_trainees(plan: Plan, device: torch.device) -> list[Trainee]:
