@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app.explorer.data import cached, clicked_feature, go_to_feature, store_roots
 from app.explorer.circuit_plot import circuit_figure
+from app.explorer.data import cached, clicked_feature, go_to_feature, store_roots
 from circuits.graph import Circuit, CircuitError, load_circuit
 
 CIRCUITS_ENV = "WORKBENCH_CIRCUITS"
