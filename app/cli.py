@@ -160,6 +160,20 @@ COMMANDS = (
         ),
     ),
     Command(
+        "explain",
+        "explain features in words (any OpenAI-compatible chat endpoint; offline: the store's "
+        "summaries) and score each explanation by detection",
+        "app.commands.explain:cmd_explain",
+        "sae.explain_config:ExplainConfig",
+        (
+            _flag(
+                "store", metavar="STORE", help="a feature store file, or the dictionary folder holding one"
+            ),
+            _QUIET,
+            _ROWS_JSON,
+        ),
+    ),
+    Command(
         "circuits",
         "discover a circuit (exact, EAP, EAP-IG, ACDC), score it, save its JSON",
         "app.commands.circuits:cmd_circuits",
