@@ -157,6 +157,14 @@ COMMANDS = (
                 help="where the live model runs: auto (the first usable CUDA device, else the CPU), "
                 "cpu, cuda or cuda:N (default: auto)",
             ),
+            _flag(
+                "--circuits",
+                action="append",
+                default=[],
+                metavar="DIR",
+                help="a folder (or file) of *.circuit.json for the Circuits page, besides ./runs and "
+                "the stores' folders (repeatable)",
+            ),
         ),
     ),
     Command(
