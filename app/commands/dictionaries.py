@@ -145,7 +145,8 @@ def cmd_explore(args) -> None:
     from workbench.devices import resolve_device
 
     device = resolve_device(args.device)  # a missing GPU is a one-line error before the server starts
-    sys.exit(launch(args.stores or ["runs"], port=args.port, host=args.host, device=str(device)))
+    roots = args.stores or ["runs"]
+    sys.exit(launch(roots, port=args.port, host=args.host, device=str(device), circuits=args.circuits))
 
 
 def _with_models(
