@@ -8,8 +8,12 @@
 
 `config` (written by `workbench circuits`, absent from circuits built in code) is the
 `CircuitConfig` that made the circuit, so `workbench circuits --config FILE` reruns it.
+`prompts` (optional; absent from older files): some of the task's prompts as shown to a reader,
+`{"clean": [str, ...], "corrupted": [str, ...], "total": N}` (N: the task's prompt count).
 `kind` is one of embed, head, mlp, feature, error, logits; feature nodes name their latent
-(`feature`) and may name the feature store that describes it (`store`). Never pickle.
+(`feature`) and may name the feature store that describes it (`store`): `workbench circuits`
+writes it absolute; a relative one (older files) is read against the JSON's folder, else the
+current one, wherever a store is found. Never pickle.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class Circuit:
     config: dict[str, Any] = field(default_factory=dict)
     """What made the circuit (a `CircuitConfig` as JSON); empty for circuits built in code, and then
     not written, so `--config` never reruns a file that records nothing as the defaults."""
+    prompts: dict[str, Any] = field(default_factory=dict)
+    """Some of the task's prompts: {"clean": [str], "corrupted": [str], "total": int}; may be empty."""
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +78,7 @@ class Circuit:
             "method": self.method,
             "metrics": self.metrics,
             **({"config": self.config} if self.config else {}),
+            **({"prompts": self.prompts} if self.prompts else {}),
             "nodes": [asdict(n) for n in self.nodes],
             "edges": [asdict(e) for e in self.edges],
         }
@@ -105,9 +112,16 @@ class Circuit:
                 raise CircuitError(f"{where}: edge {edge.source!r} -> {edge.target!r} names an unknown node")
         metrics = obj.get("metrics", {})
         config = obj.get("config", {})
-        if not isinstance(metrics, dict) or not isinstance(config, dict):
-            raise CircuitError(f"{where}: metrics and config must be objects")
-        return cls(nodes, edges, str(obj.get("task", "")), str(obj.get("method", "")), metrics, config)
+        prompts = obj.get("prompts", {})
+        if not isinstance(metrics, dict) or not isinstance(config, dict) or not isinstance(prompts, dict):
+            raise CircuitError(f"{where}: metrics, config and prompts must be objects")
+        for key in ("clean", "corrupted"):
+            texts = prompts.get(key, [])
+            if not isinstance(texts, list) or not all(isinstance(p, str) for p in texts):
+                raise CircuitError(f"{where}: prompts[{key!r}] must be a list of strings")
+        return cls(
+            nodes, edges, str(obj.get("task", "")), str(obj.get("method", "")), metrics, config, prompts
+        )
 
 
 def load_circuit(path: str | os.PathLike) -> Circuit:
@@ -117,7 +131,20 @@ def load_circuit(path: str | os.PathLike) -> Circuit:
         raise CircuitError(f"{path}: no such circuit file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CircuitError(f"{path}: not a readable circuit JSON ({exc})") from None
-    return Circuit.from_json(obj, str(path))
+    circuit = Circuit.from_json(obj, str(path))
+    for node in circuit.nodes:
+        if node.store and not Path(node.store).is_absolute():  # files written before paths were absolute
+            node.store = _resolved_store(node.store, Path(path).absolute().parent)
+    return circuit
+
+
+def _resolved_store(store: str, folder: Path) -> str:
+    """A relative store path: against the circuit JSON's `folder` when a store is there, else
+    against the current folder when one is there (where `workbench circuits` ran), else as written."""
+    for candidate in (folder / store, Path(store).absolute()):
+        if candidate.exists():
+            return str(candidate)
+    return store
 
 
 def _list(obj: dict, key: str, where: str) -> list:

@@ -24,16 +24,14 @@ def cmd_circuits(args) -> None:
         return _benchmark(config, args, device)
     if config.dictionary:
         return _feature_circuit(config, args, device)
-    from circuits.catalog import GROUND_TRUTH_TASKS, load_task
+    from circuits.catalog import GROUND_TRUTH_TASKS
     from circuits.discover import discover, to_circuit
     from circuits.evaluate import faithfulness_all
 
     if "," in config.method:
         raise WorkbenchError(f"--method {config.method}: one method per circuit (a list is for --benchmark)")
     config = dataclasses.replace(config, method=config.method or "eap-ig")
-    graph, task = load_task(
-        config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
-    )
+    graph, task, language_model = _graph_and_task(config, device)
     found = discover(
         graph, task, config.method, ablation=config.ablation, steps=config.steps, n_edges=config.edges
     )
@@ -42,11 +40,15 @@ def cmd_circuits(args) -> None:
     model_name = "built-in" if planted else config.model or "demo"
     metrics = {
         "faithfulness": faithful,
+        **_ground_truth_scores(graph, task, found),
+        "edges_kept": int(found.kept.sum()),
+        "edges": len(found.scores),
         "model": model_name,
         "ablation": config.ablation,
         "seconds": round(found.seconds, 2),
     }
     circuit = to_circuit(graph, task, found, metrics=metrics)
+    circuit.prompts = prompts_json(task, language_model)
     out = _save_circuit(circuit, config, args.out, "" if planted else model_name, task.name, config.method)
     top = sorted(circuit.edges, key=lambda e: -abs(e.score))[: args.top]
     if args.json:
@@ -73,10 +75,69 @@ def cmd_circuits(args) -> None:
             "edges_kept": int(found.kept.sum()),
             "of_edges": len(circuit.edges),
             **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
+            **{k: round(metrics[k], 4) for k in ("roc_auc", "head_roc_auc") if k in metrics},
             "seconds": round(found.seconds, 2),
         },
         False,
     )
+
+
+def _graph_and_task(config, device):
+    """(graph model, task, the language model or None) of `config` on `device`: what
+    `circuits.catalog.load_task` builds, with the loaded model kept (its tokenizer shows the
+    prompts); the ground-truth tasks (hand-set models, no tokenizer) and unknown task names
+    (its one-line refusal) go through load_task itself."""
+    from circuits.catalog import GROUND_TRUTH_TASKS, load_task, model_task
+    from circuits.transformer import from_gpt2
+    from workbench.models import load_model
+
+    task = config.task
+    if task in GROUND_TRUTH_TASKS or not (task == "induction" or task.endswith(".json")):
+        graph, built = load_task(
+            task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
+        )
+        return graph, built, None
+    model = load_model(config.model or "demo", device=device, dtype=config.model_dtype)
+    return from_gpt2(model), model_task(task, model, config.prompts, config.length, config.seed), model
+
+
+def _ground_truth_scores(graph, task, found) -> dict:
+    """ROC AUC of the edge (and head) scores against a task's planted circuit, as the benchmark
+    scores them; {} for tasks without ground truth."""
+    from circuits.attribution import node_scores
+    from circuits.evaluate import roc_auc
+
+    truth, scores = task.ground_truth, {}
+    if truth.get("edges"):
+        edges = dict(zip(graph.graph.edge_names, found.scores.tolist()))
+        scores["roc_auc"] = roc_auc(edges, set(truth["edges"]))
+    if truth.get("heads"):
+        heads = found.heads or {
+            k: v for k, v in node_scores(graph, found.scores).items() if k.startswith("a")
+        }
+        scores["head_roc_auc"] = roc_auc(heads, set(truth["heads"]))
+    return scores
+
+
+SHOWN_PROMPTS = 8
+"""Prompts (clean and corrupted) written into a circuit JSON for the reader; the task may hold more."""
+
+
+def prompts_json(task, model=None) -> dict:
+    """The first SHOWN_PROMPTS clean and corrupted prompts of `task` as text (decoded by
+    `model`'s tokenizer, special tokens kept; token ids joined by spaces without a model, as for
+    the hand-set ground-truth models), and the task's prompt count."""
+
+    def text(row) -> str:
+        ids = [int(t) for t in row.tolist()]
+        return model.tokenizer.decode(ids) if model is not None else " ".join(map(str, ids))
+
+    shown = slice(0, SHOWN_PROMPTS)
+    return {
+        "clean": [text(row) for row in task.clean[shown]],
+        "corrupted": [text(row) for row in task.corrupted[shown]],
+        "total": int(task.clean.shape[0]),
+    }
 
 
 def _feature_circuit(config, args, device) -> None:
@@ -95,7 +156,7 @@ def _feature_circuit(config, args, device) -> None:
             raise WorkbenchError(f"{folder}: {problem}")
         dictionaries[hook] = dictionary
         if (folder / STORE_FILE).exists():
-            stores[hook] = str(folder / STORE_FILE)
+            stores[hook] = str((folder / STORE_FILE).absolute())  # the JSON reads from anywhere
     spec = config.model or next(iter(dictionaries.values())).meta.get("model") or "demo"
     model = load_model(spec, device=device, dtype=config.model_dtype)
     for hook, dictionary in dictionaries.items():
@@ -110,6 +171,7 @@ def _feature_circuit(config, args, device) -> None:
         model, task, dictionaries, steps=config.steps, per_hook=config.features_per_hook, stores=stores
     )
     circuit.metrics.update(model=spec, seconds=round(time.perf_counter() - started, 2))
+    circuit.prompts = prompts_json(task, model)
     out = _save_circuit(circuit, config, args.out, spec, task.name, "features")
     top = sorted((n for n in circuit.nodes if n.kind != "logits"), key=lambda n: -abs(n.score))[: args.top]
     rows = [{"node": n.id, "kind": n.kind, "effect": round(n.score, 5)} for n in top]
