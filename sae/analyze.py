@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sae.base import Dictionary
 from sae.per_feature import SmallestKeys, ranked_within_groups
 from sae.splicing import hook_of, on_device
+from sae.summaries import add_summaries, vocab_texts
 from workbench.cache_reader import ActivationCache
 from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
 from workbench.kernels import SparseCodes
@@ -117,7 +118,9 @@ def analyze(
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache.tokens)
         tables.update(weight_tables(dictionary, model, config))
-    tables["vocab"] = _vocab_table(model)
+    texts = vocab_texts(model.tokenizer, model.d_vocab)
+    tables["vocab"] = pa.table({"token": np.arange(len(texts), dtype=np.int32), "text": texts})
+    add_summaries(tables, texts, cache.context_length)
     out = Path(config.out) if config.out else Path(folder or ".") / STORE_FILE
     meta = {
         "n_latents": dictionary.n_latents,
@@ -549,10 +552,3 @@ def logit_effects(directions: Tensor, model, n: int, chunk: int = 1024) -> pa.Ta
             "effect": np.concatenate([p[2].column("effect").to_numpy() for p in parts]),
         }
     )
-
-
-def _vocab_table(model) -> pa.Table:
-    tokenizer = model.tokenizer
-    ids = list(range(model.d_vocab))
-    texts = [tokenizer.decode([i]) for i in ids]
-    return pa.table({"token": np.arange(len(ids), dtype=np.int32), "text": texts})

@@ -29,8 +29,8 @@ def test_search_by_token_finds_the_feature_that_peaks_on_it(tiny_run):
     example = store.feature(feature).top[0]
     peak = store.token_texts([example.tokens[example.position - example.start]])[0]
     hits = store.search_tokens(peak)
-    assert feature in hits.feature.tolist()
-    assert store.search_tokens("").empty
+    assert feature in hits.table.feature.tolist()
+    assert store.search_tokens("").table.empty
 
 
 def test_bad_stores_are_refused_in_one_line(tiny_run, tmp_path):

@@ -1,20 +1,29 @@
 """The feature store: one DuckDB file per dictionary, written by `sae.analyze`, read by the explorer.
 
-Tables (SCHEMA_VERSION 1; `meta` holds it, with the run's model, hook, architecture, metrics
-and the histogram's bin edges, every value JSON-encoded):
+Tables (SCHEMA_VERSION 2; `meta` holds it, with the run's model, hook, architecture, metrics,
+the cache and dictionary paths and the histogram's bin edges, every value JSON-encoded):
 
     meta(key, value)
-    features(feature, fired, density, mean_activation, max_activation, histogram INTEGER[])
+    features(feature, fired, density, mean_activation, max_activation, histogram INTEGER[],
+             summary)                                   -- a one-line summary of the data
     examples(feature, kind 'top'|'quantile', bin, rank, activation, window_id, position, start,
              tokens INTEGER[], activations REAL[])      -- position: the peak, within the window
+    token_features(token, feature, hits, peaks, max_activation)  -- sorted by token: per token,
+             the features firing on it in their kept examples (hits: positions; peaks: examples
+             that peak there; max_activation: the largest activation on it)
     logits(feature, side 'top'|'bottom', rank, token, effect)
     neighbours(feature, rank, other, cosine)
     neurons(feature, rank, neuron, correlation)
     cooccurrence(feature, rank, other, rate, lift)      -- rate = P(other fires | feature fires)
-    vocab(token, text)
+    vocab(token, text)                                  -- byte tokens as <0xE2>
+
+Version 1 stores (no summary, no token_features) still open: summaries read '' and token
+search scans the examples. Beside the read-only store `<dir>/<stem>.duckdb` live the writable
+`<stem>.labels.json` (`workbench.labels`) and `<stem>.explanations.json` (`workbench.explanations`).
 
 `write_store` writes a complete file under a temporary name and renames it, so a reader never
-sees half a store. `FeatureStore` opens one read-only; every query is a small indexed read.
+sees half a store. `FeatureStore` opens one read-only; every query is a small indexed read (or
+a pruned scan of a table sorted by its key), and whole-store lists (summaries) are read once.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import duckdb
 import numpy as np
@@ -31,16 +40,19 @@ import pandas as pd
 import pyarrow as pa
 
 from workbench.errors import WorkbenchError
+from workbench.labels import Labels, companion_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STORE_FILE = "features.duckdb"
 
 _TABLES = {
     "meta": "key VARCHAR PRIMARY KEY, value VARCHAR",
     "features": "feature INTEGER PRIMARY KEY, fired BIGINT, density DOUBLE, mean_activation DOUBLE, "
-    "max_activation DOUBLE, histogram INTEGER[]",
+    "max_activation DOUBLE, histogram INTEGER[], summary VARCHAR",
     "examples": "feature INTEGER, kind VARCHAR, bin SMALLINT, rank SMALLINT, activation REAL, "
     "window_id INTEGER, position SMALLINT, start SMALLINT, tokens INTEGER[], activations REAL[]",
+    "token_features": "token INTEGER, feature INTEGER, hits INTEGER, peaks INTEGER, max_activation REAL",
     "logits": "feature INTEGER, side VARCHAR, rank SMALLINT, token INTEGER, effect REAL",
     "neighbours": "feature INTEGER, rank SMALLINT, other INTEGER, cosine REAL",
     "neurons": "feature INTEGER, rank SMALLINT, neuron INTEGER, correlation REAL",
@@ -48,6 +60,7 @@ _TABLES = {
     "vocab": "token INTEGER PRIMARY KEY, text VARCHAR",
 }
 _INDEXED = ("examples", "logits", "neighbours", "neurons", "cooccurrence")
+_SORTED = {"token_features": "token, feature"}  # zone maps prune a filtered scan of sorted rows
 
 
 class StoreError(WorkbenchError):
@@ -85,7 +98,8 @@ def _fill(con, meta: Mapping[str, Any], tables: Mapping[str, pa.Table]) -> None:
     con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
     for name, table in tables.items():
         con.register("incoming", table)
-        con.execute(f"INSERT INTO {name} SELECT * FROM incoming")
+        order = f" ORDER BY {_SORTED[name]}" if name in _SORTED else ""
+        con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming{order}")
         con.unregister("incoming")
     for name in _INDEXED:
         con.execute(f"CREATE INDEX {name}_by_feature ON {name} (feature)")
@@ -131,9 +145,20 @@ class FeaturePage:
     neighbours: pd.DataFrame = field(default_factory=pd.DataFrame)
     neurons: pd.DataFrame = field(default_factory=pd.DataFrame)
     cooccurrence: pd.DataFrame = field(default_factory=pd.DataFrame)
+    summary: str = ""
+
+
+class TokenHits(NamedTuple):
+    """`search_tokens`' answer: `table` (feature, summary, hits, peaks, max_activation, density),
+    at most `limit` rows, and `total`, the number of matching features before the limit."""
+
+    table: pd.DataFrame
+    total: int
 
 
 _SORTABLE = {"feature", "fired", "density", "mean_activation", "max_activation"}
+_HIT_COLUMNS = ["feature", "summary", "hits", "peaks", "max_activation", "density"]
+_TEXT_COLUMNS = ["feature", "summary", "label", "explanation", "where"]
 
 
 class FeatureStore:
@@ -153,20 +178,28 @@ class FeatureStore:
                 f"{self.path}: not a readable feature store ({str(exc).splitlines()[0]})"
             ) from None
         self.meta = {key: json.loads(value) for key, value in pairs}
-        version = self.meta.get("schema_version")
-        if version != SCHEMA_VERSION:
+        self.version = self.meta.get("schema_version")
+        if self.version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{self.path}: store schema version {version!r}, this workbench reads "
+                f"{self.path}: store schema version {self.version!r}, this workbench reads "
                 f"{SCHEMA_VERSION}; rebuild it with `workbench analyze`"
             )
         self.n_latents = int(self.meta.get("n_latents", 0))
         self._vocab: dict[int, str] | None = None
+        self._by_text: dict[str, list[int]] | None = None
+        self._summaries: dict[int, str] | None = None
+        self._labels: Labels | None = None
+        self._explained: tuple[object, dict[int, dict]] = (None, {})
 
     def _query(self, sql: str, *params) -> pd.DataFrame:
         return self._con.cursor().execute(sql, list(params)).df()
 
     def close(self) -> None:
         self._con.close()
+
+    @property
+    def _summary_sql(self) -> str:
+        return "coalesce(summary, '')" if self.version >= 2 else "''"
 
     # --- tables --------------------------------------------------------------------------
     def features(
@@ -178,18 +211,29 @@ class FeatureStore:
         limit: int = 1000,
         offset: int = 0,
     ) -> pd.DataFrame:
-        """The per-feature statistics, sorted and filtered by density."""
+        """The per-feature statistics and summary, sorted and filtered by density."""
         if order_by not in _SORTABLE:
             raise StoreError(f"cannot sort features by {order_by!r} (one of {', '.join(sorted(_SORTABLE))})")
         direction = "DESC" if descending else "ASC"
         return self._query(
-            f"SELECT feature, fired, density, mean_activation, max_activation FROM features "
+            f"SELECT feature, fired, density, mean_activation, max_activation, "
+            f"{self._summary_sql} AS summary FROM features "
             f"WHERE density >= ? AND density <= ? ORDER BY {order_by} {direction}, feature LIMIT ? OFFSET ?",
             min_density,
             max_density,
             int(limit),
             int(offset),
         )
+
+    def summaries(self, features: list[int] | None = None) -> dict[int, str]:
+        """{feature: one-line summary} of `features` (every feature when None; '' for unknown
+        ids and version 1 stores). The whole column is read once and kept in memory."""
+        if self._summaries is None:
+            frame = self._query(f"SELECT feature, {self._summary_sql} AS summary FROM features")
+            self._summaries = dict(zip(frame["feature"].tolist(), frame["summary"].tolist()))
+        if features is None:
+            return dict(self._summaries)
+        return {int(f): self._summaries.get(int(f), "") for f in features}
 
     def histogram_edges(self) -> list[float]:
         return list(self.meta["histogram_edges"])
@@ -209,7 +253,9 @@ class FeatureStore:
         """One feature's page: statistics, examples, logit effects, neighbours, neurons, co-occurrence."""
         if not 0 <= int(feature) < self.n_latents:
             raise StoreError(f"feature {feature} is outside this store's 0..{self.n_latents - 1}")
-        stats = self._query("SELECT * FROM features WHERE feature = ?", int(feature))
+        stats = self._query(
+            f"SELECT *, {self._summary_sql} AS summary_text FROM features WHERE feature = ?", int(feature)
+        )
         if stats.empty:
             raise StoreError(f"feature {feature} is not in {self.path}")
         row = stats.iloc[0]
@@ -223,6 +269,7 @@ class FeatureStore:
             float(row.mean_activation),
             float(row.max_activation),
             [int(c) for c in row.histogram],
+            summary=str(row.summary_text),
         )
         for ex in examples.itertuples():
             item = Example(
@@ -250,23 +297,150 @@ class FeatureStore:
             )
         return page
 
-    def search_tokens(self, text: str, limit: int = 20) -> pd.DataFrame:
-        """Features whose top examples peak on a token whose text contains `text` (case-insensitive),
-        ranked by how many of their top examples do, then by activation."""
-        needle = text.strip().lower()
-        if not needle:
-            return pd.DataFrame(columns=["feature", "hits", "max_activation", "density"])
-        return self._query(
-            "WITH peaks AS (SELECT feature, activation, tokens[position - start + 1] AS token FROM examples "
-            "WHERE kind = 'top') "
-            "SELECT p.feature, count(*) AS hits, max(p.activation) AS max_activation, "
-            "any_value(f.density) AS density "
-            "FROM peaks p JOIN vocab v ON v.token = p.token JOIN features f ON f.feature = p.feature "
-            "WHERE strpos(lower(v.text), ?) > 0 GROUP BY p.feature "
-            "ORDER BY hits DESC, max_activation DESC LIMIT ?",
-            needle,
+    # --- search --------------------------------------------------------------------------
+    def token_ids(self, text: str, case: bool = True) -> list[int]:
+        """Vocabulary ids whose text is exactly `text` (spaces and newlines count; `case=False`
+        compares casefolded texts)."""
+        if self._by_text is None:
+            by_text: dict[str, list[int]] = {}
+            for token, token_text in self.vocab.items():
+                by_text.setdefault(token_text, []).append(token)
+            self._by_text = by_text
+        if case:
+            return sorted(self._by_text.get(text, []))
+        folded = text.casefold()
+        return sorted(t for key, ids in self._by_text.items() if key.casefold() == folded for t in ids)
+
+    def search_tokens(self, text: str, limit: int = 50, case: bool = True) -> TokenHits:
+        """Features that fire on the token `text` (exact text: " the" is not "thee"; "\\n" is a
+        newline token) at any position of their kept (top and quantile) examples, most examples
+        peaking there first, then most firing positions, then largest activation there.
+        `total` counts every matching feature; `table` holds the first `limit`."""
+        ids = self.token_ids(text, case) if text else []
+        if not ids:
+            return TokenHits(pd.DataFrame(columns=_HIT_COLUMNS), 0)
+        listed = ", ".join(str(int(t)) for t in ids)
+        if self.version >= 2:
+            source = (
+                f"SELECT feature, hits, peaks, max_activation FROM token_features WHERE token IN ({listed})"
+            )
+        else:  # version 1: no token table; scan the examples
+            source = (
+                "SELECT feature, 1 AS hits, (i = position - start + 1)::INTEGER AS peaks, "
+                "a AS max_activation FROM (SELECT feature, position, start, unnest(tokens) AS t, "
+                "unnest(activations) AS a, unnest(range(1, len(tokens) + 1)) AS i FROM examples) "
+                f"WHERE a > 0 AND t IN ({listed})"
+            )
+        frame = self._query(
+            f"WITH hit AS ({source}), per AS (SELECT feature, sum(hits)::BIGINT AS hits, "
+            "sum(peaks)::BIGINT AS peaks, max(max_activation) AS max_activation FROM hit GROUP BY feature) "
+            f"SELECT per.feature, {self._summary_sql} AS summary, per.hits, per.peaks, per.max_activation, "
+            "f.density, count(*) OVER () AS total FROM per JOIN features f ON f.feature = per.feature "
+            "ORDER BY per.peaks DESC, per.hits DESC, per.max_activation DESC, per.feature LIMIT ?",
             int(limit),
         )
+        total = int(frame["total"].iloc[0]) if len(frame) else 0
+        return TokenHits(frame.drop(columns="total").reset_index(drop=True), total)
+
+    def search_text(self, query: str, limit: int = 50) -> pd.DataFrame:
+        """Features whose label, notes, explanation or summary contains `query` (case-insensitive):
+        columns feature, summary, label, explanation, where (the fields that matched, e.g.
+        "label, summary"); labels first, then explanations, then summaries, then by feature.
+        `attrs["total"]` counts every match before `limit`."""
+        needle = query.strip().casefold()
+        if not needle:
+            frame = pd.DataFrame(columns=_TEXT_COLUMNS)
+            frame.attrs["total"] = 0
+            return frame
+        summaries, labels, explained = self.summaries(), self.labels.all(), self.explanations()
+        rows = []
+        for feature in sorted(set(summaries) | set(labels) | set(explained)):
+            entry = labels.get(feature, {})
+            explanation = str(explained.get(feature, {}).get("explanation", ""))
+            fields = {
+                "label": entry.get("label", ""),
+                "notes": entry.get("notes", ""),
+                "explanation": explanation,
+                "summary": summaries.get(feature, ""),
+            }
+            where = [name for name, value in fields.items() if needle in value.casefold()]
+            if where:
+                rank = 0 if where[0] in ("label", "notes") else 1 if where[0] == "explanation" else 2
+                rows.append(
+                    (rank, feature, fields["summary"], fields["label"], explanation, ", ".join(where))
+                )
+        rows.sort(key=lambda row: row[:2])
+        frame = pd.DataFrame([row[1:] for row in rows[: int(limit)]], columns=_TEXT_COLUMNS)
+        frame.attrs["total"] = len(rows)
+        return frame
+
+    # --- companion files -------------------------------------------------------------------
+    @property
+    def labels(self) -> Labels:
+        """The writable labels file beside the store (`workbench.labels.Labels`)."""
+        if self._labels is None:
+            self._labels = Labels(self.path)
+        return self._labels
+
+    def explanations(self) -> dict[int, dict]:
+        """{feature: explanation entry} from the explanations file beside the store ({} when
+        there is none); re-read only when the file changes."""
+        try:
+            from workbench.explanations import EXPLANATIONS_SUFFIX, read_explanations
+        except ImportError:
+            return {}
+        path = companion_path(self.path, EXPLANATIONS_SUFFIX)
+        try:
+            stat = path.stat()
+            stamp: object = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is None:
+            return {}
+        if stamp != self._explained[0]:
+            self._explained = (stamp, read_explanations(self.path))
+        return dict(self._explained[1])
+
+    def long_context(self, example: Example, radius: int = 32) -> tuple[list[int], int] | None:
+        """(tokens, start) of `example`'s window from `radius` tokens before its peak to `radius`
+        after (clipped to the window), read from the cache's tokens.safetensors; `start` is the
+        window position of tokens[0]. None when the cache is not on this machine; StoreError when
+        the cache no longer holds the store's windows."""
+        from workbench.cache_reader import TOKENS_FILE
+
+        folder = self.meta.get("cache") or ""
+        tokens_file = Path(folder) / TOKENS_FILE if folder else None
+        if tokens_file is None or not tokens_file.is_file():
+            return None
+        row = _window_tokens(tokens_file, int(example.window))
+        low = max(0, int(example.position) - int(radius))
+        high = min(len(row), int(example.position) + int(radius) + 1)
+        if row[example.start : example.start + len(example.tokens)].tolist() != list(example.tokens):
+            raise StoreError(
+                f"{tokens_file}: window {example.window} differs from the store's example "
+                "(the cache was rebuilt); rerun `workbench analyze`"
+            )
+        return row[low:high].tolist(), low
+
+
+def _window_tokens(tokens_file: Path, window: int) -> np.ndarray:
+    """One window's tokens, read without loading the whole file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(tokens_file), framework="np") as handle:
+            rows = handle.get_slice("tokens")
+            n_windows = rows.get_shape()[0]
+            if not 0 <= window < n_windows:
+                raise StoreError(
+                    f"{tokens_file}: no window {window} (it holds {n_windows}); the cache is not the "
+                    "store's; rerun `workbench analyze`"
+                )
+            return np.asarray(rows[window : window + 1][0])
+    except StoreError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise StoreError(f"{tokens_file}: unreadable token windows ({str(exc).splitlines()[0]})") from None
 
 
 def find_stores(roots: list[str | os.PathLike]) -> list[Path]:
