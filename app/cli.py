@@ -255,6 +255,13 @@ COMMANDS = (
         "sae.tokfsm:CodebookBenchConfig",
         (_flag("--json", action="store_true", help="one JSON object (with per-state rows)"),),
     ),
+    Command(
+        "bench explore",
+        "explorer speed: page loads in headless Chromium, store queries at 16k features, steering",
+        "app.commands.bench:cmd_bench_explore",
+        "app.bench_explore:ExploreBenchConfig",
+        (_ROWS_JSON,),
+    ),
 )
 
 

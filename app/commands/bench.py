@@ -1,4 +1,4 @@
-"""`workbench bench cache|kernels|sae|analyze|codebook`: each benchmark's flags derive from its
+"""`workbench bench cache|kernels|sae|analyze|codebook|explore`: each benchmark's flags derive from its
 config dataclass (in the module that runs it); ratios are measured within one process."""
 
 from __future__ import annotations
@@ -90,3 +90,16 @@ def cmd_bench_codebook(args) -> None:
         return
     summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "per_state"}
     print_summary(summary, False)
+
+
+def cmd_bench_explore(args) -> None:
+    from app.bench_explore import ExploreBenchConfig, run_explore_benchmark
+
+    config = config_from_args(ExploreBenchConfig, args)
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    for part, rows in run_explore_benchmark(config, say):
+        if args.json:
+            print_rows([{"part": part, **row} for row in rows], True)
+        else:
+            print_rows(rows, False)
+            print(flush=True)
