@@ -63,7 +63,8 @@ def write_explanations(
     store_path: str | os.PathLike, entries: Mapping[int, Mapping[str, Any]], meta: Mapping[str, Any]
 ) -> Path:
     """Merge `entries` ({feature: entry}) into the store's explanations file, recording `meta`
-    (the run's settings) as a new run; returns the file's path. Entries given replace those of
+    (the run's settings) as a new run, or adding to the run recorded with the same `meta["id"]`
+    (a run that writes as it goes); returns the file's path. Entries given replace those of
     the same feature; others are kept. Raises ExplanationsError for a malformed entry or a
     damaged existing file, WorkbenchError when the folder is not writable."""
     path = explanations_path(store_path)
@@ -71,9 +72,12 @@ def write_explanations(
     runs = list(current.get("runs", []))
     features = {str(k): v for k, v in _features(current).items()}
     if entries:
-        runs.append({**dict(meta), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        ids = [run.get("id") for run in runs]
+        if meta.get("id") is None or meta["id"] not in ids:  # a run writing again adds to its record
+            runs.append({**dict(meta), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        index = len(runs) - 1 if meta.get("id") is None else [r.get("id") for r in runs].index(meta["id"])
         for feature, entry in entries.items():
-            features[str(int(feature))] = {**_checked(int(feature), entry), "run": len(runs) - 1}
+            features[str(int(feature))] = {**_checked(int(feature), entry), "run": index}
     ordered = dict(sorted(features.items(), key=lambda item: int(item[0])))
     write_json_atomic(path, {"format_version": FORMAT_VERSION, "runs": runs, "features": ordered})
     return path
