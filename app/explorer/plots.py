@@ -1,26 +1,60 @@
-"""Plotly figures and highlighted-token HTML for the explorer pages (every string escaped)."""
+"""Plotly figures and highlighted-token HTML for the explorer pages (every string escaped).
+
+Examples are plain text in a `white-space: pre-wrap` block, so they wrap at any width and keep
+their spaces (leading ones included); each token is a span whose background opacity is its
+activation over the feature's maximum, with the value in its tooltip, and each example prints
+its own maximum activation in front of it. A page draws all its examples in one `st.html` call.
+"""
 
 from __future__ import annotations
 
 import html
-from typing import Sequence
+import math
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
+from app.explorer.formats import format_activation
+
 ACCENT = "255, 110, 30"
+_CSS = (
+    "<style>"
+    ".wb-ex{display:flex;gap:.6em;align-items:baseline;margin:0 0 .35em 0;max-width:100%}"
+    ".wb-act{flex:0 0 3.6em;text-align:right;font:12px monospace;color:#666}"
+    ".wb-ctx{flex:1 1 auto;min-width:0;white-space:pre-wrap;overflow-wrap:anywhere;"
+    "font-family:monospace;font-size:13px;line-height:1.7}"
+    ".wb-ctx .tok{border-radius:3px}"
+    ".wb-ctx .peak{border-bottom:2px solid #000}"
+    ".wb-ctx .far{color:#888}"
+    ".wb-logits{border-collapse:collapse;font:13px monospace;width:100%}"
+    ".wb-logits td{padding:1px 6px;white-space:pre-wrap;overflow-wrap:anywhere}"
+    "</style>"
+)
+
+
+class ExampleRow(NamedTuple):
+    """One example to draw: token texts, their activations, the peak's index (or None), and the
+    value printed in front (the example's maximum activation)."""
+
+    tokens: Sequence[str]
+    activations: Sequence[float]
+    peak: int | None
+    value: float
 
 
 def histogram_figure(
     edges: Sequence[float], counts: Sequence[int], title: str = "Activation histogram"
 ) -> go.Figure:
-    """Counts over log-spaced bins, drawn on a log x axis (bars span their bin)."""
+    """Counts over log-spaced bins on a log x axis (bars span their bin); the axis covers the
+    bins that hold data (with a tenth of a decade either side), not every bin the store has."""
     edges = np.asarray(edges, dtype=float)
+    counts = np.asarray(counts)
     centres = np.sqrt(edges[:-1] * edges[1:])
     figure = go.Figure(
         go.Bar(
             x=centres,
-            y=list(counts),
+            y=counts.tolist(),
             width=np.diff(edges),
             marker_color=f"rgb({ACCENT})",
             hovertemplate="activation %{x:.3g}<br>count %{y}<extra></extra>",
@@ -28,51 +62,71 @@ def histogram_figure(
     )
     figure.update_layout(
         title=title,
-        xaxis_type="log",
-        xaxis_title="activation",
+        xaxis=dict(type="log", title="activation", range=data_range(edges, counts)),
         yaxis_title="tokens",
-        height=280,
+        height=260,
         margin=dict(l=40, r=10, t=40, b=40),
         bargap=0,
     )
     return figure
 
 
-def logit_figure(
-    texts: Sequence[str], token_ids: Sequence[int], effects: Sequence[float], title: str
-) -> go.Figure:
-    """Horizontal bars, one per token; labels carry the id, as distinct tokens can print alike."""
-    colour = "rgb(40, 120, 200)" if title.lower().startswith("top") else "rgb(200, 60, 60)"
-    labels = [f"{t!r} · {i}" for t, i in zip(texts, token_ids)]
-    figure = go.Figure(go.Bar(x=list(effects), y=labels, orientation="h", marker_color=colour))
-    figure.update_layout(
-        title=title,
-        height=40 + 22 * len(labels),
-        margin=dict(l=10, r=10, t=40, b=20),
-        yaxis=dict(autorange="reversed"),
-    )
-    return figure
+def data_range(edges: Sequence[float], counts: Sequence[int]) -> list[float] | None:
+    """[log10 low, log10 high] spanning the non-empty bins, for a log axis; None when none is."""
+    full = np.flatnonzero(np.asarray(counts) > 0)
+    if not len(full):
+        return None
+    low, high = float(edges[full[0]]), float(edges[full[-1] + 1])
+    return [math.log10(low) - 0.1, math.log10(high) + 0.1]
 
 
 def token_html(text: str) -> str:
-    """A token made visible: escaped, newlines shown as ↵, leading spaces kept."""
-    return html.escape(text).replace("\n", "↵").replace(" ", "&nbsp;") or "&#8203;"
+    """A token made visible: escaped, a newline shown as ↵ (a tab as →); spaces stay spaces, which
+    the pre-wrap block keeps (never &nbsp;, which would stop the line from wrapping)."""
+    return html.escape(text).replace("\n", "↵").replace("\t", "→") or "&#8203;"
+
+
+def _spans(row: ExampleRow, scale: float) -> str:
+    spans = []
+    for i, (token, value) in enumerate(zip(row.tokens, row.activations)):
+        alpha = min(max(float(value) / scale, 0.0), 1.0) if np.isfinite(value) else 0.0
+        classes = "tok peak" if i == row.peak else "tok"
+        title = format_activation(value) if np.isfinite(value) else "not computed"
+        spans.append(
+            f'<span class="{classes}" title="{title}" style="background: rgba({ACCENT}, {alpha:.2f})">'
+            f"{token_html(token)}</span>"
+        )
+    return "".join(spans)
+
+
+def examples_html(rows: Sequence[ExampleRow], scale: float) -> str:
+    """All `rows` as one HTML block: per example its maximum activation, then its tokens."""
+    scale = scale if scale > 0 else 1.0
+    parts = [_CSS, '<div class="wb-examples">']
+    for row in rows:
+        parts.append(
+            f'<div class="example wb-ex"><span class="wb-act">{format_activation(row.value)}</span>'
+            f'<div class="wb-ctx">{_spans(row, scale)}</div></div>'
+        )
+    parts.append("</div>")
+    return "".join(parts)
 
 
 def highlight_html(
     tokens: Sequence[str], activations: Sequence[float], scale: float, peak: int | None = None
 ) -> str:
-    """Tokens with a background whose opacity is activation / scale; the peak is underlined."""
-    scale = scale if scale > 0 else 1.0
-    spans = []
-    for i, (token, value) in enumerate(zip(tokens, activations)):
-        alpha = min(max(float(value) / scale, 0.0), 1.0)
-        style = f"background: rgba({ACCENT}, {alpha:.2f}); border-radius: 3px; padding: 0 1px;"
-        if i == peak:
-            style += " border-bottom: 2px solid black;"
-        spans.append(
-            f'<span class="tok" title="{float(value):.3f}" style="{style}">{token_html(token)}</span>'
-        )
-    return (
-        '<div class="example" style="font-family: monospace; line-height: 1.8;">' + "".join(spans) + "</div>"
-    )
+    """One text highlighted by activation (the live box), its maximum printed in front."""
+    value = max((float(a) for a in activations), default=0.0)
+    return examples_html([ExampleRow(tokens, activations, peak, value)], scale)
+
+
+def logits_html(texts: Sequence[str], effects: Sequence[float], positive: bool) -> str:
+    """A two-column list of tokens (quoted, spaces and escapes visible) and their logit effect."""
+    colour = "40, 120, 200" if positive else "200, 60, 60"
+    top = max((abs(float(e)) for e in effects), default=1.0) or 1.0
+    rows = [
+        f'<tr><td style="background: rgba({colour}, {abs(float(e)) / top * 0.6:.2f})">'
+        f"{html.escape(repr(t))}</td><td>{float(e):+.3f}</td></tr>"
+        for t, e in zip(texts, effects)
+    ]
+    return _CSS + '<table class="wb-logits">' + "".join(rows) + "</table>"

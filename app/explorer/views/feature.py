@@ -1,101 +1,101 @@
-"""One feature: statistics, histogram, examples, logit effects, neighbours, a live box."""
+"""One feature, as Neuronpedia shows it and more: its description (label, explanation, summary),
+statistics, activation histogram, top and quantile examples (wrapped, each with its activation,
+longer contexts on demand), logit effects, related features (all clickable), a label editor,
+similar features in another store, the live box, and a jump to steering.
+
+The URL names the store and the feature (`?store=NAME&feature=N`) and every move to another
+feature sets it, so Back returns to the previous feature and a link opens the same page."""
 
 import streamlit as st
 
-from app.explorer.data import go_to_steering, live_activations, live_or_warn, selected_store, show_feature
-from app.explorer.plots import highlight_html, histogram_figure, logit_figure
+from app.explorer.data import (
+    describe_feature,
+    go_to_steering,
+    live_activations,
+    live_or_warn,
+    selected_store,
+    show_feature,
+)
+from app.explorer.feature_sections import (
+    feature_page,
+    label_editor,
+    show_examples,
+    show_explanation,
+    show_logits,
+    show_related,
+)
+from app.explorer.formats import escape_markdown, format_activation, format_density, parse_feature_id
+from app.explorer.plots import highlight_html, histogram_figure
+from app.explorer.similar import show_similar
 from workbench.store import StoreError
 
 store = selected_store()
 if store is None:
     st.stop()
+path = str(store.path)
+last_seen = st.session_state.setdefault("last_feature", {})
 
-if "feature_id" not in st.session_state:
-    from_url = st.query_params.get("feature", "")
-    st.session_state["feature_id"] = (
-        int(from_url) if from_url.isdigit() else int(store.features(limit=1).feature[0])
-    )
-feature = int(
-    st.number_input(
-        "Feature",
-        min_value=0,
-        max_value=store.n_latents - 1,
-        step=1,
-        value=min(int(st.session_state["feature_id"]), store.n_latents - 1),
-    )
+pending = st.session_state.pop("feature_id", None)  # another page asked for a feature
+if pending is not None:
+    st.query_params["feature"] = str(pending)
+raw = st.query_params.get("feature")
+if raw is None:  # a bare link, or a page Streamlit reached without its query: the last one seen
+    raw = str(last_seen.get(path, int(store.features(limit=1).feature[0]) if store.n_latents else 0))
+    st.query_params["feature"] = raw
+feature, problem = parse_feature_id(raw, store.n_latents)
+
+
+def _typed() -> None:
+    if st.session_state.get("feature_box") is not None:
+        show_feature(int(st.session_state["feature_box"]))
+
+
+st.session_state["feature_box"] = feature  # follows the URL (Back, links) before it is drawn
+st.number_input(
+    "Feature", min_value=0, max_value=max(store.n_latents - 1, 0), step=1, key="feature_box", on_change=_typed
 )
-st.session_state["feature_id"] = feature
-st.query_params["feature"] = str(feature)
+if problem:
+    st.error(problem)
+    st.stop()
+last_seen[path] = feature
 try:
-    page = store.feature(feature)
+    page = feature_page(path, feature)
 except StoreError as exc:
     st.error(str(exc))
     st.stop()
 
 st.title(f"Feature {feature}")
-a, b, c, d = st.columns(4)
-a.metric("density", f"{page.density:.3%}")
-b.metric("fired on", f"{page.fired:,} tokens")
-c.metric("mean activation", f"{page.mean_activation:.3g}")
-d.metric("max activation", f"{page.max_activation:.3g}")
-if st.button("Steer with this feature →", key="steer_this"):
-    go_to_steering(feature)
+description = describe_feature(store, feature)
+if description:
+    st.markdown(f"### {escape_markdown(description)}")
+st.markdown(
+    f"**density** {format_density(page.density)} &nbsp;·&nbsp; **fired on** {page.fired:,} tokens "
+    f"&nbsp;·&nbsp; **mean activation** {format_activation(page.mean_activation)} "
+    f"&nbsp;·&nbsp; **max activation** {format_activation(page.max_activation)}"
+)
+show_explanation(store, page, shown=description)
+
+scale_box, steer_button, _ = st.columns([2, 1, 4], vertical_alignment="bottom")
+scale = scale_box.number_input(
+    "steering strength (× max activation)",
+    value=1.0,
+    step=0.5,
+    key="steer_scale",
+    help=f"1 = the max activation on the analyzed tokens, {format_activation(page.max_activation)}",
+)
+if steer_button.button("Steer →", key="steer_this"):
+    go_to_steering(feature, scale)
 
 left, right = st.columns([3, 2])
 with left:
     st.plotly_chart(histogram_figure(store.histogram_edges(), page.histogram), key="histogram")
-    st.subheader("Top activations")
-    if not page.top:
-        st.write("This feature never fired on the analyzed tokens.")
-    for example in page.top:
-        st.html(
-            highlight_html(
-                store.token_texts(example.tokens),
-                example.activations,
-                page.max_activation,
-                peak=example.position - example.start,
-            )
-        )
-    st.subheader("Quantile groups")
-    for group in sorted({e.bin for e in page.quantiles}, reverse=True):
-        members = [e for e in page.quantiles if e.bin == group]
-        low, high = min(e.activation for e in members), max(e.activation for e in members)
-        with st.expander(
-            f"group {group + 1}: activations {low:.3g} – {high:.3g}",
-            expanded=group == max(e.bin for e in page.quantiles),
-        ):
-            for example in members:
-                st.html(
-                    highlight_html(
-                        store.token_texts(example.tokens),
-                        example.activations,
-                        page.max_activation,
-                        peak=example.position - example.start,
-                    )
-                )
+    show_examples(store, page)
 with right:
-    logits = page.logits
-    if logits.empty:
-        st.caption("No logit effects: the hook is not of the residual stream's width.")
-    for side, title in (("top", "Top logit effects"), ("bottom", "Bottom logit effects")):
-        part = logits[logits.side == side]
-        if not part.empty:
-            st.plotly_chart(
-                logit_figure(part.text.tolist(), part.token.tolist(), part.effect.tolist(), title),
-                key=f"logits_{side}",
-            )
-    st.subheader("Decoder neighbours")
-    for row in page.neighbours.itertuples():
-        st.button(
-            f"feature {row.other} · cosine {row.cosine:.3f}",
-            key=f"neighbour_{row.other}",
-            on_click=show_feature,
-            args=(row.other,),
-        )
-    st.subheader("Correlated neurons")
-    st.dataframe(page.neurons, hide_index=True)
-    st.subheader("Co-occurring features")
-    st.dataframe(page.cooccurrence, hide_index=True)
+    show_logits(page)
+    show_related(store, page)
+    with st.expander("Your label and notes", expanded=False):
+        label_editor(store, feature)
+    show_similar(store, feature)
 
 st.subheader("Try it on your text")
 text = st.text_area("Text", value="", key="live_text", height=80)
