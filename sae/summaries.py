@@ -234,22 +234,24 @@ def render_bytes(raw: bytes) -> str:
 
 
 def vocab_texts(tokenizer, n: int) -> list[str]:
-    """The text of every token id 0..n-1 as the tokenizer decodes it alone, except that a token
-    decoding to U+FFFD shows its bytes: a sentencepiece byte token keeps its `<0xE2>` name, a
-    byte-level BPE token (GPT-2 style) is mapped back to its bytes and rendered by
-    `render_bytes`. Ids past the tokenizer's vocabulary read `<id>`."""
+    """`token_text` of every token id 0..n-1."""
     decoder = _byte_decoder()
-    texts = []
-    for token in range(n):
-        try:
-            text = tokenizer.decode([token])
-        except Exception:  # padded embedding rows past the tokenizer's vocabulary
-            texts.append(f"<{token}>")
-            continue
-        if "\ufffd" in text:
-            text = _byte_text(tokenizer.convert_ids_to_tokens(token), decoder) or text
-        texts.append(text)
-    return texts
+    return [token_text(tokenizer, token, decoder) for token in range(n)]
+
+
+def token_text(tokenizer, token: int, decoder: dict[str, int] | None = None) -> str:
+    """The text of `token` as the tokenizer decodes it alone, except that a token decoding to
+    U+FFFD shows its bytes: a sentencepiece byte token keeps its `<0xE2>` name, a byte-level
+    BPE token (GPT-2 style) is mapped back to its bytes and rendered by `render_bytes`. An id
+    past the tokenizer's vocabulary (a padded embedding row) reads `<id>`."""
+    try:
+        text = tokenizer.decode([token])
+    except Exception:
+        return f"<{token}>"
+    if "\ufffd" in text:
+        piece = tokenizer.convert_ids_to_tokens(token)
+        text = _byte_text(piece, decoder or _byte_decoder()) or text
+    return text
 
 
 def _byte_text(piece, decoder: dict[str, int]) -> str | None:

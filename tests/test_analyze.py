@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import given, settings
@@ -238,3 +239,112 @@ def test_codebook_codes_are_features_of_the_store(tiny_model, tiny_cache, tmp_pa
     assert (table.max_activation[table.fired > 0] == 1.0).all()
     busiest = store.feature(int(table.feature[0]))
     assert len(busiest.top) == 3 and all(e.activation == 1.0 for e in busiest.top)
+
+
+def _examples(rows: list[tuple]) -> pa.Table:
+    """An examples table from (feature, kind, window, position, start, tokens, activations)."""
+    from workbench.store import list_column
+
+    columns = list(zip(*rows))
+    peak = [acts[pos - start] for _, _, _, pos, start, _, acts in rows]
+    return pa.table(
+        {
+            "feature": np.array(columns[0], np.int32),
+            "kind": list(columns[1]),
+            "bin": np.zeros(len(rows), np.int16),
+            "rank": np.arange(len(rows), dtype=np.int16),
+            "activation": np.array(peak, np.float32),
+            "window_id": np.array(columns[2], np.int32),
+            "position": np.array(columns[3], np.int16),
+            "start": np.array(columns[4], np.int16),
+            "tokens": list_column(np.array(columns[5], np.int32), pa.int32()),
+            "activations": list_column(np.array(columns[6], np.float32), pa.float32()),
+        }
+    )
+
+
+TEXTS = ["<bos>", "KING", " LORD", ":", "\n", " EDWARD", " LEAR", " JOHN", "x"]
+
+
+def test_summaries_name_peak_tokens_a_dominant_neighbour_and_promoted_logits():
+    from sae.summaries import NEVER_FIRED, feature_summaries, token_features_table
+
+    kept = _examples(
+        [
+            (0, "top", 0, 1, 0, [0, 1, 3, 4], [0, 5, 0, 0]),  # KING, then ":"
+            (0, "top", 1, 1, 0, [0, 1, 3, 8], [0, 4, 0, 0]),
+            (0, "top", 2, 2, 0, [8, 8, 1, 3], [0, 0, 3, 0]),
+            (0, "quantile", 3, 1, 0, [8, 2, 4, 8], [0, 2, 0, 0]),  # " LORD", then a newline
+            (0, "quantile", 0, 1, 0, [0, 1, 3, 4], [0, 5, 0, 0]),  # the first again: counted once
+            (2, "top", 4, 1, 0, [0, 4, 8, 8], [0, 1.0, 0.5, 0]),  # a newline peak, "x" firing after
+        ]
+    )
+    logits = pa.table(
+        {
+            "feature": np.zeros(8, np.int32),
+            "side": ["top"] * 4 + ["bottom"] * 4,
+            "rank": np.array([3, 0, 1, 2, 0, 1, 2, 3], np.int16),
+            "token": np.array([8, 5, 6, 7, 1, 2, 3, 4], np.int32),
+            "effect": np.array([1, 4, 3, 2, -4, -3, -2, -1], np.float32),
+        }
+    )
+    lines = feature_summaries(kept, logits, TEXTS, n_latents=3, context_length=4)
+    assert lines == [
+        '"KING" ×3 · " LORD" ×1 · before ":" → " EDWARD", " LEAR", " JOHN"',
+        NEVER_FIRED,
+        '"\\n" ×1',
+    ]
+    index = token_features_table(kept, context_length=4).to_pandas()
+    assert index.token.is_monotonic_increasing
+    rows = {(r.token, r.feature): (r.hits, r.peaks, r.max_activation) for r in index.itertuples()}
+    assert rows == {(1, 0): (3, 3, 5.0), (2, 0): (1, 1, 2.0), (4, 2): (1, 1, 1.0), (8, 2): (1, 0, 0.5)}
+
+
+def test_byte_tokens_of_a_byte_level_bpe_read_as_their_bytes(tiny_model):
+    import re
+
+    from sae.summaries import _byte_decoder, vocab_texts
+
+    tokenizer = tiny_model.tokenizer
+    texts = vocab_texts(tokenizer, tiny_model.d_vocab)
+    decoder = _byte_decoder()
+    encoder = {byte: char for char, byte in decoder.items()}
+    broken = [i for i in range(len(texts)) if "\ufffd" in tokenizer.decode([i])]
+    assert len(broken) > 50  # every lone byte >= 0x80 of the base alphabet
+    for token in broken:
+        raw = bytes(decoder[c] for c in tokenizer.convert_ids_to_tokens(token))
+        parts = re.split(r"<0x([0-9A-F]{2})>", texts[token])
+        rebuilt = b"".join(bytes([int(p, 16)]) if i % 2 else p.encode() for i, p in enumerate(parts))
+        assert "\ufffd" not in texts[token] and rebuilt == raw
+    assert texts[tokenizer.convert_tokens_to_ids(encoder[0xE2])] == "<0xE2>"
+    readable = [i for i in range(len(texts)) if i not in set(broken)]
+    assert all(texts[i] == tokenizer.decode([i]) for i in readable)
+
+
+def test_context_activations_equal_a_direct_encode_of_the_cache_rows(tiny_run, tiny_cache):
+    from sae.contexts import context_activations
+    from sae.io import load
+
+    store = FeatureStore(tiny_run)
+    cache = ActivationCache(tiny_cache)
+    x = torch.cat([cache.shard(STORE_HOOK, i) for i in range(cache.n_shards(STORE_HOOK))]).float()
+    dictionary = load(tiny_run)
+    feature = int(store.features(limit=1).feature[0])
+    page = store.feature(feature)
+    other = (feature + 1) % store.n_latents
+    for example, which in ((page.top[0], None), (page.quantiles[-1], None), (page.top[0], other)):
+        tokens, acts = context_activations(store, example, radius=10, feature=which)
+        span, start = store.long_context(example, 10)
+        rows = example.window * cache.context_length + start + torch.arange(len(span))
+        with torch.no_grad():
+            expected = dictionary.encode(x[rows]).to_dense()[:, which if which is not None else feature]
+        if start == 0:
+            expected[0] = 0  # the BOS row, as analyze
+        assert tokens == span and len(span) > len(example.tokens)
+        torch.testing.assert_close(torch.tensor(acts), expected, rtol=1e-5, atol=1e-6)
+        if which is None:  # the stored short context is a slice of it
+            offset = example.start - start
+            stored = torch.tensor(acts[offset : offset + len(example.activations)])
+            torch.testing.assert_close(stored, torch.tensor(example.activations), rtol=1e-5, atol=1e-6)
+    store.meta["dictionary_path"] = str(tiny_run / "gone")
+    assert context_activations(store, page.top[0]) is None

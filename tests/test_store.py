@@ -88,3 +88,81 @@ def test_a_write_that_fails_midway_leaves_no_store(tmp_path):
     with pytest.raises(StoreError, match="cannot write the store"):
         write_store(tmp_path / STORE_FILE, {"n_latents": 1}, {"vocab": bad})
     assert list(tmp_path.iterdir()) == []
+
+
+def _firing_reference(store: FeatureStore, keep) -> dict[int, tuple[int, int]]:
+    """{feature: (distinct firing positions, distinct peaks)} on tokens whose text passes `keep`,
+    read from every kept example of every feature (the brute force search_tokens must equal)."""
+    found: dict[int, tuple[set, set]] = {}
+    context = store.meta["context_length"]
+    for feature in range(store.n_latents):
+        page = store.feature(feature)
+        for ex in page.top + page.quantiles:
+            texts = store.token_texts(ex.tokens)
+            for i, (text, value) in enumerate(zip(texts, ex.activations)):
+                if value > 0 and keep(text):
+                    positions, peaks = found.setdefault(feature, (set(), set()))
+                    row = ex.window * context + ex.start + i
+                    positions.add(row)
+                    if ex.start + i == ex.position:
+                        peaks.add(row)
+    return {f: (len(p), len(k)) for f, (p, k) in found.items()}
+
+
+def test_token_search_is_exact_counts_every_firing_and_reports_its_total(tiny_run):
+    store = FeatureStore(tiny_run)
+    texts = set(store.vocab.values())
+    spaced = next(t for t in sorted(texts) if t.startswith(" ") and len(t) > 2 and t.strip().isalpha())
+    for text in (spaced, "\n", spaced.strip()):
+        expected = _firing_reference(store, lambda seen: seen == text)
+        result = store.search_tokens(text, limit=1000)
+        got = {row.feature: (row.hits, row.peaks) for row in result.table.itertuples()}
+        assert got == expected and result.total == len(expected), repr(text)
+    assert len(_firing_reference(store, lambda seen: seen == "\n")) > 0  # a newline token is findable
+    full = store.search_tokens("\n", limit=1000)
+    first = store.search_tokens("\n", limit=2)
+    assert len(first.table) == 2 and first.total == full.total > 2
+    assert first.table.feature.tolist() == full.table.feature.tolist()[:2]
+    peaks = full.table.peaks.tolist()
+    assert peaks == sorted(peaks, reverse=True)
+    assert list(full.table.columns) == ["feature", "summary", "hits", "peaks", "max_activation", "density"]
+    upper = spaced.upper()
+    folded = store.search_tokens(upper, limit=1000, case=False)
+    expected = _firing_reference(store, lambda seen: seen.casefold() == upper.casefold())
+    assert set(folded.table.feature) == set(expected) and folded.total == len(expected)
+    assert store.search_tokens(" no such token text ").total == 0
+
+
+def test_version_1_stores_open_with_empty_summaries(tiny_run, tmp_path):
+    old = tmp_path / "v1.duckdb"
+    shutil.copy(tiny_run / STORE_FILE, old)
+    with duckdb.connect(str(old)) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [json.dumps(1)])
+        con.execute("ALTER TABLE features DROP COLUMN summary")
+        con.execute("DROP TABLE token_features")
+    store, new = FeatureStore(old), FeatureStore(tiny_run)
+    assert set(store.summaries().values()) == {""} and store.feature(3).summary == ""
+    assert (store.features(limit=5).summary == "").all()
+    assert any(new.summaries().values())
+    for text in ("\n", new.token_texts([new.feature(3).top[0].tokens[0]])[0]):
+        old_hits, new_hits = store.search_tokens(text, limit=1000), new.search_tokens(text, limit=1000)
+        assert set(old_hits.table.feature) == set(new_hits.table.feature) and old_hits.total == new_hits.total
+
+
+def test_long_context_is_the_cache_window_around_the_peak(tiny_run, tiny_cache):
+    from workbench.cache_reader import ActivationCache
+
+    store = FeatureStore(tiny_run)
+    tokens = ActivationCache(tiny_cache).tokens
+    page = store.feature(int(store.features(limit=1).feature[0]))
+    for example in page.top[:3] + page.quantiles[:3]:
+        for radius in (2, 8, 32):
+            got, start = store.long_context(example, radius)
+            low = max(0, example.position - radius)
+            high = min(tokens.shape[1], example.position + radius + 1)
+            assert start == low and got == tokens[example.window, low:high].tolist()
+    wide, start = store.long_context(page.top[0], 32)
+    assert len(wide) == tokens.shape[1] and start == 0  # windows of 32: the whole window
+    assert len(wide) > len(page.top[0].tokens)
+    store.meta["cache"] = str(tiny_run / "not-here")
+    assert store.long_context(page.top[0]) is None

@@ -127,6 +127,8 @@ class Example:
     tokens: list[int]
     activations: list[float]
     bin: int = 0
+    feature: int = -1
+    """The feature whose example this is."""
 
 
 @dataclass
@@ -280,6 +282,7 @@ class FeatureStore:
                 [int(t) for t in ex.tokens],
                 [float(a) for a in ex.activations],
                 int(ex.bin),
+                int(feature),
             )
             (page.top if ex.kind == "top" else page.quantiles).append(item)
         page.logits = self._query(
