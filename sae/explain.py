@@ -129,7 +129,7 @@ def _done(entry: dict | None, config: ExplainConfig) -> bool:
 
 
 def _jobs(store: FeatureStore, features: list[int], config: ExplainConfig, notes: list[str]) -> list[Job]:
-    summaries = store.summaries(features) if hasattr(store, "summaries") else {}
+    summaries = store.summaries(features)
     pages = {f: store.feature(f) for f in features}
     splits = {f: split_examples(pages[f], config.examples, config.holdout, config.seed) for f in features}
     silent: dict[int, list[Context]] = {}
@@ -145,7 +145,8 @@ def _jobs(store: FeatureStore, features: list[int], config: ExplainConfig, notes
     jobs = []
     for f in features:
         split = splits[f]
-        contexts = held_out_contexts(split) + silent.get(f, []) if f in silent else []
+        held = held_out_contexts(split)  # as many silent spans as held-out ones: balanced classes
+        contexts = held + silent[f][: len(held)] if f in silent else []
         order = torch.randperm(len(contexts), generator=generator(config.seed, "explain-order", f)).tolist()
         contexts = [contexts[i] for i in order]
         jobs.append(
@@ -162,7 +163,7 @@ def _jobs(store: FeatureStore, features: list[int], config: ExplainConfig, notes
 
 
 def _peak_summary(store: FeatureStore, shown) -> str:
-    """A stand-in summary (stores without one): the shown examples' peak tokens with counts."""
+    """A stand-in summary (version 1 stores have none): the shown examples' peak tokens, counted."""
     counts = Counter(store.token_texts([e.tokens[e.position - e.start] for e in shown]))
     return " · ".join(f"{text!r} ×{n}" for text, n in counts.most_common(3))
 
@@ -176,15 +177,14 @@ def _results(jobs: list[Job], client: ChatClient | None, config: ExplainConfig, 
                 yield _offline(job)
                 bar.update()
             return
-        with concurrent.futures.ThreadPoolExecutor(config.concurrency) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(config.concurrency, thread_name_prefix="explain")
+        try:
             futures = [pool.submit(_with_llm, job, client, config) for job in jobs]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    yield future.result()
-                    bar.update()
-            finally:  # an error or Ctrl-C: stop what has not started
-                for future in futures:
-                    future.cancel()
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+                bar.update()
+        finally:  # an error or Ctrl-C: what has not started never will; nothing waits for the rest
+            pool.shutdown(wait=False, cancel_futures=True)
     finally:
         bar.close()
 
