@@ -25,6 +25,11 @@ from workbench.errors import WorkbenchError
 BACKOFF_S = 1.0
 """First retry's wait in seconds; doubled at each further retry."""
 _RETRIED = {408, 409, 429, 500, 502, 503, 504}
+_HINTS = {
+    401: " (check --api-key-env)",
+    403: " (check --api-key-env)",
+    404: " (check --endpoint, usually ending in /v1, and --model)",
+}
 
 
 class EndpointError(WorkbenchError):
@@ -95,7 +100,7 @@ class ChatClient:
             except urllib.error.HTTPError as exc:
                 detail = _snippet(exc.read())
                 if exc.code not in _RETRIED or last:
-                    hint = " (check --api-key-env)" if exc.code in (401, 403) else ""
+                    hint = _HINTS.get(exc.code, "")
                     tries = f" after {attempt + 1} tries" if attempt else ""
                     raise EndpointError(f"{self.url}: HTTP {exc.code}{tries}{hint}: {detail}") from None
                 time.sleep(_wait(attempt, exc.headers.get("Retry-After")))

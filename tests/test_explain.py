@@ -50,7 +50,8 @@ class RuleServer:
                     server.fail_first -= failing
                     refused = server.refuse_after is not None and len(server.requests) > server.refuse_after
                 if failing or refused or self.path != "/v1/chat/completions":
-                    return self._send(500 if failing else 400, b'{"error": "no such model"}')
+                    code = 500 if failing else 400 if refused else 404
+                    return self._send(code, b'{"error": "no such model"}')
                 if server.garbage:
                     return self._send(200, b"<html>not json</html>")
                 content = answer(body["messages"])
@@ -276,6 +277,9 @@ def test_unreachable_and_unreadable_endpoints_are_one_line(capsys, server, store
     code, out, err = explain_cli(capsys, store_dir, "--features", feature, url=server.url)
     assert code == 2 and "not JSON" in err and "<html>" in err and err.count("\n") == 1
     assert not explanations_path(store_dir).exists()
+    server.garbage = False  # a base URL without /v1: the server's 404, with a hint
+    code, out, err = explain_cli(capsys, store_dir, "--features", feature, url=server.url[: -len("/v1")])
+    assert code == 2 and "HTTP 404" in err and "/v1" in err and err.count("\n") == 1
     code, _, err = run_cli(capsys, "explain", str(store_dir), "--endpoint", "ftp://x", "--model", "m")
     assert code == 2 and "http(s) URL" in err
     code, _, err = run_cli(capsys, "explain", str(store_dir), "--endpoint", server.url)
