@@ -14,13 +14,16 @@ make, interleaved, in one process.
 
 from __future__ import annotations
 
+import gc
+import string
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from workbench.bench import interleaved, median
+from workbench.bench import median
 from workbench.store import SCHEMA_VERSION, FeatureStore, StoreError, list_column, write_store
 
 QUERY_TARGET_MS = 50.0
@@ -59,11 +62,14 @@ def synthetic_store(folder: str | Path | None, n_latents: int, tokens: int, seed
 def _vocabulary(rng: np.random.Generator, size: int) -> list[str]:
     """Token texts: COMMON first, then random words (most with a leading space), then 256 byte
     tokens (`<0xE2>`, rare as in GPT-2's vocabulary)."""
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    words = []
-    for index in range(size - len(COMMON) - 256):
-        word = "".join(letters[rng.integers(0, len(letters), int(rng.integers(1, 9)))])
-        words.append((" " if index % 5 else "") + word)
+    n = max(size - len(COMMON) - 256, 0)
+    lengths = rng.integers(1, 9, n)
+    letters = "".join(np.array(list(string.ascii_letters))[rng.integers(0, 52, int(lengths.sum()))])
+    ends = np.cumsum(lengths).tolist()
+    words = [
+        (" " if i % 5 else "") + letters[end - length : end]
+        for i, (end, length) in enumerate(zip(ends, lengths.tolist()))
+    ]
     return (COMMON + words + [f"<0x{b:02X}>" for b in range(256)])[:size]
 
 
@@ -275,10 +281,23 @@ def query_cases(store: FeatureStore, seed: int = 0) -> dict[str, object]:
     cases["search_text('the')"] = lambda: store.search_text("the")
     if store.long_context(store.feature(int(alive[0])).top[0]):
         examples = [
-            page.top[0] for page in map(store.feature, alive[rng.integers(0, len(alive), 64)]) if page.top
+            page.top[0] for page in map(store.feature, alive[rng.integers(0, len(alive), 16)]) if page.top
         ]
         cases["long_context(example)"] = lambda: store.long_context(examples[rng.integers(0, len(examples))])
     return cases
+
+
+def _interleaved(cases: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call, cases interleaved in every round; one garbage collection per round
+    (workbench.bench.interleaved collects before every call, which costs more than these queries)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        gc.collect()
+        for name, call in cases.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
 def time_queries(path: str | Path, repeats: int = 20, seed: int = 0) -> list[dict]:
@@ -288,7 +307,7 @@ def time_queries(path: str | Path, repeats: int = 20, seed: int = 0) -> list[dic
     store = FeatureStore(path)
     try:
         cases = query_cases(store, seed)
-        times = interleaved(cases, reps=repeats + 1, warmup=0)
+        times = _interleaved(cases, repeats + 1)
     finally:
         store.close()
     rows = []
