@@ -1,63 +1,185 @@
-"""Circuits: draw a circuit JSON from the circuits engine; click a feature node to open it."""
+"""Circuits: every circuit JSON under the runs folders (and `--circuits` folders) as a layered graph
+with a legend and a |score| threshold, its metrics and prompts, and each node's edges on click."""
 
+import json
 import os
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
-from app.explorer.circuit_plot import circuit_figure
-from app.explorer.data import cached, clicked_feature, go_to_feature, store_roots
+from app.explorer.circuit_info import (
+    config_table,
+    edges_table,
+    find_circuit_files,
+    metrics_table,
+    node_edges,
+    prompts_note,
+    prompts_table,
+    search_folders,
+)
+from app.explorer.circuit_plot import circuit_figure, default_threshold, shown
+from app.explorer.data import cached, describe_feature, go_to_feature, open_store, store_paths, store_roots
+from app.explorer.launch import CIRCUITS_ENV
 from circuits.graph import Circuit, CircuitError, load_circuit
-
-CIRCUITS_ENV = "WORKBENCH_CIRCUITS"
+from workbench.errors import WorkbenchError
 
 
 @cached("cache_data", ttl=30, show_spinner=False)
-def circuit_files(roots: tuple[str, ...]) -> list[str]:
-    found = []
-    for root in map(Path, roots):
-        folder = root if root.is_dir() else root.parent
-        found.extend(str(p) for p in sorted(folder.rglob("*.circuit.json")))
-    return sorted(set(found))
+def circuit_files(entries: tuple[str, ...], stores: tuple[str, ...]) -> list[str]:
+    return find_circuit_files(search_folders(entries, stores))
+
+
+def _label(path: str) -> str:
+    """A circuit file as the picker shows it: its name, then its folder."""
+    return f"{Path(path).name}  ·  {Path(path).parent}"
+
+
+def _store(path: str | None):
+    try:
+        return open_store(path) if path else None
+    except (WorkbenchError, OSError):
+        return None
+
+
+def node_names(circuit: Circuit) -> tuple[dict[str, str], dict[str, str]]:
+    """({node id: '#12 · description'} of feature nodes whose store is here, {node id: 'code'}
+    for the features of codebook stores)."""
+    names, kinds = {}, {}
+    for node in circuit.nodes:
+        if node.kind != "feature" or node.feature is None:
+            continue
+        store = _store(node.store)
+        text = describe_feature(store, node.feature) if store is not None else ""
+        names[node.id] = f"#{node.feature} · {text}" if text else f"#{node.feature}"
+        if store is not None and store.meta.get("architecture") == "codebook":
+            kinds[node.id] = "code"
+    return names, kinds
+
+
+def pick_circuit() -> tuple[Circuit, str] | None:
+    """The circuit chosen (a found file or an upload) and a key naming it; None when none."""
+    entries = tuple(p for p in os.environ.get(CIRCUITS_ENV, "").split(os.pathsep) if p)
+    stores = tuple(store_paths(tuple(store_roots())))
+    files = circuit_files(entries + tuple(store_roots()), stores)
+    source = st.selectbox("Circuit file", files, format_func=_label, key="circuit_file") if files else None
+    uploaded = st.file_uploader("or upload a circuit JSON", type=["json"], key="circuit_upload")
+    try:
+        if uploaded is not None:
+            return Circuit.from_json(
+                json.loads(uploaded.getvalue()), uploaded.name
+            ), f"upload:{uploaded.name}"
+        if source:
+            return load_circuit(source), source
+    except (CircuitError, ValueError) as exc:
+        st.error(str(exc))
+        return None
+    st.info(
+        "No circuit files (*.circuit.json) found under ./runs, the stores' folders or `--circuits` "
+        "folders. Write one with `workbench circuits` (it saves under runs/circuits/)."
+    )
+    return None
+
+
+def show_summary(circuit: Circuit) -> None:
+    left, right = st.columns([2, 3])
+    left.subheader("Metrics")
+    left.table(metrics_table(circuit).set_index("metric"))
+    right.subheader("Prompts")
+    right.caption(prompts_note(circuit))
+    prompts = prompts_table(circuit)
+    if prompts is not None:
+        right.table(prompts)
+    if circuit.config:
+        with right.expander("How it was made (rerun: `workbench circuits --config FILE`)"):
+            st.table(config_table(circuit).set_index("setting"))
+
+
+def threshold_slider(circuit: Circuit, only: bool, key: str) -> float:
+    """The |score| threshold; its default (about the top 100 edges drawn) is set again when the
+    circuit or the in-circuit toggle changes."""
+    top = max((abs(e.score) for e in circuit.edges), default=0.0)
+    if st.session_state.get("edge_threshold_for") != (key, only):
+        st.session_state["edge_threshold_for"] = (key, only)
+        st.session_state["edge_threshold"] = default_threshold(circuit, only)
+    st.session_state["edge_threshold"] = min(float(st.session_state.get("edge_threshold", 0.0)), top)
+    return st.slider(
+        "Hide edges (and nodes) with |score| below",
+        0.0,
+        max(top, 1e-12),
+        step=max(top, 1e-12) / 500,
+        format="%.4g",
+        key="edge_threshold",
+    )
+
+
+def chosen_node(circuit: Circuit, points: list) -> str | None:
+    """The node picked by a click (a new click wins) or in the node picker below the graph."""
+    ids = [n.id for n in circuit.nodes]
+    clicked = next((p.get("customdata") for p in points if p.get("customdata") in ids), None)
+    if clicked is not None and clicked != st.session_state.get("circuit_clicked"):
+        st.session_state["circuit_node"] = clicked  # before the picker is drawn
+    st.session_state["circuit_clicked"] = clicked
+    if st.session_state.get("circuit_node") not in ids:
+        st.session_state["circuit_node"] = None
+    return st.selectbox(
+        "Node details (click a node, or pick one)",
+        [None, *ids],
+        format_func=lambda i: "—" if i is None else i,
+        key="circuit_node",
+    )
+
+
+def show_node(circuit: Circuit, node_id: str, names: dict[str, str]) -> None:
+    node = next(n for n in circuit.nodes if n.id == node_id)
+    st.markdown(f"**{names.get(node.id) or node.label or node.id}** · {node.kind} · score {node.score:.4g}")
+    if node.kind == "feature" and node.feature is not None:
+        store = _store(node.store)
+        if store is None:
+            st.caption(f"its feature store {node.store!r} is not on this machine")
+        else:
+            st.caption(f"feature {node.feature} of {node.store}")
+            if st.button(f"Open feature #{node.feature}", key="circuit_open_feature"):
+                go_to_feature(node.feature, node.store)
+    incoming, outgoing = node_edges(circuit, node.id)
+    a, b = st.columns(2)
+    a.caption(f"{len(incoming)} incoming edges")
+    a.dataframe(incoming, hide_index=True, key="node_in")
+    b.caption(f"{len(outgoing)} outgoing edges")
+    b.dataframe(outgoing, hide_index=True, key="node_out")
 
 
 st.title("Circuits")
-given = [p for p in os.environ.get(CIRCUITS_ENV, "").split(os.pathsep) if p]
-files = given + [f for f in circuit_files(tuple(store_roots())) if f not in given]
-source = st.selectbox("Circuit file", files, key="circuit_file") if files else None
-uploaded = st.file_uploader("or upload a circuit JSON", type=["json"], key="circuit_upload")
-try:
-    if uploaded is not None:
-        import json
-
-        circuit = Circuit.from_json(json.loads(uploaded.getvalue()), uploaded.name)
-    elif source:
-        circuit = load_circuit(source)
-    else:
-        st.info("No circuit files (*.circuit.json) found. Write one with `workbench circuits --out FILE`.")
-        st.stop()
-except (CircuitError, ValueError) as exc:
-    st.error(str(exc))
+picked = pick_circuit()
+if picked is None:
     st.stop()
+circuit, circuit_key = picked
+model = circuit.metrics.get("model") or circuit.config.get("model") or ""
+st.caption(f"task **{circuit.task}** · method **{circuit.method}**" + (f" · model {model}" if model else ""))
+show_summary(circuit)
 
-if circuit.metrics:
-    st.json(circuit.metrics, expanded=False)
-only = st.toggle("Only nodes and edges in the circuit", value=True, key="only_circuit")
-event = st.plotly_chart(
-    circuit_figure(circuit, only), on_select="rerun", selection_mode="points", key="circuit_graph"
+names, kinds = node_names(circuit)
+left, right = st.columns([1, 3])
+only = left.toggle("Only nodes and edges in the circuit", value=True, key="only_circuit")
+with right:
+    threshold = threshold_slider(circuit, only, circuit_key)
+view = shown(circuit, only, threshold)
+st.caption(
+    f"{len(view.edges)} of {view.candidates} edges drawn (|score| ≥ {threshold:.4g}), "
+    f"{len(view.nodes)} nodes; edge width follows |score|; click a node for its edges"
 )
-points = event.selection.points if event is not None and event.selection else []
-target = clicked_feature(circuit, points)
-if target is not None:
-    store, feature = target
-    if store:
-        st.session_state["store"] = store
-    go_to_feature(feature)
-elif points:
-    st.write(f"selected: {', '.join(str(p.get('customdata')) for p in points)}")
+event = st.plotly_chart(
+    circuit_figure(circuit, only, threshold, names, kinds),
+    on_select="rerun",
+    selection_mode="points",
+    key="circuit_graph",
+)
+try:  # a plotly selection event (item access: a dict when set through session state)
+    points = list(event["selection"]["points"])
+except (KeyError, TypeError):
+    points = []
+node_id = chosen_node(circuit, points)
+if node_id is not None:
+    show_node(circuit, node_id, names)
 
-st.subheader("Edges by |score|")
-edges = pd.DataFrame([e.__dict__ for e in circuit.edges])
-if not edges.empty:
-    st.dataframe(edges.reindex(edges.score.abs().sort_values(ascending=False).index), hide_index=True)
+st.subheader("Edges drawn, by |score|")
+st.dataframe(edges_table(view.edges), hide_index=True, key="circuit_edges")
