@@ -174,17 +174,20 @@ def _explanations(store: FeatureStore) -> dict[int, dict]:
         return {}
 
 
-def feature_title(store: FeatureStore, feature: int, width: int = 60) -> str:
-    """`#12 · KING ×14 → EDWARD` (the id alone when there is no description)."""
+def feature_title(store: FeatureStore, feature: int, note: str = "", width: int = 60) -> str:
+    """`#12 · KING ×14 → EDWARD`, or with a note `#12 (cos 0.41) · KING ×14 → EDWARD` (the note
+    first, so a narrow column cuts the description, not the score)."""
+    head = f"#{int(feature)}" + (f" ({note})" if note else "")
     text = describe_feature(store, feature)
-    return f"#{int(feature)} · {shorten(text, width)}" if text else f"#{int(feature)}"
+    return f"{head} · {shorten(text, width)}" if text else head
 
 
 def feature_chip(store: FeatureStore, feature: int, key: str, note: str = "", here: bool = False) -> None:
-    """A button `#id · description  note` that opens `feature`. `here`: the caller is the Feature
-    page, which the button reruns on the new feature (no page switch, one history entry)."""
-    label = escape_markdown(feature_title(store, feature) + (f"  ·  {note}" if note else ""))
-    help_text = describe_feature(store, feature) or None
+    """A button `#id (note) · description` that opens `feature` (the full description on hover).
+    `here`: the caller is the Feature page, which the button reruns on the new feature (no page
+    switch, one history entry); elsewhere it switches to the Feature page."""
+    label = escape_markdown(feature_title(store, feature, note))
+    help_text = escape_markdown(describe_feature(store, feature)) or None
     if here:
         st.button(label, key=key, help=help_text, type="tertiary", on_click=show_feature, args=(feature,))
     elif st.button(label, key=key, help=help_text, type="tertiary"):

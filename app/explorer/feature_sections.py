@@ -10,7 +10,7 @@ import streamlit as st
 
 from app.explorer.data import cached, describe_feature, feature_chip, open_store
 from app.explorer.formats import escape_markdown, format_activation
-from app.explorer.plots import ExampleRow, examples_html, logits_html
+from app.explorer.plots import ExampleRow, examples_html, grouped_examples_html, logits_html
 from workbench.errors import WorkbenchError
 from workbench.store import Example, FeaturePage, FeatureStore
 
@@ -50,7 +50,7 @@ def long_rows(path: str, feature: int, radius: int = LONG_RADIUS) -> tuple[list[
         if computed is not None:
             tokens, acts = computed
             acts = np.asarray(acts, dtype=float)
-            peak = int(np.argmax(acts)) if len(acts) else None
+            peak = example.position - max(0, example.position - radius)  # as long_context clips
         else:
             span = store.long_context(example, radius)
             if span is None:
@@ -83,15 +83,15 @@ def show_examples(store: FeatureStore, page: FeaturePage) -> None:
         if note:
             st.caption(("Longer contexts: " if long else "No longer contexts: ") + note + ".")
     st.html(examples_html(rows, page.max_activation))
-    groups = sorted({e.bin for e in page.quantiles}, reverse=True)
+    groups = []
+    for group in sorted({e.bin for e in page.quantiles}, reverse=True):
+        members = sorted((e for e in page.quantiles if e.bin == group), key=lambda e: -e.activation)
+        low, high = members[-1].activation, members[0].activation
+        title = f"group {group + 1}: activations {format_activation(low)} – {format_activation(high)}"
+        groups.append((title, [example_row(store, e) for e in members]))
     if groups:
         st.subheader("Quantile groups")
-    for group in groups:
-        members = sorted((e for e in page.quantiles if e.bin == group), key=lambda e: -e.activation)
-        low, high = min(e.activation for e in members), max(e.activation for e in members)
-        label = f"group {group + 1}: activations {format_activation(low)} – {format_activation(high)}"
-        with st.expander(label, expanded=group == groups[0]):
-            st.html(examples_html([example_row(store, e) for e in members], page.max_activation))
+        st.html(grouped_examples_html(groups, page.max_activation))
 
 
 def show_logits(page: FeaturePage) -> None:

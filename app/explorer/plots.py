@@ -27,6 +27,7 @@ _CSS = (
     ".wb-ctx .tok{border-radius:3px}"
     ".wb-ctx .peak{border-bottom:2px solid #000}"
     ".wb-ctx .far{color:#888}"
+    ".wb-group{margin:0 0 .4em 0}.wb-group summary{cursor:pointer;font-size:14px;margin:0 0 .3em 0}"
     ".wb-logits{border-collapse:collapse;font:13px monospace;width:100%}"
     ".wb-logits td{padding:1px 6px;white-space:pre-wrap;overflow-wrap:anywhere}"
     "</style>"
@@ -109,6 +110,19 @@ def examples_html(rows: Sequence[ExampleRow], scale: float) -> str:
             f'<div class="wb-ctx">{_spans(row, scale)}</div></div>'
         )
     parts.append("</div>")
+    return "".join(parts)
+
+
+def grouped_examples_html(groups: Sequence[tuple[str, Sequence[ExampleRow]]], scale: float) -> str:
+    """Titled groups of examples, each a collapsible <details> block (the first one open), all in
+    one HTML block: one element for the browser to draw, not one per group."""
+    parts = [_CSS]
+    for i, (title, rows) in enumerate(groups):
+        body = examples_html(rows, scale).removeprefix(_CSS)
+        parts.append(
+            f'<details class="wb-group"{" open" if i == 0 else ""}><summary>{html.escape(title)}</summary>'
+            f"{body}</details>"
+        )
     return "".join(parts)
 
 

@@ -94,6 +94,6 @@ def show_similar(store: FeatureStore, feature: int) -> None:
         return
     for other_feature, cosine in pairs:
         text = shorten(describe_feature(other, other_feature), 50)
-        label = escape_markdown(f"#{other_feature} · {text}  ·  cos {cosine:.2f}")
+        label = escape_markdown(f"#{other_feature} (cos {cosine:.2f}) · {text}")
         if st.button(label, key=f"similar_{other_feature}", type="tertiary"):
             go_to_feature(other_feature, store=chosen)
