@@ -279,11 +279,30 @@ def generate_pair(
     positions: str | Tensor = "all",
 ) -> tuple[str, str]:
     """(baseline, steered) continuations of `prompt` with the same seed."""
+    baseline, steered, _ = generate_pair_report(
+        model, edits, prompt, max_new_tokens, seed, do_sample, temperature, positions
+    )
+    return baseline, steered
+
+
+def generate_pair_report(
+    model,
+    edits: Sequence[Edit],
+    prompt: str,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    positions: str | Tensor = "all",
+) -> tuple[str, str, SteeringReport]:
+    """`generate_pair`, and the steered run's SteeringReport (what was edited, per hook). Raises
+    what `check_edits` raises, before either generation."""
+    check_edits(model, edits, positions)
     baseline = model.generate(
         prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
     )
-    with steer(model, edits, positions):
+    with steer(model, edits, positions) as report:
         steered = model.generate(
             prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
         )
-    return baseline, steered
+    return baseline, steered, report
