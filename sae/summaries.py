@@ -5,9 +5,10 @@ position counted once) and its logit effects:
 
     "KING" ×14 · "LORD" ×3 · before ":" → " EDWARD", " LEAR", " JOHN"
 
-the tokens its examples peak on, most frequent first (at most 3), a neighbouring token when one
-dominates (`before X`: X follows the peak in most examples; `after X`: X precedes it), and the
-3 tokens its decoder direction promotes most. Token texts are quoted so that spaces and
+the tokens its examples peak on, most frequent first (at most 3; after the first, only those
+peaked on more than once), a neighbouring token when one dominates (`before X`: X follows the
+peak in most examples; `after X`: X precedes it), and the 3 tokens its decoder direction
+promotes most. Token texts are quoted so that spaces and
 newlines show ("\\n"). Everything is computed with whole-array numpy operations: 16k features
 summarise in seconds.
 
@@ -19,6 +20,7 @@ UTF-8 character as `<0xE2>` instead of U+FFFD.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -40,42 +42,55 @@ def quote_token(text: str) -> str:
 
 
 # --- the kept examples as flat arrays ---------------------------------------------------------
-def _example_arrays(examples: pa.Table) -> dict[str, np.ndarray]:
-    """feature, window, position, start, activation [E] and tokens, activations [E, W]."""
+def _example_arrays(examples: pa.Table, context_length: int) -> dict[str, np.ndarray]:
+    """feature, row (of the peak, in the cache), first (cache row of tokens[0]), offset (of the
+    peak in tokens), activation [E]; tokens, activations [E, W] (views of the Arrow buffers)."""
     n = examples.num_rows
+    column = lambda name: examples.column(name).to_numpy().astype(np.int64)  # noqa: E731
+    window, start = column("window_id"), column("start")
     out = {
-        name: examples.column(column).to_numpy().astype(np.int64)
-        for name, column in (
-            ("feature", "feature"),
-            ("window", "window_id"),
-            ("position", "position"),
-            ("start", "start"),
-        )
+        "feature": column("feature"),
+        "row": window * context_length + column("position"),
+        "first": window * context_length + start,
+        "offset": column("position") - start,
+        "activation": examples.column("activation").to_numpy(),
     }
-    out["activation"] = examples.column("activation").to_numpy().astype(np.float32)
-    for name, dtype in (("tokens", np.int64), ("activations", np.float32)):
+    for name in ("tokens", "activations"):
         flat = examples.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        out[name] = flat.astype(dtype).reshape(n, -1) if n else np.zeros((0, 0), dtype)
+        out[name] = flat.reshape(n, -1) if n else flat.reshape(0, 0)
     return out
 
 
-def _first_of_each(keys: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct key."""
-    return np.unique(keys, return_index=True)[1]
+def _distinct(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, first): `order` sorts the rows by the (non-negative integer) keys, the last key
+    primary as in np.lexsort; `first` marks, in that order, the first row of each distinct key
+    tuple. Keys whose ranges multiply below 2**62 are sorted as one int64 key (one argsort)."""
+    spans = [int(key.max()) + 1 if len(key) else 1 for key in keys]
+    if math.prod(spans) < 2**62:
+        combined, scale = np.zeros(len(keys[0]), np.int64), 1
+        for key, span in zip(keys, spans):
+            combined += key.astype(np.int64) * scale
+            scale *= span
+        keys = (combined,)
+        order = np.argsort(combined)
+    else:
+        order = np.lexsort(keys)
+    changed = np.zeros(len(order), bool)
+    changed[:1] = True
+    for key in keys:
+        sorted_key = key[order]
+        changed[1:] |= sorted_key[1:] != sorted_key[:-1]
+    return order, changed
 
 
-def _count_pairs(
-    group: np.ndarray, item: np.ndarray, value: np.ndarray, width: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _count_pairs(group: np.ndarray, item: np.ndarray, value: np.ndarray):
     """(group, item, count, max value) of each distinct (group, item) pair, sorted by group,
     then count and value descending."""
-    keys = group * width + item
-    order = np.argsort(keys, kind="stable")
-    keys, value = keys[order], value[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, int)
-    counts = np.diff(np.r_[starts, len(keys)])
-    best = np.maximum.reduceat(value, starts) if len(keys) else value[:0]
-    pair_group, pair_item = keys[starts] // width, keys[starts] % width
+    order, first = _distinct(item, group)
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.r_[starts, len(order)])
+    best = np.maximum.reduceat(value[order], starts) if len(order) else value[:0]
+    pair_group, pair_item = group[order][starts], item[order][starts]
     ranked = np.lexsort((-best, -counts, pair_group))
     return pair_group[ranked], pair_item[ranked], counts[ranked], best[ranked]
 
@@ -88,36 +103,57 @@ def _rank_in_group(group: np.ndarray) -> np.ndarray:
     return np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
 
 
+def _peaks(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The examples' peaks, each (feature, cache row) once: feature, row, token, activation,
+    and `example`, the index of an example peaking there."""
+    order, first = _distinct(ex["row"], ex["feature"])
+    keep = order[first]
+    return {
+        "example": keep,
+        "feature": ex["feature"][keep],
+        "row": ex["row"][keep],
+        "token": ex["tokens"][keep, ex["offset"][keep]].astype(np.int64),
+        "activation": ex["activation"][keep],
+    }
+
+
 # --- the token index ---------------------------------------------------------------------------
 def token_features_table(examples: pa.Table, context_length: int) -> pa.Table:
     """The store's token_features table (see the module docstring) from its examples table."""
-    ex = _example_arrays(examples)
-    n, width = ex["tokens"].shape if len(ex["tokens"]) else (0, 0)
-    base = (ex["window"] * context_length + ex["start"])[:, None] + np.arange(width)
-    fires = ex["activations"] > 0
-    feature = np.broadcast_to(ex["feature"][:, None], (n, width))[fires]
-    n_rows = int(base.max()) + 1 if base.size else 1
-    once = _first_of_each(feature * n_rows + base[fires])  # a position in two examples counts once
-    vocab = int(ex["tokens"].max()) + 1 if ex["tokens"].size else 1
-    tokens, values = ex["tokens"][fires][once], ex["activations"][fires][once]
-    f, t, hits, best = _count_pairs(feature[once], tokens, values, vocab)
-    peak = _first_of_each(ex["feature"] * n_rows + ex["window"] * context_length + ex["position"])
-    peak_token = ex["tokens"][peak, ex["position"][peak] - ex["start"][peak]]
-    pf, pt, peaks, _ = _count_pairs(ex["feature"][peak], peak_token, ex["activation"][peak], vocab)
-    stride = int(ex["feature"].max()) + 1 if n else 1
-    hit_keys, peak_keys = t * stride + f, pt * stride + pf
-    by_key = np.argsort(peak_keys)
-    at = np.searchsorted(peak_keys[by_key], hit_keys).clip(max=max(len(peak_keys) - 1, 0))
-    found = peak_keys[by_key][at] == hit_keys if len(peak_keys) else np.zeros(len(hit_keys), bool)
-    peaks_of = np.where(found, peaks[by_key][at] if len(peak_keys) else 0, 0)
-    order = np.lexsort((f, t))
+    return _token_index(_example_arrays(examples, context_length))
+
+
+def _token_index(ex: dict[str, np.ndarray]) -> pa.Table:
+    width = ex["tokens"].shape[1]
+    flat = np.flatnonzero(ex["activations"].reshape(-1) > 0)
+    example, column = np.divmod(flat, max(width, 1))
+    row = ex["first"][example] + column
+    feature = ex["feature"][example]
+    token = ex["tokens"].reshape(-1)[flat].astype(np.int64)
+    order, first = _distinct(row, feature, token)  # a position in two examples counts once
+    token, feature = token[order][first], feature[order][first]
+    value = ex["activations"].reshape(-1)[flat][order][first]
+    starts = np.flatnonzero(np.r_[True, (token[1:] != token[:-1]) | (feature[1:] != feature[:-1])])
+    hits = np.diff(np.r_[starts, len(token)])
+    best = np.maximum.reduceat(value, starts) if len(token) else value[:0]
+    token, feature = token[starts], feature[starts]
+    peaks = _peaks(ex)
+    peak_order, peak_first = _distinct(peaks["feature"], peaks["token"])
+    peak_starts = np.flatnonzero(peak_first)
+    peak_counts = np.diff(np.r_[peak_starts, len(peak_order)])
+    n_features = int(ex["feature"].max()) + 1 if len(ex["feature"]) else 1
+    keys = token * n_features + feature  # sorted, as the pairs are
+    peak_keys = (peaks["token"] * n_features + peaks["feature"])[peak_order][peak_starts]
+    at = np.searchsorted(keys, peak_keys)  # every peak is a firing position: always found
+    peak_column = np.zeros(len(keys), np.int32)
+    peak_column[at] = peak_counts
     return pa.table(
         {
-            "token": t[order].astype(np.int32),
-            "feature": f[order].astype(np.int32),
-            "hits": hits[order].astype(np.int32),
-            "peaks": peaks_of[order].astype(np.int32),
-            "max_activation": best[order].astype(np.float32),
+            "token": token.astype(np.int32),
+            "feature": feature.astype(np.int32),
+            "hits": hits.astype(np.int32),
+            "peaks": peak_column,
+            "max_activation": best.astype(np.float32),
         }
     )
 
@@ -128,54 +164,55 @@ def feature_summaries(
 ) -> list[str]:
     """One summary per feature 0..n_latents-1 (see the module docstring); NEVER_FIRED for a
     feature without examples. `texts` are the vocabulary's token texts."""
-    ex = _example_arrays(examples)
-    n, width = ex["tokens"].shape if len(ex["tokens"]) else (0, 0)
+    return _summaries(_example_arrays(examples, context_length), logits, texts, n_latents)
+
+
+def _summaries(ex: dict[str, np.ndarray], logits, texts: list[str], n_latents: int) -> list[str]:
+    quoted: dict[int, str] = {}
+
+    def name(token: int) -> str:
+        if token not in quoted:
+            quoted[token] = quote_token(texts[token] if 0 <= token < len(texts) else f"<{token}>")
+        return quoted[token]
+
     parts: list[list[str]] = [[] for _ in range(n_latents)]
-    if n:
-        keep = _first_of_each(
-            ex["feature"] * (int(ex["window"].max()) + 1) * context_length
-            + ex["window"] * context_length
-            + ex["position"]
-        )
-        feature, offset = ex["feature"][keep], (ex["position"] - ex["start"])[keep]
-        tokens, value = ex["tokens"][keep], ex["activation"][keep]
-        vocab = max(len(texts), int(tokens.max()) + 1)
-        rows = np.arange(len(keep))
-        f, t, counts, _ = _count_pairs(feature, tokens[rows, offset], value, vocab)
-        first = _rank_in_group(f) < PEAK_TOKENS
-        for g, token, count in zip(f[first].tolist(), t[first].tolist(), counts[first].tolist()):
-            parts[g].append(f"{quote_token(_text(texts, token))} ×{count}")
-        per_feature = np.bincount(feature, minlength=n_latents)
-        for g, phrase in _dominant_neighbours(feature, tokens, offset, value, per_feature, vocab, texts):
-            parts[g].append(phrase)
+    peaks = _peaks(ex)
+    f, t, counts, _ = _count_pairs(peaks["feature"], peaks["token"], peaks["activation"])
+    rank = _rank_in_group(f)
+    first = (rank < PEAK_TOKENS) & ((rank == 0) | (counts > 1))  # a runner-up seen once is noise
+    for g, token, count in zip(f[first].tolist(), t[first].tolist(), counts[first].tolist()):
+        parts[g].append(f"{name(token)} ×{count}")
+    for g, word, token in _dominant_neighbours(ex, peaks, n_latents):
+        parts[g].append(f"{word} {name(token)}")
     lines = [" · ".join(p) if p else NEVER_FIRED for p in parts]
-    for g, promoted in _promoted(logits, texts).items():
+    for g, promoted in _promoted(logits).items():
         if g < n_latents and lines[g] != NEVER_FIRED:
-            lines[g] += " → " + ", ".join(promoted)
+            lines[g] += " → " + ", ".join(name(t) for t in promoted)
     return lines
 
 
-def _dominant_neighbours(feature, tokens, offset, value, per_feature, vocab, texts):
-    """(feature, 'before X' | 'after X') where one neighbouring token dominates the examples."""
-    best: dict[int, tuple[float, str]] = {}
-    width = tokens.shape[1]
+def _dominant_neighbours(ex, peaks, n_latents: int):
+    """(feature, "before" | "after", token) where one neighbouring token dominates the peaks."""
+    per_feature = np.bincount(peaks["feature"], minlength=n_latents)
+    example, offset = peaks["example"], ex["offset"][peaks["example"]]
+    best: dict[int, tuple[float, str, int]] = {}
     for step, word in ((1, "before"), (-1, "after")):
         at = offset + step
-        valid = (at >= 0) & (at < width)
-        rows = np.flatnonzero(valid)
-        f, t, counts, _ = _count_pairs(feature[rows], tokens[rows, at[rows]], value[rows], vocab)
+        valid = np.flatnonzero((at >= 0) & (at < ex["tokens"].shape[1]))
+        neighbour = ex["tokens"][example[valid], at[valid]].astype(np.int64)
+        f, t, counts, _ = _count_pairs(peaks["feature"][valid], neighbour, peaks["activation"][valid])
         top = _rank_in_group(f) == 0
         f, t, counts = f[top], t[top], counts[top]
         share = counts / np.maximum(per_feature[f], 1)
         strong = (share >= CONTEXT_SHARE) & (counts >= 3)
         for g, token, s in zip(f[strong].tolist(), t[strong].tolist(), share[strong].tolist()):
-            if s > best.get(g, (0.0, ""))[0]:
-                best[g] = (s, f"{word} {quote_token(_text(texts, token))}")
-    return ((g, phrase) for g, (_, phrase) in sorted(best.items()))
+            if s > best.get(g, (0.0, "", 0))[0]:
+                best[g] = (s, word, token)
+    return ((g, word, token) for g, (_, word, token) in sorted(best.items()))
 
 
-def _promoted(logits: pa.Table | None, texts: list[str]) -> dict[int, list[str]]:
-    """{feature: quoted texts of its top LOGIT_TOKENS promoted tokens} from the logits table."""
+def _promoted(logits: pa.Table | None) -> dict[int, list[int]]:
+    """{feature: its top LOGIT_TOKENS promoted token ids, best first} from the logits table."""
     if logits is None or logits.num_rows == 0:
         return {}
     side = logits.column("side").to_numpy(zero_copy_only=False)
@@ -184,22 +221,19 @@ def _promoted(logits: pa.Table | None, texts: list[str]) -> dict[int, list[str]]
     feature = logits.column("feature").to_numpy()[keep]
     token = logits.column("token").to_numpy()[keep]
     order = np.lexsort((rank[keep], feature))
-    out: dict[int, list[str]] = {}
+    out: dict[int, list[int]] = {}
     for g, t in zip(feature[order].tolist(), token[order].tolist()):
-        out.setdefault(g, []).append(quote_token(_text(texts, t)))
+        out.setdefault(g, []).append(t)
     return out
-
-
-def _text(texts: list[str], token: int) -> str:
-    return texts[token] if 0 <= token < len(texts) else f"<{token}>"
 
 
 def add_summaries(tables: dict[str, pa.Table], texts: list[str], context_length: int) -> None:
     """Add the summary column to `tables["features"]` and the token_features table, in place."""
-    features, examples = tables["features"], tables["examples"]
-    lines = feature_summaries(examples, tables.get("logits"), texts, features.num_rows, context_length)
+    features = tables["features"]
+    ex = _example_arrays(tables["examples"], context_length)
+    lines = _summaries(ex, tables.get("logits"), texts, features.num_rows)
     tables["features"] = features.append_column("summary", pa.array(lines, pa.string()))
-    tables["token_features"] = token_features_table(examples, context_length)
+    tables["token_features"] = _token_index(ex)
 
 
 # --- vocab texts -------------------------------------------------------------------------------

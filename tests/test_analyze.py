@@ -276,6 +276,8 @@ def test_summaries_name_peak_tokens_a_dominant_neighbour_and_promoted_logits():
             (0, "top", 2, 2, 0, [8, 8, 1, 3], [0, 0, 3, 0]),
             (0, "quantile", 3, 1, 0, [8, 2, 4, 8], [0, 2, 0, 0]),  # " LORD", then a newline
             (0, "quantile", 0, 1, 0, [0, 1, 3, 4], [0, 5, 0, 0]),  # the first again: counted once
+            (0, "quantile", 5, 1, 0, [8, 2, 3, 8], [0, 2.5, 0, 0]),
+            (0, "quantile", 6, 1, 0, [8, 8, 3, 8], [0, 1, 0, 0]),  # a runner-up seen once: not named
             (2, "top", 4, 1, 0, [0, 4, 8, 8], [0, 1.0, 0.5, 0]),  # a newline peak, "x" firing after
         ]
     )
@@ -290,14 +292,20 @@ def test_summaries_name_peak_tokens_a_dominant_neighbour_and_promoted_logits():
     )
     lines = feature_summaries(kept, logits, TEXTS, n_latents=3, context_length=4)
     assert lines == [
-        '"KING" ×3 · " LORD" ×1 · before ":" → " EDWARD", " LEAR", " JOHN"',
+        '"KING" ×3 · " LORD" ×2 · before ":" → " EDWARD", " LEAR", " JOHN"',
         NEVER_FIRED,
         '"\\n" ×1',
     ]
     index = token_features_table(kept, context_length=4).to_pandas()
     assert index.token.is_monotonic_increasing
     rows = {(r.token, r.feature): (r.hits, r.peaks, r.max_activation) for r in index.itertuples()}
-    assert rows == {(1, 0): (3, 3, 5.0), (2, 0): (1, 1, 2.0), (4, 2): (1, 1, 1.0), (8, 2): (1, 0, 0.5)}
+    assert rows == {
+        (1, 0): (3, 3, 5.0),
+        (2, 0): (2, 2, 2.5),
+        (8, 0): (1, 1, 1.0),
+        (4, 2): (1, 1, 1.0),
+        (8, 2): (1, 0, 0.5),
+    }
 
 
 def test_byte_tokens_of_a_byte_level_bpe_read_as_their_bytes(tiny_model):

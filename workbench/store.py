@@ -190,6 +190,7 @@ class FeatureStore:
         self._vocab: dict[int, str] | None = None
         self._by_text: dict[str, list[int]] | None = None
         self._summaries: dict[int, str] | None = None
+        self._folded: list[tuple[int, str]] | None = None
         self._labels: Labels | None = None
         self._explained: tuple[object, dict[int, dict]] = (None, {})
 
@@ -355,26 +356,36 @@ class FeatureStore:
             frame = pd.DataFrame(columns=_TEXT_COLUMNS)
             frame.attrs["total"] = 0
             return frame
-        summaries, labels, explained = self.summaries(), self.labels.all(), self.explanations()
-        rows = []
-        for feature in sorted(set(summaries) | set(labels) | set(explained)):
-            entry = labels.get(feature, {})
-            explanation = str(explained.get(feature, {}).get("explanation", ""))
-            fields = {
-                "label": entry.get("label", ""),
-                "notes": entry.get("notes", ""),
-                "explanation": explanation,
-                "summary": summaries.get(feature, ""),
-            }
-            where = [name for name, value in fields.items() if needle in value.casefold()]
-            if where:
-                rank = 0 if where[0] in ("label", "notes") else 1 if where[0] == "explanation" else 2
-                rows.append(
-                    (rank, feature, fields["summary"], fields["label"], explanation, ", ".join(where))
-                )
-        rows.sort(key=lambda row: row[:2])
-        frame = pd.DataFrame([row[1:] for row in rows[: int(limit)]], columns=_TEXT_COLUMNS)
-        frame.attrs["total"] = len(rows)
+        self.summaries([])  # reads the column once
+        summaries = self._summaries or {}
+        if self._folded is None:
+            self._folded = [(f, text.casefold()) for f, text in summaries.items()]
+        labels, explained = self.labels.all(), self.explanations()
+        matched: dict[int, list[str]] = {}
+        for feature, entry in labels.items():
+            for name in ("label", "notes"):
+                if needle in entry[name].casefold():
+                    matched.setdefault(feature, []).append(name)
+        for feature, entry in explained.items():
+            if needle in str(entry.get("explanation", "")).casefold():
+                matched.setdefault(feature, []).append("explanation")
+        for feature, folded in self._folded:
+            if needle in folded:
+                matched.setdefault(feature, []).append("summary")
+        rank = {"label": 0, "notes": 0, "explanation": 1, "summary": 2}
+        order = sorted(matched, key=lambda f: (rank[matched[f][0]], f))
+        rows = [
+            (
+                f,
+                summaries.get(f, ""),
+                labels.get(f, {}).get("label", ""),
+                str(explained.get(f, {}).get("explanation", "")),
+                ", ".join(matched[f]),
+            )
+            for f in order[: int(limit)]
+        ]
+        frame = pd.DataFrame(rows, columns=_TEXT_COLUMNS)
+        frame.attrs["total"] = len(order)
         return frame
 
     # --- companion files -------------------------------------------------------------------
