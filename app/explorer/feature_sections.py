@@ -123,8 +123,8 @@ def show_related(store: FeatureStore, page: FeaturePage) -> None:
         note = f"rate {row.rate:.2f} · lift {row.lift:.3g}"
         feature_chip(store, row.other, f"cooccur_{row.other}", note, here=True)
     if not page.neurons.empty:
-        with st.expander("Correlated neurons"):
-            st.dataframe(page.neurons, hide_index=True)
+        st.markdown("**Correlated neurons** (of the hook's activation)")
+        st.caption(" · ".join(f"{r.neuron} (r {r.correlation:.2f})" for r in page.neurons.itertuples()))
 
 
 def show_explanation(store: FeatureStore, page: FeaturePage, shown: str = "") -> None:
