@@ -60,10 +60,11 @@ class AnalyzeConfig:
     """Quantile groups of examples per feature."""
     per_bin: int = 5
     """Examples shown per quantile group."""
-    context_before: int = 12
-    """Tokens of context before an example's peak."""
-    context_after: int = 4
-    """Tokens of context after an example's peak."""
+    context_before: int = 24
+    """Tokens of context before an example's peak (longer ones on demand: sae.contexts)."""
+    context_after: int = 8
+    """Tokens of context after an example's peak. The stream keeps (top + 2 * quantile_bins *
+    per_bin) contexts per feature: 120 x 33 float32 = 16 kB a feature by default (260 MB at 16k)."""
     histogram_bins: int = 48
     """Log-spaced activation histogram bins."""
     neighbours: int = 10
@@ -129,7 +130,7 @@ def analyze(
         "k": dictionary.config.k,
         "hook": hook,
         "model": model.spec,
-        "cache": str(cache.path),
+        "cache": str(Path(cache.path).resolve()),
         "dictionary_path": str(Path(folder).resolve()) if folder else "",
         "tokens_analyzed": stats.n_tokens,
         "context_length": cache.context_length,

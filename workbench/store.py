@@ -40,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 
 from workbench.errors import WorkbenchError
-from workbench.labels import Labels, companion_path
+from workbench.labels import Labels, companion_path, match_text
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -361,19 +361,7 @@ class FeatureStore:
         if self._folded is None:
             self._folded = [(f, text.casefold()) for f, text in summaries.items()]
         labels, explained = self.labels.all(), self.explanations()
-        matched: dict[int, list[str]] = {}
-        for feature, entry in labels.items():
-            for name in ("label", "notes"):
-                if needle in entry[name].casefold():
-                    matched.setdefault(feature, []).append(name)
-        for feature, entry in explained.items():
-            if needle in str(entry.get("explanation", "")).casefold():
-                matched.setdefault(feature, []).append("explanation")
-        for feature, folded in self._folded:
-            if needle in folded:
-                matched.setdefault(feature, []).append("summary")
-        rank = {"label": 0, "notes": 0, "explanation": 1, "summary": 2}
-        order = sorted(matched, key=lambda f: (rank[matched[f][0]], f))
+        matched, order = match_text(needle, self._folded, labels, explained)
         rows = [
             (
                 f,
@@ -415,6 +403,18 @@ class FeatureStore:
             self._explained = (stamp, read_explanations(self.path))
         return dict(self._explained[1])
 
+    def cache_folder(self) -> Path | None:
+        """The cache the store was built from (meta "cache"), None when it is not on this machine.
+        A relative path (stores before issue 20) is tried from the working directory, then from
+        each folder above the store."""
+        recorded = Path(self.meta.get("cache") or "")
+        if not str(self.meta.get("cache") or ""):
+            return None
+        tries = (
+            [recorded] if recorded.is_absolute() else [recorded, *(p / recorded for p in self.path.parents)]
+        )
+        return next((folder for folder in tries if (folder / "manifest.json").is_file()), None)
+
     def long_context(self, example: Example, radius: int = 32) -> tuple[list[int], int] | None:
         """(tokens, start) of `example`'s window from `radius` tokens before its peak to `radius`
         after (clipped to the window), read from the cache's tokens.safetensors; `start` is the
@@ -422,8 +422,8 @@ class FeatureStore:
         the cache no longer holds the store's windows."""
         from workbench.cache_reader import TOKENS_FILE
 
-        folder = self.meta.get("cache") or ""
-        tokens_file = Path(folder) / TOKENS_FILE if folder else None
+        folder = self.cache_folder()
+        tokens_file = folder / TOKENS_FILE if folder else None
         if tokens_file is None or not tokens_file.is_file():
             return None
         row = _window_tokens(tokens_file, int(example.window))
