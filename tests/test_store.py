@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -165,6 +166,12 @@ def test_long_context_is_the_cache_window_around_the_peak(tiny_run, tiny_cache):
     wide, start = store.long_context(page.top[0], 32)
     assert len(wide) == tokens.shape[1] and start == 0  # windows of 32: the whole window
     assert len(wide) > len(page.top[0].tokens)
+    moved = dataclasses.replace(page.top[0], tokens=[t + 1 for t in page.top[0].tokens])
+    with pytest.raises(StoreError, match="differs from the store's example.*rerun") as caught:
+        store.long_context(moved)  # a cache rebuilt under the same path
+    assert "\n" not in str(caught.value)
+    with pytest.raises(StoreError, match="no window"):
+        store.long_context(dataclasses.replace(page.top[0], window=10**6))
     store.meta["cache"] = str(tiny_run / "not-here")
     assert store.long_context(page.top[0]) is None
 

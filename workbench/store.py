@@ -189,6 +189,7 @@ class FeatureStore:
         self.n_latents = int(self.meta.get("n_latents", 0))
         self._vocab: dict[int, str] | None = None
         self._by_text: dict[str, list[int]] | None = None
+        self._by_folded: dict[str, list[int]] | None = None
         self._summaries: dict[int, str] | None = None
         self._folded: list[tuple[int, str]] | None = None
         self._labels: Labels | None = None
@@ -312,8 +313,12 @@ class FeatureStore:
             self._by_text = by_text
         if case:
             return sorted(self._by_text.get(text, []))
-        folded = text.casefold()
-        return sorted(t for key, ids in self._by_text.items() if key.casefold() == folded for t in ids)
+        if self._by_folded is None:
+            by_folded: dict[str, list[int]] = {}
+            for token_text, ids in self._by_text.items():
+                by_folded.setdefault(token_text.casefold(), []).extend(ids)
+            self._by_folded = by_folded
+        return sorted(self._by_folded.get(text.casefold(), []))
 
     def search_tokens(self, text: str, limit: int = 50, case: bool = True) -> TokenHits:
         """Features that fire on the token `text` (exact text: " the" is not "thee"; "\\n" is a
