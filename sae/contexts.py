@@ -36,7 +36,8 @@ def context_activations(
     if not folder or not Path(folder).is_dir():
         return None
     span = store.long_context(example, radius)
-    if span is None:
+    cache_folder = store.cache_folder()
+    if span is None or cache_folder is None or not (cache_folder / "manifest.json").is_file():
         return None
     tokens, start = span
     dictionary = _dictionary(Path(folder))
@@ -64,7 +65,7 @@ def cache_rows(store: FeatureStore, window: int, start: int, n: int) -> torch.Te
     folder = store.cache_folder()
     if folder is None:
         raise StoreError(f"{store.path}: its cache {store.meta.get('cache')!r} is not on this machine")
-    cache = ActivationCache(folder)
+    cache = ActivationCache(folder)  # CacheError (one line) without a readable manifest
     hook = store.meta["hook"]
     cache.expect(hook=hook)
     first = window * cache.context_length + start

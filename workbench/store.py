@@ -418,7 +418,7 @@ class FeatureStore:
         tries = (
             [recorded] if recorded.is_absolute() else [recorded, *(p / recorded for p in self.path.parents)]
         )
-        return next((folder for folder in tries if (folder / "manifest.json").is_file()), None)
+        return next((folder for folder in tries if folder.is_dir()), None)
 
     def long_context(self, example: Example, radius: int = 32) -> tuple[list[int], int] | None:
         """(tokens, start) of `example`'s window from `radius` tokens before its peak to `radius`
