@@ -126,6 +126,7 @@ def selected_store() -> FeatureStore | None:
     if path is None:
         st.info("No feature store found. Build one with `workbench analyze RUN`.")
         return None
+    path = os.path.realpath(path)
     st.session_state["store"] = path
     if st.query_params.get("store") != (name := store_key(path)):
         st.query_params["store"] = name
@@ -212,6 +213,20 @@ def go_to_feature(feature: int, store: str | None = None) -> None:
         params["store"] = store_key(path)
     st.session_state.pop("feature_id", None)
     st.switch_page("views/feature.py", query_params=params)
+
+
+def page_params(feature_page: bool = False) -> dict[str, str]:
+    """The query a link to another page carries: the current store's name and, for the Feature
+    page, the last feature seen in that store ({} before any store is known)."""
+    key = st.query_params.get("store")
+    path = (store_from_key(key) if key else None) or st.session_state.get("store")
+    if not path:
+        return {}
+    params = {"store": store_key(path)}
+    last = st.session_state.get("last_feature", {}).get(os.path.realpath(path))
+    if feature_page and last is not None:
+        params["feature"] = str(last)
+    return params
 
 
 def show_feature(feature: int) -> None:

@@ -6,6 +6,8 @@ similar features in another store, the live box, and a jump to steering.
 The URL names the store and the feature (`?store=NAME&feature=N`) and every move to another
 feature sets it, so Back returns to the previous feature and a link opens the same page."""
 
+import os
+
 import streamlit as st
 
 from app.explorer.data import (
@@ -32,7 +34,7 @@ from workbench.store import StoreError
 store = selected_store()
 if store is None:
     st.stop()
-path = str(store.path)
+path = os.path.realpath(store.path)
 last_seen = st.session_state.setdefault("last_feature", {})
 
 pending = st.session_state.pop("feature_id", None)  # another page asked for a feature
