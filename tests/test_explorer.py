@@ -389,32 +389,3 @@ def test_longer_contexts_read_the_cache_windows(app, tiny_run):
     assert len(tokens) > len(example.tokens)  # ± 32 tokens, not the stored few
     assert first.count('class="tok') == len(tokens)
     assert f'title="{max(acts):.3g}"' in first and f">{example.activation:.3g}</span>" in first
-
-
-def test_store_names_in_links(tmp_path, monkeypatch):
-    from app.explorer.data import store_from_key, store_key, store_names
-
-    for folder in ("runs/a/topk", "runs/b/topk", "solo"):
-        (tmp_path / folder).mkdir(parents=True)
-        (tmp_path / folder / "features.duckdb").touch()
-    roots = (str(tmp_path / "runs"), str(tmp_path / "solo" / "features.duckdb"))
-    monkeypatch.setenv("WORKBENCH_STORES", os.pathsep.join(roots))
-    assert list(store_names(roots)) == ["a/topk", "b/topk", "solo"]
-    for index, name in enumerate(["a/topk", "b/topk", "solo"]):
-        path = os.path.realpath(tmp_path / ("runs/" + name if "/" in name else name) / "features.duckdb")
-        assert store_key(path) == name and store_from_key(name) == path == store_from_key(str(index))
-    assert store_from_key("c/topk") is None and store_from_key("7") is None
-    assert store_from_key("/etc/passwd") is None
-
-
-def test_densities_token_queries_and_ids_read_as_meant():
-    from app.explorer.formats import format_density, parse_feature_id, parse_token_query
-
-    assert format_density(3.2e-05) == "3.2e-05 · 1 in 31,000"
-    assert format_density(0.0035) == "0.35% · 1 in 290" and format_density(0) == "never fired"
-    assert parse_token_query("\\n") == "\n" and parse_token_query(" the") == " the"
-    assert parse_token_query("\\s\\t\\\\x\\q") == " \t\\x\\q"
-    assert parse_feature_id("12", 48) == (12, "")
-    for bad in ("48", "-3", "abc", "1.5", "", "١٢"):
-        feature, why = parse_feature_id(bad, 48)
-        assert feature is None and why and "\n" not in why
