@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
+from sae.base import Dictionary
 from workbench.store import Example, FeatureStore, StoreError
 
-_DICTIONARIES: OrderedDict[tuple[str, int], object] = OrderedDict()
+_DICTIONARIES: OrderedDict[tuple[str, int], Dictionary] = OrderedDict()
 _LOCK = threading.Lock()
 _KEPT = 4
 
@@ -87,7 +88,7 @@ def cache_rows(store: FeatureStore, window: int, start: int, n: int) -> torch.Te
     return rows
 
 
-def _dictionary(folder: Path):
+def _dictionary(folder: Path) -> Dictionary:
     """The dictionary of `folder`, loaded once while its weights file is unchanged (a few kept)."""
     from sae.io import load
 

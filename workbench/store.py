@@ -180,12 +180,13 @@ class FeatureStore:
                 f"{self.path}: not a readable feature store ({str(exc).splitlines()[0]})"
             ) from None
         self.meta = {key: json.loads(value) for key, value in pairs}
-        self.version = self.meta.get("schema_version")
-        if self.version not in READABLE_VERSIONS:
+        version = self.meta.get("schema_version")
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{self.path}: store schema version {self.version!r}, this workbench reads "
+                f"{self.path}: store schema version {version!r}, this workbench reads "
                 f"{SCHEMA_VERSION}; rebuild it with `workbench analyze`"
             )
+        self.version: int = version
         self.n_latents = int(self.meta.get("n_latents", 0))
         self._vocab: dict[int, str] | None = None
         self._by_text: dict[str, list[int]] | None = None
