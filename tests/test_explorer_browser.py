@@ -1,32 +1,27 @@
-"""The explorer in a real browser: `workbench explore` serves a store built from the demo model
-(cache → train → analyze through the CLI); headless Chromium (Debian's, driven by Playwright)
-opens a feature page, finds the histogram and the highlighted examples, and saves a full-page
-screenshot in the test's output folder."""
+"""The explorer in a real browser (issue 20): `workbench explore` serves a store built from the
+demo model (cache → train → analyze through the CLI), started in a folder whose runs/ holds a
+circuit written by `workbench circuits` with its default --out. One server and one headless
+Chromium (Debian's, driven by Playwright) serve every check, each in its own browser context:
+examples wrap inside their column at 1280 px, a summary in the Features table opens its
+feature, `?store=&feature=` links (and malformed ones), Back, the Circuits page, and a steering
+run with clamp and a dose-response sweep. Screenshots go to each test's tmp folder."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-]
+from app.bench_explore import CHROMIUM_ARGS, explorer
+
+pytestmark = pytest.mark.slow
+WAIT_MS = 90_000
+FEATURE_HEADING = re.compile(r"^Feature \d+")
 
 
 def chromium() -> str:
@@ -39,77 +34,199 @@ def chromium() -> str:
     return path
 
 
-def cli(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", "app.cli", *argv, "--quiet"], check=True, timeout=600)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"workbench explore exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as reply:
-                if reply.read().decode().strip() == "ok":
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("the explorer did not answer /_stcore/health in time")
+def cli(*argv: str, cwd: Path | None = None) -> None:
+    subprocess.run([sys.executable, "-m", "app.cli", *argv], check=True, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
     cache, run = root / "cache", root / "run"
-    cli("cache", "--model", "demo", "--tokens", "32768", "--context-length", "64", "--out", str(cache))
-    cli("train", "--cache", str(cache), "--expansion", "4", "--out", str(run))
+    cli(
+        "cache",
+        "--model",
+        "demo",
+        "--tokens",
+        "32768",
+        "--context-length",
+        "64",
+        "--out",
+        str(cache),
+        "--quiet",
+    )
+    cli("train", "--cache", str(cache), "--expansion", "4", "--out", str(run), "--quiet")
     folder = next(p for p in run.iterdir() if (p / "config.json").exists())
-    cli("analyze", str(folder), "--top", "8")
+    cli("analyze", str(folder), "--top", "8", "--quiet")
     return folder / "features.duckdb"
 
 
-@pytest.mark.slow
-def test_feature_page_in_a_real_browser(demo_store, tmp_path):
+@pytest.fixture(scope="module")
+def site(demo_store):
+    """(url, store): the explorer on `demo_store`, started in the folder where `workbench
+    circuits` wrote its default runs/circuits/or-gate-eap.circuit.json."""
+    executable = chromium()
+    root = demo_store.parents[2]
+    cli("circuits", "--task", "or-gate", "--method", "eap", cwd=root)
+    assert (root / "runs" / "circuits" / "or-gate-eap.circuit.json").is_file()
     from playwright.sync_api import sync_playwright
 
+    with explorer([str(demo_store)], cwd=root) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield url, demo_store, browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def facts(demo_store):
+    """What the pages should show, read from the store: the densest feature, its first decoder
+    neighbour, the number of features."""
     from workbench.store import FeatureStore
 
-    executable = chromium()
-    feature = int(FeatureStore(demo_store).features(limit=1).feature[0])
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "explore", str(demo_store), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    store = FeatureStore(demo_store)
+    first = int(store.features(limit=1).feature[0])
+    neighbour = int(store.feature(first).neighbours.other[0])
+    n = store.n_latents
+    store.close()
+    return {"first": first, "neighbour": neighbour, "n_latents": n}
+
+
+def open_page(site, path: str, width: int = 1280):
+    url, _, browser = site
+    page = browser.new_context(viewport={"width": width, "height": 1600}).new_page()
+    page.goto(url + path, timeout=WAIT_MS)
+    return page
+
+
+def heading(page, pattern) -> str:
+    found = page.get_by_role("heading", name=pattern).first
+    found.wait_for(timeout=WAIT_MS)
+    return found.inner_text()
+
+
+def shown_feature(page) -> int:
+    return int(re.match(r"Feature (\d+)", heading(page, FEATURE_HEADING)).group(1))
+
+
+def test_examples_wrap_inside_their_column_at_1280_px(site, facts, tmp_path):
+    page = open_page(site, f"/feature?store=0&feature={facts['first']}")
+    assert shown_feature(page) == facts["first"]
+    histogram = page.locator(".js-plotly-plot").first
+    histogram.wait_for(state="visible", timeout=WAIT_MS)
+    assert histogram.bounding_box()["height"] > 100
+    contexts = page.locator(".wb-ctx")
+    contexts.first.wait_for(state="visible", timeout=WAIT_MS)
+    assert contexts.count() >= 8  # the top examples (quantile groups are folded)
+    assert "&nbsp;" not in contexts.first.inner_html()
+    layout = contexts.evaluate_all(
+        """els => els.filter(e => e.offsetParent !== null).map(e => {
+            const column = e.closest('[data-testid="stColumn"]') || e.parentElement;
+            const box = e.getBoundingClientRect(), outer = column.getBoundingClientRect();
+            const style = getComputedStyle(e);
+            return {over: box.right - outer.right, clipped: e.scrollWidth - e.clientWidth,
+                    lines: box.height / parseFloat(style.lineHeight), wrap: style.whiteSpace};
+        })"""
     )
-    try:
-        wait_healthy(port, server)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 2600})
-            page.goto(f"http://127.0.0.1:{port}/feature?feature={feature}", timeout=60_000)
-            page.get_by_role("heading", name=f"Feature {feature}").wait_for(timeout=60_000)
-            histogram = page.locator(".js-plotly-plot").first
-            histogram.wait_for(state="visible", timeout=60_000)
-            tokens = page.locator("span.tok")
-            tokens.first.wait_for(state="visible", timeout=60_000)
-            assert histogram.bounding_box()["height"] > 100
-            assert tokens.count() >= 8  # at least one highlighted example of several tokens
-            lit = tokens.evaluate_all(
-                "els => els.filter(e => getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)').length"
-            )
-            assert lit >= 1
-            screenshot = tmp_path / "feature-page.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            assert screenshot.stat().st_size > 20_000
-            browser.close()
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    assert layout and all(item["wrap"] == "pre-wrap" for item in layout)
+    assert all(item["over"] <= 1 and item["clipped"] <= 1 for item in layout), layout
+    assert any(item["lines"] > 1.5 for item in layout), "no example is long enough to wrap at 1280 px"
+    values = page.locator(".wb-act").all_inner_texts()
+    assert values and all(re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?", v.strip()) for v in values[:8]), values[:8]
+    lit = page.locator("span.tok").evaluate_all(
+        "els => els.filter(e => getComputedStyle(e).backgroundColor !== 'rgba(0, 0, 0, 0)').length"
+    )
+    assert lit >= 1
+    page.screenshot(path=str(tmp_path / "feature-1280.png"), full_page=True)
+
+
+def test_a_summary_in_the_features_table_opens_its_feature(site, facts, tmp_path):
+    from playwright.sync_api import expect
+
+    page = open_page(site, "/features?store=0")
+    heading(page, re.compile(r"^Features"))
+    table = page.locator('[data-testid="stDataFrame"]').last  # "All features", densest first
+    table.wait_for(state="visible", timeout=WAIT_MS)
+    headers = table.locator('[role="columnheader"]')
+    expect(headers.nth(1)).to_have_text("summary", timeout=WAIT_MS)
+    assert headers.nth(0).inner_text() == "feature"
+    box = table.bounding_box()
+    page.screenshot(path=str(tmp_path / "features.png"), full_page=True)
+    # the summary cell of the first row: past the row marker and the feature column, below the header
+    page.mouse.click(box["x"] + 220, box["y"] + 35 + 17)
+    opened = page_showing(page.context, f"Feature {facts['first']}")  # this tab, or a tab it opened
+    assert f"feature={facts['first']}" in opened.url
+    opened.screenshot(path=str(tmp_path / "opened-from-table.png"), full_page=True)
+
+
+def page_showing(context, title: str, timeout_s: float = WAIT_MS / 1e3):
+    """The first tab of `context` whose heading reads `title` (waiting for one)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for page in context.pages:
+            if page.get_by_role("heading", name=title, exact=True).count():
+                return page
+        context.pages[0].wait_for_timeout(300)
+    raise AssertionError(f"no tab shows {title!r}: {[p.url for p in context.pages]}")
+
+
+def test_links_name_store_and_feature_and_back_returns_to_the_previous_feature(site, facts, tmp_path):
+    page = open_page(site, f"/feature?store=0&feature={facts['first']}")
+    assert shown_feature(page) == facts["first"]
+    name = re.search(r"[?&]store=([^&]+)", page.url).group(1)  # the page names its store in the URL
+    assert name != "0"
+    page.get_by_role("button", name=re.compile(rf"^#{facts['neighbour']}\b")).first.click()
+    page.get_by_role("heading", name=f"Feature {facts['neighbour']}").wait_for(timeout=WAIT_MS)
+    assert f"feature={facts['neighbour']}" in page.url
+    page.go_back()
+    page.get_by_role("heading", name=f"Feature {facts['first']}").wait_for(timeout=WAIT_MS)
+    assert shown_feature(page) == facts["first"]
+
+    shared = open_page(site, f"/feature?store={name}&feature={facts['neighbour']}")
+    assert shown_feature(shared) == facts["neighbour"]
+    for bad in (str(facts["n_latents"] + 99_999), "abc", "-3"):
+        wrong = open_page(site, f"/feature?store={name}&feature={bad}")
+        alert = wrong.locator('[data-testid="stAlert"]').first
+        alert.wait_for(timeout=WAIT_MS)
+        assert bad.lstrip("-") in alert.inner_text() and alert.inner_text().count("\n") == 0
+        assert wrong.get_by_role("heading", name=FEATURE_HEADING).count() == 0
+    wrong.screenshot(path=str(tmp_path / "bad-feature.png"), full_page=True)
+
+
+def test_the_circuits_page_finds_the_circuit_in_the_runs_folder(site, tmp_path):
+    from playwright.sync_api import expect
+
+    _, store, _ = site
+    page = open_page(site, "/circuits?store=0")
+    heading(page, re.compile(r"^Circuits"))
+    picker = (
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="Circuit file").get_by_role("combobox")
+    )
+    folder = store.parents[2] / "runs" / "circuits"
+    expect(picker).to_have_value(
+        re.compile(rf"^or-gate-eap\.circuit\.json .*{re.escape(str(folder))}$"), timeout=WAIT_MS
+    )
+    graph = page.locator(".js-plotly-plot").first
+    graph.wait_for(state="visible", timeout=WAIT_MS)
+    assert graph.bounding_box()["height"] > 200 and "or-gate" in graph.inner_text()
+    page.screenshot(path=str(tmp_path / "circuits.png"), full_page=True)
+
+
+def test_steering_with_clamp_and_a_dose_response_sweep(site, facts, tmp_path):
+    page = open_page(site, f"/feature?store=0&feature={facts['first']}")
+    assert shown_feature(page) == facts["first"]
+    page.get_by_role("button", name=re.compile(r"^Steer")).first.click()
+    heading(page, re.compile(r"^Steering"))
+    page.get_by_text(re.compile(r"^clamp")).first.click()
+    page.get_by_text(re.compile(rf"^hold feature {facts['first']}\b")).first.wait_for(timeout=WAIT_MS)
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_role("heading", name=re.compile(r"^Steered \(clamp")).wait_for(timeout=WAIT_MS)
+    page.get_by_text(re.compile(r"s for both runs")).first.wait_for(timeout=WAIT_MS)
+    strengths = page.get_by_label("Strengths (× max activation)")
+    strengths.fill("0, 2")
+    strengths.press("Enter")
+    page.get_by_role("button", name="Run sweep").click()
+    figure = page.locator(".js-plotly-plot").first
+    figure.wait_for(state="visible", timeout=WAIT_MS * 2)
+    assert "dose-response" in figure.inner_text()
+    page.screenshot(path=str(tmp_path / "steering.png"), full_page=True)
