@@ -40,7 +40,13 @@ def default_folder() -> Path:
 
 
 def store_name(n_latents: int, tokens: int, seed: int) -> str:
-    return f"synthetic-{n_latents}x{tokens}-v{SCHEMA_VERSION}-seed{seed}"
+    """The cached store's folder: its sizes, seed, schema version and analyze's per-feature sizes
+    (examples and their context), so a store built by older defaults is not reused."""
+    from sae.analyze import AnalyzeConfig
+
+    c = AnalyzeConfig()
+    shape = f"top{c.top}-q{c.quantile_bins}x{c.per_bin}-ctx{c.context_before}+{c.context_after}"
+    return f"synthetic-{n_latents}x{tokens}-v{SCHEMA_VERSION}-{shape}-seed{seed}"
 
 
 def synthetic_store(folder: str | Path | None, n_latents: int, tokens: int, seed: int = 0) -> Path:
