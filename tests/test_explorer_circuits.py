@@ -134,9 +134,10 @@ def test_a_click_on_a_head_shows_its_edges(tiny_run, tmp_path, monkeypatch):
     assert not at.exception
     incoming, outgoing = at.dataframe[0].value, at.dataframe[1].value  # then the edges drawn
     expect_in = sorted((e for e in circuit.edges if e.target == "a1.2"), key=lambda e: -abs(e.score))
-    assert incoming["from"].tolist() == [e.source for e in expect_in]
+    labels = {n.id: n.label for n in circuit.nodes}  # shown by name (L0H1), not id (a0.1)
+    assert incoming["from"].tolist() == [labels[e.source] for e in expect_in]
     assert incoming.score.tolist() == pytest.approx([e.score for e in expect_in])
-    assert sorted(outgoing["to"]) == sorted(e.target for e in circuit.edges if e.source == "a1.2")
+    assert sorted(outgoing["to"]) == sorted(labels[e.target] for e in circuit.edges if e.source == "a1.2")
 
 
 def test_a_feature_node_shows_its_summary_and_opens_its_page(tiny_run, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ signs, edges below a |score| threshold hidden, and what a reader needs to name a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
@@ -78,17 +79,38 @@ def layer_ticks(nodes: list[Node]) -> dict[int, str]:
     return ticks
 
 
-def _positions(nodes: list[Node]) -> tuple[dict[str, tuple[int, float]], int]:
-    """Node id -> (layer, slot): each layer's nodes top to bottom, centred on 0; and the most
-    nodes in one layer."""
-    per_layer: dict[int, list[str]] = {}
+MLP_OFFSET = 0.45
+"""A block's MLP sits right of its heads (which feed it), so head -> MLP edges do not run
+through the heads stacked in the same column."""
+
+
+def _positions(nodes: list[Node]) -> tuple[dict[str, tuple[float, float]], int]:
+    """Node id -> (x, y): x the layer (MLPs offset by MLP_OFFSET), each column's nodes top to
+    bottom centred on 0; and the most nodes in one column."""
+    columns: dict[float, list[str]] = {}
     for node in sorted(nodes, key=lambda n: (n.layer, n.kind, -abs(n.score), n.id)):
-        per_layer.setdefault(node.layer, []).append(node.id)
+        x = node.layer + (MLP_OFFSET if node.kind == "mlp" else 0.0)
+        columns.setdefault(x, []).append(node.id)
     position = {}
-    for layer, ids in per_layer.items():
+    for x, ids in columns.items():
         for slot, node_id in enumerate(ids):
-            position[node_id] = (layer, (len(ids) - 1) / 2 - slot)
-    return position, max((len(ids) for ids in per_layer.values()), default=1)
+            position[node_id] = (x, (len(ids) - 1) / 2 - slot)
+    return position, max((len(ids) for ids in columns.values()), default=1)
+
+
+_HEAD, _MLP = re.compile(r"^a(\d+)\.(\d+)$"), re.compile(r"^m(\d+)$")
+
+
+def display_name(node: Node) -> str:
+    """A node as a reader names it: L1.H3 for head a1.3, MLP 2 for m2, else its label or id."""
+    if node.label and node.label != node.id:
+        return node.label
+    head, mlp = _HEAD.match(node.id), _MLP.match(node.id)
+    if node.kind == "head" and head:
+        return f"L{head.group(1)}.H{head.group(2)}"
+    if node.kind == "mlp" and mlp:
+        return f"MLP {mlp.group(1)}"
+    return node.label or node.id
 
 
 def short(text: str, width: int = LABEL_WIDTH) -> str:
@@ -118,7 +140,7 @@ def circuit_figure(
         by_kind.setdefault(kinds.get(node.id, node.kind), []).append(node)
     for kind, group in by_kind.items():
         legend, symbol, colour = KINDS.get(kind, (kind, "circle", "#444444"))
-        full = [names.get(n.id) or n.label or n.id for n in group]
+        full = [names.get(n.id) or display_name(n) for n in group]
         figure.add_trace(
             go.Scatter(
                 x=[position[n.id][0] for n in group],
@@ -135,17 +157,16 @@ def circuit_figure(
                 ],
                 hoverinfo="text",
                 marker=dict(size=14, symbol=symbol, color=colour, line=dict(width=1, color="black")),
+                unselected=dict(marker=dict(opacity=0.6), textfont=dict(color="#555555")),
                 name=legend,
-                legendgroup="nodes",
-                legendgrouptitle_text="nodes",
             )
         )
     ticks = layer_ticks(view.nodes)
     low, high = min(ticks, default=0), max(ticks, default=1)
     figure.update_layout(
-        height=min(220 + 44 * tallest, 1400),
-        margin=dict(l=40, r=40, t=50, b=60),
-        title=f"{circuit.task} · {circuit.method}",
+        height=min(max(480, 160 + 56 * tallest), 1600),
+        margin=dict(l=30, r=30, t=90, b=40),
+        title=dict(text=f"{circuit.task} · {circuit.method}", y=0.98, yanchor="top"),
         xaxis=dict(
             tickmode="array",
             tickvals=list(ticks),
@@ -155,11 +176,29 @@ def circuit_figure(
             zeroline=False,
         ),
         yaxis=dict(showticklabels=False, showgrid=False, zeroline=False),
-        legend=dict(orientation="h", yanchor="top", y=-0.06, x=0),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
         hovermode="closest",
         clickmode="event+select",
     )
     return figure
+
+
+def edge_path(
+    start: tuple[float, float], end: tuple[float, float], steps: int = 10
+) -> list[tuple[float, float]]:
+    """Points of an edge: a straight line between neighbouring columns; an arc bowing upward by
+    a fifth of its span when it skips columns, so edges along one row (the residual path:
+    embed -> MLP -> MLP -> logits) stay apart instead of drawing over each other."""
+    (x0, y0), (x1, y1) = start, end
+    span = abs(x1 - x0)
+    if span <= 1.05:
+        return [start, end]
+    bow = 0.2 * span
+    points = []
+    for i in range(steps + 1):
+        t = i / steps
+        points.append((x0 + (x1 - x0) * t, y0 + (y1 - y0) * t + 4 * bow * t * (1 - t)))
+    return points
 
 
 def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float, bins: int = 4) -> None:
@@ -169,13 +208,13 @@ def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float
     for edge in edges:
         strength = min(int(bins * abs(edge.score) / top), bins - 1)
         groups.setdefault((edge.score >= 0, strength), []).append(edge)
+    paths = {id(e): edge_path(position[e.source], position[e.target]) for e in edges}
     legend_done = set()
     for (positive, strength), group in sorted(groups.items()):
         xs, ys = [], []
         for edge in group:
-            (x0, y0), (x1, y1) = position[edge.source], position[edge.target]
-            xs += [x0, x1, None]
-            ys += [y0, y1, None]
+            xs += [x for x, _ in paths[id(edge)]] + [None]
+            ys += [y for _, y in paths[id(edge)]] + [None]
         opacity = 0.35 + 0.15 * strength
         figure.add_trace(
             go.Scatter(
@@ -193,10 +232,11 @@ def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float
         )
         legend_done.add(positive)
     if edges:
+        middles = [_middle(paths[id(e)]) for e in edges]
         figure.add_trace(
             go.Scatter(
-                x=[(position[e.source][0] + position[e.target][0]) / 2 for e in edges],
-                y=[(position[e.source][1] + position[e.target][1]) / 2 for e in edges],
+                x=[x for x, _ in middles],
+                y=[y for _, y in middles],
                 mode="markers",
                 marker=dict(size=6, opacity=0),
                 hovertext=[
@@ -208,3 +248,9 @@ def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float
                 name="edge scores",
             )
         )
+
+
+def _middle(points: list[tuple[float, float]]) -> tuple[float, float]:
+    if len(points) == 2:
+        return ((points[0][0] + points[1][0]) / 2, (points[0][1] + points[1][1]) / 2)
+    return points[len(points) // 2]

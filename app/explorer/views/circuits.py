@@ -17,7 +17,7 @@ from app.explorer.circuit_info import (
     prompts_table,
     search_folders,
 )
-from app.explorer.circuit_plot import circuit_figure, default_threshold, shown
+from app.explorer.circuit_plot import circuit_figure, default_threshold, display_name, shown
 from app.explorer.data import cached, describe_feature, go_to_feature, open_store, store_paths, store_roots
 from app.explorer.launch import CIRCUITS_ENV
 from circuits.graph import Circuit, CircuitError, load_circuit
@@ -62,7 +62,8 @@ def pick_circuit() -> tuple[Circuit, str] | None:
     stores = tuple(store_paths(tuple(store_roots())))
     files = circuit_files(entries + tuple(store_roots()), stores)
     source = st.selectbox("Circuit file", files, format_func=_label, key="circuit_file") if files else None
-    uploaded = st.file_uploader("or upload a circuit JSON", type=["json"], key="circuit_upload")
+    with st.expander("Upload a circuit JSON"):
+        uploaded = st.file_uploader("a *.circuit.json file", type=["json"], key="circuit_upload")
     try:
         if uploaded is not None:
             return Circuit.from_json(
@@ -81,6 +82,7 @@ def pick_circuit() -> tuple[Circuit, str] | None:
 
 
 def show_summary(circuit: Circuit) -> None:
+    """Metrics beside the prompts (folded: they are long) and the config that made the circuit."""
     left, right = st.columns([2, 3])
     left.subheader("Metrics")
     left.table(metrics_table(circuit).set_index("metric"))
@@ -88,7 +90,8 @@ def show_summary(circuit: Circuit) -> None:
     right.caption(prompts_note(circuit))
     prompts = prompts_table(circuit)
     if prompts is not None:
-        right.table(prompts)
+        with right.expander("clean and corrupted prompts", expanded=False):
+            st.table(prompts)
     if circuit.config:
         with right.expander("How it was made (rerun: `workbench circuits --config FILE`)"):
             st.table(config_table(circuit).set_index("setting"))
@@ -112,7 +115,7 @@ def threshold_slider(circuit: Circuit, only: bool, key: str) -> float:
     )
 
 
-def chosen_node(circuit: Circuit, points: list) -> str | None:
+def chosen_node(circuit: Circuit, points: list, names: dict[str, str]) -> str | None:
     """The node picked by a click (a new click wins) or in the node picker below the graph."""
     ids = [n.id for n in circuit.nodes]
     clicked = next((p.get("customdata") for p in points if p.get("customdata") in ids), None)
@@ -124,14 +127,14 @@ def chosen_node(circuit: Circuit, points: list) -> str | None:
     return st.selectbox(
         "Node details (click a node, or pick one)",
         [None, *ids],
-        format_func=lambda i: "—" if i is None else i,
+        format_func=lambda i: "—" if i is None else f"{names[i]}  ({i})" if names[i] != i else i,
         key="circuit_node",
     )
 
 
 def show_node(circuit: Circuit, node_id: str, names: dict[str, str]) -> None:
     node = next(n for n in circuit.nodes if n.id == node_id)
-    st.markdown(f"**{names.get(node.id) or node.label or node.id}** · {node.kind} · score {node.score:.4g}")
+    st.markdown(f"**{names[node.id]}** · {node.kind} · score {node.score:.4g}")
     if node.kind == "feature" and node.feature is not None:
         store = _store(node.store)
         if store is None:
@@ -141,6 +144,7 @@ def show_node(circuit: Circuit, node_id: str, names: dict[str, str]) -> None:
             if st.button(f"Open feature #{node.feature}", key="circuit_open_feature"):
                 go_to_feature(node.feature, node.store)
     incoming, outgoing = node_edges(circuit, node.id)
+    incoming["from"], outgoing["to"] = incoming["from"].map(names), outgoing["to"].map(names)
     a, b = st.columns(2)
     a.caption(f"{len(incoming)} incoming edges")
     a.dataframe(incoming, hide_index=True, key="node_in")
@@ -155,11 +159,12 @@ if picked is None:
 circuit, circuit_key = picked
 model = circuit.metrics.get("model") or circuit.config.get("model") or ""
 st.caption(f"task **{circuit.task}** · method **{circuit.method}**" + (f" · model {model}" if model else ""))
-show_summary(circuit)
-
 names, kinds = node_names(circuit)
+names = {n.id: names.get(n.id) or display_name(n) for n in circuit.nodes}
 left, right = st.columns([1, 3])
-only = left.toggle("Only nodes and edges in the circuit", value=True, key="only_circuit")
+only = left.toggle(
+    "Circuit only", value=True, key="only_circuit", help="Hide the nodes and edges the method did not keep"
+)
 with right:
     threshold = threshold_slider(circuit, only, circuit_key)
 view = shown(circuit, only, threshold)
@@ -177,9 +182,10 @@ try:  # a plotly selection event (item access: a dict when set through session s
     points = list(event["selection"]["points"])
 except (KeyError, TypeError):
     points = []
-node_id = chosen_node(circuit, points)
+node_id = chosen_node(circuit, points, names)
 if node_id is not None:
     show_node(circuit, node_id, names)
+show_summary(circuit)
 
 st.subheader("Edges drawn, by |score|")
 st.dataframe(edges_table(view.edges), hide_index=True, key="circuit_edges")
