@@ -28,8 +28,9 @@ EDITS = {
     "code_on": "code on",
     "code_off": "code off",
 }
+# Edits with a strength (in units of the feature's max activation) and a dose-response sweep
+# (a comment: Streamlit's magic would print a bare string here on the page).
 SCALED = ("add", "clamp", "direction")
-"""Edits with a strength (in units of the feature's max activation) and a dose-response sweep."""
 POSITIONS = {
     "all": "all positions",
     "prompt": "the prompt only",
@@ -78,8 +79,7 @@ class Plan:
 
     kind: str
     features: list[int]
-    strengths: list[float]
-    """Absolute, one per feature (add, clamp; the direction's for `direction`)."""
+    strengths: list[float]  # absolute, one per feature (add, clamp; the direction's for `direction`)
     minus: int | None = None
 
     def edits(self, dictionary) -> list:
@@ -138,7 +138,7 @@ def show_report(result: dict) -> None:
     a, b = st.columns(2)
     a.subheader("Baseline")
     a.text(result["baseline"])
-    b.subheader(f"Steered ({result['label']})")
+    b.subheader(f"Steered ({result['kind'].replace('_', ' ')}: {result['label']})")
     b.text(result["steered"])
     report = result["report"]
     st.caption(f"{report} · {result['seconds']:.2f} s for both runs")
@@ -162,6 +162,7 @@ def run_generation(plan: Plan) -> None:
     st.session_state["steer_result"] = dict(
         baseline=baseline,
         steered=steered,
+        kind=plan.kind,
         label=", ".join(e.label for e in edits),
         report=report,
         seconds=time.perf_counter() - started,
