@@ -75,7 +75,7 @@ def bench_generation(
 
     started = time.perf_counter()
     model = load_model(model_spec, device=device)
-    dictionary = sae.load(dictionary_folder).to(model.device)
+    dictionary = sae.load(str(dictionary_folder)).to(model.device)
     loading = round(time.perf_counter() - started, 3)
     rows = [dict(case="load", tokens=0, median_s=loading, min_s=loading, repeats=1)]
     cases = {
@@ -112,7 +112,9 @@ def bench_steering_in_explorer_env(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.bench_steer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m app.bench_steer", description="Time the Steering page's generation."
+    )
     parser.add_argument("store", nargs="?", help="a feature store (its model and dictionary on this machine)")
     parser.add_argument("--model", help="without a store: the model spec (e.g. demo)")
     parser.add_argument("--dictionary", help="without a store: a dictionary folder trained on --model")

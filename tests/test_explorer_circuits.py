@@ -16,7 +16,7 @@ from tests.conftest import STORE_HOOK
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "explorer" / "main.py")
 
 
-def circuits_page(monkeypatch, roots: list[str], circuits: list[str] = ()):
+def circuits_page(monkeypatch, roots: list[str], circuits: tuple[str, ...] | list[str] = ()):
     """The Circuits page in the environment `workbench explore ROOTS --circuits ...` gives it."""
     from streamlit.testing.v1 import AppTest
 
