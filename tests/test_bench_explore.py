@@ -119,3 +119,13 @@ def test_the_command_has_help_and_refuses_a_missing_store_in_one_line(capsys, tm
     assert main(["bench", "explore", "--parts", "pages", "--store", str(tmp_path / "none.duckdb")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "no feature store" in error
+
+
+def test_a_page_row_judges_each_way_in_by_its_median():
+    from app.bench_explore import _page_row
+
+    row = _page_row("Runs", [5.0, 0.5, 0.7, 0.6], [0.3, 2.0, 1.9], None)
+    assert row["first_s"] == 5.0 and row["new_tab_median_s"] == 0.6 and row["new_tab_max_s"] == 0.7
+    assert row["in_app_median_s"] == 1.9 and row["met_new_tab"] == "yes" and row["met_in_app"] == "NO"
+    failed = _page_row("Circuits", [], [], "Timeout 60000ms exceeded.")
+    assert failed["met_new_tab"] == failed["met_in_app"] == "NO" and failed["failed"].startswith("Timeout")
