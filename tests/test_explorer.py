@@ -79,6 +79,17 @@ def test_features_table_shows_summaries_and_a_row_click_opens_that_feature(app, 
     clicked_row(at, "feature_table", row)
     assert at.title[0].value == f"Feature {shown.feature[row]}"
     assert at.query_params == {"store": "topk", "feature": str(shown.feature[row])}
+    assert "store topk" in captions(at)  # the page says which store it shows
+
+
+def test_a_click_on_a_summary_cell_opens_its_feature(app):
+    """In a browser a click on a cell selects the cell, not the row (only the checkbox column
+    selected rows, so clicking a summary did nothing)."""
+    at = open_page(app, "features")
+    shown = table(at, "feature_table")
+    at.session_state["feature_table"] = {"selection": {"rows": [], "columns": [], "cells": [[5, "summary"]]}}
+    at.run()
+    assert at.title[0].value == f"Feature {shown.feature[5]}"
 
 
 def peak_text(store: FeatureStore, feature: int) -> str:

@@ -33,3 +33,30 @@ def test_densities_token_queries_and_ids_read_as_meant():
     for bad in ("48", "-3", "abc", "1.5", "", "١٢"):
         feature, why = parse_feature_id(bad, 48)
         assert feature is None and why and "\n" not in why
+
+
+def test_histogram_ticks_print_their_values_in_full():
+    """Plotly's log ticks read '2 5 1 2 5' over 0.2-5, where 0.2 and 2 look alike."""
+    import math
+
+    from app.explorer.plots import histogram_figure, log_ticks
+
+    ticks = log_ticks([math.log10(0.3), math.log10(7)])
+    assert ticks["ticktext"] == ["0.5", "1", "2", "5"] and ticks["tickvals"] == [0.5, 1.0, 2.0, 5.0]
+    edges = [0.1 * 1.2**i for i in range(30)]
+    counts = [0] * 5 + [3] * 10 + [0] * 14
+    axis = histogram_figure(edges, counts).layout.xaxis
+    low, high = 10 ** axis.range[0], 10 ** axis.range[1]
+    assert all(low <= v <= high for v in axis.tickvals) and "0.2" in axis.ticktext
+
+
+def test_an_offline_token_match_score_is_not_shown_as_a_detection_score():
+    from app.explorer.feature_sections import detection_text
+
+    scores = {"accuracy": 0.5, "f1": 0.67, "precision": 0.5, "recall": 1.0, "n": 10}
+    assert detection_text({**scores, "scorer": "llm"}).startswith("detection score: accuracy 0.50")
+    offline = detection_text({**scores, "scorer": "token-match"})
+    assert (
+        offline.startswith("token-match rule (offline, no language model)")
+        and "chance accuracy 0.50" in offline
+    )

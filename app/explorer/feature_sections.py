@@ -160,7 +160,10 @@ def detection_text(detection: dict) -> str:
         return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.2f}"
 
     parts = " · ".join(f"{name} {number(key)}" for key, name in _SCORES)
-    return f"detection score: {parts} (n = {detection.get('n', '?')} held-out contexts)"
+    n = detection.get("n", "?")
+    if detection.get("scorer") == "token-match":  # a keyword rule, not a model's judgement
+        return f"token-match rule (offline, no language model): {parts} (n = {n}; chance accuracy 0.50)"
+    return f"detection score: {parts} (n = {n} contexts, half activating; chance accuracy 0.50)"
 
 
 _SCORES = (("accuracy", "accuracy"), ("f1", "F1"), ("precision", "precision"), ("recall", "recall"))

@@ -52,6 +52,7 @@ def histogram_figure(
     edges = np.asarray(edges, dtype=float)
     counts = np.asarray(counts)
     centres = np.sqrt(edges[:-1] * edges[1:])
+    span = data_range(edges, counts)
     figure = go.Figure(
         go.Bar(
             x=centres,
@@ -63,13 +64,28 @@ def histogram_figure(
     )
     figure.update_layout(
         title=title,
-        xaxis=dict(type="log", title="activation", range=data_range(edges, counts)),
+        xaxis=dict(type="log", title="activation", range=span, **log_ticks(span)),
         yaxis_title="tokens",
         height=260,
         margin=dict(l=40, r=10, t=40, b=40),
         bargap=0,
     )
     return figure
+
+
+def log_ticks(span: list[float] | None) -> dict:
+    """Ticks at 1, 2 and 5 times each power of ten inside `span` ([log10 low, log10 high]),
+    printed in full: plotly's own log ticks read "2 5 1 2 5", where 0.2 looks like 2."""
+    if span is None:
+        return {}
+    low, high = span
+    values = [
+        m * 10.0**e
+        for e in range(int(np.floor(low)), int(np.ceil(high)) + 1)
+        for m in (1, 2, 5)
+        if low <= np.log10(m * 10.0**e) <= high
+    ]
+    return {"tickvals": values, "ticktext": [f"{v:g}" for v in values]} if len(values) >= 2 else {}
 
 
 def data_range(edges: Sequence[float], counts: Sequence[int]) -> list[float] | None:

@@ -17,6 +17,7 @@ from app.explorer.data import (
     live_or_warn,
     selected_store,
     show_feature,
+    store_key,
 )
 from app.explorer.feature_sections import (
     feature_page,
@@ -67,6 +68,10 @@ except StoreError as exc:
     st.stop()
 
 st.title(f"Feature {feature}")
+st.caption(  # with several stores open, a clicked similar feature may be in another one
+    f"store {store_key(store.path)} · {store.meta.get('architecture', '')} at {store.meta.get('hook', '')} "
+    f"· {store.n_latents:,} features"
+)
 description = describe_feature(store, feature)
 if description:
     st.markdown(f"### {escape_markdown(description)}")

@@ -27,13 +27,14 @@ def clickable(frame: pd.DataFrame, key: str, height: int | None = None) -> None:
         frame,
         hide_index=True,
         on_select="rerun",
-        selection_mode="single-row",
+        selection_mode=["single-row", "single-cell"],  # a click on any cell opens its row
         key=key,
         width="stretch",
         column_config={"density": DENSITY, "summary": SUMMARY},
         **options,
     )
-    rows = event.selection.rows if event is not None else []
+    selection = event.selection if event is not None else {}
+    rows = list(selection.get("rows", [])) + [cell[0] for cell in selection.get("cells", [])]
     if rows:
         go_to_feature(int(frame.iloc[rows[0]].feature))
 
@@ -50,8 +51,10 @@ def with_texts(frame: pd.DataFrame) -> pd.DataFrame:
     except WorkbenchError as exc:
         st.error(str(exc))
         labels, explained = {}, {}
-    if explained:
-        columns = {"explanation": [explained.get(f, {}).get("explanation", "") for f in ids], **columns}
+    texts = {f: explained.get(f, {}).get("explanation", "") for f in ids}
+    texts = {f: t if t != summaries.get(f, "") else "" for f, t in texts.items()}  # offline: the summary
+    if any(texts.values()):
+        columns = {"explanation": [texts[f] for f in ids], **columns}
     if labels:
         columns = {"label": [labels.get(f, {}).get("label", "") for f in ids], **columns}
     for position, (name, values) in enumerate(columns.items(), start=1):
@@ -85,7 +88,8 @@ with by_words:
         except WorkbenchError as exc:
             st.error(str(exc))
         else:
-            st.caption(f"{found.attrs.get('total', len(found)):,} features match (showing {len(found):,})")
+            total = found.attrs.get("total", len(found))
+            st.caption(f"{total:,} feature{'s' if total != 1 else ''} match (showing {len(found):,})")
             if len(found):
                 clickable(found, "word_hits")
 with by_text:
