@@ -7,7 +7,7 @@ Per feature (Bills et al. 2023; EleutherAI delphi, Paulo et al. 2024):
   3. detection: the held-out activating contexts, mixed with as many spans where the feature is
      checked to be 0 and shuffled by a seeded generator, are labelled 0/1 by the scorer model
      given the explanation (offline: "token-match", a keyword rule: a context is activating when
-     it holds a token on which a shown example peaks); accuracy, precision, recall, F1 and n.
+     it holds a token on which two or more shown examples peak); accuracy, precision, recall, F1 and n.
 Entries are merged into `<stem>.explanations.json` beside the store as they finish (so a stopped
 run keeps its work), and each feature's prompts and replies are appended to `<stem>.explain.jsonl`.
 """
@@ -57,7 +57,7 @@ class Job(NamedTuple):
     texts: list[str]
     """The contexts rendered, unmarked."""
     peaks: frozenset[int]
-    """Tokens on which a shown example peaks (the token-match rule)."""
+    """Tokens on which two or more shown examples peak (the token-match rule)."""
 
 
 class ExplainResult(NamedTuple):
@@ -156,10 +156,19 @@ def _jobs(store: FeatureStore, features: list[int], config: ExplainConfig, notes
                 [render_context(store.token_texts(e.tokens), e.activations) for e in split.shown],
                 contexts,
                 [render_context(store.token_texts(c.tokens)) for c in contexts],
-                frozenset(e.tokens[e.position - e.start] for e in split.shown),
+                _repeated_peaks(split.shown),
             )
         )
     return jobs
+
+
+def _repeated_peaks(shown) -> frozenset[int]:
+    """The tokens the token-match rule looks for: those on which two or more shown examples peak
+    (what a summary names), else the most common one. Every peak token made the rule call nearly
+    every context activating (the always-yes baseline, F1 0.67 on balanced classes)."""
+    counts = Counter(e.tokens[e.position - e.start] for e in shown)
+    repeated = frozenset(t for t, n in counts.items() if n >= 2)
+    return repeated or frozenset(t for t, _ in counts.most_common(1))
 
 
 def _peak_summary(store: FeatureStore, shown) -> str:

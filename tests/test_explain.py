@@ -450,3 +450,18 @@ def test_replies_are_parsed_robustly():
 def test_explain_has_help(capsys):
     code, out, _ = run_cli(capsys, "explain", "--help")
     assert code == 0 and "--endpoint" in out and "--api-key-env" in out and "--holdout" in out
+
+
+def test_token_match_looks_for_repeated_peak_tokens_only():
+    """The offline rule looked for every shown example's peak token, so common tokens made it
+    call nearly every context activating (F1 0.67, the always-yes score)."""
+    from types import SimpleNamespace
+
+    from sae.explain import _repeated_peaks
+
+    def example(peak_token):
+        return SimpleNamespace(tokens=[7, peak_token, 9], position=11, start=10)
+
+    assert _repeated_peaks([example(5), example(5), example(6), example(8), example(8)]) == {5, 8}
+    assert _repeated_peaks([example(3), example(6), example(3)]) == {3}
+    assert len(_repeated_peaks([example(4), example(6)])) == 1
