@@ -4,12 +4,14 @@ Three measurements, each printed with the issue's target and whether it is met (
 benchmarks: no test asserts these):
 
 pages       `workbench explore` serves the demo store (the one `make demo` builds) on a free
-            port, and Debian's headless Chromium, driven by Playwright, opens each page in a
-            new tab (Runs, Features, a `?store=&feature=` deep link, Circuits, Steering): one
-            untimed round, then `repeats` timed ones, pages interleaved. A load is timed from
-            the navigation until the page's main content is visible: its title heading and its
-            first table, plot or example (`page_checks`). One browser context throughout, so
-            its cache is warm as a returning user's is. Target 1 s.
+            port, and Debian's headless Chromium, driven by Playwright, opens each page (Runs,
+            Features, a `?store=&feature=` deep link, Circuits, Steering) two ways: in a new tab
+            (a shared link: Streamlit's scripts load again) and by a click on its sidebar link
+            in one open tab (moving between pages); one untimed round, then `repeats` timed
+            ones, pages interleaved. A load is timed until the page's main content is visible:
+            its title heading and its first table, plot or example (`page_checks`), never the
+            previous page's stale elements. One browser context throughout, so its cache is warm
+            as a returning user's is. Target 1 s.
 queries     each FeatureStore query the pages make, on a synthetic store of 16,384 features over
             1 M tokens (`app.bench_explore_store`). Target 50 ms.
 generation  what the Steering page runs on Generate: a baseline and a steered continuation of
