@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -285,6 +285,15 @@ def generate_pair(
     return baseline, steered
 
 
+class SteeredPair(NamedTuple):
+    baseline: str
+    """The unsteered continuation (prompt included)."""
+    steered: str
+    """The continuation with the edits applied, same seed."""
+    report: SteeringReport
+    """What the steered run edited, per hook."""
+
+
 def generate_pair_report(
     model,
     edits: Sequence[Edit],
@@ -294,7 +303,7 @@ def generate_pair_report(
     do_sample: bool = True,
     temperature: float = 1.0,
     positions: str | Tensor = "all",
-) -> tuple[str, str, SteeringReport]:
+) -> SteeredPair:
     """`generate_pair`, and the steered run's SteeringReport (what was edited, per hook). Raises
     what `check_edits` raises, before either generation."""
     check_edits(model, edits, positions)
@@ -305,4 +314,4 @@ def generate_pair_report(
         steered = model.generate(
             prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
         )
-    return baseline, steered, report
+    return SteeredPair(baseline, steered, report)
