@@ -188,4 +188,7 @@ if node_id is not None:
 show_summary(circuit)
 
 st.subheader("Edges drawn, by |score|")
-st.dataframe(edges_table(view.edges), hide_index=True, key="circuit_edges")
+drawn = edges_table(view.edges)  # named as the graph names them (L3.H1, MLP 0), ids kept
+drawn.insert(0, "from", drawn.source.map(names))
+drawn.insert(1, "to", drawn.target.map(names))
+st.dataframe(drawn, hide_index=True, key="circuit_edges")

@@ -219,7 +219,11 @@ def sweep_section(plan: Plan) -> None:
     except WorkbenchError as exc:
         st.error(str(exc))
         return
-    fig = figure(rows, title=f"dose-response of {edit.label}")
+    fig = figure(
+        rows,
+        title=f"dose-response: {EDITS[plan.kind]} of #{feature}, "
+        f"{min(units):g} to {max(units):g} × max activation",
+    )
     for trace in fig.data:
         trace.x = units
     fig.update_layout(xaxis_title=f"strength (× max activation {unit:.3g})")
