@@ -1,5 +1,5 @@
-"""The explorer in a real browser (issue 20): `workbench explore` serves a store built from the
-demo model (cache → train → analyze through the CLI), started in a folder whose runs/ holds a
+"""The explorer in a real browser (issue 20): `workbench explore` serves the session's small
+store (a tiny GPT-2's cache → TopK dictionary → analyze), started in a folder whose runs/ holds a
 circuit written by `workbench circuits` with its default --out. One server and one headless
 Chromium (Debian's, driven by Playwright) serve every check, each in its own browser context:
 examples wrap inside their column at 1280 px, a summary in the Features table opens its
@@ -39,35 +39,34 @@ def cli(*argv: str, cwd: Path | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("browser")
-    cache, run = root / "cache", root / "run"
-    cli(
-        "cache",
-        "--model",
-        "demo",
-        "--tokens",
-        "32768",
-        "--context-length",
-        "64",
-        "--out",
-        str(cache),
-        "--quiet",
-    )
-    cli("train", "--cache", str(cache), "--expansion", "4", "--out", str(run), "--quiet")
-    folder = next(p for p in run.iterdir() if (p / "config.json").exists())
-    cli("analyze", str(folder), "--top", "8", "--quiet")
-    return folder / "features.duckdb"
+def demo_store(tiny_run, tiny_model, tmp_path_factory) -> Path:
+    """A store of the session's small TopK dictionary (tests/conftest.py `tiny_run`: a 2-layer
+    GPT-2 trained on tiny-shakespeare, its cache, a dictionary the AppTests have built already),
+    analyzed again at analyze's default context (24 + 8 tokens, long enough to wrap): a store of
+    its own through the CLI cost this file 52 s of the suite's 20 minutes."""
+    from sae.analyze import AnalyzeConfig, analyze
+    from sae.io import load
+
+    out = tmp_path_factory.mktemp("browser-store") / "tiny" / "features.duckdb"
+    config = AnalyzeConfig(top=8, out=str(out))
+    return analyze(load(tiny_run), config, folder=tiny_run, model=tiny_model, progress=False)
 
 
 @pytest.fixture(scope="module")
-def site(demo_store):
-    """(url, store): the explorer on `demo_store`, started in the folder where `workbench
-    circuits` wrote its default runs/circuits/or-gate-eap.circuit.json."""
-    executable = chromium()
-    root = demo_store.parents[2]
+def server_folder(tmp_path_factory) -> Path:
+    """Where the explorer runs: `workbench circuits` wrote its default
+    runs/circuits/or-gate-eap.circuit.json here."""
+    root = tmp_path_factory.mktemp("browser")
     cli("circuits", "--task", "or-gate", "--method", "eap", cwd=root)
     assert (root / "runs" / "circuits" / "or-gate-eap.circuit.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="module")
+def site(demo_store, server_folder):
+    """(url, store, browser): the explorer on `demo_store`, started in `server_folder`."""
+    executable = chromium()
+    root = server_folder
     from playwright.sync_api import sync_playwright
 
     with explorer([str(demo_store)], cwd=root) as url, sync_playwright() as playwright:
@@ -193,7 +192,7 @@ def test_links_name_store_and_feature_and_back_returns_to_the_previous_feature(s
     wrong.screenshot(path=str(tmp_path / "bad-feature.png"), full_page=True)
 
 
-def test_the_circuits_page_finds_the_circuit_in_the_runs_folder(site, tmp_path):
+def test_the_circuits_page_finds_the_circuit_in_the_runs_folder(site, server_folder, tmp_path):
     from playwright.sync_api import expect
 
     _, store, _ = site
@@ -202,7 +201,7 @@ def test_the_circuits_page_finds_the_circuit_in_the_runs_folder(site, tmp_path):
     picker = (
         page.locator('[data-testid="stSelectbox"]').filter(has_text="Circuit file").get_by_role("combobox")
     )
-    folder = store.parents[2] / "runs" / "circuits"
+    folder = server_folder / "runs" / "circuits"
     expect(picker).to_have_value(
         re.compile(rf"^or-gate-eap\.circuit\.json .*{re.escape(str(folder))}$"), timeout=WAIT_MS
     )
