@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from workbench.errors import WorkbenchError
 from workbench.files import read_json, write_json_atomic
+from workbench.labels import companion_path
 
 EXPLANATIONS_SUFFIX = ".explanations.json"
 FORMAT_VERSION = 1
@@ -41,9 +42,7 @@ def explanations_path(store_path: str | os.PathLike) -> Path:
     from workbench.store import STORE_FILE
 
     path = Path(store_path)
-    if path.is_dir():
-        path = path / STORE_FILE
-    return path.with_name(path.stem + EXPLANATIONS_SUFFIX)
+    return companion_path(path / STORE_FILE if path.is_dir() else path, EXPLANATIONS_SUFFIX)
 
 
 def read_explanations(store_path: str | os.PathLike) -> dict[int, dict]:

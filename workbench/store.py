@@ -40,7 +40,8 @@ import pandas as pd
 import pyarrow as pa
 
 from workbench.errors import WorkbenchError
-from workbench.labels import Labels, companion_path, match_text
+from workbench.explanations import explanations_path, read_explanations
+from workbench.labels import Labels, match_text
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -393,11 +394,7 @@ class FeatureStore:
     def explanations(self) -> dict[int, dict]:
         """{feature: explanation entry} from the explanations file beside the store ({} when
         there is none); re-read only when the file changes."""
-        try:
-            from workbench.explanations import EXPLANATIONS_SUFFIX, read_explanations
-        except ImportError:
-            return {}
-        path = companion_path(self.path, EXPLANATIONS_SUFFIX)
+        path = explanations_path(self.path)
         try:
             stat = path.stat()
             stamp: object = (stat.st_mtime_ns, stat.st_size)
