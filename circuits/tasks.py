@@ -35,6 +35,9 @@ class Task:
     """(logits [n, P, V] of prompts `rows`, rows) -> [n] values (higher: the task is done)."""
     ground_truth: dict = field(default_factory=dict)
     """Optional: {"heads": [...], "edges": [...]} by node/edge name."""
+    positions: Tensor | None = None
+    """Optional [N, P] bool: the positions whose logits the metric reads (the prediction
+    positions, where a head-level method such as discrete codes looks); None: the last one."""
 
     def __post_init__(self) -> None:
         if self.clean.shape != self.corrupted.shape or self.clean.dim() != 2:
@@ -42,6 +45,19 @@ class Task:
                 f"task {self.name!r}: clean {tuple(self.clean.shape)} and corrupted "
                 f"{tuple(self.corrupted.shape)} prompts must be [N, P] of one shape"
             )
+        if self.positions is not None and self.positions.shape != self.clean.shape:
+            raise TaskError(
+                f"task {self.name!r}: positions {tuple(self.positions.shape)} must match the prompts "
+                f"{tuple(self.clean.shape)}"
+            )
+
+    def prediction_positions(self) -> Tensor:
+        """[N, P] bool on the CPU: `positions`, or each prompt's last position when unset."""
+        if self.positions is not None:
+            return self.positions.bool().cpu()
+        last = torch.zeros(self.clean.shape, dtype=torch.bool)
+        last[:, -1] = True
+        return last
 
     def score(self, logits: Tensor, rows: slice = slice(None)) -> Tensor:
         """The mean metric over the prompts `rows` (logits of those prompts)."""
@@ -106,4 +122,4 @@ def induction_task(
         a, m = int(start[i]), int(segment[i])
         tokens[i, a + m : a + 2 * m] = tokens[i, a : a + m]
         where[i] = (position >= a + m) & (position < a + 2 * m - 1)
-    return Task(name, tokens, corrupted, next_token_logprob(tokens, where))
+    return Task(name, tokens, corrupted, next_token_logprob(tokens, where), positions=where)
