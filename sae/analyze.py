@@ -13,7 +13,9 @@ feature, with memory bounded by [features, a few dozen] arrays whatever the toke
     co-occurrence: a uniform sample of `cooccurrence_rows` firing rows keeps the row's active
     set; rate = P(other fires | feature fires), lift = rate / density(other).
 At the end, from the weights: decoder cosine neighbours, and logit effects W_dec·W_U (through
-the final LayerNorm's centring and scale where the model has one; hooks of the residual width).
+the final LayerNorm's centring and scale where the model has one; hooks of the residual width);
+for a dictionary at `blocks.L.attn.hook_z`, each decoder row's norm per attention head
+(`sae.attention_heads`, the store's heads table).
 The pass runs on the model's device (`--device`): each block is moved there, encoded, and every
 accumulator lives there; the random sample keys are drawn on the host (the same on any
 device); the finished accumulators come back to the host to build the tables.
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sae.attention_heads import attention_layer, heads_table, n_heads_of, output_directions
 from sae.base import Dictionary
 from sae.per_feature import SmallestKeys, ranked_within_groups
 from sae.splicing import hook_of, on_device
@@ -118,7 +121,10 @@ def analyze(
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache.tokens)
-        tables.update(weight_tables(dictionary, model, config))
+        tables.update(weight_tables(dictionary, model, config, hook=hook))
+        heads = n_heads_of(model) if attention_layer(hook) is not None else 0
+        if heads:
+            tables["heads"] = heads_table(dictionary, heads)
     texts = vocab_texts(model.tokenizer, model.d_vocab)
     tables["vocab"] = pa.table({"token": np.arange(len(texts), dtype=np.int32), "text": texts})
     add_summaries(tables, texts, cache.context_length)
@@ -135,6 +141,7 @@ def analyze(
         "tokens_analyzed": stats.n_tokens,
         "context_length": cache.context_length,
         "histogram_edges": stats.edges.tolist(),
+        "n_heads": heads,  # 0: not an attention-output (hook_z) dictionary
         "metrics": _metrics_of(dictionary, folder),
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 2),
@@ -492,11 +499,12 @@ def _ranked_table(index: Tensor, values: Tensor, other: str, value: str) -> pa.T
 
 
 def weight_tables(
-    dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024
+    dictionary: Dictionary, model, config: AnalyzeConfig, chunk: int = 1024, hook: str = ""
 ) -> dict[str, pa.Table]:
     """The tables read off the weights: decoder cosine neighbours, and logit effects when `model`
-    is given and the dictionary has the residual width (computed where the dictionary is; the
-    model's unembedding and final norm scale are brought there)."""
+    is given and the dictionary has the residual width, or sits at a `hook_z` (its directions are
+    first mapped through the layer's W_O; `sae.attention_heads.output_directions`) (computed
+    where the dictionary is; the model's unembedding and final norm scale are brought there)."""
     directions = dictionary.W_dec.detach().float()
     unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
     k = min(config.neighbours, dictionary.n_latents - 1)
@@ -509,6 +517,9 @@ def weight_tables(
         index.append(top.indices)
         cosine.append(top.values)
     tables = {"neighbours": _ranked_table(torch.cat(index), torch.cat(cosine), "other", "cosine")}
+    layer = attention_layer(hook)
+    if model is not None and layer is not None:  # z is not in the residual basis, W_O z is
+        directions = output_directions(directions, model, layer)
     residual = model is not None and directions.shape[1] == model.d_model
     logits = logit_effects(directions, model, config.logit_tokens, chunk) if residual else None
     if logits is not None:

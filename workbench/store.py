@@ -1,6 +1,6 @@
 """The feature store: one DuckDB file per dictionary, written by `sae.analyze`, read by the explorer.
 
-Tables (SCHEMA_VERSION 2; `meta` holds it, with the run's model, hook, architecture, metrics,
+Tables (SCHEMA_VERSION 3; `meta` holds it, with the run's model, hook, architecture, metrics,
 the cache and dictionary paths and the histogram's bin edges, every value JSON-encoded):
 
     meta(key, value)
@@ -16,9 +16,12 @@ the cache and dictionary paths and the histogram's bin edges, every value JSON-e
     neurons(feature, rank, neuron, correlation)
     cooccurrence(feature, rank, other, rate, lift)      -- rate = P(other fires | feature fires)
     vocab(token, text)                                  -- byte tokens as <0xE2>
+    heads(feature, head, norm, share)                   -- hook_z dictionaries only (else empty):
+             each decoder row's norm per head block and its share of their sum (`sae.attention_heads`)
 
 Version 1 stores (no summary, no token_features) still open: summaries read '' and token
-search scans the examples. Beside the read-only store `<dir>/<stem>.duckdb` live the writable
+search scans the examples. Version 1 and 2 stores have no heads table: their pages show none.
+Beside the read-only store `<dir>/<stem>.duckdb` live the writable
 `<stem>.labels.json` (`workbench.labels`) and `<stem>.explanations.json` (`workbench.explanations`).
 
 `write_store` writes a complete file under a temporary name and renames it, so a reader never
@@ -43,8 +46,8 @@ from workbench.errors import WorkbenchError
 from workbench.explanations import explanations_path, read_explanations
 from workbench.labels import Labels, match_text
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 STORE_FILE = "features.duckdb"
 
 _TABLES = {
@@ -59,8 +62,9 @@ _TABLES = {
     "neurons": "feature INTEGER, rank SMALLINT, neuron INTEGER, correlation REAL",
     "cooccurrence": "feature INTEGER, rank SMALLINT, other INTEGER, rate REAL, lift REAL",
     "vocab": "token INTEGER PRIMARY KEY, text VARCHAR",
+    "heads": "feature INTEGER, head SMALLINT, norm REAL, share REAL",
 }
-_INDEXED = ("examples", "logits", "neighbours", "neurons", "cooccurrence")
+_INDEXED = ("examples", "logits", "neighbours", "neurons", "cooccurrence", "heads")
 _SORTED = {"token_features": "token, feature"}  # zone maps prune a filtered scan of sorted rows
 
 
@@ -149,6 +153,8 @@ class FeaturePage:
     neurons: pd.DataFrame = field(default_factory=pd.DataFrame)
     cooccurrence: pd.DataFrame = field(default_factory=pd.DataFrame)
     summary: str = ""
+    heads: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """head, norm, share: the decoder row per attention head (hook_z stores; else empty)."""
 
 
 class TokenHits(NamedTuple):
@@ -301,6 +307,10 @@ class FeatureStore:
                 self._query(
                     f"SELECT * EXCLUDE (feature) FROM {name} WHERE feature = ? ORDER BY {order}", int(feature)
                 ),
+            )
+        if self.version >= 3:  # older stores have no heads table
+            page.heads = self._query(
+                "SELECT head, norm, share FROM heads WHERE feature = ? ORDER BY head", int(feature)
             )
         return page
 

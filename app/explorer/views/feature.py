@@ -1,7 +1,8 @@
 """One feature, as Neuronpedia shows it and more: its description (label, explanation, summary),
 statistics, activation histogram, top and quantile examples (wrapped, each with its activation,
 longer contexts on demand), logit effects, related features (all clickable), a label editor,
-similar features in another store, the live box, and a jump to steering.
+similar features in another store, the live box, and a jump to steering. For an attention-output
+(hook_z) dictionary, its decoder weight per head and the source tokens that drive an example.
 
 The URL names the store and the feature (`?store=NAME&feature=N`) and every move to another
 feature sets it, so Back returns to the previous feature and a link opens the same page."""
@@ -28,6 +29,7 @@ from app.explorer.feature_sections import (
     show_related,
 )
 from app.explorer.formats import escape_markdown, format_activation, format_density, parse_feature_id
+from app.explorer.head_sections import show_heads
 from app.explorer.plots import highlight_html, histogram_figure
 from app.explorer.similar import show_similar
 from workbench.store import StoreError
@@ -97,6 +99,7 @@ left, right = st.columns([3, 2])
 with left:
     st.plotly_chart(histogram_figure(store.histogram_edges(), page.histogram), key="histogram")
     show_examples(store, page)
+    show_heads(store, page)  # hook_z stores only
 with right:
     show_logits(page)
     show_related(store, page)
