@@ -44,7 +44,10 @@ class CircuitConfig:
     steps: int = 8
     """Integration steps of EAP-IG (and of a feature circuit's attribution)."""
     edges: int = 0
-    """Edges kept in the circuit; 0 means 5% of the graph (at least 5)."""
+    """Edges kept in the circuit; 0 means the smallest circuit reaching --faithfulness."""
+    faithfulness: float = 0.8
+    """The faithfulness the default circuit reaches (in (0, 1]): the smallest prefix of the method's
+    ranking whose circuit, the rest ablated, keeps this share of the model's task score."""
     seed: int = 0
     """Seed of the task's prompts."""
     device: str = "auto"
@@ -65,6 +68,8 @@ class CircuitConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.edges < 0:
             raise ConfigError(f"edges must be >= 0, got {self.edges}")
+        if not 0 < self.faithfulness <= 1:
+            raise ConfigError(f"faithfulness must be in (0, 1], got {self.faithfulness}")
         from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name
 
         check_device_spec(self.device)

@@ -189,10 +189,17 @@ class GraphTransformer(nn.Module):
         keep: bool = False,
     ):
         """Logits [B, P, V]. With `mask` [sources, receivers] (values in [0, 1]) and `ablated`
-        [sources, B, P, d], every receiver reads the mixture above. `embed_override` replaces the
-        embed node's output (EAP-IG over inputs). With keep=True also returns (outputs [sources,
-        B, P, d], receiver inputs [receivers, B, P, d], attention patterns per layer)."""
+        [sources, B, P, d], every receiver reads the mixture above. A batch of M masks [M, sources,
+        receivers] runs the B prompts under each in one pass: logits [M·B, P, V], mask m's rows at
+        m·B .. m·B + B − 1 (`ablated` stays [sources, B, P, d]; ACDC scores candidates this way).
+        `embed_override` replaces the embed node's output (EAP-IG over inputs). With keep=True also
+        returns (outputs [sources, B', P, d], receiver inputs [receivers, B', P, d], attention
+        patterns per layer), B' the rows of the logits."""
         S, R = self.graph.sources, self.graph.receivers
+        if mask is not None and mask.dim() == 3:
+            if embed_override is not None:
+                raise WorkbenchError("a batch of masks takes token ids, not an embed override")
+            tokens = tokens.repeat(mask.shape[0], 1)
         embed = self.embed(tokens) if embed_override is None else embed_override
         outputs: list[Tensor] = [embed]
         inputs: list[Tensor] = []
@@ -230,6 +237,8 @@ class GraphTransformer(nn.Module):
         n = len(outputs)
         if mask is None:
             return stack.sum(0).expand(count, *stack.shape[1:])
+        if mask.dim() == 3:
+            return self._receive_batched(stack, first, count, mask, ablated)
         weights = mask[:n, first : first + count].to(stack.device, stack.dtype)  # [n, count]
         mixed = torch.einsum("nbpd,nc->cbpd", stack, weights)
         if ablated is not None:
@@ -237,6 +246,21 @@ class GraphTransformer(nn.Module):
                 "nbpd,nc->cbpd", ablated[:n].to(stack.device, stack.dtype), 1 - weights
             )
         return mixed
+
+    def _receive_batched(
+        self, stack: Tensor, first: int, count: int, mask: Tensor, ablated: Tensor | None
+    ) -> Tensor:
+        """`_receive` under M masks [M, sources, receivers]: stack [n, M·B, P, d] -> [count, M·B, P, d]."""
+        n, rows = stack.shape[0], stack.shape[1]
+        M = mask.shape[0]
+        per_mask = stack.view(n, M, rows // M, *stack.shape[2:])
+        weights = mask[:, :n, first : first + count].to(stack.device, stack.dtype)  # [M, n, count]
+        mixed = torch.einsum("nmbpd,mnc->cmbpd", per_mask, weights)
+        if ablated is not None:  # the same ablated outputs under every mask
+            mixed = mixed + torch.einsum(
+                "nbpd,mnc->cmbpd", ablated[:n].to(stack.device, stack.dtype), 1 - weights
+            )
+        return mixed.reshape(count, rows, *stack.shape[2:])
 
     def full_mask(self, value: float = 1.0) -> Tensor:
         """[sources, receivers] float32 on the model's device: `value` on every edge, 0 elsewhere."""

@@ -32,10 +32,12 @@ def test_acdc_removes_only_edges_that_cost_less_than_tau(graph_model, task):  # 
 
 def test_acdc_sweep_scores_are_the_largest_surviving_threshold(graph_model, task):  # noqa: F811
     ablated = ablated_outputs(graph_model, task)
-    scores, masks = acdc_scores(graph_model, task, ablated, thresholds=[1e-3, 1e-2])
+    sweep = acdc_scores(graph_model, task, ablated, thresholds=[1e-3, 1e-2])
     for index, (s, r) in enumerate(graph_model.graph.edges):
-        survives = [tau for tau, mask in masks.items() if mask[s, r] > 0]
-        assert float(scores[index]) == pytest.approx(max(survives, default=0.0))
+        survives = [tau for tau, mask in sweep.masks.items() if mask[s, r] > 0]
+        assert float(sweep.scores[index]) == pytest.approx(max(survives, default=0.0))
+        if survives:  # an edge kept at τ cost at least τ when its pass tried it
+            assert float(sweep.effects[index]) >= max(survives)
 
 
 def test_faithfulness_is_one_for_the_model_and_zero_for_nothing(graph_model, task):  # noqa: F811
@@ -60,8 +62,9 @@ def test_roc_auc_and_top_edges():
 def test_discover_gives_a_circuit_that_reads_back(graph_model, task, method, tmp_path):  # noqa: F811
     found = discover(graph_model, task, method, steps=2, n_edges=12)
     assert found.scores.shape == (len(graph_model.graph.edges),) and found.kept.any()
-    if method not in ("acdc", "codes"):  # these choose their own circuit size
+    if method != "codes":  # a head-level method keeps no edge it scores 0
         assert int(found.kept.sum()) == 12
+    assert int(found.kept.sum()) <= 12 and found.curve == []  # a fixed size: no size search
     scores = faithfulness_all(graph_model, task, found.mask(graph_model))
     assert set(scores) == {"resample", "mean", "zero"}
     circuit = to_circuit(graph_model, task, found, metrics={"faithfulness": scores})
@@ -147,6 +150,7 @@ def test_a_circuit_json_records_its_config_and_reruns_to_the_same_scores(capsys,
         "length": 9,
         "steps": 3,
         "edges": 6,
+        "faithfulness": 0.8,
         "seed": 3,
         "device": "auto",
         "model_dtype": "float32",

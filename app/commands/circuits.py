@@ -33,7 +33,13 @@ def cmd_circuits(args) -> None:
     config = dataclasses.replace(config, method=config.method or "eap-ig")
     graph, task, language_model = _graph_and_task(config, device)
     found = discover(
-        graph, task, config.method, ablation=config.ablation, steps=config.steps, n_edges=config.edges
+        graph,
+        task,
+        config.method,
+        ablation=config.ablation,
+        steps=config.steps,
+        n_edges=config.edges,
+        faithfulness_target=config.faithfulness,
     )
     faithful = faithfulness_all(graph, task, found.mask(graph))
     planted = config.task in GROUND_TRUTH_TASKS
@@ -46,6 +52,7 @@ def cmd_circuits(args) -> None:
         "model": model_name,
         "ablation": config.ablation,
         "seconds": round(found.seconds, 2),
+        **_size_search(config, found),
     }
     circuit = to_circuit(graph, task, found, metrics=metrics)
     circuit.prompts = prompts_json(task, language_model)
@@ -59,6 +66,7 @@ def cmd_circuits(args) -> None:
                     "method": config.method,
                     "edges_kept": int(found.kept.sum()),
                     "faithfulness": faithful,
+                    **_size_search(config, found),
                     "seconds": round(found.seconds, 2),
                     "top_edges": [e.__dict__ for e in top],
                 }
@@ -74,12 +82,29 @@ def cmd_circuits(args) -> None:
             "circuit": str(out),
             "edges_kept": int(found.kept.sum()),
             "of_edges": len(circuit.edges),
+            "chosen_by": (
+                f"--edges {config.edges}"
+                if config.edges
+                else f"smallest reaching faithfulness {config.faithfulness} ({config.ablation}), "
+                f"{len(found.curve)} sizes tried"
+            ),
             **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
             **{k: round(metrics[k], 4) for k in ("roc_auc", "head_roc_auc") if k in metrics},
             "seconds": round(found.seconds, 2),
         },
         False,
     )
+
+
+def _size_search(config, found) -> dict:
+    """How the circuit's size was chosen, for its metrics: the faithfulness target and the curve
+    of (edges kept, faithfulness under the config's ablation) the search evaluated; {} for --edges."""
+    if config.edges:
+        return {}
+    return {
+        "faithfulness_target": config.faithfulness,
+        "faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve],
+    }
 
 
 def _graph_and_task(config, device):
