@@ -3,7 +3,10 @@
 Built in: `induction` on any GPT-2-architecture model; `trained-induction` on the two-layer
 model the project trains (once, ~1 minute, then cached under the user cache folder), with
 ground truth read off its heads; `planted-induction`, `or-gate`, `and-gate` and
-`or-gate-saturated` on their hand-set models. A user task is a JSON file:
+`or-gate-saturated` on their hand-set models. The real-model tasks (`ioi`, `greater-than`,
+`repeat-tokens`, `repeat-name`, built from the model's tokenizer by `circuits.real_tasks`)
+run at head level (`circuits.heads`) on any model, as does every task on a model that is not
+GPT-2-architecture (the edge graph converts only GPT-2). A user task is a JSON file:
 
     {"name": "capitals",
      "clean":     ["The capital of France is", ...]      (texts, or lists of token ids),
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from circuits.gates import gate_model, gate_task
 from circuits.induction import induction_model, planted_induction_task
+from circuits.real_tasks import REAL_TASKS, real_task
 from circuits.tasks import Task, TaskError, induction_task, kl_to, widen
 from circuits.transformer import GraphTransformer, from_gpt2
 from workbench.devices import resolve_device
@@ -46,7 +50,7 @@ GROUND_TRUTH_TASKS: dict[str, Callable[[int, int], tuple[GraphTransformer, Task]
     "and-gate": lambda n, seed: (gate_model("and"), gate_task("and", n, seed)),
     "or-gate-saturated": lambda n, seed: (gate_model("or"), gate_task("or", n, seed, saturated=True)),
 }
-TASKS = ("induction", *GROUND_TRUTH_TASKS)
+TASKS = ("induction", *GROUND_TRUTH_TASKS, *REAL_TASKS)
 METRICS = ("logit_diff", "logprob", "kl")
 
 
@@ -70,12 +74,49 @@ def load_task(
             raise TaskError(f"task {task!r} runs on its own float32 model; drop --model-dtype {dtype}")
         model, built = GROUND_TRUTH_TASKS[task](prompts, seed)
         return model.to(resolve_device(device)), built
+    if task in REAL_TASKS:
+        raise TaskError(f"task {task!r} runs at head level: use load_head_task")
     if task != "induction" and not task.endswith(".json"):
         raise TaskError(f"unknown task {task!r} (one of {', '.join(TASKS)}, or a task .json file)")
     from workbench.models import load_model
 
     model = load_model(model_spec or "demo", device=device, dtype=dtype)
     return from_gpt2(model), model_task(task, model, prompts, length, seed)
+
+
+def is_gpt2(model) -> bool:
+    """Whether `from_gpt2` converts the loaded workbench `model` (the edge-level graph)."""
+    return getattr(model.bridge.original_model.config, "model_type", "") == "gpt2"
+
+
+def runs_at_head_level(task: str, model=None) -> bool:
+    """A real-model task, or a model the edge graph cannot convert: `workbench circuits` scores
+    heads and MLPs through the model's hooks (circuits.heads) instead of edges."""
+    return task in REAL_TASKS or (model is not None and task not in GROUND_TRUTH_TASKS and not is_gpt2(model))
+
+
+def load_head_task(
+    task: str,
+    model_spec: str = "",
+    prompts: int = 16,
+    length: int = 17,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+):
+    """(the loaded workbench Model, the task) for head-level circuits: a real-model task (see
+    circuits.real_tasks), `induction` or a task .json file, on `model_spec` (default demo).
+    Raises TaskError for the ground-truth tasks (they bring hand-set graph models)."""
+    if task in GROUND_TRUTH_TASKS:
+        raise TaskError(f"task {task!r} runs on its own built-in graph model, not at head level")
+    if task not in REAL_TASKS and task != "induction" and not task.endswith(".json"):
+        raise TaskError(f"unknown task {task!r} (one of {', '.join(TASKS)}, or a task .json file)")
+    from workbench.models import load_model
+
+    model = load_model(model_spec or "demo", device=device, dtype=dtype)
+    if task in REAL_TASKS:
+        return model, real_task(task, model, prompts, seed, length)
+    return model, model_task(task, model, prompts, length, seed)
 
 
 def model_task(task: str, model, prompts: int = 32, length: int = 33, seed: int = 0) -> Task:
@@ -125,7 +166,8 @@ def task_from_file(path: str | Path, model) -> Task:
 
 
 def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Tensor, slice], Tensor]:
-    """logit(answer) − logit(wrong) at the last position, or log p(answer) when `wrong` is None."""
+    """logit(answer) − logit(wrong) at the last position, or log p(answer) when `wrong` is None.
+    `rows` may be a slice or a LongTensor of prompt indices (head-level patching repeats prompts)."""
 
     def metric(logits: Tensor, rows: slice = slice(None)) -> Tensor:
         last = widen(logits[:, -1])
@@ -134,6 +176,7 @@ def last_position_metric(answers: Tensor, wrong: Tensor | None) -> Callable[[Ten
             return last.log_softmax(-1).gather(1, right).squeeze(1)
         return (last.gather(1, right) - last.gather(1, wrong[rows].to(last.device).unsqueeze(1))).squeeze(1)
 
+    metric.last_position_only = True  # type: ignore[attr-defined]  # circuits.heads unembeds that position only
     return metric
 
 

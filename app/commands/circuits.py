@@ -22,6 +22,10 @@ def cmd_circuits(args) -> None:
     device = resolve_device(config.device)  # before any model loads: `--device cuda` fails here
     if args.benchmark is not None:
         return _benchmark(config, args, device)
+    from circuits.real_tasks import REAL_TASKS
+
+    if config.task in REAL_TASKS and not config.dictionary:
+        return _head_circuit(config, args, device)
     if config.dictionary:
         return _feature_circuit(config, args, device)
     from circuits.catalog import GROUND_TRUTH_TASKS
@@ -221,22 +225,88 @@ def _save_circuit(circuit, config, out: str, model: str, task: str, method: str)
 
 
 def _benchmark(config, args, device) -> None:
-    """Every method (or `--method a,b`) on `--benchmark` tasks, `config.prompts` prompts each, on
-    `device` (the ground-truth models are built on the CPU, then moved)."""
+    """Every method (or `--method a,b`) on `--benchmark` tasks (names apart or comma-joined),
+    `config.prompts` prompts each, on `device` (the ground-truth models are built on the CPU,
+    then moved); real-model tasks on `--model` at head level."""
     from circuits.benchmark import run_benchmark
     from circuits.config import METHODS
 
     methods = tuple(config.method.split(",")) if config.method else METHODS
+    names = [name for arg in args.benchmark for name in arg.split(",") if name]
     table = []
     rows = run_benchmark(
-        args.benchmark or None, methods, prompts=config.prompts, device=device, dtype=config.model_dtype
+        names or None,
+        methods,
+        prompts=config.prompts,
+        device=device,
+        dtype=config.model_dtype,
+        model_spec=config.model,
+        length=config.length,
     )
     for row in rows:
         if args.json:
             print(json.dumps(nan_to_none(row)), flush=True)
             continue
         flat = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "faithfulness"}
-        flat.update({f"faithful_{k}": round(v, 3) for k, v in row["faithfulness"].items()})
+        flat.update({f"faithful_{k}": round(v, 3) for k, v in row.get("faithfulness", {}).items()})
         table.append(flat)
     if table:
         print_rows(table, False)
+
+
+def _head_circuit(config, args, device) -> None:
+    """A real-model task at head level (circuits.heads): nodes are heads and MLPs, the circuit
+    the smallest prefix of the method's ranking reaching --faithfulness (--edges N: the N best
+    nodes); saved as a circuit JSON with the task's check (clean metric, accuracy)."""
+    from circuits.catalog import load_head_task
+    from circuits.heads import Patcher, discover_heads, head_circuit, label
+    from circuits.real_tasks import check_task
+
+    method = config.method or "eap-ig"
+    if "," in method:
+        raise WorkbenchError(f"--method {method}: one method per circuit (a list is for --benchmark)")
+    model_name = config.model or "demo"
+    model, task = load_head_task(
+        config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
+    )
+    check = check_task(model, task)
+    patcher = Patcher(model, task)
+    target = getattr(config, "faithfulness", 0.8)
+    found = discover_heads(
+        patcher, method, steps=config.steps, target=target, seed=config.seed, n_nodes=config.edges
+    )
+    metrics = {
+        "faithfulness": {"resample": found.faithfulness},
+        "nodes_kept": len(found.kept),
+        "nodes": len(found.scores),
+        "clean_metric": check.metric,
+        "corrupted_metric": check.corrupted,
+        "accuracy": check.accuracy,
+        "model": model_name,
+        "ablation": "resample",
+        "level": "head",
+        "seconds": round(found.seconds, 2),
+        "faithfulness_target": target,
+        "faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve],
+    }
+    circuit = head_circuit(patcher, found, metrics)
+    circuit.prompts = prompts_json(task, model)
+    out = _save_circuit(
+        circuit, dataclasses.replace(config, method=method), args.out, model_name, task.name, method
+    )
+    top = sorted(found.scores.items(), key=lambda kv: -abs(kv[1]))[: args.top]
+    rows = [{"node": label(n), "id": n, "score": round(v, 5), "in_circuit": n in found.kept} for n, v in top]
+    summary = {
+        "circuit": str(out),
+        "nodes_kept": len(found.kept),
+        "of_nodes": len(found.scores),
+        "faithfulness_resample": round(found.faithfulness, 4),
+        "clean_metric": round(check.metric, 4),
+        "accuracy": round(check.accuracy, 3),
+        "seconds": round(found.seconds, 2),
+    }
+    if args.json:
+        print(json.dumps(nan_to_none({**summary, "method": method, "top_nodes": rows})))
+        return
+    print_rows(rows, False)
+    print_summary(summary, False)
