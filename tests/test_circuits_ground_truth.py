@@ -182,26 +182,10 @@ def test_corrupt_task_file_and_unknown_task_are_refused(tiny_model_dir, tmp_path
         load_task("greater-than")
 
 
-def test_discrete_codes_find_the_head_whose_output_changes():
-    """The induction head writes a sharp prediction only on repeated tokens: its codes there are
-    its own. The previous-token head copies random tokens in both prompt sets (shared codes)."""
-    from circuits.codes import code_scores, fit_head_codebooks
-
-    model, task = induction_model(), planted_induction_task(n=32)
-    scores = code_scores(model, task)
-    assert max(scores, key=scores.get) == "a1.0" and scores["a1.0"] > 0.1
-    assert all(v < 0.05 for head, v in scores.items() if head != "a1.0")
-    same = type(task)(task.name, task.clean, task.clean.clone(), task.metric)
-    books = fit_head_codebooks(model, same)
-    assert all(
-        v == 0.0 for v in code_scores(model, same, books).values()
-    )  # nothing unique without a difference
-
-
 def test_discrete_codes_in_the_benchmark(benchmark_rows):
     """On induction the induction head ranks first and the previous-token head ties with the
     distractors (head AUC 0.75); on the gates every clean code also occurs in the corrupted set
-    (random bits cover all inputs), so the method sees nothing."""
+    (random bits cover all inputs), so the method sees nothing (tests/test_circuits_codes.py)."""
     assert benchmark_rows[("planted-induction", "codes")]["head_roc_auc"] >= 0.75
     assert benchmark_rows[("or-gate", "codes")]["edges_kept"] == 0
 
