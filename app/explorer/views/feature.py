@@ -98,8 +98,8 @@ if steer_button.button("Steer →", key="steer_this"):
 left, right = st.columns([3, 2])
 with left:
     st.plotly_chart(histogram_figure(store.histogram_edges(), page.histogram), key="histogram")
-    show_examples(store, page)
     show_heads(store, page)  # hook_z stores only
+    show_examples(store, page)
 with right:
     show_logits(page)
     show_related(store, page)
