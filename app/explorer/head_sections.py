@@ -16,11 +16,20 @@ import streamlit as st
 from app.explorer.data import cached, live_available, live_dictionary, live_model, open_store
 from app.explorer.feature_sections import feature_page
 from app.explorer.formats import format_activation
-from app.explorer.plots import _CSS, token_html
+from app.explorer.plots import token_html
 from workbench.errors import WorkbenchError
 from workbench.store import FeaturePage, FeatureStore
 
 POSITIVE, NEGATIVE = "255, 110, 30", "40, 120, 200"
+_DFA_CSS = (
+    "<style>"
+    ".wb-dfa .row{display:flex;gap:.6em;align-items:baseline;margin:0 0 .35em 0}"
+    ".wb-dfa .name{flex:0 0 4.2em;text-align:right;font:12px monospace;color:#666}"
+    ".wb-dfa .ctx{flex:1 1 auto;min-width:0;white-space:pre-wrap;overflow-wrap:anywhere;"
+    "font-family:monospace;font-size:13px;line-height:1.7}"
+    ".wb-dfa .tok{border-radius:3px}.wb-dfa .peak{border-bottom:2px solid #000}"
+    "</style>"
+)
 
 
 def head_figure(heads, layer: int | None) -> go.Figure:
@@ -93,7 +102,7 @@ def dfa_html(tokens: list[str], terms: np.ndarray, layer: int | None) -> str:
     rows = [("all heads", terms.sum(axis=0))]
     rows += [(f"L{layer}.H{h}" if layer is not None else f"H{h}", terms[h]) for h in range(len(terms))]
     scale = max(float(np.abs(row).max()) for _, row in rows) or 1.0
-    parts = [_CSS, '<div class="wb-dfa">']
+    parts = [_DFA_CSS, '<div class="wb-dfa">']
     for name, row in rows:
         spans = []
         for i, (token, value) in enumerate(zip(tokens, row)):
@@ -106,8 +115,8 @@ def dfa_html(tokens: list[str], terms: np.ndarray, layer: int | None) -> str:
             )
         total = float(row.sum())
         parts.append(
-            f'<div class="wb-ex"><span class="wb-act" title="{html.escape(name)}: {total:+.4g}">'
-            f'{html.escape(name)}</span><div class="wb-ctx">{"".join(spans)}</div></div>'
+            f'<div class="row"><span class="name" title="{html.escape(name)}: {total:+.4g}">'
+            f'{html.escape(name)}</span><div class="ctx">{"".join(spans)}</div></div>'
         )
     parts.append("</div>")
     return "".join(parts)
