@@ -12,7 +12,8 @@ github.com/charlieoneill11/sae-circuits: `src/sae.py`, `src/train.py`, `src/node
   `position="mean"` (mean over all positions); the code also offers "last", the prediction
   position, which is what we use (the issue's reading of the paper): an example is the head's
   output at one prediction position, so a prompt with several predicted tokens (induction)
-  gives several examples, and the real-model tasks pass hook_z at the last position.
+  gives several examples, and the real-model tasks pass hook_z at the last position. (Mean
+  pooling measured worse here: planted induction 0.67-0.83, trained induction 0-1.)
 - One sparse autoencoder shared by every head (ReLU encoder with a tied pre-encoder bias,
   unit-norm decoder, loss mean squared error + λ·L1 of the latents, λ = 0.02, 0.05 on
   docstring), 200 latents, 500 full-batch Adam steps at lr 1e-3, trained on only 10 examples
