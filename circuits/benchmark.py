@@ -108,9 +108,13 @@ def head_rows(
     from circuits.heads import HEAD_METHODS, Patcher, discover_heads
 
     started = time.perf_counter()
-    model, task = load_head_task(name, model_spec, prompts, length, 0, device, dtype)
+    base = {"task": name, "model": model_spec or "demo", "prompts": prompts}
+    try:
+        model, task = load_head_task(name, model_spec, prompts, length, 0, device, dtype)
+    except TaskError as error:  # e.g. a tokenizer without single-token names or digits
+        yield {**base, "method": "dropped", "note": str(error)}
+        return
     check = check_task(model, task)
-    base = {"task": name, "model": model_spec or "demo", "prompts": check.prompts}
     yield {
         **base,
         "method": "model-check",
@@ -135,6 +139,47 @@ def head_rows(
             yield {**base, "method": method, "note": str(error)}
             continue
         yield {**base, **score_heads(found, exact, truth), "nodes": len(found.scores)}
+    from circuits.catalog import is_gpt2
+
+    if is_gpt2(model):
+        yield from edge_rows(model, task, methods, exact, truth, patcher.full - patcher.empty, base)
+
+
+def edge_rows(
+    model, task: Task, methods, exact_heads, truth: set[str], gap: float, base: dict
+) -> Iterator[dict]:
+    """On a GPT-2-architecture model, the edge-level methods (from_gpt2's graph) on the same
+    task: edge ROC AUC against exact edge patching (positives: |effect| ≥ POSITIVE_SHARE of the
+    gap), and head ROC AUC / Spearman of each head's summed out-edge scores against the
+    head-level reference, so the two levels are compared on one footing."""
+    from circuits.evaluate import faithfulness_all
+    from circuits.transformer import from_gpt2
+
+    graph = from_gpt2(model)
+    edge_exact = discover(graph, task, "exact")
+    positives = [abs(v) >= POSITIVE_SHARE * abs(gap) for v in edge_exact.scores.tolist()]
+    names = list(exact_heads.scores)
+    for method in ("exact", *(m for m in methods if m not in ("exact", "codes"))):
+        found = edge_exact if method == "exact" else discover(graph, task, method)
+        out = {n: 0.0 for n in names}
+        for (s, _), score in zip(graph.graph.edges, found.scores.tolist()):
+            source = graph.graph.sources[s]
+            if source in out:
+                out[source] += score
+        yield {
+            **base,
+            "method": f"edges:{method}",
+            "edge_roc_auc": roc_auc(found.scores.tolist(), positives),
+            "head_roc_auc": roc_auc({n: v for n, v in out.items() if n.startswith("a")}, truth),
+            "spearman_vs_exact": spearman(
+                torch.tensor([out[n] for n in names]).abs(),
+                torch.tensor([exact_heads.scores[n] for n in names]).abs(),
+            ),
+            "faithfulness": {"resample": faithfulness_all(graph, task, found.mask(graph))["resample"]},
+            "edges_kept": int(found.kept.sum()),
+            "edges": len(found.scores),
+            "seconds": round(found.seconds, 3),
+        }
 
 
 def head_truth(exact: dict[str, float], gap: float) -> set[str]:

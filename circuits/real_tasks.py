@@ -98,6 +98,14 @@ def _one_length_templates(model, templates, fill: dict) -> list[str]:
     return [t for t, n in zip(templates, lengths) if n == best]
 
 
+def _same_length(model, template: str, slot: str, items: list[str], fill: dict) -> list[str]:
+    """The `items` that, put in `slot` of `template` (the other slots from `fill`), give the most
+    common token length: a word that merges with the punctuation after it is left out."""
+    lengths = [model.tokenize(template.format(**{**fill, slot: item})).shape[1] for item in items]
+    best = max(set(lengths), key=lengths.count) if lengths else 0
+    return [item for item, n in zip(items, lengths) if n == best]
+
+
 def logit_diff_metric(right: Tensor, wrong: Tensor) -> Callable[[Tensor, slice], Tensor]:
     """logit(right) − logit(wrong) at the last position; `right`, `wrong` [N] token ids."""
 
@@ -134,6 +142,13 @@ def ioi_task(model, n: int = 16, seed: int = 0) -> Task:
     objects = _need(single_tokens(model, OBJECTS), 1, "objects", model)
     fill = dict(A=name_list[0], B=name_list[1], PLACE=places[0], OBJECT=objects[0])
     templates = _one_length_templates(model, IOI_TEMPLATES, fill)
+    for template in templates:
+        places = _same_length(model, template, "PLACE", places, fill)
+        objects = _same_length(model, template, "OBJECT", objects, fill)
+        name_list = _same_length(model, template.replace("{B}", "{A}"), "A", name_list, fill)
+    _need(dict.fromkeys(name_list), 8, "names (of one length in the templates)", model)
+    if not places or not objects:
+        raise TaskError(f"model {model.spec!r}: no place or object keeps the IOI prompts one length")
     generator = torch.Generator().manual_seed(seed)
 
     def pick(items, k=1):
@@ -275,7 +290,12 @@ def repeat_name_task(model, n: int = 16, seed: int = 0) -> Task:
     names = single_tokens(model, NAMES)
     name_list = _need(names, 4, "names", model)
     objects = _need(single_tokens(model, OBJECTS), 1, "objects", model)
-    templates = _one_length_templates(model, REPEAT_NAME_TEMPLATES, dict(A=name_list[0], OBJECT=objects[0]))
+    fill = dict(A=name_list[0], OBJECT=objects[0])
+    templates = _one_length_templates(model, REPEAT_NAME_TEMPLATES, fill)
+    for template in templates:
+        objects = _same_length(model, template, "OBJECT", objects, fill)
+        name_list = _same_length(model, template, "A", name_list, fill)
+    _need(dict.fromkeys(name_list), 4, "names (of one length in the templates)", model)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(name_list), generator=generator).tolist()
     clean, corrupted, right, wrong = [], [], [], []
@@ -341,3 +361,65 @@ def check_task(model, task: Task, batch_size: int = 8) -> TaskCheck:
     value = torch.cat(values)
     accuracy = hits / max(total, 1) if task.positions is not None else float((value > 0).float().mean())
     return TaskCheck(float(value.mean()), float(torch.cat(wrong_values).mean()), accuracy, len(value))
+
+
+def ioi_positions(task: Task) -> dict[str, Tensor]:
+    """[N] token positions of IO, S1, S2 and END (the last) in each clean IOI prompt."""
+    io, s = task.ground_truth["io"], task.ground_truth["s"]
+    out: dict[str, list[int]] = {"IO": [], "S1": [], "S2": [], "END": []}
+    for row, io_id, s_id in zip(task.clean.tolist(), io, s):
+        s_at = [p for p, t in enumerate(row) if t == s_id]
+        out["IO"].append(row.index(io_id))
+        out["S1"].append(s_at[0])
+        out["S2"].append(s_at[-1])
+        out["END"].append(len(row) - 1)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+ROLE_ATTENTION = {  # role: (query, key) of the attention that shows it (Wang et al. 2022)
+    "name mover": ("END", "IO"),
+    "S-inhibition": ("END", "S2"),
+    "duplicate-token": ("S2", "S1"),
+    "induction": ("S2", "S1+1"),
+}
+
+
+def ioi_head_roles(model, task: Task, heads: dict[str, float], threshold: float = 0.25) -> list[dict]:
+    """Name each head of `heads` (a{L}.{h} -> its score, m(ablated) − m(clean)) by its attention
+    on the clean IOI prompts (`blocks.L.attn.hook_pattern`, mean over prompts): for each role of
+    ROLE_ATTENTION the attention from its query to its key position; the role is the first whose
+    attention reaches `threshold` and exceeds the others from the same query, "negative name
+    mover" for a name mover whose ablation raises the logit difference, else "other"."""
+    where = ioi_positions(task)
+    where["S1+1"] = where["S1"] + 1
+    layers = sorted({int(h[1:].split(".")[0]) for h in heads})
+    patterns: dict[int, Tensor] = {}
+
+    def grab(layer):
+        def hook_fn(activation, hook):
+            patterns[layer] = activation.detach().float().cpu()
+
+        return hook_fn
+
+    with (
+        torch.no_grad(),
+        model.hooks([(f"blocks.{layer}.attn.hook_pattern", grab(layer)) for layer in layers]),
+    ):
+        model(task.clean)
+    rows, out = torch.arange(len(task.clean)), []
+    for head, score in heads.items():
+        layer, index = (int(x) for x in head[1:].split("."))
+        pattern = patterns[layer][:, index]  # [N, query, key]
+        attention = {
+            role: float(pattern[rows, where[q], where[k]].mean()) for role, (q, k) in ROLE_ATTENTION.items()
+        }
+        role = "other"
+        for name, (query, _) in ROLE_ATTENTION.items():
+            rivals = [attention[r] for r, (q, _) in ROLE_ATTENTION.items() if q == query and r != name]
+            if attention[name] >= threshold and all(attention[name] > r for r in rivals):
+                role = name
+                break
+        if role == "name mover" and score > 0:
+            role = "negative name mover"
+        out.append({"head": head, "score": score, "role": role, **attention})
+    return out
