@@ -166,6 +166,11 @@ def test_cli_prints_the_chosen_size_and_saves_the_curve(capsys, tmp_path):
     curve = load_circuit(out).metrics["faithfulness_curve"]
     assert summary["faithfulness_curve"] == curve and summary["faithfulness_target"] == 0.8
     assert dict(map(tuple, curve))[summary["edges_kept"]] >= 0.8
+    from app.explorer.circuit_info import curve_figure, faithfulness_curve, metrics_table
+
+    shown = faithfulness_curve(load_circuit(out))
+    assert shown.values.tolist() == [[float(k), f] for k, f in curve] and curve_figure(load_circuit(out))
+    assert not metrics_table(load_circuit(out))["value"].str.contains(r"\[").any()  # no raw list
     code, stdout, err = run_cli(
         capsys, "circuits", "--task", "or-gate", "--faithfulness", "0.3", "--out", str(out)
     )
@@ -174,3 +179,19 @@ def test_cli_prints_the_chosen_size_and_saves_the_curve(capsys, tmp_path):
         capsys, "circuits", "--task", "or-gate", "--edges", "4", "--out", str(out), "--json"
     )
     assert json.loads(stdout)["edges_kept"] == 4 and "faithfulness_curve" not in load_circuit(out).metrics
+    assert faithfulness_curve(load_circuit(out)) is None and curve_figure(load_circuit(out)) is None
+
+
+def test_the_circuits_page_plots_the_size_search(tiny_run, tmp_path, monkeypatch):
+    from tests.test_explorer_circuits import circuits_page, layered
+
+    circuit = layered(n_layers=2, heads=2)
+    circuit.metrics.update(
+        faithfulness_target=0.8, faithfulness_curve=[[1, 0.1], [2, 0.5], [4, 0.9], [3, 0.85]]
+    )
+    circuit.save(tmp_path / "searched.circuit.json")
+    monkeypatch.chdir(tmp_path)
+    at = circuits_page(monkeypatch, [str(tiny_run)], circuits=[str(tmp_path)])
+    charts = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    assert len(charts) == 2  # the graph first, then the curve
+    assert charts[1]["data"][0]["x"] == [1, 2, 3, 4] and charts[1]["data"][0]["y"] == [0.1, 0.5, 0.85, 0.9]

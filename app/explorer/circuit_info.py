@@ -23,6 +23,7 @@ METRIC_NAMES = {
     "ablation": "ablation of the removed edges",
     "seconds": "discovery time (s)",
     "hooks": "hooks",
+    "faithfulness_target": "faithfulness the circuit's size was chosen to reach",
 }
 """Readable names of the metrics `workbench circuits` writes; faithfulness and error effects are
 named per entry (`faithfulness (resample ablation)`, `error-term effect at HOOK`)."""
@@ -84,6 +85,9 @@ def metrics_table(circuit: Circuit) -> pd.DataFrame:
     ):
         if isinstance(metrics.get(key), dict):
             rows += [(name.format(k), _number(v)) for k, v in metrics.pop(key).items()]
+    curve = metrics.pop("faithfulness_curve", None)
+    if isinstance(curve, list):
+        rows.append(("circuit sizes tried (see the curve)", _number(len(curve))))
     metrics.setdefault("edges_kept", sum(e.in_circuit for e in circuit.edges))
     metrics.setdefault("edges", len(circuit.edges))
     for key, value in metrics.items():
@@ -94,6 +98,51 @@ def metrics_table(circuit: Circuit) -> pd.DataFrame:
         rows.append((METRIC_NAMES.get(key, key.replace("_", " ")), _number(value)))
     rows.append(("nodes in the circuit", _number(sum(n.in_circuit for n in circuit.nodes))))
     return pd.DataFrame(rows, columns=["metric", "value"])
+
+
+def faithfulness_curve(circuit: Circuit) -> pd.DataFrame | None:
+    """The size search's (edges kept, faithfulness) points, by size; None when the file records
+    none (a fixed --edges size, older files) or they are malformed."""
+    curve = circuit.metrics.get("faithfulness_curve")
+    if not isinstance(curve, list) or not curve:
+        return None
+    try:
+        rows = sorted((int(k), float(f)) for k, f in curve)
+    except (TypeError, ValueError):
+        return None
+    return pd.DataFrame(rows, columns=["edges kept", "faithfulness"])
+
+
+def curve_figure(circuit: Circuit):
+    """A plotly figure of `faithfulness_curve` with the target as a dashed line and the kept size
+    marked; None when the file records no curve."""
+    import plotly.graph_objects as go
+
+    curve = faithfulness_curve(circuit)
+    if curve is None:
+        return None
+    figure = go.Figure(
+        go.Scatter(
+            x=curve["edges kept"].tolist(),
+            y=curve["faithfulness"].tolist(),
+            mode="lines+markers",
+            name="tried",
+        )
+    )
+    target = circuit.metrics.get("faithfulness_target")
+    if isinstance(target, (int, float)):
+        figure.add_hline(y=target, line_dash="dash", annotation_text=f"target {target}")
+    kept = sum(e.in_circuit for e in circuit.edges)
+    figure.add_vline(x=kept, line_dash="dot", annotation_text=f"kept {kept}")
+    figure.update_layout(
+        height=260,
+        margin=dict(l=10, r=10, t=30, b=10),
+        title="faithfulness vs edges kept (the size search)",
+        xaxis_title="edges kept",
+        yaxis_title="faithfulness",
+        showlegend=False,
+    )
+    return figure
 
 
 def config_table(circuit: Circuit) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import streamlit as st
 
 from app.explorer.circuit_info import (
     config_table,
+    curve_figure,
     edges_table,
     find_circuit_files,
     metrics_table,
@@ -86,6 +87,8 @@ def show_summary(circuit: Circuit) -> None:
     left, right = st.columns([2, 3])
     left.subheader("Metrics")
     left.table(metrics_table(circuit).set_index("metric"))
+    if (curve := curve_figure(circuit)) is not None:
+        left.plotly_chart(curve, width="stretch", key="faithfulness_curve")
     right.subheader("Prompts")
     right.caption(prompts_note(circuit))
     prompts = prompts_table(circuit)
