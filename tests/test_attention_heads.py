@@ -200,10 +200,18 @@ def test_version_2_stores_open_without_heads(z_run, tmp_path):
     assert page.heads.empty and page.top
 
 
-def test_feature_page_charts_head_shares_and_attributes_sources(z_run, monkeypatch):
+def test_feature_page_charts_head_shares_and_attributes_sources(z_run, tmp_path, monkeypatch):
+    """The chart and the attribution on the hook_z store; then, on a copy of it whose model is
+    not on this machine, the chart and a one-line note instead of the attribution."""
+    import os
+
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("WORKBENCH_STORES", str(z_run))
+    moved = tmp_path / STORE_FILE
+    shutil.copy(z_run / STORE_FILE, moved)
+    with duckdb.connect(str(moved)) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'model'", [json.dumps(str(tmp_path / "no-model"))])
+    monkeypatch.setenv("WORKBENCH_STORES", os.pathsep.join([str(z_run), str(moved)]))
     store = FeatureStore(z_run)
     feature = int(store.features(limit=1).feature[0])
     at = AppTest.from_file(MAIN, default_timeout=120)
@@ -225,3 +233,12 @@ def test_feature_page_charts_head_shares_and_attributes_sources(z_run, monkeypat
     assert total + bias == pytest.approx(pre, rel=1e-3, abs=1e-3)
     live, stored = re.search(r"activation (\S+) \(stored (\S+)\)", note).groups()
     assert live == stored and "Note" not in note  # the whole cache window was run, as analyzed
+
+    at.query_params["store"] = str(moved)  # the copy without its model
+    at.run()
+    at.button(key="dfa_run").click().run()
+    assert not at.exception, at.exception
+    note = [c.value for c in at.caption if c.value.startswith("Source attribution needs")]
+    assert len(note) == 1 and "\n" not in note[0] and "no-model" in note[0]
+    assert "wb-dfa" not in " ".join(h.proto.body for h in at.get("html"))
+    assert [c for c in at.get("plotly_chart") if "head_shares" in str(c.proto.id)]
