@@ -35,7 +35,7 @@ from circuits.tasks import Task, TaskError, widen
 HEAD_HOOK = "blocks.{}.attn.hook_z"
 MLP_HOOK = "blocks.{}.hook_mlp_out"
 EMBED_HOOK = "hook_embed"
-FINAL_HOOK = "ln_final.hook_in"
+FINAL_HOOK = "unembed.hook_in"
 HEAD_METHODS = ("exact", "eap", "eap-ig", "acdc", "codes")
 ACDC_FRACTIONS = (0.01, 0.05, 0.2)
 """ACDC's swept thresholds τ as shares of the clean-minus-ablated gap (each sweep costs up to one
@@ -88,8 +88,7 @@ class Patcher:
     def __init__(self, model, task: Task, batch_size: int = 32):
         self.model, self.task, self.nodes = model, task, Nodes.of(model)
         self.last_only = bool(getattr(task.metric, "last_position_only", False))
-        if self.last_only and FINAL_HOOK not in model.hook_names:
-            self.last_only = False
+        self.last_only = self.last_only and self._last_position_works()
         positions = 1 if self.last_only else task.clean.shape[1]
         self.rows = max(1, min(batch_size, MAX_LOGITS // (positions * model.d_vocab)))
         hooks = [EMBED_HOOK, *self._hooks()]
@@ -98,6 +97,21 @@ class Patcher:
         self.n = len(task.clean)
         self.full = float(self.evaluate(torch.ones(1, len(self.nodes.names), dtype=torch.bool))[0])
         self.empty = float(self.evaluate(torch.zeros(1, len(self.nodes.names), dtype=torch.bool))[0])
+
+    def _last_position_works(self) -> bool:
+        """Whether cutting the unembedding's input to the last position gives that position's
+        logits (checked on one prompt; an architecture that reshapes there falls back to all)."""
+        if FINAL_HOOK not in self.model.hook_names:
+            return False
+        tokens = self.task.clean[:1]
+        try:
+            with torch.no_grad():
+                full = self.model(tokens)[:, -1]
+                with self.model.hooks([(FINAL_HOOK, _last_position)]):
+                    cut = self.model(tokens)
+        except RuntimeError:
+            return False
+        return cut.shape[1] == 1 and torch.allclose(cut[:, 0], full, atol=1e-3 * float(full.abs().max()))
 
     def _hooks(self) -> list[str]:
         return [
