@@ -24,10 +24,12 @@ class CircuitConfig:
     """The task, model, method and budgets of one circuit (or of `--benchmark`: methods, prompts)."""
 
     model: str = ""
-    """A GPT-2-architecture model spec; empty means demo (the ground-truth tasks bring their own model)."""
+    """A model spec; empty means demo (the ground-truth tasks bring their own model). Edge-level tasks
+    need a GPT-2-architecture model; the real-model tasks run on any (e.g. gemma-3-270m)."""
     task: str = "induction"
     """induction, trained-induction, planted-induction, or-gate, and-gate, or-gate-saturated, or a task
-    .json file (see circuits/catalog.py)."""
+    .json file (see circuits/catalog.py); or a real-model task, run at head level (circuits/heads.py):
+    ioi, greater-than, repeat-tokens, repeat-name."""
     dictionary: tuple[str, ...] = ()
     """Dictionary folders (one per hook): a feature circuit of their latents and error terms."""
     features_per_hook: int = 10
