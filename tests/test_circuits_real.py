@@ -232,3 +232,32 @@ def test_gemma_tokenizer_gives_single_token_names_and_digits():
     assert years.ground_truth["mode"] == "tens-digit"  # "1732" -> 1, 7, 3, 2
     assert repeat_name_task(model, n=4).clean.shape[0] == 4
     assert set(REAL_TASKS) == {"ioi", "greater-than", "repeat-tokens", "repeat-name"}
+
+
+def test_cli_runs_a_real_task_at_head_level_and_refuses_unknown_ones(capsys, demo_model, tmp_path):
+    import json
+
+    from circuits.graph import load_circuit
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "rn.circuit.json"
+    flags = (
+        "--task",
+        "repeat-name",
+        "--model",
+        "demo",
+        "--method",
+        "eap",
+        "--prompts",
+        "4",
+        "--out",
+        str(out),
+    )
+    code, stdout, err = run_cli(capsys, "circuits", *flags, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    circuit = load_circuit(out)
+    assert circuit.config["task"] == "repeat-name" and circuit.metrics["level"] == "head"
+    assert summary["nodes_kept"] == sum(n.in_circuit for n in circuit.nodes if n.kind in ("head", "mlp"))
+    code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi,docstring", "--model", "demo")
+    assert code != 0 and "unknown benchmark task docstring" in err and len(err.strip().splitlines()) == 1
