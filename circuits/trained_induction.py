@@ -13,6 +13,11 @@ ground truth is derived, not assumed:
   previous occurrence's token), its value reads the offset head with o = c − 1 (the token after
   the previous occurrence; o = 0 means the embedding itself), its query reads the embedding, its
   output goes to the logits; each used offset head reads its token through embed → v.
+
+The default recipe's model ships with the package (circuits/assets/induction-2l: weights,
+recipe.json and the loss of every training step, 0.3 MB), so `load_or_train` reads it instead of
+training for a minute; the tests retrain the recipe's first steps and compare them with the shipped
+log. `python -m circuits.trained_induction` retrains it into that folder.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from circuits.transformer import GraphTransformer, Shape
 from workbench.files import read_json, save_tensors_atomic, write_json_atomic
 
 MIN_MASS = 0.5
+SHIPPED = Path(__file__).resolve().parent / "assets" / "induction-2l"
+"""The default recipe's trained model, packaged (model.safetensors, recipe.json, training-log.json)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,12 @@ class InductionRecipe:
 
 
 def train_induction_model(
-    recipe: InductionRecipe = InductionRecipe(), progress: bool = False
+    recipe: InductionRecipe = InductionRecipe(), progress: bool = False, losses: list[float] | None = None
 ) -> GraphTransformer:
+    """Train by `recipe` on the CPU's global RNG seeded with recipe.seed; each step's loss (mean
+    −log p of the predictable tokens, nats) is appended to `losses` when given. Step s trains on
+    induction_task seed 10000 + seed·steps + s, so with seed 0 a shorter run is the longer one's
+    first steps."""
     torch.manual_seed(recipe.seed)
     model = GraphTransformer(recipe.shape())
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
@@ -86,30 +97,44 @@ def train_induction_model(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if losses is not None:
+            losses.append(float(loss.detach()))
+    return model.eval().requires_grad_(False)
+
+
+def _load_saved(folder: Path, recipe: InductionRecipe) -> GraphTransformer | None:
+    """The model saved under `folder` by this recipe, or None."""
+    from safetensors.torch import load_file
+
+    weights, config = folder / "model.safetensors", folder / "recipe.json"
+    if not (weights.exists() and config.exists()):
+        return None
+    if InductionRecipe.upgrade_json(read_json(config)) != recipe.__dict__:
+        return None
+    model = GraphTransformer(recipe.shape())
+    model.load_state_dict(load_file(weights))
     return model.eval().requires_grad_(False)
 
 
 def load_or_train(
     folder: Path, recipe: InductionRecipe = InductionRecipe(), progress: bool = True
 ) -> GraphTransformer:
-    """The trained model saved under `folder` for this recipe, training and saving it first if
-    needed; on the CPU (trained there too, so the saved weights are the same on every machine:
-    move the model where it should run)."""
-    from safetensors.torch import load_file
-
-    weights, config = folder / "model.safetensors", folder / "recipe.json"
-    if (
-        weights.exists()
-        and config.exists()
-        and InductionRecipe.upgrade_json(read_json(config)) == recipe.__dict__
-    ):
-        model = GraphTransformer(recipe.shape())
-        model.load_state_dict(load_file(weights))
-        return model.eval().requires_grad_(False)
-    model = train_induction_model(recipe, progress)
+    """The model saved under `folder` for this recipe, else the packaged one (SHIPPED) when the
+    recipe is its recipe, else trained (~1 minute for the default size) and saved under `folder`
+    (model.safetensors, recipe.json, training-log.json). On the CPU, trained there too, so the
+    saved weights are the same on every machine: move the model where it should run."""
+    for source in (folder, SHIPPED):
+        model = _load_saved(source, recipe)
+        if model is not None:
+            return model
+    losses: list[float] = []
+    model = train_induction_model(recipe, progress, losses)
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(weights, {k: v.contiguous() for k, v in model.state_dict().items()})
-    write_json_atomic(config, recipe.__dict__)
+    save_tensors_atomic(
+        folder / "model.safetensors", {k: v.contiguous() for k, v in model.state_dict().items()}
+    )
+    write_json_atomic(folder / "training-log.json", {"loss": [round(x, 6) for x in losses]})
+    write_json_atomic(folder / "recipe.json", recipe.__dict__)
     return model
 
 
@@ -191,3 +216,10 @@ def trained_induction_task(
     task = induction_task(recipe.vocab, n=n, length=recipe.length, seed=seed, name="trained-induction")
     task.ground_truth = ground_truth(head_roles(model, task))
     return task
+
+
+if __name__ == "__main__":  # retrain the packaged model (after a change to the recipe or the model)
+    import shutil
+
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    load_or_train(SHIPPED)
