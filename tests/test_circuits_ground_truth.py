@@ -102,7 +102,7 @@ def test_cli_benchmark_prints_one_json_object_per_task_and_method(capsys):
     code, stdout, err = run_cli(capsys, "circuits", "--benchmark", "or-gate", "--method", "codes", "--json")
     row = json.loads(stdout)  # strict JSON: the undefined Spearman of a constant ranking is null, not NaN
     assert code == 0 and row["spearman_vs_exact"] is None and "NaN" not in stdout
-    code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi")
+    code, _, err = run_cli(capsys, "circuits", "--benchmark", "docstring")
     assert code == 2 and "unknown benchmark task" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "circuits", "--task", "or-gate", "--model", "demo")
     assert code == 2 and "built-in model" in err
@@ -179,7 +179,7 @@ def test_corrupt_task_file_and_unknown_task_are_refused(tiny_model_dir, tmp_path
     with pytest.raises(TaskError, match="broken.json"):
         load_task(str(path), str(tiny_model_dir))
     with pytest.raises(TaskError, match="unknown task"):
-        load_task("greater-than")
+        load_task("docstring")
 
 
 def test_discrete_codes_in_the_benchmark(benchmark_rows):
