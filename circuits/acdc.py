@@ -12,10 +12,16 @@ algorithm would have had, so it is the same decision; the candidates after a kep
 scored again. The masks equal the one-forward-per-edge twin's (`acdc_mask_unbatched`, forced
 by WORKBENCH_ACDC_UNBATCHED=1; tested equal on the toy tasks).
 
-The sweep (one pass per τ) shares a memo of mask scores: two passes make the same trials until
+On the CPU the default is one candidate per forward (a batch of masks cost more per mask there,
+measured on a 2-layer 8-head model), each computed from its receiver's layer on: the layers
+before it are those of the current circuit, kept from its forward (bitwise the same values).
+
+The sweep (one pass per τ, largest first) shares a memo of mask scores: two passes make the same trials until
 their thresholds first decide an edge differently, so a later pass pays only from there on.
 Each edge's score is the largest τ it survives; the drop its trial measured in that pass breaks
 ties, so the ranking that the faithfulness search (circuits/search.py) cuts is finer than τ.
+For the default circuit the sweep stops at the first τ whose circuit reaches the faithfulness
+target: the cheap passes come first, the small τ that keep (and try) the most edges are skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from torch import Tensor
 
 from circuits.attribution import node_of_receiver, task_score
-from circuits.evaluate import task_scores
+from circuits.evaluate import circuit_faithfulness, task_scores
 from circuits.tasks import Task
 from circuits.transformer import GraphTransformer
 
@@ -79,20 +85,67 @@ class _Scores:
         return [self.known[key] for key in keys]
 
 
+def _layer_of(receiver: str, n_layers: int) -> int:
+    """'a1.2.k' -> 1, 'm0' -> 0, 'logits' -> n_layers: the first layer a change there affects."""
+    return n_layers if receiver == "logits" else int(receiver[1:].split(".")[0])
+
+
+def _sequential_pass(
+    model: GraphTransformer, task: Task, ablated: Tensor, threshold: float, scores: _Scores
+) -> AcdcPass:
+    """`acdc_mask_unbatched` with the sweep's memo, each trial computed from its receiver's layer
+    on (the layers before it are the current circuit's, kept from its forward)."""
+    graph, n = model.graph, len(task.clean)
+    source_index = {name: i for i, name in enumerate(graph.sources)}
+    mask, drops, forwards, upstream = model.full_mask(), torch.zeros(len(graph.edges)), 0, None
+
+    def score(trial: Tensor, layer: int) -> tuple[float, Tensor | None]:
+        nonlocal forwards, upstream
+        key = bytes(trial.bool().cpu().numpy().tobytes())
+        if key in scores.known:
+            return scores.known[key], None
+        with torch.no_grad():
+            if upstream is None:  # the current circuit's outputs, after a replayed (memo) step
+                upstream = model(task.clean, mask=mask, ablated=ablated, keep=True)[1]
+            logits, outputs = model(task.clean, trial, ablated, keep=True, upstream=(layer, upstream))[:2]
+        forwards += 1
+        scores.known[key] = float(task.metric(logits, slice(0, n)).sum()) / n
+        return scores.known[key], outputs
+
+    current, upstream = score(mask, 0)
+    for edge, s, r in _visit_order(model):
+        trial = mask.clone()
+        trial[s, r] = 0
+        if _is_dead(model, mask, r, source_index):
+            mask = trial
+            continue
+        value, outputs = score(trial, _layer_of(graph.receivers[r], model.shape.n_layers))
+        drops[edge] = current - value
+        if current - value < threshold:
+            mask, current, upstream = trial, value, outputs if outputs is not None else None
+    scores.forwards += forwards
+    return AcdcPass(mask, drops, forwards)
+
+
 def acdc_pass(
     model: GraphTransformer,
     task: Task,
     ablated: Tensor,
     threshold: float,
-    window: int = 8,
+    window: int | None = None,
     scores: _Scores | None = None,
 ) -> AcdcPass:
-    """One greedy pass at threshold τ, scoring up to MAX_WINDOW candidates per forward (see the
-    module docstring); the same mask as `acdc_mask_unbatched`. `scores`: a sweep's shared memo
-    of mask scores (a fresh one by default)."""
+    """One greedy pass at threshold τ; the same mask as `acdc_mask_unbatched`. `window`: up to
+    that many candidates per forward, growing to MAX_WINDOW (see the module docstring); 1 scores
+    them one by one, each from its receiver's layer on. By default 1 on the CPU, where a batch of
+    M masks cost more than M single forwards (the 2-layer 8-head model, 32 prompts: tensors past
+    the caches), and 8 elsewhere. `scores`: a sweep's shared memo (a fresh one by default)."""
     if os.environ.get("WORKBENCH_ACDC_UNBATCHED") == "1":
         return acdc_mask_unbatched(model, task, ablated, threshold)
     scores = scores or _Scores(model, task, ablated)
+    window = window or (1 if model.device.type == "cpu" else 8)
+    if window == 1:
+        return _sequential_pass(model, task, ablated, threshold, scores)
     source_index = {name: i for i, name in enumerate(model.graph.sources)}
     order = _visit_order(model)
     mask = model.full_mask()
@@ -173,19 +226,30 @@ def default_thresholds(model: GraphTransformer, task: Task, ablated: Tensor, cou
 
 
 def acdc_scores(
-    model: GraphTransformer, task: Task, ablated: Tensor, thresholds: list[float] | None = None
+    model: GraphTransformer,
+    task: Task,
+    ablated: Tensor,
+    thresholds: list[float] | None = None,
+    stop_at: float | None = None,
 ) -> AcdcSweep:
-    """One pass per threshold (default: `default_thresholds`); per edge the largest τ it survives."""
+    """One pass per threshold (default: `default_thresholds`), largest τ first; per edge the
+    largest τ it survives. `stop_at`: stop after the first pass whose circuit's faithfulness
+    (under `ablated`) reaches it: the smaller τ, whose passes keep more edges and cost the most
+    trials, cannot give a smaller faithful circuit's edges a higher score; edges no pass run
+    keeps score 0, ranked by the drop of the last pass."""
     thresholds = sorted(default_thresholds(model, task, ablated) if thresholds is None else thresholds)
     scores = torch.zeros(len(model.graph.edges))
     effects = torch.zeros(len(model.graph.edges))
     masks, memo = {}, _Scores(model, task, ablated)
-    for n, tau in enumerate(thresholds):
+    of_circuit = circuit_faithfulness(model, task, ablated) if stop_at is not None else None
+    for tau in reversed(thresholds):
         found = acdc_pass(model, task, ablated, tau, scores=memo)
         masks[tau] = found.mask
         kept = (model.graph.per_edge(found.mask) > 0).cpu()
-        if n == 0:
-            effects = found.drops.clone()
-        scores[kept] = tau
-        effects[kept] = found.drops[kept]
+        first = kept & (scores == 0)  # descending τ: the first pass keeping an edge has its largest τ
+        scores[first], effects[first] = tau, found.drops[first]
+        never = scores == 0
+        effects[never] = found.drops[never]
+        if of_circuit is not None and of_circuit(kept) >= stop_at:
+            break
     return AcdcSweep(scores, effects, masks)

@@ -75,7 +75,8 @@ def discover(
         )
     tiebreak = None
     if method == "acdc":
-        scores, tiebreak, _ = acdc_scores(model, task, ablated)
+        stop = None if n_edges else faithfulness_target  # only the smallest faithful circuit is needed
+        scores, tiebreak, _ = acdc_scores(model, task, ablated, stop_at=stop)
     else:
         scores = {
             "exact": lambda: exact_scores(model, task, ablated, batch_size),

@@ -187,6 +187,7 @@ class GraphTransformer(nn.Module):
         ablated: Tensor | None = None,
         embed_override: Tensor | None = None,
         keep: bool = False,
+        upstream: tuple[int, Tensor] | None = None,
     ):
         """Logits [B, P, V]. With `mask` [sources, receivers] (values in [0, 1]) and `ablated`
         [sources, B, P, d], every receiver reads the mixture above. A batch of M masks [M, sources,
@@ -194,18 +195,26 @@ class GraphTransformer(nn.Module):
         m·B .. m·B + B − 1 (`ablated` stays [sources, B, P, d]; ACDC scores candidates this way).
         `embed_override` replaces the embed node's output (EAP-IG over inputs). With keep=True also
         returns (outputs [sources, B', P, d], receiver inputs [receivers, B', P, d], attention
-        patterns per layer), B' the rows of the logits."""
+        patterns per layer), B' the rows of the logits. `upstream` (layer ℓ, outputs [sources, B,
+        P, d] of a forward whose mask agrees with `mask` on every receiver before layer ℓ) reuses
+        those outputs and computes from layer ℓ on (ℓ = n_layers: the logits only); ACDC's trials
+        change one receiver's inputs, so the layers before it need no recomputing."""
         S, R = self.graph.sources, self.graph.receivers
         if mask is not None and mask.dim() == 3:
             if embed_override is not None:
                 raise WorkbenchError("a batch of masks takes token ids, not an embed override")
             tokens = tokens.repeat(mask.shape[0], 1)
-        embed = self.embed(tokens) if embed_override is None else embed_override
-        outputs: list[Tensor] = [embed]
+        first, r = 0, 0
+        if upstream is not None:
+            first = upstream[0]
+            per_layer = self.shape.n_heads + (1 if self.shape.d_mlp else 0)
+            outputs = list(upstream[1][: 1 + first * per_layer])
+            r = first * (3 * self.shape.n_heads + (1 if self.shape.d_mlp else 0))
+        else:
+            outputs = [self.embed(tokens) if embed_override is None else embed_override]
         inputs: list[Tensor] = []
         patterns = []
-        r = 0
-        for layer in range(self.shape.n_layers):
+        for layer in range(first, self.shape.n_layers):
             H = self.shape.n_heads
             qkv = self._receive(outputs, r, 3 * H, mask, ablated)  # [3H, B, P, d]
             if keep:  # the inputs handed back must be the tensors the heads read (for gradients)

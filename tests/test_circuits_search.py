@@ -130,15 +130,16 @@ def test_batched_acdc_prunes_exactly_as_the_one_edge_at_a_time_pass(planted, gat
     shares = (0.05,) if where == "planted" else (1e-3, 0.05, 0.3, float("inf"), -float("inf"))
     taus = [gap * share for share in shares]  # the planted pass keeps edges mid-window: re-scores
     for tau in taus:
-        batched, reference = (
-            acdc_pass(model, task, ablated, tau, scores=memo),
-            acdc_mask_unbatched(model, task, ablated, tau),
-        )
-        assert torch.equal(batched.mask, reference.mask), tau
-        assert torch.allclose(batched.drops, reference.drops, atol=1e-5)
-        assert batched.forwards <= reference.forwards
+        reference = acdc_mask_unbatched(model, task, ablated, tau)
+        for window in (8, 1):  # a batch of masks per forward; one by one from the receiver's layer on
+            fast = acdc_pass(model, task, ablated, tau, window=window, scores=memo)
+            assert torch.equal(fast.mask, reference.mask), (tau, window)
+            assert torch.allclose(fast.drops, reference.drops, atol=1e-5)
+            assert fast.forwards <= reference.forwards
         if tau == 0.05 * gap:
-            assert 0 < int(model.graph.per_edge(batched.mask).sum()) < len(model.graph.edges)
+            assert 0 < int(model.graph.per_edge(reference.mask).sum()) < len(model.graph.edges)
+    alone = acdc_pass(model, task, ablated, taus[0], window=1)  # layer-wise forwards, no memo to lean on
+    assert torch.equal(alone.mask, acdc_mask_unbatched(model, task, ablated, taus[0]).mask)
 
 
 def test_the_unbatched_switch_and_the_default_acdc_circuit(gate, monkeypatch):
