@@ -89,12 +89,6 @@ def is_gpt2(model) -> bool:
     return getattr(model.bridge.original_model.config, "model_type", "") == "gpt2"
 
 
-def runs_at_head_level(task: str, model=None) -> bool:
-    """A real-model task, or a model the edge graph cannot convert: `workbench circuits` scores
-    heads and MLPs through the model's hooks (circuits.heads) instead of edges."""
-    return task in REAL_TASKS or (model is not None and task not in GROUND_TRUTH_TASKS and not is_gpt2(model))
-
-
 def load_head_task(
     task: str,
     model_spec: str = "",
