@@ -5,8 +5,9 @@ model the project trains (once, ~1 minute, then cached under the user cache fold
 ground truth read off its heads; `planted-induction`, `or-gate`, `and-gate` and
 `or-gate-saturated` on their hand-set models. The real-model tasks (`ioi`, `greater-than`,
 `repeat-tokens`, `repeat-name`, built from the model's tokenizer by `circuits.real_tasks`)
-run at head level (`circuits.heads`) on any model, as does every task on a model that is not
-GPT-2-architecture (the edge graph converts only GPT-2). A user task is a JSON file:
+run at head level (`circuits.heads`) on any model (`load_head_task` also builds induction and
+task files for it); the edge graph converts only GPT-2-architecture models. A user task is a
+JSON file:
 
     {"name": "capitals",
      "clean":     ["The capital of France is", ...]      (texts, or lists of token ids),
