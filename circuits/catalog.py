@@ -1,7 +1,8 @@
 """The (graph model, task) pairs `workbench circuits` can run: built-in tasks and user task files.
 
 Built in: `induction` on any GPT-2-architecture model; `trained-induction` on the two-layer
-model the project trains (once, ~1 minute, then cached under the user cache folder), with
+model the project trained (shipped in `circuits/assets/induction-2l`; `python -m
+circuits.trained_induction` retrains it), with
 ground truth read off its heads; `planted-induction`, `or-gate`, `and-gate` and
 `or-gate-saturated` on their hand-set models. The real-model tasks (`ioi`, `greater-than`,
 `repeat-tokens`, `repeat-name`, built from the model's tokenizer by `circuits.real_tasks`)
