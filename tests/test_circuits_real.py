@@ -264,3 +264,35 @@ def test_cli_runs_a_real_task_at_head_level_and_refuses_unknown_ones(capsys, dem
     assert summary["nodes_kept"] == sum(n.in_circuit for n in circuit.nodes if n.kind in ("head", "mlp"))
     code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi,docstring", "--model", "demo")
     assert code != 0 and "unknown benchmark task docstring" in err and len(err.strip().splitlines()) == 1
+
+
+def test_induction_on_a_model_that_is_not_gpt2_runs_at_head_level(capsys, tiny_model_dir, tmp_path):
+    """A Llama-architecture folder (random weights, the tiny GPT-2's tokenizer) cannot become the
+    edge graph; `--task induction` on it goes to head level instead of refusing, and a
+    non-resample ablation there is a one-line refusal."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from circuits.graph import load_circuit
+    from tests.test_cli import run_cli
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "induction.circuit.json"
+    flags = ("--task", "induction", "--model", str(folder), "--prompts", "4", "--length", "12")
+    code, _, err = run_cli(capsys, "circuits", *flags, "--method", "eap", "--out", str(out), "--json")
+    assert code == 0, err
+    circuit = load_circuit(out)
+    assert circuit.metrics["level"] == "head"
+    assert {n.id for n in circuit.nodes if n.kind == "head"} == {
+        f"a{l}.{h}" for l in range(2) for h in range(4)
+    }
+    code, _, err = run_cli(capsys, "circuits", *flags, "--ablation", "zero", "--out", str(out))
+    assert code != 0 and "resample ablation only" in err and len(err.strip().splitlines()) == 1

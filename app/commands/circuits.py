@@ -36,6 +36,8 @@ def cmd_circuits(args) -> None:
         raise WorkbenchError(f"--method {config.method}: one method per circuit (a list is for --benchmark)")
     config = dataclasses.replace(config, method=config.method or "eap-ig")
     graph, task, language_model = _graph_and_task(config, device)
+    if graph is None:  # not a GPT-2-architecture model: its heads and MLPs, through its hooks
+        return _head_circuit(config, args, device, loaded=(language_model, task))
     found = discover(
         graph,
         task,
@@ -115,9 +117,10 @@ def _graph_and_task(config, device):
     """(graph model, task, the language model or None) of `config` on `device`: what
     `circuits.catalog.load_task` builds, with the loaded model kept (its tokenizer shows the
     prompts); the ground-truth tasks (hand-set models, no tokenizer) and unknown task names
-    (its one-line refusal) go through load_task itself."""
+    (its one-line refusal) go through load_task itself. The graph is None for a model that is
+    not GPT-2-architecture (the edge graph cannot be built; the caller goes to head level)."""
     from circuits.catalog import GROUND_TRUTH_TASKS, load_task, model_task
-    from circuits.transformer import from_gpt2
+    from circuits.transformer import from_gpt2, is_gpt2
     from workbench.models import load_model
 
     task = config.task
@@ -127,7 +130,8 @@ def _graph_and_task(config, device):
         )
         return graph, built, None
     model = load_model(config.model or "demo", device=device, dtype=config.model_dtype)
-    return from_gpt2(model), model_task(task, model, config.prompts, config.length, config.seed), model
+    built = model_task(task, model, config.prompts, config.length, config.seed)
+    return (from_gpt2(model) if is_gpt2(model) else None), built, model
 
 
 def _ground_truth_scores(graph, task, found) -> dict:
@@ -254,10 +258,11 @@ def _benchmark(config, args, device) -> None:
         print_rows(table, False)
 
 
-def _head_circuit(config, args, device) -> None:
+def _head_circuit(config, args, device, loaded=None) -> None:
     """A real-model task at head level (circuits.heads): nodes are heads and MLPs, the circuit
     the smallest prefix of the method's ranking reaching --faithfulness (--edges N: the N best
-    nodes); saved as a circuit JSON with the task's check (clean metric, accuracy)."""
+    nodes); saved as a circuit JSON with the task's check (clean metric, accuracy). `loaded`:
+    the (model, task) already built (induction or a task file on a non-GPT-2 model)."""
     from circuits.catalog import load_head_task
     from circuits.heads import Patcher, discover_heads, head_circuit, label
     from circuits.real_tasks import check_task
@@ -265,8 +270,13 @@ def _head_circuit(config, args, device) -> None:
     method = config.method or "eap-ig"
     if "," in method:
         raise WorkbenchError(f"--method {method}: one method per circuit (a list is for --benchmark)")
+    if config.ablation != "resample":
+        raise WorkbenchError(
+            f"--ablation {config.ablation}: head-level circuits (this task or model) "
+            "use resample ablation only"
+        )
     model_name = config.model or "demo"
-    model, task = load_head_task(
+    model, task = loaded or load_head_task(
         config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
     )
     check = check_task(model, task)
