@@ -3,7 +3,8 @@
 Per (task, method): edge- and head-level ROC AUC against the planted circuit, faithfulness of
 the circuit under resample/mean/zero ablation, Spearman rank correlation of |scores| with
 exact patching's, and seconds. The circuit a method proposes keeps as many edges as the
-ground truth holds (ACDC: the edges surviving its median swept threshold).
+ground truth holds (its top-ranked edges; ACDC ranks by the largest swept threshold an edge
+survives, ties by the measured drop), so methods compare at one size.
 
 Real-model tasks (`ioi`, `greater-than`, `repeat-tokens`, `repeat-name` on `--model`, e.g.
 gemma-3-270m) are scored at head level (circuits.heads): a first row checks the model does the
