@@ -46,7 +46,9 @@ class CircuitConfig:
     steps: int = 8
     """Integration steps of EAP-IG (and of a feature circuit's attribution)."""
     edges: int = 0
-    """Edges kept in the circuit; 0 means the smallest circuit reaching --faithfulness."""
+    """Edges kept in the circuit (at head level, for the real-model tasks and non-GPT-2 models:
+    nodes; codes keeps N heads and every MLP); 0 means the smallest circuit reaching
+    --faithfulness."""
     faithfulness: float = 0.8
     """The faithfulness the default circuit reaches (in (0, 1]): the smallest prefix of the method's
     ranking whose circuit, the rest ablated, keeps this share of the model's task score."""

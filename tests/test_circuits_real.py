@@ -262,6 +262,15 @@ def test_cli_runs_a_real_task_at_head_level_and_refuses_unknown_ones(capsys, dem
     circuit = load_circuit(out)
     assert circuit.config["task"] == "repeat-name" and circuit.metrics["level"] == "head"
     assert summary["nodes_kept"] == sum(n.in_circuit for n in circuit.nodes if n.kind in ("head", "mlp"))
+    assert summary["faithfulness_curve"] == circuit.metrics["faithfulness_curve"]
+    assert circuit.metrics["does_task"] is False  # the demo model does not do repeat-name
+    assert "does not do repeat-name" in err and len(err.strip().splitlines()) == 1
+    from app.explorer.circuit_info import curve_figure, metrics_table
+
+    figure = curve_figure(circuit)  # the size search counts nodes here, and marks the kept count
+    assert figure.layout.xaxis.title.text == "nodes kept"
+    assert f"kept {summary['nodes_kept']}" in [a.text for a in figure.layout.annotations]
+    assert "edges kept" not in metrics_table(circuit)["metric"].tolist()
     code, _, err = run_cli(capsys, "circuits", "--benchmark", "ioi,docstring", "--model", "demo")
     assert code != 0 and "unknown benchmark task docstring" in err and len(err.strip().splitlines()) == 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -263,6 +264,7 @@ def _head_circuit(config, args, device, loaded=None) -> None:
     the smallest prefix of the method's ranking reaching --faithfulness (--edges N: the N best
     nodes); saved as a circuit JSON with the task's check (clean metric, accuracy). `loaded`:
     the (model, task) already built (induction or a task file on a non-GPT-2 model)."""
+    from circuits.benchmark import MIN_ACCURACY
     from circuits.catalog import load_head_task
     from circuits.heads import Patcher, discover_heads, head_circuit, label
     from circuits.real_tasks import check_task
@@ -280,8 +282,16 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
     )
     check = check_task(model, task)
+    does_task = check.accuracy >= MIN_ACCURACY and check.metric > check.corrupted
+    if not does_task:  # the benchmark drops such a task; one circuit is still written, flagged
+        print(
+            f"warning: {model_name} does not do {task.name} (accuracy {check.accuracy:.2f} < "
+            f"{MIN_ACCURACY}, or clean metric {check.metric:.3g} <= corrupted {check.corrupted:.3g}); "
+            "its circuit explains little",
+            file=sys.stderr,
+        )
     patcher = Patcher(model, task)
-    target = getattr(config, "faithfulness", 0.8)
+    target = config.faithfulness
     found = discover_heads(
         patcher, method, steps=config.steps, target=target, seed=config.seed, n_nodes=config.edges
     )
@@ -296,8 +306,13 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         "ablation": "resample",
         "level": "head",
         "seconds": round(found.seconds, 2),
-        "faithfulness_target": target,
-        "faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve],
+        "does_task": does_task,
+        **({} if config.edges else {"faithfulness_target": target}),
+        **(
+            {}
+            if config.edges
+            else {"faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve]}
+        ),
     }
     circuit = head_circuit(patcher, found, metrics)
     circuit.prompts = prompts_json(task, model)
@@ -310,13 +325,20 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         "circuit": str(out),
         "nodes_kept": len(found.kept),
         "of_nodes": len(found.scores),
+        "chosen_by": (
+            f"--edges {config.edges} (nodes{'; codes: heads, every MLP kept' if method == 'codes' else ''})"
+            if config.edges
+            else f"smallest reaching faithfulness {target} (resample), {len(found.curve)} sizes tried"
+        ),
         "faithfulness_resample": round(found.faithfulness, 4),
         "clean_metric": round(check.metric, 4),
+        "corrupted_metric": round(check.corrupted, 4),
         "accuracy": round(check.accuracy, 3),
         "seconds": round(found.seconds, 2),
     }
     if args.json:
-        print(json.dumps(nan_to_none({**summary, "method": method, "top_nodes": rows})))
+        curve = {k: metrics[k] for k in ("faithfulness_target", "faithfulness_curve") if k in metrics}
+        print(json.dumps(nan_to_none({**summary, **curve, "method": method, "top_nodes": rows})))
         return
     print_rows(rows, False)
     print_summary(summary, False)

@@ -88,8 +88,9 @@ def metrics_table(circuit: Circuit) -> pd.DataFrame:
     curve = metrics.pop("faithfulness_curve", None)
     if isinstance(curve, list):
         rows.append(("circuit sizes tried (see the curve)", _number(len(curve))))
-    metrics.setdefault("edges_kept", sum(e.in_circuit for e in circuit.edges))
-    metrics.setdefault("edges", len(circuit.edges))
+    if not head_level(circuit):  # a head-level file's edges only draw the circuit's order
+        metrics.setdefault("edges_kept", sum(e.in_circuit for e in circuit.edges))
+        metrics.setdefault("edges", len(circuit.edges))
     for key, value in metrics.items():
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))
@@ -100,9 +101,20 @@ def metrics_table(circuit: Circuit) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "value"])
 
 
+def head_level(circuit: Circuit) -> bool:
+    """Whether the circuit was found at head level (`circuits.heads`: its units are heads and
+    MLPs, and its edges are a drawing of their order, not measured)."""
+    return circuit.metrics.get("level") == "head"
+
+
+def size_unit(circuit: Circuit) -> str:
+    """What the size search counts: "nodes" at head level, else "edges"."""
+    return "nodes" if head_level(circuit) else "edges"
+
+
 def faithfulness_curve(circuit: Circuit) -> pd.DataFrame | None:
-    """The size search's (edges kept, faithfulness) points, by size; None when the file records
-    none (a fixed --edges size, older files) or they are malformed."""
+    """The size search's (units kept, faithfulness) points, by size, the unit `size_unit`'s; None
+    when the file records none (a fixed --edges size, older files) or they are malformed."""
     curve = circuit.metrics.get("faithfulness_curve")
     if not isinstance(curve, list) or not curve:
         return None
@@ -110,7 +122,7 @@ def faithfulness_curve(circuit: Circuit) -> pd.DataFrame | None:
         rows = sorted((int(k), float(f)) for k, f in curve)
     except (TypeError, ValueError):
         return None
-    return pd.DataFrame(rows, columns=["edges kept", "faithfulness"])
+    return pd.DataFrame(rows, columns=[f"{size_unit(circuit)} kept", "faithfulness"])
 
 
 def curve_figure(circuit: Circuit):
@@ -121,9 +133,10 @@ def curve_figure(circuit: Circuit):
     curve = faithfulness_curve(circuit)
     if curve is None:
         return None
+    unit = size_unit(circuit)
     figure = go.Figure(
         go.Scatter(
-            x=curve["edges kept"].tolist(),
+            x=curve[f"{unit} kept"].tolist(),
             y=curve["faithfulness"].tolist(),
             mode="lines+markers",
             name="tried",
@@ -132,13 +145,18 @@ def curve_figure(circuit: Circuit):
     target = circuit.metrics.get("faithfulness_target")
     if isinstance(target, (int, float)):
         figure.add_hline(y=target, line_dash="dash", annotation_text=f"target {target}")
-    kept = sum(e.in_circuit for e in circuit.edges)
+    if head_level(circuit):
+        kept = circuit.metrics.get(
+            "nodes_kept", sum(n.in_circuit for n in circuit.nodes if n.kind != "logits")
+        )
+    else:
+        kept = sum(e.in_circuit for e in circuit.edges)
     figure.add_vline(x=kept, line_dash="dot", annotation_text=f"kept {kept}")
     figure.update_layout(
         height=260,
         margin=dict(l=10, r=10, t=30, b=10),
-        title="faithfulness vs edges kept (the size search)",
-        xaxis_title="edges kept",
+        title=f"faithfulness vs {unit} kept (the size search)",
+        xaxis_title=f"{unit} kept",
         yaxis_title="faithfulness",
         showlegend=False,
     )
