@@ -106,3 +106,12 @@ def test_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(WorkbenchError):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec", ["/no/such/model-folder", "./no-such-model", "~/no-such-model"])
+def test_a_missing_model_folder_says_so_in_one_line(spec):
+    """A path that does not exist is a missing folder, not a hub name (which said 'is the hub
+    reachable? ... Repo id must be in the form ...')."""
+    with pytest.raises(UnknownModelError, match="no such folder") as info:
+        load_model(spec)
+    assert "hub" not in str(info.value) and len(str(info.value).splitlines()) == 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from workbench.errors import MissingExtraError
+from workbench.errors import MissingExtraError, UnknownModelError
 from workbench.paths import assets_dir, user_cache_dir
 
 
@@ -63,6 +63,8 @@ def resolve(spec: str) -> ModelSource:
     path = Path(spec).expanduser()
     if path.exists():
         return ModelSource(spec, str(path.resolve()), is_local=True)
+    if spec.startswith(("/", "./", "../", "~")):  # a path, never a hub name
+        raise UnknownModelError(f"model {spec!r}: no such folder")
     return ModelSource(spec, spec, is_local=False)
 
 
