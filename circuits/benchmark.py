@@ -102,7 +102,7 @@ def head_rows(
     dtype: str = "float32",
 ) -> Iterator[dict]:
     """The check row, then one row per head-level method (exact first, the reference); a method
-    the head level lacks (eap-ig-activations) or that fails (codes before its core exists) gets
+    the head level lacks (eap-ig-activations) or that fails (a TaskError) gets
     a row saying so."""
     import time
 

@@ -289,12 +289,9 @@ def _remove(patcher: Patcher, keep: Tensor, removable: list[int], current: float
 
 def code_node_scores(patcher: Patcher, seed: int = 0) -> Tensor:
     """[nodes] the discrete-code score of every head (MLPs 0) from each head's z at the task's
-    prediction positions. Raises TaskError while `code_scores_from_outputs` is missing."""
-    from circuits import codes
+    prediction positions. Raises TaskError (bad outputs)."""
+    from circuits.codes import code_scores_from_outputs as score
 
-    score = getattr(codes, "code_scores_from_outputs", None)
-    if score is None:
-        raise TaskError("codes: circuits.codes.code_scores_from_outputs is not available yet")
     where = patcher.task.prediction_positions()
     clean, corrupted = {}, {}
     for i, node in enumerate(patcher.nodes.names):

@@ -276,11 +276,6 @@ class GraphTransformer(nn.Module):
         return self.graph.allowed.to(self.device, torch.float32) * value
 
 
-def is_gpt2(model) -> bool:
-    """Whether a loaded `workbench` Model is GPT-2-architecture (what `from_gpt2` converts)."""
-    return getattr(model.bridge.original_model.config, "model_type", "") == "gpt2"
-
-
 def from_gpt2(model) -> GraphTransformer:
     """The weights of a loaded GPT-2-architecture `workbench` Model as a GraphTransformer, on the
     model's device in the model's dtype (built on the CPU in float32, then moved)."""

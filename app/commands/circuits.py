@@ -120,8 +120,8 @@ def _graph_and_task(config, device):
     prompts); the ground-truth tasks (hand-set models, no tokenizer) and unknown task names
     (its one-line refusal) go through load_task itself. The graph is None for a model that is
     not GPT-2-architecture (the edge graph cannot be built; the caller goes to head level)."""
-    from circuits.catalog import GROUND_TRUTH_TASKS, load_task, model_task
-    from circuits.transformer import from_gpt2, is_gpt2
+    from circuits.catalog import GROUND_TRUTH_TASKS, is_gpt2, load_task, model_task
+    from circuits.transformer import from_gpt2
     from workbench.models import load_model
 
     task = config.task
