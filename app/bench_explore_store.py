@@ -3,7 +3,8 @@
 A synthetic store of the size `workbench analyze` writes for a 16,384-latent dictionary over
 1 M tokens: every live feature with its top and quantile examples (contexts and per-token
 activations), the token → feature index, logit effects, decoder neighbours, correlated neurons,
-co-occurrence, summaries and a 50,257-token vocabulary (byte tokens, newlines, leading spaces).
+co-occurrence, summaries, the per-head decoder split of an attention-output (hook_z) dictionary
+and a 50,257-token vocabulary (byte tokens, newlines, leading spaces).
 Random but well formed: the token windows are drawn from a Zipf law (as text is), each feature
 prefers a few tokens and its examples peak on occurrences of them, cut from those windows (so
 `long_context` reads them back from the windows' tokens.safetensors, written beside the store as
@@ -31,6 +32,8 @@ VOCAB = 50_257
 """GPT-2's vocabulary size."""
 COMMON = [" the", ",", ".", "\n", " and", " of", " to", " a", " I", " in", ":", " you", " my", " that"]
 """The most frequent token texts, in Zipf rank order (token ids 0, 1, ...)."""
+N_HEADS = 12
+"""Heads of the store's hook (GPT-2 small's blocks.0.attn.hook_z: 12 heads × 64 = d_in 768)."""
 _DEAD = 0.02
 """Fraction of features that never fire."""
 
@@ -116,6 +119,7 @@ def synthetic_tables(
         "neurons": _ranked_table(rng, np.arange(n_latents), config.neurons, "neuron", 768, "correlation"),
         "cooccurrence": _cooccurrence(rng, features["fired"], config.cooccurrence_top, n_tokens),
         "vocab": pa.table({"token": np.arange(VOCAB, dtype=np.int32), "text": texts}),
+        "heads": _heads(rng, n_latents, N_HEADS),
     }
     add_summaries(tables, texts, context)  # the summary column and the token index, as analyze adds them
     meta = {
@@ -123,7 +127,8 @@ def synthetic_tables(
         "d_in": 768,
         "architecture": "topk",
         "k": 32,
-        "hook": "blocks.0.hook_resid_post",
+        "hook": "blocks.0.attn.hook_z",
+        "n_heads": N_HEADS,
         "model": "synthetic",
         "cache": str(Path(cache).resolve()) if cache else "",
         "dictionary_path": "",
@@ -134,6 +139,21 @@ def synthetic_tables(
         "config": {"synthetic": True, "seed": seed},
     }
     return meta, tables
+
+
+def _heads(rng: np.random.Generator, n: int, n_heads: int) -> pa.Table:
+    """The `heads` table of an attention-output (hook_z) store: per feature, a decoder norm per
+    head, most of it on one or two heads (as Kissane et al. 2024 find), and the shares."""
+    norms = rng.gamma(0.3, 1.0, (n, n_heads)) + 1e-3
+    shares = norms / norms.sum(1, keepdims=True)
+    return pa.table(
+        {
+            "feature": np.repeat(np.arange(n, dtype=np.int32), n_heads),
+            "head": np.tile(np.arange(n_heads, dtype=np.int16), n),
+            "norm": norms.reshape(-1).astype(np.float32),
+            "share": shares.reshape(-1).astype(np.float32),
+        }
+    )
 
 
 def _save_windows(folder: Path, windows: np.ndarray) -> None:
