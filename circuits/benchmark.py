@@ -12,7 +12,8 @@ task (clean and corrupted metric, accuracy), then per method its head ROC AUC ag
 patching (positives: heads whose |exact effect| reaches POSITIVE_SHARE of |m(clean) − m(∅)|),
 Spearman of |node scores| with exact's over heads and MLPs, the faithfulness of its smallest
 circuit reaching 0.8 (resample ablation), nodes kept, seconds and prompts. A task the model
-does not do (accuracy below MIN_ACCURACY) gets its check row and no method rows.
+does not do (`TaskCheck.does_task`: accuracy below real_tasks.MIN_ACCURACY) gets its check row
+and no method rows.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from circuits.transformer import GraphTransformer
 POSITIVE_SHARE = 0.05
 """A head is in the real-model reference circuit when |its exact patching effect| is at least
 this share of the clean-minus-ablated metric gap."""
-MIN_ACCURACY = 0.6
-"""A real-model task whose clean accuracy is below this is dropped (the model does not do it)."""
 
 
 def score_discovery(model: GraphTransformer, task: Task, found: Discovery, exact: Discovery | None) -> dict:
@@ -124,8 +123,8 @@ def head_rows(
         "accuracy": check.accuracy,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    if check.accuracy < MIN_ACCURACY or check.metric <= check.corrupted:
-        yield {**base, "method": "dropped", "note": f"accuracy {check.accuracy:.2f} < {MIN_ACCURACY}"}
+    if not check.does_task:
+        yield {**base, "method": "dropped", "note": check.why_not()}
         return
     patcher = Patcher(model, task)
     exact = discover_heads(patcher, "exact")

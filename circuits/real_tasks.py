@@ -344,6 +344,25 @@ class TaskCheck(NamedTuple):
     whose top token is the repeated one."""
     prompts: int
 
+    @property
+    def does_task(self) -> bool:
+        """Whether the model does the task: accuracy at least MIN_ACCURACY and the clean metric
+        above the corrupted one (else a circuit has no behaviour to carry)."""
+        return self.accuracy >= MIN_ACCURACY and self.metric > self.corrupted
+
+    def why_not(self) -> str:
+        """Why `does_task` is false, in a few words ("" when it is true)."""
+        if self.accuracy < MIN_ACCURACY:
+            return f"accuracy {self.accuracy:.2f} < {MIN_ACCURACY}"
+        if self.metric <= self.corrupted:
+            return f"clean metric {self.metric:.3g} <= corrupted {self.corrupted:.3g}"
+        return ""
+
+
+MIN_ACCURACY = 0.6
+"""A model whose clean accuracy on a real task is below this does not do it (the benchmark drops
+the task; a single circuit is written with a warning)."""
+
 
 def check_task(model, task: Task, batch_size: int = 8) -> TaskCheck:
     """Run `model` on the task's clean and corrupted prompts (no gradients, chunked)."""

@@ -89,12 +89,7 @@ def cmd_circuits(args) -> None:
             "circuit": str(out),
             "edges_kept": int(found.kept.sum()),
             "of_edges": len(circuit.edges),
-            "chosen_by": (
-                f"--edges {config.edges}"
-                if config.edges
-                else f"smallest reaching faithfulness {config.faithfulness} ({config.ablation}), "
-                f"{len(found.curve)} sizes tried"
-            ),
+            "chosen_by": _chosen_by(config, found, config.ablation),
             **{f"faithfulness_{k}": round(v, 4) for k, v in faithful.items()},
             **{k: round(metrics[k], 4) for k in ("roc_auc", "head_roc_auc") if k in metrics},
             "seconds": round(found.seconds, 2),
@@ -112,6 +107,16 @@ def _size_search(config, found) -> dict:
         "faithfulness_target": config.faithfulness,
         "faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve],
     }
+
+
+def _chosen_by(config, found, ablation: str, unit: str = "") -> str:
+    """How the circuit's size was chosen, for the printout: `--edges N` (with what N counts when
+    `unit` is given), or the faithfulness target under `ablation` and how many sizes were tried."""
+    if config.edges:
+        return f"--edges {config.edges}" + (f" ({unit})" if unit else "")
+    return (
+        f"smallest reaching faithfulness {config.faithfulness} ({ablation}), {len(found.curve)} sizes tried"
+    )
 
 
 def _graph_and_task(config, device):
@@ -264,7 +269,6 @@ def _head_circuit(config, args, device, loaded=None) -> None:
     the smallest prefix of the method's ranking reaching --faithfulness (--edges N: the N best
     nodes); saved as a circuit JSON with the task's check (clean metric, accuracy). `loaded`:
     the (model, task) already built (induction or a task file on a non-GPT-2 model)."""
-    from circuits.benchmark import MIN_ACCURACY
     from circuits.catalog import load_head_task
     from circuits.heads import Patcher, discover_heads, head_circuit, label
     from circuits.real_tasks import check_task
@@ -282,18 +286,19 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         config.task, config.model, config.prompts, config.length, config.seed, device, config.model_dtype
     )
     check = check_task(model, task)
-    does_task = check.accuracy >= MIN_ACCURACY and check.metric > check.corrupted
-    if not does_task:  # the benchmark drops such a task; one circuit is still written, flagged
+    if not check.does_task:  # the benchmark drops such a task; one circuit is still written, flagged
         print(
-            f"warning: {model_name} does not do {task.name} (accuracy {check.accuracy:.2f} < "
-            f"{MIN_ACCURACY}, or clean metric {check.metric:.3g} <= corrupted {check.corrupted:.3g}); "
-            "its circuit explains little",
+            f"warning: {model_name} does not do {task.name} ({check.why_not()}); its circuit explains little",
             file=sys.stderr,
         )
     patcher = Patcher(model, task)
-    target = config.faithfulness
     found = discover_heads(
-        patcher, method, steps=config.steps, target=target, seed=config.seed, n_nodes=config.edges
+        patcher,
+        method,
+        steps=config.steps,
+        target=config.faithfulness,
+        seed=config.seed,
+        n_nodes=config.edges,
     )
     metrics = {
         "faithfulness": {"resample": found.faithfulness},
@@ -306,13 +311,8 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         "ablation": "resample",
         "level": "head",
         "seconds": round(found.seconds, 2),
-        "does_task": does_task,
-        **({} if config.edges else {"faithfulness_target": target}),
-        **(
-            {}
-            if config.edges
-            else {"faithfulness_curve": [[int(k), round(float(f), 6)] for k, f in found.curve]}
-        ),
+        "does_task": check.does_task,
+        **_size_search(config, found),
     }
     circuit = head_circuit(patcher, found, metrics)
     circuit.prompts = prompts_json(task, model)
@@ -325,10 +325,8 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         "circuit": str(out),
         "nodes_kept": len(found.kept),
         "of_nodes": len(found.scores),
-        "chosen_by": (
-            f"--edges {config.edges} (nodes{'; codes: heads, every MLP kept' if method == 'codes' else ''})"
-            if config.edges
-            else f"smallest reaching faithfulness {target} (resample), {len(found.curve)} sizes tried"
+        "chosen_by": _chosen_by(
+            config, found, "resample", "nodes; codes: heads, every MLP kept" if method == "codes" else "nodes"
         ),
         "faithfulness_resample": round(found.faithfulness, 4),
         "clean_metric": round(check.metric, 4),
@@ -337,8 +335,11 @@ def _head_circuit(config, args, device, loaded=None) -> None:
         "seconds": round(found.seconds, 2),
     }
     if args.json:
-        curve = {k: metrics[k] for k in ("faithfulness_target", "faithfulness_curve") if k in metrics}
-        print(json.dumps(nan_to_none({**summary, **curve, "method": method, "top_nodes": rows})))
+        print(
+            json.dumps(
+                nan_to_none({**summary, **_size_search(config, found), "method": method, "top_nodes": rows})
+            )
+        )
         return
     print_rows(rows, False)
     print_summary(summary, False)
