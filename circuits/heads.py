@@ -65,9 +65,6 @@ class Nodes:
     def layer_of(self, i: int) -> int:
         return i // (self.n_heads + 1)
 
-    def heads(self) -> list[str]:
-        return [n for n in self.names if n.startswith("a")]
-
 
 def _layer_names(layer: int, n_heads: int) -> list[str]:
     return [f"a{layer}.{h}" for h in range(n_heads)] + [f"m{layer}"]
