@@ -1,5 +1,6 @@
 """Circuits: every circuit JSON under the runs folders (and `--circuits` folders) as a layered graph
-with a legend and a |score| threshold, its metrics and prompts, and each node's edges on click."""
+with a legend and a |score| threshold, its metrics and prompts, and each node's edges on click. An
+attribution graph (kind "attribution-graph") has a view of its own (`app.explorer.attribution_view`)."""
 
 import json
 import os
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from app.explorer.attribution_graph import is_attribution_graph, load_graph_file, read_graph
+from app.explorer.attribution_view import show_attribution_graph
 from app.explorer.circuit_info import (
     config_table,
     curve_figure,
@@ -66,20 +69,32 @@ def pick_circuit() -> tuple[Circuit, str] | None:
     with st.expander("Upload a circuit JSON"):
         uploaded = st.file_uploader("a *.circuit.json file", type=["json"], key="circuit_upload")
     try:
-        if uploaded is not None:
+        graph = attribution_graph(uploaded, source)
+        if graph is None and uploaded is not None:
             return Circuit.from_json(
                 json.loads(uploaded.getvalue()), uploaded.name
             ), f"upload:{uploaded.name}"
-        if source:
+        if graph is None and source:
             return load_circuit(source), source
     except (CircuitError, ValueError) as exc:
         st.error(str(exc))
         return None
+    if graph is not None:  # kind "attribution-graph": its own view, and nothing after it
+        show_attribution_graph(graph, f"upload:{uploaded.name}" if uploaded is not None else source)
+        st.stop()
     st.info(
         "No circuit files (*.circuit.json) found under ./runs, the stores' folders or `--circuits` "
         "folders. Write one with `workbench circuits` (it saves under runs/circuits/)."
     )
     return None
+
+
+def attribution_graph(uploaded, source: str | None):
+    """The attribution graph uploaded or picked, None for another kind of circuit file."""
+    if uploaded is not None:
+        obj = json.loads(uploaded.getvalue())
+        return read_graph(obj, uploaded.name) if is_attribution_graph(obj) else None
+    return load_graph_file(source) if source else None
 
 
 def show_summary(circuit: Circuit) -> None:

@@ -1,0 +1,384 @@
+"""Attribution graphs on the Circuits page: reading a circuit JSON of kind "attribution-graph"
+(written by `workbench circuits --transcoders`, `circuits.graphs`), re-pruning it by node
+influence, and its plotly figure. No Streamlit here, so each piece is tested directly.
+
+Layout (as circuit-tracer's and Neuronpedia's graph views): token positions on x (the token
+strings as tick labels), layers on y (the token embeddings at the bottom, layer -1; the logits on
+top, layer n_layers); the nodes of one (layer, position) cell side by side within it. Node size
+follows influence (the node's share of the targets' influence, 0..1), colour its type; an edge is a
+line whose width follows |weight| and colour its sign.
+
+Re-pruning only tightens what the file holds (it was pruned at `pruning.node_threshold`): the
+feature and error nodes, strongest influence first, are kept until their influence adds up to
+the chosen share; embeddings and logits always stay; an edge stays when both its ends do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from circuits.graph import CircuitError
+
+KIND = "attribution-graph"
+NODE_TYPES = {  # type: (legend name, marker symbol, colour)
+    "embedding": ("token embedding", "square", "#7f7f7f"),
+    "feature": ("transcoder feature", "circle", "#ff7f0e"),
+    "error": ("error (what the transcoder misses)", "x", "#8c564b"),
+    "logit": ("output logit", "star", "#d62728"),
+}
+PRUNED_TYPES = ("feature", "error")
+"""The node types the influence slider removes; embeddings and logits always stay."""
+POSITIVE, NEGATIVE = "rgba(40, 120, 200, {})", "rgba(200, 60, 60, {})"
+CELL_WIDTH = 0.8
+"""Share of a position's column the nodes of one cell spread over."""
+
+
+@dataclass
+class GraphNode:
+    id: str
+    type: str
+    layer: int
+    position: int
+    feature: int | None = None
+    activation: float | None = None
+    influence: float = 0.0
+    label: str = ""
+
+
+@dataclass
+class GraphEdge:
+    source: str
+    target: str
+    weight: float
+
+
+@dataclass
+class AttributionGraphFile:
+    """An attribution graph as the explorer reads it (the fields of the JSON it draws)."""
+
+    nodes: list[GraphNode]
+    edges: list[GraphEdge]
+    model: str = ""
+    prompt: str = ""
+    token_strings: list[str] = field(default_factory=list)
+    transcoders: list[dict] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    pruning: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_threshold(self) -> float:
+        """The influence share the file was pruned at (1 when it does not say)."""
+        value = self.pruning.get("node_threshold")
+        return float(value) if isinstance(value, (int, float)) and 0 < value <= 1 else 1.0
+
+    @property
+    def n_layers(self) -> int:
+        logits = [n.layer for n in self.nodes if n.type == "logit"]
+        return max(logits) if logits else max((n.layer + 1 for n in self.nodes), default=0)
+
+    def store_of(self, node: GraphNode) -> str | None:
+        """The feature store of `node`'s transcoder (the entry of its layer), if the file names one."""
+        for entry in self.transcoders:
+            if entry.get("layer") == node.layer and entry.get("store"):
+                return str(entry["store"])
+        return None
+
+
+def is_attribution_graph(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("kind") == KIND
+
+
+def read_graph(obj: dict, where: str = "graph", folder: Path | None = None) -> AttributionGraphFile:
+    """The graph in a parsed JSON object; CircuitError (one line) for what the explorer cannot
+    draw: another format_version, nodes or edges missing fields, an edge naming an unknown node.
+    A relative store path is read against `folder` (the JSON's), else the current folder."""
+    if obj.get("format_version") != 1:
+        raise CircuitError(
+            f"{where}: unknown format_version {obj.get('format_version')!r} (this workbench reads 1)"
+        )
+    nodes = [_node(n, f"{where}: node {i}") for i, n in enumerate(_list(obj, "nodes", where))]
+    ids = {n.id for n in nodes}
+    if len(ids) != len(nodes):
+        raise CircuitError(f"{where}: duplicate node ids")
+    edges = []
+    for i, e in enumerate(_list(obj, "edges", where)):
+        try:
+            edge = GraphEdge(str(e["source"]), str(e["target"]), float(e["weight"]))
+        except (KeyError, TypeError, ValueError):
+            raise CircuitError(f"{where}: edge {i} needs source, target and a numeric weight") from None
+        if edge.source not in ids or edge.target not in ids:
+            raise CircuitError(f"{where}: edge {edge.source!r} -> {edge.target!r} names an unknown node")
+        edges.append(edge)
+    transcoders = [dict(t) for t in obj.get("transcoders") or [] if isinstance(t, dict)]
+    for entry in transcoders:
+        entry["store"] = _resolved(entry.get("store"), folder)
+    parts = {key: obj.get(key) or {} for key in ("pruning", "metrics", "config")}
+    if not all(isinstance(v, dict) for v in parts.values()):
+        raise CircuitError(f"{where}: pruning, metrics and config must be objects")
+    return AttributionGraphFile(
+        nodes,
+        edges,
+        model=str(obj.get("model", "")),
+        prompt=str(obj.get("prompt", "")),
+        token_strings=[str(t) for t in obj.get("token_strings") or []],
+        transcoders=transcoders,
+        targets=[t for t in obj.get("targets") or [] if isinstance(t, dict)],
+        **parts,
+    )
+
+
+def load_graph_file(path: str | Path) -> AttributionGraphFile | None:
+    """The attribution graph at `path`; None when the file holds another kind of circuit (or is
+    not JSON: the ordinary circuit reader says why)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return read_graph(obj, str(path), Path(path).absolute().parent) if is_attribution_graph(obj) else None
+
+
+def _list(obj: dict, key: str, where: str) -> list:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise CircuitError(f"{where}: {key!r} must be a list")
+    return value
+
+
+def _node(raw: object, where: str) -> GraphNode:
+    if not isinstance(raw, dict):
+        raise CircuitError(f"{where}: expected an object")
+    try:
+        node = GraphNode(
+            id=str(raw["id"]),
+            type=str(raw["type"]),
+            layer=int(raw["layer"]),
+            position=int(raw["position"]),
+            feature=None if raw.get("feature") is None else int(raw["feature"]),
+            activation=None if raw.get("activation") is None else float(raw["activation"]),
+            influence=float(raw.get("influence") or 0.0),
+            label=str(raw.get("label") or ""),
+        )
+    except KeyError as exc:
+        raise CircuitError(f"{where}: missing {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise CircuitError(f"{where}: {exc}") from None
+    if node.type not in NODE_TYPES:
+        raise CircuitError(f"{where}: unknown type {node.type!r} (one of {', '.join(NODE_TYPES)})")
+    if node.type == "feature" and node.feature is None:
+        raise CircuitError(f"{where}: a feature node names no feature")
+    return node
+
+
+def _resolved(store: object, folder: Path | None) -> str | None:
+    if not store:
+        return None
+    path = Path(str(store)).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for candidate in ([folder / path] if folder else []) + [path.absolute()]:
+        if candidate.exists():
+            return str(candidate)
+    return str(store)
+
+
+# --- pruning -----------------------------------------------------------------------------------
+def pruned(graph: AttributionGraphFile, threshold: float) -> tuple[list[GraphNode], list[GraphEdge]]:
+    """The nodes and edges kept at influence share `threshold` (see the module docstring); at or
+    above the file's own threshold, everything in the file."""
+    if threshold >= graph.node_threshold:
+        return list(graph.nodes), list(graph.edges)
+    ranked = sorted((n for n in graph.nodes if n.type in PRUNED_TYPES), key=lambda n: -n.influence)
+    kept, total = set(), 0.0
+    for node in ranked:
+        if total >= threshold:
+            break
+        kept.add(node.id)
+        total += max(node.influence, 0.0)
+    nodes = [n for n in graph.nodes if n.type not in PRUNED_TYPES or n.id in kept]
+    ids = {n.id for n in nodes}
+    return nodes, [e for e in graph.edges if e.source in ids and e.target in ids]
+
+
+# --- names and the figure ------------------------------------------------------------------------
+def token_text(graph: AttributionGraphFile, position: int) -> str:
+    """The token at `position`, quoted with its spaces and newlines visible ('?' when unknown)."""
+    strings = graph.token_strings
+    return repr(strings[position]) if 0 <= position < len(strings) else "?"
+
+
+def node_name(graph: AttributionGraphFile, node: GraphNode) -> str:
+    """How a reader names a node: L1 #12 @3, error L1 @3, token 'the' @3, logit ' the'."""
+    if node.type == "feature":
+        return f"L{node.layer} #{node.feature} @{node.position}"
+    if node.type == "error":
+        return f"error L{node.layer} @{node.position}"
+    if node.type == "embedding":
+        return f"token {token_text(graph, node.position)} @{node.position}"
+    return f"logit {node.label or node.id}"
+
+
+def hover_text(graph: AttributionGraphFile, node: GraphNode, description: str = "") -> str:
+    """A node's hover: name, feature id, activation, influence, label (the store's description
+    of a feature when given, else the file's label)."""
+    lines = [f"<b>{node_name(graph, node)}</b> · {NODE_TYPES[node.type][0]}"]
+    if node.type == "feature":
+        lines.append(f"feature {node.feature} of layer {node.layer}'s transcoder")
+    lines.append(f"at {token_text(graph, node.position)} (position {node.position})")
+    numbers = [f"influence {node.influence:.3g}"]
+    if node.activation is not None:
+        numbers.insert(0, f"activation {node.activation:.3g}")
+    lines.append(" · ".join(numbers))
+    text = description or (node.label if node.type == "feature" else "")
+    if text:
+        lines.append(_short(text, 80))
+    return "<br>".join(lines)
+
+
+def _short(text: str, width: int) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def node_positions(graph: AttributionGraphFile, nodes: list[GraphNode]) -> dict[str, tuple[float, float]]:
+    """Node id -> (x, y): x the token position, the nodes of one (layer, position) cell spread
+    across CELL_WIDTH of it (strongest influence first, errors last); y the layer."""
+    cells: dict[tuple[int, int], list[GraphNode]] = {}
+    for node in nodes:
+        cells.setdefault((node.layer, node.position), []).append(node)
+    out = {}
+    for (layer, position), group in cells.items():
+        group.sort(key=lambda n: (n.type == "error", -n.influence, n.id))
+        step = CELL_WIDTH / len(group)
+        for slot, node in enumerate(group):
+            out[node.id] = (position + (slot - (len(group) - 1) / 2) * step, float(layer))
+    return out
+
+
+def marker_size(influence: float, largest: float) -> float:
+    """8 to 30 px, by the square root of influence (area follows influence)."""
+    share = max(influence, 0.0) / largest if largest > 0 else 0.0
+    return 8.0 + 22.0 * math.sqrt(min(share, 1.0))
+
+
+def graph_figure(
+    graph: AttributionGraphFile,
+    nodes: list[GraphNode],
+    edges: list[GraphEdge],
+    descriptions: dict[str, str] | None = None,
+) -> go.Figure:
+    """The figure of `nodes` and `edges` (a `pruned` view of `graph`). `descriptions`: node id ->
+    the store's description of a feature (hover). Each node's id rides in `customdata` so a click
+    can be resolved; edges show their weight on hover at their midpoint."""
+    descriptions = descriptions or {}
+    position = node_positions(graph, nodes)
+    figure = go.Figure()
+    _draw_edges(figure, graph, edges, position)
+    largest = max((n.influence for n in nodes if n.type in PRUNED_TYPES), default=0.0)
+    for kind, (legend, symbol, colour) in NODE_TYPES.items():
+        group = [n for n in nodes if n.type == kind]
+        if not group:
+            continue
+        sizes = [18.0 if kind in ("embedding", "logit") else marker_size(n.influence, largest) for n in group]
+        figure.add_trace(
+            go.Scatter(
+                x=[position[n.id][0] for n in group],
+                y=[position[n.id][1] for n in group],
+                mode="markers",
+                customdata=[n.id for n in group],
+                hovertext=[hover_text(graph, n, descriptions.get(n.id, "")) for n in group],
+                hoverinfo="text",
+                marker=dict(size=sizes, symbol=symbol, color=colour, line=dict(width=1, color="black")),
+                unselected=dict(marker=dict(opacity=0.7)),
+                name=legend,
+            )
+        )
+    n_positions = max(len(graph.token_strings), max((n.position + 1 for n in graph.nodes), default=1))
+    layers = list(range(-1, graph.n_layers + 1))
+    figure.update_layout(
+        height=min(max(420, 140 + 80 * len(layers)), 1400),
+        margin=dict(l=30, r=30, t=70, b=90),
+        xaxis=dict(
+            tickmode="array",
+            tickvals=list(range(n_positions)),
+            ticktext=[_short(token_text(graph, p), 12) for p in range(n_positions)],
+            tickangle=-45,
+            range=[-0.6, n_positions - 0.4],
+            showgrid=False,
+            zeroline=False,
+        ),
+        yaxis=dict(
+            tickmode="array",
+            tickvals=layers,
+            ticktext=["embeddings"] + [f"layer {i}" for i in layers[1:-1]] + ["logits"],
+            range=[-1.6, graph.n_layers + 0.6],
+            zeroline=False,
+        ),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, x=0, font=dict(size=11)),
+        hovermode="closest",
+        clickmode="event+select",
+    )
+    return figure
+
+
+def _draw_edges(
+    figure: go.Figure, graph: AttributionGraphFile, edges: list[GraphEdge], position: dict, bins: int = 4
+) -> None:
+    """Edges as a few line traces (sign x width bin: one trace per edge is slow at hundreds), then
+    one trace of invisible midpoints that shows each edge's weight on hover."""
+    top = max((abs(e.weight) for e in edges), default=1.0) or 1.0
+    groups: dict[tuple[bool, int], list[GraphEdge]] = {}
+    for edge in edges:
+        strength = min(int(bins * abs(edge.weight) / top), bins - 1)
+        groups.setdefault((edge.weight >= 0, strength), []).append(edge)
+    legend_done = set()
+    for (positive, strength), group in sorted(groups.items()):
+        xs, ys = [], []
+        for edge in group:
+            (x0, y0), (x1, y1) = position[edge.source], position[edge.target]
+            xs += [x0, x1, None]
+            ys += [y0, y1, None]
+        figure.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                hoverinfo="skip",
+                line=dict(
+                    width=0.6 + 1.4 * strength,
+                    color=(POSITIVE if positive else NEGATIVE).format(0.3 + 0.15 * strength),
+                ),
+                name="positive edge" if positive else "negative edge",
+                legendgroup="positive" if positive else "negative",
+                showlegend=positive not in legend_done,
+            )
+        )
+        legend_done.add(positive)
+    if edges:
+        names = {n.id: node_name(graph, n) for n in graph.nodes}
+        middles = [
+            (
+                (position[e.source][0] + position[e.target][0]) / 2,
+                (position[e.source][1] + position[e.target][1]) / 2,
+            )
+            for e in edges
+        ]
+        figure.add_trace(
+            go.Scatter(
+                x=[x for x, _ in middles],
+                y=[y for _, y in middles],
+                mode="markers",
+                marker=dict(size=6, opacity=0),
+                hovertext=[f"{names[e.source]} → {names[e.target]}: {e.weight:.4g}" for e in edges],
+                hoverinfo="text",
+                showlegend=False,
+                name="edge weights",
+            )
+        )

@@ -1,0 +1,201 @@
+"""Attribution graphs on the Circuits page: a graph JSON written per the contract (kind
+"attribution-graph", `circuits.graphs`) whose features link to the session's tiny store, drawn
+with token strings on x and layers on y, pruned tighter by the influence slider, and a click on a
+feature node opening its feature page; malformed files are refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_explorer_circuits import circuits_page
+
+TOKENS = ["<|bos|>", "ROMEO", ":", " the"]
+
+
+def synthetic_graph(store: str | None, features: list[int]) -> dict:
+    """A 2-layer graph over TOKENS: every (layer, position) holds one feature of `features` (in
+    turn) and an error node; edges run from each node to the nodes above it, signs alternating;
+    influence falls with the node's index (features first), so the ranking is known."""
+    n_layers, nodes, edges = 2, [], []
+    for p, text in enumerate(TOKENS):
+        nodes.append({"id": f"t.{p}", "type": "embedding", "layer": -1, "position": p, "influence": 0.05})
+    rank = 0
+    for layer in range(n_layers):
+        for p in range(len(TOKENS)):
+            feature = features[rank % len(features)]
+            nodes.append(
+                {
+                    "id": f"f.{layer}.{p}.{feature}",
+                    "type": "feature",
+                    "layer": layer,
+                    "position": p,
+                    "feature": feature,
+                    "activation": 1.0 + rank,
+                    "influence": 0.2 / (1 + rank),
+                    "label": f"feature {feature}",
+                }
+            )
+            rank += 1
+    for layer in range(n_layers):
+        for p in range(len(TOKENS)):
+            nodes.append(
+                {"id": f"e.{layer}.{p}", "type": "error", "layer": layer, "position": p, "influence": 0.01}
+            )
+    nodes.append(
+        {
+            "id": "l.262",
+            "type": "logit",
+            "layer": n_layers,
+            "position": len(TOKENS) - 1,
+            "influence": 0.0,
+            "label": "' the'",
+        }
+    )
+    by_layer: dict[int, list[str]] = {}
+    for node in nodes:
+        by_layer.setdefault(node["layer"], []).append(node["id"])
+    for i, (low, high) in enumerate(zip(sorted(by_layer), sorted(by_layer)[1:])):
+        for j, source in enumerate(by_layer[low]):
+            for target in by_layer[high][:3]:
+                edges.append({"source": source, "target": target, "weight": (-1) ** (i + j) * (1 + j) / 4})
+    return {
+        "format_version": 1,
+        "kind": "attribution-graph",
+        "model": "tiny",
+        "prompt": "ROMEO: the",
+        "tokens": [0, 11, 12, 13],
+        "token_strings": TOKENS,
+        "transcoders": [
+            {
+                "layer": layer,
+                "path": "runs/tc",
+                "hook": f"blocks.{layer}.ln2.hook_normalized",
+                "out_hook": f"blocks.{layer}.hook_mlp_out",
+                "store": store,
+            }
+            for layer in range(n_layers)
+        ],
+        "targets": [{"token": 262, "token_string": " the", "probability": 0.31, "logit": 4.2}],
+        "nodes": nodes,
+        "edges": edges,
+        "pruning": {"node_threshold": 0.8, "edge_threshold": 0.98, "nodes_before": 99, "edges_before": 999},
+        "metrics": {"completeness": 0.93, "replacement_score": 0.71, "seconds": 0.5},
+    }
+
+
+@pytest.fixture
+def graph_file(tiny_run, tmp_path) -> Path:
+    from workbench.store import FeatureStore
+
+    store = FeatureStore(tiny_run / "features.duckdb")
+    fired = store.features(limit=3).feature.tolist()
+    store.close()
+    path = tmp_path / "graphs" / "tiny-graph.circuit.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(synthetic_graph(str(tiny_run / "features.duckdb"), [int(f) for f in fired])))
+    return path
+
+
+def test_the_figure_puts_tokens_on_x_layers_on_y_and_sizes_by_influence():
+    from app.explorer.attribution_graph import NODE_TYPES, graph_figure, pruned, read_graph
+
+    graph = read_graph(synthetic_graph(None, [3, 5]))
+    figure = graph_figure(graph, *pruned(graph, 1.0))
+    assert list(figure.layout.xaxis.ticktext) == [repr(t) for t in TOKENS]
+    assert list(figure.layout.yaxis.tickvals) == [-1, 0, 1, 2]
+    assert list(figure.layout.yaxis.ticktext) == ["embeddings", "layer 0", "layer 1", "logits"]
+    traces = {t.name: t for t in figure.data}
+    features = traces[NODE_TYPES["feature"][0]]
+    influence = {n.id: n.influence for n in graph.nodes}
+    sizes = dict(zip(features.customdata, features.marker.size))
+    ranked = sorted(sizes, key=lambda i: -influence[i])
+    assert [sizes[i] for i in ranked] == sorted(sizes.values(), reverse=True) and sizes[ranked[0]] == 30
+    assert features.marker.color != traces[NODE_TYPES["error"][0]].marker.color
+    first = next(n for n in graph.nodes if n.type == "feature" and n.position == 2 and n.layer == 1)
+    x, y = (
+        features.x[list(features.customdata).index(first.id)],
+        features.y[list(features.customdata).index(first.id)],
+    )
+    assert abs(x - 2) < 0.4 and y == 1  # its token's column, its layer's row
+    hover = features.hovertext[list(features.customdata).index(first.id)]
+    assert f"feature {first.feature}" in hover and "activation" in hover and "influence" in hover
+    assert {"positive edge", "negative edge"} <= {t.name for t in figure.data}
+    assert len(traces["edge weights"].x) == len(graph.edges)
+
+
+def test_the_slider_only_tightens_the_files_pruning():
+    from app.explorer.attribution_graph import pruned, read_graph
+
+    graph = read_graph(synthetic_graph(None, [3]))
+    assert pruned(graph, 0.8) == (graph.nodes, graph.edges)  # the file's own threshold: all of it
+    previous = len(graph.nodes)
+    for threshold in (0.6, 0.4, 0.2, 0.05):
+        nodes, edges = pruned(graph, threshold)
+        ids = {n.id for n in nodes}
+        assert len(nodes) <= previous
+        previous = len(nodes)
+        kept = sorted((n for n in nodes if n.type in ("feature", "error")), key=lambda n: -n.influence)
+        dropped = [n for n in graph.nodes if n.id not in ids]
+        assert all(n.type in ("feature", "error") for n in dropped)  # embeddings and logits stay
+        assert all(d.influence <= kept[-1].influence for d in dropped)  # the strongest are kept
+        assert sum(n.influence for n in kept[:-1]) < threshold <= sum(n.influence for n in kept)
+        assert all(e.source in ids and e.target in ids for e in edges)
+    assert [n.id for n in pruned(graph, 0.05)[0] if n.type == "feature"] == ["f.0.0.3"]
+
+
+def test_a_malformed_graph_is_refused_in_one_line():
+    from app.explorer.attribution_graph import read_graph
+    from circuits.graph import CircuitError
+
+    graph = synthetic_graph(None, [3])
+    graph["edges"].append({"source": "f.0.0.3", "target": "nowhere", "weight": 1.0})
+    with pytest.raises(CircuitError, match="names an unknown node"):
+        read_graph(graph)
+    graph = synthetic_graph(None, [3])
+    graph["nodes"][0]["type"] = "head"
+    with pytest.raises(CircuitError, match=r"unknown type 'head'"):
+        read_graph(graph)
+
+
+def test_the_circuits_page_draws_a_graph_and_a_feature_click_opens_its_page(
+    tiny_run, graph_file, tmp_path, monkeypatch
+):
+    from workbench.store import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    at = circuits_page(monkeypatch, [str(tiny_run)], circuits=[str(graph_file.parent)])
+    assert at.selectbox(key="circuit_file").value == str(graph_file)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    drawn = [i for t in spec["data"] for i in t.get("customdata") or []]
+    graph = json.loads(graph_file.read_text())
+    assert sorted(drawn) == sorted(n["id"] for n in graph["nodes"])
+    store = FeatureStore(tiny_run / "features.duckdb")
+    feature_node = next(n for n in graph["nodes"] if n["type"] == "feature")
+    summary = store.summaries([feature_node["feature"]])[feature_node["feature"]]
+    hovers = [h for t in spec["data"] for h in t.get("hovertext") or []]
+    assert summary and any(summary[:40] in h for h in hovers)  # the store's description, not the file's label
+    at.slider(key="graph_node_threshold").set_value(0.2).run()
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert len([i for t in spec["data"] for i in t.get("customdata") or []]) < len(drawn)
+    assert "completeness" in at.table[0].value.index
+    assert (
+        at.table[2].value.transcoder[0] == "reads blocks.0.ln2.hook_normalized, writes blocks.0.hook_mlp_out"
+    )
+
+    at.slider(key="graph_node_threshold").set_value(0.8).run()
+    at.session_state["attribution_graph"] = {
+        "selection": {"points": [{"customdata": "e.1.2"}], "point_indices": [0]}
+    }
+    at.run()  # an error node: its edges below the graph
+    assert not at.exception and at.selectbox(key="graph_node").value == "e.1.2"
+    assert len(at.dataframe[0].value) == sum(e["target"] == "e.1.2" for e in graph["edges"])
+    at.session_state["attribution_graph"] = {
+        "selection": {"points": [{"customdata": feature_node["id"]}], "point_indices": [0]}
+    }
+    at.run()  # a feature node: its page in the transcoder's store
+    assert not at.exception
+    assert at.title[0].value == f"Feature {feature_node['feature']}"
+    assert summary in "\n".join(m.value for m in at.markdown)
