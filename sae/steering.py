@@ -16,7 +16,16 @@ context is open, so KV-cached generation is steered on the prompt and on every g
 ([P] or [batch, P]). A pass over more than one token starts a sequence (the prompt); a one-token
 pass inside the block continues it (a decode step). The object the block yields reports what
 was edited (`str(report)`, `report.positions_edited`), so a steer that silently did nothing
-shows as 0 positions.
+shows as 0 positions. An edit may carry its own `positions` (same choices, or a list of
+absolute positions: `ablate(d, f, positions=[7])`), which override the block's for that edit.
+
+Transcoders (a dictionary that reads one hook and writes another: `meta["hook"]` its input,
+`meta["out_hook"]` its output; Dunefsky, Chlenski & Nanda 2024) are edited at the output hook:
+`add(t, f, s)` adds s·W_dec[f] [d_out] there; `clamp(t, f, v)` adds (v − a_f)·W_dec[f], where
+a_f is the feature's activation on the input hook's activation of the same forward pass (read
+by a second hook, after any edits at that hook), so `ablate(t, f)` removes exactly what the
+feature contributes to the transcoder's output; the skip term, the error and the other latents
+are untouched. Both hooks go through one hook block, so the hook modes cover both.
 
 `steer` (and `sweep`) check every edit before any pass (`check_edits`): the hook fires and holds
 per-token activations, the direction's width is the hook's, the feature is one of the
@@ -56,50 +65,158 @@ class Edit:
     feature: int = -1
     source: Dictionary | None = None
     """The dictionary whose feature `feature` the direction is (checked against the model by `steer`)."""
+    in_hook: str | None = None
+    """Transcoder edits: the transcoder's input hook, where a clamp reads the feature's activation
+    (the edit itself is added at `hook`, the output hook). None for every other edit."""
+    positions: str | Tensor | None = None
+    """Where this edit applies ("all", "prompt", "generated" or a bool mask over absolute
+    positions); None: the `positions` of the steer block."""
 
-    def delta(self, x: Tensor) -> Tensor:
-        """What this edit adds to activations x [..., d], in x's dtype (direction and dictionary
-        on x's device: `steer` puts them there)."""
-        if self.dictionary is None:
-            return self.strength * self.direction.to(x.dtype).expand_as(x)
+    @property
+    def reads_input(self) -> bool:
+        """A transcoder clamp: its activation comes from `in_hook`, not from the edited hook."""
+        return self.in_hook is not None and self.dictionary is not None
+
+    def activation(self, x: Tensor) -> Tensor:
+        """The clamped feature's activation on x [..., d_in] (the dictionary's input), flattened
+        to [rows], in the dictionary's dtype."""
         flat = x.reshape(-1, x.shape[-1])
         codes = self.dictionary.encode(flat)  # in the dictionary's dtype
         chosen = (codes.flat_indices() == self.feature).to(codes.flat_values().dtype) * codes.flat_values()
-        current = chosen.new_zeros(len(flat)).index_add_(0, codes.row_ids(), chosen)
+        return chosen.new_zeros(len(flat)).index_add_(0, codes.row_ids(), chosen)
+
+    def delta(self, x: Tensor, current: Tensor | None = None) -> Tensor:
+        """What this edit adds to activations x [..., d], in x's dtype (direction and dictionary
+        on x's device: `steer` puts them there). `current` [rows]: a clamp's feature activation
+        when it is not read off x (transcoders: read at the input hook)."""
+        if self.dictionary is None:
+            return self.strength * self.direction.to(x.dtype).expand_as(x)
+        current = self.activation(x) if current is None else current
         direction = self.direction.to(current.dtype)
         return ((self.strength - current).unsqueeze(1) * direction).view(x.shape).to(x.dtype)
 
 
-def add(dictionary: Dictionary, feature: int, strength: float, hook: str | None = None) -> Edit:
+def add(
+    dictionary: Dictionary,
+    feature: int,
+    strength: float,
+    hook: str | None = None,
+    *,
+    positions: str | Tensor | Sequence[int] | None = None,
+) -> Edit:
     """Add `strength` times the feature's decoder direction W_dec[feature] [d_in] (what the feature
-    writes when active) at `hook` (default: the dictionary's). Raises DictionaryError for a feature
-    outside 0..n_latents-1 or a dictionary that records no hook; `steer` checks the rest."""
+    writes when active) at `hook` (default: the dictionary's). For a transcoder the direction is
+    [d_out] and is added at its output hook (`hook` overrides that one). `positions`: where this
+    edit applies, overriding the steer block's (see the module docstring). Raises DictionaryError
+    for a feature outside 0..n_latents-1, a dictionary that records no hook, bad positions;
+    `steer` checks the rest."""
     if not 0 <= int(feature) < dictionary.n_latents:
         raise DictionaryError(f"feature {feature} is outside 0..{dictionary.n_latents - 1}")
     direction = dictionary.W_dec[int(feature)].detach()
+    where = as_positions(positions)
+    if is_transcoder(dictionary):
+        hook, in_hook = transcoder_hooks(dictionary, hook)
+    else:
+        hook, in_hook = hook_of(dictionary, hook), None
     return Edit(
-        hook_of(dictionary, hook),
+        hook,
         direction,
         float(strength),
-        f"feature {int(feature)} x {strength:g}",
+        f"feature {int(feature)} x {strength:g}{_at(where)}",
         feature=int(feature),
         source=dictionary,
+        in_hook=in_hook,
+        positions=where,
     )
 
 
-def clamp(dictionary: Dictionary, feature: int, value: float, hook: str | None = None) -> Edit:
-    """Hold the feature's activation at `value` at every position (its error term untouched)."""
+def clamp(
+    dictionary: Dictionary,
+    feature: int,
+    value: float,
+    hook: str | None = None,
+    *,
+    positions: str | Tensor | Sequence[int] | None = None,
+) -> Edit:
+    """Hold the feature's activation at `value` (its error term untouched), at every position or
+    at `positions`. A transcoder's feature is read at its input hook on the same pass and the
+    change (value − a_f)·W_dec[f] added at its output hook."""
+    edit = add(dictionary, feature, 0.0, hook, positions=positions)
     return dataclasses.replace(
-        add(dictionary, feature, 0.0, hook),
+        edit,
         strength=float(value),
-        label=f"feature {int(feature)} = {value:g}",
+        label=f"feature {int(feature)} = {value:g}{_at(edit.positions)}",
         dictionary=dictionary,
     )
 
 
-def ablate(dictionary: Dictionary, feature: int, hook: str | None = None) -> Edit:
-    """Remove the feature's contribution wherever it fires."""
-    return clamp(dictionary, feature, 0.0, hook)
+def ablate(
+    dictionary: Dictionary,
+    feature: int,
+    hook: str | None = None,
+    *,
+    positions: str | Tensor | Sequence[int] | None = None,
+) -> Edit:
+    """Remove the feature's contribution wherever it fires (or at `positions`); for a transcoder,
+    exactly a_f·W_dec[f] is subtracted from its output hook."""
+    return clamp(dictionary, feature, 0.0, hook, positions=positions)
+
+
+def is_transcoder(dictionary: Dictionary) -> bool:
+    """Whether the dictionary decodes to another hook than it reads (a transcoder)."""
+    return bool(getattr(dictionary, "is_transcoder", False) or dictionary.meta.get("out_hook"))
+
+
+def transcoder_hooks(transcoder: Dictionary, out_hook: str | None = None) -> tuple[str, str]:
+    """(output hook, input hook) of a transcoder: `out_hook` or its recorded `meta["out_hook"]`,
+    and its `meta["hook"]`. Raises DictionaryError when one is not recorded."""
+    in_hook, out_hook = transcoder.meta.get("hook"), out_hook or transcoder.meta.get("out_hook")
+    if not in_hook:
+        raise DictionaryError("this transcoder does not record its input hook (meta['hook']); set it")
+    if not out_hook:
+        raise DictionaryError(
+            "this transcoder does not record its output hook (meta['out_hook']); pass hook="
+        )
+    return out_hook, in_hook
+
+
+def as_positions(positions: str | Tensor | Sequence[int] | None) -> str | Tensor | None:
+    """`positions` as steer reads them: None, a name, or a bool mask; a list of absolute positions
+    becomes the bool mask that holds them. Raises DictionaryError for anything else."""
+    if positions is None or isinstance(positions, (str, Tensor)):
+        _check_positions(positions)
+        return positions
+    try:
+        where = [int(p) for p in positions]
+    except (TypeError, ValueError):
+        raise DictionaryError(
+            f"positions must be a name, a bool mask or a list of positions, not {positions!r}"
+        )
+    if not where or min(where) < 0 or any(float(p) != int(p) for p in positions):
+        raise DictionaryError(f"positions must be non-negative token positions, not {list(positions)!r}")
+    mask = torch.zeros(max(where) + 1, dtype=torch.bool)
+    mask[where] = True
+    return mask
+
+
+def _check_positions(positions) -> None:
+    if isinstance(positions, str) and positions not in POSITIONS:
+        raise DictionaryError(
+            f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}"
+        )
+    if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
+        raise DictionaryError(
+            f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}"
+        )
+
+
+def _at(positions) -> str:
+    if positions is None:
+        return ""
+    if isinstance(positions, str):
+        return f" at {positions}"
+    where = positions.nonzero()[:, -1].unique().tolist()
+    return f" at {where}" if len(where) <= 6 else f" at {len(where)} positions"
 
 
 def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
@@ -152,20 +269,18 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
     """Refuse, in one line, edits `model` cannot apply: UnknownHookError for a hook that does not
     fire or holds no per-token activations; DictionaryError for a direction that is not [d] (d
     the hook's width) or not finite, a non-finite strength, a feature outside its dictionary, a
-    dictionary of another width or trained at another hook or on another model, bad positions."""
-    if isinstance(positions, str) and positions not in POSITIONS:
-        raise DictionaryError(
-            f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}"
-        )
-    if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
-        raise DictionaryError(
-            f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}"
-        )
+    dictionary of another width or trained at another hook or on another model, bad positions
+    (a transcoder: d_in is its input hook's width, d_out its output hook's)."""
+    as_positions(positions)
     for edit in edits:
+        _check_positions(edit.positions)
         width = model.width(edit.hook)
         name = f"{edit.label}: " if edit.source is not None else ""
         for dictionary in {id(d): d for d in (edit.source, edit.dictionary) if d is not None}.values():
-            check_trained_at(model, dictionary, edit.hook, edit.label or "edit")
+            if edit.in_hook is not None:
+                _check_transcoder(model, dictionary, edit.in_hook, edit.hook, edit.label or "edit")
+            else:
+                check_trained_at(model, dictionary, edit.hook, edit.label or "edit")
             if not 0 <= edit.feature < dictionary.n_latents:
                 raise DictionaryError(
                     f"{edit.label}: feature {edit.feature} is outside 0..{dictionary.n_latents - 1}"
@@ -184,19 +299,41 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
             raise DictionaryError(f"{name}direction at hook {edit.hook} has NaN or infinite entries")
 
 
+def _check_transcoder(model, transcoder: Dictionary, in_hook: str, out_hook: str, what: str) -> None:
+    """`check_trained_at` at the input hook (d_in, recorded hook and model), then d_out against
+    the output hook's width and the recorded output hook against `out_hook`."""
+    check_trained_at(model, transcoder, in_hook, what)
+    width, d_out = model.width(out_hook), getattr(transcoder, "d_out", transcoder.W_dec.shape[-1])
+    if d_out != width:
+        raise DictionaryError(f"{what}: the transcoder has d_out={d_out}, hook {out_hook} has d={width}")
+    trained = transcoder.meta.get("out_hook")
+    if trained and trained != out_hook and trained in model.hook_widths():
+        raise DictionaryError(f"{what}: the transcoder was trained to write {trained}, not {out_hook}")
+
+
 @contextlib.contextmanager
-def steer(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> Iterator[SteeringReport]:
-    """Apply `edits` on every forward pass of `model` inside the block, at `positions`, on the
-    model's device (edits made from a dictionary elsewhere are moved, not refused; see the module
-    docstring). Raises what `check_edits` raises, before any pass and with nothing attached."""
+def steer(
+    model, edits: Sequence[Edit], positions: str | Tensor | Sequence[int] = "all"
+) -> Iterator[SteeringReport]:
+    """Apply `edits` on every forward pass of `model` inside the block, at `positions` (each
+    edit's own `positions` override them), on the model's device (edits made from a dictionary
+    elsewhere are moved, not refused; see the module docstring). Raises what `check_edits`
+    raises, before any pass and with nothing attached."""
     check_edits(model, edits, positions)
-    groups: dict[str, list[Edit]] = {}
-    for edit in placed(edits, model.device):
-        groups.setdefault(edit.hook, []).append(edit)
+    positions = as_positions(positions)
+    groups: dict[str, list[tuple[int, Edit]]] = {}
+    readers: dict[str, list[tuple[int, Edit]]] = {}
+    for i, edit in enumerate(placed(edits, model.device)):
+        groups.setdefault(edit.hook, []).append((i, edit))
+        if edit.reads_input:
+            readers.setdefault(edit.in_hook, []).append((i, edit))
     report = SteeringReport(edits, positions)
-    with model.hooks(
-        [(hook, _adder(hook, group, _Positions(positions), report)) for hook, group in groups.items()]
-    ):
+    readings: dict[int, Tensor] = {}  # edit index -> the clamped feature's activation [rows], this pass
+    hook_fns = [
+        (hook, _adder(hook, groups.get(hook, []), readers.get(hook, []), readings, positions, report))
+        for hook in dict.fromkeys([*groups, *readers])
+    ]
+    with model.hooks(hook_fns):  # one block: the hook modes are those of every hook involved
         yield report
 
 
@@ -224,27 +361,29 @@ class _Positions:
     """Absolute positions of each pass at one hook: a multi-token pass starts a sequence, a
     one-token pass continues it (KV-cached decoding)."""
 
-    def __init__(self, spec):
-        self.spec, self.prompt_length, self.next = spec, 0, 0
+    def __init__(self):
+        self.prompt_length, self.start, self.next = 0, 0, 0
 
-    def mask(self, batch: int, length: int, device: torch.device) -> Tensor | None:
-        """[batch, length] bool of the positions to edit (on `device`), or None for all of them."""
+    def step(self, length: int) -> None:
+        """A pass of `length` positions arrived at the hook."""
         if length > 1 or self.next == 0:
-            self.prompt_length, start = length, 0
+            self.prompt_length, self.start = length, 0
         else:
-            start = self.next
-        self.next = start + length
-        if isinstance(self.spec, str) and self.spec == "all":
+            self.start = self.next
+        self.next = self.start + length
+
+    def mask(self, spec, batch: int, length: int, device: torch.device) -> Tensor | None:
+        """[batch, length] bool of the positions of this pass that `spec` edits (on `device`), or
+        None for all of them."""
+        if isinstance(spec, str) and spec == "all":
             return None
-        absolute = torch.arange(start, start + length)
-        if isinstance(self.spec, str):
-            keep = absolute < self.prompt_length if self.spec == "prompt" else absolute >= self.prompt_length
+        absolute = torch.arange(self.start, self.start + length)
+        if isinstance(spec, str):
+            keep = absolute < self.prompt_length if spec == "prompt" else absolute >= self.prompt_length
             return keep.expand(batch, length).to(device)
-        if self.spec.dim() == 2 and self.spec.shape[0] not in (1, batch):
-            raise DictionaryError(
-                f"a positions mask of {self.spec.shape[0]} rows cannot steer a batch of {batch}"
-            )
-        spec = self.spec.cpu()  # built on the host (a few bools), then moved
+        if spec.dim() == 2 and spec.shape[0] not in (1, batch):
+            raise DictionaryError(f"a positions mask of {spec.shape[0]} rows cannot steer a batch of {batch}")
+        spec = spec.cpu()  # built on the host (a few bools), then moved
         mask = spec if spec.dim() == 2 else spec.expand(batch, -1)
         inside = absolute < mask.shape[1]
         out = torch.zeros(mask.shape[0], length, dtype=torch.bool)
@@ -252,20 +391,52 @@ class _Positions:
         return out.expand(batch, length).to(device)
 
 
-def _adder(name: str, group: list[Edit], where: _Positions, report: SteeringReport):
-    def hook_fn(activation: Tensor, hook=None) -> Tensor:
+def _adder(name: str, group, readers, readings: dict, positions, report: SteeringReport):
+    """The hook function at `name`: adds the deltas of `group` ((index, edit) pairs whose hook
+    this is), then reads the activations that `readers` (transcoder clamps whose input hook this
+    is) need later in the pass, off the edited activation (what the MLP reads)."""
+    where = _Positions()
+
+    def hook_fn(activation: Tensor, hook=None) -> Tensor | None:
         x = activation.flatten(2)  # [batch, pos, d] (attention hooks: heads flattened)
-        mask = where.mask(x.shape[0], x.shape[1], x.device)
-        with torch.no_grad():
-            delta = sum(edit.delta(x) for edit in group)  # every edit sees the unedited activation
-            if mask is not None:
-                delta = delta * mask.unsqueeze(-1).to(delta.dtype)
-        report.passes[name] = report.passes.get(name, 0) + 1
-        edited = x.shape[0] * x.shape[1] if mask is None else int(mask.sum())
-        report.positions_edited[name] = report.positions_edited.get(name, 0) + edited
-        return (x + delta).view(activation.shape)
+        if group:
+            x = _apply(name, group, x, where, readings, positions, report)
+        if readers:
+            with torch.no_grad():
+                for i, edit in readers:
+                    readings[i] = edit.activation(x)
+        return x.view(activation.shape) if group else None
 
     return hook_fn
+
+
+def _apply(name: str, group, x: Tensor, where: _Positions, readings: dict, positions, report) -> Tensor:
+    where.step(x.shape[1])
+    rows, edited = x.shape[0] * x.shape[1], None
+    delta = torch.zeros_like(x)
+    with torch.no_grad():
+        for i, edit in group:  # every edit sees the unedited activation
+            current = _reading(edit, readings.pop(i, None), rows) if edit.reads_input else None
+            change = edit.delta(x, current)
+            mask = where.mask(positions if edit.positions is None else edit.positions, *x.shape[:2], x.device)
+            if mask is None:
+                edited = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            else:
+                change = change * mask.unsqueeze(-1).to(change.dtype)
+                edited = mask if edited is None else edited | mask
+            delta = delta + change
+    report.passes[name] = report.passes.get(name, 0) + 1
+    report.positions_edited[name] = report.positions_edited.get(name, 0) + int(edited.sum())
+    return x + delta
+
+
+def _reading(edit: Edit, current: Tensor | None, rows: int) -> Tensor:
+    if current is None or current.numel() != rows:
+        raise DictionaryError(
+            f"{edit.label}: the transcoder's input hook {edit.in_hook} did not fire before {edit.hook} "
+            f"in this pass, so the feature's activation is unknown"
+        )
+    return current
 
 
 def generate_pair(
