@@ -17,11 +17,12 @@ TOKENS = ["<|bos|>", "ROMEO", ":", " the"]
 
 def synthetic_graph(store: str | None, features: list[int]) -> dict:
     """A 2-layer graph over TOKENS: every (layer, position) holds one feature of `features` (in
-    turn) and an error node; edges run from each node to the nodes above it, signs alternating;
-    influence falls with the node's index (features first), so the ranking is known."""
+    turn) and an error node; edges run from each node to the nodes above it, signs alternating.
+    Own influence falls with a feature's index (errors and embeddings weaker), written as
+    circuits.graphs does: "influence" is the cumulative share in that order."""
     n_layers, nodes, edges = 2, [], []
     for p, text in enumerate(TOKENS):
-        nodes.append({"id": f"t.{p}", "type": "embedding", "layer": -1, "position": p, "influence": 0.05})
+        nodes.append({"id": f"t.{p}", "type": "embedding", "layer": -1, "position": p, "own": 0.02})
     rank = 0
     for layer in range(n_layers):
         for p in range(len(TOKENS)):
@@ -34,7 +35,7 @@ def synthetic_graph(store: str | None, features: list[int]) -> dict:
                     "position": p,
                     "feature": feature,
                     "activation": 1.0 + rank,
-                    "influence": 0.2 / (1 + rank),
+                    "own": 0.2 / (1 + rank),
                     "label": f"feature {feature}",
                 }
             )
@@ -42,8 +43,12 @@ def synthetic_graph(store: str | None, features: list[int]) -> dict:
     for layer in range(n_layers):
         for p in range(len(TOKENS)):
             nodes.append(
-                {"id": f"e.{layer}.{p}", "type": "error", "layer": layer, "position": p, "influence": 0.01}
+                {"id": f"e.{layer}.{p}", "type": "error", "layer": layer, "position": p, "own": 0.01}
             )
+    total, running = sum(n["own"] for n in nodes), 0.0
+    for node in sorted(nodes, key=lambda n: -n["own"]):
+        running += node.pop("own")
+        node["influence"] = running / total
     nodes.append(
         {
             "id": "l.262",
@@ -109,10 +114,12 @@ def test_the_figure_puts_tokens_on_x_layers_on_y_and_sizes_by_influence():
     assert list(figure.layout.yaxis.ticktext) == ["embeddings", "layer 0", "layer 1", "logits"]
     traces = {t.name: t for t in figure.data}
     features = traces[NODE_TYPES["feature"][0]]
-    influence = {n.id: n.influence for n in graph.nodes}
     sizes = dict(zip(features.customdata, features.marker.size))
-    ranked = sorted(sizes, key=lambda i: -influence[i])
+    cumulative = {n.id: n.influence for n in graph.nodes}
+    ranked = sorted(sizes, key=lambda i: cumulative[i])  # strongest first
     assert [sizes[i] for i in ranked] == sorted(sizes.values(), reverse=True) and sizes[ranked[0]] == 30
+    strongest = next(n for n in graph.nodes if n.id == ranked[0])
+    assert strongest.share == pytest.approx(strongest.influence)  # the first node's share is its own
     assert features.marker.color != traces[NODE_TYPES["error"][0]].marker.color
     first = next(n for n in graph.nodes if n.type == "feature" and n.position == 2 and n.layer == 1)
     x, y = (
@@ -137,11 +144,12 @@ def test_the_slider_only_tightens_the_files_pruning():
         ids = {n.id for n in nodes}
         assert len(nodes) <= previous
         previous = len(nodes)
-        kept = sorted((n for n in nodes if n.type in ("feature", "error")), key=lambda n: -n.influence)
         dropped = [n for n in graph.nodes if n.id not in ids]
-        assert all(n.type in ("feature", "error") for n in dropped)  # embeddings and logits stay
-        assert all(d.influence <= kept[-1].influence for d in dropped)  # the strongest are kept
-        assert sum(n.influence for n in kept[:-1]) < threshold <= sum(n.influence for n in kept)
+        assert dropped and all(n.type in ("feature", "error") for n in dropped)  # embeddings, logits stay
+        kept = sorted(n.influence for n in nodes if n.type in ("feature", "error"))
+        assert all(d.influence > kept[-1] for d in dropped)  # the strongest are kept
+        # circuit-tracer's rule: up to and including the first cumulative share reaching the threshold
+        assert kept[-1] >= threshold and (len(kept) == 1 or kept[-2] < threshold)
         assert all(e.source in ids and e.target in ids for e in edges)
     assert [n.id for n in pruned(graph, 0.05)[0] if n.type == "feature"] == ["f.0.0.3"]
 

@@ -5,12 +5,16 @@ influence, and its plotly figure. No Streamlit here, so each piece is tested dir
 Layout (as circuit-tracer's and Neuronpedia's graph views): token positions on x (the token
 strings as tick labels), layers on y (the token embeddings at the bottom, layer -1; the logits on
 top, layer n_layers); the nodes of one (layer, position) cell side by side within it. Node size
-follows influence (the node's share of the targets' influence, 0..1), colour its type; an edge is a
-line whose width follows |weight| and colour its sign.
+follows the node's own share of the targets' influence, colour its type; an edge is a line whose
+width follows |weight| and colour its sign.
 
-Re-pruning only tightens what the file holds (it was pruned at `pruning.node_threshold`): the
-feature and error nodes, strongest influence first, are kept until their influence adds up to
-the chosen share; embeddings and logits always stay; an edge stays when both its ends do.
+A node's "influence" in the file is circuit-tracer's cumulative share (`circuits.graph_prune`):
+the nodes sorted by influence on the targets, the running sum over the total, so the strongest
+node has the smallest value. A node's own share is its "share" when the file gives one, else the
+step from the previous cumulative value among the file's nodes. Re-pruning at τ keeps the feature
+and error nodes whose cumulative share is at most the first one ≥ τ (circuit-tracer's rule), so it
+only tightens what the file holds (pruned at `pruning.node_threshold`); embeddings and logits
+always stay; an edge stays when both its ends do.
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ class GraphNode:
     feature: int | None = None
     activation: float | None = None
     influence: float = 0.0
+    """Cumulative influence share (see the module docstring): smaller is stronger."""
     label: str = ""
+    share: float | None = None
+    """The node's own share of the influence (the file's "share", else derived by `own_shares`)."""
 
 
 @dataclass
@@ -123,6 +130,7 @@ def read_graph(obj: dict, where: str = "graph", folder: Path | None = None) -> A
     parts = {key: obj.get(key) or {} for key in ("pruning", "metrics", "config")}
     if not all(isinstance(v, dict) for v in parts.values()):
         raise CircuitError(f"{where}: pruning, metrics and config must be objects")
+    own_shares(nodes)
     return AttributionGraphFile(
         nodes,
         edges,
@@ -165,6 +173,7 @@ def _node(raw: object, where: str) -> GraphNode:
             activation=None if raw.get("activation") is None else float(raw["activation"]),
             influence=float(raw.get("influence") or 0.0),
             label=str(raw.get("label") or ""),
+            share=None if raw.get("share") is None else float(raw["share"]),
         )
     except KeyError as exc:
         raise CircuitError(f"{where}: missing {exc.args[0]!r}") from None
@@ -189,20 +198,29 @@ def _resolved(store: object, folder: Path | None) -> str | None:
     return str(store)
 
 
+def own_shares(nodes: list[GraphNode]) -> None:
+    """Fill each ranked node's `share` the file does not give (logits are not ranked: 0): its
+    cumulative influence minus the previous node's, in cumulative order (an upper bound where
+    the file dropped nodes between them)."""
+    previous = 0.0
+    for node in sorted((n for n in nodes if n.type != "logit"), key=lambda n: n.influence):
+        if node.share is None:
+            node.share = max(node.influence - previous, 0.0)
+        previous = node.influence
+    for node in nodes:
+        if node.share is None:
+            node.share = 0.0
+
+
 # --- pruning -----------------------------------------------------------------------------------
 def pruned(graph: AttributionGraphFile, threshold: float) -> tuple[list[GraphNode], list[GraphEdge]]:
     """The nodes and edges kept at influence share `threshold` (see the module docstring); at or
     above the file's own threshold, everything in the file."""
     if threshold >= graph.node_threshold:
         return list(graph.nodes), list(graph.edges)
-    ranked = sorted((n for n in graph.nodes if n.type in PRUNED_TYPES), key=lambda n: -n.influence)
-    kept, total = set(), 0.0
-    for node in ranked:
-        if total >= threshold:
-            break
-        kept.add(node.id)
-        total += max(node.influence, 0.0)
-    nodes = [n for n in graph.nodes if n.type not in PRUNED_TYPES or n.id in kept]
+    ranked = [n.influence for n in graph.nodes if n.type != "logit"]
+    cutoff = min((v for v in ranked if v >= threshold), default=math.inf)
+    nodes = [n for n in graph.nodes if n.type not in PRUNED_TYPES or n.influence <= cutoff]
     ids = {n.id for n in nodes}
     return nodes, [e for e in graph.edges if e.source in ids and e.target in ids]
 
@@ -232,7 +250,7 @@ def hover_text(graph: AttributionGraphFile, node: GraphNode, description: str = 
     if node.type == "feature":
         lines.append(f"feature {node.feature} of layer {node.layer}'s transcoder")
     lines.append(f"at {token_text(graph, node.position)} (position {node.position})")
-    numbers = [f"influence {node.influence:.3g}"]
+    numbers = [f"influence share {node.share:.3g} (cumulative {node.influence:.3g})"]
     if node.activation is not None:
         numbers.insert(0, f"activation {node.activation:.3g}")
     lines.append(" · ".join(numbers))
@@ -255,7 +273,7 @@ def node_positions(graph: AttributionGraphFile, nodes: list[GraphNode]) -> dict[
         cells.setdefault((node.layer, node.position), []).append(node)
     out = {}
     for (layer, position), group in cells.items():
-        group.sort(key=lambda n: (n.type == "error", -n.influence, n.id))
+        group.sort(key=lambda n: (n.type == "error", n.influence, n.id))
         step = CELL_WIDTH / len(group)
         for slot, node in enumerate(group):
             out[node.id] = (position + (slot - (len(group) - 1) / 2) * step, float(layer))
@@ -263,7 +281,7 @@ def node_positions(graph: AttributionGraphFile, nodes: list[GraphNode]) -> dict[
 
 
 def marker_size(influence: float, largest: float) -> float:
-    """8 to 30 px, by the square root of influence (area follows influence)."""
+    """8 to 30 px, by the square root of the node's own influence share (area follows it)."""
     share = max(influence, 0.0) / largest if largest > 0 else 0.0
     return 8.0 + 22.0 * math.sqrt(min(share, 1.0))
 
@@ -281,12 +299,12 @@ def graph_figure(
     position = node_positions(graph, nodes)
     figure = go.Figure()
     _draw_edges(figure, graph, edges, position)
-    largest = max((n.influence for n in nodes if n.type in PRUNED_TYPES), default=0.0)
+    largest = max((n.share for n in nodes if n.type in PRUNED_TYPES), default=0.0)
     for kind, (legend, symbol, colour) in NODE_TYPES.items():
         group = [n for n in nodes if n.type == kind]
         if not group:
             continue
-        sizes = [18.0 if kind in ("embedding", "logit") else marker_size(n.influence, largest) for n in group]
+        sizes = [18.0 if kind in ("embedding", "logit") else marker_size(n.share, largest) for n in group]
         figure.add_trace(
             go.Scatter(
                 x=[position[n.id][0] for n in group],

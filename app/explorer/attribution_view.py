@@ -53,7 +53,7 @@ def influence_slider(graph: AttributionGraphFile, key: str) -> float:
         st.session_state["graph_threshold_for"] = key
         st.session_state["graph_node_threshold"] = top
     return st.slider(
-        "Keep the feature and error nodes carrying this share of the influence",
+        "Keep the strongest feature and error nodes, up to this cumulative share of the influence",
         0.01,
         max(top, 0.01),
         step=0.01,
@@ -121,7 +121,10 @@ def show_attribution_graph(graph: AttributionGraphFile, key: str) -> None:
 
 def show_node(graph, node: GraphNode, edges, names: dict[str, str], description: str) -> None:
     activation = "" if node.activation is None else f" · activation {node.activation:.4g}"
-    st.markdown(f"**{names[node.id]}** · {node.type} · influence {node.influence:.4g}{activation}")
+    st.markdown(
+        f"**{names[node.id]}** · {node.type} · influence share {node.share:.4g} "
+        f"(cumulative {node.influence:.4g}){activation}"
+    )
     if description or node.label:
         st.caption(description or node.label)
     if node.type == "feature":
