@@ -23,6 +23,10 @@ supported where it is folded (none, expected_average_only_in); run-time normalis
 refused. reshape_activations needs nothing: our `hook_z` activations are already flattened
 heads-major, as SAELens flattens them.
 
+SAELens transcoder folders (architecture transcoder, skip_transcoder, jumprelu_transcoder,
+jumprelu_skip_transcoder) and circuit-tracer's per-layer transcoder files are read by
+`sae.peers_transcoders` (`load_circuit_tracer`, `load_transcoder_set`, re-exported here).
+
 sparsify folder: `cfg.json` + `sae.safetensors`, encoder.weight [m, d], encoder.bias, W_dec
 [m, d], b_dec; f = TopK_k(ReLU(encoder(x - b_dec))), x_hat = f @ W_dec + b_dec. Documented
 defaults (`SparseCoderConfig`): activation "topk", k 32, num_latents 0 (then m = d_in *
@@ -38,6 +42,13 @@ import torch
 
 from sae.base import Dictionary, DictionaryError, dictionary_class
 from sae.config import DictionaryConfig
+from sae.peers_transcoders import (  # noqa: F401  (re-exported: sae.peers.load_transcoder_set)
+    CIRCUIT_TRACER_SUFFIXES,
+    SAELENS_TRANSCODERS,
+    load_circuit_tracer,
+    load_saelens_transcoder,
+    load_transcoder_set,
+)
 from sae.weights import from_tensors, read_weights
 from workbench.files import read_json
 
@@ -108,6 +119,9 @@ def load_saelens(folder: Path) -> Dictionary:
         "SAELens",
     )
     legacy = _saelens_major_version(cfg) < 6
+    if cfg.values.get("architecture") in SAELENS_TRANSCODERS:  # transcoders: sae.peers_transcoders
+        _saelens_normalisation(cfg, legacy)
+        return load_saelens_transcoder(cfg, cfg.values["architecture"], folder, SAELENS_WEIGHTS)
     arch, label, k = _saelens_architecture(cfg, legacy)
     _saelens_normalisation(cfg, legacy)
     d_in, d_sae = cfg.positive_int("d_in"), cfg.positive_int("d_sae")
