@@ -1,0 +1,325 @@
+"""Attribution graphs: a prompt's computation traced through transcoder features, locally.
+
+`attribution_graph(model, transcoders, prompt)` builds the prompt's local replacement model
+(`circuits.replacement`: MLPs -> transcoder features + error nodes; attention patterns and
+LayerNorm scales frozen, so it reproduces the logits exactly), computes every direct-effect edge
+between active features, error nodes, token embeddings and the target logits by batched
+back-propagation through that frozen linear system (`circuits.graph_edges`), prunes it as
+circuit-tracer does (`circuits.graph_prune`) and returns an `AttributionGraph` whose `to_json()`
+is the "attribution-graph" circuit file (format below). Method: Ameisen et al. 2025, "Circuit
+Tracing: Revealing Computational Graphs in Language Models" (transformer-circuits.pub);
+Dunefsky et al. 2024, "Transcoders find interpretable LLM feature circuits" (arXiv:2406.11944).
+
+JSON (format_version 1): model, prompt, tokens, token_strings, transcoders [{layer, path, hook,
+out_hook, store}], targets [{token, token_string, probability, logit}], nodes [{id, type, layer,
+position, feature, activation, influence, label}], edges [{source, target, weight}], pruning, metrics.
+Node ids: "f.L.P.I" feature, "e.L.P" error, "t.P" embedding, "l.TOKEN" logit. A node's
+"influence" is its cumulative influence share (circuit-tracer's convention): nodes sorted by
+influence on the targets, the running sum over the total; a threshold τ keeps the nodes whose
+share is at most the first share ≥ τ (embeddings and logits are always kept). "activation" is
+a for a feature, ‖err‖ for an error, ‖embedding‖ for a token, the logit for a logit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from circuits.graph_checks import ablate_feature_effect  # noqa: F401  (part of this module's API)
+from circuits.graph_edges import Attribution, attribute
+from circuits.graph_prune import Pruned, graph_scores, prune
+from circuits.replacement import FrozenSystem
+from circuits.transformer import GraphTransformer, from_gpt2
+from workbench.errors import WorkbenchError
+from workbench.files import write_json_atomic
+
+FORMAT_VERSION = 1
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass
+class AttributionGraph:
+    """A graph's JSON (`data`) and, when just computed, the unpruned attribution behind it."""
+
+    data: dict
+    attribution: Attribution | None = field(default=None, repr=False)
+    system: FrozenSystem | None = field(default=None, repr=False)
+    pruned: Pruned | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return self.data
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionGraph":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise WorkbenchError(f"cannot read attribution graph {path}: {error}") from None
+        if data.get("kind") != "attribution-graph":
+            raise WorkbenchError(f"{path} is not an attribution graph (kind {data.get('kind')!r})")
+        if data.get("format_version", 0) > FORMAT_VERSION:
+            raise WorkbenchError(
+                f"{path}: format_version {data['format_version']} is newer than this workbench's"
+            )
+        return cls(data)
+
+
+# --- inputs ------------------------------------------------------------------------------
+def graph_model(model) -> GraphTransformer:
+    """The GraphTransformer of a workbench Model (GPT-2 architecture) or the model itself."""
+    if isinstance(model, GraphTransformer):
+        return model
+    if not hasattr(model, "bridge"):
+        raise WorkbenchError(
+            f"attribution graphs need a workbench Model or a GraphTransformer, not {type(model).__name__}"
+        )
+    return from_gpt2(model)
+
+
+def transcoder_layers(model, transcoders) -> dict[int, object]:
+    """{layer: Dictionary}: a dict as given (GraphTransformer), else read off each `meta["hook"]`,
+    which must be the layer's MLP input hook."""
+    if isinstance(transcoders, dict):
+        return dict(transcoders)
+    layers: dict[int, object] = {}
+    for d in transcoders:
+        hook = (getattr(d, "meta", None) or {}).get("hook", "")
+        match = _LAYER.match(hook or "")
+        if not match:
+            raise WorkbenchError(f"a transcoder must name its input hook (meta['hook']), got {hook!r}")
+        layer = int(match.group(1))
+        wanted = _mlp_in_hook(model, layer)
+        if hook != wanted:
+            raise WorkbenchError(f"transcoder reads {hook!r}; layer {layer}'s MLP input is {wanted!r}")
+        if layer in layers:
+            raise WorkbenchError(f"two transcoders for layer {layer}")
+        layers[layer] = d
+    return layers
+
+
+def _mlp_in_hook(model, layer: int) -> str:
+    if hasattr(model, "mlp_hooks"):
+        return model.mlp_hooks(layer)[0]
+    return f"blocks.{layer}.ln2.hook_normalized"
+
+
+def prompt_tokens(model, prompt) -> tuple[Tensor, list[str], str]:
+    """(ids [P], token strings, prompt text) of a str (tokenized with BOS) or 1-D id tensor."""
+    if isinstance(prompt, str):
+        if not hasattr(model, "tokenize"):
+            raise WorkbenchError("a GraphTransformer takes the prompt as a 1-D tensor of token ids")
+        tokens = model.tokenize(prompt)[0].cpu()
+        return tokens, model.to_str_tokens(tokens), prompt
+    tokens = torch.as_tensor(prompt).long().flatten().cpu()
+    strings = (
+        model.to_str_tokens(tokens) if hasattr(model, "to_str_tokens") else [str(int(t)) for t in tokens]
+    )
+    text = "".join(strings) if hasattr(model, "to_str_tokens") else " ".join(strings)
+    return tokens, strings, text
+
+
+def choose_targets(logits: Tensor, targets=None, coverage: float = 0.95, most: int = 10) -> Tensor:
+    """Token ids at the last position: the given ones, else the top logits covering `coverage`
+    of the probability (at most `most`)."""
+    if targets is not None:
+        ids = torch.as_tensor(targets).long().flatten()
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= logits.shape[-1]:
+            raise WorkbenchError(f"targets must be token ids in [0, {logits.shape[-1]}), got {ids.tolist()}")
+        return ids
+    probs = logits[-1].float().softmax(-1)
+    ordered, ids = probs.sort(descending=True)
+    count = int((ordered.cumsum(0) < coverage).sum()) + 1
+    return ids[: min(count, most)].cpu()
+
+
+# --- the graph ---------------------------------------------------------------------------
+def attribution_graph(
+    model,
+    transcoders,
+    prompt,
+    *,
+    targets=None,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    batch_size: int = 256,
+    edges_per_target: int | None = 256,
+    dtype: torch.dtype | None = None,
+    transcoder_info: list[dict] | None = None,
+) -> AttributionGraph:
+    """The pruned attribution graph of `prompt` (see the module docstring).
+
+    model: a workbench Model of GPT-2 architecture or a GraphTransformer; transcoders: a list of
+    Dictionary (`meta["hook"]` = a layer's MLP input hook) or, for a GraphTransformer, {layer:
+    Dictionary}; targets: token ids at the last position (None: top logits covering 95%, ≤ 10);
+    edges_per_target: entries kept per target row (None: all); dtype: compute dtype (float64
+    for exact checks). Raises WorkbenchError on other models, hooks or targets."""
+    started = time.perf_counter()
+    graph = graph_model(model)
+    layers = transcoder_layers(model, transcoders)
+    for layer in layers:
+        if layer >= graph.shape.n_layers or not graph.shape.d_mlp:
+            raise WorkbenchError(f"transcoder for layer {layer}: the model has no such MLP")
+    tokens, strings, text = prompt_tokens(model, prompt)
+    system = FrozenSystem(graph, tokens, layers, dtype=dtype)
+    target_ids = choose_targets(system.clean.logits, targets)
+    attribution = attribute(system, target_ids, batch_size=batch_size, edges_per_target=edges_per_target)
+    nodes = attribution.nodes
+    probs = system.clean.logits[-1].double().softmax(-1)[target_ids].float().cpu()
+    weights = torch.zeros(nodes.n, dtype=attribution.adjacency.values.dtype)
+    weights[nodes.logit_start :] = probs.to(weights.dtype)
+    n_fixed = nodes.n - nodes.embed_start
+    pruned = prune(attribution.adjacency, weights, nodes.n_features, n_fixed, node_threshold, edge_threshold)
+    scores = graph_scores(
+        attribution.adjacency,
+        weights,
+        slice(nodes.error_start, nodes.embed_start),
+        slice(nodes.embed_start, nodes.logit_start),
+    )
+    gap = (attribution.adjacency.incoming() + attribution.biases - attribution.inputs).abs()
+    metrics = {
+        **scores,
+        "completeness_gap": float(gap.max()) if len(gap) else 0.0,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    data = _graph_json(model, system, attribution, pruned, strings, text, target_ids, probs, transcoder_info)
+    data["pruning"] = {
+        "node_threshold": node_threshold,
+        "edge_threshold": edge_threshold,
+        "nodes_before": nodes.n,
+        "edges_before": int(len(attribution.adjacency.values)),
+        "edges_per_target": edges_per_target,
+    }
+    data["metrics"] = metrics
+    return AttributionGraph(data, attribution, system, pruned)
+
+
+def _graph_json(model, system, attribution, pruned, strings, text, target_ids, probs, info) -> dict:
+    nodes, adjacency = attribution.nodes, attribution.adjacency
+    ids = node_ids(nodes)
+    decode = (lambda t: model.to_str_tokens(torch.tensor([t]))[0]) if hasattr(model, "to_str_tokens") else str
+    node_list = []
+    for index in pruned.node_mask.nonzero().flatten().tolist():
+        node_list.append(
+            _node_json(system, nodes, index, ids[index], float(pruned.cumulative[index]), strings, decode)
+        )
+    edge_list = [
+        {"source": ids[c], "target": ids[r], "weight": float(v)}
+        for r, c, v in zip(
+            adjacency.rows[pruned.edge_mask].tolist(),
+            adjacency.cols[pruned.edge_mask].tolist(),
+            adjacency.values[pruned.edge_mask].tolist(),
+        )
+    ]
+    logits = system.clean.logits[-1]
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "attribution-graph",
+        "model": getattr(model, "spec", type(model).__name__),
+        "prompt": text,
+        "tokens": [int(t) for t in system.clean.tokens],
+        "token_strings": strings,
+        "transcoders": info if info is not None else transcoder_json(system.transcoders),
+        "targets": [
+            {
+                "token": int(t),
+                "token_string": decode(int(t)),
+                "probability": float(p),
+                "logit": float(logits[t]),
+            }
+            for t, p in zip(target_ids.tolist(), probs.tolist())
+        ],
+        "nodes": node_list,
+        "edges": edge_list,
+    }
+
+
+def transcoder_json(transcoders: dict) -> list[dict]:
+    """The JSON's "transcoders": layer, run folder (meta "path"), hooks, feature store if any."""
+    out = []
+    for layer, d in sorted(transcoders.items()):
+        meta = getattr(d, "meta", None) or {}
+        path = meta.get("path") or meta.get("folder")
+        store = meta.get("store")
+        if store is None and path and (Path(path) / "features.duckdb").exists():
+            store = str(Path(path) / "features.duckdb")
+        out.append(
+            {
+                "layer": layer,
+                "path": path,
+                "hook": meta.get("hook"),
+                "out_hook": meta.get("out_hook"),
+                "store": store,
+            }
+        )
+    return out
+
+
+def node_ids(nodes) -> list[str]:
+    """The JSON id of every node, in the adjacency's order."""
+    ids = [f"f.{layer}.{pos}.{latent}" for layer, pos, latent in nodes.features.tolist()]
+    ids += [f"e.{layer}.{pos}" for layer in nodes.error_layers for pos in range(nodes.n_positions)]
+    ids += [f"t.{pos}" for pos in range(nodes.n_positions)]
+    ids += [f"l.{int(t)}" for t in nodes.targets]
+    return ids
+
+
+def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dict:
+    clean, L = system.clean, system.shape.n_layers
+    if index < nodes.error_start:
+        layer, pos, latent = nodes.features[index].tolist()
+        a = float(nodes.activations[index])
+        return {
+            "id": node_id,
+            "type": "feature",
+            "layer": layer,
+            "position": pos,
+            "feature": latent,
+            "activation": a,
+            "influence": influence,
+            "label": f"L{layer}/{latent}",
+        }
+    if index < nodes.embed_start:
+        k = index - nodes.error_start
+        layer, pos = nodes.error_layers[k // nodes.n_positions], k % nodes.n_positions
+        return {
+            "id": node_id,
+            "type": "error",
+            "layer": layer,
+            "position": pos,
+            "activation": float(clean.errors[layer, pos].norm()),
+            "influence": influence,
+            "label": f"error L{layer}",
+        }
+    if index < nodes.logit_start:
+        pos = index - nodes.embed_start
+        return {
+            "id": node_id,
+            "type": "embedding",
+            "layer": -1,
+            "position": pos,
+            "activation": float(clean.embed[pos].norm()),
+            "influence": influence,
+            "label": strings[pos],
+        }
+    token = int(nodes.targets[index - nodes.logit_start])  # influence 0: kept at every threshold
+    return {
+        "id": node_id,
+        "type": "logit",
+        "layer": L,
+        "position": nodes.n_positions - 1,
+        "activation": float(clean.logits[-1, token]),
+        "influence": 0.0,
+        "label": decode(token),
+    }
