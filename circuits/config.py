@@ -34,6 +34,20 @@ class CircuitConfig:
     """Dictionary folders (one per hook): a feature circuit of their latents and error terms."""
     features_per_hook: int = 10
     """Latents per hook in a feature circuit."""
+    transcoders: tuple[str, ...] = ()
+    """Transcoder folders (one per layer, or a folder holding one per layer): the attribution graph of
+    --prompt through their features (circuits.graphs) instead of a task's circuit."""
+    prompt: str = ""
+    """The text an attribution graph traces (with --transcoders); BOS is prepended as the model does."""
+    target: str = ""
+    """The logit an attribution graph explains: a token string that is one token of the model's
+    tokenizer (tried first), else a token id; empty means the top logits covering 95% probability
+    (at most 10)."""
+    node_threshold: float = 0.8
+    """Attribution graph pruning: keep the nodes carrying this cumulative share of the influence on the
+    targets (circuit-tracer's rule; the explorer can only tighten it)."""
+    edge_threshold: float = 0.98
+    """Attribution graph pruning: keep the edges carrying this cumulative share of the edge scores."""
     method: str = ""
     """exact, eap, eap-ig, eap-ig-activations, acdc or codes; empty means eap-ig (with --benchmark: a
     comma list, empty means all)."""
@@ -74,6 +88,9 @@ class CircuitConfig:
             raise ConfigError(f"edges must be >= 0, got {self.edges}")
         if not 0 < self.faithfulness <= 1:
             raise ConfigError(f"faithfulness must be in (0, 1], got {self.faithfulness}")
+        for name in ("node_threshold", "edge_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name
 
         check_device_spec(self.device)
@@ -81,7 +98,7 @@ class CircuitConfig:
 
 
 def config_json(config: CircuitConfig) -> dict:
-    """`config` as saved in a circuit JSON: local paths (task file, dictionaries, a model folder)
+    """`config` as saved in a circuit JSON: local paths (task file, dictionaries, transcoders, a model folder)
     made absolute, so the file reruns from any folder."""
 
     def absolute(spec: str) -> str:
@@ -91,5 +108,8 @@ def config_json(config: CircuitConfig) -> dict:
     model = config.model if config.model in BUILTIN_MODELS else absolute(config.model)  # built-ins come first
     task = absolute(config.task) if config.task.endswith(".json") else config.task
     dictionary = tuple(map(absolute, config.dictionary))
-    saved = dataclasses.replace(config, model=model, task=task, dictionary=dictionary)
+    transcoders = tuple(map(absolute, config.transcoders))
+    saved = dataclasses.replace(
+        config, model=model, task=task, dictionary=dictionary, transcoders=transcoders
+    )
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(saved).items()}

@@ -1,11 +1,12 @@
 """`workbench circuits`: discover a circuit (or a feature circuit of dictionaries), score it, save
 its JSON with the `CircuitConfig` that made it; or, with `--benchmark`, every method on the
-ground-truth tasks."""
+ground-truth tasks; or, with `--transcoders`, the attribution graph of a prompt (`circuits.graphs`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from app.commands.output import nan_to_none, print_rows, print_summary
 from app.flags import config_from_args
 from workbench.errors import WorkbenchError
+from workbench.files import write_json_atomic
 
 
 def cmd_circuits(args) -> None:
@@ -23,6 +25,8 @@ def cmd_circuits(args) -> None:
     device = resolve_device(config.device)  # before any model loads: `--device cuda` fails here
     if args.benchmark is not None:
         return _benchmark(config, args, device)
+    if config.transcoders:
+        return _attribution_graph(config, args, device)
     from circuits.real_tasks import REAL_TASKS
 
     if config.task in REAL_TASKS and not config.dictionary:
@@ -340,6 +344,200 @@ def _head_circuit(config, args, device, loaded=None) -> None:
                 nan_to_none({**summary, **_size_search(config, found), "method": method, "top_nodes": rows})
             )
         )
+        return
+    print_rows(rows, False)
+    print_summary(summary, False)
+
+
+# --- attribution graphs (--transcoders) ----------------------------------------------------------
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _attribution_graph(config, args, device) -> None:
+    """The attribution graph of --prompt through --transcoders (`circuits.graphs`), saved as a
+    circuit JSON (kind "attribution-graph") with its config; prints its strongest nodes,
+    completeness and seconds."""
+    from circuits.catalog import is_gpt2
+    from circuits.config import config_json
+    from workbench.models import load_model
+
+    if not config.prompt:
+        raise WorkbenchError("--transcoders draws the attribution graph of a --prompt TEXT; none given")
+    if config.dictionary:
+        raise WorkbenchError("--transcoders and --dictionary make different circuits: give one of them")
+    folders, loaded = transcoder_folders(config.transcoders), []
+    for folder in folders:
+        loaded.append((folder, _load_transcoder(folder)))
+    spec = config.model or loaded[0][1].meta.get("model") or "demo"
+    model = load_model(spec, device=device, dtype=config.model_dtype)
+    if not is_gpt2(model):
+        raise WorkbenchError(
+            f"attribution graphs need a GPT-2-architecture model; {spec} is "
+            f"{getattr(model.bridge.original_model.config, 'model_type', '?')}"
+        )
+    info = check_transcoders(model, loaded)
+    target = parse_target(model, config.target) if config.target else None
+    transcoders = [d.to(model.device) for _, d in sorted(loaded, key=lambda fd: _layer(fd[1]))]
+    graph = _graphs().attribution_graph(
+        model,
+        transcoders,
+        config.prompt,
+        targets=None if target is None else [target],
+        node_threshold=config.node_threshold,
+        edge_threshold=config.edge_threshold,
+        transcoder_info=info,
+    )
+    data = dict(graph.to_json())
+    data["config"] = config_json(config)
+    out = Path(args.out or default_graph_path(spec, config.prompt, config.target))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, data)
+    _print_graph(data, out, args)
+
+
+def _graphs():
+    """`circuits.graphs` (a function, so tests can stand a fake in)."""
+    import circuits.graphs
+
+    return circuits.graphs
+
+
+def transcoder_folders(runs) -> list[Path]:
+    """Each RUN that is a dictionary folder, and the dictionary folders directly inside a RUN that
+    is not (one per layer, as `workbench train` writes a grid); a one-line error for a RUN that is
+    neither."""
+    from sae.io import is_dictionary_folder
+
+    folders = []
+    for run in map(Path, runs):
+        if is_dictionary_folder(run):
+            folders.append(run)
+            continue
+        inside = sorted(p for p in run.iterdir() if is_dictionary_folder(p)) if run.is_dir() else []
+        if not inside:
+            raise WorkbenchError(f"{run}: {'no such folder' if not run.exists() else 'no transcoder here'}")
+        folders += inside
+    return folders
+
+
+def _load_transcoder(folder: Path):
+    from sae.io import load
+
+    dictionary = load(folder)
+    if not getattr(dictionary, "is_transcoder", False):
+        hook = dictionary.meta.get("hook") or "?"
+        raise WorkbenchError(
+            f"{folder}: not a transcoder (an SAE of {hook}; train one with --in-hook and --out-hook)"
+        )
+    return dictionary
+
+
+def _layer(dictionary) -> int:
+    match = _BLOCK.match(dictionary.meta.get("hook") or "")
+    return int(match.group(1)) if match else -1
+
+
+def mlp_hooks(model, layer: int) -> tuple[str, str]:
+    """The hooks a transcoder of `layer` reads and writes (the model adapter's, GPT-2's by default)."""
+    if hasattr(model, "mlp_hooks"):
+        return tuple(model.mlp_hooks(layer))
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+
+
+def check_transcoders(model, loaded) -> list[dict]:
+    """The graph JSON's "transcoders" entries (layer, path, hooks, feature store when built) of
+    [(folder, transcoder)], after one-line errors for a transcoder that does not read an MLP input
+    of `model` and write that MLP's output, reads another width, or shares its layer."""
+    from workbench.store import STORE_FILE
+
+    info, seen = [], {}
+    for folder, dictionary in loaded:
+        hook, out_hook, layer = (
+            dictionary.meta.get("hook"),
+            dictionary.meta.get("out_hook"),
+            _layer(dictionary),
+        )
+        if not 0 <= layer < model.n_layers or hook != mlp_hooks(model, layer)[0]:
+            wanted = ", ".join(mlp_hooks(model, i)[0] for i in range(min(model.n_layers, 2)))
+            raise WorkbenchError(
+                f"{folder}: reads {hook!r}, which is no MLP input of {model.spec} (those are {wanted}, ...)"
+            )
+        if out_hook != mlp_hooks(model, layer)[1]:
+            raise WorkbenchError(
+                f"{folder}: writes {out_hook!r}; layer {layer}'s MLP writes {mlp_hooks(model, layer)[1]}"
+            )
+        if dictionary.d_in != model.width(hook):
+            raise WorkbenchError(f"{folder}: reads {dictionary.d_in} dims; {hook} has {model.width(hook)}")
+        if layer in seen:
+            raise WorkbenchError(f"two transcoders for layer {layer}: {seen[layer]} and {folder}")
+        seen[layer] = folder
+        store = folder / STORE_FILE
+        info.append(
+            {
+                "layer": layer,
+                "path": str(folder.absolute()),
+                "hook": hook,
+                "out_hook": out_hook,
+                "store": str(store.absolute()) if store.exists() else None,
+            }
+        )
+    return sorted(info, key=lambda entry: entry["layer"])
+
+
+def parse_target(model, text: str) -> int:
+    """The token id --target names: a token string that is one token of `model`'s tokenizer, else
+    a whole number below the vocabulary size; a one-line error otherwise."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    if text.strip().isdigit() and int(text) < model.d_vocab:
+        return int(text)
+    pieces = " + ".join(repr(model.tokenizer.decode([i])) for i in ids[:6])
+    raise WorkbenchError(
+        f"--target {text!r} is {len(ids)} tokens of {model.spec}'s tokenizer ({pieces}): give one token "
+        f"or a token id below {model.d_vocab}"
+    )
+
+
+def default_graph_path(model: str, prompt: str, target: str) -> Path:
+    """runs/circuits/<model>-graph-<the prompt's first words>-<hash of prompt and target>.circuit.json"""
+    import hashlib
+
+    name = Path(model).name if Path(model).exists() else model
+    words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:32].strip("-") or "prompt"
+    digest = hashlib.sha1(f"{prompt}\0{target}".encode()).hexdigest()[:8]
+    return Path(f"runs/circuits/{name}-graph-{words}-{digest}.circuit.json")
+
+
+def _print_graph(data: dict, out: Path, args) -> None:
+    strings = data.get("token_strings") or []
+    ranked = sorted(
+        (n for n in data["nodes"] if n["type"] in ("feature", "error")), key=lambda n: n["influence"]
+    )
+    rows = [
+        {
+            "node": n["id"],
+            "type": n["type"],
+            "layer": n["layer"],
+            "token": repr(strings[n["position"]]) if n["position"] < len(strings) else n["position"],
+            "activation": round(n.get("activation") or 0.0, 4),
+            "influence": round(n["influence"], 4),
+        }
+        for n in ranked[: args.top]
+    ]
+    metrics = data.get("metrics", {})
+    summary = {
+        "graph": str(out),
+        "targets": ", ".join(
+            f"{t['token_string']!r} p={t['probability']:.3f}" for t in data.get("targets", [])
+        ),
+        "nodes": len(data["nodes"]),
+        "edges": len(data["edges"]),
+        **{k: round(metrics[k], 4) for k in ("completeness", "replacement_score") if k in metrics},
+        "seconds": metrics.get("seconds"),
+    }
+    if args.json:
+        print(json.dumps(nan_to_none({**summary, "top_nodes": rows})))
         return
     print_rows(rows, False)
     print_summary(summary, False)

@@ -1,0 +1,99 @@
+"""`workbench circuits --transcoders RUN ... --prompt TEXT`: the attribution graph of a prompt
+through one transcoder per layer of the session's tiny GPT-2, saved where circuits go (with the
+config that reruns it), its strongest nodes printed; and the one-line refusals (not a transcoder,
+a hook that is no MLP input, two for one layer, a --target of several tokens, a model that is not
+GPT-2-architecture, no --prompt)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import run_cli
+
+PROMPT = "ROMEO: I will tell the"
+
+
+def save_transcoder(folder: Path, layer: int, model: str, seed: int = 0, **fields) -> Path:
+    """A small TopK transcoder of `layer`'s MLP (untrained: the graph's error nodes carry the rest)."""
+    from sae.base import create
+    from sae.config import DictionaryConfig
+    from sae.io import save
+
+    config = DictionaryConfig(architecture="topk", d_in=64, n_latents=32, k=4, d_out=64)
+    hooks = {"hook": f"blocks.{layer}.ln2.hook_normalized", "out_hook": f"blocks.{layer}.hook_mlp_out"}
+    return save(create(config, seed=seed + layer), folder, model=model, **{**hooks, **fields})
+
+
+@pytest.fixture
+def transcoders(tiny_model_dir, tmp_path) -> Path:
+    """tmp_path/tc holding l0/ and l1/, one transcoder per layer of the tiny model."""
+    for layer in range(2):
+        save_transcoder(tmp_path / "tc" / f"l{layer}", layer, str(tiny_model_dir))
+    return tmp_path / "tc"
+
+
+def test_a_graph_is_written_where_circuits_go_and_reruns_from_its_config(
+    capsys, tiny_model, transcoders, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    target = " the"
+    (target_id,) = tiny_model.tokenizer.encode(target, add_special_tokens=False)
+    code, out, err = run_cli(
+        capsys, "circuits", "--transcoders", "tc", "--prompt", PROMPT, "--target", target, "--json"
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    path = Path(summary["graph"])
+    assert path.parent == Path("runs/circuits") and path.name.startswith(
+        f"{Path(tiny_model.spec).name}-graph-"
+    )
+    graph = json.loads(path.read_text())
+    assert graph["kind"] == "attribution-graph" and graph["prompt"] == PROMPT
+    assert [t["token"] for t in graph["targets"]] == [target_id]
+    assert [(t["layer"], t["hook"], t["out_hook"], t["store"]) for t in graph["transcoders"]] == [
+        (i, f"blocks.{i}.ln2.hook_normalized", f"blocks.{i}.hook_mlp_out", None) for i in range(2)
+    ]
+    assert graph["config"]["transcoders"] == [str((tmp_path / "tc").absolute())]
+    ranked = [n["influence"] for n in summary["top_nodes"]]
+    assert ranked == sorted(ranked) and 0 < len(ranked) <= 10  # the strongest (smallest cumulative) first
+    assert 0 <= summary["completeness"] <= 1 and summary["seconds"] >= 0
+    code, out, err = run_cli(
+        capsys, "circuits", "--config", str(path), "--out", "again.circuit.json", "--json"
+    )
+    assert code == 0, err
+    again = json.loads(Path("again.circuit.json").read_text())
+    assert [n["id"] for n in again["nodes"]] == [n["id"] for n in graph["nodes"]]
+
+
+def test_wrong_transcoders_and_targets_are_refused_in_one_line(
+    capsys, tiny_model_dir, transcoders, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    model = str(tiny_model_dir)
+    sae_folder = save_transcoder(tmp_path / "sae", 0, model)  # made an SAE of the residual below
+    config = json.loads((sae_folder / "config.json").read_text())
+    config["dictionary"].pop("d_out"), config.pop("out_hook")
+    config["hook"] = "blocks.0.hook_resid_post"
+    (sae_folder / "config.json").write_text(json.dumps(config))
+    resid = save_transcoder(tmp_path / "resid", 0, model, hook="blocks.0.hook_resid_pre")
+    late = save_transcoder(tmp_path / "late", 7, model)
+    cases = {
+        ("--transcoders", str(sae_folder)): "not a transcoder (an SAE of blocks.0.hook_resid_post",
+        ("--transcoders", str(resid)): "reads 'blocks.0.hook_resid_pre', which is no MLP input",
+        ("--transcoders", str(late)): "reads 'blocks.7.ln2.hook_normalized', which is no MLP input",
+        ("--transcoders", "tc/l0", "tc/l0"): "two transcoders for layer 0",
+        ("--transcoders", "tc", "--target", " ROMEO tell"): "tokens of",
+        ("--transcoders", "gone"): "gone: no such folder",
+    }
+    for argv, message in cases.items():
+        code, _, err = run_cli(capsys, "circuits", *argv, "--prompt", PROMPT)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    code, _, err = run_cli(capsys, "circuits", "--transcoders", "tc")
+    assert code == 2 and "--prompt" in err
+    monkeypatch.setattr("circuits.catalog.is_gpt2", lambda model: False)
+    code, _, err = run_cli(capsys, "circuits", "--transcoders", "tc", "--prompt", PROMPT)
+    assert code == 2 and "need a GPT-2-architecture model" in err and len(err.strip().splitlines()) == 1
+    assert not Path("runs").exists()  # nothing written by a refusal
