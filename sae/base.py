@@ -1,9 +1,18 @@
 """The `Dictionary` interface every architecture implements, and the registry of architectures.
 
 Notation (issue 4): z = W_enc (x - b_dec) + b_enc, f = sigma(z) sparse, x_hat = sum_i f_i d_i + b_dec,
-with d_i = W_dec[i]. Weights are stored one row per latent (W_enc, W_dec: [n_latents, d_in]), as
-the fused kernels take them. `encode` gives the latent activations as `SparseCodes` (call
-`.to_dense()` for [N, n_latents]); `decode` takes them (or a dense tensor) back.
+with d_i = W_dec[i]. Weights are stored one row per latent (W_enc: [n_latents, d_in], W_dec:
+[n_latents, d_out]), as the fused kernels take them.
+
+A transcoder (config.d_out > 0, issue 22) reads one hook and predicts another, y (an MLP's
+output from its input): z = W_enc x + b_enc (no input shift: b_dec lives in the output space),
+y_hat = sum_i f_i d_i + b_dec (+ x W_skip^T with config.skip), as SAELens's and circuit-tracer's
+transcoders. Its training step reads y from `StepContext.target`; every architecture fits
+`reconstruction_target` (x for an SAE, y - x W_skip^T for a transcoder: the same gradients as
+fitting y with y_hat, and W_skip learns through it).
+
+`encode` gives the latent activations as `SparseCodes` (call `.to_dense()` for [N, n_latents]);
+`decode` takes them (or a dense tensor) back.
 
 Training goes through `training_step(x, context) -> StepOutput`: the architecture's loss, its
 formula in the module that defines it. The trainer owns the optimizer; a dictionary owns its
@@ -37,13 +46,17 @@ class StepContext(NamedTuple):
     """Fraction of training done, in [0, 1] (drives coefficient warm-ups)."""
     firing_rate: Optional[Tensor] = None
     """float [n_latents]: each latent's running firing frequency per token (Mutual Choice's aux_zipf_loss)."""
+    target: Optional[Tensor] = None
+    """[N, d_out]: a transcoder's target rows (the out-hook's activations at the same tokens as x,
+    scaled like them); None for an SAE, which reconstructs x."""
 
 
 class StepOutput(NamedTuple):
     loss: Tensor
     """The scalar to back-propagate."""
     x_hat: Tensor
-    """[N, d_in] reconstruction (the full-width one for Matryoshka)."""
+    """[N, d_out] prediction of the target (x for an SAE; for a transcoder y, skip term included);
+    the full-width one for Matryoshka."""
     codes: SparseCodes
     """The latent activations f (entries may be 0 where an architecture keeps a window)."""
     terms: dict[str, Tensor]
@@ -83,7 +96,7 @@ def create(config: DictionaryConfig, seed: int = 0, salt: str = "") -> "Dictiona
     (`workbench.seeding`: the seed, "init", the architecture and `salt`, e.g. the dictionary's
     name in a grid); the global RNG is neither read nor changed."""
     cls = dictionary_class(config.architecture)
-    if config.d_in <= 0 or config.n_latents <= 0:
+    if config.d_in <= 0 or config.n_latents <= 0:  # d_out is checked by the config
         raise ConfigError(
             f"a dictionary needs d_in and n_latents > 0, got {config.d_in} and {config.n_latents}"
         )
@@ -106,18 +119,25 @@ class Dictionary(nn.Module):
 
     def __init__(self, config: DictionaryConfig, generator: Optional[torch.Generator] = None):
         """Random unit decoder rows drawn from `generator` (default: the stream of seed 0; use
-        `create` for a seeded one), W_enc = W_dec^T, b_dec = 0."""
+        `create` for a seeded one), W_enc = W_dec^T, b_dec = 0. A transcoder's encoder rows are
+        drawn independently after the decoder's (its input and output spaces differ), and
+        W_skip (config.skip) starts at 0."""
         super().__init__()
         self.config = config
         self.meta: dict = {}  # a loaded folder's other fields: hook, model, metrics, ...
         self.seed = 0  # seeds the dictionary's own later draws (codebook k-means, replacements)
-        m, d = config.n_latents, config.d_in
+        m, d, d_out = config.n_latents, config.d_in, config.effective_d_out
         generator = generator or seeding.generator(0, "init", config.architecture, "")
-        w_dec = torch.randn(m, d, generator=generator)
+        w_dec = torch.randn(m, d_out, generator=generator)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.clone())  # W_enc initialised as W_dec^T (rows here)
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        if config.is_transcoder:
+            w_enc = torch.randn(m, d, generator=generator)
+            self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=1, keepdim=True))
+        else:
+            self.W_enc = nn.Parameter(w_dec.clone())  # W_enc initialised as W_dec^T (rows here)
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.W_skip: Optional[nn.Parameter] = nn.Parameter(torch.zeros(d_out, d)) if config.skip else None
 
     @property
     def d_in(self) -> int:
@@ -126,6 +146,57 @@ class Dictionary(nn.Module):
     @property
     def n_latents(self) -> int:
         return self.config.n_latents
+
+    @property
+    def d_out(self) -> int:
+        """The decoder's width: the out-hook's for a transcoder, d_in for an SAE."""
+        return self.config.effective_d_out
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.config.is_transcoder
+
+    @property
+    def encoder_shift(self) -> Optional[Tensor]:
+        """What the encoder subtracts from x before W_enc: b_dec [d_in] for an SAE (the kernels'
+        `shift`), None for a transcoder (its b_dec is in the output space)."""
+        return None if self.config.is_transcoder else getattr(self, "b_dec", None)
+
+    def skip_term(self, x: Float[Tensor, "N d_in"]) -> Optional[Float[Tensor, "N d_out"]]:
+        """x @ W_skip.T for a skip transcoder, else None."""
+        return None if self.W_skip is None else x @ self.W_skip.t()
+
+    def reconstruction_target(self, x: Tensor, context: StepContext) -> tuple[Tensor, Optional[Tensor]]:
+        """(what the decoder fits, the skip term): (x, None) for an SAE; (y - skip, skip) for a
+        transcoder, y = context.target [N, d_out]. Raises DictionaryError when a transcoder gets
+        no target, or one of the wrong shape."""
+        if not self.config.is_transcoder:
+            return x, None
+        y = context.target
+        if y is None or y.dim() != 2 or y.shape != (x.shape[0], self.d_out):
+            got = "none" if y is None else f"shape {tuple(y.shape)}"
+            raise DictionaryError(
+                f"{self.architecture} transcoder: training needs target rows [{x.shape[0]}, {self.d_out}] "
+                f"(the out-hook's), got {got}"
+            )
+        skip = self.skip_term(x)
+        return (y if skip is None else y - skip), skip
+
+    @staticmethod
+    def with_skip(x_hat: Tensor, skip: Optional[Tensor]) -> Tensor:
+        """The full prediction: the decoder's output plus the skip term (if any)."""
+        return x_hat if skip is None else x_hat + skip
+
+    def pre_activations(self, x: Float[Tensor, "N d_in"]) -> Float[Tensor, "N n_latents"]:
+        """Dense pre-activations z = W_enc (x - shift) + b_enc of the rows of x: the quantity an
+        active latent's activation equals (topk, batchtopk, jumprelu, relu, matryoshka, choice;
+        gated overrides it with its magnitude path). Used by attribution graphs."""
+        x = self._rows(x)
+        shift = self.encoder_shift
+        bias = getattr(self, "b_enc", None)
+        if not hasattr(self, "W_enc") or bias is None:
+            raise DictionaryError(f"{self.architecture}: no linear encoder to give pre-activations")
+        return torch.addmm(bias, x if shift is None else x - shift, self.W_enc.t())
 
     def calibrate(self, x: Float[Tensor, "N d_in"]) -> None:
         """Set inference thresholds from rows x (scaled as in training) at the end of training
@@ -136,7 +207,9 @@ class Dictionary(nn.Module):
         """Latent activations of the rows of x (leading dims flattened), as SparseCodes."""
         return self._encode(self._rows(x))
 
-    def decode(self, codes: SparseCodes | Float[Tensor, "N n_latents"]) -> Float[Tensor, "N d_in"]:
+    def decode(self, codes: SparseCodes | Float[Tensor, "N n_latents"]) -> Float[Tensor, "N d_out"]:
+        """sum_i f_i d_i + b_dec: [N, d_out] (d_out = d_in for an SAE); a transcoder's skip term
+        is not included (`forward` adds it)."""
         if isinstance(codes, Tensor):
             if codes.dim() != 2 or codes.shape[1] != self.n_latents:
                 raise DictionaryError(
@@ -149,8 +222,13 @@ class Dictionary(nn.Module):
             )
         return decode(codes, self.W_dec, getattr(self, "b_dec", None))  # codebooks have no bias
 
-    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        return self.decode(self.encode(x)).view(x.shape).to(x.dtype)
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        """decode(encode(x)) (+ the skip term of a skip transcoder), shaped [..., d_out]."""
+        if not self.config.is_transcoder:
+            return self.decode(self.encode(x)).view(x.shape).to(x.dtype)
+        rows = self._rows(x)
+        y_hat = self.with_skip(self.decode(self._encode(rows)), self.skip_term(rows))
+        return y_hat.view(*x.shape[:-1], self.d_out).to(x.dtype)
 
     def _encode(self, x: Tensor) -> SparseCodes:
         """Codes of the rows x [N, d_in]: the encoder acts on x - b_dec, which the kernels form
@@ -162,8 +240,17 @@ class Dictionary(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def initialize_from(self, sample: Float[Tensor, "N d_in"]) -> None:
-        """Data-dependent initialisation: b_dec at the geometric median of a sample."""
+    def initialize_from(
+        self, sample: Float[Tensor, "N d_in"], target: Optional[Float[Tensor, "N d_out"]] = None
+    ) -> None:
+        """Data-dependent initialisation: b_dec at the geometric median of a sample (of the
+        targets, rows of `target` [N, d_out], for a transcoder)."""
+        if self.config.is_transcoder:
+            if target is None or target.shape[-1] != self.d_out:
+                raise DictionaryError(
+                    f"{self.architecture} transcoder: initialize_from needs target rows of width {self.d_out}"
+                )
+            sample = target
         self.b_dec.copy_(geometric_median(sample.to(self.b_dec.dtype)))
 
     @torch.no_grad()
@@ -182,12 +269,17 @@ class Dictionary(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, output_scale: Optional[float] = None) -> None:
         """Make a dictionary trained on x * scale act on x itself: the encoder absorbs the scale,
-        the decoder and b_dec undo it. Latent activations are unchanged."""
+        the decoder and b_dec undo it. Latent activations are unchanged. A transcoder trained to
+        predict y * output_scale from x * scale predicts y afterwards (W_skip absorbs both);
+        `output_scale` None means `scale` (an SAE's input and output are one space)."""
+        out = scale if output_scale is None else output_scale
         self.W_enc *= scale
-        self.W_dec /= scale
-        self.b_dec /= scale
+        self.W_dec /= out
+        self.b_dec /= out
+        if self.W_skip is not None:
+            self.W_skip *= scale / out
 
     # --- helpers --------------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:

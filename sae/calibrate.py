@@ -28,13 +28,14 @@ ROWS_PER_PASS = 2048
 def preactivations(
     dictionary, x: Tensor, rows: int = ROWS_PER_PASS, latents: Optional[Tensor] = None
 ) -> Iterator[Tensor]:
-    """[rows, n_latents] (or [rows, len(latents)]) ReLU'd encoder pre-activations of x - b_dec,
-    a pass of `rows` at a time."""
-    weight, bias = dictionary.W_enc, dictionary.b_enc
+    """[rows, n_latents] (or [rows, len(latents)]) ReLU'd encoder pre-activations of x - shift
+    (b_dec for an SAE, nothing for a transcoder: `Dictionary.encoder_shift`), a pass of `rows` at a time."""
+    weight, bias, shift = dictionary.W_enc, dictionary.b_enc, dictionary.encoder_shift
     if latents is not None:
         weight, bias = weight[latents], bias[latents]
     for start in range(0, x.shape[0], rows):
-        chunk = x[start : start + rows].to(weight.dtype) - dictionary.b_dec
+        chunk = x[start : start + rows].to(weight.dtype)
+        chunk = chunk if shift is None else chunk - shift
         yield torch.addmm(bias, chunk, weight.t()).clamp_min_(0)
 
 

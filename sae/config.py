@@ -65,6 +65,13 @@ class DictionaryConfig:
     approx_topk: bool = False
     """topk: training selects from int8-matmul candidates re-ranked exactly
     (`workbench.kernels.approx`); inference stays exact."""
+    d_out: int = 0
+    """Output width: 0 for an SAE (decodes back to its input, width d_in); > 0 makes a transcoder
+    that reads one hook (d_in) and predicts another (d_out, e.g. an MLP's output from its
+    input), even when d_out == d_in. Not for codebooks."""
+    skip: bool = False
+    """Transcoders only: add a linear skip connection x @ W_skip.T (W_skip [d_out, d_in]) to the
+    prediction (skip transcoders, Paulo et al. 2025)."""
 
     def __post_init__(self):
         for field in fields(self):
@@ -86,13 +93,22 @@ class DictionaryConfig:
                 f"metric must be {' or '.join(METRICS)} and aggregate {' or '.join(AGGREGATES)}, "
                 f"got {self.metric!r} and {self.aggregate!r}"
             )
+        if self.d_out < 0:
+            raise ConfigError(f"d_out must be >= 0 (0: an SAE), got {self.d_out}")
+        if self.skip and not self.d_out:
+            raise ConfigError("skip needs a transcoder (d_out > 0): an SAE has no skip connection")
+        if self.d_out and self.architecture == "codebook":
+            raise ConfigError("codebook dictionaries cannot be transcoders (d_out must be 0)")
         p = self.prefixes
         if not p or p[-1] != 1.0 or p[0] <= 0 or any(b <= a for a, b in zip(p, p[1:])):
             raise ConfigError(f"prefixes must ascend from > 0 to 1.0, got {list(p)}")
 
     def to_json(self) -> dict:
+        """The fields as JSON; an SAE's omit d_out and skip (its files read as before transcoders)."""
         obj = asdict(self)
         obj["prefixes"] = list(self.prefixes)
+        if not self.d_out and not self.skip:
+            del obj["d_out"], obj["skip"]
         return obj
 
     @classmethod
@@ -105,6 +121,16 @@ class DictionaryConfig:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(f"dictionary config: {exc}") from None
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the dictionary decodes to another hook (d_out > 0)."""
+        return self.d_out > 0
+
+    @property
+    def effective_d_out(self) -> int:
+        """The decoder's width: d_out for a transcoder, d_in for an SAE."""
+        return self.d_out or self.d_in
 
     @property
     def effective_aux_k(self) -> int:

@@ -4,7 +4,10 @@ Our format (format_version 1):
     config.json          {"format_version", "architecture", "dictionary": DictionaryConfig,
                           "hook", "model", "cache", "corpus", "context_length",
                           "input_scale_folded", "config": the TrainConfig, "metrics": {...}}
-    weights.safetensors  the module's parameters and buffers by name (W_enc/W_dec [n_latents, d_in])
+    weights.safetensors  the module's parameters and buffers by name (W_enc [n_latents, d_in],
+                         W_dec [n_latents, d_out], b_dec [d_out]; W_skip [d_out, d_in] if skip)
+A transcoder (dictionary.d_out > 0) also records "out_hook" (the hook it predicts) and
+"output_scale_folded".
 Weights act on raw activations: the training-time input scale is folded in at save.
 `load` also reads SAELens folders (cfg.json + sae_weights.safetensors) and sparsify folders
 (cfg.json + sae.safetensors); see `sae.peers`.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,12 +34,23 @@ CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 
 
-def save(dictionary: Dictionary, folder: str | Path, *, input_scale: float = 1.0, **fields) -> Path:
-    """Write the dictionary (scale folded in) and `fields` (hook, model, config, metrics...)."""
+def save(
+    dictionary: Dictionary,
+    folder: str | Path,
+    *,
+    input_scale: float = 1.0,
+    output_scale: Optional[float] = None,
+    **fields,
+) -> Path:
+    """Write the dictionary (scale folded in) and `fields` (hook, model, config, metrics...; a
+    transcoder's `out_hook`). `output_scale`: the factor a transcoder's targets were trained at
+    (None: `input_scale`); it is folded in too and recorded as output_scale_folded."""
     folder = Path(folder)
     folded = copy.deepcopy(dictionary).cpu()
-    if input_scale != 1.0:
-        folded.fold_input_scale(input_scale)
+    if input_scale != 1.0 or output_scale not in (None, input_scale):
+        folded.fold_input_scale(input_scale, output_scale)
+    if output_scale is not None:
+        fields = {"output_scale_folded": output_scale, **fields}
     tensors = {name: t.detach().contiguous() for name, t in folded.state_dict().items()}
     save_tensors_atomic(
         folder / WEIGHTS, tensors, metadata={"format": "workbench", "architecture": dictionary.architecture}
@@ -65,9 +80,15 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     cannot read, DeviceError for a device this machine lacks (before reading anything)."""
     device = resolve_device(device)
     folder = Path(path)
+    if folder.is_file() and folder.suffix in peers.CIRCUIT_TRACER_SUFFIXES:  # one circuit-tracer layer file
+        return peers.load_circuit_tracer(folder).to(device)
     if not folder.is_dir():
         raise DictionaryError(f"{folder}: no dictionary folder here")
     if (folder / CONFIG).exists():
+        if _is_cross_layer(folder):  # a cross-layer transcoder: sae.crosslayer
+            from sae import crosslayer
+
+            return crosslayer.load(folder).to(device)
         return _load_ours(folder).to(device)
     if (folder / peers.SAELENS_WEIGHTS).exists():
         return peers.load_saelens(folder).to(device)
@@ -77,6 +98,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
         f"{folder}: neither {CONFIG} (workbench), {peers.SAELENS_WEIGHTS} (SAELens) "
         f"nor {peers.SPARSIFY_WEIGHTS} (sparsify)"
     )
+
+
+def _is_cross_layer(folder: Path) -> bool:
+    from sae.crosslayer import KIND
+
+    return read_json(folder / CONFIG, "dictionary config", DictionaryError).get("kind") == KIND
 
 
 def _load_ours(folder: Path) -> Dictionary:

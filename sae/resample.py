@@ -21,6 +21,8 @@ new latent fires on k / n_latents of the batch, and its Adam moments are cleared
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,13 +59,16 @@ def resample(
     x: Tensor,
     x_hat: Tensor,
     generator: torch.Generator,
+    target: Optional[Tensor] = None,
 ) -> int:
-    """Re-initialise the `chosen` latents from badly reconstructed inputs; return how many."""
+    """Re-initialise the `chosen` latents from badly reconstructed inputs; return how many.
+    For a transcoder `x_hat` predicts `target` (y); the residual y - x_hat gives the decoder row
+    and the input's own direction (centred on the batch mean) the encoder row."""
     latents = chosen.nonzero().squeeze(1)
     n = latents.numel()
     if n == 0 or not hasattr(dictionary, "W_enc"):  # codebooks replace their dead codes themselves
         return 0
-    residual = x - x_hat
+    residual = (x if target is None else target) - x_hat
     weights = residual.pow(2).sum(dim=1)
     if float(weights.sum()) <= 0:
         return 0
@@ -73,7 +78,11 @@ def resample(
     enc_norm = dictionary.W_enc[kept].norm(dim=1).mean() if bool(kept.any()) else torch.tensor(1.0)
     dec_norm = dictionary.W_dec[kept].norm(dim=1).mean() if bool(kept.any()) else torch.tensor(1.0)
     dictionary.W_dec[latents] = directions * dec_norm
-    dictionary.W_enc[latents] = directions * enc_norm
+    if dictionary.is_transcoder:
+        inputs = x - x.mean(dim=0)
+        dictionary.W_enc[latents] = F.normalize(inputs[rows], dim=1) * enc_norm
+    else:
+        dictionary.W_enc[latents] = directions * enc_norm
     for name in _ZEROED:
         if hasattr(dictionary, name):
             getattr(dictionary, name)[latents] = 0

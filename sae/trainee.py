@@ -10,6 +10,7 @@ anything is updated, so every rank holds the same state.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -77,10 +78,13 @@ class Trainee:
     def is_dead(self) -> Tensor:
         return self.tokens_since_fired >= self.dead_after_tokens
 
-    def step(self, x: Tensor, lr: float, progress: float, step: int) -> StepOutput:
+    def step(
+        self, x: Tensor, lr: float, progress: float, step: int, target: Optional[Tensor] = None
+    ) -> StepOutput:
+        """One optimizer step on the rows x [N, d_in] (a transcoder's: predicting `target` [N, d_out])."""
         d = self.dictionary
         self.check_loss()
-        out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate))
+        out = d.training_step(x, StepContext(self.dead_mask, progress, self.firing_rate, target))
         self._unchecked = (out.loss.detach(), step)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -130,7 +134,13 @@ class Trainee:
         return hasattr(self.dictionary, "W_enc")
 
     def resample(
-        self, x: Tensor, out: StepOutput, below: float, duplicate_cosine: float, generator: torch.Generator
+        self,
+        x: Tensor,
+        out: StepOutput,
+        below: float,
+        duplicate_cosine: float,
+        generator: torch.Generator,
+        target: Optional[Tensor] = None,
     ) -> int:
         """Resample latents firing below `below` times the mean rate since the last call, or
         duplicating a busier latent (see `sae.resample`); return how many."""
@@ -138,7 +148,8 @@ class Trainee:
         min_fires = below * float(fires.sum()) / self.dictionary.n_latents
         chosen = latents_to_resample(self.dictionary, fires, min_fires, duplicate_cosine)
         x, x_hat = gather_rows(x), gather_rows(out.x_hat.detach())  # the whole batch, on every rank
-        n = resample(self.dictionary, self.optimizer, chosen, x, x_hat, generator)
+        target = None if target is None else gather_rows(target)
+        n = resample(self.dictionary, self.optimizer, chosen, x, x_hat, generator, target)
         self.dictionary.after_optimizer_step()
         self.fires_since_resample.zero_()
         self.tokens_since_fired[chosen] = self.dead_after_tokens  # in the AuxK set until they fire
@@ -150,9 +161,11 @@ class Trainee:
         return {"resamplings": int(self.resampling[0]), "resampled_total": int(self.resampling[1])}
 
     @torch.no_grad()
-    def metrics(self, x: Tensor, out: StepOutput) -> dict[str, float]:
-        """Loss, FVU, L0 and the step's terms over the whole batch (every rank's share under torchrun)."""
+    def metrics(self, x: Tensor, out: StepOutput, target: Optional[Tensor] = None) -> dict[str, float]:
+        """Loss, FVU, L0 and the step's terms over the whole batch (every rank's share under torchrun).
+        For a transcoder FVU is the prediction's, of `target`."""
         names = sorted(out.terms)
+        x = x if target is None else target
         local = [
             (x - out.x_hat).pow(2).sum(),
             (out.codes.flat_values() > 0).sum(),

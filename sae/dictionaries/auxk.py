@@ -36,7 +36,8 @@ class AuxKDictionary(Dictionary):
         raise NotImplementedError
 
     def _reconstruct(self, x: Tensor, f: SparseCodes) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(x_hat, reconstruction loss, terms); Matryoshka overrides it with its prefixes."""
+        """(x_hat, reconstruction loss, terms) for the target x (`reconstruction_target`);
+        Matryoshka overrides it with its prefixes."""
         x_hat = decode(f, self.W_dec, self.b_dec)
         mse = reconstruction_loss(x, x_hat)
         return x_hat, mse, {"mse": mse.detach()}
@@ -48,15 +49,16 @@ class AuxKDictionary(Dictionary):
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         dead = self.aux_mask(context)
         aux_mask = dead if dead is not None and bool(dead.any()) and self.config.aux_coef > 0 else None
+        target, skip = self.reconstruction_target(x, context)  # x itself for an SAE
         codes = self._select(x, aux_mask)
         f = relu_values(codes)
-        x_hat, loss, terms = self._reconstruct(x, f)
+        x_hat, loss, terms = self._reconstruct(target, f)
         if codes.extra is not None:
-            aux = aux_k_loss(x, x_hat, codes.extra, self.W_dec, self.aux_stride(x.shape[0]))
+            aux = aux_k_loss(target, x_hat, codes.extra, self.W_dec, self.aux_stride(x.shape[0]))
             loss = loss + self.config.aux_coef * aux
             terms["auxk"] = aux.detach()
         self._observe(f)
-        return StepOutput(loss, x_hat, f, terms)
+        return StepOutput(loss, self.with_skip(x_hat, skip), f, terms)
 
     def _observe(self, f: SparseCodes) -> None:
         """Update running state from the batch's activations (BatchTopK's threshold)."""

@@ -34,7 +34,7 @@ class BatchTopK(AuxKDictionary):
             self.config.k,
             aux_k=k_aux,
             aux_mask=aux_mask,
-            shift=self.b_dec,
+            shift=self.encoder_shift,
             aux_stride=self.aux_stride(x.shape[0]),
         )
 
@@ -57,6 +57,8 @@ class BatchTopK(AuxKDictionary):
 
     def _encode(self, x):
         if int(self.threshold_updates) == 0:  # never trained: no threshold yet, use the batch
-            return relu_values(encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))
+            return relu_values(
+                encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.encoder_shift)
+            )
         theta = self.threshold.expand(self.n_latents)
-        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.b_dec)
+        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.encoder_shift)

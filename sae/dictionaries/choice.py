@@ -45,7 +45,9 @@ class FeatureChoice(AuxKDictionary):
 
     def _select(self, x, aux_mask):
         n_tokens = x.shape[0] * world_size()  # under torchrun each latent picks from every rank's rows
-        return encode_feature_choice(x, self.W_enc, self.b_enc, self.per_latent(n_tokens), shift=self.b_dec)
+        return encode_feature_choice(
+            x, self.W_enc, self.b_enc, self.per_latent(n_tokens), shift=self.encoder_shift
+        )
 
     @torch.no_grad()
     def _observe(self, f):
@@ -73,7 +75,7 @@ class FeatureChoice(AuxKDictionary):
         theta = torch.where(
             self.threshold_seen, self.threshold, torch.full_like(self.threshold, float("inf"))
         )
-        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.b_dec)
+        return encode_threshold(x, self.W_enc, self.b_enc, theta, shift=self.encoder_shift)
 
 
 ZIPF_SHORTFALL = 0.5
@@ -106,4 +108,6 @@ class MutualChoice(BatchTopK):
         return under if context.dead_mask is None else under | context.dead_mask
 
     def _encode(self, x):
-        return relu_values(encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))
+        return relu_values(
+            encode_batch_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.encoder_shift)
+        )

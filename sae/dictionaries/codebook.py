@@ -16,6 +16,8 @@ missing. Inserting codebooks into a model and fine-tuning end to end is
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -108,7 +110,7 @@ class Codebook(Dictionary):
         return 1.0 if self.config.aggregate == "mean" else 1.0 / self.config.k
 
     @torch.no_grad()
-    def initialize_from(self, sample: Tensor) -> None:
+    def initialize_from(self, sample: Tensor, target: Optional[Tensor] = None) -> None:
         """Spherical k-means (cosine) or k-means (dot) centres of the sample, scaled for sums."""
         sample = sample.to(self.W_dec.dtype)
         generator = seeding.generator(self.seed, "k-means")
@@ -127,6 +129,6 @@ class Codebook(Dictionary):
         self.W_dec.copy_(centres * self._code_scale())
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, output_scale: Optional[float] = None) -> None:
         """Cosine and dot-product rankings do not change when x is scaled; only the codes do."""
         self.W_dec /= scale

@@ -44,7 +44,9 @@ class Gated(L0Steered):
 
     def _gate_and_magnitude(self, x: Tensor) -> tuple[SparseCodes, SparseCodes]:
         zero = torch.zeros(self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        gate = encode_threshold(x, self.W_enc, self.b_gate, zero, shift=self.b_dec)  # entries with pi > 0
+        gate = encode_threshold(
+            x, self.W_enc, self.b_gate, zero, shift=self.encoder_shift
+        )  # entries with pi > 0
         scale = gather_per_latent(self.r_mag.exp(), gate)
         magnitude = scale * (gate.values - gather_per_latent(self.b_gate, gate)) + gather_per_latent(
             self.b_mag, gate
@@ -55,13 +57,14 @@ class Gated(L0Steered):
         return drop_zeros(self._gate_and_magnitude(x)[1])
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
+        target, skip = self.reconstruction_target(x, context)  # x itself for an SAE
         gate, f = self._gate_and_magnitude(x)
         x_hat = decode(f, self.W_dec, self.b_dec)
-        mse = reconstruction_loss(x, x_hat)
+        mse = reconstruction_loss(target, x_hat)
         norms = gather_per_latent(self.W_dec.norm(dim=1), gate)
         sparsity = (gate.values * norms).sum() / x.shape[0]  # gate values are pi > 0 = ReLU(pi)
         gate_only = decode(gate, self.W_dec.detach(), self.b_dec.detach())
-        aux = reconstruction_loss(x, gate_only)
+        aux = reconstruction_loss(target.detach(), gate_only)  # trains the gate alone
         lam = self.sparsity_coefficient(context.progress)
         self.steer(f.flat_values().gt(0).sum() / x.shape[0], context.progress)
         terms = {
@@ -70,4 +73,12 @@ class Gated(L0Steered):
             "gate_mse": aux.detach(),
             "lambda": self.l1_scale.new_tensor(lam),
         }
-        return StepOutput(mse + lam * sparsity + aux, x_hat, f, terms)
+        return StepOutput(mse + lam * sparsity + aux, self.with_skip(x_hat, skip), f, terms)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """The magnitude path's dense pre-activations exp(r_mag) * W_gate (x - shift) + b_mag
+        [N, n_latents]: an active latent's activation (the gate only decides which are active)."""
+        x = self._rows(x)
+        shift = self.encoder_shift
+        projected = (x if shift is None else x - shift) @ self.W_enc.t()
+        return projected * self.r_mag.exp() + self.b_mag

@@ -68,17 +68,18 @@ class JumpReLU(Dictionary):
         self.register_buffer("multiplier", torch.full((), 0.5))
 
     def _encode(self, x):
-        return encode_threshold(x, self.W_enc, self.b_enc, self.threshold.detach(), shift=self.b_dec)
+        return encode_threshold(x, self.W_enc, self.b_enc, self.threshold.detach(), shift=self.encoder_shift)
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
         eps = self.config.bandwidth
+        target, skip = self.reconstruction_target(x, context)  # x itself for an SAE
         candidates = encode_threshold(
-            x, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2, shift=self.b_dec
+            x, self.W_enc, self.b_enc, self.threshold.detach() - eps / 2, shift=self.encoder_shift
         )
         theta = gather_per_latent(self.threshold, candidates)
         f = candidates.with_values(JumpReLUFunction.apply(candidates.values, theta, eps))
         x_hat = decode(f, self.W_dec, self.b_dec)
-        mse = reconstruction_loss(x, x_hat)
+        mse = reconstruction_loss(target, x_hat)
         l0 = StepFunction.apply(candidates.values, theta, eps).sum() / x.shape[0]
         # under torchrun the controller sees the whole batch: every rank steers alike
         coefficient = self.multiplier * mean_over_ranks(mse.detach()) / self.config.effective_target_l0
@@ -89,7 +90,7 @@ class JumpReLU(Dictionary):
             "lambda": coefficient.detach().clone(),
             "threshold_mean": self.threshold.detach().mean(),
         }
-        return StepOutput(mse + coefficient * l0, x_hat, f, terms)
+        return StepOutput(mse + coefficient * l0, self.with_skip(x_hat, skip), f, terms)
 
     @torch.no_grad()
     def _steer(self, l0: Tensor) -> None:
@@ -100,10 +101,11 @@ class JumpReLU(Dictionary):
         self.threshold.mul_(torch.exp(self.config.controller_rate * error))
 
     @torch.no_grad()
-    def initialize_from(self, sample):
-        super().initialize_from(sample)
+    def initialize_from(self, sample, target=None):
+        super().initialize_from(sample, target)
         sample = sample[:8192].to(self.W_enc.dtype)
-        z = (sample - self.b_dec) @ self.W_enc.t() + self.b_enc
+        shift = self.encoder_shift
+        z = (sample if shift is None else sample - shift) @ self.W_enc.t() + self.b_enc
         quantile = 1 - min(1.0, self.config.effective_target_l0 / self.n_latents)
         rank = min(z.shape[0], max(1, math.ceil(quantile * z.shape[0])))
         self.threshold.copy_(z.kthvalue(rank, dim=0).values.clamp_min(self.config.bandwidth))

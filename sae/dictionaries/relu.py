@@ -64,19 +64,20 @@ class ReLU(L0Steered):
 
     def _encode(self, x):
         zero = torch.zeros(self.n_latents, dtype=self.W_enc.dtype, device=self.W_enc.device)
-        return encode_threshold(x, self.W_enc, self.b_enc, zero, shift=self.b_dec)
+        return encode_threshold(x, self.W_enc, self.b_enc, zero, shift=self.encoder_shift)
 
     def training_step(self, x: Tensor, context: StepContext) -> StepOutput:
+        target, skip = self.reconstruction_target(x, context)  # x itself for an SAE
         f = self._encode(x)
         x_hat = decode(f, self.W_dec, self.b_dec)
-        mse = reconstruction_loss(x, x_hat)
+        mse = reconstruction_loss(target, x_hat)
         norms = gather_per_latent(self.W_dec.norm(dim=1), f)
         sparsity = (f.values * norms).sum() / x.shape[0]
         lam = self.sparsity_coefficient(context.progress)
         self.steer((f.values > 0).sum() / x.shape[0], context.progress)
         return StepOutput(
             mse + lam * sparsity,
-            x_hat,
+            self.with_skip(x_hat, skip),
             f,
             {"mse": mse.detach(), "l1": sparsity.detach(), "lambda": self.l1_scale.new_tensor(lam)},
         )

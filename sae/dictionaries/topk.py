@@ -23,10 +23,10 @@ class TopK(AuxKDictionary):
             self.config.k,
             aux_k=k_aux,
             aux_mask=aux_mask,
-            shift=self.b_dec,
+            shift=self.encoder_shift,
             approximate=self.config.approx_topk,
             aux_stride=self.aux_stride(x.shape[0]),
         )
 
     def _encode(self, x):
-        return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.b_dec))
+        return relu_values(encode_topk(x, self.W_enc, self.b_enc, self.config.k, shift=self.encoder_shift))
