@@ -51,6 +51,7 @@ from torch import Tensor
 
 from sae.base import Dictionary, DictionaryError
 from sae.splicing import check_trained_at, hook_of, on_device
+from sae.steering_positions import Positions, as_positions, check_positions, position_label
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def add(
         hook,
         direction,
         float(strength),
-        f"feature {int(feature)} x {strength:g}{_at(where)}",
+        f"feature {int(feature)} x {strength:g}{position_label(where)}",
         feature=int(feature),
         source=dictionary,
         in_hook=in_hook,
@@ -145,7 +146,7 @@ def clamp(
     return dataclasses.replace(
         edit,
         strength=float(value),
-        label=f"feature {int(feature)} = {value:g}{_at(edit.positions)}",
+        label=f"feature {int(feature)} = {value:g}{position_label(edit.positions)}",
         dictionary=dictionary,
     )
 
@@ -180,45 +181,6 @@ def transcoder_hooks(transcoder: Dictionary, out_hook: str | None = None) -> tup
     return out_hook, in_hook
 
 
-def as_positions(positions: str | Tensor | Sequence[int] | None) -> str | Tensor | None:
-    """`positions` as steer reads them: None, a name, or a bool mask; a list of absolute positions
-    becomes the bool mask that holds them. Raises DictionaryError for anything else."""
-    if positions is None or isinstance(positions, (str, Tensor)):
-        _check_positions(positions)
-        return positions
-    try:
-        where = [int(p) for p in positions]
-    except (TypeError, ValueError):
-        raise DictionaryError(
-            f"positions must be a name, a bool mask or a list of positions, not {positions!r}"
-        )
-    if not where or min(where) < 0 or any(float(p) != int(p) for p in positions):
-        raise DictionaryError(f"positions must be non-negative token positions, not {list(positions)!r}")
-    mask = torch.zeros(max(where) + 1, dtype=torch.bool)
-    mask[where] = True
-    return mask
-
-
-def _check_positions(positions) -> None:
-    if isinstance(positions, str) and positions not in POSITIONS:
-        raise DictionaryError(
-            f"positions must be one of {', '.join(POSITIONS)} or a bool mask, not {positions!r}"
-        )
-    if isinstance(positions, Tensor) and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
-        raise DictionaryError(
-            f"a positions mask must be bool [P] or [batch, P], got {positions.dtype} {tuple(positions.shape)}"
-        )
-
-
-def _at(positions) -> str:
-    if positions is None:
-        return ""
-    if isinstance(positions, str):
-        return f" at {positions}"
-    where = positions.nonzero()[:, -1].unique().tolist()
-    return f" at {where}" if len(where) <= 6 else f" at {len(where)} positions"
-
-
 def add_direction(hook: str, direction: Tensor, strength: float = 1.0) -> Edit:
     """Add `strength` times `direction` [d] at `hook` (d: the hook's width, heads flattened);
     `steer` refuses, in one line, a direction of another shape or with NaN/inf entries."""
@@ -245,9 +207,6 @@ def _need_codebook(dictionary: Dictionary) -> None:
         )
 
 
-POSITIONS = ("all", "prompt", "generated")
-
-
 class SteeringReport:
     """What a `steer` block did: forward passes seen and positions edited, per hook."""
 
@@ -265,7 +224,7 @@ class SteeringReport:
         return f"steered ({', '.join(e.label for e in self.edits)}; positions={where}): " + "; ".join(parts)
 
 
-def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -> None:
+def check_edits(model, edits: Sequence[Edit], positions: str | Tensor | Sequence[int] = "all") -> None:
     """Refuse, in one line, edits `model` cannot apply: UnknownHookError for a hook that does not
     fire or holds no per-token activations; DictionaryError for a direction that is not [d] (d
     the hook's width) or not finite, a non-finite strength, a feature outside its dictionary, a
@@ -273,7 +232,7 @@ def check_edits(model, edits: Sequence[Edit], positions: str | Tensor = "all") -
     (a transcoder: d_in is its input hook's width, d_out its output hook's)."""
     as_positions(positions)
     for edit in edits:
-        _check_positions(edit.positions)
+        check_positions(edit.positions)
         width = model.width(edit.hook)
         name = f"{edit.label}: " if edit.source is not None else ""
         for dictionary in {id(d): d for d in (edit.source, edit.dictionary) if d is not None}.values():
@@ -357,45 +316,11 @@ def placed(edits: Sequence[Edit], device: torch.device) -> list[Edit]:
     return out
 
 
-class _Positions:
-    """Absolute positions of each pass at one hook: a multi-token pass starts a sequence, a
-    one-token pass continues it (KV-cached decoding)."""
-
-    def __init__(self):
-        self.prompt_length, self.start, self.next = 0, 0, 0
-
-    def step(self, length: int) -> None:
-        """A pass of `length` positions arrived at the hook."""
-        if length > 1 or self.next == 0:
-            self.prompt_length, self.start = length, 0
-        else:
-            self.start = self.next
-        self.next = self.start + length
-
-    def mask(self, spec, batch: int, length: int, device: torch.device) -> Tensor | None:
-        """[batch, length] bool of the positions of this pass that `spec` edits (on `device`), or
-        None for all of them."""
-        if isinstance(spec, str) and spec == "all":
-            return None
-        absolute = torch.arange(self.start, self.start + length)
-        if isinstance(spec, str):
-            keep = absolute < self.prompt_length if spec == "prompt" else absolute >= self.prompt_length
-            return keep.expand(batch, length).to(device)
-        if spec.dim() == 2 and spec.shape[0] not in (1, batch):
-            raise DictionaryError(f"a positions mask of {spec.shape[0]} rows cannot steer a batch of {batch}")
-        spec = spec.cpu()  # built on the host (a few bools), then moved
-        mask = spec if spec.dim() == 2 else spec.expand(batch, -1)
-        inside = absolute < mask.shape[1]
-        out = torch.zeros(mask.shape[0], length, dtype=torch.bool)
-        out[:, inside] = mask[:, absolute[inside]]
-        return out.expand(batch, length).to(device)
-
-
 def _adder(name: str, group, readers, readings: dict, positions, report: SteeringReport):
     """The hook function at `name`: adds the deltas of `group` ((index, edit) pairs whose hook
     this is), then reads the activations that `readers` (transcoder clamps whose input hook this
     is) need later in the pass, off the edited activation (what the MLP reads)."""
-    where = _Positions()
+    where = Positions()
 
     def hook_fn(activation: Tensor, hook=None) -> Tensor | None:
         x = activation.flatten(2)  # [batch, pos, d] (attention hooks: heads flattened)
@@ -410,7 +335,7 @@ def _adder(name: str, group, readers, readings: dict, positions, report: Steerin
     return hook_fn
 
 
-def _apply(name: str, group, x: Tensor, where: _Positions, readings: dict, positions, report) -> Tensor:
+def _apply(name: str, group, x: Tensor, where: Positions, readings: dict, positions, report) -> Tensor:
     where.step(x.shape[1])
     rows, edited = x.shape[0] * x.shape[1], None
     delta = torch.zeros_like(x)
