@@ -1,0 +1,156 @@
+"""Cross-layer transcoders (sae.crosslayer): a planted cross-layer latent is recovered, which
+per-layer transcoders of the same size cannot do; the folder round-trips through `sae.load`;
+every MLP of a real model can be replaced at once; `workbench train --cross-layer` trains one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sae
+from sae.base import DictionaryError
+from sae.crosslayer import CrossLayerConfig, CrossLayerTranscoder
+from sae.crosslayer_train import CrossLayerTrainConfig, fvu_per_layer, train_cross_layer
+from workbench import seeding
+
+
+class Planted:
+    """Two layers of d = 24 with 24 planted features each (sparse, p = 0.05). Layer 0's feature i
+    reads x_0 along E0[i] and writes y_0 along A0[i] AND y_1 along B0[i]; layer 1's own features
+    write y_1. x_1 carries nothing of layer 0's features, so only a latent of layer 0 that
+    writes to layer 1 can predict the B0 part of y_1. LayerPairs's interface (epoch, sample)."""
+
+    def __init__(self, n: int = 8192, d: int = 24, p: float = 0.05, seed: int = 0):
+        g = seeding.generator(seed, "planted cross-layer")
+
+        def unit():
+            return torch.nn.functional.normalize(torch.randn(d, d, generator=g), dim=-1)
+
+        self.E0, self.A0, self.B0, E1, A1 = unit(), unit(), unit(), unit(), unit()
+        f0, f1 = (
+            (torch.rand(n, d, generator=g) < p) * (0.5 + torch.rand(n, d, generator=g)) for _ in range(2)
+        )
+        self.x = [f0 @ self.E0, f1 @ E1]
+        self.y = [f0 @ self.A0, f1 @ A1 + f0 @ self.B0]
+        self.in_hooks, self.out_hooks = ["x0", "x1"], ["y0", "y1"]
+        self.d_in = self.d_out = d
+        self.n_layers, self.rows_per_epoch = 2, n
+
+    def epoch(self, epoch: int, batch_size: int):
+        order = torch.randperm(self.rows_per_epoch, generator=seeding.generator(0, "planted order", epoch))
+        for start in range(0, self.rows_per_epoch - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            yield [x[rows] for x in self.x], [y[rows] for y in self.y]
+
+    def sample(self, n: int, stream: str):
+        return [x[:n] for x in self.x], [y[:n] for y in self.y]
+
+
+TRAIN = CrossLayerTrainConfig(tokens=8192 * 4, batch_size=256, lr=1e-2)
+
+
+def test_a_planted_cross_layer_latent_is_recovered_far_better_than_by_per_layer_transcoders(tmp_path):
+    planted = Planted()
+    fvu, cross = {}, {}
+    for reach in (0, 1):  # 0: a CLT; 1: per-layer transcoders, same latents, same training
+        config = CrossLayerConfig(architecture="topk", n_latents=32, k=4, reach=reach)
+        clt = train_cross_layer(
+            planted, [0, 1], config, tmp_path / f"reach{reach}", train=TRAIN, progress=False
+        )
+        fvu[reach] = fvu_per_layer(clt, planted.x, planted.y)["fvu_per_layer"]
+        decoder = torch.nn.functional.normalize(clt.decoder(0, 1).detach(), dim=-1)
+        cross[reach] = (planted.B0 @ decoder.T).max(dim=1).values  # best cosine per planted B0 row
+    assert fvu[0][1] < 0.15 and fvu[0][1] < fvu[1][1] / 3, fvu  # per-layer cannot see layer 0's part
+    assert fvu[0][0] < 0.15 and fvu[1][0] < 0.15, fvu  # layer 0 alone is easy for both
+    assert float(cross[0].median()) > 0.95, cross[0]  # the layer 0 -> 1 decoders are the planted B0
+    assert float(cross[1].abs().max()) == 0.0  # reach 1 has no layer 0 -> 1 decoder at all
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "relu"])
+def test_every_sparsity_trains_a_cross_layer_transcoder(tmp_path, arch):
+    planted = Planted(n=4096)
+    config = CrossLayerConfig(architecture=arch, n_latents=32, k=4)
+    train = CrossLayerTrainConfig(tokens=4096 * 2, batch_size=256, lr=1e-2)
+    clt = train_cross_layer(planted, [0, 1], config, tmp_path / arch, train=train, progress=False)
+    metrics = fvu_per_layer(clt, planted.x, planted.y)
+    assert max(metrics["fvu_per_layer"]) < 0.9, metrics  # learned something on every layer
+    assert all(0 < l0 < 32 for l0 in metrics["l0_per_layer"]), metrics  # sparse, not dead
+
+
+def test_the_folder_round_trips_through_sae_load(tmp_path):
+    planted = Planted(n=1024)
+    config = CrossLayerConfig(architecture="jumprelu", n_latents=16, k=3)
+    train = CrossLayerTrainConfig(tokens=1024, batch_size=256, lr=1e-2)
+    clt = train_cross_layer(planted, [0, 1], config, tmp_path / "clt", seed=3, train=train, progress=False)
+    loaded = sae.load(tmp_path / "clt")
+    assert isinstance(loaded, CrossLayerTranscoder) and loaded.n_layers == 2
+    assert loaded.in_hooks == ["x0", "x1"] and loaded.out_hooks == ["y0", "y1"]
+    xs = [x[:64] for x in planted.x]
+    for a, b in zip(clt.predict(xs), loaded.predict(xs)):
+        torch.testing.assert_close(a, b)
+    codes = loaded.encode(1, xs[1])
+    active = codes.to_dense()
+    z = loaded.pre_activations(1, xs[1])
+    torch.testing.assert_close(active[active > 0], z[active > 0])  # an active latent's value is its z
+    assert loaded.decoder(0, 1).shape == (16, 24) and loaded.b_dec[1].shape == (24,)
+    with pytest.raises(DictionaryError, match="only to layers >= itself"):
+        loaded.decoder(1, 0)
+    assert "metrics" in loaded.meta and len(loaded.meta["metrics"]["fvu_per_layer"]) == 2
+
+
+def test_a_folder_with_a_wrong_tensor_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    clt = CrossLayerTranscoder(CrossLayerConfig(n_layers=2, d_in=4, d_out=4, n_latents=8, k=2))
+    from sae.crosslayer import save
+
+    save(clt, tmp_path / "c")
+    weights = load_file(str(tmp_path / "c" / "weights.safetensors"))
+    weights["W_dec.1"] = torch.zeros(8, 2, 4)  # layer 1 of 2 can only write to layer 1
+    save_file(weights, str(tmp_path / "c" / "weights.safetensors"))
+    with pytest.raises(
+        DictionaryError, match=r"W_dec\.1 has shape \(8, 2, 4\), expected \(8, 1, 4\)"
+    ) as error:
+        sae.load(tmp_path / "c")
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def mlp_cache(tiny_model, tmp_path_factory):
+    """Both layers' MLP input and output hooks of the tiny model, 4,096 tokens."""
+    from sae.crosslayer_train import default_hooks
+    from workbench.activations import CacheConfig, build_cache
+
+    ins, outs = default_hooks([0, 1])
+    config = CacheConfig(
+        model="tiny",
+        hooks=(*ins, *outs),
+        corpus="tiny-shakespeare",
+        tokens=4096,
+        context_length=32,
+        batch_size=8,
+        shard_tokens=1024,
+        out=str(tmp_path_factory.mktemp("clt-cache") / "cache"),
+    )
+    return build_cache(config, model=tiny_model, progress=False)
+
+
+def test_every_mlp_of_a_model_is_replaced_at_once(tiny_model, mlp_cache, tmp_path):
+    from sae.crosslayer_eval import evaluate_replaced
+    from workbench.cache_reader import ActivationCache
+
+    config = CrossLayerConfig(architecture="topk", n_latents=64, k=8)
+    train = CrossLayerTrainConfig(tokens=4096 * 3, batch_size=256, lr=3e-3)
+    clt = train_cross_layer(mlp_cache, [0, 1], config, tmp_path / "clt", train=train, progress=False)
+    assert clt.in_hooks == ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"]
+    windows = ActivationCache(mlp_cache).tokens[:8]
+    metrics = evaluate_replaced(clt, tiny_model, windows)
+    assert max(metrics["fvu_per_layer"]) < 0.3 and metrics["ce_loss_score"] > 0.5, metrics
+    assert metrics["kl_replaced"] < metrics["kl_zero_ablation"] / 2, metrics
+    with torch.no_grad():  # a CLT that predicts 0 everywhere IS the zero ablation of every MLP
+        for w in clt.W_dec:
+            w.zero_()
+        clt.b_dec.zero_()
+    nothing = evaluate_replaced(clt, tiny_model, windows)
+    assert nothing["ce_replaced"] == pytest.approx(nothing["ce_zero_ablation"], abs=1e-6)
+    assert nothing["ce_replaced"] > metrics["ce_replaced"]
