@@ -16,6 +16,11 @@ At the end, from the weights: decoder cosine neighbours, and logit effects W_dec
 the final LayerNorm's centring and scale where the model has one; hooks of the residual width);
 for a dictionary at `blocks.L.attn.hook_z`, each decoder row's norm per attention head
 (`sae.attention_heads`, the store's heads table).
+A transcoder (issue 22) is analyzed at the hook it reads (activations, examples, neuron
+correlations: the cache must hold that hook) and its decoder rows where it writes: logit effects
+through the output hook (an MLP output is added to the residual stream, so W_dec·W_U through the
+final norm as for residual hooks), neighbours among its decoder rows; the store's meta records
+`out_hook` and `d_out` (an SAE's store has neither).
 The pass runs on the model's device (`--device`): each block is moved there, encoded, and every
 accumulator lives there; the random sample keys are drawn on the host (the same on any
 device); the finished accumulators come back to the host to build the tables.
@@ -37,12 +42,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae.attention_heads import attention_layer, heads_table, n_heads_of, output_directions
-from sae.base import Dictionary
+from sae.base import Dictionary, DictionaryError
 from sae.per_feature import SmallestKeys, ranked_within_groups
 from sae.splicing import hook_of, on_device
 from sae.summaries import add_summaries, vocab_texts
 from workbench.cache_reader import ActivationCache
 from workbench.devices import MODEL_DTYPES, check_device_spec, check_dtype_name, resolve_device
+from workbench.errors import CacheError
 from workbench.kernels import SparseCodes
 from workbench.store import STORE_FILE, list_column, write_store
 
@@ -111,7 +117,13 @@ def analyze(
     started = time.perf_counter()
     device = model.device if model is not None else resolve_device(config.device)
     hook = hook_of(dictionary, None)
+    out_hook = transcoder_out_hook(dictionary)
     cache = ActivationCache(config.cache or dictionary.meta.get("cache") or _default_cache())
+    if out_hook and hook not in cache.hooks:
+        raise CacheError(
+            f"{cache.path}: no hook {hook!r}, which this transcoder reads (the cache has "
+            f"{', '.join(cache.hooks)}; `workbench cache --hook {hook} --hook {out_hook}` writes both)"
+        )
     cache.expect(hook=hook, width=dictionary.d_in)
     cache.require_tokens("workbench analyze (top examples, contexts, logit effects)")
     if model is None:
@@ -121,8 +133,9 @@ def analyze(
     with torch.no_grad():
         stats = _stream(dictionary, cache, hook, config, progress)
         tables = stats.tables(cache.tokens)
-        tables.update(weight_tables(dictionary, model, config, hook=hook))
-        heads = n_heads_of(model) if attention_layer(hook) is not None else 0
+        written = out_hook or hook  # where the decoder rows live
+        tables.update(weight_tables(dictionary, model, config, hook=written))
+        heads = n_heads_of(model) if attention_layer(written) is not None else 0
         if heads:
             tables["heads"] = heads_table(dictionary, heads)
     texts = vocab_texts(model.tokenizer, model.d_vocab)
@@ -146,7 +159,20 @@ def analyze(
         "config": asdict(config),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if out_hook:  # an SAE's store keeps its keys as before transcoders
+        meta.update(out_hook=out_hook, d_out=dictionary.d_out)
     return write_store(out, meta, tables)
+
+
+def transcoder_out_hook(dictionary: Dictionary) -> str:
+    """The hook a transcoder writes (its `meta["out_hook"]`), '' for an SAE. DictionaryError for a
+    transcoder that does not record it."""
+    if not getattr(dictionary, "is_transcoder", False):
+        return ""
+    out_hook = dictionary.meta.get("out_hook")
+    if not out_hook:
+        raise DictionaryError("this transcoder does not record the hook it writes (meta 'out_hook')")
+    return out_hook
 
 
 def _default_cache() -> Path:

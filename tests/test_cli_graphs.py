@@ -16,13 +16,13 @@ from tests.test_cli import run_cli
 PROMPT = "ROMEO: I will tell the"
 
 
-def save_transcoder(folder: Path, layer: int, model: str, seed: int = 0, **fields) -> Path:
+def save_transcoder(folder: Path, layer: int, model: str, seed: int = 0, d_model: int = 64, **fields) -> Path:
     """A small TopK transcoder of `layer`'s MLP (untrained: the graph's error nodes carry the rest)."""
     from sae.base import create
     from sae.config import DictionaryConfig
     from sae.io import save
 
-    config = DictionaryConfig(architecture="topk", d_in=64, n_latents=32, k=4, d_out=64)
+    config = DictionaryConfig(architecture="topk", d_in=d_model, n_latents=32, k=4, d_out=d_model)
     hooks = {"hook": f"blocks.{layer}.ln2.hook_normalized", "out_hook": f"blocks.{layer}.hook_mlp_out"}
     return save(create(config, seed=seed + layer), folder, model=model, **{**hooks, **fields})
 
@@ -97,3 +97,59 @@ def test_wrong_transcoders_and_targets_are_refused_in_one_line(
     code, _, err = run_cli(capsys, "circuits", "--transcoders", "tc", "--prompt", PROMPT)
     assert code == 2 and "need a GPT-2-architecture model" in err and len(err.strip().splitlines()) == 1
     assert not Path("runs").exists()  # nothing written by a refusal
+
+
+def test_a_demo_transcoder_is_analyzed_graphed_and_opened_from_the_graph(
+    capsys, tiny_cache, tiny_run, tmp_path, monkeypatch
+):
+    """cache (both hooks) -> a transcoder of the demo's layer 1 MLP -> analyze (its store reads
+    the input hook, writes logit effects through the output hook) -> circuits --transcoders (the
+    graph names the store) -> the Circuits page: a click on a feature opens its page, which says
+    what the transcoder reads and writes."""
+    from sae.analyze import final_norm_map
+    from sae.io import load
+    from tests.test_explorer_circuits import circuits_page
+    from workbench.models import load_model
+    from workbench.store import FeatureStore
+
+    monkeypatch.chdir(tmp_path)
+    hooks = ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out")
+    cache = (
+        "cache --model demo --corpus tiny-shakespeare --context-length 32 --tokens 1024 --out cache --quiet"
+    )
+    code, _, err = run_cli(capsys, *cache.split(), "--hook", hooks[0], "--hook", hooks[1])
+    assert code == 0, err
+    folder = save_transcoder(tmp_path / "tc1", 1, "demo", d_model=256, cache=str(tmp_path / "cache"))
+    code, _, err = run_cli(capsys, "analyze", str(folder), "--cache", str(tiny_cache), "--quiet")
+    assert code == 2 and f"no hook '{hooks[0]}', which this transcoder reads" in err
+    code, _, err = run_cli(capsys, "analyze", str(folder), "--top", "4", "--per-bin", "2", "--quiet")
+    assert code == 0, err
+    store = FeatureStore(folder / "features.duckdb")
+    assert (store.meta["hook"], store.meta["out_hook"], store.meta["d_out"]) == (*hooks, 256)
+    assert not {"out_hook", "d_out"} & set(FeatureStore(tiny_run / "features.duckdb").meta)  # an SAE's store
+    model, transcoder = load_model("demo"), load(folder)
+    feature = int(store.features(limit=1).feature[0])
+    centres, scale = final_norm_map(model)
+    row = transcoder.W_dec[feature].detach()
+    effect = ((row - row.mean()) if centres else row) * scale @ model.unembed.float()
+    expected = effect.topk(5).indices.tolist()
+    logits = store.feature(feature).logits
+    assert logits[logits.side == "top"].token.tolist()[:5] == expected  # W_dec . W_U after the final norm
+    assert store.summaries([feature])[feature]
+
+    every = ("--node-threshold", "1", "--edge-threshold", "1")  # an untrained transcoder's features are weak
+    code, out, err = run_cli(
+        capsys, "circuits", "--transcoders", str(folder), "--prompt", PROMPT, *every, "--json"
+    )
+    assert code == 0, err
+    graph_path = Path(json.loads(out)["graph"])
+    graph = json.loads(graph_path.read_text())
+    assert graph["transcoders"][0]["store"] == str((folder / "features.duckdb").absolute())
+    node = next(n for n in graph["nodes"] if n["type"] == "feature")
+    at = circuits_page(monkeypatch, [str(folder)], circuits=[str(graph_path.parent)])
+    at.session_state["attribution_graph"] = {
+        "selection": {"points": [{"customdata": node["id"]}], "point_indices": [0]}
+    }
+    at.run()
+    assert not at.exception and at.title[0].value == f"Feature {node['feature']}"
+    assert f"transcoder: reads {hooks[0]}, writes {hooks[1]}" in "\n".join(c.value for c in at.caption)

@@ -70,8 +70,13 @@ except StoreError as exc:
     st.stop()
 
 st.title(f"Feature {feature}")
+where = (  # a transcoder's store records the hook it writes, too
+    f"transcoder: reads {store.meta.get('hook', '')}, writes {store.meta['out_hook']}"
+    if store.meta.get("out_hook")
+    else f"at {store.meta.get('hook', '')}"
+)
 st.caption(  # with several stores open, a clicked similar feature may be in another one
-    f"store {store_key(store.path)} · {store.meta.get('architecture', '')} at {store.meta.get('hook', '')} "
+    f"store {store_key(store.path)} · {store.meta.get('architecture', '')} {where} "
     f"· {store.n_latents:,} features"
 )
 description = describe_feature(store, feature)
