@@ -1,0 +1,100 @@
+"""`workbench train --cross-layer`: a TrainConfig's settings as one cross-layer transcoder run.
+
+The run reads every chosen layer's MLP input and output hooks (the model adapter's
+`mlp_hooks(layer)` where it has one, else TransformerLens's blocks.L.ln2.hook_normalized ->
+blocks.L.hook_mlp_out) from one cache, trains the CLT (`sae.crosslayer_train`), then scores it
+on held-out text of the cache's corpus with every MLP replaced at once (`sae.crosslayer_eval`)
+and adds those metrics to its config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from sae.crosslayer import CrossLayerConfig, save
+from sae.crosslayer_eval import evaluate_replaced
+from sae.crosslayer_train import CrossLayerTrainConfig, default_hooks, train_cross_layer
+from workbench.errors import ConfigError
+
+EVAL_TOKENS = 16_384
+
+
+def parse_layers(spec, n_layers: int) -> list:
+    """'all' (or empty) -> every layer; '0,2' / [0, 2] / 1 -> those layers, ascending."""
+    if spec in (None, "", "all", ("all",), ["all"]):
+        return list(range(n_layers))
+    items = spec.split(",") if isinstance(spec, str) else spec if isinstance(spec, (list, tuple)) else [spec]
+    try:
+        layers = sorted({int(item) for item in items})
+    except (TypeError, ValueError):
+        raise ConfigError(f"--transcoder-layer takes 'all' or layer numbers, got {spec!r}") from None
+    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+        raise ConfigError(f"--transcoder-layer {spec!r}: the model has layers 0..{n_layers - 1}")
+    return layers
+
+
+def mlp_hooks_of(model, layers: list) -> tuple[list, list]:
+    if hasattr(model, "mlp_hooks"):
+        pairs = [model.mlp_hooks(layer) for layer in layers]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return default_hooks(layers)
+
+
+def train_cross_layer_run(config, layers_spec="all", progress: bool = True) -> tuple[Path, dict]:
+    """(folder, metrics) of the CLT trained with a TrainConfig's settings: its cache, one
+    architecture, k and width per layer (--n-latents, else expansion * d_in), tokens, batch size,
+    lr, seed, device, out (default runs/clt-<arch>-k<k>-m<n_latents>). Raises ConfigError for a
+    grid (several --arch / --k / --expansion) or no --cache, CacheError for missing hooks."""
+    from workbench.activations import CacheConfig, select_windows
+    from workbench.cache_reader import ActivationCache
+    from workbench.devices import resolve_device
+    from workbench.models import load_model
+
+    if len(config.architectures) != 1 or len(config.k) != 1 or len(config.expansion) != 1:
+        raise ConfigError("--cross-layer trains one transcoder: give one --arch, one --k and one --expansion")
+    if not config.cache:
+        raise ConfigError(
+            "--cross-layer needs --cache DIR holding every layer's MLP input and output "
+            "(workbench cache --hook blocks.0.ln2.hook_normalized --hook blocks.0.hook_mlp_out ...)"
+        )
+    cache = ActivationCache(config.cache)
+    device = resolve_device(config.device)
+    model = load_model(cache.model, device=device)
+    layers = parse_layers(layers_spec, model.n_layers)
+    in_hooks, out_hooks = mlp_hooks_of(model, layers)
+    d_in = cache.width(in_hooks[0]) if in_hooks[0] in cache.hooks else 0
+    arch, k = config.architectures[0], config.k[0]
+    n_latents = config.n_latents or config.expansion[0] * d_in
+    clt_config = CrossLayerConfig(architecture=arch, n_latents=n_latents, k=k)
+    train = CrossLayerTrainConfig(
+        tokens=config.tokens,
+        batch_size=config.batch_size or CrossLayerTrainConfig.batch_size,
+        lr=config.lr,
+        log_every=config.log_every,
+    )
+    out = Path(config.out or f"runs/clt-{arch}-k{k}-m{n_latents}")
+    clt = train_cross_layer(
+        cache.path,
+        layers,
+        clt_config,
+        out,
+        config.seed,
+        train,
+        in_hooks=in_hooks,
+        out_hooks=out_hooks,
+        device=device,
+        progress=progress,
+    )
+    text = CacheConfig(
+        model=cache.model,
+        corpus=cache.manifest.config.get("corpus", "default"),
+        split="validation",
+        tokens=EVAL_TOKENS,
+        context_length=cache.context_length,
+    )
+    replaced = evaluate_replaced(clt, model, select_windows(text, model))
+    clt.meta["metrics"] = {**clt.meta["metrics"], "replaced_every_mlp": replaced}
+    clt.meta["config"] = replace(config, out=str(out)).to_json()  # `--config` reruns it
+    save(clt.cpu(), out)
+    return out, clt.meta["metrics"]
