@@ -59,9 +59,15 @@ def ablate_feature_effect(
     return feature_ablation(system, layer, position, feature, target)
 
 
-def predicted_effects(attribution: Attribution, target_row: int, kind: str = "total") -> Tensor:
+def predicted_effects(
+    attribution: Attribution, target_row: int, kind: str = "total", system: FrozenSystem | None = None
+) -> Tensor:
     """[F] the graph's predicted change of target row `target_row`'s input when each feature is
-    ablated (module docstring). Uses the kept entries: exact when every entry was kept."""
+    ablated (module docstring). Uses the kept entries: exact when every entry was kept.
+    kind "total+norm" (a logit row; needs `system`): "total" plus the first-order response of the
+    final LayerNorm's scale σ, which the graph freezes: with K = logit − b_ln_f·W_U[:, t] and
+    c the centred final residual, Δlogit ≈ Δ_frozen − K Δσ/σ, Δσ/σ = c·Δr / (d σ²), Δr's
+    functional propagated through the same graph."""
     adjacency, nodes = attribution.adjacency, attribution.nodes
     F = nodes.n_features
     row_is_target = adjacency.rows == target_row
@@ -69,13 +75,30 @@ def predicted_effects(attribution: Attribution, target_row: int, kind: str = "to
     direct[adjacency.cols[row_is_target]] = adjacency.values[row_is_target]
     if kind == "direct":
         return -direct[:F]
-    if kind != "total":
-        raise ValueError(f"kind must be 'direct' or 'total', got {kind!r}")
+    if kind not in ("total", "total+norm"):
+        raise ValueError(f"kind must be 'direct', 'total' or 'total+norm', got {kind!r}")
+    total = _through_features(attribution, direct[:F])
+    if kind == "total":
+        return total
+    if system is None or target_row < nodes.logit_start:
+        raise ValueError("'total+norm' needs the FrozenSystem and a logit row")
+    scale = _through_features(attribution, _scale_row(system, nodes)[:F])
+    token = int(nodes.targets[target_row - nodes.logit_start])
+    clean = system.clean
+    K = clean.logits[-1, token] - system.model.ln_f[1] @ system.model.W_U[:, token]
+    return total - float(K.detach()) * scale
+
+
+def _through_features(attribution: Attribution, direct: Tensor) -> Tensor:
+    """[F] −a_s v_s with v = direct/a (I − M_FF)^-1: the total effect of ablating each feature on a
+    quantity whose direct edges from the features are `direct` [F]."""
+    adjacency, nodes = attribution.adjacency, attribution.nodes
+    F = nodes.n_features
     a = nodes.activations.to(direct.dtype)
     among = (adjacency.rows < F) & (adjacency.cols < F)
     rows, cols = adjacency.rows[among], adjacency.cols[among]
     per_unit = adjacency.values[among] / a[cols]  # M_FF
-    v = direct[:F] / a  # M[target, F]
+    v = direct / a
     total, current = v.clone(), v
     for _ in range(10_000):
         current = torch.zeros_like(v).index_add_(0, cols, current[rows] * per_unit)
@@ -83,6 +106,20 @@ def predicted_effects(attribution: Attribution, target_row: int, kind: str = "to
             break
         total += current
     return -a * total
+
+
+def _scale_row(system: FrozenSystem, nodes) -> Tensor:
+    """[n] direct effects of every source on Δσ/σ of the final LayerNorm at the last position."""
+    from circuits.graph_edges import padded_writes, row_entries
+
+    r = system.clean.resid_final[-1]
+    c = r - r.mean()
+    cot = torch.zeros(1, *system.clean.embed.shape, dtype=r.dtype, device=r.device)
+    cot[0, -1] = c / (c.numel() * (c.pow(2).mean() + system.shape.eps))
+    with torch.no_grad():
+        g_embed, g_writes = system.pull_back(cot, system.shape.n_layers, final_norm=False)
+        padded = {layer: padded_writes(system, nodes, layer) for layer in system.clean.activations}
+        return row_entries(system, nodes, padded, system.shape.n_layers, g_embed, g_writes)[0]
 
 
 def spearman(x: Tensor, y: Tensor) -> float:

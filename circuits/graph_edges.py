@@ -104,7 +104,7 @@ def target_cotangents(system: FrozenSystem, nodes: NodeTable, rows: Tensor, laye
     return out
 
 
-def _padded_writes(system: FrozenSystem, nodes: NodeTable, layer: int) -> tuple[Tensor, Tensor]:
+def padded_writes(system: FrozenSystem, nodes: NodeTable, layer: int) -> tuple[Tensor, Tensor]:
     """([P, K, d] a_s W_dec[s] of the layer's active features per position, zero-padded;
     [P, K] their node index, −1 for padding)."""
     P, d = nodes.n_positions, system.shape.d_model
@@ -132,7 +132,7 @@ def attribute(
     nodes = node_table(system, targets)
     n, L = nodes.n, system.shape.n_layers
     embed, writes = system.source_writes()
-    padded = {layer: _padded_writes(system, nodes, layer) for layer in system.clean.activations}
+    padded = {layer: padded_writes(system, nodes, layer) for layer in system.clean.activations}
     rows_out, cols_out, vals_out = [], [], []
     row_abs = torch.zeros(n, dtype=embed.dtype)
     remainder, inputs, biases = (
@@ -153,7 +153,7 @@ def attribute(
             cot = target_cotangents(system, nodes, rows, layer, Q)
             with torch.no_grad():
                 g_embed, g_writes = pull_back(system, layer, cot, e, w)
-                dense = _row_entries(system, nodes, padded, layer, g_embed, g_writes)
+                dense = row_entries(system, nodes, padded, layer, g_embed, g_writes)
                 inputs[rows], biases[rows] = _inputs(system, nodes, rows, layer, cot, e, w)
             _keep(dense, rows, edges_per_target, rows_out, cols_out, vals_out, row_abs, remainder)
     adjacency = Adjacency(
@@ -189,7 +189,7 @@ def _inputs(system, nodes, rows, layer, cot, embed, writes) -> tuple[Tensor, Ten
     return ((enc * x[pos]).sum(1) + const).cpu(), ((enc * x0[pos]).sum(1) + const).cpu()
 
 
-def _row_entries(system, nodes, padded, layer, g_embed, g_writes) -> Tensor:
+def row_entries(system, nodes, padded, layer, g_embed, g_writes) -> Tensor:
     """[B, n] a batch of rows, dense over the nodes (sources of layers < `layer`, positions < Q)."""
     B, Q = g_embed.shape[:2]
     dense = torch.zeros(B, nodes.n + 1, dtype=g_embed.dtype, device=g_embed.device)  # last: padding

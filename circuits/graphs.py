@@ -12,11 +12,12 @@ Dunefsky et al. 2024, "Transcoders find interpretable LLM feature circuits" (arX
 
 JSON (format_version 1): model, prompt, tokens, token_strings, transcoders [{layer, path, hook,
 out_hook, store}], targets [{token, token_string, probability, logit}], nodes [{id, type, layer,
-position, feature, activation, influence, label}], edges [{source, target, weight}], pruning, metrics.
+position, feature, activation, influence, share, label}], edges [{source, target, weight}], pruning, metrics.
 Node ids: "f.L.P.I" feature, "e.L.P" error, "t.P" embedding, "l.TOKEN" logit. A node's
 "influence" is its cumulative influence share (circuit-tracer's convention): nodes sorted by
 influence on the targets, the running sum over the total; a threshold τ keeps the nodes whose
-share is at most the first share ≥ τ (embeddings and logits are always kept). "activation" is
+share is at most the first share ≥ τ (embeddings and logits are always kept); "share" is the
+node's own influence over the total (0 for logits). "activation" is
 a for a feature, ‖err‖ for an error, ‖embedding‖ for a token, the logit for a logit.
 """
 
@@ -209,10 +210,19 @@ def _graph_json(model, system, attribution, pruned, strings, text, target_ids, p
     nodes, adjacency = attribution.nodes, attribution.adjacency
     ids = node_ids(nodes)
     decode = (lambda t: model.to_str_tokens(torch.tensor([t]))[0]) if hasattr(model, "to_str_tokens") else str
+    own = pruned.influence / pruned.influence.sum().clamp_min(1e-30)
     node_list = []
     for index in pruned.node_mask.nonzero().flatten().tolist():
         node_list.append(
-            _node_json(system, nodes, index, ids[index], float(pruned.cumulative[index]), strings, decode)
+            _node_json(
+                system,
+                nodes,
+                index,
+                ids[index],
+                (float(pruned.cumulative[index]), float(own[index])),
+                strings,
+                decode,
+            )
         )
     edge_list = [
         {"source": ids[c], "target": ids[r], "weight": float(v)}
@@ -275,7 +285,8 @@ def node_ids(nodes) -> list[str]:
     return ids
 
 
-def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dict:
+def _node_json(system, nodes, index, node_id, influence: tuple[float, float], strings, decode) -> dict:
+    """One node's JSON; `influence` = (cumulative share, own share)."""
     clean, L = system.clean, system.shape.n_layers
     if index < nodes.error_start:
         layer, pos, latent = nodes.features[index].tolist()
@@ -287,7 +298,8 @@ def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dic
             "position": pos,
             "feature": latent,
             "activation": a,
-            "influence": influence,
+            "influence": influence[0],
+            "share": influence[1],
             "label": f"L{layer}/{latent}",
         }
     if index < nodes.embed_start:
@@ -299,7 +311,8 @@ def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dic
             "layer": layer,
             "position": pos,
             "activation": float(clean.errors[layer, pos].norm()),
-            "influence": influence,
+            "influence": influence[0],
+            "share": influence[1],
             "label": f"error L{layer}",
         }
     if index < nodes.logit_start:
@@ -310,7 +323,8 @@ def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dic
             "layer": -1,
             "position": pos,
             "activation": float(clean.embed[pos].norm()),
-            "influence": influence,
+            "influence": influence[0],
+            "share": influence[1],
             "label": strings[pos],
         }
     token = int(nodes.targets[index - nodes.logit_start])  # influence 0: kept at every threshold
@@ -321,5 +335,6 @@ def _node_json(system, nodes, index, node_id, influence, strings, decode) -> dic
         "position": nodes.n_positions - 1,
         "activation": float(clean.logits[-1, token]),
         "influence": 0.0,
+        "share": 0.0,
         "label": decode(token),
     }

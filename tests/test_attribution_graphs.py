@@ -1,0 +1,245 @@
+"""Attribution graphs (circuits.graphs): exactness of the replacement model and its edges, and the
+graphs against ground truth (planted induction and gate models) and real ablations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from circuits.gates import FALSE_TOKEN, TRUE_TOKEN, gate_model
+from circuits.graph_checks import feature_ablation, predicted_effects, spearman
+from circuits.graphs import AttributionGraph, attribution_graph
+from circuits.induction import induction_model
+from circuits.transformer import GraphTransformer, Shape
+from sae.base import create
+from sae.config import DictionaryConfig
+from workbench.errors import WorkbenchError
+
+
+def _toy(seed: int = 0) -> tuple[GraphTransformer, dict, torch.Tensor]:
+    """A random 2-layer model with LayerNorm and MLPs, TopK transcoders with biases (layer 1 with a
+    skip connection) and a prompt of 9 tokens; every draw from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():  # GraphTransformer's own init draws from the global RNG
+        model = GraphTransformer(Shape(2, 16, 2, 24, 12, 32, True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        model.ln1[:, 0] += 1
+        model.ln2[:, 0] += 1
+        model.ln_f[0] += 1
+    transcoders = {}
+    for layer in range(2):
+        d = create(
+            DictionaryConfig(architecture="topk", d_in=16, n_latents=24, k=4), seed=seed, salt=str(layer)
+        )
+        with torch.no_grad():
+            d.b_enc.copy_(torch.randn(24, generator=gen) * 0.3)
+            d.b_dec.copy_(torch.randn(16, generator=gen) * 0.3)
+        if layer == 1:
+            d.W_skip = nn.Parameter(torch.randn(16, 16, generator=gen) * 0.2)
+        transcoders[layer] = d.eval()
+    tokens = torch.randint(0, 24, (9,), generator=gen)
+    return model.eval(), transcoders, tokens
+
+
+def _target_input(system, nodes, row: int, embed, writes) -> torch.Tensor:
+    """A target node's input (feature pre-activation z or logit) in the frozen system."""
+    if row >= nodes.logit_start:
+        return system.logits(embed, writes)[-1, nodes.targets[row - nodes.logit_start]]
+    layer, pos, latent = nodes.features[row].tolist()
+    return system.pre_activations(layer, system.run(embed, writes, layer))[pos, latent]
+
+
+def test_replacement_reproduces_the_logits_and_every_input_is_its_edges_plus_its_bias():
+    model, transcoders, tokens = _toy()
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None)
+    system, att = graph.system, graph.attribution
+    nodes = att.nodes
+    embed, writes = system.source_writes()
+    with torch.no_grad():
+        clean = model(tokens[None])[0]
+        assert (system.logits(embed, writes) - clean).abs().max() < 1e-4
+        zero_e, zero_w = torch.zeros_like(embed), torch.zeros_like(writes)
+        assert nodes.n_features > 20 and len(nodes.targets) >= 1
+        for row in list(range(nodes.n_features)) + list(range(nodes.logit_start, nodes.n)):
+            # inputs and biases computed independently of the edge code, in the frozen system
+            assert att.inputs[row] == pytest.approx(
+                float(_target_input(system, nodes, row, embed, writes)), abs=1e-4
+            )
+            assert att.biases[row] == pytest.approx(
+                float(_target_input(system, nodes, row, zero_e, zero_w)), abs=1e-4
+            )
+        z = torch.stack([system.pre_activations(layer, system.clean.mlp_in[layer]) for layer in (0, 1)])
+        layer, pos, latent = nodes.features.T
+        assert torch.allclose(nodes.activations, z[layer, pos, latent], atol=1e-5)  # TopK: a = z when active
+        assert torch.allclose(att.inputs[: nodes.n_features], nodes.activations, atol=1e-4)
+    gap = att.adjacency.incoming() + att.biases - att.inputs
+    assert gap.abs().max() < 1e-4
+    # rows cut to their 3 largest entries keep the dropped ones' sum, so the books still balance
+    cut = attribution_graph(model, transcoders, tokens, edges_per_target=3).attribution
+    assert len(cut.adjacency.values) <= 3 * (nodes.n_features + len(nodes.targets))
+    assert (cut.adjacency.incoming() + cut.biases - cut.inputs).abs().max() < 1e-4
+    assert torch.allclose(cut.adjacency.row_abs, att.adjacency.row_abs, atol=1e-5)
+
+
+def test_every_edge_is_a_finite_difference_of_its_source_in_the_frozen_model():
+    model, transcoders, tokens = _toy(seed=1)
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None, dtype=torch.float64)
+    system, att = graph.system, graph.attribution
+    nodes, adj = att.nodes, att.adjacency
+    embed, writes = system.source_writes()
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.randperm(len(adj.values), generator=gen)[:40]
+    kinds, eps = set(), 1e-3
+    with torch.no_grad():
+        for j in picks.tolist():
+            row, col, weight = int(adj.rows[j]), int(adj.cols[j]), float(adj.values[j])
+            e, w = embed.clone(), writes.clone()
+            if col < nodes.error_start:
+                layer, pos, latent = nodes.features[col].tolist()
+                w[layer, pos] += (
+                    eps * system.clean.activations[layer][pos, latent] * transcoders[layer].W_dec[latent]
+                )
+                kinds.add("feature")
+            elif col < nodes.embed_start:
+                k = col - nodes.error_start
+                layer, pos = nodes.error_layers[k // nodes.n_positions], k % nodes.n_positions
+                w[layer, pos] += eps * system.clean.errors[layer, pos]
+                kinds.add("error")
+            else:
+                pos = col - nodes.embed_start
+                e[pos] += eps * embed[pos]
+                kinds.add("embedding")
+            moved = _target_input(system, nodes, row, e, w) - _target_input(system, nodes, row, embed, writes)
+            assert float(moved) / eps == pytest.approx(weight, rel=1e-3, abs=1e-9)
+    assert kinds == {"feature", "error", "embedding"}
+
+
+def test_the_hand_written_transpose_equals_autograd():
+    model, transcoders, tokens = _toy(seed=2)
+    from circuits.replacement import FrozenSystem
+
+    system = FrozenSystem(model, tokens, transcoders, dtype=torch.float64)
+    embed, writes = system.source_writes()
+    gen = torch.Generator().manual_seed(0)
+    for stop, Q in ((0, 9), (1, 5), (2, 9)):
+        cot = torch.randn(3, Q, 16, generator=gen, dtype=torch.float64)
+        _, pull = torch.func.vjp(lambda e, w: system.run(e, w, stop), embed[:Q], writes[:stop, :Q])
+        want = torch.func.vmap(pull)(cot)
+        got = system.pull_back(cot, stop)
+        assert torch.allclose(got[0], want[0], atol=1e-10) and torch.allclose(got[1], want[1], atol=1e-10)
+
+
+def test_the_pruned_graph_json_round_trips_and_keeps_the_tokens_and_logits(tmp_path):
+    model, transcoders, tokens = _toy()
+    graph = attribution_graph(model, transcoders, tokens, targets=[3, 5], node_threshold=0.98)
+    path = graph.save(tmp_path / "g.circuit.json")
+    data = AttributionGraph.load(path).to_json()
+    assert data["kind"] == "attribution-graph" and data["tokens"] == tokens.tolist()
+    ids = {n["id"] for n in data["nodes"]}
+    assert len(ids) == len(data["nodes"])
+    assert {f"t.{p}" for p in range(9)} | {"l.3", "l.5"} <= ids
+    assert all(e["source"] in ids and e["target"] in ids for e in data["edges"])
+    assert all(0.0 <= n["influence"] <= 1.0 + 1e-6 for n in data["nodes"])
+    kept = [n for n in data["nodes"] if n["type"] == "feature"]
+    before = data["pruning"]["nodes_before"]
+    assert 0 < len(kept) < graph.attribution.nodes.n_features < before
+    assert len(data["edges"]) < data["pruning"]["edges_before"]
+    with pytest.raises(WorkbenchError, match="token ids"):
+        attribution_graph(model, transcoders, tokens, targets=[99])
+    with pytest.raises(WorkbenchError, match="GraphTransformer"):
+        attribution_graph(object(), transcoders, tokens)
+
+
+def test_the_induction_graph_routes_the_prediction_through_the_token_after_the_earlier_occurrence():
+    model = induction_model()
+    seq = [5, 9, 3, 12, 7, 4]
+    tokens = torch.tensor([0, *seq, *seq[:4]])  # ... 3 12 | next is 7, at position 5 earlier
+    graph = attribution_graph(model, {}, tokens)
+    att = graph.attribution
+    assert int(att.nodes.targets[0]) == 7 and att.nodes.n_features == 0
+    row = att.nodes.logit_start
+    from_embeddings = att.adjacency.dense()[row, att.nodes.embed_start : att.nodes.logit_start]
+    assert int(from_embeddings.abs().argmax()) == 5
+    assert from_embeddings[5] > 0.8 * from_embeddings.abs().sum()
+
+
+def _gate_transcoder(model: GraphTransformer, seed: int = 0):
+    """A 6-latent ReLU stand-in transcoder fitted (Adam, 400 steps) to the gate MLP on every
+    position of the four prompts."""
+    from circuits.replacement import FrozenSystem
+
+    prompts = [torch.tensor([0, a, b]) for a in (1, 2) for b in (1, 2)]
+    rows = [FrozenSystem(model, p, {}).clean for p in prompts]
+    x = torch.cat([r.mlp_in[0] for r in rows])
+    y = torch.cat([r.mlp_out[0] for r in rows])
+    d = create(DictionaryConfig(architecture="relu", d_in=12, n_latents=6, k=6), seed=seed, salt="gate")
+    with torch.no_grad():
+        d.b_dec.zero_()
+    d.b_dec.requires_grad_(False)  # the stand-in's encoder shift: keep it 0
+    bias = nn.Parameter(torch.zeros(12))
+    opt = torch.optim.Adam([d.W_enc, d.b_enc, d.W_dec, bias], lr=0.03)
+    for _ in range(400):
+        z = torch.relu(x @ d.W_enc.T + d.b_enc)
+        loss = (z @ d.W_dec + bias - y).pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        d.b_dec.copy_(bias)
+        d.b_enc.add_(d.W_enc @ bias)  # the stand-in subtracts b_dec before encoding
+    return d.eval(), float(loss.detach())
+
+
+def test_the_gate_graph_routes_through_the_bit_tokens_and_its_features_with_a_small_error():
+    model = gate_model("and")
+    transcoder, loss = _gate_transcoder(model)
+    assert loss < 1e-3
+    graph = attribution_graph(
+        model, {0: transcoder}, torch.tensor([0, 2, 2]), targets=[TRUE_TOKEN, FALSE_TOKEN]
+    )
+    att, data = graph.attribution, graph.to_json()
+    nodes = att.nodes
+    A = att.adjacency.dense()
+    row = nodes.logit_start  # TRUE
+    assert nodes.n_features >= 1
+    features_at_2 = (nodes.features[:, 1] == 2).nonzero().flatten()
+    through_features = A[row, features_at_2].abs().sum()
+    error = A[row, nodes.error_start : nodes.embed_start].abs().sum()
+    assert through_features > 0.5 and error < 0.05 * through_features
+    # the bits reach those features from their own positions, not from BOS
+    into = A[features_at_2][:, nodes.embed_start : nodes.logit_start].abs().sum(0)
+    assert into[1] > 0 and into[2] > 0 and into[0] < 0.05 * (into[1] + into[2])
+    influence = {n["id"]: n["share"] for n in data["nodes"]}
+    assert influence["t.1"] > 0.1 and influence["t.2"] > 0.1 and influence.get("t.0", 0) < 0.05
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from circuits.demo_transcoders import neuron_transcoders
+    from circuits.transformer import from_gpt2
+    from workbench.models import load_model
+
+    model = load_model("demo")
+    return model, neuron_transcoders(from_gpt2(model), k=32)
+
+
+@pytest.mark.parametrize("prompt", ["The king said unto the people, and the", "ROMEO: I will not go to the"])
+def test_ablating_a_graphs_top_features_in_the_real_model_moves_the_logit_as_predicted(demo, prompt):
+    """The demo model with its own MLP neurons as TopK transcoders (k 32): for the graph's 10 most
+    influential features, the graph's predicted change of the top logit (total effect through
+    the graph plus the final LayerNorm's first-order response) against the change when the
+    feature's write is removed in the unfrozen model."""
+    model, transcoders = demo
+    graph = attribution_graph(model, [transcoders[layer] for layer in sorted(transcoders)], prompt)
+    att, system = graph.attribution, graph.system
+    nodes, row = att.nodes, att.nodes.logit_start
+    top = graph.pruned.influence[: nodes.n_features].topk(10).indices
+    predicted = predicted_effects(att, row, "total+norm", system)[top]
+    token = int(nodes.targets[0])
+    actual = torch.tensor([feature_ablation(system, *nodes.features[i].tolist(), token) for i in top])
+    assert spearman(predicted, actual.to(predicted.dtype)) >= 0.5
+    agree = (predicted.sign() == actual.sign()) | (actual.abs() < 0.02)
+    assert agree.float().mean() >= 0.7
