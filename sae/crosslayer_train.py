@@ -88,6 +88,10 @@ def train_cross_layer(
         pairs = LayerPairs(ActivationCache(cache), in_hooks or default_in, out_hooks or default_out, seed)
     else:
         pairs = cache
+    if pairs.rows_per_epoch < train.batch_size:
+        raise ConfigError(
+            f"the cache has {pairs.rows_per_epoch} rows, fewer than one batch of {train.batch_size}"
+        )
     config = replace(config, n_layers=len(layers), d_in=pairs.d_in, d_out=pairs.d_out)
     clt = CrossLayerTranscoder(config, seeding.generator(seed, "init", "cross-layer", config.architecture))
     sample_x, sample_y = pairs.sample(min(8192, pairs.rows_per_epoch), "init")
