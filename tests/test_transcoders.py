@@ -145,3 +145,26 @@ def test_transcoder_folder_round_trip_with_scales(tmp_path, arch):
     save_file(tensors, tmp_path / "t" / "weights.safetensors")
     with pytest.raises(DictionaryError, match="W_skip has shape"):
         io.load(tmp_path / "t")
+
+
+def test_mlp_hooks_are_the_mlps_exact_input_and_output(tiny_model):
+    """On the (GPT-2) tiny model, the in-hook holds the MLP's input up to its LayerNorm's weight
+    and bias (TransformerBridge's ln2.hook_normalized is taken before them), and the MLP module
+    applied to that reproduces the out-hook exactly: the hooks bracket the MLP."""
+    from workbench.errors import WorkbenchError
+
+    tokens = tiny_model.tokenize(["To be, or not to be, that is the question"])
+    for layer in range(tiny_model.n_layers):
+        in_hook, out_hook = tiny_model.mlp_hooks(layer)
+        assert (in_hook, out_hook) == (f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out")
+        acts = tiny_model.run_with_cache(tokens, [in_hook, out_hook, f"blocks.{layer}.ln2.hook_out"])
+        block = tiny_model.bridge.blocks[layer]
+        norm = block.ln2._original_component
+        with torch.no_grad():
+            mlp_input = acts[in_hook] * norm.weight + norm.bias
+            assert torch.allclose(mlp_input, acts[f"blocks.{layer}.ln2.hook_out"], atol=1e-5)
+            assert not torch.allclose(acts[in_hook], mlp_input, atol=1e-3)  # before the affine
+            output = block.mlp._original_component(mlp_input)
+        assert torch.allclose(output, acts[out_hook], atol=1e-5, rtol=1e-5)
+    with pytest.raises(WorkbenchError, match="no MLP at layer"):
+        tiny_model.mlp_hooks(tiny_model.n_layers)

@@ -166,6 +166,35 @@ class Model:
                         self._modes.fires_only_without.setdefault(hook, set()).add(gate)
         return self._dims
 
+    def mlp_hooks(self, layer: int) -> tuple[str, str]:
+        """(in_hook, out_hook) of block `layer`'s MLP: what a transcoder of that layer reads and
+        writes (issue 22). Raises WorkbenchError for a layer the model lacks.
+
+        - Pre-norm decoders (GPT-2, the demo, Llama, Gemma): in = `blocks.L.ln2.hook_normalized`,
+          the residual normalised by the MLP's norm *before* that norm's weight and bias (on
+          TransformerBridge this hook is (x - mean) / sigma for LayerNorm, x / rms for RMSNorm;
+          measured on the demo: LN output - hook_normalized up to 0.28, and on Gemma-3 the
+          weight is 1 + w). As in SAELens/circuit-tracer transcoders of fold_ln models; the map
+          in -> out is then the norm's fixed elementwise affine followed by the MLP, and with
+          the norm's scale frozen (attribution graphs) `in` is affine in the residual.
+        - out = `blocks.L.hook_mlp_out`, the MLP's write to the residual, except where a norm
+          follows the MLP (Gemma-2/3's post_feedforward_layernorm, whose scale depends on the
+          MLP's output): there `blocks.L.mlp.hook_out`, the MLP module's own output.
+        - Encoders (MiniLM: the norm comes after the MLP): the MLP module's own hooks,
+          `blocks.L.mlp.hook_in` -> `blocks.L.mlp.hook_out`."""
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise WorkbenchError(
+                f"model {self.spec!r} has layers 0..{self.n_layers - 1}; no MLP at layer {layer!r}"
+            )
+        block = self.bridge.blocks[layer]
+        if not self.source.causal or not hasattr(block, "ln2"):
+            return f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.mlp.hook_out"
+        post_norm = hasattr(block, "ln2_post")
+        return (
+            f"blocks.{layer}.ln2.hook_normalized",
+            f"blocks.{layer}.mlp.hook_out" if post_norm else f"blocks.{layer}.hook_mlp_out",
+        )
+
     def _record_widths(self, shapes: dict[str, tuple]) -> None:
         for hook, shape in shapes.items():
             if len(shape) < 3 or hook.endswith(_NOT_PER_TOKEN):
