@@ -3,11 +3,13 @@ store (a tiny GPT-2's cache → TopK dictionary → analyze), started in a folde
 circuit written by `workbench circuits` with its default --out. One server and one headless
 Chromium (Debian's, driven by Playwright) serve every check, each in its own browser context:
 examples wrap inside their column at 1280 px, a summary in the Features table opens its
-feature, `?store=&feature=` links (and malformed ones), Back, the Circuits page, and a steering
-run with clamp and a dose-response sweep. Screenshots go to each test's tmp folder."""
+feature, `?store=&feature=` links (and malformed ones), Back, the Circuits page, a click on a
+feature node of an attribution graph, and a steering run with clamp and a dose-response sweep.
+Screenshots go to each test's tmp folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -53,12 +55,22 @@ def demo_store(tiny_run, tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server_folder(tmp_path_factory) -> Path:
+def server_folder(demo_store, tmp_path_factory) -> Path:
     """Where the explorer runs: `workbench circuits` wrote its default
-    runs/circuits/or-gate-eap.circuit.json here."""
+    runs/circuits/or-gate-eap.circuit.json here; runs/graphs/ holds an attribution graph whose
+    features are `demo_store`'s (tests/test_explorer_graphs.py's synthetic graph)."""
+    from tests.test_explorer_graphs import synthetic_graph
+    from workbench.store import FeatureStore
+
     root = tmp_path_factory.mktemp("browser")
     cli("circuits", "--task", "or-gate", "--method", "eap", cwd=root)
     assert (root / "runs" / "circuits" / "or-gate-eap.circuit.json").is_file()
+    store = FeatureStore(demo_store)
+    fired = [int(f) for f in store.features(limit=3).feature]
+    store.close()
+    (root / "runs" / "graphs").mkdir()
+    graph = synthetic_graph(str(demo_store), fired)
+    (root / "runs" / "graphs" / "tiny-graph.circuit.json").write_text(json.dumps(graph))
     return root
 
 
@@ -229,3 +241,30 @@ def test_steering_with_clamp_and_a_dose_response_sweep(site, facts, tmp_path):
     figure.wait_for(state="visible", timeout=WAIT_MS * 2)
     assert "dose-response" in figure.inner_text()
     page.screenshot(path=str(tmp_path / "steering.png"), full_page=True)
+
+
+def test_a_click_on_an_attribution_graph_feature_opens_its_page(site, tmp_path):
+    """The attribution graph (runs/graphs/, picked in the Circuits page's file box) renders with
+    its tokens as x ticks; a click on a feature node opens that feature in its transcoder's store."""
+    page = open_page(site, "/circuits?store=0")
+    heading(page, re.compile(r"^Circuits"))
+    picker = (
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="Circuit file").get_by_role("combobox")
+    )
+    picker.click()
+    page.get_by_role("option", name=re.compile(r"^tiny-graph\.circuit\.json")).click()
+    graph = page.locator(".js-plotly-plot").filter(has_text="ROMEO").first
+    graph.wait_for(state="visible", timeout=WAIT_MS)
+    page.screenshot(path=str(tmp_path / "attribution-graph.png"), full_page=True)
+    point = graph.evaluate(
+        """gd => {
+            const trace = gd._fullData.find(t => t.name === 'transcoder feature');
+            const layout = gd._fullLayout, box = gd.getBoundingClientRect();
+            return {x: box.left + layout._size.l + layout.xaxis.l2p(trace.x[0]),
+                    y: box.top + layout._size.t + layout.yaxis.l2p(trace.y[0]), id: trace.customdata[0]};
+        }"""
+    )
+    feature = int(point["id"].split(".")[-1])
+    page.mouse.click(point["x"], point["y"])
+    page.get_by_role("heading", name=f"Feature {feature}").wait_for(timeout=WAIT_MS)
+    assert f"feature={feature}" in page.url
