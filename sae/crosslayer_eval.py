@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae.crosslayer import CrossLayerTranscoder
-from sae.evals import _score
 from workbench.errors import ConfigError
 from workbench.kernels import decode
 
@@ -65,6 +64,12 @@ def evaluate_replaced(clt: CrossLayerTranscoder, model, windows: Tensor, batch_s
         "fvu": sum(err) / max(sum(spreads), 1e-12),
         "tokens": positions,
     }
+
+
+def _score(baseline: float, patched: float, clean: float) -> float:
+    """(baseline - patched) / (baseline - clean), as `sae.evals` scores one dictionary."""
+    gap = baseline - clean
+    return (baseline - patched) / gap if gap != 0 else float("nan")
 
 
 def _rows(activation: Tensor) -> Tensor:
