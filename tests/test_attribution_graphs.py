@@ -243,3 +243,20 @@ def test_ablating_a_graphs_top_features_in_the_real_model_moves_the_logit_as_pre
     assert spearman(predicted, actual.to(predicted.dtype)) >= 0.5
     agree = (predicted.sign() == actual.sign()) | (actual.abs() < 0.02)
     assert agree.float().mean() >= 0.7
+
+
+def test_demo_transcoders_train_through_the_sae_api_and_are_reused(demo, tmp_path):
+    from circuits.demo_transcoders import demo_transcoders
+
+    model, _ = demo
+    small = dict(n_latents=64, k=8, tokens=2048, steps=60, batch_size=128)
+    first = demo_transcoders(tmp_path, model=model, **small)
+    assert [d.meta["hook"] for d in first] == [f"blocks.{layer}.ln2.hook_normalized" for layer in range(4)]
+    assert all(
+        d.is_transcoder and d.meta["out_hook"] == f"blocks.{i}.hook_mlp_out" for i, d in enumerate(first)
+    )
+    assert all(d.meta["metrics"]["fvu"] < 0.9 for d in first)  # predicts the MLP output, if roughly
+    again = demo_transcoders(tmp_path, model=model, **small)  # same settings: read back, not retrained
+    assert all(torch.equal(a.W_dec, b.W_dec) for a, b in zip(first, again))
+    graph = attribution_graph(model, again, "The king said unto the people")
+    assert graph.to_json()["transcoders"][0]["path"] and graph.to_json()["metrics"]["completeness_gap"] < 1e-3
