@@ -262,6 +262,13 @@ COMMANDS = (
         "app.bench_explore:ExploreBenchConfig",
         (_ROWS_JSON,),
     ),
+    Command(
+        "bench graphs",
+        "attribution graphs (demo model): seconds per 64-token graph, graph-vs-ablation rank correlation",
+        "app.commands.bench:cmd_bench_graphs",
+        "circuits.bench_graphs:GraphBenchConfig",
+        (_ROWS_JSON,),
+    ),
 )
 
 

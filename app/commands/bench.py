@@ -103,3 +103,13 @@ def cmd_bench_explore(args) -> None:
         else:
             print_rows(rows, False)
             print(flush=True)
+
+
+def cmd_bench_graphs(args) -> None:
+    from circuits.bench_graphs import GraphBenchConfig, run_graph_benchmark
+
+    config = config_from_args(GraphBenchConfig, args)
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    rows = run_graph_benchmark(config, say)
+    print_rows([r for r in rows if r["part"] == "speed"], args.json)
+    print_rows([r for r in rows if r["part"] == "reality"], args.json)
