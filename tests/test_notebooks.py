@@ -10,12 +10,13 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_exist():
+def test_the_five_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == [
         "01_quickstart.ipynb",
         "02_steering.ipynb",
         "03_circuits.ipynb",
         "04_codebooks_and_probes.ipynb",
+        "05_attribution_graphs.ipynb",
     ]
 
 
