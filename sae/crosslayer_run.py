@@ -21,15 +21,17 @@ EVAL_TOKENS = 16_384
 
 
 def parse_layers(spec, n_layers: int) -> list:
-    """'all' (or empty) -> every layer; '0,2' / [0, 2] / 1 -> those layers, ascending."""
-    if spec in (None, "", "all", ("all",), ["all"]):
+    """--transcoder-layer values ('all', numbers, comma lists; a str or a tuple of them) -> the
+    layers, ascending; nothing or 'all' means every layer."""
+    items = spec if isinstance(spec, (list, tuple)) else [] if spec is None else [spec]
+    parts = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not parts or "all" in parts:
         return list(range(n_layers))
-    items = spec.split(",") if isinstance(spec, str) else spec if isinstance(spec, (list, tuple)) else [spec]
     try:
-        layers = sorted({int(item) for item in items})
-    except (TypeError, ValueError):
+        layers = sorted({int(part) for part in parts})
+    except ValueError:
         raise ConfigError(f"--transcoder-layer takes 'all' or layer numbers, got {spec!r}") from None
-    if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+    if layers[0] < 0 or layers[-1] >= n_layers:
         raise ConfigError(f"--transcoder-layer {spec!r}: the model has layers 0..{n_layers - 1}")
     return layers
 

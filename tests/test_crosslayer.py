@@ -116,14 +116,14 @@ def test_a_folder_with_a_wrong_tensor_is_refused_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mlp_cache(tiny_model, tmp_path_factory):
+def mlp_cache(tiny_model, tiny_model_dir, tmp_path_factory):
     """Both layers' MLP input and output hooks of the tiny model, 4,096 tokens."""
     from sae.crosslayer_train import default_hooks
     from workbench.activations import CacheConfig, build_cache
 
     ins, outs = default_hooks([0, 1])
     config = CacheConfig(
-        model="tiny",
+        model=str(tiny_model_dir),
         hooks=(*ins, *outs),
         corpus="tiny-shakespeare",
         tokens=4096,
@@ -154,3 +154,26 @@ def test_every_mlp_of_a_model_is_replaced_at_once(tiny_model, mlp_cache, tmp_pat
     nothing = evaluate_replaced(clt, tiny_model, windows)
     assert nothing["ce_replaced"] == pytest.approx(nothing["ce_zero_ablation"], abs=1e-6)
     assert nothing["ce_replaced"] > metrics["ce_replaced"]
+
+
+def test_workbench_train_cross_layer(mlp_cache, tmp_path, monkeypatch, capsys):
+    """The CLI on the tiny model (the demo's recipe at d_model 64, 2 layers): a cache of both
+    layers' MLP hooks -> `workbench train --cross-layer` -> a CLT folder scored with every MLP
+    replaced on held-out text."""
+    import json
+
+    import sae.crosslayer_run
+    from app.cli import main
+
+    monkeypatch.setattr(sae.crosslayer_run, "EVAL_TOKENS", 1024)  # held-out text scored after training
+    argv = ["train", "--cross-layer", "--transcoder-layer", "all", "--arch", "topk", "--k", "8"]
+    argv += ["--n-latents", "64", "--cache", str(mlp_cache), "--tokens", "12288", "--batch-size", "256"]
+    capsys.readouterr()
+    assert main([*argv, "--lr", "0.003", "--out", str(tmp_path / "clt"), "--quiet", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(row["fvu_per_layer"]) == 2 and row["fvu"] < 0.3 and row["ce_loss_score"] > 0.5, row
+    clt = sae.load(tmp_path / "clt")
+    assert isinstance(clt, CrossLayerTranscoder) and clt.n_layers == 2 and clt.n_latents == 64
+    assert clt.out_hooks == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    assert clt.meta["metrics"]["replaced_every_mlp"]["tokens"] > 0
+    assert main([*argv, "--arch", "topk,relu", "--out", str(tmp_path / "grid")]) == 2  # one CLT, one --arch
