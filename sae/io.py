@@ -74,9 +74,11 @@ def is_dictionary_folder(path: str | Path) -> bool:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """A dictionary from our folder, a SAELens folder or a sparsify folder, its weights on
-    `device` (a `--device` value: cpu, auto, cuda, cuda:N, or a torch.device). `.meta` holds the
-    folder's other fields (hook, model, metrics, ...). Raises DictionaryError for a folder it
+    """A dictionary from our folder, a SAELens folder or a sparsify folder (transcoders too, and
+    a circuit-tracer layer file), or a cross-layer transcoder folder (ours or circuit-tracer's:
+    a `sae.crosslayer.CrossLayerTranscoder`), its weights on `device` (a `--device` value: cpu,
+    auto, cuda, cuda:N, or a torch.device). `.meta` holds the folder's other fields (hook,
+    model, metrics, ...). Raises DictionaryError for a folder it
     cannot read, DeviceError for a device this machine lacks (before reading anything)."""
     device = resolve_device(device)
     folder = Path(path)
@@ -90,6 +92,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
 
             return crosslayer.load(folder).to(device)
         return _load_ours(folder).to(device)
+    if (folder / "W_enc_0.safetensors").exists():  # circuit-tracer's cross-layer transcoder
+        from sae.crosslayer_peers import load_circuit_tracer_clt
+
+        return load_circuit_tracer_clt(folder).to(device)
     if (folder / peers.SAELENS_WEIGHTS).exists():
         return peers.load_saelens(folder).to(device)
     if (folder / peers.SPARSIFY_WEIGHTS).exists():

@@ -177,3 +177,50 @@ def test_workbench_train_cross_layer(mlp_cache, tmp_path, monkeypatch, capsys):
     assert clt.out_hooks == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
     assert clt.meta["metrics"]["replaced_every_mlp"]["tokens"] > 0
     assert main([*argv, "--arch", "topk,relu", "--out", str(tmp_path / "grid")]) == 2  # one CLT, one --arch
+
+
+@pytest.mark.parametrize("activation", ["relu", "jump_relu"])
+def test_circuit_tracer_clt_folder_gives_circuit_tracer_outputs(tmp_path, activation):
+    """circuit_tracer/transcoder/cross_layer_transcoder.py's layout (to_safetensors / load_clt):
+    W_enc_i [d_tc, d_model], b_enc_i, b_dec_i, threshold_i; W_dec_i [d_tc, L - i, d_model]."""
+    from safetensors.torch import save_file
+
+    L, m, d = 3, 10, 6
+    g = seeding.generator(0, "circuit-tracer clt")
+    weights = {}
+    for i in range(L):
+        enc = {f"W_enc_{i}": torch.randn(m, d, generator=g), f"b_enc_{i}": torch.randn(m, generator=g) * 0.3}
+        enc[f"b_dec_{i}"] = torch.randn(d, generator=g)
+        if activation == "jump_relu":
+            enc[f"threshold_{i}"] = torch.rand(m, generator=g)
+        save_file(enc, str(tmp_path / f"W_enc_{i}.safetensors"))
+        dec = {f"W_dec_{i}": torch.randn(m, L - i, d, generator=g)}
+        save_file(dec, str(tmp_path / f"W_dec_{i}.safetensors"))
+        weights.update(enc | dec)
+    config = "model_name: tiny\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n"
+    (tmp_path / "config.yaml").write_text(config)
+    xs = [torch.randn(20, d, generator=g) for _ in range(L)]
+    fs = []
+    for i, x in enumerate(xs):  # CrossLayerTranscoder.encode_layer, then compute_reconstruction
+        z = x @ weights[f"W_enc_{i}"].T + weights[f"b_enc_{i}"]
+        fs.append(z * (z > weights[f"threshold_{i}"]) if activation == "jump_relu" else torch.relu(z))
+    ys = [
+        weights[f"b_dec_{t}"] + sum(fs[i] @ weights[f"W_dec_{i}"][:, t - i] for i in range(t + 1))
+        for t in range(L)
+    ]
+    clt = sae.load(tmp_path)
+    assert isinstance(clt, CrossLayerTranscoder) and clt.architecture == (
+        "jumprelu" if "jump" in activation else "relu"
+    )
+    for i in range(L):
+        torch.testing.assert_close(clt.encode(i, xs[i]).to_dense(), fs[i], atol=1e-5, rtol=1e-5)
+    for y, y_hat in zip(ys, clt.predict(xs)):
+        torch.testing.assert_close(y_hat, y, atol=1e-5, rtol=1e-5)
+    assert (
+        clt.in_hooks == [f"blocks.{i}.ln2.hook_normalized" for i in range(L)] and clt.meta["model"] == "tiny"
+    )
+    save_file(
+        {"W_dec_2": torch.zeros(m, 2, d)}, str(tmp_path / "W_dec_2.safetensors")
+    )  # layer 2 of 3 writes 1
+    with pytest.raises(DictionaryError, match=r"W_dec_2 has shape \(10, 2, 6\), expected \(10, 1, 6\)"):
+        sae.load(tmp_path)
