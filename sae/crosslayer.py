@@ -263,6 +263,45 @@ class CrossLayerTranscoder(nn.Module):
             self.b_dec[t] /= out_scales[t]
 
 
+@torch.no_grad()
+def from_per_layer(transcoders: list) -> CrossLayerTranscoder:
+    """Per-layer transcoders (one Dictionary per layer, ascending, same architecture, k, widths;
+    no skip) as a CLT of reach 1 with the same outputs, so the all-MLPs-replaced eval and the
+    CLT API apply to them alike. Raises DictionaryError for a set that does not fit."""
+    first = transcoders[0]
+    c = first.config
+    if any(d.config != c for d in transcoders) or c.skip or not c.is_transcoder:
+        raise DictionaryError(
+            "from_per_layer takes transcoders of one architecture, k and width, without skip"
+        )
+    if c.architecture not in ARCHITECTURES:
+        raise DictionaryError(f"from_per_layer: {c.architecture!r} is not a cross-layer architecture")
+    config = CrossLayerConfig(
+        architecture=c.architecture,
+        n_layers=len(transcoders),
+        d_in=c.d_in,
+        d_out=c.d_out,
+        n_latents=c.n_latents,
+        k=c.k,
+        reach=1,
+    )
+    clt = CrossLayerTranscoder(config)
+    for layer, d in enumerate(transcoders):
+        clt.W_enc[layer].copy_(d.W_enc)
+        clt.b_enc[layer].copy_(d.b_enc)
+        clt.W_dec[layer][:, 0].copy_(d.W_dec)
+        clt.b_dec[layer].copy_(d.b_dec)
+        if c.architecture in ("jumprelu", "batchtopk"):
+            clt.threshold[layer].copy_(d.threshold)
+        if c.architecture == "batchtopk":
+            clt.threshold_updates[layer] = d.threshold_updates
+    clt.meta = {
+        "in_hooks": [d.meta.get("hook") for d in transcoders],
+        "out_hooks": [d.meta.get("out_hook") for d in transcoders],
+    }
+    return clt
+
+
 def save(clt: CrossLayerTranscoder, folder: str | Path, **fields) -> Path:
     """Write the CLT's folder (weights, then config.json last: its presence marks it complete)."""
     folder = Path(folder)

@@ -224,3 +224,26 @@ def test_circuit_tracer_clt_folder_gives_circuit_tracer_outputs(tmp_path, activa
     )  # layer 2 of 3 writes 1
     with pytest.raises(DictionaryError, match=r"W_dec_2 has shape \(10, 2, 6\), expected \(10, 1, 6\)"):
         sae.load(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu"])
+def test_per_layer_transcoders_as_a_clt_of_reach_1_give_their_outputs(arch):
+    from sae.config import DictionaryConfig
+    from sae.crosslayer import from_per_layer
+
+    config = DictionaryConfig(architecture=arch, d_in=6, n_latents=12, k=3, d_out=5)
+    transcoders = [sae.create(config, seed=layer) for layer in range(3)]
+    x = torch.randn(30, 6, generator=seeding.generator(0, "per-layer check"))
+    for layer, d in enumerate(transcoders):
+        with torch.no_grad():
+            d.b_enc.normal_(0, 0.3, generator=seeding.generator(layer, "b_enc"))
+            if arch in ("jumprelu", "batchtopk"):
+                d.threshold.fill_(0.2)
+        if arch == "batchtopk":
+            d.threshold_updates.fill_(1)
+        d.meta = {"hook": f"blocks.{layer}.ln2.hook_normalized", "out_hook": f"blocks.{layer}.hook_mlp_out"}
+    clt = from_per_layer(transcoders)
+    for layer, (d, y) in enumerate(zip(transcoders, clt.predict([x] * 3))):
+        torch.testing.assert_close(y, d(x))
+    assert all(float(clt.decoder(0, t).abs().sum()) == 0 for t in (1, 2))  # reach 1: nothing across layers
+    assert clt.out_hooks[2] == "blocks.2.hook_mlp_out"
