@@ -29,9 +29,10 @@ def save_transcoder(folder: Path, layer: int, model: str, seed: int = 0, d_model
 
 @pytest.fixture
 def transcoders(tiny_model_dir, tmp_path) -> Path:
-    """tmp_path/tc holding l0/ and l1/, one transcoder per layer of the tiny model."""
+    """tmp_path/tc holding l0/topk and l1/topk: one training run per layer of the tiny model, as
+    `workbench train --transcoder-layers` lays them out."""
     for layer in range(2):
-        save_transcoder(tmp_path / "tc" / f"l{layer}", layer, str(tiny_model_dir))
+        save_transcoder(tmp_path / "tc" / f"l{layer}" / "topk", layer, str(tiny_model_dir))
     return tmp_path / "tc"
 
 

@@ -117,7 +117,7 @@ def test_the_figure_puts_tokens_on_x_layers_on_y_and_sizes_by_influence():
     sizes = dict(zip(features.customdata, features.marker.size))
     cumulative = {n.id: n.influence for n in graph.nodes}
     ranked = sorted(sizes, key=lambda i: cumulative[i])  # strongest first
-    assert [sizes[i] for i in ranked] == sorted(sizes.values(), reverse=True) and sizes[ranked[0]] == 30
+    assert [sizes[i] for i in ranked] == sorted(sizes.values(), reverse=True) and sizes[ranked[0]] == 22
     strongest = next(n for n in graph.nodes if n.id == ranked[0])
     assert strongest.share == pytest.approx(strongest.influence)  # the first node's share is its own
     assert features.marker.color != traces[NODE_TYPES["error"][0]].marker.color
@@ -126,11 +126,15 @@ def test_the_figure_puts_tokens_on_x_layers_on_y_and_sizes_by_influence():
         features.x[list(features.customdata).index(first.id)],
         features.y[list(features.customdata).index(first.id)],
     )
-    assert abs(x - 2) < 0.4 and y == 1  # its token's column, its layer's row
+    assert abs(x - figure.layout.xaxis.tickvals[2]) < 0.5 and y == 1  # its token's column, its layer's row
+    drawn = [(x, y) for t in figure.data if t.customdata is not None for x, y in zip(t.x, t.y)]
+    assert len(set(drawn)) == len(drawn) == len(graph.nodes)  # no node hides another
     hover = features.hovertext[list(features.customdata).index(first.id)]
     assert f"feature {first.feature}" in hover and "activation" in hover and "influence" in hover
     assert {"positive edge", "negative edge"} <= {t.name for t in figure.data}
-    assert len(traces["edge weights"].x) == len(graph.edges)
+    lines = [t for t in figure.data if t.mode == "lines"]
+    assert sum(t.x.count(None) for t in lines) == len(graph.edges)  # one segment per edge
+    assert all(t.hoverinfo == "skip" for t in lines)  # clicks reach the nodes
 
 
 def test_the_slider_only_tightens_the_files_pruning():

@@ -403,20 +403,21 @@ def _graphs():
 
 
 def transcoder_folders(runs) -> list[Path]:
-    """Each RUN that is a dictionary folder, and the dictionary folders directly inside a RUN that
-    is not (one per layer, as `workbench train` writes a grid); a one-line error for a RUN that is
-    neither."""
+    """Each RUN that is a dictionary folder; for a RUN that is not, the dictionary folders inside it,
+    or inside its subfolders (a training run per layer, as `workbench train --transcoder-layers`
+    writes them); a one-line error for a RUN that holds none."""
     from sae.io import is_dictionary_folder
+
+    def inside(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     folders = []
     for run in map(Path, runs):
-        if is_dictionary_folder(run):
-            folders.append(run)
-            continue
-        inside = sorted(p for p in run.iterdir() if is_dictionary_folder(p)) if run.is_dir() else []
-        if not inside:
+        found = [run] if is_dictionary_folder(run) else [p for p in inside(run) if is_dictionary_folder(p)]
+        found = found or [p for sub in inside(run) for p in inside(sub) if is_dictionary_folder(p)]
+        if not found:
             raise WorkbenchError(f"{run}: {'no such folder' if not run.exists() else 'no transcoder here'}")
-        folders += inside
+        folders += found
     return folders
 
 
@@ -525,12 +526,11 @@ def _print_graph(data: dict, out: Path, args) -> None:
         }
         for n in ranked[: args.top]
     ]
-    metrics = data.get("metrics", {})
+    metrics, targets = data.get("metrics", {}), data.get("targets", [])
+    shown = ", ".join(f"{t['token_string']!r} p={t['probability']:.3f}" for t in targets[:3])
     summary = {
         "graph": str(out),
-        "targets": ", ".join(
-            f"{t['token_string']!r} p={t['probability']:.3f}" for t in data.get("targets", [])
-        ),
+        "targets": shown + (f" and {len(targets) - 3} more" if len(targets) > 3 else ""),
         "nodes": len(data["nodes"]),
         "edges": len(data["edges"]),
         **{k: round(metrics[k], 4) for k in ("completeness", "replacement_score") if k in metrics},

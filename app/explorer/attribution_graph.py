@@ -39,8 +39,9 @@ NODE_TYPES = {  # type: (legend name, marker symbol, colour)
 PRUNED_TYPES = ("feature", "error")
 """The node types the influence slider removes; embeddings and logits always stay."""
 POSITIVE, NEGATIVE = "rgba(40, 120, 200, {})", "rgba(200, 60, 60, {})"
-CELL_WIDTH = 0.8
-"""Share of a position's column the nodes of one cell spread over."""
+SLOT = 0.5
+"""Horizontal room of one node, in units of a token column: a position whose busiest cell holds
+more nodes than fit in one unit gets a wider column (the last position usually holds most)."""
 
 
 @dataclass
@@ -265,25 +266,42 @@ def _short(text: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def node_positions(graph: AttributionGraphFile, nodes: list[GraphNode]) -> dict[str, tuple[float, float]]:
-    """Node id -> (x, y): x the token position, the nodes of one (layer, position) cell spread
-    across CELL_WIDTH of it (strongest influence first, errors last); y the layer."""
+def column_centres(graph: AttributionGraphFile, nodes: list[GraphNode]) -> list[float]:
+    """The x of each token position's column centre: columns are 1 wide, or SLOT per node of their
+    busiest (layer, position) cell when that is wider, side by side from 0."""
+    n_positions = max(len(graph.token_strings), max((n.position + 1 for n in graph.nodes), default=1))
+    busiest = [0] * n_positions
+    cells: dict[tuple[int, int], int] = {}
+    for node in nodes:
+        cells[node.layer, node.position] = cells.get((node.layer, node.position), 0) + 1
+        busiest[node.position] = max(busiest[node.position], cells[node.layer, node.position])
+    widths = [max(1.0, (count + 1) * SLOT) for count in busiest]
+    starts = [sum(widths[:p]) for p in range(n_positions)]
+    return [start + width / 2 for start, width in zip(starts, widths)]
+
+
+def node_positions(
+    graph: AttributionGraphFile, nodes: list[GraphNode], centres: list[float] | None = None
+) -> dict[str, tuple[float, float]]:
+    """Node id -> (x, y): x around its token's column centre (`column_centres`), the nodes of one
+    (layer, position) cell side by side, strongest influence first, errors last; y the layer."""
+    centres = centres or column_centres(graph, nodes)
     cells: dict[tuple[int, int], list[GraphNode]] = {}
     for node in nodes:
         cells.setdefault((node.layer, node.position), []).append(node)
     out = {}
     for (layer, position), group in cells.items():
         group.sort(key=lambda n: (n.type == "error", n.influence, n.id))
-        step = CELL_WIDTH / len(group)
+        step = min(SLOT, 0.8 / len(group)) if len(group) * SLOT <= 1 else SLOT
         for slot, node in enumerate(group):
-            out[node.id] = (position + (slot - (len(group) - 1) / 2) * step, float(layer))
+            out[node.id] = (centres[position] + (slot - (len(group) - 1) / 2) * step, float(layer))
     return out
 
 
 def marker_size(influence: float, largest: float) -> float:
-    """8 to 30 px, by the square root of the node's own influence share (area follows it)."""
+    """7 to 22 px, by the square root of the node's own influence share (area follows it)."""
     share = max(influence, 0.0) / largest if largest > 0 else 0.0
-    return 8.0 + 22.0 * math.sqrt(min(share, 1.0))
+    return 7.0 + 15.0 * math.sqrt(min(share, 1.0))
 
 
 def graph_figure(
@@ -294,9 +312,10 @@ def graph_figure(
 ) -> go.Figure:
     """The figure of `nodes` and `edges` (a `pruned` view of `graph`). `descriptions`: node id ->
     the store's description of a feature (hover). Each node's id rides in `customdata` so a click
-    can be resolved; edges show their weight on hover at their midpoint."""
+    can be resolved."""
     descriptions = descriptions or {}
-    position = node_positions(graph, nodes)
+    centres = column_centres(graph, nodes)
+    position = node_positions(graph, nodes, centres)
     figure = go.Figure()
     _draw_edges(figure, graph, edges, position)
     largest = max((n.share for n in nodes if n.type in PRUNED_TYPES), default=0.0)
@@ -304,7 +323,7 @@ def graph_figure(
         group = [n for n in nodes if n.type == kind]
         if not group:
             continue
-        sizes = [18.0 if kind in ("embedding", "logit") else marker_size(n.share, largest) for n in group]
+        sizes = [16.0 if kind in ("embedding", "logit") else marker_size(n.share, largest) for n in group]
         figure.add_trace(
             go.Scatter(
                 x=[position[n.id][0] for n in group],
@@ -318,17 +337,19 @@ def graph_figure(
                 name=legend,
             )
         )
-    n_positions = max(len(graph.token_strings), max((n.position + 1 for n in graph.nodes), default=1))
     layers = list(range(-1, graph.n_layers + 1))
     figure.update_layout(
         height=min(max(420, 140 + 80 * len(layers)), 1400),
         margin=dict(l=30, r=30, t=70, b=90),
         xaxis=dict(
             tickmode="array",
-            tickvals=list(range(n_positions)),
-            ticktext=[_short(token_text(graph, p), 12) for p in range(n_positions)],
+            tickvals=centres,
+            ticktext=[_short(token_text(graph, p), 12) for p in range(len(centres))],
             tickangle=-45,
-            range=[-0.6, n_positions - 0.4],
+            range=[
+                min([x for x, _ in position.values()] + centres) - 0.6,
+                max([x for x, _ in position.values()] + centres) + 0.6,
+            ],
             showgrid=False,
             zeroline=False,
         ),
@@ -349,8 +370,9 @@ def graph_figure(
 def _draw_edges(
     figure: go.Figure, graph: AttributionGraphFile, edges: list[GraphEdge], position: dict, bins: int = 4
 ) -> None:
-    """Edges as a few line traces (sign x width bin: one trace per edge is slow at hundreds), then
-    one trace of invisible midpoints that shows each edge's weight on hover."""
+    """Edges as a few line traces (sign x width bin: one trace per edge is slow at hundreds), not
+    hoverable: hover points on thousands of edges would catch the clicks meant for the nodes (the
+    node details and the edges table give the weights)."""
     top = max((abs(e.weight) for e in edges), default=1.0) or 1.0
     groups: dict[tuple[bool, int], list[GraphEdge]] = {}
     for edge in edges:
@@ -379,24 +401,3 @@ def _draw_edges(
             )
         )
         legend_done.add(positive)
-    if edges:
-        names = {n.id: node_name(graph, n) for n in graph.nodes}
-        middles = [
-            (
-                (position[e.source][0] + position[e.target][0]) / 2,
-                (position[e.source][1] + position[e.target][1]) / 2,
-            )
-            for e in edges
-        ]
-        figure.add_trace(
-            go.Scatter(
-                x=[x for x, _ in middles],
-                y=[y for _, y in middles],
-                mode="markers",
-                marker=dict(size=6, opacity=0),
-                hovertext=[f"{names[e.source]} → {names[e.target]}: {e.weight:.4g}" for e in edges],
-                hoverinfo="text",
-                showlegend=False,
-                name="edge weights",
-            )
-        )
