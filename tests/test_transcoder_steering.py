@@ -211,3 +211,32 @@ def test_a_transcoder_that_cannot_run_here_is_a_one_line_error_before_any_pass(
     assert isinstance(info.value, WorkbenchError) and passes == [] and attached(model) == before
     with pytest.raises(DictionaryError, match="does not record its output hook"):
         ablate(transcoder(out_hook=None), 1)
+
+
+def test_a_transcoder_held_on_the_cpu_steers_a_model_on_its_device_and_in_bfloat16(
+    tiny_model, tiny_model_dir, setup, device
+):
+    """The edits move to the model's device (the caller's transcoder stays on the CPU); a
+    bfloat16 model reads the feature in the transcoder's float32 and gets its edit in bfloat16."""
+    from workbench.models import load_model
+
+    _, tokens, t, acts, feature, clean = setup
+    expected = by_hand(tiny_model, tokens, t, feature)
+    assert (expected - clean).abs().max() > 0.5  # the ablation moves the logits well past the tolerance
+    for dtype in ("float32", "bfloat16"):
+        model = (
+            tiny_model
+            if (device, dtype) == ("cpu", "float32")
+            else load_model(str(tiny_model_dir), device=device, dtype=dtype)
+        )
+        seen = []
+        grab = ("blocks.1.hook_resid_pre", lambda a, hook=None: seen.append(a.dtype))
+        with torch.no_grad(), steer(model, [ablate(t, feature), add(t, 3, 1.0, positions=[2])]) as report:
+            with model.hooks([grab]):
+                logits = model(tokens)
+        assert t.W_dec.device.type == "cpu" and logits.device.type == device
+        assert seen == [getattr(torch, dtype)] and report.positions_edited == {OUT: tokens.shape[1]}
+        with torch.no_grad(), steer(model, [ablate(t, feature)]):
+            ablated = model(tokens).float().cpu()
+        tolerance = 1e-3 if dtype == "float32" else 0.05  # bfloat16's rounding, ~0.01 on these logits
+        torch.testing.assert_close(ablated, expected, atol=tolerance, rtol=0)
