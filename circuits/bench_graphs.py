@@ -3,7 +3,8 @@
 Speed: one graph for a `prompt_tokens`-token prompt (tiny-shakespeare text) on the demo model with
 one TopK transcoder per layer of `n_latents` latents and `k` active, untrained (seeded random
 weights: a TopK encoder fires exactly k latents per token whatever its weights, so the active
-counts, hence the work, are those of trained ones), timed `reps` times after one warm-up.
+counts, hence the work, are those of trained ones), timed `reps` times after one warm-up
+(wall seconds, and the process's CPU seconds, which other jobs on a shared machine inflate less).
 Reality: for every prompt and transcoder set (the demo transcoders trained with each seed,
 and the model's own MLP neurons as TopK transcoders), the graph's 10 most influential features
 are ablated in the unfrozen model (`circuits.graph_checks.feature_ablation`) and the change of the
@@ -96,11 +97,12 @@ def _speed(model, config: GraphBenchConfig) -> dict:
         d.meta = {"hook": f"blocks.{layer}.ln2.hook_normalized", "out_hook": f"blocks.{layer}.hook_mlp_out"}
         transcoders.append(d.eval())
     attribution_graph(model, transcoders, tokens)  # warm-up
-    seconds, graph = [], None
+    seconds, cpu, graph = [], [], None
     for _ in range(config.reps):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         graph = attribution_graph(model, transcoders, tokens)
         seconds.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     data = graph.to_json()
     return {
         "part": "speed",
@@ -112,6 +114,7 @@ def _speed(model, config: GraphBenchConfig) -> dict:
         "edges_kept": len(data["edges"]),
         "seconds_median": round(statistics.median(seconds), 2),
         "seconds_min": round(min(seconds), 2),
+        "cpu_seconds_median": round(statistics.median(cpu), 2),
         "threads": config.threads,
         "load_1min": round(os.getloadavg()[0], 2),
         "completeness_gap": data["metrics"]["completeness_gap"],
