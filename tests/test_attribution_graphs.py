@@ -9,7 +9,7 @@ from torch import nn
 
 from circuits.gates import FALSE_TOKEN, TRUE_TOKEN, gate_model
 from circuits.graph_checks import feature_ablation, predicted_effects, spearman
-from circuits.graphs import AttributionGraph, attribution_graph
+from circuits.graphs import AttributionGraph, ablate_feature_effect, attribution_graph
 from circuits.induction import induction_model
 from circuits.transformer import GraphTransformer, Shape
 from sae.base import create
@@ -167,7 +167,7 @@ def test_the_induction_graph_routes_the_prediction_through_the_token_after_the_e
 
 
 def _gate_transcoder(model: GraphTransformer, seed: int = 0):
-    """A 6-latent ReLU stand-in transcoder fitted (Adam, 400 steps) to the gate MLP on every
+    """A 6-latent ReLU transcoder (d_out 12) fitted (Adam, 400 steps) to the gate MLP on every
     position of the four prompts."""
     from circuits.replacement import FrozenSystem
 
@@ -175,21 +175,18 @@ def _gate_transcoder(model: GraphTransformer, seed: int = 0):
     rows = [FrozenSystem(model, p, {}).clean for p in prompts]
     x = torch.cat([r.mlp_in[0] for r in rows])
     y = torch.cat([r.mlp_out[0] for r in rows])
-    d = create(DictionaryConfig(architecture="relu", d_in=12, n_latents=6, k=6), seed=seed, salt="gate")
-    with torch.no_grad():
-        d.b_dec.zero_()
-    d.b_dec.requires_grad_(False)  # the stand-in's encoder shift: keep it 0
-    bias = nn.Parameter(torch.zeros(12))
-    opt = torch.optim.Adam([d.W_enc, d.b_enc, d.W_dec, bias], lr=0.03)
+    d = create(
+        DictionaryConfig(architecture="relu", d_in=12, n_latents=6, k=6, d_out=12), seed=seed, salt="gate"
+    )
+    assert d.encoder_shift is None  # a transcoder reads x itself
+    opt = torch.optim.Adam([d.W_enc, d.b_enc, d.W_dec, d.b_dec], lr=0.03)
     for _ in range(400):
-        z = torch.relu(x @ d.W_enc.T + d.b_enc)
-        loss = (z @ d.W_dec + bias - y).pow(2).sum(1).mean()
+        loss = (torch.relu(x @ d.W_enc.T + d.b_enc) @ d.W_dec + d.b_dec - y).pow(2).sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        d.b_dec.copy_(bias)
-        d.b_enc.add_(d.W_enc @ bias)  # the stand-in subtracts b_dec before encoding
+        assert torch.allclose(d(x), torch.relu(x @ d.W_enc.T + d.b_enc) @ d.W_dec + d.b_dec, atol=1e-5)
     return d.eval(), float(loss.detach())
 
 
@@ -241,6 +238,11 @@ def test_ablating_a_graphs_top_features_in_the_real_model_moves_the_logit_as_pre
     token = int(nodes.targets[0])
     actual = torch.tensor([feature_ablation(system, *nodes.features[i].tolist(), token) for i in top])
     assert spearman(predicted, actual.to(predicted.dtype)) >= 0.5
+    layer, pos, latent = nodes.features[top[0]].tolist()
+    listed = [transcoders[i] for i in sorted(transcoders)]
+    assert ablate_feature_effect(model, listed, prompt, layer, pos, latent, token) == pytest.approx(
+        float(actual[0]), abs=1e-5
+    )
     agree = (predicted.sign() == actual.sign()) | (actual.abs() < 0.02)
     assert agree.float().mean() >= 0.7
 
