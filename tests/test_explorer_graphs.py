@@ -158,6 +158,18 @@ def test_the_slider_only_tightens_the_files_pruning():
     assert [n.id for n in pruned(graph, 0.05)[0] if n.type == "feature"] == ["f.0.0.3"]
 
 
+def test_a_store_built_after_the_graph_is_found_in_the_transcoders_folder(tmp_path):
+    from app.explorer.attribution_graph import read_graph
+
+    obj = synthetic_graph(None, [3])
+    obj["transcoders"][1]["path"] = str(tmp_path)
+    graph = read_graph(obj)
+    feature = next(n for n in graph.nodes if n.type == "feature" and n.layer == 1)
+    assert graph.store_of(feature) is None
+    (tmp_path / "features.duckdb").write_bytes(b"")  # `workbench analyze` ran since
+    assert graph.store_of(feature) == str(tmp_path / "features.duckdb")
+
+
 def test_a_malformed_graph_is_refused_in_one_line():
     from app.explorer.attribution_graph import read_graph
     from circuits.graph import CircuitError

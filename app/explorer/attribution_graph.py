@@ -28,6 +28,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from circuits.graph import CircuitError
+from workbench.store import STORE_FILE
 
 KIND = "attribution-graph"
 NODE_TYPES = {  # type: (legend name, marker symbol, colour)
@@ -93,10 +94,15 @@ class AttributionGraphFile:
         return max(logits) if logits else max((n.layer + 1 for n in self.nodes), default=0)
 
     def store_of(self, node: GraphNode) -> str | None:
-        """The feature store of `node`'s transcoder (the entry of its layer), if the file names one."""
+        """The feature store of `node`'s transcoder (the entry of its layer): the one the file
+        names, else its folder's features.duckdb when `workbench analyze` built it afterwards."""
         for entry in self.transcoders:
-            if entry.get("layer") == node.layer and entry.get("store"):
+            if entry.get("layer") != node.layer:
+                continue
+            if entry.get("store"):
                 return str(entry["store"])
+            built = Path(str(entry.get("path") or "")) / STORE_FILE
+            return str(built) if entry.get("path") and built.is_file() else None
         return None
 
 
