@@ -9,7 +9,8 @@ Reality: for every prompt and transcoder set (the demo transcoders trained with 
 and the model's own MLP neurons as TopK transcoders), the graph's 10 most influential features
 are ablated in the unfrozen model (`circuits.graph_checks.feature_ablation`) and the change of the
 top logit is rank-correlated (Spearman) with the graph's predictions: the direct edge, the total
-effect through the graph, and the total effect plus the final LayerNorm's first-order response.
+effect through the graph, that plus the final LayerNorm's first-order response, and the frozen
+replacement model's ablation with the real final LayerNorm ("replacement").
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def _reality(model, config: GraphBenchConfig, say) -> list[dict]:
 
 
 def _one_prompt(model, transcoders, prompt: str) -> dict:
-    from circuits.graph_checks import feature_ablation, predicted_effects, spearman
+    from circuits.graph_checks import feature_ablation, predicted_effects, replacement_ablation, spearman
     from circuits.graphs import attribution_graph
 
     graph = attribution_graph(model, transcoders, prompt)
@@ -161,5 +162,8 @@ def _one_prompt(model, transcoders, prompt: str) -> dict:
         predicted = predicted_effects(att, row, kind, system)[top].to(actual.dtype)
         out[f"spearman_{kind}"] = round(spearman(predicted, actual), 3)
         out[f"sign_{kind}"] = round(float((predicted.sign() == actual.sign()).float().mean()), 2)
+    predicted = torch.tensor([replacement_ablation(system, *nodes.features[i].tolist(), token) for i in top])
+    out["spearman_replacement"] = round(spearman(predicted.to(actual.dtype), actual), 3)
+    out["sign_replacement"] = round(float((predicted.sign() == actual.sign()).float().mean()), 2)
     out["replacement_score"] = round(graph.to_json()["metrics"]["replacement_score"], 3)
     return out

@@ -59,6 +59,36 @@ def ablate_feature_effect(
     return feature_ablation(system, layer, position, feature, target)
 
 
+def replacement_ablation(
+    system: FrozenSystem, layer: int, position: int, feature: int, target: int, real_final_norm: bool = True
+) -> float:
+    """The graph's own total effect, with the real final LayerNorm: the frozen replacement model
+    (patterns and σ of every other norm fixed, errors fixed, active features responding linearly
+    to their pre-activation, inactive ones off) run with the feature's write removed, its final
+    residual put through the unfrozen ln_f; the change of logit `target` at the last position.
+    With real_final_norm=False (ln_f frozen too) it equals predicted_effects(..., "total") (tested)."""
+    g, clean = system.model, system.clean
+    with torch.no_grad():
+
+        def final(ablate: bool) -> Tensor:
+            r = clean.embed
+            for ell in range(system.shape.n_layers):
+                mid = r + system._attention(ell, r)
+                write = clean.errors[ell]
+                if ell in system.transcoders:
+                    x_hat = system.transcoder_input(mid, clean.ln2_scale[ell])
+                    a = system.pre_activations(ell, x_hat) * (clean.activations[ell] != 0)
+                    if ablate and ell == layer:
+                        a[position, feature] = 0
+                    write = write + a @ system.transcoders[ell].W_dec.to(a.dtype)
+                r = mid + system._mlp_write(ell, mid, write)
+            if real_final_norm:
+                return g.unembed(r[None])[0][-1, target]
+            return (system._norm(r, clean.lnf_scale, g.ln_f) @ g.W_U)[-1, target]
+
+        return float(final(True) - final(False))
+
+
 def predicted_effects(
     attribution: Attribution, target_row: int, kind: str = "total", system: FrozenSystem | None = None
 ) -> Tensor:

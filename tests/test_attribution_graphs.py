@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from circuits.gates import FALSE_TOKEN, TRUE_TOKEN, gate_model
-from circuits.graph_checks import feature_ablation, predicted_effects, spearman
+from circuits.graph_checks import feature_ablation, predicted_effects, replacement_ablation, spearman
 from circuits.graphs import AttributionGraph, ablate_feature_effect, attribution_graph
 from circuits.induction import induction_model
 from circuits.transformer import GraphTransformer, Shape
@@ -115,6 +115,24 @@ def test_every_edge_is_a_finite_difference_of_its_source_in_the_frozen_model():
             moved = _target_input(system, nodes, row, e, w) - _target_input(system, nodes, row, embed, writes)
             assert float(moved) / eps == pytest.approx(weight, rel=1e-3, abs=1e-9)
     assert kinds == {"feature", "error", "embedding"}
+
+
+def test_the_graphs_total_effect_is_the_frozen_replacement_models_ablation():
+    """(I − A)^-1 over the features (active ones responding linearly) = removing the feature's
+    write in the frozen replacement model and letting the later layers' features recompute."""
+    model, transcoders, tokens = _toy(seed=3)
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None, dtype=torch.float64)
+    att, system = graph.attribution, graph.system
+    nodes = att.nodes
+    token = int(nodes.targets[0])
+    total = predicted_effects(att, nodes.logit_start, "total")
+    direct = predicted_effects(att, nodes.logit_start, "direct")
+    frozen = torch.tensor(
+        [replacement_ablation(system, *f, token, real_final_norm=False) for f in nodes.features.tolist()],
+        dtype=total.dtype,
+    )
+    assert torch.allclose(total, frozen, atol=1e-8)
+    assert not torch.allclose(direct, frozen, atol=1e-3)  # layer-0 features act through layer 1 too
 
 
 def test_the_hand_written_transpose_equals_autograd():
