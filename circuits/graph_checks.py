@@ -73,7 +73,7 @@ def replacement_ablation(
         def final(ablate: bool) -> Tensor:
             r = clean.embed
             for ell in range(system.shape.n_layers):
-                mid = r + system._attention(ell, r)
+                mid = r + system.attention(ell, r)
                 write = clean.errors[ell]
                 if ell in system.transcoders:
                     x_hat = system.transcoder_input(mid, clean.ln2_scale[ell])
@@ -81,10 +81,10 @@ def replacement_ablation(
                     if ablate and ell == layer:
                         a[position, feature] = 0
                     write = write + a @ system.transcoders[ell].W_dec.to(a.dtype)
-                r = mid + system._mlp_write(ell, mid, write)
+                r = mid + system.mlp_write(ell, mid, write)
             if real_final_norm:
                 return g.unembed(r[None])[0][-1, target]
-            return (system._norm(r, clean.lnf_scale, g.ln_f) @ g.W_U)[-1, target]
+            return (system.norm(r, clean.lnf_scale, g.ln_f) @ g.W_U)[-1, target]
 
         return float(final(True) - final(False))
 

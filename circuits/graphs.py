@@ -101,19 +101,25 @@ def transcoder_layers(model, transcoders) -> dict[int, object]:
         if not match:
             raise WorkbenchError(f"a transcoder must name its input hook (meta['hook']), got {hook!r}")
         layer = int(match.group(1))
-        wanted = _mlp_in_hook(model, layer)
+        wanted = _mlp_hooks(model, layer)[0]
         if hook != wanted:
             raise WorkbenchError(f"transcoder reads {hook!r}; layer {layer}'s MLP input is {wanted!r}")
+        out_hook, wanted_out = d.meta.get("out_hook"), _mlp_hooks(model, layer)[1]
+        if out_hook is not None and out_hook != wanted_out:
+            raise WorkbenchError(
+                f"transcoder writes {out_hook!r}; layer {layer}'s MLP output is {wanted_out!r}"
+            )
         if layer in layers:
             raise WorkbenchError(f"two transcoders for layer {layer}")
         layers[layer] = d
     return layers
 
 
-def _mlp_in_hook(model, layer: int) -> str:
+def _mlp_hooks(model, layer: int) -> tuple[str, str]:
+    """(in, out) hooks of a layer's MLP: the model adapter's, else GPT-2's."""
     if hasattr(model, "mlp_hooks"):
-        return model.mlp_hooks(layer)[0]
-    return f"blocks.{layer}.ln2.hook_normalized"
+        return tuple(model.mlp_hooks(layer))
+    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
 def prompt_tokens(model, prompt) -> tuple[Tensor, list[str], str]:

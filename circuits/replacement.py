@@ -165,19 +165,23 @@ class FrozenSystem:
         """(embed [P, d], MLP writes [L, P, d] = feature writes + errors) at the clean point."""
         return self.clean.embed, self.feature_writes() + self.clean.errors
 
-    def _norm(self, x: Tensor, scale: Tensor, params: Tensor) -> Tensor:
+    def norm(self, x: Tensor, scale: Tensor, params: Tensor) -> Tensor:
+        """A LayerNorm with its σ frozen at `scale` (affine in x); x itself without LayerNorm."""
         if not self.shape.layer_norm:
             return x
         return (x - x.mean(-1, keepdim=True)) / scale * params[0] + params[1]
 
-    def _attention(self, layer: int, r: Tensor) -> Tensor:
+    def attention(self, layer: int, r: Tensor) -> Tensor:
+        """The layer's attention output [Q, d] from the residual [Q, d], patterns and σ frozen."""
         g, Q = self.model, r.shape[-2]
-        normed = self._norm(r, self.clean.ln1_scale[layer, :Q], g.ln1[layer])
+        normed = self.norm(r, self.clean.ln1_scale[layer, :Q], g.ln1[layer])
         v = torch.einsum("pd,hde->hpe", normed, g.W_QKV[layer, 2]) + g.b_QKV[layer, 2][:, None]
         z = self.clean.patterns[layer, :, :Q, :Q] @ v  # [H, Q, dh]
         return torch.einsum("hpe,hed->pd", z, g.W_O[layer]) + g.b_O[layer]
 
-    def _mlp_write(self, layer: int, mid: Tensor, write: Tensor) -> Tensor:
+    def mlp_write(self, layer: int, mid: Tensor, write: Tensor) -> Tensor:
+        """What the layer's MLP adds: the source write + b_dec + the skip term (transcoder
+        layers), the source write alone elsewhere."""
         d = self.transcoders.get(layer)
         if d is None:
             return write
@@ -194,11 +198,11 @@ class FrozenSystem:
         Q ≤ P: the first Q positions (attention is causal, so a prefix is its own system)."""
         r, Q = embed, embed.shape[-2]
         for layer in range(stop):
-            mid = r + self._attention(layer, r)
-            r = mid + self._mlp_write(layer, mid, writes[layer])
+            mid = r + self.attention(layer, r)
+            r = mid + self.mlp_write(layer, mid, writes[layer])
         if stop == self.shape.n_layers:
-            return self._norm(r, self.clean.lnf_scale[:Q], self.model.ln_f)
-        mid = r + self._attention(stop, r)
+            return self.norm(r, self.clean.lnf_scale[:Q], self.model.ln_f)
+        mid = r + self.attention(stop, r)
         return self.transcoder_input(mid, self.clean.ln2_scale[stop, :Q])
 
     def logits(self, embed: Tensor, writes: Tensor) -> Tensor:

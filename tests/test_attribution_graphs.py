@@ -3,6 +3,8 @@ graphs against ground truth (planted induction and gate models) and real ablatio
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -261,6 +263,10 @@ def test_ablating_a_graphs_top_features_in_the_real_model_moves_the_logit_as_pre
     assert ablate_feature_effect(model, listed, prompt, layer, pos, latent, token) == pytest.approx(
         float(actual[0]), abs=1e-5
     )
+    wrong = copy.deepcopy(listed[1])
+    wrong.meta["out_hook"] = "blocks.1.hook_resid_post"
+    with pytest.raises(WorkbenchError, match="MLP output"):
+        attribution_graph(model, [listed[0], wrong], prompt)
     agree = (predicted.sign() == actual.sign()) | (actual.abs() < 0.02)
     assert agree.float().mean() >= 0.7
 
