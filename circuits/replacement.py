@@ -76,7 +76,12 @@ class FrozenSystem:
     ):
         if dtype is not None and dtype != model.dtype:
             model = copy.deepcopy(model).to(dtype)
-            transcoders = {layer: copy.deepcopy(d).to(dtype) for layer, d in transcoders.items()}
+        transcoders = {  # copies where the model computes, in its dtype (the caller's stay put)
+            layer: d
+            if (d.W_dec.device, d.W_dec.dtype) == (model.device, model.dtype)
+            else copy.deepcopy(d).to(model.device, model.dtype)
+            for layer, d in transcoders.items()
+        }
         self.model, self.transcoders = model, transcoders
         self.shape = model.shape
         self.has_mlp = bool(model.shape.d_mlp)
