@@ -16,7 +16,7 @@ from circuits.induction import induction_model
 from circuits.transformer import GraphTransformer, Shape
 from sae.base import create
 from sae.config import DictionaryConfig
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 
 
 def _toy(seed: int = 0) -> tuple[GraphTransformer, dict, torch.Tensor]:
@@ -286,3 +286,22 @@ def test_demo_transcoders_train_through_the_sae_api_and_are_reused(demo, tmp_pat
     assert all(torch.equal(a.W_dec, b.W_dec) for a, b in zip(first, again))
     graph = attribution_graph(model, again, "The king said unto the people")
     assert graph.to_json()["transcoders"][0]["path"] and graph.to_json()["metrics"]["completeness_gap"] < 1e-3
+
+
+def test_bench_graphs_rows_carry_their_measurements(demo):
+    """`workbench bench graphs`'s two parts on small settings (speed is reported, never asserted)."""
+    from app.cli import _build_parser
+    from app.flags import config_from_args
+    from circuits.bench_graphs import GraphBenchConfig, _one_prompt, _speed
+
+    model, transcoders = demo
+    args = _build_parser().parse_args(
+        ["bench", "graphs", "--n-latents", "64", "--k", "4", "--prompt-tokens", "8"]
+    )
+    config = config_from_args(GraphBenchConfig, args)
+    speed = _speed(model, GraphBenchConfig(n_latents=config.n_latents, k=4, prompt_tokens=8, reps=1))
+    assert speed["features"] == 4 * 8 * 4 and speed["seconds_median"] > 0 and speed["completeness_gap"] < 1e-3
+    row = _one_prompt(model, [transcoders[layer] for layer in range(4)], "ROMEO: I will not go to the")
+    assert -1 <= row["spearman_replacement"] <= 1 and {"spearman_direct", "sign_total+norm"} <= set(row)
+    with pytest.raises(ConfigError):
+        GraphBenchConfig(k=0)
