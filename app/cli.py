@@ -83,6 +83,17 @@ COMMANDS = (
         "workbench.activations:CacheConfig",
         (
             _flag(
+                "--transcoder-layer",
+                "--transcoder-layers",
+                dest="transcoder_layers",
+                nargs="+",
+                action="extend",
+                default=[],
+                metavar="LAYER",
+                help="also cache the MLP input and output hooks (Model.mlp_hooks) of these layers "
+                "(numbers, comma lists, or all), for `workbench train --transcoder-layer`",
+            ),
+            _flag(
                 "--nproc",
                 type=int,
                 default=1,
@@ -121,7 +132,14 @@ COMMANDS = (
         "app.commands.dictionaries:cmd_eval",
         "sae.evals:EvalConfig",
         (
-            _run_folder("a dictionary folder (ours, SAELens or sparsify) or a training output folder"),
+            _flag(
+                "run",
+                nargs="*",
+                default=[],
+                metavar="RUN",
+                help="dictionary folders (ours, SAELens or sparsify) or training output folders; "
+                "default: the default training run",
+            ),
             _QUIET,
             _SUMMARY_JSON,
         ),

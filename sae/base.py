@@ -279,7 +279,7 @@ class Dictionary(nn.Module):
         self.W_dec /= out
         self.b_dec /= out
         if self.W_skip is not None:
-            self.W_skip *= scale / out
+            self.W_skip.mul_(scale / out)
 
     # --- helpers --------------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:

@@ -38,6 +38,8 @@ class TrainState:
     """The factor that makes E|x| = sqrt(d), measured once at the start (`sae.sources.input_scale`)."""
     batch_size: int = 0
     """Global batch size; 0 in checkpoints written before it was recorded."""
+    output_scale: float = 0.0
+    """A transcoder's factor for its targets (E|y| = sqrt(d_out)); 0 for an SAE."""
 
 
 def save_checkpoint(out: Path, state: TrainState, trainees: list[Trainee]) -> None:

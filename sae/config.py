@@ -95,7 +95,7 @@ class DictionaryConfig:
             )
         if self.d_out < 0:
             raise ConfigError(f"d_out must be >= 0 (0: an SAE), got {self.d_out}")
-        if self.skip and not self.d_out:
+        if self.skip and not self.d_out and self.d_in:  # a template (d_in 0, TrainConfig's) may say skip
             raise ConfigError("skip needs a transcoder (d_out > 0): an SAE has no skip connection")
         if self.d_out and self.architecture == "codebook":
             raise ConfigError("codebook dictionaries cannot be transcoders (d_out must be 0)")

@@ -61,6 +61,10 @@ class EvalConfig:
     """Where to compute: auto (the first usable CUDA device, else the CPU), cpu, cuda or cuda:N."""
     model_dtype: str = "float32"
     """The model's forward dtype: float32, bfloat16 (the usual choice on GPUs) or float16."""
+    together: bool = False
+    """Transcoders: evaluate every RUN's transcoder in place of its MLP at once, in one pass
+    (automatic when the RUNs are transcoders of distinct layers of one model; see
+    sae.transcoder_evals)."""
 
     def __post_init__(self):
         check_device_spec(self.device)
@@ -86,6 +90,12 @@ def evaluate(
         return evaluate_rows(dictionary, config, progress)
     if model is None:
         model = load_model(spec, device=resolve_device(config.device), dtype=config.model_dtype)
+    if dictionary.is_transcoder:  # FVU of its MLP's output, CE / KL with that MLP replaced
+        from sae.transcoder_evals import evaluate_transcoders
+
+        joint = evaluate_transcoders([dictionary], config, model, progress)
+        own = joint.pop("transcoders")[0]
+        return {**own, **joint}
     corpus = config.corpus or meta.get("corpus") or "default"
     cache_config = CacheConfig(
         model=spec or "demo",
@@ -127,6 +137,10 @@ def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), pro
     there is none, DeviceError for a device this machine lacks."""
     from workbench.cache_reader import ActivationCache
 
+    if dictionary.is_transcoder:
+        raise DictionaryError(
+            "a transcoder is evaluated with its model (FVU of the MLP output, CE/KL); drop --cache"
+        )
     device = resolve_device(config.device)
     where = config.cache or dictionary.meta.get("cache")
     if not where:

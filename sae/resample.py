@@ -86,11 +86,26 @@ def resample(
     for name in _ZEROED:
         if hasattr(dictionary, name):
             getattr(dictionary, name)[latents] = 0
+    if dictionary.is_transcoder:
+        _bias_at_the_mean_rate(dictionary, latents, x)
     threshold = getattr(dictionary, "threshold", None)  # JumpReLU's parameter, Feature Choice's running one
     if isinstance(threshold, Tensor) and threshold.dim() == 1 and threshold.shape[0] == dictionary.n_latents:
         threshold[latents] = _firing_at_the_mean_rate(dictionary, latents, x)
     _clear_moments(dictionary, optimizer, latents)
     return n
+
+
+def _bias_at_the_mean_rate(dictionary: Dictionary, latents: Tensor, x: Tensor) -> None:
+    """A transcoder's new latents: encoder biases (b_enc; gated: b_gate and b_mag) at which each
+    fires on k / n_latents of the batch x. Its input is not centred (no b_dec shift), so with
+    zero biases a new latent's pre-activations were large on most rows: the demo's layer-0 TopK
+    transcoder (4,096 latents, k 32) went from FVU 0.24 to 5.2 at one resampling."""
+    pre = x.to(dictionary.W_enc.dtype) @ dictionary.W_enc[latents].t()
+    per_latent = min(pre.shape[0] - 1, max(1, round(x.shape[0] * dictionary.config.k / dictionary.n_latents)))
+    cut = pre.topk(per_latent + 1, dim=0).values[-1]
+    for name in ("b_enc", "b_gate", "b_mag"):
+        if isinstance(getattr(dictionary, name, None), Tensor):
+            getattr(dictionary, name)[latents] = -cut
 
 
 def _firing_at_the_mean_rate(dictionary: Dictionary, latents: Tensor, x: Tensor) -> Tensor:

@@ -80,6 +80,61 @@ class CacheSource:
         }
 
 
+class PairedCacheSource(CacheSource):
+    """A transcoder's training rows: each row is [x, y], the in-hook's activation (d_in) and the
+    out-hook's (d_out) at the same token, concatenated to [batch, d_in + d_out] so the trainer's
+    order, checkpoints, prefetching and data-parallel shares work on them as on an SAE's rows
+    (`split` separates them). Both hooks come from one cache written in one pass; their shards
+    hold the same rows, and both are read in the same seeded order (`cache.batches` with the
+    same seed and epoch), so BOS rows are skipped alike and the global row indices of every
+    batch are checked to agree."""
+
+    def __init__(self, cache: ActivationCache, hook: str, out_hook: str, seed: int = 0):
+        super().__init__(cache, hook, seed)
+        cache.expect(hook=out_hook)
+        if out_hook == hook:
+            raise CacheError(f"a transcoder's --out-hook must differ from its --hook ({hook})")
+        if cache.shard_rows(hook) != cache.shard_rows(out_hook):
+            raise CacheError(
+                f"{cache.path}: hooks {hook} and {out_hook} are sharded differently; "
+                "cache both in one `workbench cache --hook A --hook B` run"
+            )
+        self.out_hook = out_hook
+        self.d_out = cache.width(out_hook)
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(x [N, d_in], y [N, d_out]) of concatenated rows."""
+        return rows[:, : self.d_in], rows[:, self.d_in :]
+
+    def _paired(self, hook_batches: Iterator, out_batches: Iterator, stored: bool) -> Iterator[Tensor]:
+        for a, b in zip(hook_batches, out_batches, strict=True):
+            if not torch.equal(a.rows, b.rows):
+                raise CacheError(f"{self.cache.path}: rows of {self.hook} and {self.out_hook} disagree")
+            x, y = a.activations, b.activations
+            yield torch.cat([x, y], dim=1) if stored else torch.cat([x.float(), y.float()], dim=1)
+
+    def epoch(self, epoch: int, batch_size: int, stored: bool = False) -> Iterator[Tensor]:
+        """Shuffled [batch_size, d_in + d_out] batches (see the class docstring)."""
+        read = lambda hook: self.cache.batches(  # noqa: E731
+            hook, batch_size, seed=self.seed, epoch=epoch, drop_last=True, read_ahead=True
+        )
+        return self._paired(read(self.hook), read(self.out_hook), stored)
+
+    def sample(self, n: int, stream: str = "init") -> Tensor:
+        """n [x, y] rows drawn independently of the training order (each `stream` its own draw)."""
+        n = min(n, self.rows_per_epoch)
+        seed = (
+            self.seed + 7919
+            if stream == "init"
+            else seeding.stream_seed(self.seed, "sample", stream) % (1 << 40)
+        )
+        read = lambda hook: self.cache.batches(hook, n, seed=seed, buffer_rows=n)  # noqa: E731
+        return next(self._paired(read(self.hook), read(self.out_hook), stored=False))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "out_hook": self.out_hook}
+
+
 def training_order(
     source: BatchSource, batch_size: int, epoch: int = 0, skip: int = 0
 ) -> Iterator[tuple[int, int, Tensor]]:
@@ -116,8 +171,9 @@ def input_scale(sample: Tensor) -> float:
     return sample.shape[1] ** 0.5 / norm if norm > 0 else 1.0
 
 
-def open_cache_source(cache: str = "", hook: str = "", seed: int = 0) -> CacheSource:
-    """The cache folder (default: the default cache, built first if absent) as a source."""
+def open_cache_source(cache: str = "", hook: str = "", seed: int = 0, out_hook: str = "") -> CacheSource:
+    """The cache folder (default: the default cache, built first if absent) as a source; with
+    `out_hook`, a transcoder's paired source (`PairedCacheSource`)."""
     from pathlib import Path
 
     from workbench.activations import CacheConfig, build_cache
@@ -126,6 +182,8 @@ def open_cache_source(cache: str = "", hook: str = "", seed: int = 0) -> CacheSo
     if not cache and not (folder / "manifest.json").exists():
         build_cache(CacheConfig())
     opened = ActivationCache(folder)
+    if out_hook:
+        return PairedCacheSource(opened, hook or opened.hooks[0], out_hook, seed=seed)
     return CacheSource(opened, hook or opened.hooks[0], seed=seed)
 
 

@@ -26,16 +26,33 @@ class TrainConfig:
     """Saved beside the run; `workbench train --config RUN/config.json` trains it again."""
 
     NESTED_NOT_FLAGS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "dictionary": ("architecture", "d_in", "n_latents", "k")
+        "dictionary": ("architecture", "d_in", "n_latents", "k", "d_out")
     }
-    """Fields of a nested config that the grid sets per dictionary: neither flags nor saved."""
-    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"architectures": ("--arch",)}
-    """`--arch` is the field's short flag (and the one the docs use)."""
+    """Fields of a nested config that the grid sets per dictionary: neither flags nor saved
+    (d_out: the width of --out-hook in the cache)."""
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "architectures": ("--arch",),
+        "hook": ("--in-hook",),
+    }
+    """`--arch` is the field's short flag (and the one the docs use); `--in-hook` names a
+    transcoder's input."""
+    OMITTED_WHEN_DEFAULT: ClassVar[tuple[str, ...]] = ("out_hook", "transcoder_layers", "cross_layer")
+    """Transcoder fields left out of an SAE run's saved config (so its files read as before)."""
 
     cache: str = ""
     """Activation cache folder; empty means the default cache (built first if absent)."""
     hook: str = ""
-    """Hook to train on; empty means the cache's first hook."""
+    """Hook to train on (a transcoder's input, --in-hook); empty means the cache's first hook."""
+    out_hook: str = ""
+    """Transcoders: the hook to predict from --hook's rows at the same tokens (both in the cache,
+    e.g. blocks.0.ln2.hook_normalized -> blocks.0.hook_mlp_out); empty trains SAEs of --hook."""
+    transcoder_layers: tuple[str, ...] = ()
+    """Transcoders of these layers' MLPs (numbers, comma lists, or all): each reads and writes the
+    hooks the model adapter maps to its MLP input and output (`Model.mlp_hooks`), one run per
+    layer under runs/transcoder-<in hook>; instead of --hook/--out-hook."""
+    cross_layer: bool = False
+    """Train one cross-layer transcoder (sae.crosslayer) over the --transcoder-layer layers
+    instead of one transcoder per layer."""
     architectures: tuple[str, ...] = ("topk",)
     """Architectures to train, all in one read of the cache (with every --k and --expansion)."""
     k: tuple[int, ...] = (32,)
@@ -95,7 +112,8 @@ class TrainConfig:
     """The encoders' selection matmul: float32, or bfloat16 (faster on GPUs; the selected values,
     the gradients, the weights and the optimizer stay float32)."""
     out: str = ""
-    """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>."""
+    """Output folder (one sub-folder per dictionary); empty means runs/sae-<hook>
+    (runs/transcoder-<hook> for a transcoder)."""
 
     def __post_init__(self):
         for name in ("architectures", "k", "expansion"):  # TrainConfig(k=8) means k=(8,)
@@ -140,6 +158,14 @@ class TrainConfig:
             raise ConfigError("--k and --expansion values must be positive")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.dictionary.skip and not (self.out_hook or self.transcoder_layers):
+            raise ConfigError(
+                "--skip adds a transcoder's skip connection: give --out-hook or --transcoder-layer"
+            )
+        if self.out_hook and self.transcoder_layers:
+            raise ConfigError("give --transcoder-layer or --hook/--out-hook, not both")
+        if self.out_hook and "codebook" in self.architectures:
+            raise ConfigError("codebook dictionaries cannot be transcoders (drop codebook from --arch)")
         if len(set(self.grid())) != len(self.grid()):
             raise ConfigError("the grid of --arch, --k and --expansion repeats a dictionary")
 
@@ -148,8 +174,11 @@ class TrainConfig:
         expansions = (0,) if self.n_latents else self.expansion
         return list(itertools.product(self.architectures, self.k, expansions))
 
-    def dictionary_config(self, architecture: str, k: int, expansion: int, d_in: int) -> DictionaryConfig:
-        """The config of one dictionary of the grid: the `dictionary` template with its sizes."""
+    def dictionary_config(
+        self, architecture: str, k: int, expansion: int, d_in: int, d_out: int = 0
+    ) -> DictionaryConfig:
+        """The config of one dictionary of the grid: the `dictionary` template with its sizes
+        (`d_out` > 0: a transcoder to that width)."""
         n_latents = (
             (self.codes if architecture == "codebook" and self.codes else 0)
             or self.n_latents
@@ -157,7 +186,9 @@ class TrainConfig:
         )
         if k > n_latents:
             raise ConfigError(f"k={k} exceeds the dictionary width {n_latents}")
-        return replace(self.dictionary, architecture=architecture, d_in=d_in, n_latents=n_latents, k=k)
+        return replace(
+            self.dictionary, architecture=architecture, d_in=d_in, n_latents=n_latents, k=k, d_out=d_out
+        )
 
     def for_one(self, architecture: str, k: int, expansion: int) -> "TrainConfig":
         """This config narrowed to one dictionary of its grid (saved in that dictionary's folder)."""
@@ -183,6 +214,9 @@ class TrainConfig:
         obj["dictionary"] = {
             k: v for k, v in self.dictionary.to_json().items() if k not in self.NESTED_NOT_FLAGS["dictionary"]
         }
+        for name in self.OMITTED_WHEN_DEFAULT:
+            if not getattr(self, name):
+                obj.pop(name)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.items()}
 
     @classmethod

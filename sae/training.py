@@ -94,7 +94,9 @@ def train(
     keeps ready (None: PREFETCH_DEPTH on CUDA, 0 on the CPU: no thread). Raises DeviceError
     (one line) for a device this machine lacks, before any data is read."""
     device = devices.resolve_device(config.device)
-    source = source or open_cache_source(config.cache, config.hook, seed=config.seed)
+    source = source or open_cache_source(
+        config.cache, config.hook, seed=config.seed, out_hook=config.out_hook
+    )
     where = ranks(device)
     plan = _plan(config, source, where.world)
     check_data_parallel(plan.batch_size, where)
@@ -162,11 +164,25 @@ def _plan(config: TrainConfig, source: BatchSource, world: int = 1) -> Plan:
 
 
 def default_output_dir(config: TrainConfig, hook: str = "") -> Path:
-    """--out, else runs/sae-<hook>."""
+    """--out, else runs/sae-<hook> (runs/transcoder-<hook> for a transcoder of --out-hook)."""
     if config.out:
         return Path(config.out)
     hook = config.hook or hook
-    return DEFAULT_RUNS_DIR / (f"sae-{hook}" if hook else "sae")
+    kind = "transcoder" if config.out_hook else "sae"
+    return DEFAULT_RUNS_DIR / (f"{kind}-{hook}" if hook else kind)
+
+
+def _d_out(source: BatchSource) -> int:
+    """The width a transcoder's source predicts (0: an SAE's source)."""
+    return int(getattr(source, "d_out", 0) or 0)
+
+
+def _split(source: BatchSource, rows: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x, y) of a transcoder source's [x, y] rows; (rows, None) for an SAE's."""
+    if not _d_out(source):
+        return rows, None
+    d_in = source.d_in
+    return rows[:, :d_in], rows[:, d_in:]
 
 
 def _same_run(plan: Plan) -> bool:
@@ -204,7 +220,9 @@ def _build_trainees(plan: Plan, device: torch.device) -> list[Trainee]:
     `device` before their optimizers are built."""
     trainees = []
     for architecture, k, expansion in plan.config.grid():
-        dict_config = plan.config.dictionary_config(architecture, k, expansion, plan.source.d_in)
+        dict_config = plan.config.dictionary_config(
+            architecture, k, expansion, plan.source.d_in, _d_out(plan.source)
+        )
         name = plan.config.name_of(architecture, k, expansion)
         dictionary = create(dict_config, seed=plan.config.seed, salt=name).to(device)
         lr = plan.config.lr_for(dict_config.n_latents)
@@ -222,13 +240,27 @@ def _build_trainees(plan: Plan, device: torch.device) -> list[Trainee]:
 
 
 def _initialize(plan: Plan, trainees: list[Trainee]) -> TrainState:
-    sample = plan.source.sample(INIT_SAMPLE_ROWS)
+    sample, target = _split(plan.source, plan.source.sample(INIT_SAMPLE_ROWS))
     scale = input_scale(sample)
-    scaled = (sample * scale).to(trainees[0].dictionary.W_dec.device)
+    device = trainees[0].dictionary.W_dec.device
+    scaled = (sample * scale).to(device)
+    out_scale = (
+        input_scale(target) if target is not None else 0.0
+    )  # a transcoder's targets: E|y| = sqrt(d_out)
+    scaled_target = None if target is None else (target * out_scale).to(device)
     for trainee in trainees:
-        trainee.dictionary.initialize_from(scaled)
+        if scaled_target is None:
+            trainee.dictionary.initialize_from(scaled)
+        else:
+            trainee.dictionary.initialize_from(scaled, scaled_target)
     return TrainState(
-        step=0, epoch=0, batch_in_epoch=0, tokens=0, input_scale=scale, batch_size=plan.batch_size
+        step=0,
+        epoch=0,
+        batch_in_epoch=0,
+        tokens=0,
+        input_scale=scale,
+        batch_size=plan.batch_size,
+        output_scale=out_scale,
     )
 
 
@@ -268,8 +300,10 @@ def _loop(
         with feed, use_matmul_dtype(devices.matmul_dtype(config.matmul_dtype)):
             while state.step < total:
                 epoch, index, batch = clock.waiting(feed)
-                x = batch.float() * scale  # a 16-bit cache's rows travel as stored, converted here
-                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world, clock)
+                x, y = _split(plan.source, batch.float())  # a 16-bit cache's rows travel as stored
+                x = x * scale
+                y = None if y is None else y * state.output_scale
+                _train_step(plan, trainees, x, state, loggers, wandb_run, bar, where.world, clock, y)
                 state.epoch, state.batch_in_epoch = epoch, index + 1
                 if state.step % plan.checkpoint_every == 0 or state.step == total:
                     for trainee in trainees:  # no diverged weights reach a checkpoint
@@ -297,13 +331,15 @@ def _train_step(
     bar,
     world: int = 1,
     clock: Optional[FeedClock] = None,
+    y: Optional[torch.Tensor] = None,
 ) -> None:
+    """One step of every trainee on rows x (a transcoder's: predicting y)."""
     step, total, config = state.step, plan.total_steps, plan.config
     progress = step / total
     records = {}
     for trainee in trainees:
         lr = lr_at(step, total, trainee.base_lr, plan.warmup_steps, config.decay_fraction)
-        out = trainee.step(x, lr, progress, step)
+        out = trainee.step(x, lr, progress, step) if y is None else trainee.step(x, lr, progress, step, y)
         resample = _resample_due(plan, step + 1) and trainee.can_resample
         if resample or (step + 1) % config.log_every == 0 or step + 1 == total:
             trainee.check_loss()  # these read the step's results anyway: a diverged one stops here
@@ -314,6 +350,7 @@ def _train_step(
                 config.resample_below,
                 config.resample_duplicate_cosine,
                 seeding.generator(config.seed, "resample", trainee.name, step),
+                y,
             )
             if trainee.name in loggers:  # every resampling is recorded, however many it moved
                 loggers[trainee.name].log(step=step + 1, event="resample", latents=moved)
@@ -322,7 +359,7 @@ def _train_step(
                 "step": step + 1,
                 "tokens": state.tokens + x.shape[0] * world,
                 "lr": lr,
-                **trainee.metrics(x, out),
+                **trainee.metrics(x, out, y),
             }
     state.step = step + 1
     state.tokens += x.shape[0] * world
@@ -385,6 +422,7 @@ def _save_final(plan: Plan, trainee: Trainee, state: TrainState, timing: Optiona
         trainee.dictionary,
         folder,
         input_scale=state.input_scale,
+        output_scale=state.output_scale if trainee.dictionary.is_transcoder else None,
         **plan.source.describe(),
         config=plan.config.for_one(architecture, k, expansion).to_json(),
         metrics=metrics,
@@ -399,8 +437,12 @@ def _calibrate(plan: Plan, trainee: Trainee, state: TrainState) -> dict:
     measure the saved dictionary's inference L0 on other such rows."""
     scale, device = state.input_scale, trainee.dictionary.W_dec.device
     with alone():  # rank 0 alone saves: no selection may wait for the other ranks
-        trainee.dictionary.calibrate(draw(plan.source, CALIBRATION_ROWS, "calibrate").to(device) * scale)
-        check = draw(plan.source, CALIBRATION_ROWS // 2, "inference L0").to(device) * scale
+        rows = _split(plan.source, draw(plan.source, CALIBRATION_ROWS, "calibrate"))[0]
+        trainee.dictionary.calibrate(rows.to(device) * scale)
+        check = (
+            _split(plan.source, draw(plan.source, CALIBRATION_ROWS // 2, "inference L0"))[0].to(device)
+            * scale
+        )
         return {"inference_l0": round(inference_l0(trainee.dictionary, check, min(plan.batch_size, 4096)), 4)}
 
 

@@ -63,13 +63,16 @@ def cmd_cache(args) -> None:
     from workbench.distributed import check_rank_devices, ranks
 
     config = config_from_args(CacheConfig, args)
+    model = None
+    if getattr(args, "transcoder_layers", None):
+        config, model = _with_mlp_hooks(config, args.transcoder_layers, load_here=args.nproc <= 1)
     if wants_torchrun(args):
         if config.from_activations:
             raise WorkbenchError("--from copies rows and runs no model: it takes one process (drop --nproc)")
         check_rank_devices(config.device, args.nproc)  # one GPU per rank, or one line before launching
         return relaunch_under_torchrun(args)
     started = time.time()
-    out = build_cache(config, progress=not args.quiet)
+    out = build_cache(config, model=model, progress=not args.quiet)
     if not ranks().is_main:  # under torchrun, rank 0 reports for everyone
         return
     cache = ActivationCache(out)
@@ -92,6 +95,25 @@ def cmd_cache(args) -> None:
         "seconds": round(time.time() - started, 1),
     }
     print_summary(summary, args.json)
+
+
+def _with_mlp_hooks(config, layers: list[str], load_here: bool):
+    """(`config` with the MLP input and output hooks of `layers` (--transcoder-layer) added to its
+    hooks, the model that names them). `load_here`: the model is loaded where the cache is
+    computed and reused for it; else (ranks will each load their own) on the CPU, then dropped."""
+    from dataclasses import replace
+
+    from sae.transcoders import mlp_hook_pairs
+    from workbench.devices import resolve_device
+    from workbench.models import load_model
+
+    if config.from_activations:
+        raise WorkbenchError("--transcoder-layer names a model's MLP hooks; --from brings no model")
+    device = resolve_device(config.device) if load_here else "cpu"
+    model = load_model(config.model, device=device, dtype=config.model_dtype)
+    pairs = mlp_hook_pairs(model, layers)
+    hooks = [*config.hooks, *(h for _, in_hook, out_hook in pairs for h in (in_hook, out_hook))]
+    return replace(config, hooks=tuple(dict.fromkeys(hooks))), (model if load_here else None)
 
 
 def wants_torchrun(args) -> bool:

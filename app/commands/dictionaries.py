@@ -20,6 +20,8 @@ def cmd_train(args) -> None:
     from workbench.files import read_json
 
     config = config_from_args(TrainConfig, args)
+    if getattr(config, "cross_layer", False):
+        return _train_cross_layer(config, args)
     check_rank_devices(config.device, args.nproc)  # a device this machine lacks: one line, first
     if wants_torchrun(args):
         from sae.training import check_data_parallel
@@ -29,7 +31,7 @@ def cmd_train(args) -> None:
             config.batch_size or args.nproc, Ranks(0, args.nproc)
         )  # refuse here, in one line, before launching ranks
         return relaunch_under_torchrun(args)
-    folders = train(config, progress=not args.quiet)
+    folders = [f for one in _per_layer(config) for f in train(one, progress=not args.quiet)]
     if not ranks().is_main:
         return
     rows = []
@@ -38,6 +40,7 @@ def cmd_train(args) -> None:
         metrics = meta.get("metrics", {})
         rows.append(
             {
+                **({"layer_in": meta["hook"]} if meta.get("out_hook") else {}),
                 "dictionary": folder.name,
                 "latents": meta["dictionary"]["n_latents"],
                 "k": meta["dictionary"]["k"],
@@ -65,6 +68,42 @@ def cmd_train(args) -> None:
     print_rows(rows, args.json)
 
 
+def _train_cross_layer(config, args) -> None:
+    """`workbench train --cross-layer`: one cross-layer transcoder over the --transcoder-layer
+    layers' MLPs (sae.crosslayer_run); prints its per-layer FVU and the CE-loss / KL scores with
+    every MLP replaced."""
+    from sae.crosslayer_run import train_cross_layer_run
+
+    if args.nproc > 1:
+        raise WorkbenchError("--cross-layer trains in one process (drop --nproc)")
+    folder, metrics = train_cross_layer_run(config, config.transcoder_layers, progress=not args.quiet)
+    replaced = metrics["replaced_every_mlp"]
+    row = {
+        "cross_layer_transcoder": folder.name,
+        "fvu": round(replaced["fvu"], 4),
+        "fvu_per_layer": [round(v, 4) for v in replaced["fvu_per_layer"]],
+        "l0_per_layer": [round(v, 2) for v in metrics["l0_per_layer"]],
+        "ce_loss_score": round(replaced["ce_loss_score"], 4),
+        "kl_score": round(replaced["kl_score"], 4),
+        "folder": str(folder),
+    }
+    print_rows([row], args.json)
+
+
+def _per_layer(config) -> list:
+    """--transcoder-layer: one training config per layer (its MLP's hooks from the cache's
+    model); otherwise `config` itself."""
+    if not config.transcoder_layers:
+        return [config]
+    from sae.sources import open_cache_source
+    from sae.transcoders import per_layer_configs
+    from workbench.cache_reader import ActivationCache
+    from workbench.models import load_model
+
+    cache = config.cache or str(open_cache_source().cache.path)
+    return per_layer_configs(config, load_model(ActivationCache(cache).model, device="cpu"))
+
+
 def cmd_eval(args) -> None:
     from sae.evals import EvalConfig, evaluate
     from workbench.devices import resolve_device
@@ -72,7 +111,10 @@ def cmd_eval(args) -> None:
 
     config = config_from_args(EvalConfig, args)
     device = resolve_device(config.device)  # a device this machine lacks: one line, before any loading
-    folders = _dictionary_folders(Path(args.run) if args.run else None)
+    runs = args.run if isinstance(args.run, list) else [args.run] if args.run else []
+    folders = [f for run in runs or [None] for f in _dictionary_folders(Path(run) if run else None)]
+    if _eval_together(config, folders, args, device):
+        return
     models = _with_models(
         folders, config.model, load=not config.cache, device=device, dtype=config.model_dtype
     )
@@ -88,6 +130,44 @@ def cmd_eval(args) -> None:
             print(json.dumps({"dictionary": str(folder), **metrics}))
         else:
             print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}, False)
+
+
+def _eval_together(config, folders: list[Path], args, device) -> bool:
+    """Transcoders evaluated in place of their MLPs at once (`--together`, or automatically for
+    transcoders of distinct layers of one model): prints and writes the joint CE-loss / KL
+    scores and each one's FVU / L0 / dead % into every folder's eval.json. False: not that case."""
+    from sae.io import load
+    from sae.transcoder_evals import distinct_layers, evaluate_transcoders
+    from workbench.files import write_json_atomic
+    from workbench.models import load_model
+
+    if len(folders) < 2 and not config.together:
+        return False
+    transcoders = [load(folder, device=device) for folder in folders]
+    if not (config.together or distinct_layers(transcoders)):
+        return False
+    spec = config.model or transcoders[0].meta.get("model")
+    if not spec:
+        raise WorkbenchError("these transcoders record no model; pass --model")
+    model = load_model(spec, device=device, dtype=config.model_dtype)
+    metrics = evaluate_transcoders(transcoders, config, model, progress=not args.quiet)
+    joint = {k: v for k, v in metrics.items() if k != "transcoders"}
+    for folder, own in zip(folders, metrics["transcoders"]):
+        if (folder / "config.json").exists():
+            write_json_atomic(folder / "eval.json", {**own, "together": joint})
+    if args.json:
+        print(json.dumps({"dictionaries": [str(f) for f in folders], **metrics}))
+        return True
+    rows = [
+        {"dictionary": str(f), **{k: round(v, 4) if isinstance(v, float) else v for k, v in own.items()}}
+        for f, own in zip(folders, metrics["transcoders"])
+    ]
+    print_rows(rows, False)
+    print_summary(
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in joint.items() if k != "replaced"},
+        False,
+    )
+    return True
 
 
 def cmd_analyze(args) -> None:
