@@ -1,10 +1,10 @@
 """`workbench train --cross-layer`: a TrainConfig's settings as one cross-layer transcoder run.
 
 The run reads every chosen layer's MLP input and output hooks (the model adapter's
-`mlp_hooks(layer)` where it has one, else TransformerLens's blocks.L.ln2.hook_normalized ->
-blocks.L.hook_mlp_out) from one cache, trains the CLT (`sae.crosslayer_train`), then scores it
-on held-out text of the cache's corpus with every MLP replaced at once (`sae.crosslayer_eval`)
-and adds those metrics to its config.json.
+`Model.mlp_hooks(layer)`, via `sae.transcoders.mlp_hook_pairs`; --transcoder-layer as for
+per-layer transcoders, nothing meaning all) from one cache, trains the CLT
+(`sae.crosslayer_train`), then scores it on held-out text of the cache's corpus with every MLP
+replaced at once (`sae.crosslayer_eval`) and adds those metrics to its config.json.
 """
 
 from __future__ import annotations
@@ -14,33 +14,11 @@ from pathlib import Path
 
 from sae.crosslayer import CrossLayerConfig, save
 from sae.crosslayer_eval import evaluate_replaced
-from sae.crosslayer_train import CrossLayerTrainConfig, default_hooks, train_cross_layer
+from sae.crosslayer_train import CrossLayerTrainConfig, train_cross_layer
+from sae.transcoders import mlp_hook_pairs
 from workbench.errors import ConfigError
 
 EVAL_TOKENS = 16_384
-
-
-def parse_layers(spec, n_layers: int) -> list:
-    """--transcoder-layer values ('all', numbers, comma lists; a str or a tuple of them) -> the
-    layers, ascending; nothing or 'all' means every layer."""
-    items = spec if isinstance(spec, (list, tuple)) else [] if spec is None else [spec]
-    parts = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
-    if not parts or "all" in parts:
-        return list(range(n_layers))
-    try:
-        layers = sorted({int(part) for part in parts})
-    except ValueError:
-        raise ConfigError(f"--transcoder-layer takes 'all' or layer numbers, got {spec!r}") from None
-    if layers[0] < 0 or layers[-1] >= n_layers:
-        raise ConfigError(f"--transcoder-layer {spec!r}: the model has layers 0..{n_layers - 1}")
-    return layers
-
-
-def mlp_hooks_of(model, layers: list) -> tuple[list, list]:
-    if hasattr(model, "mlp_hooks"):
-        pairs = [model.mlp_hooks(layer) for layer in layers]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    return default_hooks(layers)
 
 
 def train_cross_layer_run(config, layers_spec="all", progress: bool = True) -> tuple[Path, dict]:
@@ -58,13 +36,13 @@ def train_cross_layer_run(config, layers_spec="all", progress: bool = True) -> t
     if not config.cache:
         raise ConfigError(
             "--cross-layer needs --cache DIR holding every layer's MLP input and output "
-            "(workbench cache --hook blocks.0.ln2.hook_normalized --hook blocks.0.hook_mlp_out ...)"
+            "(workbench cache --transcoder-layer all writes them)"
         )
     cache = ActivationCache(config.cache)
     device = resolve_device(config.device)
     model = load_model(cache.model, device=device)
-    layers = parse_layers(layers_spec, model.n_layers)
-    in_hooks, out_hooks = mlp_hooks_of(model, layers)
+    pairs = mlp_hook_pairs(model, layers_spec or ("all",))  # the model adapter's MLP hooks
+    layers, in_hooks, out_hooks = [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
     d_in = cache.width(in_hooks[0]) if in_hooks[0] in cache.hooks else 0
     arch, k = config.architectures[0], config.k[0]
     n_latents = config.n_latents or config.expansion[0] * d_in

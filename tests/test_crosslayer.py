@@ -247,3 +247,34 @@ def test_per_layer_transcoders_as_a_clt_of_reach_1_give_their_outputs(arch):
         torch.testing.assert_close(y, d(x))
     assert all(float(clt.decoder(0, t).abs().sum()) == 0 for t in (1, 2))  # reach 1: nothing across layers
     assert clt.out_hooks[2] == "blocks.2.hook_mlp_out"
+
+
+def test_replaced_eval_agrees_with_the_per_layer_transcoders_eval(tiny_model, tiny_model_dir, mlp_cache):
+    """Two implementations of 'every MLP replaced at once' (sae.crosslayer_eval on a reach-1 CLT,
+    sae.transcoder_evals on the per-layer transcoders) give the same CE and KL."""
+    from sae.config import DictionaryConfig
+    from sae.crosslayer import from_per_layer
+    from sae.crosslayer_eval import evaluate_replaced
+    from sae.evals import EvalConfig
+    from sae.transcoder_evals import evaluate_transcoders
+    from workbench.activations import CacheConfig, select_windows
+
+    config = DictionaryConfig(architecture="topk", d_in=64, n_latents=32, k=4, d_out=64)
+    transcoders = [sae.create(config, seed=layer) for layer in range(2)]
+    for layer, d in enumerate(transcoders):
+        d.meta = {"hook": f"blocks.{layer}.ln2.hook_normalized", "out_hook": f"blocks.{layer}.hook_mlp_out"}
+        d.meta |= {"model": str(tiny_model_dir), "corpus": "tiny-shakespeare", "context_length": 32}
+    eval_config = EvalConfig(tokens=256, batch_size=4, context_length=32)
+    theirs = evaluate_transcoders(transcoders, eval_config, tiny_model, progress=False)
+    text = CacheConfig(
+        model=str(tiny_model_dir),
+        corpus="tiny-shakespeare",
+        split="validation",
+        tokens=256,
+        context_length=32,
+    )
+    windows = select_windows(text, tiny_model)
+    ours = evaluate_replaced(from_per_layer(transcoders), tiny_model, windows, batch_size=4)
+    for key in ("ce_clean", "ce_replaced", "ce_zero_ablation", "kl_replaced", "kl_zero_ablation"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
+    assert ours["fvu_per_layer"] == pytest.approx([t["fvu"] for t in theirs["transcoders"]], rel=1e-5)
