@@ -249,15 +249,22 @@ def test_per_layer_transcoders_as_a_clt_of_reach_1_give_their_outputs(arch):
     assert clt.out_hooks[2] == "blocks.2.hook_mlp_out"
 
 
-def test_replaced_eval_agrees_with_the_per_layer_transcoders_eval(tiny_model, tiny_model_dir, mlp_cache):
+def test_replaced_eval_agrees_with_the_per_layer_transcoders_eval(tiny_model, tiny_model_dir, monkeypatch):
     """Two implementations of 'every MLP replaced at once' (sae.crosslayer_eval on a reach-1 CLT,
     sae.transcoder_evals on the per-layer transcoders) give the same CE and KL."""
+    import workbench.activations
     from sae.config import DictionaryConfig
     from sae.crosslayer import from_per_layer
     from sae.crosslayer_eval import evaluate_replaced
     from sae.evals import EvalConfig
     from sae.transcoder_evals import evaluate_transcoders
-    from workbench.activations import CacheConfig, select_windows
+    from workbench.activations import CacheConfig
+
+    chosen = {}  # the windows, tokenized once (selecting them costs seconds) for both evals
+    select = workbench.activations.select_windows
+    monkeypatch.setattr(
+        workbench.activations, "select_windows", lambda c, m: chosen.setdefault(c, select(c, m))
+    )
 
     config = DictionaryConfig(architecture="topk", d_in=64, n_latents=32, k=4, d_out=64)
     transcoders = [sae.create(config, seed=layer) for layer in range(2)]
@@ -273,7 +280,8 @@ def test_replaced_eval_agrees_with_the_per_layer_transcoders_eval(tiny_model, ti
         tokens=256,
         context_length=32,
     )
-    windows = select_windows(text, tiny_model)
+    windows = workbench.activations.select_windows(text, tiny_model)
+    assert len(chosen) == 1  # the same windows as evaluate_transcoders chose
     ours = evaluate_replaced(from_per_layer(transcoders), tiny_model, windows, batch_size=4)
     for key in ("ce_clean", "ce_replaced", "ce_zero_ablation", "kl_replaced", "kl_zero_ablation"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
