@@ -14,16 +14,21 @@ must say false); f = ReLU(z), jumprelu f = ReLU(z) * 1[z > threshold]; y = f @ W
 (+ x @ W_skip.T). d_out's documented default is 768. Hooks: metadata.hook_name, and
 metadata.hook_name_out (SAELens's `LLM_METADATA_KEYS`), or the same keys at the top level.
 
-circuit-tracer (`circuit_tracer/transcoder/single_layer_transcoder.py`): one file per layer.
-`load_relu_transcoder`'s safetensors: W_enc [d_sae, d_model] and W_dec [d_model, d_sae] (both
-transposed on load), b_enc, b_dec, W_skip [d_model, d_model] (skip = x @ W_skip.T); f = ReLU(z),
-z = x @ W_enc.T + b_enc; log_thresholds is refused (circuit-tracer asserts it absent).
-`load_gemma_scope_transcoder`'s params.npz: W_enc [d_model, d_sae], W_dec [d_sae, d_model],
-b_enc, b_dec, threshold; f = z * 1[z > threshold] (no ReLU, so a negative threshold, which we
-cannot reproduce, is refused). A set is described by a YAML config (`circuit_tracer/configs/`):
-model_name, feature_input_hook / feature_output_hook (TransformerLens names inside block L,
-e.g. ln2.hook_normalized / hook_mlp_out, so ours are blocks.L.<name>), transcoders: [{id, layer,
-filepath}]. hf:// paths are refused (nothing is downloaded).
+circuit-tracer (`circuit_tracer/transcoder/single_layer_transcoder.py`): one file per layer, in
+two documented layouts. Current (`SingleLayerTranscoder.to_safetensors` / `load_transcoder`):
+W_enc and W_dec both [d_sae, d_model], nothing transposed (z = F.linear(x, W_enc, b_enc),
+y = f @ W_dec + b_dec + x @ W_skip.T); `activation_function.threshold` makes it JumpReLU, a `k`
+tensor or the config's `activation: topk` + `k` TopK (f = z on the top k, not ReLU'd), else
+ReLU. Legacy (June 2025 `load_relu_transcoder`): W_dec stored [d_model, d_sae], ReLU,
+log_thresholds refused. Which one a file is comes from the caller, the config beside it
+(`model_kind` present: current), a threshold or k key (current), or non-square shapes; a square
+file with none of these is refused, not guessed. Gemma Scope's params.npz
+(`load_gemma_scope_transcoder`): W_enc [d_model, d_sae], threshold, f = z * 1[z > threshold]
+(no ReLU, so a negative threshold is refused). Sets are described by a config.yaml: current
+(`circuit_tracer/utils/hf_utils.py`: model_kind, feature_input_hook / feature_output_hook,
+transcoders as a list of paths or layer_{i}.safetensors files, activation, k) or legacy
+(`circuit_tracer/configs/*.yaml`: transcoders as [{id, layer, filepath}]); hooks become
+blocks.L.<hook>. hf:// paths are refused (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -112,73 +117,140 @@ def load_saelens_transcoder(cfg, label: str, folder: Path, weights_name: str) ->
 
 
 def load_circuit_tracer(
-    path: str | Path, *, layer: int | None = None, in_hook=None, out_hook=None
+    path: str | Path,
+    *,
+    layer: int | None = None,
+    in_hook: str | None = None,
+    out_hook: str | None = None,
+    layout: str | None = None,
+    activation: str | None = None,
+    k: int | None = None,
 ) -> Dictionary:
-    """One circuit-tracer layer file (.safetensors: ReLU or skip transcoder; .npz: Gemma Scope
-    JumpReLU) as a transcoder. Layer and hooks come from the arguments, else from a YAML config
-    in the same folder that lists this file, else the layer from a `layer_N` file name (hooks
-    None). `.meta`: format, layer, hook, out_hook, model, id."""
+    """One circuit-tracer layer file as a transcoder: `.npz` (Gemma Scope JumpReLU) or
+    `.safetensors` in the current layout (`load_transcoder`: W_dec [d_sae, d_model];
+    activation_function.threshold -> JumpReLU, a `k` tensor or activation "topk" -> TopK, else
+    ReLU) or the legacy one (`load_relu_transcoder`: W_dec [d_model, d_sae], ReLU). The layout is
+    `layout` ("current" | "legacy"), else what a config beside the file says (a `model_kind`
+    field: current; per-entry `layer`/`filepath` dicts: legacy), else the keys (a threshold or k:
+    current), else the shapes when d_sae != d_model; a square file without any of these is
+    refused rather than guessed. Layer, hooks, activation and k likewise come from the arguments,
+    else the config, else the layer from a `layer_N` file name (hooks None).
+    `.meta`: format, layout, layer, hook, out_hook, model, id."""
     path = Path(path)
     if not path.is_file():
         raise DictionaryError(f"{path}: no circuit-tracer transcoder file here")
     listed = _listed_in_config(path)
-    if layer is None:
-        layer = listed.get("layer", _layer_from_name(path))
-    t = _read_npz(path) if path.suffix == ".npz" else read_weights(path)
+    layer = layer if layer is not None else listed.get("layer", _layer_from_name(path))
     if path.suffix == ".npz":
-        _check_tensors(t, ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"], path, "Gemma Scope transcoder")
-        if bool((t["threshold"] < 0).any()):
-            raise DictionaryError(
-                f"{path}: threshold has negative entries; circuit-tracer's JumpReLU (z * 1[z > t]) "
-                "then keeps negative activations, which our jumprelu cannot"
-            )
-        ours = {
-            "W_enc": t["W_enc"].t().contiguous(),
-            "W_dec": t["W_dec"],
-            "b_enc": t["b_enc"],
-            "b_dec": t["b_dec"],
-        }
-        ours["threshold"] = t["threshold"]
-        arch, skip = "jumprelu", False
+        arch, skip, ours, layout = *_gemma_scope(_read_npz(path), path), "gemma-scope"
     else:
-        if "log_thresholds" in t:
-            raise DictionaryError(
-                f"{path}: holds log_thresholds, which circuit-tracer's ReLU transcoder refuses"
-            )
-        skip = "W_skip" in t
-        names = ["W_enc", "W_dec", "b_enc", "b_dec", *(["W_skip"] if skip else [])]
-        _check_tensors(t, names, path, "circuit-tracer ReLU transcoder")
-        ours = {n: t[n] for n in names}
-        ours["W_dec"] = t["W_dec"].t().contiguous()  # stored [d_model, d_sae]; W_enc already [d_sae, d_model]
-        arch = "relu"
-    ours = {n: v.float() for n, v in ours.items()}
-    if (
-        ours["W_enc"].dim() != 2
-        or ours["W_dec"].dim() != 2
-        or ours["W_enc"].shape[0] != ours["W_dec"].shape[0]
-    ):
-        raise DictionaryError(
-            f"{path}: W_enc {tuple(t['W_enc'].shape)} and W_dec {tuple(t['W_dec'].shape)} "
-            "do not share a latent axis"
-        )
-    dictionary = _transcoder(arch, skip, ours, path)
+        t = read_weights(path)
+        layout = layout or listed.get("layout") or _layout_of(t, path)
+        activation, k = activation or listed.get("activation"), k or listed.get("k")
+        arch, skip, ours = (_current if layout == "current" else _legacy)(t, path, activation, k)
+    k_of = ours.pop("k", 1)  # TopK's k, a number beside the tensors
+    dictionary = _transcoder(arch, skip, {n: v.float() for n, v in ours.items()}, path, k=k_of)
     block = f"blocks.{layer}." if layer is not None else None
     dictionary.meta = {
         "format": "circuit-tracer",
+        "layout": layout,
         "layer": layer,
         "hook": in_hook or (block + listed["in"] if block and listed.get("in") else None),
         "out_hook": out_hook or (block + listed["out"] if block and listed.get("out") else None),
         "model": listed.get("model"),
         "id": listed.get("id"),
     }
+    if arch == "topk":
+        dictionary.meta["differs_when"] = (
+            "a row's k-th largest pre-activation is negative: circuit-tracer's TopK keeps it, ours is ReLU'd"
+        )
     return dictionary
 
 
-def load_transcoder_set(path: str | Path) -> list:
-    """circuit-tracer's transcoder set: a YAML config (or a folder holding exactly one) listing
-    one file per layer, or a folder of `layer_N.safetensors` / `.npz` files without one (hooks
-    then None). Returns the Dictionaries ordered by layer. Raises DictionaryError (one line) for
-    a config it cannot read, a hf:// path, a missing file, or two files for one layer."""
+def _layout_of(t: dict, path: Path) -> str:
+    if "activation_function.threshold" in t or "k" in t:
+        return "current"
+    if "W_dec" in t and "b_enc" in t and t["W_dec"].dim() == 2:
+        m = t["b_enc"].shape[0]
+        if t["W_dec"].shape[0] == m and t["W_dec"].shape[1] != m:
+            return "current"
+        if t["W_dec"].shape[1] == m and t["W_dec"].shape[0] != m:
+            return "legacy"
+    raise DictionaryError(
+        f"{path}: W_dec is square ({tuple(t['W_dec'].shape) if 'W_dec' in t else '?'}), so circuit-tracer's "
+        "current [d_sae, d_model] and legacy [d_model, d_sae] layouts cannot be told apart: put its "
+        "circuit-tracer config.yaml beside it, or pass layout='current' or 'legacy' to "
+        "sae.peers.load_circuit_tracer"
+    )
+
+
+def _current(t: dict, path: Path, activation, k):
+    """`load_transcoder`'s file: nothing transposed (the module computes F.linear(x, W_enc) and
+    acts @ W_dec)."""
+    skip = "W_skip" in t
+    jump = "activation_function.threshold" in t
+    topk = "k" in t or activation == "topk"
+    names = ["W_enc", "W_dec", "b_enc", "b_dec", *(["W_skip"] if skip else [])]
+    names += ["activation_function.threshold"] if jump else []
+    _check_tensors(t, names, path, "circuit-tracer transcoder", ignorable=("k",))
+    ours = {n: t[n] for n in ("W_enc", "W_dec", "b_enc", "b_dec", *(["W_skip"] if skip else []))}
+    if jump:
+        if topk:
+            raise DictionaryError(f"{path}: both a JumpReLU threshold and a TopK k")
+        ours["threshold"] = _non_negative(t["activation_function.threshold"], path)
+        return "jumprelu", skip, ours
+    if topk:
+        k = int(t["k"]) if "k" in t else k
+        if not k:
+            raise DictionaryError(f"{path}: a TopK transcoder without k (circuit-tracer requires it)")
+        return "topk", skip, {**ours, "k": k}
+    if activation not in (None, "relu", "jump_relu"):
+        raise DictionaryError(f"{path}: activation {activation!r} is not supported (relu, topk, jump_relu)")
+    return "relu", skip, ours
+
+
+def _legacy(t: dict, path: Path, activation, k):
+    """The June 2025 `load_relu_transcoder`'s file: W_dec stored [d_model, d_sae], ReLU."""
+    if "log_thresholds" in t:
+        raise DictionaryError(f"{path}: holds log_thresholds, which circuit-tracer's ReLU transcoder refuses")
+    skip = "W_skip" in t
+    names = ["W_enc", "W_dec", "b_enc", "b_dec", *(["W_skip"] if skip else [])]
+    _check_tensors(t, names, path, "circuit-tracer (legacy) ReLU transcoder")
+    ours = {n: t[n] for n in names}
+    ours["W_dec"] = t["W_dec"].t().contiguous()
+    return "relu", skip, ours
+
+
+def _gemma_scope(t: dict, path: Path):
+    """`load_gemma_scope_transcoder`'s params.npz: W_enc [d_model, d_sae] (transposed on load),
+    W_dec [d_sae, d_model], JumpReLU threshold."""
+    _check_tensors(t, ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"], path, "Gemma Scope transcoder")
+    ours = {
+        "W_enc": t["W_enc"].t().contiguous(),
+        "W_dec": t["W_dec"],
+        "b_enc": t["b_enc"],
+        "b_dec": t["b_dec"],
+    }
+    ours["threshold"] = _non_negative(t["threshold"], path)
+    return "jumprelu", False, ours
+
+
+def _non_negative(threshold, path: Path):
+    if bool((threshold < 0).any()):
+        raise DictionaryError(
+            f"{path}: threshold has negative entries; circuit-tracer's JumpReLU (z * 1[z > t]) "
+            "then keeps negative activations, which our jumprelu cannot"
+        )
+    return threshold
+
+
+def load_transcoder_set(path: str | Path, layout: str | None = None) -> list:
+    """circuit-tracer's transcoder set, ordered by layer: a folder holding a config.yaml in the
+    current format (`model_kind: transcoder_set`, `transcoders: [path per layer]` or
+    `layer_{i}.safetensors` files, `activation`, `k`) or the legacy one (`transcoders: [{id,
+    layer, filepath}]`), the YAML file itself, or a folder of `layer_N` files without a config
+    (hooks then None). Raises DictionaryError (one line) for a config it cannot read, a hf://
+    path, a missing file, two files for one layer, or a cross-layer transcoder's config."""
     path = Path(path)
     config = path if path.is_file() else _config_in(path)
     if config is None:
@@ -187,32 +259,27 @@ def load_transcoder_set(path: str | Path) -> list:
             if path.is_dir()
             else []
         )
-        if not files:
+        if not files or any(_layer_from_name(p) is None for p in files):
             raise DictionaryError(
-                f"{path}: neither a circuit-tracer YAML config nor layer_N.safetensors files"
+                f"{path}: neither a circuit-tracer YAML config nor only layer_N transcoder files"
             )
-        entries = [(_layer_from_name(p), p, {}) for p in files]
-        if any(layer is None for layer, _, _ in entries):
-            raise DictionaryError(
-                f"{path}: without a YAML config every file must be named layer_N (got {files[0].name})"
-            )
+        listing = {"entries": [(_layer_from_name(p), p, None) for p in files]}
     else:
-        values = _read_yaml(config)
-        entries = [(e["layer"], _resolve(config, e["filepath"]), e) for e in values["transcoders"]]
-    layers = [layer for layer, _, _ in entries]
+        listing = _read_config(config)
+    layers = [layer for layer, _, _ in listing["entries"]]
     if len(set(layers)) != len(layers):
         raise DictionaryError(f"{config or path}: more than one transcoder for a layer ({sorted(layers)})")
     loaded = []
-    for layer, file, entry in sorted(entries, key=lambda e: e[0]):
+    for layer, file, entry_id in sorted(listing["entries"], key=lambda e: e[0]):
         hooks = {}
-        if config is not None:
+        if listing.get("in"):
             hooks = {
-                "in_hook": f"blocks.{layer}.{values['feature_input_hook']}",
-                "out_hook": f"blocks.{layer}.{values['feature_output_hook']}",
+                "in_hook": f"blocks.{layer}.{listing['in']}",
+                "out_hook": f"blocks.{layer}.{listing['out']}",
             }
-        dictionary = load_circuit_tracer(file, layer=layer, **hooks)
-        if config is not None:
-            dictionary.meta.update(model=values.get("model_name"), id=entry.get("id"))
+        options = {"layout": layout or listing.get("layout"), "activation": listing.get("activation")}
+        dictionary = load_circuit_tracer(file, layer=layer, k=listing.get("k"), **options, **hooks)
+        dictionary.meta.update(model=listing.get("model"), id=entry_id)
         loaded.append(dictionary)
     return loaded
 
@@ -226,7 +293,11 @@ def _config_in(folder: Path):
     return found[0] if found else None
 
 
-def _read_yaml(config: Path) -> dict:
+def _read_config(config: Path) -> dict:
+    """{layout, in, out, model, activation, k, entries: [(layer, path, id)]} of a circuit-tracer
+    config.yaml, current (`circuit_tracer/utils/hf_utils.py`: model_kind, transcoders as a list of
+    paths, index = layer, or layer_{i}.safetensors beside it) or legacy (`circuit_tracer/configs/`:
+    transcoders as [{id, layer, filepath}])."""
     import yaml  # transformers' dependency; only circuit-tracer configs need it
 
     try:
@@ -237,27 +308,53 @@ def _read_yaml(config: Path) -> dict:
         ) from None
     if not isinstance(values, dict):
         raise DictionaryError(f"{config}: a circuit-tracer config is a mapping")
-    for key in ("feature_input_hook", "feature_output_hook", "transcoders"):
+    for key in ("feature_input_hook", "feature_output_hook"):
         if key not in values:
             raise DictionaryError(f"{config}: field {key!r} is missing (circuit-tracer requires it)")
-    entries = values["transcoders"]
-    if not isinstance(entries, list) or not entries:
+    kind = values.get("model_kind")
+    if kind == "cross_layer_transcoder":
+        raise DictionaryError(f"{config}: a cross-layer transcoder; load its folder with sae.load")
+    if kind not in (None, "transcoder_set"):
+        raise DictionaryError(f"{config}: unknown model_kind {kind!r}")
+    listed = values.get("transcoders")
+    if kind is None and (not isinstance(listed, list) or not listed):
         raise DictionaryError(f"{config}: 'transcoders' must be a non-empty list")
-    for entry in entries:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("layer"), int)
-            or not entry.get("filepath")
-        ):
-            raise DictionaryError(
-                f"{config}: each transcoder needs an integer 'layer' and a 'filepath', got {entry!r}"
+    if kind is None:
+        entries = []
+        for entry in listed:
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("layer"), int)
+                or not entry.get("filepath")
+            ):
+                raise DictionaryError(f"{config}: each transcoder needs an integer 'layer' and a 'filepath'")
+            entries.append(
+                (entry["layer"], _resolve(config, _local(config, entry["filepath"])), entry.get("id"))
             )
-        if str(entry["filepath"]).startswith("hf://"):
-            raise DictionaryError(
-                f"{config}: filepath {entry['filepath']} is on the Hugging Face hub; "
-                "download it and give its local path"
-            )
-    return values
+    elif listed is not None:
+        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
+            raise DictionaryError(f"{config}: 'transcoders' must list one path per layer")
+        entries = [(i, _resolve(config, _local(config, p)), None) for i, p in enumerate(listed)]
+    else:
+        files = sorted(config.parent.glob("layer_*.safetensors"))  # circuit-tracer: layer_{i}, i from 0
+        entries = [(_layer_from_name(f), f, None) for f in files if _layer_from_name(f) is not None]
+    return {
+        "layout": "current" if kind else "legacy",
+        "in": values["feature_input_hook"],
+        "out": values["feature_output_hook"],
+        "model": values.get("model_name"),
+        "activation": values.get("activation"),
+        "k": values.get("k"),
+        "entries": entries,
+    }
+
+
+def _local(config: Path, filepath) -> str:
+    if str(filepath).startswith("hf://"):
+        raise DictionaryError(
+            f"{config}: filepath {filepath} is on the Hugging Face hub; download it and give its local path"
+        )
+    return str(filepath)
 
 
 def _resolve(config: Path, filepath: str) -> Path:
@@ -267,23 +364,19 @@ def _resolve(config: Path, filepath: str) -> Path:
 
 
 def _listed_in_config(path: Path) -> dict:
-    """{layer, in, out, model, id} of `path` from a YAML config beside it that lists it, else {}."""
+    """What a config beside `path` says of it ({layer, in, out, model, id, layout, activation,
+    k}), else {}."""
     try:
         config = _config_in(path.parent)
+        listing = _read_config(config) if config is not None else None
     except DictionaryError:
         return {}
-    if config is None:
+    if listing is None:
         return {}
-    values = _read_yaml(config)
-    for entry in values["transcoders"]:
-        if _resolve(config, entry["filepath"]).resolve() == path.resolve():
-            return {
-                "layer": entry["layer"],
-                "in": values["feature_input_hook"],
-                "out": values["feature_output_hook"],
-                "model": values.get("model_name"),
-                "id": entry.get("id"),
-            }
+    for layer, file, entry_id in listing["entries"]:
+        if Path(file).resolve() == path.resolve():
+            keep = ("in", "out", "model", "layout", "activation", "k")
+            return {"layer": layer, "id": entry_id, **{key: listing[key] for key in keep}}
     return {}
 
 

@@ -238,3 +238,73 @@ def test_circuit_tracer_inputs_that_do_not_fit_are_refused(tmp_path, problem):
     assert {"hf path": "hub", "log_thresholds": "log_thresholds", "duplicate layer": "more than one"}[
         problem
     ] in str(error.value)
+
+
+def current_file(seed: int, d_sae: int = M, d_model: int = D_IN, **extra) -> dict:
+    """SingleLayerTranscoder.to_safetensors's layout (the current circuit-tracer): W_enc and W_dec
+    both [d_sae, d_model], nothing transposed on load (load_transcoder)."""
+    return {
+        "W_enc": rand(seed, d_sae, d_model),
+        "W_dec": rand(seed + 1, d_sae, d_model),
+        "b_enc": rand(seed + 2, d_sae) * 0.5,
+        "b_dec": rand(seed + 3, d_model),
+        **extra,
+    }
+
+
+def current_reference(w: dict, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SingleLayerTranscoder.encode (F.linear, then JumpReLU / TopK / ReLU) and decode (+ skip)."""
+    z = torch.nn.functional.linear(x, w["W_enc"], w["b_enc"])
+    if "activation_function.threshold" in w:
+        f = z * (z > w["activation_function.threshold"])
+    elif k is not None:
+        f = z * torch.zeros_like(z).scatter_(-1, z.topk(k, dim=-1).indices, 1)
+    else:
+        f = torch.relu(z)
+    y = f @ w["W_dec"] + w["b_dec"]
+    return f, y + x @ w["W_skip"].T if "W_skip" in w else y
+
+
+@pytest.mark.parametrize("kind", ["relu", "skip", "jumprelu", "topk key", "topk config"])
+def test_circuit_tracer_current_layout_gives_circuit_tracer_outputs(tmp_path, kind):
+    extra = {
+        "skip": {"W_skip": rand(9, D_IN, D_IN)},
+        "jumprelu": {"activation_function.threshold": torch.linspace(0.0, 1.0, M)},
+        "topk key": {"k": torch.tensor(3)},
+    }.get(kind, {})
+    w = current_file(0, **extra)
+    path = tmp_path / "layer_2.safetensors"
+    save_file(w, str(path))
+    if kind == "topk config":  # the hub's config.yaml names the activation (circuit_tracer/utils/hf_utils.py)
+        (tmp_path / "config.yaml").write_text(
+            "model_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\n"
+            "feature_output_hook: hook_mlp_out\nactivation: topk\nk: 3\n"
+        )
+    d = sae.load(path)
+    x = inputs() + 2.0  # the TopK rows' k largest pre-activations are positive here, as trained ones are
+    f, y = current_reference(w, x, k=3 if "topk" in kind else None)
+    torch.testing.assert_close(d.encode(x).to_dense(), f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d(x), y, atol=1e-5, rtol=1e-5)
+    assert d.meta["layout"] == "current" and d.meta["layer"] == 2
+    assert d.architecture == {"jumprelu": "jumprelu", "topk key": "topk", "topk config": "topk"}.get(
+        kind, "relu"
+    )
+    if kind == "topk config":
+        assert d.meta["hook"] == "blocks.2.ln2.hook_normalized" and d.config.k == 3
+
+
+def test_a_square_circuit_tracer_file_is_read_by_its_config_or_refused(tmp_path):
+    w = current_file(0, d_sae=D_IN)  # d_sae == d_model: the shapes cannot tell the layouts apart
+    save_file(w, str(tmp_path / "layer_0.safetensors"))
+    with pytest.raises(DictionaryError, match="cannot be told apart") as error:
+        sae.load(tmp_path / "layer_0.safetensors")
+    assert "\n" not in str(error.value)
+    assert load_circuit_tracer(tmp_path / "layer_0.safetensors", layout="current").meta["layout"] == "current"
+    (tmp_path / "config.yaml").write_text(  # the current config format: a model_kind, files layer_{i}
+        "model_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\n"
+        "feature_output_hook: hook_mlp_out\n"
+    )
+    (loaded,) = load_transcoder_set(tmp_path)
+    x = inputs()
+    torch.testing.assert_close(loaded(x), current_reference(w, x)[1], atol=1e-5, rtol=1e-5)
+    assert loaded.meta["out_hook"] == "blocks.0.hook_mlp_out"
