@@ -8,6 +8,14 @@ pass, and trains one TopK transcoder per layer through the public `sae` API (`sa
 `folder/layer{L}`. A folder whose `settings.json` matches is reused as it is. Used by the tests,
 notebook 05 and the attribution-graph benchmark.
 
+`skip=True` trains skip transcoders (a linear x̂ W_skip^T beside the latents; Paulo et al. 2025,
+"Transcoders beat sparse autoencoders for interpretability"). In an attribution graph the skip is
+part of the frozen linear system, so a downstream MLP's linear response to an ablation is carried
+by W_skip instead of being lost in the constant error node: on the benchmark's prompts the graph's
+predictions then rank the unfrozen ablations far better (README, `bench graphs`, which uses it).
+The default stays without: the skip path also carries influence the latents otherwise would, so
+fewer features survive pruning (notebook 05 draws and tables the pruned features).
+
 `neuron_transcoders(graph)` is the training-free baseline: each MLP's own neurons as a TopK
 transcoder (W_enc = the LN weight folded into W_in, W_dec = W_out; ReLU standing in for GELU),
 so the graph's features are the model's neurons.
@@ -41,6 +49,9 @@ class DemoTranscoderSettings:
     lr: float = 2e-3
     seed: int = 0
     architecture: str = "topk"
+    skip: bool = False
+    """A linear skip connection x̂ W_skip^T beside the latents (skip transcoders, Paulo et al.
+    2025): it carries the MLP's linear response, which the graph's constant error node misses."""
 
 
 def demo_transcoders(folder: str | Path, *, model=None, **settings) -> list:
@@ -125,7 +136,12 @@ def _train(x: Tensor, y: Tensor, config: DemoTranscoderSettings, layer: int, d: 
 
     dictionary = create(
         DictionaryConfig(
-            architecture=config.architecture, d_in=d, n_latents=config.n_latents, k=config.k, d_out=d
+            architecture=config.architecture,
+            d_in=d,
+            n_latents=config.n_latents,
+            k=config.k,
+            d_out=d,
+            skip=config.skip,
         ),
         seed=config.seed,
         salt=f"demo-transcoder-{layer}",
