@@ -59,12 +59,15 @@ def distinct_layers(transcoders: list[Dictionary]) -> bool:
     return None not in layers and len(set(layers)) == len(layers) and len(models) == 1
 
 
-def evaluate_transcoders(transcoders: list[Dictionary], config, model, progress: bool = True) -> dict:
+def evaluate_transcoders(
+    transcoders: list[Dictionary], config, model, progress: bool = True, windows: Tensor | None = None
+) -> dict:
     """The module docstring's metrics for `transcoders` (one or several, see `check_together`) on
     `model` with `config` (an `sae.evals.EvalConfig`: tokens, batch_size, corpus, context_length).
     Returns {"model", "corpus", "tokens", "replaced": [out hooks], "transcoders": [per-transcoder
     metrics], "ce_clean", "ce_replaced", "ce_zero_ablation", "ce_loss_score", "kl_replaced",
-    "kl_zero_ablation", "kl_score"}. Raises DictionaryError for hooks or widths that do not fit."""
+    "kl_zero_ablation", "kl_score"}. `windows` [n, context] token ids (BOS first) replace the
+    validation windows. Raises DictionaryError for hooks or widths that do not fit."""
     from workbench.activations import CacheConfig, select_windows
 
     check_together(transcoders)
@@ -84,7 +87,7 @@ def evaluate_transcoders(transcoders: list[Dictionary], config, model, progress:
         tokens=config.tokens,
         context_length=config.context_length or int(meta.get("context_length") or 0),
     )
-    windows = select_windows(cache_config, model)
+    windows = select_windows(cache_config, model) if windows is None else windows
     transcoders = [on_device(t, model.device).eval() for t in transcoders]
     totals = [_Fit(t.n_latents, model.device) for t in transcoders]
     losses = {k: 0.0 for k in ("ce_clean", "ce_replaced", "ce_zero", "kl_replaced", "kl_zero")}

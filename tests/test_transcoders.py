@@ -298,25 +298,22 @@ def test_eval_replacing_every_mlp_by_zero_is_the_zero_ablation_baseline(tiny_mod
             "corpus": "tiny-shakespeare",
         }
         transcoders.append(t)
-    config = EvalConfig(tokens=256, batch_size=8, context_length=32)
-    result = evaluate_transcoders(transcoders, config, tiny_model, progress=False)
+    from workbench.activations import CacheConfig, select_windows
+
+    windows = select_windows(
+        CacheConfig(
+            model="tiny", corpus="tiny-shakespeare", split="validation", tokens=256, context_length=32
+        ),
+        tiny_model,
+    )
+    config = EvalConfig(batch_size=8)
+    result = evaluate_transcoders(transcoders, config, tiny_model, progress=False, windows=windows)
     assert (
         result["ce_replaced"] == result["ce_zero_ablation"]
         and result["kl_replaced"] == result["kl_zero_ablation"]
     )
     assert result["ce_loss_score"] == 0 and result["kl_zero_ablation"] > 0.01
-    from workbench.activations import CacheConfig, select_windows
-
-    windows = select_windows(
-        CacheConfig(
-            model=str(tiny_model_dir),
-            corpus="tiny-shakespeare",
-            split="validation",
-            tokens=256,
-            context_length=32,
-        ),
-        tiny_model,
-    )
+    assert result["tokens"] == windows.shape[0] * 31
     y = tiny_model.run_with_cache(windows, ["blocks.1.hook_mlp_out"])["blocks.1.hook_mlp_out"][:, 1:].reshape(
         -1, 64
     )
