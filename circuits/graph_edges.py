@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from circuits.graph_prune import Adjacency
-from circuits.replacement import FrozenSystem, encoder_shift
+from circuits.replacement import FrozenSystem
 
 
 @dataclass
@@ -100,7 +100,7 @@ def target_cotangents(system: FrozenSystem, nodes: NodeTable, rows: Tensor, laye
         out[batch, Q - 1] = system.model.W_U[:, token].T.to(out.dtype)
     else:
         f = nodes.features[rows]
-        out[batch, f[:, 1]] = system.transcoders[layer].W_enc[f[:, 2].to(out.device)].to(out.dtype)
+        out[batch, f[:, 1]] = system.encoders[layer][0][f[:, 2].to(out.device)].to(out.dtype)
     return out
 
 
@@ -174,18 +174,16 @@ def pull_back(system: FrozenSystem, layer: int, cot: Tensor, embed: Tensor, writ
 
 def _inputs(system, nodes, rows, layer, cot, embed, writes) -> tuple[Tensor, Tensor]:
     """Targets' inputs with the given source writes and with all of them zero: cot · x + constant
-    (b_enc − W_enc shift for a feature's z; 0 for a logit, GPT-2 has no unembedding bias)."""
+    (b_enc − W_enc shift for a feature's z, `replacement.linear_encoder`; 0 for a logit, GPT-2 has
+    no unembedding bias)."""
     with torch.no_grad():
         x = system.run(embed, writes, layer)
         x0 = system.run(torch.zeros_like(embed), torch.zeros_like(writes), layer)
     if layer == system.shape.n_layers:
         return (cot[:, -1] @ x[-1]).cpu(), (cot[:, -1] @ x0[-1]).cpu()
-    d = system.transcoders[layer]
+    W, b = system.encoders[layer]
     pos, latent = nodes.features[rows, 1].to(cot.device), nodes.features[rows, 2].to(cot.device)
-    enc = d.W_enc[latent].to(cot.dtype)
-    const = d.b_enc[latent].to(cot.dtype)
-    if (shift := encoder_shift(d)) is not None:
-        const = const - enc @ shift.to(cot.dtype)
+    enc, const = W[latent].to(cot.dtype), b[latent].to(cot.dtype)
     return ((enc * x[pos]).sum(1) + const).cpu(), ((enc * x0[pos]).sum(1) + const).cpu()
 
 

@@ -111,8 +111,33 @@ def transcoder_layers(model, transcoders) -> dict[int, object]:
             )
         if layer in layers:
             raise WorkbenchError(f"two transcoders for layer {layer}")
+        trained = d.meta.get("model")
+        if trained and hasattr(model, "names_this_model") and not model.names_this_model(str(trained)):
+            raise WorkbenchError(f"{_named(d, layer)} was trained on model {trained!r}, not {model.spec!r}")
         layers[layer] = d
     return layers
+
+
+def _named(d, layer: int) -> str:
+    """How an error names a transcoder: its layer and, when known, its folder."""
+    path = (getattr(d, "meta", None) or {}).get("path") or (getattr(d, "meta", None) or {}).get("folder")
+    return f"the transcoder of layer {layer}" + (f" ({path})" if path else "")
+
+
+def check_finite(graph: GraphTransformer, layers: dict[int, object]) -> None:
+    """One-line WorkbenchError naming the first transcoder tensor (parameter or buffer: W_enc,
+    threshold, ...) or model weight holding NaN or Inf: those would otherwise surface as a
+    cycle in the influence solve or a NaN graph."""
+    named = [(_named(d, layer), d) for layer, d in sorted(layers.items())] + [("the model", graph)]
+    for owner, module in named:
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        tensors += [(k, v) for k, v in vars(module).items() if isinstance(v, Tensor)]
+        for name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise WorkbenchError(
+                    f"{owner}: {name} {tuple(tensor.shape)} has {bad} non-finite (NaN/Inf) entries"
+                )
 
 
 def _mlp_hooks(model, layer: int) -> tuple[str, str]:
@@ -123,13 +148,28 @@ def _mlp_hooks(model, layer: int) -> tuple[str, str]:
 
 
 def prompt_tokens(model, prompt) -> tuple[Tensor, list[str], str]:
-    """(ids [P], token strings, prompt text) of a str (tokenized with BOS) or 1-D id tensor."""
+    """(ids [P], token strings, prompt text) of a str (tokenized with BOS) or 1-D id tensor.
+    WorkbenchError (one line) for a prompt longer than the model's n_ctx (`Model.tokenize`
+    truncates silently: the graph would explain another position), an empty or batched tensor."""
     if isinstance(prompt, str):
         if not hasattr(model, "tokenize"):
             raise WorkbenchError("a GraphTransformer takes the prompt as a 1-D tensor of token ids")
         tokens = model.tokenize(prompt)[0].cpu()
+        n_ctx = getattr(model, "n_ctx", None)
+        if n_ctx is not None and len(tokens) >= n_ctx and hasattr(model, "bridge"):
+            full = model.bridge.to_tokens(prompt, prepend_bos=True, truncate=False).shape[-1]
+            if full > n_ctx:
+                raise WorkbenchError(
+                    f"the prompt is {full} tokens (BOS included); the model's n_ctx is {n_ctx}: shorten it"
+                )
         return tokens, model.to_str_tokens(tokens), prompt
-    tokens = torch.as_tensor(prompt).long().flatten().cpu()
+    tokens = torch.as_tensor(prompt)
+    if tokens.dim() != 1 or len(tokens) == 0 or tokens.is_floating_point():
+        raise WorkbenchError(
+            f"a prompt tensor must be a non-empty 1-D tensor of token ids, got {tokens.dtype} "
+            f"of shape {tuple(tokens.shape)}"
+        )
+    tokens = tokens.long().cpu()
     strings = (
         model.to_str_tokens(tokens) if hasattr(model, "to_str_tokens") else [str(int(t)) for t in tokens]
     )
@@ -144,6 +184,8 @@ def choose_targets(logits: Tensor, targets=None, coverage: float = 0.95, most: i
         ids = torch.as_tensor(targets).long().flatten()
         if len(ids) == 0 or ids.min() < 0 or ids.max() >= logits.shape[-1]:
             raise WorkbenchError(f"targets must be token ids in [0, {logits.shape[-1]}), got {ids.tolist()}")
+        if len(set(ids.tolist())) != len(ids):  # one logit node per token id ("l.TOKEN")
+            raise WorkbenchError(f"targets repeat a token id: {ids.tolist()}")
         return ids
     probs = logits[-1].float().softmax(-1)
     ordered, ids = probs.sort(descending=True)
@@ -171,15 +213,23 @@ def attribution_graph(
     Dictionary (`meta["hook"]` = a layer's MLP input hook) or, for a GraphTransformer, {layer:
     Dictionary}; targets: token ids at the last position (None: top logits covering 95%, ≤ 10);
     edges_per_target: entries kept per target row (None: all); dtype: compute dtype (float64
-    for exact checks). Raises WorkbenchError on other models, hooks or targets."""
+    for exact checks). Raises WorkbenchError (one line) on other models, hooks or targets, a
+    transcoder trained on another model, non-finite weights, a transcoder without a linear
+    pre-activation (codebooks; gated ones use their magnitude path), a prompt longer than n_ctx."""
     started = time.perf_counter()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise WorkbenchError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
     graph = graph_model(model)
     layers = transcoder_layers(model, transcoders)
     for layer in layers:
         if layer >= graph.shape.n_layers or not graph.shape.d_mlp:
             raise WorkbenchError(f"transcoder for layer {layer}: the model has no such MLP")
     tokens, strings, text = prompt_tokens(model, prompt)
+    if len(tokens) > graph.shape.n_ctx:
+        raise WorkbenchError(f"the prompt is {len(tokens)} tokens; the model's n_ctx is {graph.shape.n_ctx}")
+    check_finite(graph, layers)
     system = FrozenSystem(graph, tokens, layers, dtype=dtype)
+    system.check_features()
     target_ids = choose_targets(system.clean.logits, targets)
     attribution = attribute(system, target_ids, batch_size=batch_size, edges_per_target=edges_per_target)
     nodes = attribution.nodes

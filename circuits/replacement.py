@@ -10,7 +10,8 @@ on the demo model's TransformerBridge, where that hook equals (x − mean)/σ to
 the LN output by 0.75). Attention patterns and every LayerNorm's σ are frozen at their clean
 values, so attention and LayerNorm become affine maps of the residual stream. With the feature
 activations a_i and the errors err_ℓ held as constant *sources*, every node input (a feature's
-pre-activation z = W_enc x̂ + b_enc [− W_enc shift for an SAE], a target logit) is an affine
+pre-activation z = W_enc x̂ + b_enc [− W_enc shift for an SAE; a gated transcoder's
+magnitude path, `linear_encoder`], a target logit) is an affine
 function of the source writes: the embeddings [P, d] and the per-layer MLP-output writes
 [L, P, d]. `FrozenSystem` is that function; at the clean writes it reproduces the logits exactly.
 (Ameisen et al. 2025, "Circuit tracing", transformer-circuits.pub; circuit-tracer's
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from circuits.transformer import GraphTransformer
+from workbench.errors import WorkbenchError
 
 
 def encoder_shift(dictionary) -> Tensor | None:
@@ -35,6 +37,27 @@ def encoder_shift(dictionary) -> Tensor | None:
     if hasattr(dictionary, "encoder_shift"):
         return dictionary.encoder_shift
     return getattr(dictionary, "b_dec", None)
+
+
+def linear_encoder(dictionary) -> tuple[Tensor, Tensor]:
+    """(W [n_latents, d_in], b [n_latents]) with z = x̂ W^T + b the dictionary's pre-activation
+    (`Dictionary.pre_activations`, the encoder shift folded into b): W_enc, b_enc for TopK /
+    BatchTopK / JumpReLU / ReLU / Matryoshka / choice; for a gated dictionary its magnitude path
+    (W_mag = exp(r_mag) W_gate, b_mag), the value an active latent takes while its gate is open.
+    Raises WorkbenchError (one line) for a dictionary with no linear pre-activation (a codebook)."""
+    name = getattr(dictionary, "architecture", type(dictionary).__name__)
+    W = getattr(dictionary, "W_enc", None)
+    if W is not None and getattr(dictionary, "r_mag", None) is not None and hasattr(dictionary, "b_mag"):
+        W, b = W * dictionary.r_mag.exp()[:, None], dictionary.b_mag  # gated: the magnitude path
+    else:
+        b = getattr(dictionary, "b_enc", None)
+    if W is None or b is None:
+        raise WorkbenchError(
+            f"attribution graphs need transcoders whose features are a linear pre-activation "
+            f"W_enc x + b_enc; a {name} dictionary has none"
+        )
+    shift = encoder_shift(dictionary)
+    return W, (b if shift is None else b - W @ shift)
 
 
 def skip_weight(dictionary) -> Tensor | None:
@@ -83,6 +106,8 @@ class FrozenSystem:
             for layer, d in transcoders.items()
         }
         self.model, self.transcoders = model, transcoders
+        self.encoders = {layer: linear_encoder(d) for layer, d in transcoders.items()}
+        """{layer: (W [n_latents, d_in], b [n_latents])}: each feature's input z = x̂ W^T + b."""
         self.shape = model.shape
         self.has_mlp = bool(model.shape.d_mlp)
         with torch.no_grad():
@@ -139,11 +164,44 @@ class FrozenSystem:
 
     def pre_activations(self, layer: int, x_hat: Tensor) -> Tensor:
         """[..., n_latents] z = W_enc (x̂ − shift) + b_enc, the input of a feature node (for
-        TopK/ReLU/JumpReLU-style encoders an active latent's activation equals z)."""
-        d = self.transcoders[layer]
-        shift = encoder_shift(d)
-        z = x_hat @ d.W_enc.T + d.b_enc
-        return z if shift is None else z - d.W_enc @ shift
+        TopK/ReLU/JumpReLU-style encoders an active latent's activation equals z; gated: the
+        magnitude path, `linear_encoder`)."""
+        W, b = self.encoders[layer]
+        return x_hat @ W.T + b
+
+    def check_features(self) -> None:
+        """Refuse, in one line (WorkbenchError), transcoders the graph cannot treat as linear
+        nodes: where `linear_encoder`'s z differs from the dictionary's own `pre_activations` on
+        the prompt, or an active latent's activation differs from its z (the graph's edges sum
+        to z; a feature whose activation is another function of z is no linear node)."""
+        with torch.no_grad():
+            for layer in self.clean.activations:
+                self._check_layer(layer)
+
+    def _check_layer(self, layer: int) -> None:
+        tol = 1e-3 if self.model.dtype in (torch.float32, torch.float64) else 5e-2
+        d, x_hat, acts = self.transcoders[layer], self.clean.mlp_in[layer], self.clean.activations[layer]
+        z = self.pre_activations(layer, x_hat)
+        name = getattr(d, "architecture", type(d).__name__)
+        scale = 1.0 + float(z.abs().max()) if z.numel() else 1.0
+        if hasattr(d, "pre_activations"):
+            try:
+                own = d.pre_activations(x_hat).to(z.dtype)
+            except (WorkbenchError, AttributeError, NotImplementedError) as error:
+                raise WorkbenchError(
+                    f"layer {layer}'s {name} transcoder gives no pre-activations: {error}"
+                ) from None
+            if float((own - z).abs().max()) > tol * scale:
+                raise WorkbenchError(
+                    f"layer {layer}'s {name} transcoder: its pre-activations are not W_enc x + b_enc; "
+                    "attribution graphs cannot take it"
+                )
+        active = acts != 0
+        if bool(active.any()) and float((acts - z)[active].abs().max()) > tol * scale:
+            raise WorkbenchError(
+                f"layer {layer}'s {name} transcoder: an active feature's activation is not its "
+                "pre-activation, so its edges would not sum to it; attribution graphs cannot take it"
+            )
 
     def _transcoder_out(self, layer: int, x_hat: Tensor, acts: Tensor) -> Tensor:
         d = self.transcoders[layer]

@@ -305,3 +305,98 @@ def test_bench_graphs_rows_carry_their_measurements(demo):
     assert -1 <= row["spearman_replacement"] <= 1 and {"spearman_direct", "sign_total+norm"} <= set(row)
     with pytest.raises(ConfigError):
         GraphBenchConfig(k=0)
+
+
+def _gated(model: GraphTransformer, seed: int = 0) -> dict:
+    """Gated transcoders for `_toy`'s model with every gate / magnitude parameter random (the
+    magnitude path W_mag = exp(r_mag) W_gate, b_mag differs from the gate's)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer in range(2):
+        d = create(
+            DictionaryConfig(architecture="gated", d_in=16, n_latents=24, k=4, d_out=16),
+            seed=seed,
+            salt=str(layer),
+        )
+        with torch.no_grad():
+            for name in ("W_enc", "b_gate", "r_mag", "b_mag", "b_dec"):
+                getattr(d, name).copy_(torch.randn(getattr(d, name).shape, generator=gen) * 0.5)
+        out[layer] = d.eval()
+    return out
+
+
+def test_a_gated_transcoders_feature_input_is_its_magnitude_path_and_its_edges_stay_exact():
+    model, _, tokens = _toy(seed=4)
+    transcoders = _gated(model)
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None, dtype=torch.float64)
+    att, system = graph.attribution, graph.system
+    nodes, adj = att.nodes, att.adjacency
+    assert nodes.n_features > 10
+    with torch.no_grad():
+        embed, writes = system.source_writes()
+        assert (system.logits(embed, writes)[-1] - model(tokens[None])[0, -1]).abs().max() < 1e-4
+        # an active gated latent's activation = its magnitude pre-activation = the sum of its edges + bias
+        assert torch.allclose(att.inputs[: nodes.n_features], nodes.activations.double(), atol=1e-6)
+        assert (adj.incoming() + att.biases - att.inputs).abs().max() < 1e-8
+        gen = torch.Generator().manual_seed(0)
+        feature_edges = ((adj.cols < nodes.error_start) & (adj.rows < nodes.n_features)).nonzero().flatten()
+        picks = feature_edges[torch.randperm(len(feature_edges), generator=gen)[:12]]
+        assert len(picks) >= 5
+        eps = 1e-3
+        for j in picks.tolist():
+            row, col, weight = int(adj.rows[j]), int(adj.cols[j]), float(adj.values[j])
+            layer, pos, latent = nodes.features[col].tolist()
+            w = writes.clone()
+            w[layer, pos] += (
+                eps * system.clean.activations[layer][pos, latent] * system.transcoders[layer].W_dec[latent]
+            )
+            moved = _target_input(system, nodes, row, embed, w) - _target_input(
+                system, nodes, row, embed, writes
+            )
+            assert float(moved) / eps == pytest.approx(weight, rel=1e-3, abs=1e-9)
+    # a codebook has no linear pre-activation (nor a transcoder form: an SAE stands in)
+    codebook = create(DictionaryConfig(architecture="codebook", d_in=16, n_latents=24, k=2), seed=0)
+    with pytest.raises(WorkbenchError, match="linear pre-activation") as error:
+        attribution_graph(model, {0: codebook.eval()}, tokens)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_inputs_to_a_graph_are_refused_in_one_line():
+    """Non-finite weights (named), batched / empty / too-long prompts, repeated targets, a batch
+    size of 0: each a one-line WorkbenchError, not a traceback or a silently different graph."""
+    model, transcoders, tokens = _toy()
+    nan = copy.deepcopy(transcoders)
+    with torch.no_grad():
+        nan[1].W_enc[3, 5] = float("nan")
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.W_U[0, 0] = float("inf")
+    cases = [
+        ((model, nan, tokens), {}, r"layer 1: W_enc \(24, 16\) has 1 non-finite"),
+        ((broken, transcoders, tokens), {}, r"the model: W_U .* non-finite"),
+        ((model, transcoders, torch.stack([tokens, tokens])), {}, "1-D"),
+        ((model, transcoders, tokens[:0]), {}, "non-empty"),
+        ((model, transcoders, torch.cat([tokens, tokens])), {}, "18 tokens; the model's n_ctx is 12"),
+        ((model, transcoders, tokens), {"targets": [3, 3]}, "repeat"),
+        ((model, transcoders, tokens), {"batch_size": 0}, "batch_size"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(WorkbenchError, match=message) as error:
+            attribution_graph(*args, **kwargs)
+        assert "\n" not in str(error.value)
+
+
+def test_a_long_prompt_or_another_models_transcoder_is_refused_in_one_line(demo):
+    """A text prompt longer than n_ctx is an error naming both lengths (the model's tokenizer
+    truncates silently, and the graph would explain another position); a transcoder whose folder
+    records another model is refused as `sae.steer` refuses it."""
+    model, transcoders = demo
+    listed = [transcoders[layer] for layer in sorted(transcoders)]
+    long = " ".join(["the king and the queen went to the castle"] * 20) + " and then the ZEBRA"
+    with pytest.raises(WorkbenchError, match=rf"prompt is \d+ tokens .*n_ctx is {model.n_ctx}") as error:
+        attribution_graph(model, listed, long)
+    assert "\n" not in str(error.value)
+    other = copy.deepcopy(listed[2])
+    other.meta["model"] = "gpt2"
+    with pytest.raises(WorkbenchError, match="layer 2 was trained on model 'gpt2', not 'demo'"):
+        attribution_graph(model, [listed[0], other], "The king said")
