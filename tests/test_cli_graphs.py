@@ -154,3 +154,48 @@ def test_a_demo_transcoder_is_analyzed_graphed_and_opened_from_the_graph(
     at.run()
     assert not at.exception and at.title[0].value == f"Feature {node['feature']}"
     assert f"transcoder: reads {hooks[0]}, writes {hooks[1]}" in "\n".join(c.value for c in at.caption)
+
+
+def test_another_models_transcoder_nan_weights_a_gated_transcoder_and_a_long_prompt(
+    capsys, tiny_model_dir, transcoders, tmp_path, monkeypatch
+):
+    """A transcoder recorded for another model (alone or beside the right ones) and one with a NaN
+    weight are refused in one line naming the folder; a prompt over the model's n_ctx (64) is
+    refused rather than truncated; a gated transcoder draws its graph (its magnitude path)."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.chdir(tmp_path)
+    model = str(tiny_model_dir)
+    other = save_transcoder(tmp_path / "other", 1, "gpt2")
+    nan = save_transcoder(tmp_path / "nan", 1, model)
+    weights = load_file(nan / "weights.safetensors")
+    weights["W_dec"][2, 3] = float("nan")
+    save_file(weights, nan / "weights.safetensors", metadata={"format": "workbench", "architecture": "topk"})
+    long = " ".join(["ROMEO: I will tell the king"] * 20)
+    cases = {
+        ("--transcoders", "tc/l0", str(other), "--prompt", PROMPT): f"({other}) was trained on model 'gpt2'",
+        ("--model", model, "--transcoders", str(other), "--prompt", PROMPT): "was trained on model 'gpt2'",
+        ("--transcoders", "tc/l0", str(nan), "--prompt", PROMPT): f"({nan}): W_dec (32, 64) has 1 non-finite",
+        ("--transcoders", "tc", "--prompt", long): "the model's n_ctx is 64",
+    }
+    for argv, message in cases.items():
+        code, _, err = run_cli(capsys, "circuits", *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not Path("runs").exists()
+    from sae.base import create
+    from sae.config import DictionaryConfig
+    from sae.io import save
+
+    gated = create(DictionaryConfig(architecture="gated", d_in=64, n_latents=32, k=4, d_out=64), seed=0)
+    save(
+        gated,
+        tmp_path / "gated",
+        model=model,
+        hook="blocks.0.ln2.hook_normalized",
+        out_hook="blocks.0.hook_mlp_out",
+    )
+    code, out, err = run_cli(
+        capsys, "circuits", "--transcoders", "gated", "--prompt", PROMPT, "--out", "g.json", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(Path("g.json").read_text())["metrics"]["completeness_gap"] < 1e-3

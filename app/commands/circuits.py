@@ -430,6 +430,7 @@ def _load_transcoder(folder: Path):
         raise WorkbenchError(
             f"{folder}: not a transcoder (an SAE of {hook}; train one with --in-hook and --out-hook)"
         )
+    dictionary.meta.setdefault("path", str(folder))  # so the graph's one-line errors name the folder
     return dictionary
 
 
