@@ -6,6 +6,7 @@ feature node opening its feature page; malformed files are refused in one line."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,38 @@ def test_the_circuits_page_draws_a_graph_and_a_feature_click_opens_its_page(
     assert not at.exception
     assert at.title[0].value == f"Feature {feature_node['feature']}"
     assert summary in "\n".join(m.value for m in at.markdown)
+
+
+def test_non_finite_numbers_and_nodes_outside_the_prompt_or_the_layers_are_refused_in_one_line():
+    """What made the page crash (a NaN weight, as Python's json writes it) or stall laying out a
+    million columns (a node at position 10**6) is refused by read_graph; a valid graph's columns
+    are laid out in linear time."""
+    from app.explorer.attribution_graph import column_centres, read_graph
+    from circuits.graph import CircuitError
+
+    def broken(change) -> dict:
+        graph = json.loads(json.dumps(synthetic_graph(None, [3])))
+        change(graph)
+        return json.loads(json.dumps(graph))  # NaN / Infinity through the JSON text, as in a file
+
+    feature = 4  # synthetic_graph's nodes: 4 embeddings, then the features
+    cases = {
+        "weight nan": lambda g: g["edges"][0].update(weight=float("nan")),
+        "activation inf": lambda g: g["nodes"][feature].update(activation=float("inf")),
+        "influence nan": lambda g: g["nodes"][feature].update(influence=float("nan")),
+        "share -inf": lambda g: g["nodes"][feature].update(share=float("-inf")),
+        "position 1000000; the prompt has 4 tokens": lambda g: g["nodes"][feature].update(position=10**6),
+        "position -1": lambda g: g["nodes"][0].update(position=-1),
+        "on layer 1000000": lambda g: g["nodes"][feature].update(layer=10**6),
+        "on layer 2 (its layers: 0..1)": lambda g: g["nodes"][feature].update(layer=2),
+        "embedding node t.0 is on layer 0": lambda g: g["nodes"][0].update(layer=0),
+        "logits' layer 1000000000": lambda g: g["nodes"][-1].update(layer=10**9),
+        "no token_strings": lambda g: (g.pop("token_strings"), g.pop("tokens")),
+        "names feature -3": lambda g: g["nodes"][feature].update(feature=-3),
+    }
+    for message, change in cases.items():
+        with pytest.raises(CircuitError, match=re.escape(message)) as error:
+            read_graph(broken(change))
+        assert "\n" not in str(error.value)
+    tokens_only = read_graph(broken(lambda g: g.pop("token_strings")))  # "tokens" still count them
+    assert len(column_centres(tokens_only, tokens_only.nodes)) == len(TOKENS)

@@ -19,6 +19,7 @@ always stay; an edge stays when both its ends do.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ NODE_TYPES = {  # type: (legend name, marker symbol, colour)
 PRUNED_TYPES = ("feature", "error")
 """The node types the influence slider removes; embeddings and logits always stay."""
 POSITIVE, NEGATIVE = "rgba(40, 120, 200, {})", "rgba(200, 60, 60, {})"
+MAX_LAYERS = 1024
+"""The most layers a graph file may draw (the logits' layer): more is a corrupt file, not a model."""
 SLOT = 0.5
 """Horizontal room of one node, in units of a token column: a position whose busiest cell holds
 more nodes than fit in one unit gets a wider column (the last position usually holds most)."""
@@ -112,7 +115,8 @@ def is_attribution_graph(obj: object) -> bool:
 
 def read_graph(obj: dict, where: str = "graph", folder: Path | None = None) -> AttributionGraphFile:
     """The graph in a parsed JSON object; CircuitError (one line) for what the explorer cannot
-    draw: another format_version, nodes or edges missing fields, an edge naming an unknown node.
+    draw: another format_version, nodes or edges missing fields, an edge naming an unknown node,
+    a non-finite number, a position outside the token list, a layer outside the model's.
     A relative store path is read against `folder` (the JSON's), else the current folder."""
     if obj.get("format_version") != 1:
         raise CircuitError(
@@ -137,13 +141,15 @@ def read_graph(obj: dict, where: str = "graph", folder: Path | None = None) -> A
     parts = {key: obj.get(key) or {} for key in ("pruning", "metrics", "config")}
     if not all(isinstance(v, dict) for v in parts.values()):
         raise CircuitError(f"{where}: pruning, metrics and config must be objects")
+    token_strings = [str(t) for t in obj.get("token_strings") or []]
+    _check_numbers(nodes, edges, len(token_strings) or len(obj.get("tokens") or []), where)
     own_shares(nodes)
     return AttributionGraphFile(
         nodes,
         edges,
         model=str(obj.get("model", "")),
         prompt=str(obj.get("prompt", "")),
-        token_strings=[str(t) for t in obj.get("token_strings") or []],
+        token_strings=token_strings,
         transcoders=transcoders,
         targets=[t for t in obj.get("targets") or [] if isinstance(t, dict)],
         **parts,
@@ -191,6 +197,41 @@ def _node(raw: object, where: str) -> GraphNode:
     if node.type == "feature" and node.feature is None:
         raise CircuitError(f"{where}: a feature node names no feature")
     return node
+
+
+def _check_numbers(nodes: list[GraphNode], edges: list[GraphEdge], n_tokens: int, where: str) -> None:
+    """CircuitError (one line) for a NaN/Inf weight, activation, influence or share (the figure
+    cannot place or size it), a position outside the prompt's `n_tokens` tokens, a layer outside
+    -1 (embeddings) .. the logits' layer (the model's n_layers, at most MAX_LAYERS) or a negative
+    feature id: each would otherwise stop the page or stall it laying out a million columns."""
+    for edge in edges:
+        if not math.isfinite(edge.weight):
+            raise CircuitError(f"{where}: edge {edge.source} -> {edge.target} has weight {edge.weight}")
+    if nodes and n_tokens == 0:
+        raise CircuitError(f"{where}: no token_strings (or tokens) to place the nodes on")
+    logit_layers = {n.layer for n in nodes if n.type == "logit"}
+    if len(logit_layers) > 1:
+        raise CircuitError(f"{where}: logit nodes on several layers {sorted(logit_layers)}")
+    top = next(iter(logit_layers), max((n.layer + 1 for n in nodes), default=0))
+    if not 0 <= top <= MAX_LAYERS:
+        raise CircuitError(f"{where}: the logits' layer {top} is outside 0..{MAX_LAYERS}")
+    for node in nodes:
+        for name in ("activation", "influence", "share"):
+            value = getattr(node, name)
+            if value is not None and not math.isfinite(value):
+                raise CircuitError(f"{where}: node {node.id} has {name} {value}")
+        if not 0 <= node.position < n_tokens:
+            raise CircuitError(
+                f"{where}: node {node.id} is at position {node.position}; the prompt has {n_tokens} tokens"
+            )
+        wanted = {"embedding": (-1, -1), "logit": (top, top)}.get(node.type, (0, top - 1))
+        if not wanted[0] <= node.layer <= wanted[1]:
+            raise CircuitError(
+                f"{where}: {node.type} node {node.id} is on layer {node.layer} "
+                f"(its layers: {wanted[0]}..{wanted[1]})"
+            )
+        if node.feature is not None and node.feature < 0:
+            raise CircuitError(f"{where}: node {node.id} names feature {node.feature}")
 
 
 def _resolved(store: object, folder: Path | None) -> str | None:
@@ -282,8 +323,8 @@ def column_centres(graph: AttributionGraphFile, nodes: list[GraphNode]) -> list[
         cells[node.layer, node.position] = cells.get((node.layer, node.position), 0) + 1
         busiest[node.position] = max(busiest[node.position], cells[node.layer, node.position])
     widths = [max(1.0, (count + 1) * SLOT) for count in busiest]
-    starts = [sum(widths[:p]) for p in range(n_positions)]
-    return [start + width / 2 for start, width in zip(starts, widths)]
+    ends = list(itertools.accumulate(widths))
+    return [end - width / 2 for end, width in zip(ends, widths)]
 
 
 def node_positions(
