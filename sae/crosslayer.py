@@ -302,6 +302,16 @@ def from_per_layer(transcoders: list) -> CrossLayerTranscoder:
     return clt
 
 
+def refuse_cross_layer(obj, where, use: str) -> None:
+    """One-line DictionaryError when `obj` is a cross-layer transcoder given to `use` (e.g.
+    "workbench analyze"), which takes per-layer dictionaries."""
+    if isinstance(obj, CrossLayerTranscoder):
+        raise DictionaryError(
+            f"{where}: a cross-layer transcoder; {use} takes per-layer transcoders "
+            "(`workbench eval` scores it with every MLP replaced)"
+        )
+
+
 def save(clt: CrossLayerTranscoder, folder: str | Path, **fields) -> Path:
     """Write the CLT's folder (weights, then config.json last: its presence marks it complete)."""
     folder = Path(folder)

@@ -26,7 +26,6 @@ def train_cross_layer_run(config, layers_spec="all", progress: bool = True) -> t
     architecture, k and width per layer (--n-latents, else expansion * d_in), tokens, batch size,
     lr, seed, device, out (default runs/clt-<arch>-k<k>-m<n_latents>). Raises ConfigError for a
     grid (several --arch / --k / --expansion) or no --cache, CacheError for missing hooks."""
-    from workbench.activations import CacheConfig, select_windows
     from workbench.cache_reader import ActivationCache
     from workbench.devices import resolve_device
     from workbench.models import load_model
@@ -66,15 +65,44 @@ def train_cross_layer_run(config, layers_spec="all", progress: bool = True) -> t
         device=device,
         progress=progress,
     )
-    text = CacheConfig(
-        model=cache.model,
-        corpus=cache.manifest.config.get("corpus", "default"),
-        split="validation",
-        tokens=EVAL_TOKENS,
-        context_length=cache.context_length,
-    )
-    replaced = evaluate_replaced(clt, model, select_windows(text, model))
+    replaced = evaluate_replaced(clt, model, held_out_windows(model, cache, EVAL_TOKENS))
     clt.meta["metrics"] = {**clt.meta["metrics"], "replaced_every_mlp": replaced}
     clt.meta["config"] = replace(config, out=str(out)).to_json()  # `--config` reruns it
     save(clt.cpu(), out)
     return out, clt.meta["metrics"]
+
+
+def held_out_windows(model, cache, tokens: int, corpus: str = "", context_length: int = 0):
+    """[n, context] validation windows of the cache's corpus (or `corpus`), at its context."""
+    from workbench.activations import CacheConfig, select_windows
+
+    text = CacheConfig(
+        model=model.spec,
+        corpus=corpus or (cache.manifest.config.get("corpus", "default") if cache else "default"),
+        split="validation",
+        tokens=tokens,
+        context_length=context_length or (cache.context_length if cache else 0),
+    )
+    return select_windows(text, model)
+
+
+def evaluate_folder(folder: Path, config, device) -> dict:
+    """`workbench eval` of a cross-layer transcoder folder: every MLP replaced at once by it on
+    validation text (`config`: an EvalConfig's tokens, batch_size, model, corpus,
+    context_length, model_dtype), written to folder/eval.json and returned."""
+    from sae.crosslayer import load
+    from workbench.cache_reader import ActivationCache
+    from workbench.files import write_json_atomic
+    from workbench.models import load_model
+
+    clt = load(folder)
+    spec = config.model or clt.meta.get("model")
+    if not spec:
+        raise ConfigError(f"{folder}: this cross-layer transcoder records no model; pass --model")
+    model = load_model(spec, device=device, dtype=config.model_dtype)
+    cached = clt.meta.get("cache")
+    cache = ActivationCache(cached) if cached and (Path(cached) / "manifest.json").exists() else None
+    windows = held_out_windows(model, cache, config.tokens, config.corpus, config.context_length)
+    metrics = {"model": spec, **evaluate_replaced(clt, model, windows, batch_size=config.batch_size)}
+    write_json_atomic(folder / "eval.json", metrics)
+    return metrics

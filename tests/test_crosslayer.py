@@ -163,9 +163,15 @@ def test_workbench_train_cross_layer(mlp_cache, tmp_path, monkeypatch, capsys):
     import json
 
     import sae.crosslayer_run
+    import workbench.activations
     from app.cli import main
 
     monkeypatch.setattr(sae.crosslayer_run, "EVAL_TOKENS", 1024)  # held-out text scored after training
+    chosen = {}  # validation windows, tokenized once for the training run's score and `eval`
+    select = workbench.activations.select_windows
+    monkeypatch.setattr(
+        workbench.activations, "select_windows", lambda c, m: chosen.setdefault(c, select(c, m))
+    )
     argv = ["train", "--cross-layer", "--transcoder-layer", "all", "--arch", "topk", "--k", "8"]
     argv += ["--n-latents", "64", "--cache", str(mlp_cache), "--tokens", "12288", "--batch-size", "256"]
     capsys.readouterr()
@@ -177,6 +183,14 @@ def test_workbench_train_cross_layer(mlp_cache, tmp_path, monkeypatch, capsys):
     assert clt.out_hooks == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
     assert clt.meta["metrics"]["replaced_every_mlp"]["tokens"] > 0
     assert main([*argv, "--arch", "topk,relu", "--out", str(tmp_path / "grid")]) == 2  # one CLT, one --arch
+    assert main(["eval", str(tmp_path / "clt"), "--tokens", "1024", "--json"]) == 0  # every MLP replaced
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["ce_loss_score"] == pytest.approx(row["ce_loss_score"], abs=1e-4)  # the same windows
+    assert (
+        json.loads((tmp_path / "clt" / "eval.json").read_text())["fvu_per_layer"] == scored["fvu_per_layer"]
+    )
+    assert main(["analyze", str(tmp_path / "clt"), "--cache", str(mlp_cache)]) == 2
+    assert "a cross-layer transcoder; workbench analyze takes per-layer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("activation", ["relu", "jump_relu"])

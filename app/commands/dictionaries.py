@@ -113,6 +113,8 @@ def cmd_eval(args) -> None:
     device = resolve_device(config.device)  # a device this machine lacks: one line, before any loading
     runs = args.run if isinstance(args.run, list) else [args.run] if args.run else []
     folders = [f for run in runs or [None] for f in _dictionary_folders(Path(run) if run else None)]
+    if _eval_cross_layer(config, folders, args, device):
+        return
     if _eval_together(config, folders, args, device):
         return
     models = _with_models(
@@ -130,6 +132,32 @@ def cmd_eval(args) -> None:
             print(json.dumps({"dictionary": str(folder), **metrics}))
         else:
             print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in shown.items()}, False)
+
+
+def _eval_cross_layer(config, folders: list[Path], args, device) -> bool:
+    """A cross-layer transcoder folder: every MLP replaced at once by it (sae.crosslayer_run);
+    printed and written to its eval.json. False: no cross-layer transcoder among `folders`."""
+    from sae.crosslayer import KIND
+    from sae.crosslayer_run import evaluate_folder
+    from workbench.files import read_json
+
+    found = [
+        f
+        for f in folders
+        if (f / "config.json").exists() and read_json(f / "config.json").get("kind") == KIND
+    ]
+    if not found:
+        return False
+    if len(folders) > 1:
+        raise WorkbenchError(
+            f"{found[0]}: a cross-layer transcoder is evaluated on its own; give its folder alone"
+        )
+    metrics = evaluate_folder(found[0], config, device)
+    if args.json:
+        print(json.dumps({"dictionary": str(found[0]), **metrics}))
+    else:
+        print_summary({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, False)
+    return True
 
 
 def _eval_together(config, folders: list[Path], args, device) -> bool:
@@ -235,12 +263,14 @@ def _with_models(
     """(folder, dictionary, model) per folder, both on `device` (the model's forward in `dtype`);
     each model (`model_spec`, else the dictionary's own) is loaded once for consecutive
     dictionaries of it; None when neither names one (or not `load`)."""
+    from sae.crosslayer import refuse_cross_layer
     from sae.io import load
     from workbench.models import load_model
 
     model = None
     for folder in folders:
         dictionary = load(folder, device=device)
+        refuse_cross_layer(dictionary, folder, "workbench analyze")  # eval takes it before this
         spec = (model_spec or dictionary.meta.get("model")) if load else ""
         if spec and (model is None or model.spec != spec):
             model = load_model(spec, device=device, dtype=dtype)
