@@ -147,6 +147,41 @@ def _mlp_hooks(model, layer: int) -> tuple[str, str]:
     return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
 
 
+_GPT2_DEFAULTS = {  # GPT-2 config fields GraphTransformer (circuits.transformer.from_gpt2) assumes
+    "activation_function": "gelu_new",
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+}
+
+
+def check_reproduces(model, system: FrozenSystem) -> None:
+    """For a workbench Model: one real forward of the prompt, whose logits the graph's
+    GraphTransformer copy must reproduce (to 1e-3 of the largest logit; 5e-2 in half precision),
+    else a one-line WorkbenchError naming the config fields from_gpt2 does not model: a GPT-2
+    variant (another activation, scaled attention) would otherwise get the graph of another model."""
+    if not hasattr(model, "bridge"):
+        return
+    clean = system.clean.logits
+    with torch.no_grad():
+        real = model(system.clean.tokens[None])[0].to(clean.device, clean.dtype)
+    gap, scale = float((clean - real).abs().max()), max(1.0, float(real.abs().max()))
+    tol = 1e-3 if getattr(model, "dtype", torch.float32) in (torch.float32, torch.float64) else 5e-2
+    if gap <= tol * scale:
+        return
+    config = getattr(getattr(model.bridge, "original_model", None), "config", None)
+    odd = [
+        f"{k}={getattr(config, k)!r}"
+        for k, v in _GPT2_DEFAULTS.items()
+        if config is not None and hasattr(config, k) and getattr(config, k) != v
+    ]
+    raise WorkbenchError(
+        f"the graph's copy of {getattr(model, 'spec', 'the model')} does not reproduce its logits "
+        f"(max |difference| {gap:.3g} of {scale:.3g}): "
+        + (f"this GPT-2 variant ({', '.join(odd)}) is not supported" if odd else "unsupported weights")
+    )
+
+
 def prompt_tokens(model, prompt) -> tuple[Tensor, list[str], str]:
     """(ids [P], token strings, prompt text) of a str (tokenized with BOS) or 1-D id tensor.
     WorkbenchError (one line) for a prompt longer than the model's n_ctx (`Model.tokenize`
@@ -215,7 +250,8 @@ def attribution_graph(
     edges_per_target: entries kept per target row (None: all); dtype: compute dtype (float64
     for exact checks). Raises WorkbenchError (one line) on other models, hooks or targets, a
     transcoder trained on another model, non-finite weights, a transcoder without a linear
-    pre-activation (codebooks; gated ones use their magnitude path), a prompt longer than n_ctx."""
+    pre-activation (codebooks; gated ones use their magnitude path), a prompt longer than n_ctx,
+    a GPT-2 variant whose logits the graph's copy does not reproduce (`check_reproduces`)."""
     started = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise WorkbenchError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
@@ -229,6 +265,7 @@ def attribution_graph(
         raise WorkbenchError(f"the prompt is {len(tokens)} tokens; the model's n_ctx is {graph.shape.n_ctx}")
     check_finite(graph, layers)
     system = FrozenSystem(graph, tokens, layers, dtype=dtype)
+    check_reproduces(model, system)
     system.check_features()
     target_ids = choose_targets(system.clean.logits, targets)
     attribution = attribute(system, target_ids, batch_size=batch_size, edges_per_target=edges_per_target)

@@ -400,3 +400,27 @@ def test_a_long_prompt_or_another_models_transcoder_is_refused_in_one_line(demo)
     other.meta["model"] = "gpt2"
     with pytest.raises(WorkbenchError, match="layer 2 was trained on model 'gpt2', not 'demo'"):
         attribution_graph(model, [listed[0], other], "The king said")
+
+
+def test_a_gpt2_variant_the_graphs_copy_does_not_reproduce_is_refused(demo, monkeypatch):
+    """The graph runs on circuits.transformer.from_gpt2's copy; where that copy's logits differ from
+    one real forward (a GPT-2 variant from_gpt2 does not model: here the copy's MLP output weights
+    are scaled and the config says relu), the graph is refused in one line naming the field."""
+    from circuits import graphs
+    from circuits.transformer import from_gpt2
+
+    model, transcoders = demo
+    listed = [transcoders[layer] for layer in sorted(transcoders)]
+
+    def variant(m):
+        copy_ = from_gpt2(m)
+        with torch.no_grad():
+            copy_.W_out.mul_(1.5)  # any computation the real model does not do
+        return copy_
+
+    monkeypatch.setattr(graphs, "from_gpt2", variant)
+    monkeypatch.setattr(model.bridge.original_model.config, "activation_function", "relu")
+    with pytest.raises(WorkbenchError, match=r"does not reproduce its logits .*activation_function='relu'"):
+        attribution_graph(model, listed, "The king said")
+    monkeypatch.undo()
+    assert attribution_graph(model, listed, "The king said").data["metrics"]["completeness_gap"] < 1e-3
