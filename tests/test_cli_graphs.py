@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_cli import run_cli
 
@@ -199,3 +200,42 @@ def test_another_models_transcoder_nan_weights_a_gated_transcoder_and_a_long_pro
     )
     assert code == 0, err
     assert json.loads(Path("g.json").read_text())["metrics"]["completeness_gap"] < 1e-3
+
+
+def test_a_circuit_tracer_transcoder_set_or_one_of_its_layer_files_draws_a_graph(
+    capsys, tiny_model_dir, transcoders, tmp_path, monkeypatch
+):
+    """circuit-tracer's per-layer files (legacy layout: W_enc [d_sae, d_model], W_dec [d_model,
+    d_sae]) with their config.yaml, as `sae.peers.load_transcoder_set` reads them: --transcoders
+    takes the folder, and one layer file beside one of ours; each layer's path is its file."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    folder, lines = tmp_path / "ctset", [f"model_name: {tiny_model_dir}"]
+    lines += ["feature_input_hook: ln2.hook_normalized", "feature_output_hook: hook_mlp_out", "transcoders:"]
+    folder.mkdir()
+    for layer in range(2):
+        weights = {
+            "W_enc": torch.randn(48, 64, generator=gen) / 8,
+            "W_dec": torch.randn(64, 48, generator=gen) / 8,
+            "b_enc": torch.randn(48, generator=gen) / 4,
+            "b_dec": torch.zeros(64),
+        }
+        save_file(weights, folder / f"layer_{layer}.safetensors")
+        lines += [f"  - id: l{layer}", f"    layer: {layer}", f"    filepath: layer_{layer}.safetensors"]
+    (folder / "config.yaml").write_text("\n".join(lines) + "\n")
+    for argv, files in (
+        (["ctset"], [folder / "layer_0.safetensors", folder / "layer_1.safetensors"]),
+        (["tc/l0", "ctset/layer_1.safetensors"], [None, Path("ctset/layer_1.safetensors")]),
+    ):
+        code, _, err = run_cli(
+            capsys, "circuits", "--transcoders", *argv, "--prompt", PROMPT, "--out", "g.json", "--json"
+        )
+        assert code == 0, err
+        graph = json.loads(Path("g.json").read_text())
+        assert [t["layer"] for t in graph["transcoders"]] == [0, 1] and graph["metrics"][
+            "completeness_gap"
+        ] < 1e-3
+        assert [Path(t["path"]) for t in graph["transcoders"]][1] == files[1].absolute()
+        assert files[0] is None or Path(graph["transcoders"][0]["path"]) == files[0].absolute()

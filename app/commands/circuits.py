@@ -365,9 +365,7 @@ def _attribution_graph(config, args, device) -> None:
         raise WorkbenchError("--transcoders draws the attribution graph of a --prompt TEXT; none given")
     if config.dictionary:
         raise WorkbenchError("--transcoders and --dictionary make different circuits: give one of them")
-    folders, loaded = transcoder_folders(config.transcoders), []
-    for folder in folders:
-        loaded.append((folder, _load_transcoder(folder)))
+    loaded = load_transcoders(config.transcoders)
     spec = config.model or loaded[0][1].meta.get("model") or "demo"
     model = load_model(spec, device=device, dtype=config.model_dtype)
     if not is_gpt2(model):
@@ -400,6 +398,40 @@ def _graphs():
     import circuits.graphs
 
     return circuits.graphs
+
+
+def load_transcoders(runs) -> list[tuple[Path, object]]:
+    """[(path, transcoder)] of every RUN: a circuit-tracer transcoder set (its YAML config, or a
+    folder holding one and no dictionary of ours: `sae.peers.load_transcoder_set`, each layer's
+    path its layer_N file where present), one circuit-tracer layer file (.safetensors / .npz), else
+    the dictionary folders `transcoder_folders` finds; one-line errors as those loaders give."""
+    from sae.io import is_dictionary_folder
+    from sae.peers import CIRCUIT_TRACER_SUFFIXES, load_transcoder_set
+
+    loaded = []
+    for run in map(Path, runs):
+        yaml = run.is_file() and run.suffix in (".yaml", ".yml")
+        if yaml or (run.is_dir() and not is_dictionary_folder(run) and any(run.glob("*.y*ml"))):
+            folder = run.parent if yaml else run
+            for d in load_transcoder_set(run):
+                layer = d.meta.get("layer", _layer(d))
+                files = [
+                    f for f in (folder / f"layer_{layer}{x}" for x in CIRCUIT_TRACER_SUFFIXES) if f.is_file()
+                ]
+                loaded.append(_checked(files[0] if files else run, d))
+        elif run.is_file() and run.suffix in CIRCUIT_TRACER_SUFFIXES:
+            loaded.append((run, _load_transcoder(run)))
+        else:
+            loaded += [(folder, _load_transcoder(folder)) for folder in transcoder_folders([run])]
+    return loaded
+
+
+def _checked(path: Path, dictionary) -> tuple[Path, object]:
+    """(path, dictionary) after the one-line error for an SAE (`_load_transcoder`'s)."""
+    if not getattr(dictionary, "is_transcoder", False):
+        raise WorkbenchError(f"{path}: not a transcoder (an SAE of {dictionary.meta.get('hook') or '?'})")
+    dictionary.meta.setdefault("path", str(path))
+    return path, dictionary
 
 
 def transcoder_folders(runs) -> list[Path]:
