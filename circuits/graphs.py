@@ -248,7 +248,7 @@ def attribution_graph(
     Dictionary (`meta["hook"]` = a layer's MLP input hook) or, for a GraphTransformer, {layer:
     Dictionary}; targets: token ids at the last position (None: top logits covering 95%, ≤ 10);
     edges_per_target: entries kept per target row (None: all); dtype: compute dtype (float64
-    for exact checks). Raises WorkbenchError (one line) on other models, hooks or targets, a
+    for exact checks; None: the model's, float32 for a bfloat16 / float16 model). Raises WorkbenchError (one line) on other models, hooks or targets, a
     transcoder trained on another model, non-finite weights, a transcoder without a linear
     pre-activation (codebooks; gated ones use their magnitude path), a prompt longer than n_ctx,
     a GPT-2 variant whose logits the graph's copy does not reproduce (`check_reproduces`)."""
@@ -264,6 +264,8 @@ def attribution_graph(
     if len(tokens) > graph.shape.n_ctx:
         raise WorkbenchError(f"the prompt is {len(tokens)} tokens; the model's n_ctx is {graph.shape.n_ctx}")
     check_finite(graph, layers)
+    if dtype is None and graph.dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32  # half-precision edges miss completeness by ~0.3 logits (bf16 demo)
     system = FrozenSystem(graph, tokens, layers, dtype=dtype)
     check_reproduces(model, system)
     system.check_features()

@@ -424,3 +424,16 @@ def test_a_gpt2_variant_the_graphs_copy_does_not_reproduce_is_refused(demo, monk
         attribution_graph(model, listed, "The king said")
     monkeypatch.undo()
     assert attribution_graph(model, listed, "The king said").data["metrics"]["completeness_gap"] < 1e-3
+
+
+def test_a_half_precision_model_gets_a_float32_graph_that_stays_complete():
+    """A bfloat16 model and transcoders: the frozen system is built in float32 (its copies; the
+    caller's stay bfloat16), so each input is still its edges plus its bias to 1e-4 (in bfloat16
+    the gap was ~0.3 logits on the demo model)."""
+    model, transcoders, tokens = _toy(seed=5)
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    transcoders = {layer: copy.deepcopy(d).to(torch.bfloat16) for layer, d in transcoders.items()}
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None)
+    assert graph.data["metrics"]["completeness_gap"] < 1e-4
+    assert graph.system.clean.logits.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert transcoders[0].W_enc.dtype == torch.bfloat16
