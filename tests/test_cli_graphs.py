@@ -239,3 +239,17 @@ def test_a_circuit_tracer_transcoder_set_or_one_of_its_layer_files_draws_a_graph
         ] < 1e-3
         assert [Path(t["path"]) for t in graph["transcoders"]][1] == files[1].absolute()
         assert files[0] is None or Path(graph["transcoders"][0]["path"]) == files[0].absolute()
+
+
+def test_a_cross_layer_transcoder_is_refused_in_one_line(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A CLT folder (here two per-layer transcoders as a CLT of reach 1) is named as such, not
+    'not a transcoder (an SAE of ?)'."""
+    from sae import crosslayer
+    from sae.io import load
+
+    monkeypatch.chdir(tmp_path)
+    per_layer = [load(save_transcoder(tmp_path / f"l{i}", i, str(tiny_model_dir))) for i in range(2)]
+    crosslayer.save(crosslayer.from_per_layer(per_layer), tmp_path / "clt", model=str(tiny_model_dir))
+    code, _, err = run_cli(capsys, "circuits", "--transcoders", "clt", "--prompt", PROMPT)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "a cross-layer transcoder; an attribution graph takes per-layer transcoders" in err

@@ -454,9 +454,11 @@ def transcoder_folders(runs) -> list[Path]:
 
 
 def _load_transcoder(folder: Path):
+    from sae.crosslayer import refuse_cross_layer
     from sae.io import load
 
     dictionary = load(folder)
+    refuse_cross_layer(dictionary, folder, "an attribution graph")
     if not getattr(dictionary, "is_transcoder", False):
         hook = dictionary.meta.get("hook") or "?"
         raise WorkbenchError(
