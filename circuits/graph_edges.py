@@ -17,7 +17,10 @@ target's input = Σ of its incoming edges + its bias (the system with every sour
 Memory: each batch's rows are dense over the nodes ([batch, n_nodes]) and then cut to the
 `edges_per_target` largest |weights| per row; the dropped entries' signed sum and every entry's
 |weight| are recorded per row (`Adjacency.remainder`, `.row_abs`), so the sums above and the
-pruning's row normalisation stay exact. Nothing of size features² is ever formed.
+pruning's row normalisation stay exact. The influence, though, flows only through the kept
+entries: with a cut, a node reached through many small edges gets less influence than in the
+whole graph, and pruning may keep fewer nodes (`edges_per_target=None` keeps every entry: exact
+influence, memory up to features² in the worst case). Nothing of size features² is formed with a cut.
 """
 
 from __future__ import annotations
