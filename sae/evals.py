@@ -93,6 +93,12 @@ def evaluate(
     if dictionary.is_transcoder:  # FVU of its MLP's output, CE / KL with that MLP replaced
         from sae.transcoder_evals import evaluate_transcoders
 
+        if config.hook and config.hook != meta.get("hook"):
+            raise DictionaryError(
+                f"a transcoder reads {meta.get('hook')} and writes {meta.get('out_hook')}; "
+                f"--hook {config.hook} cannot move it: drop --hook"
+            )
+
         joint = evaluate_transcoders([dictionary], config, model, progress)
         own = joint.pop("transcoders")[0]
         return {**own, **joint}

@@ -342,3 +342,16 @@ def test_resampled_transcoder_latents_fire_on_their_share_of_the_batch():
             assert resample(d, optimizer, chosen, x, predicted, torch.Generator().manual_seed(0), y) == 8
             fires = (d.encode(x).to_dense()[:, :8] > 0).float().mean(0)
         assert float(fires.max()) <= 3 * 4 / 64, (arch, fires)  # ~ k / n_latents = 0.0625 each
+
+
+def test_eval_refuses_a_hook_that_would_move_a_transcoder(tiny_model, tiny_model_dir):
+    """`workbench eval TRANSCODER --hook H` used to score the transcoder at its own hooks and
+    ignore H silently; now H other than its in-hook is one line (its own in-hook is accepted)."""
+    from sae.evals import EvalConfig, evaluate
+
+    t = create(DictionaryConfig(architecture="topk", d_in=64, n_latents=32, k=2, d_out=64), seed=0)
+    in_hook, out_hook = tiny_model.mlp_hooks(0)
+    t.meta = {"hook": in_hook, "out_hook": out_hook, "model": str(tiny_model_dir)}
+    with pytest.raises(DictionaryError, match="drop --hook") as caught:
+        evaluate(t, EvalConfig(hook="blocks.1.hook_resid_post", tokens=64), model=tiny_model, progress=False)
+    assert "\n" not in str(caught.value) and in_hook in str(caught.value)
