@@ -238,7 +238,7 @@ def attribution_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     batch_size: int = 256,
-    edges_per_target: int | None = 256,
+    edges_per_target: int | None = 1024,
     dtype: torch.dtype | None = None,
     transcoder_info: list[dict] | None = None,
 ) -> AttributionGraph:
@@ -247,11 +247,13 @@ def attribution_graph(
     model: a workbench Model of GPT-2 architecture or a GraphTransformer; transcoders: a list of
     Dictionary (`meta["hook"]` = a layer's MLP input hook) or, for a GraphTransformer, {layer:
     Dictionary}; targets: token ids at the last position (None: top logits covering 95%, ≤ 10);
-    edges_per_target: entries kept per target row (None: all); dtype: compute dtype (float64
-    for exact checks; None: the model's, float32 for a bfloat16 / float16 model). Raises WorkbenchError (one line) on other models, hooks or targets, a
-    transcoder trained on another model, non-finite weights, a transcoder without a linear
-    pre-activation (codebooks; gated ones use their magnitude path), a prompt longer than n_ctx,
-    a GPT-2 variant whose logits the graph's copy does not reproduce (`check_reproduces`)."""
+    edges_per_target: entries kept per target row, largest |weight| first (default 1024;
+    None: all, exact influence; `circuits.graph_edges.attribute`); dtype: compute dtype (float64
+    for exact checks; None: the model's, float32 for a bfloat16 / float16 model). Raises
+    WorkbenchError (one line) on other models, hooks or targets, a transcoder trained on another
+    model, non-finite weights, a transcoder without a linear pre-activation (codebooks; gated ones
+    use their magnitude path), a prompt longer than n_ctx, a GPT-2 variant whose logits the
+    graph's copy does not reproduce (`check_reproduces`)."""
     started = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise WorkbenchError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
