@@ -112,4 +112,11 @@ def config_json(config: CircuitConfig) -> dict:
     saved = dataclasses.replace(
         config, model=model, task=task, dictionary=dictionary, transcoders=transcoders
     )
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(saved).items()}
+    saved_json = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(saved).items()}
+    if not config.transcoders:  # a task's circuit: its config as before attribution graphs existed
+        saved_json = {k: v for k, v in saved_json.items() if k not in GRAPH_FIELDS}
+    return saved_json
+
+
+GRAPH_FIELDS = ("transcoders", "prompt", "target", "node_threshold", "edge_threshold")
+"""CircuitConfig fields only an attribution graph uses (left out of a task circuit's saved config)."""
