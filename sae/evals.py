@@ -78,7 +78,6 @@ def evaluate(
     config's or dictionary's model, loaded on `config.device` in `config.model_dtype`) where it
     is, with the dictionary (or a copy of it) there; `evaluate_rows` when scoring a cache.
     Raises DictionaryError, DeviceError (a device this machine lacks), UnknownModelError."""
-    from workbench.activations import CacheConfig, select_windows
     from workbench.models import load_model
 
     meta = dictionary.meta
@@ -102,15 +101,7 @@ def evaluate(
         joint = evaluate_transcoders([dictionary], config, model, progress)
         own = joint.pop("transcoders")[0]
         return {**own, **joint}
-    corpus = config.corpus or meta.get("corpus") or "default"
-    cache_config = CacheConfig(
-        model=spec or "demo",
-        corpus=corpus,
-        split="validation",
-        tokens=config.tokens,
-        context_length=config.context_length or int(meta.get("context_length") or 0),
-    )
-    windows = select_windows(cache_config, model)
+    windows = validation_windows(config, meta, model)
     dictionary = on_device(dictionary, model.device).eval()
     with torch.no_grad():
         mean = _mean_activation(model, hook, windows, config.batch_size)
@@ -125,7 +116,7 @@ def evaluate(
     metrics = {
         "hook": hook,
         "model": spec,
-        "corpus": corpus,
+        "corpus": config.corpus or meta.get("corpus") or "default",
         "model_dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         **totals.metrics(),
@@ -133,6 +124,22 @@ def evaluate(
     if config.probe_k:
         metrics.update(probe_rows.metrics(windows, model.tokenizer, config.probe_k))
     return metrics
+
+
+def validation_windows(config: "EvalConfig", meta: dict, model) -> Tensor:
+    """The token windows [n, context] an eval scores: `config.tokens` tokens of the validation split
+    of the config's (else the dictionary's recorded, else the default) corpus, at the config's or
+    the recorded context length. `meta`: the (first) dictionary's meta."""
+    from workbench.activations import CacheConfig, select_windows
+
+    cache_config = CacheConfig(
+        model=config.model or meta.get("model") or "demo",
+        corpus=config.corpus or meta.get("corpus") or "default",
+        split="validation",
+        tokens=config.tokens,
+        context_length=config.context_length or int(meta.get("context_length") or 0),
+    )
+    return select_windows(cache_config, model)
 
 
 def evaluate_rows(dictionary: Dictionary, config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:

@@ -68,8 +68,6 @@ def evaluate_transcoders(
     metrics], "ce_clean", "ce_replaced", "ce_zero_ablation", "ce_loss_score", "kl_replaced",
     "kl_zero_ablation", "kl_score"}. `windows` [n, context] token ids (BOS first) replace the
     validation windows. Raises DictionaryError for hooks or widths that do not fit."""
-    from workbench.activations import CacheConfig, select_windows
-
     check_together(transcoders)
     for t in transcoders:
         for hook, width in ((t.meta["hook"], t.d_in), (t.meta["out_hook"], t.d_out)):
@@ -77,17 +75,10 @@ def evaluate_transcoders(
                 raise DictionaryError(
                     f"transcoder of {hook}: width {width}, the model's {hook} has {model.width(hook)}"
                 )
-    meta = transcoders[0].meta
-    spec = config.model or meta.get("model")
-    corpus = config.corpus or meta.get("corpus") or "default"
-    cache_config = CacheConfig(
-        model=spec or "demo",
-        corpus=corpus,
-        split="validation",
-        tokens=config.tokens,
-        context_length=config.context_length or int(meta.get("context_length") or 0),
-    )
-    windows = select_windows(cache_config, model) if windows is None else windows
+    if windows is None:
+        from sae.evals import validation_windows
+
+        windows = validation_windows(config, transcoders[0].meta, model)
     transcoders = [on_device(t, model.device).eval() for t in transcoders]
     totals = [_Fit(t.n_latents, model.device) for t in transcoders]
     losses = {k: 0.0 for k in ("ce_clean", "ce_replaced", "ce_zero", "kl_replaced", "kl_zero")}
@@ -104,8 +95,8 @@ def evaluate_transcoders(
             positions += n
     mean = {k: v / positions for k, v in losses.items()}
     return {
-        "model": spec,
-        "corpus": corpus,
+        "model": config.model or transcoders[0].meta.get("model"),
+        "corpus": config.corpus or transcoders[0].meta.get("corpus") or "default",
         "tokens": totals[0].n,
         "replaced": [t.meta["out_hook"] for t in transcoders],
         "baseline": "zero ablation of every replaced MLP output (BOS kept)",
