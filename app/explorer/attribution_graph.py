@@ -28,6 +28,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from app.explorer.circuit_plot import add_edge_traces
 from circuits.graph import CircuitError
 from workbench.store import STORE_FILE
 
@@ -40,7 +41,6 @@ NODE_TYPES = {  # type: (legend name, marker symbol, colour)
 }
 PRUNED_TYPES = ("feature", "error")
 """The node types the influence slider removes; embeddings and logits always stay."""
-POSITIVE, NEGATIVE = "rgba(40, 120, 200, {})", "rgba(200, 60, 60, {})"
 MAX_LAYERS = 1024
 """The most layers a graph file may draw (the logits' layer): more is a corrupt file, not a model."""
 SLOT = 0.5
@@ -421,30 +421,13 @@ def _draw_edges(
     hoverable: hover points on thousands of edges would catch the clicks meant for the nodes (the
     node details and the edges table give the weights)."""
     top = max((abs(e.weight) for e in edges), default=1.0) or 1.0
-    groups: dict[tuple[bool, int], list[GraphEdge]] = {}
-    for edge in edges:
-        strength = min(int(bins * abs(edge.weight) / top), bins - 1)
-        groups.setdefault((edge.weight >= 0, strength), []).append(edge)
-    legend_done = set()
-    for (positive, strength), group in sorted(groups.items()):
-        xs, ys = [], []
-        for edge in group:
-            (x0, y0), (x1, y1) = position[edge.source], position[edge.target]
-            xs += [x0, x1, None]
-            ys += [y0, y1, None]
-        figure.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="lines",
-                hoverinfo="skip",
-                line=dict(
-                    width=0.6 + 1.4 * strength,
-                    color=(POSITIVE if positive else NEGATIVE).format(0.3 + 0.15 * strength),
-                ),
-                name="positive edge" if positive else "negative edge",
-                legendgroup="positive" if positive else "negative",
-                showlegend=positive not in legend_done,
-            )
-        )
-        legend_done.add(positive)
+    add_edge_traces(
+        figure,
+        edges,
+        lambda e: e.weight,
+        lambda e: (position[e.source], position[e.target]),
+        top,
+        (0.6, 1.4),
+        (0.3, 0.15),
+        bins,
+    )

@@ -201,36 +201,54 @@ def edge_path(
     return points
 
 
-def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float, bins: int = 4) -> None:
-    """Edges as a few line traces (sign x width bin: one trace per edge is slow at hundreds),
-    then one trace of invisible midpoints that shows each edge's score on hover."""
-    groups: dict[tuple[bool, int], list[Edge]] = {}
+def add_edge_traces(
+    figure: go.Figure,
+    edges: list,
+    weight_of,
+    points_of,
+    top: float,
+    width: tuple[float, float],
+    opacity: tuple[float, float],
+    bins: int = 4,
+) -> None:
+    """Edges as a few line traces, one per (sign, width bin) (one trace per edge is slow at
+    hundreds), not hoverable. `weight_of(edge)` the signed weight binned against `top`,
+    `points_of(edge)` its [(x, y), ...] path; a bin b draws at width[0] + width[1]·b and
+    opacity[0] + opacity[1]·b. Shared by the circuit and the attribution-graph figures."""
+    groups: dict[tuple[bool, int], list] = {}
     for edge in edges:
-        strength = min(int(bins * abs(edge.score) / top), bins - 1)
-        groups.setdefault((edge.score >= 0, strength), []).append(edge)
-    paths = {id(e): edge_path(position[e.source], position[e.target]) for e in edges}
+        strength = min(int(bins * abs(weight_of(edge)) / top), bins - 1)
+        groups.setdefault((weight_of(edge) >= 0, strength), []).append(edge)
     legend_done = set()
     for (positive, strength), group in sorted(groups.items()):
         xs, ys = [], []
         for edge in group:
-            xs += [x for x, _ in paths[id(edge)]] + [None]
-            ys += [y for _, y in paths[id(edge)]] + [None]
-        opacity = 0.35 + 0.15 * strength
+            points = points_of(edge)
+            xs += [x for x, _ in points] + [None]
+            ys += [y for _, y in points] + [None]
+        colour = (POSITIVE if positive else NEGATIVE).format(opacity[0] + opacity[1] * strength)
         figure.add_trace(
             go.Scatter(
                 x=xs,
                 y=ys,
                 mode="lines",
                 hoverinfo="skip",
-                line=dict(
-                    width=0.8 + 1.6 * strength, color=(POSITIVE if positive else NEGATIVE).format(opacity)
-                ),
+                line=dict(width=width[0] + width[1] * strength, color=colour),
                 name="positive edge" if positive else "negative edge",
                 legendgroup="positive" if positive else "negative",
                 showlegend=positive not in legend_done,
             )
         )
         legend_done.add(positive)
+
+
+def _draw_edges(figure: go.Figure, edges: list[Edge], position: dict, top: float, bins: int = 4) -> None:
+    """Edges as a few line traces (`add_edge_traces`), then one trace of invisible midpoints
+    that shows each edge's score on hover."""
+    paths = {id(e): edge_path(position[e.source], position[e.target]) for e in edges}
+    add_edge_traces(
+        figure, edges, lambda e: e.score, lambda e: paths[id(e)], top, (0.8, 1.6), (0.35, 0.15), bins
+    )
     if edges:
         middles = [_middle(paths[id(e)]) for e in edges]
         figure.add_trace(
