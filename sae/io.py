@@ -128,4 +128,5 @@ def _load_ours(folder: Path) -> Dictionary:
         raise DictionaryError(f"{folder / CONFIG}: {exc}") from None
     dictionary = from_tensors(cls, config, read_weights(folder / WEIGHTS), folder / WEIGHTS)
     dictionary.meta = {k: v for k, v in meta.items() if k not in ("dictionary",)}
+    dictionary.meta["path"] = str(folder.absolute())  # where it came from (graph JSON, explorer links)
     return dictionary

@@ -55,6 +55,11 @@ def on_device(dictionary: Dictionary, device: torch.device | str) -> Dictionary:
 
 
 def hook_of(dictionary: Dictionary, hook: Optional[str]) -> str:
+    """The hook `dictionary` runs at: `hook`, else the one it records. One-line DictionaryError for
+    none, and for a cross-layer transcoder (it reads and writes every layer: no one hook)."""
+    from sae.crosslayer import refuse_cross_layer
+
+    refuse_cross_layer(dictionary, "this dictionary", "steering and splicing (sae.steer, sae.splice)")
     hook = hook or dictionary.meta.get("hook")
     if not hook:
         raise DictionaryError("this dictionary does not record its hook; pass hook=")

@@ -111,6 +111,9 @@ def add(
     edit applies, overriding the steer block's (see the module docstring). Raises DictionaryError
     for a feature outside 0..n_latents-1, a dictionary that records no hook, bad positions;
     `steer` checks the rest."""
+    from sae.crosslayer import refuse_cross_layer
+
+    refuse_cross_layer(dictionary, "this dictionary", "steering and splicing (sae.steer, sae.splice)")
     if not 0 <= int(feature) < dictionary.n_latents:
         raise DictionaryError(f"feature {feature} is outside 0..{dictionary.n_latents - 1}")
     direction = dictionary.W_dec[int(feature)].detach()

@@ -253,3 +253,14 @@ def test_a_cross_layer_transcoder_is_refused_in_one_line(capsys, tiny_model_dir,
     code, _, err = run_cli(capsys, "circuits", "--transcoders", "clt", "--prompt", PROMPT)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "a cross-layer transcoder; an attribution graph takes per-layer transcoders" in err
+
+
+def test_the_same_prompt_through_other_transcoders_is_another_default_file(tmp_path):
+    """The default graph file hashed only the prompt and target, so tracing the same prompt
+    through other transcoders overwrote the first graph silently."""
+    from app.commands.circuits import default_graph_path
+
+    first = default_graph_path("demo", "To be, or not to", " be", [str(tmp_path / "tc")])
+    again = default_graph_path("demo", "To be, or not to", " be", [str(tmp_path / "tc")])
+    other = default_graph_path("demo", "To be, or not to", " be", [str(tmp_path / "tcskip")])
+    assert first == again and first != other and first.name.startswith("demo-graph-to-be-or-not-to-")

@@ -300,3 +300,18 @@ def test_replaced_eval_agrees_with_the_per_layer_transcoders_eval(tiny_model, ti
     for key in ("ce_clean", "ce_replaced", "ce_zero_ablation", "kl_replaced", "kl_zero_ablation"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
     assert ours["fvu_per_layer"] == pytest.approx([t["fvu"] for t in theirs["transcoders"]], rel=1e-5)
+
+
+def test_a_cross_layer_transcoder_given_to_steer_or_splice_is_one_line():
+    """sae.ablate / sae.splice on a CLT said 'does not record its hook; pass hook=' (it records
+    them) and, with hook=, raised an AttributeError; now one line names what it is."""
+    import sae
+    from sae.base import DictionaryError
+    from sae.crosslayer import CrossLayerConfig, CrossLayerTranscoder
+
+    clt = CrossLayerTranscoder(CrossLayerConfig(n_layers=2, d_in=4, d_out=4, n_latents=8, k=2))
+    clt.meta = {"in_hooks": ["blocks.0.ln2.hook_normalized"], "model": "demo"}
+    for call in (lambda: sae.ablate(clt, 3), lambda: sae.ablate(clt, 3, hook="blocks.0.hook_mlp_out")):
+        with pytest.raises(DictionaryError, match="a cross-layer transcoder; steering") as caught:
+            call()
+        assert "\n" not in str(caught.value)

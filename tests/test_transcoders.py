@@ -355,3 +355,14 @@ def test_eval_refuses_a_hook_that_would_move_a_transcoder(tiny_model, tiny_model
     with pytest.raises(DictionaryError, match="drop --hook") as caught:
         evaluate(t, EvalConfig(hook="blocks.1.hook_resid_post", tokens=64), model=tiny_model, progress=False)
     assert "\n" not in str(caught.value) and in_hook in str(caught.value)
+
+
+def test_load_records_the_folder_it_read(tmp_path):
+    """sae.load puts the folder in meta["path"], so a graph built from loaded transcoders links
+    each feature to its folder's store; save does not write it back."""
+    t = create(DictionaryConfig(architecture="topk", d_in=8, n_latents=16, k=2, d_out=8), seed=0)
+    io.save(t, tmp_path / "tc", hook="blocks.0.ln2.hook_normalized", out_hook="blocks.0.hook_mlp_out")
+    loaded = io.load(tmp_path / "tc")
+    assert loaded.meta["path"] == str((tmp_path / "tc").absolute())
+    io.save(loaded, tmp_path / "copy", hook=loaded.meta["hook"], out_hook=loaded.meta["out_hook"])
+    assert "path" not in json.loads((tmp_path / "copy" / "config.json").read_text())

@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from app.commands.output import nan_to_none, print_rows, print_summary
 from app.flags import config_from_args
@@ -387,7 +388,7 @@ def _attribution_graph(config, args, device) -> None:
     )
     data = dict(graph.to_json())
     data["config"] = config_json(config)
-    out = Path(args.out or default_graph_path(spec, config.prompt, config.target))
+    out = Path(args.out or default_graph_path(spec, config.prompt, config.target, config.transcoders))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, data)
     _print_graph(data, out, args)
@@ -535,13 +536,16 @@ def parse_target(model, text: str) -> int:
     )
 
 
-def default_graph_path(model: str, prompt: str, target: str) -> Path:
-    """runs/circuits/<model>-graph-<the prompt's first words>-<hash of prompt and target>.circuit.json"""
+def default_graph_path(model: str, prompt: str, target: str, transcoders: Sequence[str] = ()) -> Path:
+    """runs/circuits/<model>-graph-<the prompt's first words>-<hash>.circuit.json, the hash of the
+    prompt, the target and the transcoders' absolute paths (the same prompt traced through other
+    transcoders is another file, not an overwrite)."""
     import hashlib
 
     name = Path(model).name if Path(model).exists() else model
     words = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:32].strip("-") or "prompt"
-    digest = hashlib.sha1(f"{prompt}\0{target}".encode()).hexdigest()[:8]
+    used = "\0".join(str(Path(t).expanduser().absolute()) for t in transcoders)
+    digest = hashlib.sha1(f"{prompt}\0{target}\0{used}".encode()).hexdigest()[:8]
     return Path(f"runs/circuits/{name}-graph-{words}-{digest}.circuit.json")
 
 
