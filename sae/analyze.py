@@ -187,9 +187,12 @@ def _metrics_of(dictionary: Dictionary, folder) -> dict:
     metrics = dict(dictionary.meta.get("metrics") or {})
     evals = Path(folder) / "eval.json" if folder else None
     if evals is not None and evals.exists():
-        metrics.update(
-            {k: v for k, v in json.loads(evals.read_text()).items() if isinstance(v, (int, float))}
-        )
+        found = json.loads(evals.read_text())
+        joint = found.get("together") if isinstance(found.get("together"), dict) else {}
+        for scores in (joint, found):  # a transcoder evaluated with others: the joint CE / KL scores
+            metrics.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+        if "kl_sae" not in metrics and "kl_replaced" in metrics:  # a transcoder's KL, the Runs page's column
+            metrics["kl_sae"] = metrics["kl_replaced"]
     return metrics
 
 

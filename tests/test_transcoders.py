@@ -366,3 +366,21 @@ def test_load_records_the_folder_it_read(tmp_path):
     assert loaded.meta["path"] == str((tmp_path / "tc").absolute())
     io.save(loaded, tmp_path / "copy", hook=loaded.meta["hook"], out_hook=loaded.meta["out_hook"])
     assert "path" not in json.loads((tmp_path / "copy" / "config.json").read_text())
+
+
+def test_a_transcoder_evaluated_together_shows_its_joint_scores_in_its_store(tmp_path):
+    """The Runs page showed CE score / KL score / KL as None for transcoders evaluated together:
+    their eval.json keeps the joint scores under "together" and names the KL kl_replaced."""
+    from sae.analyze import _metrics_of
+
+    t = create(DictionaryConfig(architecture="topk", d_in=8, n_latents=16, k=2, d_out=8), seed=0)
+    (tmp_path / "eval.json").write_text(
+        json.dumps({"fvu": 0.3, "together": {"ce_loss_score": 0.79, "kl_score": 0.78, "kl_replaced": 0.2}})
+    )
+    metrics = _metrics_of(t, tmp_path)
+    assert (metrics["fvu"], metrics["ce_loss_score"], metrics["kl_score"], metrics["kl_sae"]) == (
+        0.3,
+        0.79,
+        0.78,
+        0.2,
+    )
