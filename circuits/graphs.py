@@ -52,9 +52,47 @@ class AttributionGraph:
     attribution: Attribution | None = field(default=None, repr=False)
     system: FrozenSystem | None = field(default=None, repr=False)
     pruned: Pruned | None = field(default=None, repr=False)
+    _model: object | None = field(default=None, repr=False)  # the caller's model (its tokenizer)
 
     def to_json(self) -> dict:
         return self.data
+
+    def predicted_effect(self, node_id: str, kind: str = "total+norm", target=None) -> float:
+        """The graph's predicted change of a target logit when feature `node_id` ("f.L.P.I") is
+        ablated (its write a W_dec removed): `graph_checks.predicted_effects` of that feature.
+        kind: "direct" (−edge), "total" (through the graph's (I − A)^-1) or "total+norm" (plus
+        the final LayerNorm's first-order response); target: a token id or token string among
+        the graph's targets (None: the first). Compare with `ablate_feature_effect`. One-line
+        WorkbenchError for a graph read from a file (no attribution), a node that is not an
+        active feature of this graph, a token that is not a target, another kind."""
+        from circuits.graph_checks import predicted_effects
+
+        if self.attribution is None or self.system is None:
+            raise WorkbenchError(
+                "predicted_effect needs a graph just computed by attribution_graph, not a loaded file"
+            )
+        if kind not in ("direct", "total", "total+norm"):
+            raise WorkbenchError(f"kind must be 'direct', 'total' or 'total+norm', got {kind!r}")
+        nodes = self.attribution.nodes
+        match = re.fullmatch(r"f\.(\d+)\.(\d+)\.(\d+)", str(node_id))
+        hits = (
+            (nodes.features == torch.tensor([int(g) for g in match.groups()])).all(1).nonzero().flatten()
+            if match
+            else []
+        )
+        if len(hits) == 0:
+            raise WorkbenchError(
+                f"{node_id!r} is no active feature node of this graph (ids are f.LAYER.POSITION.FEATURE)"
+            )
+        targets = [int(t) for t in nodes.targets]
+        token = targets[0] if target is None else target
+        if isinstance(token, str):
+            token = parse_target(self._model, token)
+        if int(token) not in targets:
+            raise WorkbenchError(f"token {token} is not among this graph's targets {targets}")
+        row = nodes.logit_start + targets.index(int(token))
+        effects = predicted_effects(self.attribution, row, kind, self.system)
+        return float(effects[int(hits[0])])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -228,6 +266,129 @@ def choose_targets(logits: Tensor, targets=None, coverage: float = 0.95, most: i
     return ids[: min(count, most)].cpu()
 
 
+def bos_position(model, tokens: Tensor) -> bool:
+    """Whether position 0 holds the model's BOS token (`Model.bos_token_id`; a GraphTransformer
+    only when it carries a `bos_token_id` attribute), as circuit-tracer checks the first token
+    against the tokenizer's special tokens before zeroing it."""
+    try:
+        bos = getattr(model, "bos_token_id", None)
+    except WorkbenchError:  # a tokenizer without BOS/EOS
+        return False
+    return bos is not None and len(tokens) > 0 and int(tokens[0]) == int(bos)
+
+
+def parse_target(model, text: str, what: str = "target") -> int:
+    """The token id a target string names: a string that is one token of `model`'s tokenizer,
+    else a whole number below the vocabulary size; else a one-line WorkbenchError naming `what`
+    (the CLI passes "--target") and the pieces the string splits into."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise WorkbenchError(f"{what} {text!r}: a GraphTransformer takes targets as token ids")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) == 1:
+        return int(ids[0])
+    vocab = getattr(model, "d_vocab", None) or len(tokenizer)
+    if text.strip().isdigit() and int(text) < vocab:
+        return int(text)
+    pieces = " + ".join(repr(tokenizer.decode([i])) for i in ids[:6])
+    raise WorkbenchError(
+        f"{what} {text!r} is {len(ids)} tokens of {getattr(model, 'spec', 'the model')}'s tokenizer "
+        f"({pieces}): give one token or a token id below {vocab}"
+    )
+
+
+def target_token_ids(model, targets):
+    """`targets` with every token string replaced by its id (`parse_target`); None stays None;
+    one string or id is a list of one."""
+    if targets is None or isinstance(targets, Tensor):
+        return targets
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    return [parse_target(model, t) if isinstance(t, str) else t for t in targets]
+
+
+def _is_paths(transcoders) -> bool:
+    if isinstance(transcoders, (str, Path)):
+        return True
+    return (
+        isinstance(transcoders, (list, tuple))
+        and len(transcoders) > 0
+        and all(isinstance(t, (str, Path)) for t in transcoders)
+    )
+
+
+def _layer_of(dictionary) -> int:
+    match = _LAYER.match(dictionary.meta.get("hook") or "")
+    return int(match.group(1)) if match else -1
+
+
+def transcoder_folders(runs) -> list[Path]:
+    """Each RUN that is a dictionary folder; for a RUN that is not, the dictionary folders inside
+    it, or inside its subfolders (a training run per layer, as `workbench train
+    --transcoder-layers` writes them); a one-line WorkbenchError for a RUN that holds none."""
+    from sae.io import is_dictionary_folder
+
+    def inside(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    folders = []
+    for run in map(Path, runs):
+        found = [run] if is_dictionary_folder(run) else [p for p in inside(run) if is_dictionary_folder(p)]
+        found = found or [p for sub in inside(run) for p in inside(sub) if is_dictionary_folder(p)]
+        if not found:
+            raise WorkbenchError(f"{run}: {'no such folder' if not run.exists() else 'no transcoder here'}")
+        folders += found
+    return folders
+
+
+def load_transcoder(path: str | Path):
+    """One transcoder folder of ours (or a circuit-tracer layer file) via `sae.io.load`; one-line
+    WorkbenchError for a cross-layer transcoder or an SAE. meta["path"] names where it came from."""
+    from sae.crosslayer import refuse_cross_layer
+    from sae.io import load
+
+    dictionary = load(path)
+    refuse_cross_layer(dictionary, path, "an attribution graph")
+    if not getattr(dictionary, "is_transcoder", False):
+        hook = dictionary.meta.get("hook") or "?"
+        raise WorkbenchError(
+            f"{path}: not a transcoder (an SAE of {hook}; train one with --in-hook and --out-hook)"
+        )
+    dictionary.meta.setdefault("path", str(Path(path).absolute()))
+    return dictionary
+
+
+def load_transcoders(runs) -> list[tuple[Path, object]]:
+    """[(path, transcoder)] of RUNS (one path or a list): a circuit-tracer transcoder set (its
+    YAML config, or a folder holding one and no dictionary of ours: `sae.peers.load_transcoder_set`),
+    one circuit-tracer layer file (.safetensors / .npz), else the dictionary folders
+    `transcoder_folders` finds; one-line WorkbenchErrors as those loaders give them."""
+    from sae.io import is_dictionary_folder
+    from sae.peers import CIRCUIT_TRACER_SUFFIXES, load_transcoder_set
+
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    loaded = []
+    for run in map(Path, runs):
+        yaml = run.is_file() and run.suffix in (".yaml", ".yml")
+        if yaml or (run.is_dir() and not is_dictionary_folder(run) and any(run.glob("*.y*ml"))):
+            folder = run.parent if yaml else run
+            for d in load_transcoder_set(run):
+                layer = d.meta.get("layer", _layer_of(d))
+                files = [
+                    f for f in (folder / f"layer_{layer}{x}" for x in CIRCUIT_TRACER_SUFFIXES) if f.is_file()
+                ]
+                path = files[0] if files else run
+                if not getattr(d, "is_transcoder", False):
+                    raise WorkbenchError(f"{path}: not a transcoder (an SAE of {d.meta.get('hook') or '?'})")
+                d.meta.setdefault("path", str(path))
+                loaded.append((path, d))
+        elif run.is_file() and run.suffix in CIRCUIT_TRACER_SUFFIXES:
+            loaded.append((run, load_transcoder(run)))
+        else:
+            loaded += [(folder, load_transcoder(folder)) for folder in transcoder_folders([run])]
+    return loaded
+
+
 # --- the graph ---------------------------------------------------------------------------
 def attribution_graph(
     model,
@@ -241,12 +402,23 @@ def attribution_graph(
     edges_per_target: int | None = 1024,
     dtype: torch.dtype | None = None,
     transcoder_info: list[dict] | None = None,
+    zero_bos: bool = True,
 ) -> AttributionGraph:
     """The pruned attribution graph of `prompt` (see the module docstring).
 
     model: a workbench Model of GPT-2 architecture or a GraphTransformer; transcoders: a list of
-    Dictionary (`meta["hook"]` = a layer's MLP input hook) or, for a GraphTransformer, {layer:
-    Dictionary}; targets: token ids at the last position (None: top logits covering 95%, ≤ 10);
+    Dictionary (`meta["hook"]` = a layer's MLP input hook), a folder (str / Path) of per-layer
+    transcoder runs or a list of such paths (`load_transcoders`, as `workbench circuits
+    --transcoders` loads them) or, for a GraphTransformer, {layer: Dictionary}; targets: token
+    ids or token strings (each one token of the model's tokenizer, `parse_target`), a list or
+    one, at the last position (None: top logits covering 95%, ≤ 10);
+    zero_bos: when position 0 holds the model's BOS token (`bos_position`), it gets no feature
+    nodes: our transcoders are trained with BOS rows skipped, so latents there are noise; their
+    write stays in that position's error node, so logits and completeness stay exact. As
+    circuit-tracer (`ReplacementModel.setup_attribution(zero_bos=True)`, which zeroes the BOS
+    features *and* error vectors, keeping both node slots) the BOS error and embedding nodes stay
+    nodes; unlike it, the BOS error keeps the MLP's BOS output (circuit-tracer drops it into an
+    unattributed constant), so every input is still its edges plus its bias;
     edges_per_target: entries kept per target row, largest |weight| first (default 1024;
     None: all, exact influence; `circuits.graph_edges.attribute`); dtype: compute dtype (float64
     for exact checks; None: the model's, float32 for a bfloat16 / float16 model). Raises
@@ -258,6 +430,9 @@ def attribution_graph(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise WorkbenchError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
     graph = graph_model(model)
+    if _is_paths(transcoders):
+        loaded = load_transcoders(transcoders)
+        transcoders = [d.to(graph.device) for _, d in sorted(loaded, key=lambda fd: _layer_of(fd[1]))]
     layers = transcoder_layers(model, transcoders)
     for layer in layers:
         if layer >= graph.shape.n_layers or not graph.shape.d_mlp:
@@ -268,10 +443,11 @@ def attribution_graph(
     check_finite(graph, layers)
     if dtype is None and graph.dtype in (torch.bfloat16, torch.float16):
         dtype = torch.float32  # half-precision edges miss completeness by ~0.3 logits (bf16 demo)
-    system = FrozenSystem(graph, tokens, layers, dtype=dtype)
+    bos = bool(zero_bos) and bos_position(model, tokens)
+    system = FrozenSystem(graph, tokens, layers, dtype=dtype, zero_bos=bos)
     check_reproduces(model, system)
     system.check_features()
-    target_ids = choose_targets(system.clean.logits, targets)
+    target_ids = choose_targets(system.clean.logits, target_token_ids(model, targets))
     attribution = attribute(system, target_ids, batch_size=batch_size, edges_per_target=edges_per_target)
     nodes = attribution.nodes
     probs = system.clean.logits[-1].double().softmax(-1)[target_ids].float().cpu()
@@ -298,9 +474,10 @@ def attribution_graph(
         "nodes_before": nodes.n,
         "edges_before": int(len(attribution.adjacency.values)),
         "edges_per_target": edges_per_target,
+        "zero_bos": bos,
     }
     data["metrics"] = metrics
-    return AttributionGraph(data, attribution, system, pruned)
+    return AttributionGraph(data, attribution, system, pruned, model)
 
 
 def _graph_json(model, system, attribution, pruned, strings, text, target_ids, probs, info) -> dict:
@@ -353,14 +530,19 @@ def _graph_json(model, system, attribution, pruned, strings, text, target_ids, p
 
 
 def transcoder_json(transcoders: dict) -> list[dict]:
-    """The JSON's "transcoders": layer, run folder (meta "path"), hooks, feature store if any."""
+    """The JSON's "transcoders": layer, run folder (meta "path", which `sae.load` sets; absolute),
+    hooks, feature store (meta "store", else the run's `features.duckdb` when `workbench analyze`
+    built one, as the CLI's `check_transcoders` finds it) or None."""
+    from workbench.store import STORE_FILE
+
     out = []
     for layer, d in sorted(transcoders.items()):
         meta = getattr(d, "meta", None) or {}
         path = meta.get("path") or meta.get("folder")
+        path = str(Path(path).absolute()) if path else None  # the explorer opens it from anywhere
         store = meta.get("store")
-        if store is None and path and (Path(path) / "features.duckdb").exists():
-            store = str(Path(path) / "features.duckdb")
+        if store is None and path and (Path(path) / STORE_FILE).is_file():
+            store = str(Path(path) / STORE_FILE)  # `workbench analyze` builds it inside the run
         out.append(
             {
                 "layer": layer,

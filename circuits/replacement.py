@@ -15,7 +15,10 @@ magnitude path, `linear_encoder`], a target logit) is an affine
 function of the source writes: the embeddings [P, d] and the per-layer MLP-output writes
 [L, P, d]. `FrozenSystem` is that function; at the clean writes it reproduces the logits exactly.
 (Ameisen et al. 2025, "Circuit tracing", transformer-circuits.pub; circuit-tracer's
-`ReplacementModel` does the same with hooks.) Layers without a transcoder keep their whole MLP
+`ReplacementModel` does the same with hooks.) With `zero_bos` the BOS position (0) has no
+feature activations (transcoders are trained with BOS rows skipped, so its latents are noise);
+their write stays in that position's error, err_ℓ[0] = MLP_ℓ(x)[0] − b_dec − x̂[0] W_skip^T.
+Layers without a transcoder keep their whole MLP
 output as the error write, and a model without MLPs (d_mlp 0) has embeddings and logits only.
 """
 
@@ -96,7 +99,11 @@ class FrozenSystem:
         tokens: Tensor,
         transcoders: dict[int, object],
         dtype: torch.dtype | None = None,
+        zero_bos: bool = False,
     ):
+        self.zero_bos = bool(zero_bos)
+        """True: position 0 (BOS) has no feature activations; its transcoders' whole output
+        (their latents' write included) is that position's error, so the logits stay exact."""
         if dtype is not None and dtype != model.dtype:
             model = copy.deepcopy(model).to(dtype)
         transcoders = {  # copies where the model computes, in its dtype (the caller's stay put)
@@ -140,6 +147,8 @@ class FrozenSystem:
             error = out
             if layer in self.transcoders:
                 acts[layer] = self.activations_of(layer, x_hat)
+                if self.zero_bos:
+                    acts[layer][0] = 0  # BOS: its latents' write goes to the error below
                 error = out - self._transcoder_out(layer, x_hat, acts[layer])
             errors.append(error)
             r = mid + out

@@ -300,7 +300,8 @@ def test_bench_graphs_rows_carry_their_measurements(demo):
     )
     config = config_from_args(GraphBenchConfig, args)
     speed = _speed(model, GraphBenchConfig(n_latents=config.n_latents, k=4, prompt_tokens=8, reps=1))
-    assert speed["features"] == 4 * 8 * 4 and speed["seconds_median"] > 0 and speed["completeness_gap"] < 1e-3
+    assert speed["features"] == 4 * (8 - 1) * 4  # k per token, none at BOS (zero_bos)
+    assert speed["seconds_median"] > 0 and speed["completeness_gap"] < 1e-3
     row = _one_prompt(model, [transcoders[layer] for layer in range(4)], "ROMEO: I will not go to the")
     assert -1 <= row["spearman_replacement"] <= 1 and {"spearman_direct", "sign_total+norm"} <= set(row)
     with pytest.raises(ConfigError):
@@ -437,3 +438,74 @@ def test_a_half_precision_model_gets_a_float32_graph_that_stays_complete():
     assert graph.data["metrics"]["completeness_gap"] < 1e-4
     assert graph.system.clean.logits.dtype == torch.float32 and model.dtype == torch.bfloat16
     assert transcoders[0].W_enc.dtype == torch.bfloat16
+
+
+def test_zero_bos_puts_no_features_at_bos_and_folds_their_write_into_its_error():
+    """zero_bos (default): where position 0 is the model's BOS token, no feature nodes sit there
+    (our transcoders skip BOS rows in training, so latents there are noise); the BOS error node is
+    the MLP's whole BOS output less b_dec and the skip term, so the logits and every node's
+    edges-plus-bias stay exact; without BOS at position 0 nothing changes (as circuit-tracer)."""
+    model, transcoders, tokens = _toy(seed=2)
+    plain = attribution_graph(model, transcoders, tokens, edges_per_target=None)
+    assert plain.data["pruning"]["zero_bos"] is False  # a GraphTransformer names no BOS: untouched
+    assert (plain.attribution.nodes.features[:, 1] == 0).any()
+    model.bos_token_id = int(tokens[0])
+    off = attribution_graph(model, transcoders, tokens, edges_per_target=None, zero_bos=False)
+    graph = attribution_graph(model, transcoders, tokens, edges_per_target=None)
+    assert torch.equal(off.attribution.nodes.features, plain.attribution.nodes.features)
+    system, nodes = graph.system, graph.attribution.nodes
+    assert graph.data["pruning"]["zero_bos"] is True and nodes.n_features > 10
+    assert not (nodes.features[:, 1] == 0).any()
+    assert not any(n["type"] == "feature" and n["position"] == 0 for n in graph.data["nodes"])
+    clean = system.clean
+    for layer, d in transcoders.items():
+        skip = 0 if d.W_skip is None else clean.mlp_in[layer, 0] @ d.W_skip.T
+        expected = clean.mlp_out[layer, 0] - d.b_dec - skip
+        assert torch.allclose(clean.errors[layer, 0], expected, atol=1e-5)
+        assert torch.equal(clean.errors[layer, 1:], off.system.clean.errors[layer, 1:])
+    embed, writes = system.source_writes()
+    with torch.no_grad():
+        assert (system.logits(embed, writes) - model(tokens[None])[0]).abs().max() < 1e-4
+    assert graph.data["metrics"]["completeness_gap"] < 1e-4
+
+
+def test_the_api_takes_token_strings_a_transcoder_folder_and_names_paths_stores_and_effects(demo, tmp_path):
+    """targets as token strings (one token each, else one line); transcoders as a folder of
+    per-layer runs (sae.load sets meta["path"]): the JSON names each run folder and the
+    features.duckdb `workbench analyze` built there; graph.predicted_effect(node id) is the
+    graph's own prediction for that feature."""
+    from circuits.graph_checks import predicted_effects
+    from sae.io import save
+    from workbench.store import STORE_FILE
+
+    model, transcoders = demo
+    for layer, d in transcoders.items():
+        save(d, tmp_path / "tc" / f"layer{layer}", hook=d.meta["hook"], out_hook=d.meta["out_hook"])
+    (tmp_path / "tc" / "layer1" / STORE_FILE).write_bytes(b"")
+    prompt = "To be, or not to"
+    be = model.tokenizer.encode(" be", add_special_tokens=False)[0]
+    graph = attribution_graph(model, str(tmp_path / "tc"), prompt, targets=" be")
+    data = graph.to_json()
+    assert [t["token"] for t in data["targets"]] == [be]
+    entries = {t["layer"]: t for t in data["transcoders"]}
+    assert entries[0]["path"] == str((tmp_path / "tc" / "layer0").absolute()) and entries[0]["store"] is None
+    assert entries[1]["store"] == str((tmp_path / "tc" / "layer1" / STORE_FILE).absolute())
+    listed = [tmp_path / "tc" / f"layer{layer}" for layer in sorted(transcoders)]
+    assert attribution_graph(model, listed, prompt, targets=[be]).to_json()["nodes"] == data["nodes"]
+    nodes = graph.attribution.nodes
+    index = int(graph.pruned.influence[: nodes.n_features].argmax())
+    node_id = "f.{}.{}.{}".format(*nodes.features[index].tolist())
+    want = predicted_effects(graph.attribution, nodes.logit_start, "total+norm", graph.system)[index]
+    assert graph.predicted_effect(node_id) == pytest.approx(float(want))
+    assert graph.predicted_effect(node_id, "direct", target=" be") == pytest.approx(
+        float(predicted_effects(graph.attribution, nodes.logit_start, "direct")[index])
+    )
+    for call, message in [
+        (lambda: attribution_graph(model, listed, prompt, targets=[" be or not"]), r"is \d+ tokens"),
+        (lambda: attribution_graph(model, tmp_path / "nothing", prompt), "no such folder"),
+        (lambda: graph.predicted_effect("e.0.1"), "no active feature"),
+        (lambda: graph.predicted_effect(node_id, target=" the"), "not among"),
+    ]:
+        with pytest.raises(WorkbenchError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
