@@ -475,7 +475,7 @@ def test_the_api_takes_token_strings_a_transcoder_folder_and_names_paths_stores_
     features.duckdb `workbench analyze` built there; graph.predicted_effect(node id) is the
     graph's own prediction for that feature."""
     from circuits.graph_checks import predicted_effects
-    from sae.io import save
+    from sae.io import load, save
     from workbench.store import STORE_FILE
 
     model, transcoders = demo
@@ -492,6 +492,9 @@ def test_the_api_takes_token_strings_a_transcoder_folder_and_names_paths_stores_
     assert entries[1]["store"] == str((tmp_path / "tc" / "layer1" / STORE_FILE).absolute())
     listed = [tmp_path / "tc" / f"layer{layer}" for layer in sorted(transcoders)]
     assert attribution_graph(model, listed, prompt, targets=[be]).to_json()["nodes"] == data["nodes"]
+    loaded = [load(folder) for folder in listed]  # sae.load records meta["path"]: same entries
+    from_loaded = attribution_graph(model, loaded, prompt, targets=[be]).to_json()
+    assert from_loaded["transcoders"] == data["transcoders"]
     nodes = graph.attribution.nodes
     index = int(graph.pruned.influence[: nodes.n_features].argmax())
     node_id = "f.{}.{}.{}".format(*nodes.features[index].tolist())
