@@ -366,7 +366,7 @@ def _attribution_graph(config, args, device) -> None:
         raise WorkbenchError("--transcoders draws the attribution graph of a --prompt TEXT; none given")
     if config.dictionary:
         raise WorkbenchError("--transcoders and --dictionary make different circuits: give one of them")
-    loaded = load_transcoders(config.transcoders)
+    loaded = _graphs().load_transcoders(config.transcoders)
     spec = config.model or loaded[0][1].meta.get("model") or "demo"
     model = load_model(spec, device=device, dtype=config.model_dtype)
     if not is_gpt2(model):
@@ -375,7 +375,7 @@ def _attribution_graph(config, args, device) -> None:
             f"{getattr(model.bridge.original_model.config, 'model_type', '?')}"
         )
     info = check_transcoders(model, loaded)
-    target = parse_target(model, config.target) if config.target else None
+    target = _graphs().parse_target(model, config.target, "--target") if config.target else None
     transcoders = [d.to(model.device) for _, d in sorted(loaded, key=lambda fd: _layer(fd[1]))]
     graph = _graphs().attribution_graph(
         model,
@@ -399,74 +399,6 @@ def _graphs():
     import circuits.graphs
 
     return circuits.graphs
-
-
-def load_transcoders(runs) -> list[tuple[Path, object]]:
-    """[(path, transcoder)] of every RUN: a circuit-tracer transcoder set (its YAML config, or a
-    folder holding one and no dictionary of ours: `sae.peers.load_transcoder_set`, each layer's
-    path its layer_N file where present), one circuit-tracer layer file (.safetensors / .npz), else
-    the dictionary folders `transcoder_folders` finds; one-line errors as those loaders give."""
-    from sae.io import is_dictionary_folder
-    from sae.peers import CIRCUIT_TRACER_SUFFIXES, load_transcoder_set
-
-    loaded = []
-    for run in map(Path, runs):
-        yaml = run.is_file() and run.suffix in (".yaml", ".yml")
-        if yaml or (run.is_dir() and not is_dictionary_folder(run) and any(run.glob("*.y*ml"))):
-            folder = run.parent if yaml else run
-            for d in load_transcoder_set(run):
-                layer = d.meta.get("layer", _layer(d))
-                files = [
-                    f for f in (folder / f"layer_{layer}{x}" for x in CIRCUIT_TRACER_SUFFIXES) if f.is_file()
-                ]
-                loaded.append(_checked(files[0] if files else run, d))
-        elif run.is_file() and run.suffix in CIRCUIT_TRACER_SUFFIXES:
-            loaded.append((run, _load_transcoder(run)))
-        else:
-            loaded += [(folder, _load_transcoder(folder)) for folder in transcoder_folders([run])]
-    return loaded
-
-
-def _checked(path: Path, dictionary) -> tuple[Path, object]:
-    """(path, dictionary) after the one-line error for an SAE (`_load_transcoder`'s)."""
-    if not getattr(dictionary, "is_transcoder", False):
-        raise WorkbenchError(f"{path}: not a transcoder (an SAE of {dictionary.meta.get('hook') or '?'})")
-    dictionary.meta.setdefault("path", str(path))
-    return path, dictionary
-
-
-def transcoder_folders(runs) -> list[Path]:
-    """Each RUN that is a dictionary folder; for a RUN that is not, the dictionary folders inside it,
-    or inside its subfolders (a training run per layer, as `workbench train --transcoder-layers`
-    writes them); a one-line error for a RUN that holds none."""
-    from sae.io import is_dictionary_folder
-
-    def inside(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-    folders = []
-    for run in map(Path, runs):
-        found = [run] if is_dictionary_folder(run) else [p for p in inside(run) if is_dictionary_folder(p)]
-        found = found or [p for sub in inside(run) for p in inside(sub) if is_dictionary_folder(p)]
-        if not found:
-            raise WorkbenchError(f"{run}: {'no such folder' if not run.exists() else 'no transcoder here'}")
-        folders += found
-    return folders
-
-
-def _load_transcoder(folder: Path):
-    from sae.crosslayer import refuse_cross_layer
-    from sae.io import load
-
-    dictionary = load(folder)
-    refuse_cross_layer(dictionary, folder, "an attribution graph")
-    if not getattr(dictionary, "is_transcoder", False):
-        hook = dictionary.meta.get("hook") or "?"
-        raise WorkbenchError(
-            f"{folder}: not a transcoder (an SAE of {hook}; train one with --in-hook and --out-hook)"
-        )
-    dictionary.meta.setdefault("path", str(folder))  # so the graph's one-line errors name the folder
-    return dictionary
 
 
 def _layer(dictionary) -> int:
@@ -519,21 +451,6 @@ def check_transcoders(model, loaded) -> list[dict]:
             }
         )
     return sorted(info, key=lambda entry: entry["layer"])
-
-
-def parse_target(model, text: str) -> int:
-    """The token id --target names: a token string that is one token of `model`'s tokenizer, else
-    a whole number below the vocabulary size; a one-line error otherwise."""
-    ids = model.tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) == 1:
-        return int(ids[0])
-    if text.strip().isdigit() and int(text) < model.d_vocab:
-        return int(text)
-    pieces = " + ".join(repr(model.tokenizer.decode([i])) for i in ids[:6])
-    raise WorkbenchError(
-        f"--target {text!r} is {len(ids)} tokens of {model.spec}'s tokenizer ({pieces}): give one token "
-        f"or a token id below {model.d_vocab}"
-    )
 
 
 def default_graph_path(model: str, prompt: str, target: str, transcoders: Sequence[str] = ()) -> Path:
