@@ -384,3 +384,18 @@ def test_a_transcoder_evaluated_together_shows_its_joint_scores_in_its_store(tmp
         0.78,
         0.2,
     )
+
+
+def test_eval_and_analyze_find_the_per_layer_runs_of_a_transcoder_training(tmp_path):
+    """`workbench eval OUT` said 'no trained dictionary here' for the folder `workbench train
+    --transcoder-layer all --out OUT` wrote (OUT/transcoder-<hook>/<arch>), which circuits takes."""
+    from app.commands.dictionaries import _dictionary_folders
+
+    for layer in (0, 1):
+        t = create(DictionaryConfig(architecture="topk", d_in=8, n_latents=16, k=2, d_out=8), seed=layer)
+        io.save(t, tmp_path / f"transcoder-blocks.{layer}.ln2.hook_normalized" / "topk-k2-m16")
+    found = _dictionary_folders(tmp_path)
+    assert [f.parent.name for f in found] == [
+        "transcoder-blocks.0.ln2.hook_normalized",
+        "transcoder-blocks.1.ln2.hook_normalized",
+    ]

@@ -278,7 +278,8 @@ def _with_models(
 
 
 def _dictionary_folders(run: Path | None) -> list[Path]:
-    """RUN itself if it holds a dictionary, else the dictionaries directly inside it."""
+    """RUN itself if it holds a dictionary, else the dictionaries directly inside it, else those
+    one level deeper (`workbench train --transcoder-layer` writes OUT/transcoder-<hook>/<arch>)."""
     from sae.io import CONFIG, is_dictionary_folder
     from sae.train_config import TrainConfig
     from sae.training import default_output_dir
@@ -292,7 +293,12 @@ def _dictionary_folders(run: Path | None) -> list[Path]:
         run = default_output_dir(TrainConfig(), hook)
     if is_dictionary_folder(run):
         return [run]
-    found = sorted(p for p in run.iterdir() if p.is_dir() and (p / CONFIG).exists()) if run.is_dir() else []
+
+    def inside(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    found = [p for p in inside(run) if (p / CONFIG).exists()]
+    found = found or [p for sub in inside(run) for p in inside(sub) if (p / CONFIG).exists()]
     if not found:
         raise WorkbenchError(f"{run}: no trained dictionary here (run `workbench train` first)")
     return found
