@@ -36,7 +36,7 @@ from workbench.errors import WorkbenchError
 
 def encoder_shift(dictionary) -> Tensor | None:
     """The vector a dictionary's encoder subtracts from its input: b_dec for an SAE (our encoders
-    act on x − b_dec), None for a transcoder (helper A's `encoder_shift`)."""
+    act on x − b_dec), None for a transcoder (`Dictionary.encoder_shift`)."""
     if hasattr(dictionary, "encoder_shift"):
         return dictionary.encoder_shift
     return getattr(dictionary, "b_dec", None)
