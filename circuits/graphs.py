@@ -41,7 +41,6 @@ from workbench.errors import WorkbenchError
 from workbench.files import write_json_atomic
 
 FORMAT_VERSION = 1
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass
@@ -135,14 +134,13 @@ def transcoder_layers(model, transcoders) -> dict[int, object]:
     layers: dict[int, object] = {}
     for d in transcoders:
         hook = (getattr(d, "meta", None) or {}).get("hook", "")
-        match = _LAYER.match(hook or "")
-        if not match:
+        layer = transcoder_layer(d)
+        if layer < 0:
             raise WorkbenchError(f"a transcoder must name its input hook (meta['hook']), got {hook!r}")
-        layer = int(match.group(1))
-        wanted = _mlp_hooks(model, layer)[0]
+        wanted = mlp_hooks(model, layer)[0]
         if hook != wanted:
             raise WorkbenchError(f"transcoder reads {hook!r}; layer {layer}'s MLP input is {wanted!r}")
-        out_hook, wanted_out = d.meta.get("out_hook"), _mlp_hooks(model, layer)[1]
+        out_hook, wanted_out = d.meta.get("out_hook"), mlp_hooks(model, layer)[1]
         if out_hook is not None and out_hook != wanted_out:
             raise WorkbenchError(
                 f"transcoder writes {out_hook!r}; layer {layer}'s MLP output is {wanted_out!r}"
@@ -178,7 +176,7 @@ def check_finite(graph: GraphTransformer, layers: dict[int, object]) -> None:
                 )
 
 
-def _mlp_hooks(model, layer: int) -> tuple[str, str]:
+def mlp_hooks(model, layer: int) -> tuple[str, str]:
     """(in, out) hooks of a layer's MLP: the model adapter's, else GPT-2's."""
     if hasattr(model, "mlp_hooks"):
         return tuple(model.mlp_hooks(layer))
@@ -317,9 +315,12 @@ def _is_paths(transcoders) -> bool:
     )
 
 
-def _layer_of(dictionary) -> int:
-    match = _LAYER.match(dictionary.meta.get("hook") or "")
-    return int(match.group(1)) if match else -1
+def transcoder_layer(dictionary) -> int:
+    """The block its input hook (`meta["hook"]`) is in, -1 when it names none."""
+    from sae.transcoders import layer_of
+
+    layer = layer_of((getattr(dictionary, "meta", None) or {}).get("hook") or "")
+    return -1 if layer is None else layer
 
 
 def transcoder_folders(runs) -> list[Path]:
@@ -373,7 +374,7 @@ def load_transcoders(runs) -> list[tuple[Path, object]]:
         if yaml or (run.is_dir() and not is_dictionary_folder(run) and any(run.glob("*.y*ml"))):
             folder = run.parent if yaml else run
             for d in load_transcoder_set(run):
-                layer = d.meta.get("layer", _layer_of(d))
+                layer = d.meta.get("layer", transcoder_layer(d))
                 files = [
                     f for f in (folder / f"layer_{layer}{x}" for x in CIRCUIT_TRACER_SUFFIXES) if f.is_file()
                 ]
@@ -432,7 +433,7 @@ def attribution_graph(
     graph = graph_model(model)
     if _is_paths(transcoders):
         loaded = load_transcoders(transcoders)
-        transcoders = [d.to(graph.device) for _, d in sorted(loaded, key=lambda fd: _layer_of(fd[1]))]
+        transcoders = [d.to(graph.device) for _, d in sorted(loaded, key=lambda fd: transcoder_layer(fd[1]))]
     layers = transcoder_layers(model, transcoders)
     for layer in layers:
         if layer >= graph.shape.n_layers or not graph.shape.d_mlp:

@@ -351,7 +351,6 @@ def _head_circuit(config, args, device, loaded=None) -> None:
 
 
 # --- attribution graphs (--transcoders) ----------------------------------------------------------
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def _attribution_graph(config, args, device) -> None:
@@ -376,7 +375,9 @@ def _attribution_graph(config, args, device) -> None:
         )
     info = check_transcoders(model, loaded)
     target = _graphs().parse_target(model, config.target, "--target") if config.target else None
-    transcoders = [d.to(model.device) for _, d in sorted(loaded, key=lambda fd: _layer(fd[1]))]
+    transcoders = [
+        d.to(model.device) for _, d in sorted(loaded, key=lambda fd: _graphs().transcoder_layer(fd[1]))
+    ]
     graph = _graphs().attribution_graph(
         model,
         transcoders,
@@ -401,22 +402,11 @@ def _graphs():
     return circuits.graphs
 
 
-def _layer(dictionary) -> int:
-    match = _BLOCK.match(dictionary.meta.get("hook") or "")
-    return int(match.group(1)) if match else -1
-
-
-def mlp_hooks(model, layer: int) -> tuple[str, str]:
-    """The hooks a transcoder of `layer` reads and writes (the model adapter's, GPT-2's by default)."""
-    if hasattr(model, "mlp_hooks"):
-        return tuple(model.mlp_hooks(layer))
-    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
-
-
 def check_transcoders(model, loaded) -> list[dict]:
     """The graph JSON's "transcoders" entries (layer, path, hooks, feature store when built) of
     [(folder, transcoder)], after one-line errors for a transcoder that does not read an MLP input
     of `model` and write that MLP's output, reads another width, or shares its layer."""
+    from circuits.graphs import mlp_hooks, transcoder_layer
     from workbench.store import STORE_FILE
 
     info, seen = [], {}
@@ -424,7 +414,7 @@ def check_transcoders(model, loaded) -> list[dict]:
         hook, out_hook, layer = (
             dictionary.meta.get("hook"),
             dictionary.meta.get("out_hook"),
-            _layer(dictionary),
+            transcoder_layer(dictionary),
         )
         if not 0 <= layer < model.n_layers or hook != mlp_hooks(model, layer)[0]:
             wanted = ", ".join(mlp_hooks(model, i)[0] for i in range(min(model.n_layers, 2)))
